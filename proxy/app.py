@@ -1,0 +1,169 @@
+"""Builds the apps and runs them.
+
+One scheduler and one upstream client session are shared by every port. They live
+in the OpenAI app's cleanup_ctx: created before any port accepts a call, torn down
+(every instance drained and stopped) after every port has stopped. The other ports'
+apps are plain views onto the same objects.
+
+Lifecycle of ``serve``: startup (root app, then the other ports), main loop (wait for
+a signal), shutdown (stop accepting, let running calls finish within the grace
+period, then drain the scheduler). A second signal stops waiting for calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from proxy import openai
+from proxy.errors import Dialect, Unauthorized, error_middleware, render
+from proxy.keys import CONFIG, SCHEDULER, SESSION
+from scheduler.config import CorralConfig
+from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Paths that never need an API key: liveness probes must work without secrets.
+_OPEN_PATHS = frozenset({"/health", "/"})
+
+
+def auth_middleware(
+    keys: tuple[str, ...], dialect: Dialect
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    encoded = [k.encode() for k in keys]
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in _OPEN_PATHS or request.method == "OPTIONS":
+            return await handler(request)
+        given = request.headers.get("X-API-Key", "")
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        # Compare against every key, always, so timing tells nothing about which
+        # key (or how much of one) matched.
+        ok = False
+        for key in encoded:
+            ok |= hmac.compare_digest(given.encode(), key)
+        if not ok:
+            return render(
+                Unauthorized("a valid API key is required (Authorization: Bearer <key>)"),
+                dialect,
+            )
+        return await handler(request)
+
+    return middleware
+
+
+def middlewares(cfg: CorralConfig, dialect: Dialect) -> list[
+    Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+]:
+    mws = [error_middleware(dialect)]
+    if cfg.server.api_keys:
+        mws.append(auth_middleware(cfg.server.api_keys, dialect))
+    return mws
+
+
+async def health(request: web.Request) -> web.Response:
+    scheduler = request.app[SCHEDULER]
+    return web.json_response(
+        {"status": "ok", "models": len(scheduler.config.models),
+         "instances": len(scheduler.instances())}
+    )
+
+
+@dataclass
+class CoreOptions:
+    find_binary: BinaryFinder = _default_finder
+    reap_interval: float = 0.5
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _core_ctx(
+    cfg: CorralConfig, opts: CoreOptions
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        # No total timeout: a generation may legitimately stream for many minutes.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
+        session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+        )
+        scheduler = Scheduler(
+            cfg, session, find_binary=opts.find_binary, reap_interval=opts.reap_interval
+        )
+        app[SESSION] = session
+        app[SCHEDULER] = scheduler
+        await scheduler.start()
+        try:
+            yield
+        finally:
+            await scheduler.close()
+            await session.close()
+
+    return ctx
+
+
+def build_openai_app(cfg: CorralConfig, opts: CoreOptions | None = None) -> web.Application:
+    """The main port's app; it owns the scheduler and the upstream session."""
+    app = web.Application(middlewares=middlewares(cfg, "openai"), client_max_size=64 << 20)
+    app[CONFIG] = cfg
+    app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions()))
+    app.router.add_get("/health", health)
+    openai.add_routes(app)
+    return app
+
+
+async def serve(cfg: CorralConfig, opts: CoreOptions | None = None) -> None:
+    """Run until SIGINT/SIGTERM; drain and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1:
+            # Forced exit: every child has PR_SET_PDEATHSIG, so the kernel kills them.
+            log.warning("second signal: exiting now")
+            os._exit(130)
+
+    root = build_openai_app(cfg, opts)
+    runners: list[web.AppRunner] = []
+    sc = cfg.scheduler
+    main = web.AppRunner(root, handler_cancellation=True, shutdown_timeout=sc.drain_timeout,
+                         access_log=None)
+    await main.setup()
+    runners.append(main)
+    try:
+        site = web.TCPSite(main, cfg.server.host, cfg.server.port, reuse_address=True)
+        await site.start()
+        log.info("OpenAI API on http://%s:%d", cfg.server.host, _bound_port(main))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        await stop.wait()
+        log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        for r in reversed(runners):
+            await r.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    return 0

@@ -1,0 +1,88 @@
+"""One middleware that renders Corral's errors in the caller's dialect.
+
+Handlers raise ``scheduler.errors.CorralError`` (or ``BadRequest`` below); this
+module owns every error body. OpenAI callers get ``{"error": {...}}`` with the
+error's origin in ``src``, so a client can tell a gateway error from one that the
+model server produced (those are relayed untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from aiohttp import web
+
+from scheduler.errors import CorralError, Overloaded
+
+log = logging.getLogger(__name__)
+
+Dialect = Literal["openai", "ollama", "lmstudio"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(CorralError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class Unauthorized(CorralError):
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+def openai_body(err: CorralError) -> dict[str, object]:
+    return {
+        "error": {
+            "message": err.message,
+            "type": err.type,
+            "code": err.code,
+            "param": None,
+            "src": "corral",
+        }
+    }
+
+
+def render(err: CorralError, dialect: Dialect) -> web.Response:
+    headers = {"X-Corral-Error": err.code}
+    if isinstance(err, Overloaded):
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    if dialect == "ollama":
+        body: dict[str, object] = {"error": err.message}
+    else:
+        body = openai_body(err)
+    return web.Response(
+        status=err.status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def error_middleware(dialect: Dialect) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CorralError as e:
+            if e.status >= 500:
+                log.warning("%s %s: %s", request.method, request.path, e.message.splitlines()[0])
+            return render(e, dialect)
+        except web.HTTPException as e:
+            if e.status < 400 or dialect == "ollama":
+                raise
+            # aiohttp's own 404/405 arrive as text; an OpenAI client expects JSON.
+            err = CorralError(e.reason if e.status != 404 else f"no route for {request.path}")
+            err.status = e.status
+            err.code = "not_found" if e.status == 404 else "method_not_allowed"
+            err.type = "invalid_request_error"
+            return render(err, dialect)
+
+    return middleware

@@ -1,0 +1,108 @@
+"""OpenAI routes: the pass-through fast path.
+
+Bodies are forwarded byte for byte: llama-server echoes the requested model name,
+so an alias needs no rewrite. The only parse is the one that finds ``model``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.errors import BadRequest
+from proxy.keys import SCHEDULER, SESSION
+from proxy.streaming import relay
+from scheduler.errors import UpstreamFailed
+from scheduler.scheduler import LeaseHints
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("missing request body")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return payload
+
+
+def model_of(payload: dict[str, Any]) -> str:
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string")
+    return model
+
+
+def prefix_key(payload: dict[str, Any]) -> str | None:
+    """A hash of a chat's leading messages (system + first user turn), or the first
+    200 characters of a prompt: the part a follow-up call shares with this one."""
+    messages = payload.get("messages")
+    if isinstance(messages, list) and messages:
+        head: object = messages[:2]
+    elif isinstance(payload.get("prompt"), str):
+        head = payload["prompt"][:200]
+    else:
+        return None
+    raw = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+async def forward(request: web.Request, path: str) -> web.StreamResponse:
+    body = await request.read()
+    payload = parse_body(body)
+    model = model_of(payload)
+    scheduler = request.app[SCHEDULER]
+    session = request.app[SESSION]
+    hints = LeaseHints(affinity=prefix_key(payload)) if scheduler.balanced(model) else None
+    async with scheduler.lease(model, hints) as up:
+        try:
+            async with session.post(up.base_url + path, data=body, headers=_JSON) as resp:
+                return await relay(request, resp, up.instance_id)
+        except aiohttp.ClientConnectionError as e:
+            raise UpstreamFailed(f"instance {up.instance_id} is unreachable: {e}") from None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await forward(request, "/v1/chat/completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await forward(request, "/v1/completions")
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await forward(request, "/v1/embeddings")
+
+
+def _model_object(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "corral"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    scheduler = request.app[SCHEDULER]
+    created = int(time.time())
+    data = [_model_object(name, created) for name in scheduler.names()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    request.app[SCHEDULER].resolve(name)
+    return web.json_response(_model_object(name, int(time.time())))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)

@@ -1,0 +1,1 @@
+"""Corral's decisions and processes. Never imports aiohttp.web."""

@@ -1,0 +1,250 @@
+"""Configuration: pydantic models, TOML loading, validation, environment overrides.
+
+A config is one main TOML file (``corral.toml``) with ``[server]``, ``[scheduler]``,
+``[llama_server]`` and ``[[models]]``, plus an optional directory of one-model files
+(``models_dir``, default ``models.d`` beside the main file). Environment variables
+``CORRAL_<SECTION>__<KEY>`` override the file (``CORRAL_SERVER__PORT=9000``).
+
+Every key is validated; unknown keys are errors. Messages name the file, the model and
+the key, because "invalid integer" alone sends a user hunting through a dozen files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from scheduler.errors import ConfigError
+
+# A name clients can type in a URL and a JSON string without surprises. ":" is
+# allowed so that Ollama-style tags ("gemma3:270m") can be configured verbatim.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="OpenAI-compatible port (0 = any free)")
+    ollama_enabled: bool = True
+    ollama_port: int = Field(11434, ge=0, le=65535, description="Ollama-compatible port")
+    lmstudio_enabled: bool = True
+    lmstudio_port: int = Field(1234, ge=0, le=65535, description="LM Studio-compatible port")
+    api_keys: tuple[str, ...] = ()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not k.strip() for k in keys):
+            raise ValueError("an API key must not be empty")
+        return keys
+
+
+class SchedulerConfig(_Strict):
+    max_instances: int = Field(4, ge=1, description="llama-server processes alive at once")
+    max_load: float = Field(
+        1.0, gt=0, description="in-flight ÷ slots above which a replica is preferred/added"
+    )
+    queue_size: int = Field(64, ge=0, description="calls waiting per model before 503")
+    queue_timeout: float = Field(120.0, gt=0, description="seconds a call may wait for a slot")
+    load_timeout: float = Field(120.0, gt=0, description="seconds a launch may take")
+    default_ttl: float = Field(300.0, description="idle seconds before unload; <0 never")
+    drain_timeout: float = Field(30.0, ge=0, description="grace for running calls on eviction")
+    stop_timeout: float = Field(5.0, ge=0, description="SIGTERM → SIGKILL grace")
+    health_interval: float = Field(0.05, gt=0, description="readiness poll interval, seconds")
+    log_lines: int = Field(500, ge=10, description="lines kept per instance log")
+
+
+class LlamaServerConfig(_Strict):
+    binary: Path | None = Field(None, description="llama-server to run; else PATH, else cache")
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ModelConfig(_Strict):
+    name: str
+    aliases: tuple[str, ...] = ()
+    path: Path | None = Field(None, description="a local GGUF file")
+    package: str | None = Field(
+        None, description="a Python package that ships a GGUF and an assemble(path) function"
+    )
+    ctx_size: int = Field(4096, ge=0, description="context per slot; 0 = the model's own")
+    parallel: int = Field(1, ge=1, le=256, description="slots (llama-server --parallel)")
+    n_gpu_layers: int | None = None
+    threads: int | None = Field(None, ge=1)
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    ttl: float | None = Field(None, description="idle seconds before unload; <0 never")
+    embedding: bool = False
+    load_timeout: float | None = Field(None, gt=0)
+
+    @field_validator("name", "aliases")
+    @classmethod
+    def _valid_names(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for name in (value,) if isinstance(value, str) else value:
+            if not _NAME_RE.match(name):
+                raise ValueError(
+                    f"{name!r} is not a valid model name (letters, digits and ._:/@+- only)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("set exactly one of 'path' or 'package'")
+        reserved = {"--port", "--host", "-m", "--model", "--parallel", "-np"}
+        for arg in self.args:
+            if arg.split("=")[0] in reserved:
+                raise ValueError(f"args: {arg!r} is set by Corral; use the matching model key")
+        return self
+
+
+class CorralConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CORRAL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerConfig = ServerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    llama_server: LlamaServerConfig = LlamaServerConfig()
+    models_dir: Path | None = None
+    models: tuple[ModelConfig, ...] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file arrives as init kwargs; the environment must win over it.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CorralConfig:
+        seen: dict[str, str] = {}
+        for m in self.models:
+            for name in (m.name, *m.aliases):
+                if name in seen:
+                    raise ValueError(
+                        f"model name {name!r} of model {m.name!r} is already used by "
+                        f"model {seen[name]!r}"
+                    )
+                seen[name] = m.name
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    def ttl(self, model: ModelConfig) -> float:
+        return self.scheduler.default_ttl if model.ttl is None else model.ttl
+
+
+def _format_errors(err: ValidationError, where: str, data: Mapping[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = list(e["loc"])
+        label = ""
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            models = data.get("models") or []
+            name = models[loc[1]].get("name") if loc[1] < len(models) else None
+            label = f"model {name!r}: " if name else f"models[{loc[1]}]: "
+            loc = loc[2:]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"]
+        env_name = "CORRAL_" + "__".join(str(p) for p in loc).upper()
+        if not label and env_name in os.environ:
+            where_key = f"{key} (from environment variable {env_name})"
+            key = where_key
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{where}: {label}{key}: {msg}")
+    return "\n".join(lines)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def _resolve_paths(model: dict[str, Any], base: Path) -> None:
+    p = model.get("path")
+    if isinstance(p, str):
+        model["path"] = str((base / Path(p).expanduser()).resolve())
+
+
+def load_config(path: Path | str) -> CorralConfig:
+    """Load, merge and validate a main file and its models directory.
+
+    Relative model paths are taken relative to the file that names them.
+    Raises ConfigError with every problem found, one per line.
+    """
+    path = Path(path)
+    data = _read_toml(path)
+    models = data.get("models", [])
+    if not isinstance(models, list):
+        raise ConfigError(f"{path}: models: must be an array of tables ([[models]])")
+    for m in models:
+        if isinstance(m, dict):
+            _resolve_paths(m, path.parent)
+
+    models_dir = data.get("models_dir")
+    mdir = path.parent / (models_dir if isinstance(models_dir, str) else "models.d")
+    problems: list[str] = []
+    if mdir.is_dir():
+        for f in sorted(mdir.glob("*.toml")):
+            try:
+                one = _read_toml(f)
+            except ConfigError as e:
+                problems.append(str(e))
+                continue
+            _resolve_paths(one, f.parent)
+            try:
+                ModelConfig.model_validate(one)
+            except ValidationError as e:
+                label = one.get("name", f.stem)
+                problems.append(
+                    _format_errors(e, str(f), {"models": [one]}).replace(
+                        f"{f}: models[0]: ", f"{f}: model {label!r}: "
+                    )
+                )
+                continue
+            models.append(one)
+    elif isinstance(models_dir, str):
+        problems.append(f"{path}: models_dir: {mdir} is not a directory")
+    data["models"] = models
+    if isinstance(models_dir, str):
+        data["models_dir"] = str(mdir)
+
+    cfg: CorralConfig | None = None
+    try:
+        cfg = CorralConfig(**data)
+    except ValidationError as e:
+        problems.append(_format_errors(e, str(path), data))
+    if problems or cfg is None:
+        raise ConfigError("\n".join(problems))
+    return cfg

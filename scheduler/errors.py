@@ -1,0 +1,89 @@
+"""The error tree. The scheduler raises these; the proxy renders them per dialect.
+
+::
+
+    CorralError                    every error Corral itself produces (src="corral")
+    ├── ConfigError                a config file or key is invalid          (startup/check)
+    ├── BinaryNotFound             no llama-server binary can be found       500
+    ├── UnknownModel               no model or alias by that name            404
+    ├── Overloaded                 queue full or wait too long; retry_after  503 + Retry-After
+    ├── LoadFailed                 the instance did not become ready         503
+    │                              (early exit, deadline, bad model file); carries log tail
+    ├── UpstreamFailed             the instance failed while serving a call  502
+    │                              (connection refused, died mid-stream)
+    └── ShuttingDown               Corral is draining; no new calls          503
+
+The scheduler never raises HTTP exceptions: ``status`` is advice for the proxy, which
+owns every wire format. ``code`` is a stable machine-readable string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CorralError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "server_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(CorralError):
+    code = "invalid_config"
+
+
+class BinaryNotFound(CorralError):
+    code = "llama_server_not_found"
+
+
+class UnknownModel(CorralError):
+    status = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
+
+    def __init__(self, model: str, known: Sequence[str]) -> None:
+        names = ", ".join(sorted(known)) or "(none configured)"
+        super().__init__(f"model '{model}' not found; available models: {names}")
+        self.model = model
+        self.known = tuple(known)
+
+
+class Overloaded(CorralError):
+    status = 503
+    code = "overloaded"
+    type = "overloaded_error"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LoadFailed(CorralError):
+    status = 503
+    code = "model_load_failed"
+    type = "unavailable_error"
+
+    def __init__(self, model: str, reason: str, log_tail: Sequence[str] = ()) -> None:
+        msg = f"model '{model}' failed to load: {reason}"
+        if log_tail:
+            msg += "\nlast log lines:\n" + "\n".join(log_tail)
+        super().__init__(msg)
+        self.model = model
+        self.reason = reason
+        self.log_tail = tuple(log_tail)
+
+
+class UpstreamFailed(CorralError):
+    status = 502
+    code = "upstream_failed"
+    type = "upstream_error"
+
+
+class ShuttingDown(CorralError):
+    status = 503
+    code = "shutting_down"
+    type = "unavailable_error"

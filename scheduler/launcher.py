@@ -1,0 +1,71 @@
+"""llama-server argv and environment from a model config.
+
+Corral owns the flags that wire an instance to it (model file, host, port, slots);
+the model's ``args`` may add anything else and config validation rejects overrides
+of the owned ones, because a second ``--port`` would silently win in llama-server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from scheduler.config import CorralConfig, ModelConfig
+from scheduler.instance import LaunchSpec
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port the kernel just gave us. Another process could take it before the child
+    binds; the child then exits at once and the launch fails fast with its log."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def build_argv(
+    binary: Path, model: ModelConfig, model_file: Path, port: int, common_args: tuple[str, ...]
+) -> list[str]:
+    # -c is the total context across slots; ctx_size is per slot, as Ollama's num_ctx.
+    argv = [
+        str(binary),
+        "-m", str(model_file),
+        "--host", LOOPBACK,
+        "--port", str(port),
+        "--parallel", str(model.parallel),
+        "-c", str(model.ctx_size * model.parallel),
+        "--no-webui",
+        "--metrics",
+    ]
+    if model.embedding:
+        argv.append("--embedding")
+    if model.n_gpu_layers is not None:
+        argv += ["-ngl", str(model.n_gpu_layers)]
+    if model.threads is not None:
+        argv += ["-t", str(model.threads)]
+    argv += common_args
+    argv += model.args
+    return argv
+
+
+def build_spec(
+    cfg: CorralConfig,
+    model: ModelConfig,
+    binary: Path,
+    model_file: Path,
+    port: int | None = None,
+) -> LaunchSpec:
+    port = free_port() if port is None else port
+    env = {**os.environ, **cfg.llama_server.env, **model.env}
+    return LaunchSpec(
+        model=model.name,
+        argv=build_argv(binary, model, model_file, port, cfg.llama_server.args),
+        env=env,
+        host=LOOPBACK,
+        port=port,
+        slots=model.parallel,
+        load_timeout=model.load_timeout or cfg.scheduler.load_timeout,
+        health_interval=cfg.scheduler.health_interval,
+    )

