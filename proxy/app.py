@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from proxy import openai
+from proxy import admin, openai
 from proxy.errors import Dialect, Unauthorized, error_middleware, render
 from proxy.keys import CONFIG, SCHEDULER, SESSION
 from scheduler.config import CorralConfig
@@ -122,6 +122,7 @@ def build_openai_app(cfg: CorralConfig, opts: CoreOptions | None = None) -> web.
     app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions()))
     app.router.add_get("/health", health)
     openai.add_routes(app)
+    admin.add_routes(app)
     return app
 
 

@@ -103,7 +103,7 @@ class ModelConfig(_Strict):
     def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.package is None):
             raise ValueError("set exactly one of 'path' or 'package'")
-        reserved = {"--port", "--host", "-m", "--model", "--parallel", "-np"}
+        reserved = {"--port", "--host", "-m", "--model", "--parallel", "-np", "-a", "--alias"}
         for arg in self.args:
             if arg.split("=")[0] in reserved:
                 raise ValueError(f"args: {arg!r} is set by Corral; use the matching model key")

