@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy import admin, openai
 from proxy.errors import Dialect, Unauthorized, error_middleware, render
@@ -38,9 +39,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/health", "/"})
 
 
-def auth_middleware(
-    keys: tuple[str, ...], dialect: Dialect
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(keys: tuple[str, ...], dialect: Dialect) -> Middleware:
     encoded = [k.encode() for k in keys]
 
     @web.middleware
@@ -66,9 +65,7 @@ def auth_middleware(
     return middleware
 
 
-def middlewares(cfg: CorralConfig, dialect: Dialect) -> list[
-    Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
-]:
+def middlewares(cfg: CorralConfig, dialect: Dialect) -> list[Middleware]:
     mws = [error_middleware(dialect)]
     if cfg.server.api_keys:
         mws.append(auth_middleware(cfg.server.api_keys, dialect))
@@ -126,6 +123,32 @@ def build_openai_app(cfg: CorralConfig, opts: CoreOptions | None = None) -> web.
     return app
 
 
+def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
+    """An app for another port, sharing the core's scheduler and session.
+
+    Call after the core app has started (its cleanup_ctx made those objects).
+    """
+    cfg = core[CONFIG]
+    app = web.Application(middlewares=middlewares(cfg, dialect), client_max_size=64 << 20)
+    app[CONFIG] = cfg
+    app[SCHEDULER] = core[SCHEDULER]
+    app[SESSION] = core[SESSION]
+    return app
+
+
+def port_apps(core: web.Application) -> list[tuple[str, int, web.Application]]:
+    """The enabled extra ports: (label, port, app)."""
+    from proxy import lmstudio, ollama
+
+    server = core[CONFIG].server
+    out = []
+    if server.ollama_enabled:
+        out.append(("Ollama API", server.ollama_port, ollama.build_app(core)))
+    if server.lmstudio_enabled:
+        out.append(("LM Studio API", server.lmstudio_port, lmstudio.build_app(core)))
+    return out
+
+
 async def serve(cfg: CorralConfig, opts: CoreOptions | None = None) -> None:
     """Run until SIGINT/SIGTERM; drain and return."""
     loop = asyncio.get_running_loop()
@@ -141,17 +164,26 @@ async def serve(cfg: CorralConfig, opts: CoreOptions | None = None) -> None:
             log.warning("second signal: exiting now")
             os._exit(130)
 
-    root = build_openai_app(cfg, opts)
-    runners: list[web.AppRunner] = []
     sc = cfg.scheduler
-    main = web.AppRunner(root, handler_cancellation=True, shutdown_timeout=sc.drain_timeout,
-                         access_log=None)
-    await main.setup()
-    runners.append(main)
+    host = cfg.server.host
+
+    def runner(app: web.Application) -> web.AppRunner:
+        return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=sc.drain_timeout,
+                             access_log=None)
+
+    root = build_openai_app(cfg, opts)
+    main = runner(root)
+    await main.setup()  # starts the scheduler (cleanup_ctx)
+    runners = [main]
     try:
-        site = web.TCPSite(main, cfg.server.host, cfg.server.port, reuse_address=True)
-        await site.start()
-        log.info("OpenAI API on http://%s:%d", cfg.server.host, _bound_port(main))
+        await web.TCPSite(main, host, cfg.server.port, reuse_address=True).start()
+        log.info("OpenAI API on http://%s:%d", host, _bound_port(main))
+        for label, port, app in port_apps(root):
+            r = runner(app)
+            await r.setup()
+            runners.append(r)
+            await web.TCPSite(r, host, port, reuse_address=True).start()
+            log.info("%s on http://%s:%d", label, host, _bound_port(r))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         await stop.wait()
@@ -159,6 +191,7 @@ async def serve(cfg: CorralConfig, opts: CoreOptions | None = None) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        # Extra ports first; the core (and with it every instance) last.
         for r in reversed(runners):
             await r.cleanup()
 

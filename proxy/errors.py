@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from scheduler.errors import CorralError, Overloaded
 
@@ -62,8 +63,6 @@ def render(err: CorralError, dialect: Dialect) -> web.Response:
         headers=headers,
     )
 
-
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def error_middleware(dialect: Dialect) -> Middleware:

@@ -30,9 +30,10 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import aiohttp
 
@@ -208,7 +209,7 @@ class Instance:
             raise
         self.spec = spec
         self.base_url = f"http://{spec.host}:{spec.port}"
-        if self._state is not State.STARTING:
+        if self.state is not State.STARTING:
             # Told to stop while preparing: never spawn.
             self._exited.set()
             self._set(State.STOPPED)
@@ -287,8 +288,8 @@ class Instance:
 
     # -- internals ---------------------------------------------------------------
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

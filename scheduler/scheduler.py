@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -112,6 +112,39 @@ class _Model:
 BinaryFinder = Callable[[Path | None], Path | None]
 
 
+class Events(Protocol):
+    """What the scheduler reports as it works (metrics, logs, the dashboard).
+
+    Called synchronously on the event loop; implementations must be quick and must
+    not raise.
+    """
+
+    def launched(self, model: str, seconds: float, ok: bool) -> None: ...
+
+    def stopped(self, model: str, reason: str) -> None:
+        """reason: idle | evicted | preempted | unload | shutdown | config"""
+
+    def crashed(self, model: str) -> None: ...
+
+    def waited(self, model: str, seconds: float, outcome: str) -> None:
+        """A queued call left the queue. outcome: granted | timeout | full |
+        cancelled | failed"""
+
+
+class NoEvents:
+    def launched(self, model: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def stopped(self, model: str, reason: str) -> None:
+        pass
+
+    def crashed(self, model: str) -> None:
+        pass
+
+    def waited(self, model: str, seconds: float, outcome: str) -> None:
+        pass
+
+
 def _default_finder(configured: Path | None) -> Path | None:
     from scheduler.install import find_llama_server
 
@@ -127,8 +160,10 @@ class Scheduler:
         find_binary: BinaryFinder = _default_finder,
         clock: Callable[[], float] = time.monotonic,
         reap_interval: float = 0.5,
+        events: Events | None = None,
     ) -> None:
         self._cfg = cfg
+        self.events: Events = events or NoEvents()
         self._session = session
         self._find_binary = find_binary
         self._clock = clock
@@ -194,7 +229,7 @@ class Scheduler:
                 await self._reaper
         for m in self._models.values():
             for inst in list(m.instances):
-                self._retire(inst)
+                self._retire(inst, "shutdown")
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -229,6 +264,7 @@ class Scheduler:
     async def _wait(self, m: _Model, hints: LeaseHints, start: float) -> Instance:
         sc = self._cfg.scheduler
         if len(m.queue) >= sc.queue_size:
+            self.events.waited(m.cfg.name, 0.0, "full")
             raise Overloaded(
                 f"model '{m.cfg.name}' has {len(m.queue)} calls waiting (queue_size "
                 f"{sc.queue_size}); try again later",
@@ -239,17 +275,24 @@ class Scheduler:
         m.queue.append(waiter)
         self._kick()
         granted = False
+        outcome = "cancelled"
         try:
             async with asyncio.timeout(sc.queue_timeout):
                 inst = await fut
             granted = True
+            outcome = "granted"
             return inst
+        except CorralError:
+            outcome = "failed"
+            raise
         except TimeoutError:
+            outcome = "timeout"
             raise Overloaded(
                 f"model '{m.cfg.name}': no slot became free within {sc.queue_timeout:g} s",
                 retry_after=self._retry_after(m),
             ) from None
         finally:
+            self.events.waited(m.cfg.name, self._clock() - start, outcome)
             if waiter in m.queue:
                 m.queue.remove(waiter)
             if not granted:
@@ -332,7 +375,7 @@ class Scheduler:
                 inst = self._instance(iid)
                 if inst is not None:
                     log.info("evicting %s (idle) to make room for %s", iid, m.cfg.name)
-                    self._retire(inst)
+                    self._retire(inst, "evicted")
             return  # launch once they have stopped; their stop kicks us again
         self._launch(m)
 
@@ -354,7 +397,7 @@ class Scheduler:
         inst = self._instance(victim) if victim else None
         if inst is not None:
             log.info("draining %s: %s has waited %.1f s", inst.id, m.cfg.name, waited)
-            self._retire(inst)
+            self._retire(inst, "preempted")
 
     def _snapshot(self) -> policy.Snapshot:
         now = self._clock()
@@ -439,6 +482,7 @@ class Scheduler:
                     err.log_tail,
                 )
             log.error("%s", err.message)
+            self.events.launched(m.cfg.name, self._clock() - inst.stats.launched_at, False)
             m.last_error = err
             # The calls waiting for this launch fail now, with the child's last words,
             # instead of timing out in the queue.
@@ -446,14 +490,16 @@ class Scheduler:
         else:
             m.last_error = None
             m.failures = 0
+            self.events.launched(m.cfg.name, inst.stats.load_seconds, True)
             log.info("instance %s ready in %.2f s", inst.id, inst.stats.load_seconds)
         finally:
             self._kick()
 
-    def _retire(self, inst: Instance) -> None:
+    def _retire(self, inst: Instance, reason: str) -> None:
         """Drain and stop an instance in the background (idempotent)."""
-        if inst.state in (State.STOPPING, State.STOPPED):
+        if inst.state in (State.STOPPING, State.STOPPED, State.DRAINING):
             return
+        self.events.stopped(inst.model, reason)
         inst.drain()
         sc = self._cfg.scheduler
         self._spawn(inst.stop(sc.drain_timeout, sc.stop_timeout), f"stop {inst.id}")
@@ -463,6 +509,8 @@ class Scheduler:
             m = self._models.get(inst.model)
             if m is not None and inst in m.instances:
                 m.instances.remove(inst)
+                if inst.state is State.FAILED and inst.stats.ready_at:
+                    self.events.crashed(inst.model)
                 if inst.state is State.FAILED and not inst.stats.ready_at:
                     # Counted here, not where start() raises: this callback runs
                     # first, and its kick must already see the backoff.
@@ -484,7 +532,7 @@ class Scheduler:
                 inst = self._instance(iid)
                 if inst is not None:
                     log.info("unloading %s: idle past its ttl", iid)
-                    self._retire(inst)
+                    self._retire(inst, "idle")
 
     # -- views -------------------------------------------------------------------
 
@@ -543,5 +591,5 @@ class Scheduler:
             raise UnknownModel(name, list(self._names))
         insts = [i for i in m.instances if i.state in ALIVE]
         for inst in insts:
-            self._retire(inst)
+            self._retire(inst, "unload")
         return len(insts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,41 @@ def fake_llama(tmp_path: Path) -> Path:
     return fake_binary(tmp_path / "bin")
 
 
-async def wait_for(pred: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> None:
+async def wait_for(pred: Callable[[], bool], within: float = 10.0, step: float = 0.02) -> None:
     """Poll ``pred`` until true; bounded in time so a broken test fails, never hangs."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not pred():
         if loop.time() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
+            raise AssertionError(f"condition not met within {within:.1f} s")
         await asyncio.sleep(step)
+
+
+@pytest.fixture
+def corral_ports(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
+    """Start Corral's three ports around fake llama-servers, in this process.
+
+    ``await corral_ports(cfg)`` returns ``Ports(openai, ollama, lmstudio)`` test clients;
+    the core app starts first (it owns the scheduler), as in ``proxy.app.serve``.
+    """
+    from proxy import lmstudio, ollama
+    from proxy.app import CoreOptions, build_openai_app
+
+    async def start(cfg: CorralConfig, reap_interval: float = 0.05) -> Ports:
+        opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=reap_interval)
+        core = build_openai_app(cfg, opts)
+        main = await aiohttp_client(core)
+        return Ports(
+            openai=main,
+            ollama=await aiohttp_client(ollama.build_app(core)),
+            lmstudio=await aiohttp_client(lmstudio.build_app(core)),
+        )
+
+    return start
+
+
+@dataclass
+class Ports:
+    openai: Any
+    ollama: Any
+    lmstudio: Any
