@@ -247,7 +247,7 @@ class Instance:
             await asyncio.gather(ready, exited, return_exceptions=True)
 
         if ready in done and not ready.cancelled() and ready.exception() is None:
-            if self._state is State.STARTING:
+            if self.state is State.STARTING:
                 self.stats.ready_at = self._clock()
                 self.stats.load_seconds = self.stats.ready_at - self.stats.launched_at
                 self.last_used = self.stats.ready_at

@@ -134,7 +134,7 @@ def test_sigkill_of_corral_leaves_no_llama_server(corral, gemma: Path) -> None:
 
     def gone(pid: int) -> bool:
         try:
-            return "Z" == Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             return True
 
