@@ -51,6 +51,36 @@ class ServerConfig(_Strict):
         return keys
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as "512MiB", "8 GB", "1.5GiB"."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '8GiB'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").upper().removesuffix("B")
+            return int(float(m.group(1)) * _UNITS[unit])
+    raise ValueError(f"{value!r} is not a size (use bytes or a string like '8GiB')")
+
+
+class Replicas(_Strict):
+    min: int = Field(0, ge=0, description="instances kept loaded even when idle")
+    max: int = Field(1, ge=1, description="instances launched at most under load")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class SchedulerConfig(_Strict):
     max_instances: int = Field(4, ge=1, description="llama-server processes alive at once")
     max_load: float = Field(
@@ -64,6 +94,21 @@ class SchedulerConfig(_Strict):
     stop_timeout: float = Field(5.0, ge=0, description="SIGTERM → SIGKILL grace")
     health_interval: float = Field(0.05, gt=0, description="readiness poll interval, seconds")
     log_lines: int = Field(500, ge=10, description="lines kept per instance log")
+    memory_budget: int | Literal["auto"] | None = Field(
+        "auto",
+        description="bytes model footprints may use: 'auto' = RAM (or cgroup limit) minus "
+        "memory_headroom; a size like '16GiB'; or omit/none to not enforce",
+    )
+    memory_headroom: int = Field(2 * 2**30, ge=0, description="RAM kept free for everything else")
+    vram_headroom: int = Field(512 * 2**20, ge=0, description="VRAM kept free per GPU")
+    remote_check_interval: float = Field(5.0, gt=0, description="seconds between remote checks")
+
+    @field_validator("memory_budget", "memory_headroom", "vram_headroom", mode="before")
+    @classmethod
+    def _sizes(cls, value: object) -> object:
+        if value in ("auto", None):
+            return value
+        return parse_size(value)
 
 
 class LlamaServerConfig(_Strict):
@@ -88,6 +133,35 @@ class ModelConfig(_Strict):
     ttl: float | None = Field(None, description="idle seconds before unload; <0 never")
     embedding: bool = False
     load_timeout: float | None = Field(None, gt=0)
+    replicas: Replicas = Replicas()
+    footprint: int | None = Field(
+        None, description="bytes one instance needs; default: GGUF size + KV cache estimate"
+    )
+    remotes: tuple[str, ...] = Field(
+        (), description="base URLs of OpenAI-compatible servers that also serve this model"
+    )
+    remote_slots: int = Field(8, ge=1, description="concurrent calls sent to each remote")
+    fallbacks: tuple[str, ...] = Field(
+        (), description="models to use, in order, when this one cannot be served"
+    )
+
+    @field_validator("footprint", mode="before")
+    @classmethod
+    def _footprint_size(cls, value: object) -> object:
+        return None if value is None else parse_size(value)
+
+    @field_validator("remotes")
+    @classmethod
+    def _urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+                raise ValueError(f"{url!r} is not an http(s) base URL")
+        return tuple(u.rstrip("/") for u in urls)
+
+    @property
+    def local(self) -> bool:
+        """Whether Corral launches this model itself (it has a file)."""
+        return self.path is not None or self.package is not None
 
     @field_validator("name", "aliases")
     @classmethod
@@ -101,8 +175,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.path is None) == (self.package is None):
-            raise ValueError("set exactly one of 'path' or 'package'")
+        if self.path is not None and self.package is not None:
+            raise ValueError("set only one of 'path' or 'package'")
+        if self.path is None and self.package is None and not self.remotes:
+            raise ValueError("set 'path' or 'package' (a local model) or 'remotes'")
         reserved = {"--port", "--host", "-m", "--model", "--parallel", "-np", "-a", "--alias"}
         for arg in self.args:
             if arg.split("=")[0] in reserved:
@@ -147,6 +223,12 @@ class CorralConfig(BaseSettings):
                         f"model {seen[name]!r}"
                     )
                 seen[name] = m.name
+        for m in self.models:
+            for fb in m.fallbacks:
+                if fb not in seen:
+                    raise ValueError(f"model {m.name!r}: fallbacks: no model named {fb!r}")
+                if seen[fb] == m.name:
+                    raise ValueError(f"model {m.name!r}: fallbacks: {fb!r} is the model itself")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -2,7 +2,7 @@
 
 ::
 
-    STOPPED ──start()──► STARTING ──/health 200──► READY ──drain()──► DRAINING
+    (new) ──start()──► STARTING ──/health 200──► READY ──drain()──► DRAINING
                              │                       │                   │ in-flight = 0
                              │ exit/deadline         │ exit              ▼  (or grace over)
                              ▼                       ▼                STOPPING ──► STOPPED
@@ -130,7 +130,10 @@ class Instance:
         # Per-instance idle timeout set by a client (Ollama keep_alive, LM Studio ttl);
         # None means the model's configured ttl.
         self.ttl_override: float | None = None
-        self._state = State.STOPPED
+        # Created to be started: STARTING at once, so that it counts against the
+        # limits and concurrent callers join it before its task has even run.
+        self._state = State.STARTING
+        self._started = False
         self._on_change = on_change
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -196,10 +199,13 @@ class Instance:
         the deadline passes or the instance is told to stop meanwhile. The child's
         last log lines ride on the error: "exit status 1" alone tells a user nothing.
         """
-        if self._state is not State.STOPPED:
+        if self._started:
             raise RuntimeError(f"instance {self.id} already started")
-        self._set(State.STARTING)
+        self._started = True
         self.stats.launched_at = self._clock()
+        if self.state is not State.STARTING:
+            self._exited.set()
+            raise LoadFailed(self.model, "stopped before it started")
         try:
             spec = await prepare()
         except LoadFailed as e:

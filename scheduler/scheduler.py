@@ -43,7 +43,11 @@ from scheduler.errors import (
 )
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
-from scheduler.sources import ModelFiles
+from scheduler.remote import Remote
+from scheduler.sources import ModelFiles, model_footprint
+
+# What a lease hands out: a local child or a remote endpoint; both keep their own state.
+Servable = Instance | Remote
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +79,38 @@ class Upstream:
 
     base_url: str
     instance_id: str
+    # The model that serves the call: the requested one, or one of its fallbacks.
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
+    requested: str = ""
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.requested) and self.requested != self.model
 
 
 class _Waiter:
     __slots__ = ("enqueued", "fut", "hints")
 
-    def __init__(self, fut: asyncio.Future[Instance], enqueued: float, hints: LeaseHints):
+    def __init__(self, fut: asyncio.Future[Servable], enqueued: float, hints: LeaseHints):
         self.fut = fut
         self.enqueued = enqueued
         self.hints = hints
 
 
 class _Model:
-    __slots__ = ("affinity", "cfg", "failures", "instances", "last_error", "queue", "retry_at",
-                 "retry_handle")
+    __slots__ = ("affinity", "cfg", "failures", "footprint", "instances", "last_error", "queue",
+                 "remotes", "retry_at", "retry_handle")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
         self.queue: deque[_Waiter] = deque()
         self.instances: list[Instance] = []
+        self.remotes: list[Remote] = []
+        # Bytes one instance needs: configured, else estimated from the GGUF header
+        # once the file is known; 0 until then.
+        self.footprint = cfg.footprint or 0
         self.affinity: OrderedDict[str, str] = OrderedDict()
         self.last_error: LoadFailed | None = None
         # Consecutive failed launches; reset by a successful one or by reset().
@@ -107,6 +121,12 @@ class _Model:
     @property
     def unavailable(self) -> bool:
         return self.failures >= MAX_LAUNCH_FAILURES
+
+    def servables(self) -> list[Servable]:
+        return [*self.instances, *self.remotes]
+
+    def alive(self) -> int:
+        return sum(1 for i in self.instances if i.state in ALIVE)
 
 
 BinaryFinder = Callable[[Path | None], Path | None]
@@ -178,6 +198,8 @@ class Scheduler:
         self._kicking = False
         self._rekick = False
         self._reaper: asyncio.Task[None] | None = None
+        # Bytes model footprints may use; None = not enforced. Set by start().
+        self.memory_budget: int | None = None
         self._apply_models(cfg)
 
     # -- configuration -----------------------------------------------------------
@@ -185,6 +207,9 @@ class Scheduler:
     def _apply_models(self, cfg: CorralConfig) -> None:
         for mc in cfg.models:
             self._models[mc.name] = _Model(mc)
+        self._index()
+
+    def _index(self) -> None:
         self._names = {}
         for m in self._models.values():
             for name in (m.cfg.name, *m.cfg.aliases):
@@ -202,18 +227,95 @@ class Scheduler:
         return m.cfg
 
     def balanced(self, name: str) -> bool:
-        """Whether calls for this model may be spread over replicas (so affinity
-        hints are worth computing)."""
-        return False
+        """Whether calls for this model may be spread over several upstreams (so
+        prefix-affinity hints are worth computing)."""
+        m = self._names.get(name)
+        return m is not None and (m.cfg.replicas.max + len(m.cfg.remotes)) > 1
 
     def names(self) -> list[str]:
         """Every model name and alias, in config order."""
         return list(self._names)
 
+    async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
+        """Switch to a new config, restarting only what changed.
+
+        Changed models drain and stop (their queued calls wait for the new launch);
+        removed models drain and stop and their queued calls fail; added models are
+        ready to launch. A change of [llama_server] changes every local model.
+        """
+        old = self._cfg
+        report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        binary_changed = old.llama_server != cfg.llama_server
+        new_names = {mc.name for mc in cfg.models}
+        for name in list(self._models):
+            if name not in new_names:
+                gone = self._models.pop(name)
+                report["removed"].append(name)
+                self._fail_waiters(gone, UnknownModel(name, sorted(new_names)))
+                self._stop_all(gone, "removed")
+        for mc in cfg.models:
+            m = self._models.get(mc.name)
+            if m is None:
+                self._models[mc.name] = _Model(mc)
+                report["added"].append(mc.name)
+            elif m.cfg == mc and not (binary_changed and mc.local):
+                report["unchanged"].append(mc.name)
+            else:
+                report["changed"].append(mc.name)
+                m.cfg = mc
+                m.footprint = mc.footprint or 0
+                m.failures, m.retry_at, m.last_error = 0, 0.0, None
+                self._stop_all(m, "config")
+        if binary_changed:
+            self._binary = None
+        # Keep the config order for listings.
+        self._models = {mc.name: self._models[mc.name] for mc in cfg.models}
+        self._cfg = cfg
+        self._index()
+        await self._measure(cfg)
+        self._sync_remotes()
+        self._kick()
+        return report
+
+    async def _measure(self, cfg: CorralConfig) -> None:
+        """Memory budget and model footprints, read off the event loop."""
+        sc = cfg.scheduler
+        if sc.memory_budget == "auto":
+            from scheduler.resources import probe_system
+
+            info = await asyncio.to_thread(probe_system)
+            self.memory_budget = max(0, info.ram_total - sc.memory_headroom)
+        else:
+            self.memory_budget = sc.memory_budget
+        for m in self._models.values():
+            if m.cfg.footprint is None and m.cfg.path is not None and not m.footprint:
+                m.footprint = await asyncio.to_thread(model_footprint, m.cfg)
+
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._measure(self._cfg)
+        self._sync_remotes()
         self._reaper = asyncio.create_task(self._reap_loop(), name="corral-reaper")
+        self._kick()  # launch minimum replicas
+
+    def _sync_remotes(self) -> None:
+        interval = self._cfg.scheduler.remote_check_interval
+        for m in self._models.values():
+            wanted = list(m.cfg.remotes)
+            if [r.base_url for r in m.remotes] == wanted and all(
+                r.slots == m.cfg.remote_slots for r in m.remotes
+            ):
+                continue
+            for r in m.remotes:
+                self._spawn(r.stop(), f"stop {r.id}")
+            m.remotes = [
+                Remote(f"{m.cfg.name}@{url}", m.cfg.name, url, m.cfg.remote_slots,
+                       self._on_remote_change, clock=self._clock)
+                for url in wanted
+            ]
+            for r in m.remotes:
+                r.start(self._session, interval)
 
     async def close(self) -> None:
         """Refuse new calls, fail queued ones, drain and stop every instance."""
@@ -228,15 +330,29 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         for m in self._models.values():
-            for inst in list(m.instances):
-                self._retire(inst, "shutdown")
+            self._stop_all(m, "shutdown")
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _stop_all(self, m: _Model, reason: str) -> None:
+        """Retire every local instance; remotes too unless the model stays (a config
+        change re-syncs remotes by URL in _sync_remotes)."""
+        for inst in list(m.instances):
+            self._retire(inst, reason)
+        if reason != "config":
+            for r in m.remotes:
+                self._spawn(r.stop(), f"stop {r.id}")
+            m.remotes = []
 
     # -- leases ------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str, hints: LeaseHints | None = None) -> AsyncIterator[Upstream]:
+        """A slot on an upstream that serves ``name`` (or one of its fallbacks).
+
+        Released on every exit path. Raises UnknownModel, Overloaded, LoadFailed or
+        ShuttingDown; with fallbacks configured, the last model's error.
+        """
         m = self._names.get(name)
         if m is None:
             raise UnknownModel(name, list(self._names))
@@ -244,24 +360,41 @@ class Scheduler:
             raise ShuttingDown("Corral is shutting down")
         hints = hints or LeaseHints()
         start = self._clock()
-        inst: Instance | None = None
-        if not m.queue:
-            preferred = m.affinity.get(hints.affinity) if hints.affinity else None
-            inst = policy.pick_instance(m.instances, preferred)
-            if inst is not None and not inst.try_acquire():
-                inst = None
-        if inst is None:
-            inst = await self._wait(m, hints, start)
+        chain = [m, *(self._names[f] for f in m.cfg.fallbacks if f in self._names)]
+        inst: Servable | None = None
+        serving = m
+        for i, serving in enumerate(chain):
+            try:
+                inst = await self._acquire(serving, hints, start)
+                break
+            except (LoadFailed, Overloaded) as e:
+                if i == len(chain) - 1:
+                    raise
+                log.warning("model '%s' cannot serve (%s); falling back to '%s'",
+                            serving.cfg.name, e.message.splitlines()[0], chain[i + 1].cfg.name)
+        assert inst is not None
         if hints.affinity:
-            self._remember(m, hints.affinity, inst.id)
+            self._remember(serving, hints.affinity, inst.id)
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         try:
-            yield Upstream(inst.base_url, inst.id, m.cfg.name, self._clock() - start)
+            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
+                           requested=m.cfg.name)
         finally:
             inst.release()
 
-    async def _wait(self, m: _Model, hints: LeaseHints, start: float) -> Instance:
+    async def _acquire(self, m: _Model, hints: LeaseHints, start: float) -> Servable:
+        if not m.queue:
+            # The fast path: no future, no task, no snapshot.
+            preferred = m.affinity.get(hints.affinity) if hints.affinity else None
+            inst = policy.pick_instance(m.servables(), preferred)
+            if inst is not None and inst.try_acquire():
+                return inst
+        if m.unavailable and not any(r.state is State.READY for r in m.remotes):
+            raise m.last_error or LoadFailed(m.cfg.name, "unavailable")
+        return await self._wait(m, hints, start)
+
+    async def _wait(self, m: _Model, hints: LeaseHints, start: float) -> Servable:
         sc = self._cfg.scheduler
         if len(m.queue) >= sc.queue_size:
             self.events.waited(m.cfg.name, 0.0, "full")
@@ -270,7 +403,7 @@ class Scheduler:
                 f"{sc.queue_size}); try again later",
                 retry_after=self._retry_after(m),
             )
-        fut: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Servable] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(fut, start, hints)
         m.queue.append(waiter)
         self._kick()
@@ -301,6 +434,23 @@ class Scheduler:
                     fut.result().release()
                 else:
                     fut.cancel()
+
+    def report_unreachable(self, instance_id: str, reason: str) -> None:
+        """The proxy could not connect to an upstream it was leased.
+
+        A remote leaves the rotation until its next good check; a local child that
+        refuses connections is dying or wedged, so it is retired and relaunched.
+        """
+        for m in self._models.values():
+            for r in m.remotes:
+                if r.id == instance_id:
+                    r.mark_failed(reason)
+                    return
+            for inst in m.instances:
+                if inst.id == instance_id:
+                    log.warning("instance %s unreachable (%s): replacing it", inst.id, reason)
+                    self._retire(inst, "unreachable")
+                    return
 
     def _retry_after(self, m: _Model) -> float:
         # A rough hint: the time a load takes, or a second when something is loaded.
@@ -342,16 +492,44 @@ class Scheduler:
                     m.queue.popleft()
                     continue
                 preferred = m.affinity.get(w.hints.affinity) if w.hints.affinity else None
-                inst = policy.pick_instance(m.instances, preferred)
+                inst = policy.pick_instance(m.servables(), preferred)
                 if inst is None or not inst.try_acquire():
                     break
                 m.queue.popleft()
                 w.fut.set_result(inst)
             if m.queue and not self._closing:
                 self._grow(m)
+        if self._closing:
+            return
+        for m in self._models.values():
+            if not m.queue and m.cfg.local:
+                self._keep_warm(m)
+
+    def _keep_warm(self, m: _Model) -> None:
+        """Launch toward the minimum replicas, or add one when every ready replica is
+        above max_load. Only into free room: nothing is evicted for this."""
+        if any(i.state is State.STARTING for i in m.instances) or m.failures:
+            return
+        alive = m.alive()
+        if alive >= m.cfg.replicas.max:
+            return
+        ready = [i for i in m.instances if i.state is State.READY]
+        busy = bool(ready) and all(i.load >= self._cfg.scheduler.max_load for i in ready)
+        if alive >= m.cfg.replicas.min and not busy:
+            return
+        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint)
+        if isinstance(decision, policy.Launch) and decision.now:
+            self._launch(m)
 
     def _grow(self, m: _Model) -> None:
         """Start (or make room for) another instance of ``m`` if none is on its way."""
+        if not m.cfg.local:
+            if m.remotes and all(r.state is State.FAILED for r in m.remotes):
+                reasons = "; ".join(f"{r.base_url}: {r.failure}" for r in m.remotes)
+                self._fail_waiters(
+                    m, LoadFailed(m.cfg.name, f"no remote upstream answers ({reasons})")
+                )
+            return
         if any(i.state is State.STARTING for i in m.instances):
             return  # join the launch in progress
         if m.unavailable:
@@ -363,7 +541,7 @@ class Scheduler:
                 loop = asyncio.get_running_loop()
                 m.retry_handle = loop.call_later(m.retry_at - now, self._retry, m)
             return
-        decision = policy.plan_launch(self._snapshot(), m.cfg.name)
+        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint)
         if isinstance(decision, policy.Wait):
             if decision.never:
                 self._fail_waiters(m, LoadFailed(m.cfg.name, decision.reason))
@@ -421,7 +599,8 @@ class Scheduler:
             now=now,
             instances=views,
             max_instances=self._cfg.scheduler.max_instances,
-            replicas={name: (0, 1) for name in self._models},
+            memory_budget=self.memory_budget,
+            replicas={n: (m.cfg.replicas.min, m.cfg.replicas.max) for n, m in self._models.items()},
         )
 
     def _instance(self, iid: str) -> Instance | None:
@@ -445,6 +624,7 @@ class Scheduler:
             m.cfg.name,
             m.cfg.parallel,
             self._on_change,
+            footprint=m.footprint,
             log_lines=self._cfg.scheduler.log_lines,
             clock=self._clock,
         )
@@ -467,6 +647,9 @@ class Scheduler:
                 )
             self._binary = found
         model_file = await self._files.get(m.cfg)
+        if not m.footprint:
+            # A packaged model's file exists only now: size it for the next decisions.
+            m.footprint = await asyncio.to_thread(model_footprint, m.cfg, model_file)
         return build_spec(self._cfg, m.cfg, self._binary, model_file)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
@@ -519,6 +702,10 @@ class Scheduler:
         if not self._closing:
             self._kick()
 
+    def _on_remote_change(self, remote: Remote) -> None:
+        if not self._closing:
+            self._kick()
+
     def _fail_waiters(self, m: _Model, error: CorralError) -> None:
         while m.queue:
             w = m.queue.popleft()
@@ -538,6 +725,9 @@ class Scheduler:
 
     def instances(self) -> list[Instance]:
         return [i for m in self._models.values() for i in m.instances]
+
+    def remotes(self) -> list[Remote]:
+        return [r for m in self._models.values() for r in m.remotes]
 
     def loaded(self, name: str) -> list[Instance]:
         m = self._names.get(name)
@@ -563,7 +753,10 @@ class Scheduler:
                     "aliases": list(m.cfg.aliases),
                     "state": state,
                     "queued": len(m.queue),
-                    "instances": [i.describe() for i in m.instances],
+                    "instances": [i.describe() for i in m.servables()],
+                    "footprint_bytes": m.footprint,
+                    "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max},
+                    "fallbacks": list(m.cfg.fallbacks),
                     "last_error": m.last_error.message if m.last_error else None,
                     "failures": m.failures,
                 }

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from scheduler.config import ModelConfig
 from scheduler.errors import LoadFailed
+
+log = logging.getLogger(__name__)
 
 
 def models_cache_dir() -> Path:
@@ -68,3 +71,23 @@ class ModelFiles:
             if key not in self._done:
                 self._done[key] = await asyncio.to_thread(resolve_model_file, model)
             return self._done[key]
+
+
+def model_footprint(model: ModelConfig, path: Path | None = None) -> int:
+    """Blocking: bytes one instance of ``model`` needs, from its GGUF header.
+
+    0 when the file cannot be read as GGUF: the budget then cannot account for the
+    model, which is logged, rather than refusing to serve it.
+    """
+    from scheduler.resources import estimate_footprint, read_gguf_info
+
+    path = path or model.path
+    if path is None:
+        return 0
+    try:
+        info = read_gguf_info(path)
+    except Exception as e:  # a foreign or truncated file: any parser error
+        log.warning("model '%s': cannot size %s (%s); footprint unknown", model.name, path, e)
+        return 0
+    ctx = model.ctx_size or (info.context_length or 4096)
+    return estimate_footprint(info, ctx * model.parallel)
