@@ -56,6 +56,11 @@ def prefix_key(payload: dict[str, Any]) -> str | None:
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
+# A call whose connection to the upstream could not even be opened never reached
+# it, so it is safe to send again, to another replica or a relaunched instance.
+_CONNECT_ATTEMPTS = 3
+
+
 async def forward(request: web.Request, path: str) -> web.StreamResponse:
     body = await request.read()
     payload = parse_body(body)
@@ -63,12 +68,23 @@ async def forward(request: web.Request, path: str) -> web.StreamResponse:
     scheduler = request.app[SCHEDULER]
     session = request.app[SESSION]
     hints = LeaseHints(affinity=prefix_key(payload)) if scheduler.balanced(model) else None
-    async with scheduler.lease(model, hints) as up:
-        try:
-            async with session.post(up.base_url + path, data=body, headers=_JSON) as resp:
-                return await relay(request, resp, up.instance_id)
-        except aiohttp.ClientConnectionError as e:
-            raise UpstreamFailed(f"instance {up.instance_id} is unreachable: {e}") from None
+    for attempt in range(1, _CONNECT_ATTEMPTS + 1):
+        async with scheduler.lease(model, hints) as up:
+            try:
+                async with session.post(up.base_url + path, data=body, headers=_JSON) as resp:
+                    return await relay(request, resp, up.instance_id, up.model)
+            except aiohttp.ClientConnectionError as e:
+                # No answer at all: refused, or reset on a pooled connection to a child
+                # that has just died. Such a call went down with the process or never
+                # reached it, so it may go to another replica or a relaunch.
+                retry = await scheduler.upstream_failed(
+                    up.instance_id, str(e), connect=isinstance(e, aiohttp.ClientConnectorError)
+                )
+                if not retry or attempt == _CONNECT_ATTEMPTS:
+                    raise UpstreamFailed(
+                        f"model '{up.model}': upstream {up.instance_id} failed: {e}"
+                    ) from None
+    raise AssertionError("unreachable")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

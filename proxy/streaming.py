@@ -8,15 +8,17 @@ stream, or a body of unknown or large size, is relayed chunk by chunk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from scheduler.errors import UpstreamFailed
+from proxy.translate import upstream_error_body
+from scheduler.errors import CorralError, UpstreamFailed
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,13 @@ def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
 
 
 async def relay(
-    request: web.Request, resp: aiohttp.ClientResponse, instance_id: str
+    request: web.Request, resp: aiohttp.ClientResponse, instance_id: str, model: str
 ) -> web.StreamResponse:
-    """Send an upstream response to the client as it comes."""
+    """Send an upstream response to the client as it comes.
+
+    ``X-Corral-Model`` names the model that answered, which differs from the one
+    asked for when a fallback served the call.
+    """
     length = resp.content_length
     if not is_event_stream(resp) and length is not None and length <= _WHOLE_BODY_LIMIT:
         try:
@@ -43,10 +49,13 @@ async def relay(
         return web.Response(
             status=resp.status,
             body=body,
-            headers={"Content-Type": resp.headers.get("Content-Type", "application/json")},
+            headers={
+                "Content-Type": resp.headers.get("Content-Type", "application/json"),
+                "X-Corral-Model": model,
+            },
         )
 
-    out = web.StreamResponse(status=resp.status)
+    out = web.StreamResponse(status=resp.status, headers={"X-Corral-Model": model})
     out.content_type = resp.content_type
     if resp.charset:
         out.charset = resp.charset
@@ -122,3 +131,100 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
             continue
         if isinstance(event, dict):
             yield event
+
+
+async def upstream_events(
+    resp: aiohttp.ClientResponse, instance_id: str
+) -> AsyncGenerator[dict[str, Any], None]:
+    """``sse_events``, with a broken upstream connection raised as UpstreamFailed."""
+    try:
+        async for event in sse_events(resp):
+            yield event
+    except _UPSTREAM_BROKE as e:
+        raise UpstreamFailed(
+            f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
+        ) from None
+
+
+NDJSON = "application/x-ndjson"
+
+
+async def write_stream(
+    request: web.Request,
+    items: AsyncGenerator[dict[str, Any], None],
+    *,
+    ndjson: bool,
+) -> web.StreamResponse:
+    """Send translated items as NDJSON lines (Ollama) or SSE events (LM Studio).
+
+    The response is prepared at the first item, so a CorralError raised before it
+    still reaches the error middleware and gets its real status. One raised later
+    becomes the last item, ``{"error": ...}`` (Ollama) or an OpenAI-shaped error
+    event (LM Studio), because the status line is already sent. ``items`` is closed
+    on every path, so whatever upstream response it reads is released, also when
+    the client goes away.
+    """
+    out: web.StreamResponse | None = None
+    encode = ndjson_line if ndjson else sse_event
+
+    async def start() -> web.StreamResponse:
+        resp = web.StreamResponse()
+        if ndjson:
+            resp.content_type = NDJSON
+        else:
+            resp.content_type = "text/event-stream"
+            resp.headers["Cache-Control"] = "no-cache"
+            resp.headers["X-Accel-Buffering"] = "no"
+        await resp.prepare(request)
+        return resp
+
+    failed = False
+    async with contextlib.aclosing(items):
+        try:
+            async for item in items:
+                if out is None:
+                    out = await start()
+                await out.write(encode(item))
+        except CorralError as e:
+            if out is None:
+                raise
+            log.warning("%s %s failed mid-stream: %s", request.method, request.path, e.message)
+            await out.write(encode({"error": e.message} if ndjson else stream_error(e.message)))
+            failed = True
+    if out is None:
+        out = await start()
+    if not ndjson and not failed:
+        await out.write(sse_event("[DONE]"))
+    await out.write_eof()
+    return out
+
+
+@contextlib.asynccontextmanager
+async def post_upstream(
+    session: aiohttp.ClientSession, base_url: str, instance_id: str, path: str,
+    payload: dict[str, Any],
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """POST a translated body to an instance; yield its 200 response.
+
+    A non-200 answer is raised as a CorralError carrying llama-server's status and
+    message (so a 400 for an over-long prompt stays a 400). The response is closed,
+    not returned to the pool, when the caller leaves early: an unread stream must
+    end at llama-server, which then stops generating.
+    """
+    try:
+        resp = await session.post(base_url + path, json=payload)
+    except aiohttp.ClientConnectionError as e:
+        raise UpstreamFailed(f"instance {instance_id} is unreachable: {e}") from None
+    try:
+        if resp.status != 200:
+            try:
+                raw = await resp.read()
+            except _UPSTREAM_BROKE:
+                raw = b""
+            raise upstream_error_body(resp.status, raw)
+        yield resp
+    except BaseException:
+        resp.close()
+        raise
+    finally:
+        resp.release()

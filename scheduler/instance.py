@@ -292,6 +292,15 @@ class Instance:
         if self._state is not State.FAILED:
             self._set(State.STOPPED)
 
+    async def wait_exit(self, within: float) -> bool:
+        """True once the process has exited, waiting at most ``within`` seconds."""
+        if self._proc is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._exited.wait()
+        return self._exited.is_set()
+
     # -- internals ---------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

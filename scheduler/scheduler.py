@@ -435,22 +435,31 @@ class Scheduler:
                 else:
                     fut.cancel()
 
-    def report_unreachable(self, instance_id: str, reason: str) -> None:
-        """The proxy could not connect to an upstream it was leased.
+    async def upstream_failed(self, instance_id: str, reason: str, connect: bool) -> bool:
+        """The proxy got no answer from an upstream it was leased. May the call be
+        sent again?
 
-        A remote leaves the rotation until its next good check; a local child that
-        refuses connections is dying or wedged, so it is retired and relaunched.
+        A local child that exited (noticed within a second) is already being
+        replaced: yes. One that refuses connections but lives is wedged: it is
+        retired and relaunched, and yes. A remote that refuses connections leaves the
+        rotation until its next good check: yes. A remote that reset an open
+        connection may have done the work: no.
         """
         for m in self._models.values():
             for r in m.remotes:
                 if r.id == instance_id:
-                    r.mark_failed(reason)
-                    return
-            for inst in m.instances:
-                if inst.id == instance_id:
-                    log.warning("instance %s unreachable (%s): replacing it", inst.id, reason)
-                    self._retire(inst, "unreachable")
-                    return
+                    if connect:
+                        r.mark_failed(reason)
+                    return connect
+        inst = self._instance(instance_id)
+        if inst is None:
+            return True  # already failed or stopped and gone from the books
+        if await inst.wait_exit(1.0):
+            return True
+        if connect:
+            log.warning("instance %s unreachable (%s): replacing it", inst.id, reason)
+            self._retire(inst, "unreachable")
+        return connect
 
     def _retry_after(self, m: _Model) -> float:
         # A rough hint: the time a load takes, or a second when something is loaded.
