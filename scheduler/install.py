@@ -58,7 +58,7 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
-    # The server only talks plain HTTP on loopback to Corral; no TLS library needed.
+    # Corral talks plain HTTP to it on loopback and fetches models itself: no TLS needed.
     "-DLLAMA_OPENSSL=OFF",
     # The binary lives in a per-machine cache, so tuning it to this CPU costs nothing.
     # With CUDA this also makes ggml target the GPUs present at build time ("native").
@@ -110,10 +110,10 @@ def find_nvcc() -> Path | None:
 def gpu_driver_present() -> bool:
     """True when an NVIDIA kernel driver is visible.
 
-    nvcc alone is not enough: toolkits get installed on GPU-less build hosts (this
-    project's own CI machine has one), and a CUDA llama-server built there fails at
-    configure time (ggml asks for the "native" GPU architecture) or, built elsewhere,
-    cannot start without ``libcuda.so``.
+    nvcc alone is not enough: toolkits get installed on GPU-less hosts (the machine
+    Corral was developed on is one), and a CUDA build there fails at configure time
+    (with GGML_NATIVE ggml asks for the "native" GPU architecture), while a CUDA binary
+    cannot run without the driver's ``libcuda.so`` anyway.
     """
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 

@@ -259,8 +259,11 @@ _SCALARS: dict[int, str] = {
 _MAX_DECODED_ARRAY = 4096
 
 
-class _Skipped:
-    """Stands for an array too long to decode."""
+@dataclass(frozen=True, slots=True)
+class SkippedArray:
+    """Stands in metadata for an array too long to decode (e.g. the tokenizer's vocabulary)."""
+
+    count: int
 
 
 class _Cursor:
@@ -305,7 +308,7 @@ class _Cursor:
             else:  # arrays of arrays: walk them
                 for _ in range(count):
                     self.value(item_type)
-            return _Skipped()
+            return SkippedArray(count)
         raise struct.error(f"unknown GGUF value type {vtype}")
 
 
@@ -340,15 +343,32 @@ def _read_gguf_header(path: Path) -> tuple[dict[str, object], dict[int, int], in
         return meta, dict(per_type), sum(per_type.values())
 
 
-def read_gguf_info(path: Path) -> GgufInfo:
-    """Read a model's metadata from its GGUF header."""
+def _read_checked(path: Path) -> tuple[dict[str, object], dict[int, int], int]:
     try:
-        file_size = path.stat().st_size
-        meta, per_type, params = _read_gguf_header(path)
+        return _read_gguf_header(path)
     except (OSError, ValueError) as exc:  # mmap of an empty file raises ValueError
         raise CorralError(f"cannot read GGUF file {path}: {exc}") from exc
     except struct.error as exc:
         raise CorralError(f"{path} is truncated or corrupt: {exc}") from exc
+
+
+def read_gguf_metadata(path: Path) -> dict[str, object]:
+    """Every key/value of the GGUF header, in file order.
+
+    Values are str, int, float, bool or lists of them; arrays longer than 4096 items
+    are :class:`SkippedArray` (only their length is known).
+    """
+    meta, _, _ = _read_checked(path)
+    return meta
+
+
+def read_gguf_info(path: Path) -> GgufInfo:
+    """Read a model's metadata from its GGUF header."""
+    meta, per_type, params = _read_checked(path)
+    try:
+        file_size = path.stat().st_size
+    except OSError as exc:
+        raise CorralError(f"cannot read GGUF file {path}: {exc}") from exc
 
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):

@@ -200,6 +200,9 @@ class Scheduler:
         self._reaper: asyncio.Task[None] | None = None
         # Bytes model footprints may use; None = not enforced. Set by start().
         self.memory_budget: int | None = None
+        # The model another was drained for: the room that frees up is its to take,
+        # otherwise the drained model (whose callers queued earlier) takes it back.
+        self._reserved_for: str | None = None
         self._apply_models(cfg)
 
     # -- configuration -----------------------------------------------------------
@@ -541,6 +544,12 @@ class Scheduler:
             return
         if any(i.state is State.STARTING for i in m.instances):
             return  # join the launch in progress
+        reserved = self._reserved_for
+        if reserved is not None and reserved != m.cfg.name:
+            r = self._models.get(reserved)
+            if r is not None and r.queue:
+                return
+            self._reserved_for = None
         if m.unavailable:
             self._fail_waiters(m, m.last_error or LoadFailed(m.cfg.name, "unavailable"))
             return
@@ -564,6 +573,8 @@ class Scheduler:
                     log.info("evicting %s (idle) to make room for %s", iid, m.cfg.name)
                     self._retire(inst, "evicted")
             return  # launch once they have stopped; their stop kicks us again
+        if self._reserved_for == m.cfg.name:
+            self._reserved_for = None
         self._launch(m)
 
     def _retry(self, m: _Model) -> None:
@@ -584,6 +595,7 @@ class Scheduler:
         inst = self._instance(victim) if victim else None
         if inst is not None:
             log.info("draining %s: %s has waited %.1f s", inst.id, m.cfg.name, waited)
+            self._reserved_for = m.cfg.name
             self._retire(inst, "preempted")
 
     def _snapshot(self) -> policy.Snapshot:

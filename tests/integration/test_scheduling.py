@@ -289,7 +289,7 @@ async def test_conversation_affinity_prefers_the_same_replica(corral, tmp_path: 
 async def test_hot_model_cannot_starve_a_waiting_one(corral, tmp_path: Path) -> None:
     cfg = make_config(tmp_path, [{"name": "hot", "parallel": 2,
                                   "env": {"FAKE_TOKEN_DELAY": "0.05"}}, {"name": "cold"}],
-                      scheduler={"max_instances": 1, "queue_timeout": 2})
+                      scheduler={"max_instances": 1, "queue_timeout": 5})
     client = await corral(cfg)
     stop = asyncio.Event()
 
