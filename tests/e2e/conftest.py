@@ -86,6 +86,9 @@ def model_toml(name: str, path: Path, **keys: object) -> str:
             lines.append(f"{k} = {'true' if v else 'false'}")
         elif isinstance(v, list):
             lines.append(f"{k} = {v!r}".replace("'", '"'))
+        elif isinstance(v, dict):
+            inner = ", ".join(f"{ik} = {iv!r}".replace("'", '"') for ik, iv in v.items())
+            lines.append(f"{k} = {{ {inner} }}")
         else:
             lines.append(f"{k} = {v}")
     return "\n".join(lines) + "\n"
