@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from scheduler.errors import ConfigError
 
@@ -61,6 +66,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("a size must be a number of bytes or a string like '8GiB'")
     if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size must not be negative")
         return value
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
@@ -97,7 +104,7 @@ class SchedulerConfig(_Strict):
     memory_budget: int | Literal["auto"] | None = Field(
         "auto",
         description="bytes model footprints may use: 'auto' = RAM (or cgroup limit) minus "
-        "memory_headroom; a size like '16GiB'; or omit/none to not enforce",
+        "memory_headroom; a size like '16GiB'; 'none' to not enforce",
     )
     memory_headroom: int = Field(2 * 2**30, ge=0, description="RAM kept free for everything else")
     vram_headroom: int = Field(512 * 2**20, ge=0, description="VRAM kept free per GPU")
@@ -108,6 +115,8 @@ class SchedulerConfig(_Strict):
     def _sizes(cls, value: object) -> object:
         if value in ("auto", None):
             return value
+        if isinstance(value, str) and value.lower() in ("none", "off"):
+            return None  # TOML has no null
         return parse_size(value)
 
 
@@ -135,7 +144,7 @@ class ModelConfig(_Strict):
     load_timeout: float | None = Field(None, gt=0)
     replicas: Replicas = Replicas()
     footprint: int | None = Field(
-        None, description="bytes one instance needs; default: GGUF size + KV cache estimate"
+        None, ge=0, description="bytes one instance needs; default: GGUF size + KV cache estimate"
     )
     remotes: tuple[str, ...] = Field(
         (), description="base URLs of OpenAI-compatible servers that also serve this model"
@@ -263,6 +272,11 @@ def _format_errors(err: ValidationError, where: str, data: Mapping[str, Any]) ->
     return "\n".join(lines)
 
 
+def _as_models_entry(err: ValidationError) -> ValidationError:
+    errors = [{**e, "loc": ("models", 0, *e["loc"])} for e in err.errors()]
+    return ValidationError.from_exception_data(err.title, errors)  # type: ignore[arg-type]
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
@@ -288,7 +302,7 @@ def load_config(path: Path | str) -> CorralConfig:
     path = Path(path)
     data = _read_toml(path)
     models = data.get("models", [])
-    if not isinstance(models, list):
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
         raise ConfigError(f"{path}: models: must be an array of tables ([[models]])")
     for m in models:
         if isinstance(m, dict):
@@ -308,12 +322,8 @@ def load_config(path: Path | str) -> CorralConfig:
             try:
                 ModelConfig.model_validate(one)
             except ValidationError as e:
-                label = one.get("name", f.stem)
-                problems.append(
-                    _format_errors(e, str(f), {"models": [one]}).replace(
-                        f"{f}: models[0]: ", f"{f}: model {label!r}: "
-                    )
-                )
+                # Report as the one entry of a models list, so the message names it.
+                problems.append(_format_errors(_as_models_entry(e), str(f), {"models": [one]}))
                 continue
             models.append(one)
     elif isinstance(models_dir, str):
@@ -327,6 +337,13 @@ def load_config(path: Path | str) -> CorralConfig:
         cfg = CorralConfig(**data)
     except ValidationError as e:
         problems.append(_format_errors(e, str(path), data))
+    except SettingsError as e:
+        # An environment value that had to be JSON (a list, a table) and was not.
+        names = sorted(k for k in os.environ if k.startswith("CORRAL_"))
+        problems.append(
+            f"environment ({', '.join(names)}): {e}; lists and tables must be JSON, "
+            'e.g. CORRAL_SERVER__API_KEYS=\'["key"]\''
+        )
     if problems or cfg is None:
         raise ConfigError("\n".join(problems))
     return cfg

@@ -170,7 +170,9 @@ def expired(snap: Snapshot) -> list[str]:
     out: list[str] = []
     by_model: dict[str, list[InstanceView]] = {}
     for inst in snap.instances:
-        if inst.state in (State.READY, State.STARTING, State.DRAINING):
+        # DRAINING instances are on their way out: they do not keep a model at its
+        # minimum, or the last warm replica would expire beside a dying one.
+        if inst.state in (State.READY, State.STARTING):
             by_model.setdefault(inst.model, []).append(inst)
     for model, insts in by_model.items():
         keep, _ = snap.replicas.get(model, (0, 1))

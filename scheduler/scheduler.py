@@ -522,12 +522,12 @@ class Scheduler:
         above max_load. Only into free room: nothing is evicted for this."""
         if any(i.state is State.STARTING for i in m.instances) or m.failures:
             return
-        alive = m.alive()
-        if alive >= m.cfg.replicas.max:
+        if m.alive() >= m.cfg.replicas.max:
             return
         ready = [i for i in m.instances if i.state is State.READY]
         busy = bool(ready) and all(i.load >= self._cfg.scheduler.max_load for i in ready)
-        if alive >= m.cfg.replicas.min and not busy:
+        # Draining replicas are leaving: only ready ones keep the minimum.
+        if len(ready) >= m.cfg.replicas.min and not busy:
             return
         decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint)
         if isinstance(decision, policy.Launch) and decision.now:
