@@ -278,7 +278,7 @@ async def test_conversation_affinity_prefers_the_same_replica(corral, tmp_path: 
     served_by = {i.id: i.stats.served for i in s.instances()}
     # Make the other replica the most recently used, then continue the conversation.
     for _ in range(3):
-        turn = convo + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]
+        turn = [*convo, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]
         r = await client.post("/v1/chat/completions", json={"model": "m", "messages": turn})
         assert r.status == 200
     after = {i.id: i.stats.served for i in s.instances()}

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from pydantic_settings import SettingsError
 
 from proxy.cli import main, render_init
 from scheduler.config import CorralConfig, Replicas, load_config, parse_size
