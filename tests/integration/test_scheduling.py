@@ -276,14 +276,17 @@ async def test_conversation_affinity_prefers_the_same_replica(corral, tmp_path: 
     first = await client.post("/v1/chat/completions", json={"model": "m", "messages": convo})
     assert first.status == 200
     served_by = {i.id: i.stats.served for i in s.instances()}
-    # Make the other replica the most recently used, then continue the conversation.
+    first_id = next(iid for iid, n in served_by.items() if n == 1)
+    # Make the other replica the most recently used: without affinity, the tie-break
+    # would now send the conversation there.
+    other = next(i for i in s.instances() if i.id != first_id)
+    other.last_used = asyncio.get_running_loop().time() + 60
     for _ in range(3):
         turn = [*convo, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]
         r = await client.post("/v1/chat/completions", json={"model": "m", "messages": turn})
         assert r.status == 200
     after = {i.id: i.stats.served for i in s.instances()}
-    grown = [iid for iid in after if after[iid] > served_by[iid]]
-    assert len(grown) == 1 and after[grown[0]] - served_by[grown[0]] == 3
+    assert after[first_id] == 4 and after[other.id] == 0
 
 
 async def test_hot_model_cannot_starve_a_waiting_one(corral, tmp_path: Path) -> None:
