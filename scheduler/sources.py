@@ -48,6 +48,20 @@ def _from_package(model: ModelConfig) -> Path:
     return target
 
 
+def materialised_file(model: ModelConfig) -> Path | None:
+    """The model's file if it exists already, without assembling anything."""
+    if model.path is not None:
+        return model.path if model.path.is_file() else None
+    if model.package is None:
+        return None
+    try:
+        mod: Any = importlib.import_module(model.package)
+    except ImportError:
+        return None
+    target = models_cache_dir() / getattr(mod, "MODEL_NAME", f"{model.package}.gguf")
+    return target if target.is_file() else None
+
+
 def resolve_model_file(model: ModelConfig) -> Path:
     """Blocking: the GGUF file for this model, materialised if needed."""
     if model.path is not None:
@@ -82,7 +96,7 @@ def model_footprint(model: ModelConfig, path: Path | None = None) -> int:
     from scheduler.resources import estimate_footprint, read_gguf_info
 
     path = path or model.path
-    if path is None:
+    if path is None or not path.is_file():
         return 0
     try:
         info = read_gguf_info(path)
