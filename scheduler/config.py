@@ -133,6 +133,11 @@ class ModelConfig(_Strict):
     package: str | None = Field(
         None, description="a Python package that ships a GGUF and an assemble(path) function"
     )
+    hf_repo: str | None = Field(
+        None, description="a Hugging Face repo to download hf_file from on first use"
+    )
+    hf_file: str | None = Field(None, description="the GGUF file in hf_repo")
+    hf_revision: str | None = Field(None, description="branch, tag or commit of hf_repo")
     ctx_size: int = Field(4096, ge=0, description="context per slot; 0 = the model's own")
     parallel: int = Field(1, ge=1, le=256, description="slots (llama-server --parallel)")
     n_gpu_layers: int | None = None
@@ -170,7 +175,7 @@ class ModelConfig(_Strict):
     @property
     def local(self) -> bool:
         """Whether Corral launches this model itself (it has a file)."""
-        return self.path is not None or self.package is not None
+        return self.path is not None or self.package is not None or self.hf_repo is not None
 
     @field_validator("name", "aliases")
     @classmethod
@@ -184,10 +189,13 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if self.path is not None and self.package is not None:
-            raise ValueError("set only one of 'path' or 'package'")
-        if self.path is None and self.package is None and not self.remotes:
-            raise ValueError("set 'path' or 'package' (a local model) or 'remotes'")
+        if (self.hf_repo is None) != (self.hf_file is None):
+            raise ValueError("'hf_repo' and 'hf_file' go together")
+        sources = [k for k in ("path", "package", "hf_repo") if getattr(self, k) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"set only one of 'path', 'package' or 'hf_repo' (got {sources})")
+        if not sources and not self.remotes:
+            raise ValueError("set 'path', 'package' or 'hf_repo' (a local model) or 'remotes'")
         reserved = {"--port", "--host", "-m", "--model", "--parallel", "-np", "-a", "--alias"}
         for arg in self.args:
             if arg.split("=")[0] in reserved:

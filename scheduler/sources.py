@@ -1,4 +1,5 @@
-"""Where model files come from: a local path, or a Python package that ships one.
+"""Where model files come from: a local path, a Python package that ships one, or a
+Hugging Face repository (downloaded on first use into Corral's cache).
 
 Resolution may copy hundreds of megabytes, so it runs in a worker thread and its
 result is remembered per model for the life of the process.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +50,43 @@ def _from_package(model: ModelConfig) -> Path:
     return target
 
 
+def _from_hub(model: ModelConfig, local_only: bool = False) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    assert model.hf_repo is not None and model.hf_file is not None
+    try:
+        return Path(
+            hf_hub_download(
+                model.hf_repo,
+                model.hf_file,
+                revision=model.hf_revision,
+                cache_dir=models_cache_dir() / "huggingface",
+                # Read at call time, not import time, so HF_ENDPOINT set by a
+                # mirror (or a test) after start-up is honoured.
+                endpoint=os.environ.get("HF_ENDPOINT"),
+                local_files_only=local_only,
+            )
+        )
+    except LocalEntryNotFoundError as e:
+        raise LoadFailed(
+            model.name, f"{model.hf_repo}/{model.hf_file} is not downloaded and cannot be: {e}"
+        ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise LoadFailed(
+            model.name, f"download of {model.hf_repo}/{model.hf_file} failed: {e}"
+        ) from None
+
+
 def materialised_file(model: ModelConfig) -> Path | None:
-    """The model's file if it exists already, without assembling anything."""
+    """The model's file if it exists already, without assembling or downloading."""
     if model.path is not None:
         return model.path if model.path.is_file() else None
+    if model.hf_repo is not None:
+        try:
+            return _from_hub(model, local_only=True)
+        except LoadFailed:
+            return None
     if model.package is None:
         return None
     try:
@@ -68,6 +103,8 @@ def resolve_model_file(model: ModelConfig) -> Path:
         if not model.path.is_file():
             raise LoadFailed(model.name, f"model file {model.path} does not exist")
         return model.path
+    if model.hf_repo is not None:
+        return _from_hub(model)
     return _from_package(model)
 
 
@@ -80,7 +117,7 @@ class ModelFiles:
         self._locks: dict[tuple[str, Path | None, str | None], asyncio.Lock] = {}
 
     async def get(self, model: ModelConfig) -> Path:
-        key = (model.name, model.path, model.package)
+        key = (model.name, model.path, model.package or model.hf_repo)
         async with self._locks.setdefault(key, asyncio.Lock()):
             if key not in self._done:
                 self._done[key] = await asyncio.to_thread(resolve_model_file, model)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import http.server
 import os
+import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +152,54 @@ def test_sigterm_drains_and_exits_zero(corral, gemma: Path) -> None:
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(timeout=30) == 0
     assert all(not Path(f"/proc/{p}").exists() for p in children)
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """The `resolve` route of the Hugging Face Hub, serving one real GGUF file."""
+
+    file: Path
+
+    def _headers(self) -> bool:
+        if not self.path.endswith("/resolve/main/gemma.gguf"):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return False
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0" * 40)
+        self.send_header("ETag", f'"{self.file.stat().st_size:x}-gemma"')
+        self.send_header("Content-Length", str(self.file.stat().st_size))
+        self.end_headers()
+        return True
+
+    def do_HEAD(self) -> None:
+        self._headers()
+
+    def do_GET(self) -> None:
+        if self._headers():
+            with self.file.open("rb") as f:
+                shutil.copyfileobj(f, self.wfile)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_model_downloaded_from_hugging_face_on_first_use(
+    corral, gemma: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = type("H", (_HubHandler,), {"file": gemma})
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_address[1]}")
+        monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
+        c = corral('[[models]]\nname = "hub"\nhf_repo = "google/gemma"\nhf_file = "gemma.gguf"\n'
+                   "ctx_size = 1024\nthreads = 1\n")
+        resp = client(c).chat.completions.create(model="hub", messages=HELLO, max_tokens=4)
+        assert resp.choices[0].message.content
+        assert list((tmp_path / "cache").rglob("gemma.gguf"))
+    finally:
+        hub.shutdown()
+        hub.server_close()
+        thread.join(timeout=5)

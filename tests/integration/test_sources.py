@@ -1,0 +1,42 @@
+"""Model files from Hugging Face: downloaded on first use, then served from the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scheduler.config import ModelConfig
+from scheduler.errors import LoadFailed
+from scheduler.sources import ModelFiles, materialised_file
+from tests.fakes.hf_hub import FakeHub
+
+
+@pytest.fixture
+async def hub(aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    fake = FakeHub({"org/models/tiny.gguf": b"GGUF" + bytes(60)})
+    server = await aiohttp_server(fake.app)
+    monkeypatch.setenv("HF_ENDPOINT", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    return fake
+
+
+async def test_downloads_once_then_uses_the_cache(hub: FakeHub) -> None:
+    model = ModelConfig(name="m", hf_repo="org/models", hf_file="tiny.gguf")
+    assert materialised_file(model) is None
+    path = await ModelFiles().get(model)
+    assert path.read_bytes() == b"GGUF" + bytes(60)
+    assert hub.downloads == 1
+    # A new process (a new ModelFiles) finds it in the cache.
+    assert await ModelFiles().get(model) == path
+    assert hub.downloads == 1
+    assert materialised_file(model) == path
+
+
+async def test_missing_file_is_a_clear_load_error(hub: FakeHub) -> None:
+    model = ModelConfig(name="m", hf_repo="org/models", hf_file="nope.gguf")
+    with pytest.raises(LoadFailed) as exc:
+        await ModelFiles().get(model)
+    assert "org/models/nope.gguf" in exc.value.message
