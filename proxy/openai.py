@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -61,13 +62,28 @@ def prefix_key(payload: dict[str, Any]) -> str | None:
 _CONNECT_ATTEMPTS = 3
 
 
-async def forward(request: web.Request, path: str) -> web.StreamResponse:
+def default_hints(request: web.Request, model: str, payload: dict[str, Any]) -> LeaseHints | None:
+    scheduler = request.app[SCHEDULER]
+    return LeaseHints(affinity=prefix_key(payload)) if scheduler.balanced(model) else None
+
+
+HintsFor = Callable[[web.Request, str, dict[str, Any]], LeaseHints | None]
+
+
+async def forward(
+    request: web.Request, path: str, hints_for: HintsFor = default_hints
+) -> web.StreamResponse:
+    """Lease an upstream for the body's model and relay its answer.
+
+    ``hints_for`` lets another dialect add lease hints (LM Studio's ``ttl``) while the
+    body still goes upstream untouched.
+    """
     body = await request.read()
     payload = parse_body(body)
     model = model_of(payload)
     scheduler = request.app[SCHEDULER]
     session = request.app[SESSION]
-    hints = LeaseHints(affinity=prefix_key(payload)) if scheduler.balanced(model) else None
+    hints = hints_for(request, model, payload)
     for attempt in range(1, _CONNECT_ATTEMPTS + 1):
         async with scheduler.lease(model, hints) as up:
             try:

@@ -95,51 +95,91 @@ def sse_event(payload: dict[str, Any] | str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
+# One encoder object: json.dumps builds a new one per call when given separators.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def ndjson_line(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+    return _COMPACT.encode(payload).encode() + b"\n"
 
 
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """Parse llama-server's SSE stream into JSON objects.
+# What one SSE line means: an event, the end of the stream, or nothing.
+_DONE: dict[str, Any] = {}
+
+
+def _sse_line(raw: bytes) -> dict[str, Any] | None:
+    line = raw.strip()
+    if not line or line.startswith(b":"):
+        return None
+    if line.startswith(b"data:"):
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return _DONE
+    elif line.startswith(b"error:"):
+        data = line[6:].strip()
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = {"message": data.decode("utf-8", "replace")}
+        return {"error": obj}
+    else:
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError:
+        log.warning("unparseable SSE data from upstream: %.200r", data)
+        return None
+    return event if isinstance(event, dict) else None
+
+
+async def sse_event_batches(
+    resp: aiohttp.ClientResponse,
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """Parse llama-server's SSE stream into JSON objects, a batch per network read.
 
     Skips blank lines and ':' comments (pings), stops at ``[DONE]``, and turns both
     error shapes (``data: {"error": ...}`` and the older bare ``error: {...}`` line)
-    into ``{"error": {...}}`` objects for the caller to render.
+    into ``{"error": {...}}`` objects for the caller to render; nothing follows one.
+    A batch holds the events that arrived together, so a translating writer can
+    answer them with one write: no event waits for a later one.
     """
-    async for raw in resp.content:
-        line = raw.strip()
-        if not line or line.startswith(b":"):
-            continue
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-            if data == b"[DONE]":
+    rest = b""
+    async for chunk in resp.content.iter_any():
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        batch: list[dict[str, Any]] = []
+        for line in lines:
+            event = _sse_line(line)
+            if event is _DONE:
+                if batch:
+                    yield batch
                 return
-        elif line.startswith(b"error:"):
-            data = line[6:].strip()
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                obj = {"message": data.decode("utf-8", "replace")}
-            yield {"error": obj}
-            return
-        else:
-            continue
-        try:
-            event = json.loads(data)
-        except ValueError:
-            log.warning("unparseable SSE data from upstream: %.200r", data)
-            continue
-        if isinstance(event, dict):
+            if event is not None:
+                batch.append(event)
+                if "error" in event:
+                    yield batch
+                    return
+        if batch:
+            yield batch
+    event = _sse_line(rest)  # a last line without its newline
+    if event is not None and event is not _DONE:
+        yield [event]
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """``sse_event_batches`` one event at a time."""
+    async for batch in sse_event_batches(resp):
+        for event in batch:
             yield event
 
 
-async def upstream_events(
+async def upstream_batches(
     resp: aiohttp.ClientResponse, instance_id: str
-) -> AsyncGenerator[dict[str, Any], None]:
-    """``sse_events``, with a broken upstream connection raised as UpstreamFailed."""
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """``sse_event_batches``, with a broken upstream connection raised as UpstreamFailed."""
     try:
-        async for event in sse_events(resp):
-            yield event
+        async for batch in sse_event_batches(resp):
+            yield batch
     except _UPSTREAM_BROKE as e:
         raise UpstreamFailed(
             f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
@@ -151,18 +191,18 @@ NDJSON = "application/x-ndjson"
 
 async def write_stream(
     request: web.Request,
-    items: AsyncGenerator[dict[str, Any], None],
+    batches: AsyncGenerator[list[dict[str, Any]], None],
     *,
     ndjson: bool,
 ) -> web.StreamResponse:
     """Send translated items as NDJSON lines (Ollama) or SSE events (LM Studio).
 
-    The response is prepared at the first item, so a CorralError raised before it
-    still reaches the error middleware and gets its real status. One raised later
-    becomes the last item, ``{"error": ...}`` (Ollama) or an OpenAI-shaped error
-    event (LM Studio), because the status line is already sent. ``items`` is closed
-    on every path, so whatever upstream response it reads is released, also when
-    the client goes away.
+    Each batch goes out in one write. The response is prepared at the first item,
+    so a CorralError raised before it still reaches the error middleware and gets
+    its real status. One raised later becomes the last item, ``{"error": ...}``
+    (Ollama) or an OpenAI-shaped error event (LM Studio), because the status line
+    is already sent. ``batches`` is closed on every path, so whatever upstream
+    response it reads is released, also when the client goes away.
     """
     out: web.StreamResponse | None = None
     encode = ndjson_line if ndjson else sse_event
@@ -179,12 +219,14 @@ async def write_stream(
         return resp
 
     failed = False
-    async with contextlib.aclosing(items):
+    async with contextlib.aclosing(batches):
         try:
-            async for item in items:
+            async for batch in batches:
+                if not batch:
+                    continue
                 if out is None:
                     out = await start()
-                await out.write(encode(item))
+                await out.write(b"".join(map(encode, batch)))
         except CorralError as e:
             if out is None:
                 raise

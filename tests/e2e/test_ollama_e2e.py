@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -44,9 +45,13 @@ def served(corral, gemma: Path) -> CorralProc:
     return corral(models(gemma))
 
 
-def test_ollama_python_models_and_chat(served: CorralProc) -> None:
-    client = ollama.Client(host=url(served), timeout=120)
+@pytest.fixture
+def client(served: CorralProc) -> Iterator[ollama.Client]:
+    with ollama.Client(host=url(served), timeout=120) as c:
+        yield c
 
+
+def test_ollama_python_models_and_chat(client: ollama.Client) -> None:
     listed = client.list().models
     assert [m.model for m in listed] == ["gemma:latest", "gemma-embed:latest"]
     m = listed[0]
@@ -99,9 +104,7 @@ def get_weather(city: str) -> str:
     return "11 degrees"
 
 
-def test_ollama_python_tools_format_embed_pull(served: CorralProc) -> None:
-    client = ollama.Client(host=url(served), timeout=120)
-
+def test_ollama_python_tools_format_embed_pull(client: ollama.Client) -> None:
     # Gemma 270M may or may not call the tool; whatever it does must parse.
     first = client.chat(model="gemma", options={"num_predict": 48, "temperature": 0},
                         messages=[{"role": "user", "content": "What is the weather in Tokyo?"}],
@@ -155,8 +158,8 @@ def test_ollama_python_tools_format_embed_pull(served: CorralProc) -> None:
 
 def test_ollama_js_stream_and_version(served: CorralProc) -> None:
     node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm are needed for the ollama npm package")
+    # `make test` installs Node.js; a missing one is a broken set-up, not a skip.
+    assert node is not None and npm is not None, "node and npm are needed (make test installs them)"
     if not (JS / "node_modules" / "ollama").is_dir():
         done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS,
                               capture_output=True, text=True, timeout=300)
@@ -177,6 +180,11 @@ def test_ollama_js_stream_and_version(served: CorralProc) -> None:
 def test_openai_package_on_the_ollama_port(served: CorralProc) -> None:
     client = openai.OpenAI(base_url=url(served) + "/v1", api_key="ollama", max_retries=0,
                            timeout=120)
+    with client:
+        check_openai(client)
+
+
+def check_openai(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["gemma", "gemma-embed"]
     stream = client.chat.completions.create(
         model="gemma", messages=HELLO, max_tokens=8, stream=True,  # type: ignore[arg-type]
