@@ -518,20 +518,29 @@ class Scheduler:
                 self._keep_warm(m)
 
     def _keep_warm(self, m: _Model) -> None:
-        """Launch toward the minimum replicas, or add one when every ready replica is
-        above max_load. Only into free room: nothing is evicted for this."""
-        if any(i.state is State.STARTING for i in m.instances) or m.failures:
-            return
-        if m.alive() >= m.cfg.replicas.max:
-            return
+        """Launch toward the minimum replicas (all at once), or add one when every
+        ready replica is above max_load. Only into free room: nothing is evicted."""
+        for _ in range(m.cfg.replicas.max):
+            if not self._warm_one(m):
+                return
+
+    def _warm_one(self, m: _Model) -> bool:
+        if m.failures or m.alive() >= m.cfg.replicas.max:
+            return False
         ready = [i for i in m.instances if i.state is State.READY]
-        busy = bool(ready) and all(i.load >= self._cfg.scheduler.max_load for i in ready)
-        # Draining replicas are leaving: only ready ones keep the minimum.
-        if len(ready) >= m.cfg.replicas.min and not busy:
-            return
+        starting = sum(1 for i in m.instances if i.state is State.STARTING)
+        # Draining replicas are leaving: only ready and starting ones keep the minimum.
+        if len(ready) + starting < m.cfg.replicas.min:
+            pass
+        elif starting:
+            return False  # a scale-out launch is on its way
+        elif not ready or any(i.load < self._cfg.scheduler.max_load for i in ready):
+            return False
         decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint)
         if isinstance(decision, policy.Launch) and decision.now:
             self._launch(m)
+            return True
+        return False
 
     def _grow(self, m: _Model) -> None:
         """Start (or make room for) another instance of ``m`` if none is on its way."""
