@@ -7,7 +7,11 @@ PY     := $(VENV)/bin/python
 CORRAL := $(VENV)/bin/corral
 STAMP  := $(VENV)/.installed
 
-.PHONY: install llama-server run test test-fast lint bench clean
+.PHONY: install build-deps system-deps llama-server run test test-fast lint bench clean
+
+# Installs Debian packages that are missing (as root, or through sudo).
+APT_INSTALL = sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +20,30 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-llama-server: install
+# What building llama-server needs: a C++ compiler and CMake.
+build-deps:
+	@missing=""; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	if [ -n "$$missing" ]; then $(APT_INSTALL) $$missing; fi
+
+# What the end-to-end tests drive: a real Prometheus (and promtool), a headless
+# Chromium for the dashboard, Node.js for the ollama npm client.
+system-deps:
+	@missing=""; \
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then $(APT_INSTALL) $$missing; fi
+
+llama-server: install build-deps
 	$(CORRAL) install-llama-server
 
 run: llama-server
 	$(CORRAL) serve --config configs/default.toml
 
-test: llama-server
+test: llama-server system-deps
 	$(VENV)/bin/ruff check proxy scheduler tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest

@@ -20,14 +20,17 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, openai
+from proxy import admin, metrics, openai
 from proxy.errors import Dialect, Unauthorized, error_middleware, render
 from proxy.keys import CONFIG, SCHEDULER, SESSION
+from proxy.metrics import METRICS, Metrics, request_middleware
+from proxy.reload import RELOADER, reload_ctx
 from scheduler.config import CorralConfig
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
 
@@ -35,8 +38,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Paths that never need an API key: liveness probes must work without secrets.
-_OPEN_PATHS = frozenset({"/health", "/"})
+# Paths that never need an API key: liveness probes must work without secrets; "/"
+# and "/dashboard" only redirect, and the dashboard's static files hold no data (the
+# page asks for the key and sends it with every admin call).
+_OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS})
 
 
 def auth_middleware(keys: tuple[str, ...], dialect: Dialect) -> Middleware:
@@ -65,8 +70,13 @@ def auth_middleware(keys: tuple[str, ...], dialect: Dialect) -> Middleware:
     return middleware
 
 
-def middlewares(cfg: CorralConfig, dialect: Dialect) -> list[Middleware]:
+def middlewares(
+    cfg: CorralConfig, dialect: Dialect, stats: Metrics | None = None
+) -> list[Middleware]:
     mws = [error_middleware(dialect)]
+    if stats is not None:
+        # Outermost: sees the final status, auth failures and rendered errors included.
+        mws.insert(0, request_middleware(stats, dialect))
     if cfg.server.api_keys:
         mws.append(auth_middleware(cfg.server.api_keys, dialect))
     return mws
@@ -88,7 +98,7 @@ class CoreOptions:
 
 
 def _core_ctx(
-    cfg: CorralConfig, opts: CoreOptions
+    cfg: CorralConfig, opts: CoreOptions, events: Metrics
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
@@ -98,7 +108,8 @@ def _core_ctx(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
         )
         scheduler = Scheduler(
-            cfg, session, find_binary=opts.find_binary, reap_interval=opts.reap_interval
+            cfg, session, find_binary=opts.find_binary, reap_interval=opts.reap_interval,
+            events=events,
         )
         app[SESSION] = session
         app[SCHEDULER] = scheduler
@@ -112,12 +123,23 @@ def _core_ctx(
     return ctx
 
 
-def build_openai_app(cfg: CorralConfig, opts: CoreOptions | None = None) -> web.Application:
-    """The main port's app; it owns the scheduler and the upstream session."""
-    app = web.Application(middlewares=middlewares(cfg, "openai"), client_max_size=64 << 20)
+def build_openai_app(
+    cfg: CorralConfig, opts: CoreOptions | None = None, *, config_path: Path | None = None
+) -> web.Application:
+    """The main port's app; it owns the scheduler, the upstream session, the metrics
+    and the config reloader (``config_path``: the file to watch and reload)."""
+    stats = Metrics()
+    app = web.Application(middlewares=middlewares(cfg, "openai", stats),
+                          client_max_size=64 << 20)
     app[CONFIG] = cfg
-    app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions()))
+    app[METRICS] = stats
+    metrics.install(app)
+    # In start order; torn down in reverse, so the scheduler stops last.
+    app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions(), stats))
+    app.cleanup_ctx.append(metrics.metrics_ctx(stats))
+    app.cleanup_ctx.append(reload_ctx(config_path, stats))
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics.handle_metrics)
     openai.add_routes(app)
     admin.add_routes(app)
     return app
@@ -129,7 +151,10 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     Call after the core app has started (its cleanup_ctx made those objects).
     """
     cfg = core[CONFIG]
-    app = web.Application(middlewares=middlewares(cfg, dialect), client_max_size=64 << 20)
+    stats = core.get(METRICS)
+    app = web.Application(middlewares=middlewares(cfg, dialect, stats), client_max_size=64 << 20)
+    if stats is not None:
+        metrics.install(app)
     app[CONFIG] = cfg
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
@@ -149,8 +174,10 @@ def port_apps(core: web.Application) -> list[tuple[str, int, web.Application]]:
     return out
 
 
-async def serve(cfg: CorralConfig, opts: CoreOptions | None = None) -> None:
-    """Run until SIGINT/SIGTERM; drain and return."""
+async def serve(
+    cfg: CorralConfig, opts: CoreOptions | None = None, config_path: Path | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM; drain and return. SIGHUP reloads ``config_path``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -171,7 +198,7 @@ async def serve(cfg: CorralConfig, opts: CoreOptions | None = None) -> None:
         return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=sc.drain_timeout,
                              access_log=None)
 
-    root = build_openai_app(cfg, opts)
+    root = build_openai_app(cfg, opts, config_path=config_path)
     main = runner(root)
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
@@ -186,10 +213,11 @@ async def serve(cfg: CorralConfig, opts: CoreOptions | None = None) -> None:
             log.info("%s on http://%s:%d", label, host, _bound_port(r))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
         await stop.wait()
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         # Extra ports first; the core (and with it every instance) last.
         for r in reversed(runners):

@@ -44,19 +44,24 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            out["request_id"] = request_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
 
 
 def setup_logging(level: str, fmt: str) -> None:
+    from proxy.reqlog import TEXT_FORMAT, RequestIdFilter
+
     handler = logging.StreamHandler(sys.stderr)
+    # Every record logged while a call is handled carries its request id.
+    handler.addFilter(RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -81,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "corral %s: %d model(s) from %s", __version__, len(cfg.models), _config_path(args.config)
     )
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, config_path=_config_path(args.config)))
     except OSError as e:
         print(f"corral: cannot serve: {e}", file=sys.stderr)
         return 1
@@ -97,11 +102,38 @@ def cmd_check(args: argparse.Namespace) -> int:
             problems.append(f"{path}: model {m.name!r}: path: {m.path} does not exist")
     if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
         problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
+    problems += _memory_problems(path, cfg)
     if problems:
         print("corral: invalid configuration\n" + "\n".join(problems), file=sys.stderr)
         return 2
     print(f"{path}: OK, {len(cfg.models)} model(s): " + ", ".join(m.name for m in cfg.models))
     return 0
+
+
+def _memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
+    """Models whose footprint can never fit the memory budget, whatever is evicted."""
+    from scheduler.resources import probe_system
+    from scheduler.sources import materialised_file, model_footprint
+
+    sc = cfg.scheduler
+    if sc.memory_budget is None:
+        return []
+    budget = (
+        max(0, probe_system().ram_total - sc.memory_headroom)
+        if sc.memory_budget == "auto"
+        else sc.memory_budget
+    )
+    out = []
+    for m in cfg.models:
+        if not m.local:
+            continue
+        need = m.footprint or model_footprint(m, materialised_file(m))
+        if need > budget:
+            out.append(
+                f"{path}: model {m.name!r}: needs {need / 2**20:.0f} MiB but the memory budget "
+                f"is {budget / 2**20:.0f} MiB (scheduler.memory_budget / memory_headroom)"
+            )
+    return out
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from proxy.modelinfo import (
     embedding,
     vision,
 )
+from proxy.reqlog import note_model
 from proxy.streaming import post_upstream, upstream_batches, write_stream
 from proxy.translate import InvalidRequest
 from scheduler.config import ModelConfig
@@ -150,6 +151,7 @@ async def v0_generate(request: web.Request, path: str) -> web.StreamResponse:
         scheduler.lease(model, hints_for(scheduler, model, payload)) as up,
         post_upstream(session, up.base_url, up.instance_id, path, payload) as resp,
     ):
+        note_model(up.model)
         if payload.get("stream"):
             batches = upstream_batches(resp, up.instance_id)
             return await write_stream(request, _v0_chunks(batches, info), ndjson=False)
@@ -268,6 +270,7 @@ async def v1_load(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
     cfg = scheduler.resolve(model)
     async with scheduler.lease(model, LeaseHints(keep_alive=ttl_of(payload))) as up:
+        note_model(up.model)
         waited = up.waited
     return web.json_response({
         "type": "embedding" if embedding(cfg) else "llm",

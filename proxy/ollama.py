@@ -25,6 +25,7 @@ from aiohttp.typedefs import Middleware
 from proxy import openai, translate
 from proxy.keys import SCHEDULER, SESSION
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
+from proxy.reqlog import note_model
 from proxy.streaming import post_upstream, upstream_batches, write_stream
 from proxy.translate import InvalidRequest, NotSupported, OllamaStream, tagged
 from scheduler.config import ModelConfig
@@ -161,7 +162,8 @@ async def _probe(request: web.Request, target: Target, keep: KeepAlive, kind: st
         await scheduler.unload(target.name)
         reason = "unload"
     else:
-        async with scheduler.lease(target.name, keep.hints):
+        async with scheduler.lease(target.name, keep.hints) as up:
+            note_model(up.model)
             reason = "load"
     return web.json_response(translate.probe_line(kind, target.display, reason))
 
@@ -190,6 +192,7 @@ async def _generate(
 ) -> web.StreamResponse:
     scheduler, session = request.app[SCHEDULER], request.app[SESSION]
     async with scheduler.lease(target.name, hints) as up:
+        note_model(up.model)
         load_ns = round(up.waited * 1e9)
         async with post_upstream(session, up.base_url, up.instance_id, path, payload) as resp:
             batches = upstream_batches(resp, up.instance_id)
@@ -251,6 +254,7 @@ async def _embed(
     scheduler, session = request.app[SCHEDULER], request.app[SESSION]
     payload = {"model": target.name, "input": inputs}
     async with scheduler.lease(target.name, hints) as up:
+        note_model(up.model)
         async with post_upstream(session, up.base_url, up.instance_id, "/v1/embeddings",
                                  payload) as resp:
             answer = await resp.json()
@@ -381,8 +385,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
     async def steps() -> AsyncGenerator[list[dict[str, Any]], None]:
         yield [{"status": "pulling manifest"}]
-        async with scheduler.lease(target.name, hints):
-            pass
+        async with scheduler.lease(target.name, hints) as up:
+            note_model(up.model)
         yield [{"status": "verifying sha256 digest"}, {"status": "success"}]
 
     if _stream_flag(body):
@@ -446,7 +450,8 @@ def build_app(core: web.Application) -> web.Application:
     app = build_port_app(core, "ollama")
     app[MODEL_INFO] = ModelInfoCache()
     allowed = origin_matcher(os.environ.get("OLLAMA_ORIGINS", ""))
-    app.middlewares.insert(0, ollama_middleware(allowed))
+    # After the request middleware (index 0), so CORS refusals and preflights count.
+    app.middlewares.insert(1, ollama_middleware(allowed))
     app.on_response_prepare.append(cors_headers(allowed))
     r = app.router
     r.add_get("/", root)

@@ -1,0 +1,280 @@
+// Corral dashboard: polls GET /admin/overview every second and renders it; buttons
+// call the admin API; a picked instance's log streams from
+// GET /admin/instances/{id}/logs?follow=1 (server-sent events read through fetch, so
+// that the API key can ride in a header: EventSource cannot send one).
+// Every value from the server goes into the page as text, never as HTML.
+"use strict";
+
+const POLL_MS = 1000;
+const LOG_LINES_KEPT = 2000;
+const KEY_STORAGE = "corral-api-key";
+
+const ui = {
+  key: sessionStorage.getItem(KEY_STORAGE) || "",
+  busy: new Set(),          // "model/action" pairs whose call is running
+  logInstance: null,
+  logAbort: null,
+};
+
+const $ = (sel) => document.querySelector(sel);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "onclick") node.addEventListener("click", v);
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const c of children) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+function authHeaders() {
+  return ui.key ? { Authorization: "Bearer " + ui.key } : {};
+}
+
+async function api(path, options = {}) {
+  const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  if (resp.status === 401) {
+    $("#key-form").hidden = false;
+    throw new Error("API key required");
+  }
+  return resp;
+}
+
+function bytes(n) {
+  if (n === null || n === undefined || n === 0) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return n.toFixed(i ? 1 : 0) + " " + units[i];
+}
+
+function seconds(s) {
+  if (s === null || s === undefined) return "–";
+  if (s < 1) return Math.round(s * 1000) + " ms";
+  if (s < 120) return s.toFixed(1) + " s";
+  return Math.round(s / 60) + " min";
+}
+
+function clock(unix) {
+  return new Date(unix * 1000).toLocaleTimeString();
+}
+
+function stateCell(state) {
+  return el("td", { class: "state state-" + state }, state);
+}
+
+function loadBar(inFlight, slots) {
+  const pct = slots ? Math.min(100, Math.round(100 * inFlight / slots)) : 0;
+  const fill = el("span");
+  fill.style.width = pct + "%";
+  return el("span", { class: "bar", title: pct + "%" }, fill);
+}
+
+// -- actions ----------------------------------------------------------------------
+
+async function act(model, action) {
+  const tag = model + "/" + action;
+  if (ui.busy.has(tag)) return;
+  ui.busy.add(tag);
+  $("#model-error").hidden = true;
+  try {
+    const resp = await api(`/admin/models/${encodeURIComponent(model)}/${action}`, { method: "POST" });
+    if (!resp.ok) {
+      const body = await resp.json().catch(() => ({}));
+      const msg = (body.error && body.error.message) || resp.statusText;
+      $("#model-error").textContent = `${action} ${model}: ${msg}`;
+      $("#model-error").hidden = false;
+    }
+  } catch (e) {
+    $("#model-error").textContent = `${action} ${model}: ${e.message}`;
+    $("#model-error").hidden = false;
+  } finally {
+    ui.busy.delete(tag);
+  }
+}
+
+function actionButton(model, action, label) {
+  const b = el("button", { type: "button", "data-action": action, onclick: () => act(model, action) }, label);
+  b.disabled = ui.busy.has(model + "/" + action);
+  return b;
+}
+
+// -- rendering ----------------------------------------------------------------------
+
+function renderModels(models) {
+  const rows = models.map((m) => {
+    const local = m.instances.filter((i) => !i.remote);
+    const inFlight = m.instances.reduce((a, i) => a + (i.in_flight || 0), 0);
+    const slots = m.instances.reduce((a, i) => a + (i.slots || 0), 0);
+    const rss = local.reduce((a, i) => a + (i.resident_memory_bytes || 0), 0);
+    const name = el("td", {}, el("strong", {}, m.name),
+      m.aliases.length ? el("div", { class: "muted" }, m.aliases.join(", ")) : null);
+    const actions = el("td", {},
+      actionButton(m.name, "load", "Load"),
+      actionButton(m.name, "unload", "Unload"),
+      actionButton(m.name, "restart", "Restart"),
+      (m.state === "failed" || m.state === "unavailable") ? actionButton(m.name, "reset", "Reset") : null);
+    const state = stateCell(m.state);
+    if (m.last_error) state.title = m.last_error;
+    return el("tr", { "data-model": m.name },
+      name, state,
+      el("td", { class: "num" }, m.queued),
+      el("td", { class: "num" }, m.instances.length),
+      el("td", {}, loadBar(inFlight, slots), ` ${inFlight}/${slots}`),
+      el("td", { class: "num", title: "resident now / expected footprint" },
+        `${bytes(rss)} / ${bytes(m.footprint_bytes)}`),
+      actions);
+  });
+  $("#models tbody").replaceChildren(...rows);
+}
+
+function renderInstances(models) {
+  const rows = [];
+  for (const m of models) {
+    for (const i of m.instances) {
+      const logButton = !i.remote
+        ? el("button", { type: "button", onclick: () => followLog(i.id) }, "Log")
+        : null;
+      const state = stateCell(i.state);
+      if (i.failure) state.title = i.failure;
+      rows.push(el("tr", { "data-instance": i.id },
+        el("td", {}, i.id), state,
+        el("td", { class: "num" }, i.pid ?? "–"),
+        el("td", {}, loadBar(i.in_flight, i.slots), ` ${i.in_flight}/${i.slots}`),
+        el("td", { class: "num" }, bytes(i.resident_memory_bytes)),
+        el("td", { class: "num" }, i.served ?? "–"),
+        el("td", { class: "num" }, seconds(i.idle_seconds)),
+        el("td", { class: "num" }, seconds(i.load_seconds)),
+        el("td", {}, logButton)));
+    }
+  }
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: 9, class: "muted" }, "no instance running")));
+  $("#instances tbody").replaceChildren(...rows);
+}
+
+function renderRequests(requests) {
+  const rows = requests.map((r) => el("tr", {},
+    el("td", {}, clock(r.time)),
+    el("td", {}, r.dialect),
+    el("td", {}, r.model || "–"),
+    el("td", {}, `${r.method} ${r.endpoint}`),
+    el("td", { class: "num status-" + String(r.status)[0] }, r.status),
+    el("td", { class: "num" }, seconds(r.duration_seconds)),
+    el("td", { class: "muted" }, r.request_id)));
+  $("#requests tbody").replaceChildren(...rows);
+}
+
+function renderEvents(events) {
+  const items = events.map((e) => el("li", {},
+    el("span", { class: "muted" }, clock(e.time) + " "),
+    `${e.model} ${e.event}`, e.detail !== null ? ` (${e.detail})` : ""));
+  $("#events").replaceChildren(...items);
+}
+
+function renderHeader(o) {
+  $("#version").textContent = "v" + o.version;
+  const m = o.memory;
+  $("#memory").textContent =
+    `RAM ${bytes(m.available_bytes)} free of ${bytes(m.total_bytes)} · Corral ${bytes(m.corral_resident_bytes)}` +
+    (m.budget_bytes ? ` · budget ${bytes(m.budget_bytes)}` : "");
+  const cfg = o.config;
+  const status = $("#config-status");
+  if (cfg.last_reload_error) {
+    status.className = "error";
+    status.textContent = "config reload failed (still on the previous config)";
+    status.title = cfg.last_reload_error;
+  } else {
+    status.className = "muted";
+    status.textContent = cfg.path ? "config: " + cfg.path : "";
+    status.title = "";
+  }
+}
+
+function render(o) {
+  renderHeader(o);
+  renderModels(o.models);
+  renderInstances(o.models);
+  renderRequests(o.requests);
+  renderEvents(o.events);
+}
+
+async function poll() {
+  try {
+    const resp = await api("/admin/overview");
+    if (resp.ok) {
+      render(await resp.json());
+      $("#status").textContent = "live";
+    } else {
+      $("#status").textContent = "error " + resp.status;
+    }
+  } catch (e) {
+    $("#status").textContent = e.message;
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+// -- logs -------------------------------------------------------------------------
+
+function appendLog(lines) {
+  const pre = $("#log");
+  const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.append(lines.join("\n") + "\n");
+  // Keep the page light: drop the oldest text once it grows past the limit.
+  const text = pre.textContent;
+  const all = text.split("\n");
+  if (all.length > LOG_LINES_KEPT) pre.textContent = all.slice(-LOG_LINES_KEPT).join("\n");
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
+}
+
+async function followLog(instanceId) {
+  if (ui.logAbort) ui.logAbort.abort();
+  const abort = new AbortController();
+  ui.logAbort = abort;
+  ui.logInstance = instanceId;
+  $("#log").textContent = "";
+  $("#log-title").textContent = instanceId;
+  try {
+    const resp = await api(`/admin/instances/${encodeURIComponent(instanceId)}/logs?follow=1&tail=200`,
+      { signal: abort.signal });
+    if (!resp.ok) { appendLog([`[cannot follow: HTTP ${resp.status}]`]); return; }
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      const events = buffer.split("\n\n");
+      buffer = events.pop();
+      const lines = [];
+      for (const ev of events) {
+        const isEnd = ev.startsWith("event: end");
+        for (const line of ev.split("\n")) {
+          if (line.startsWith("data: ")) lines.push(isEnd ? `[${line.slice(6)}]` : line.slice(6));
+        }
+      }
+      if (lines.length) appendLog(lines);
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") appendLog([`[log stream ended: ${e.message}]`]);
+  }
+}
+
+// -- start --------------------------------------------------------------------------
+
+$("#key-button").addEventListener("click", () => { $("#key-form").hidden = !$("#key-form").hidden; });
+$("#key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  ui.key = $("#key-input").value.trim();
+  sessionStorage.setItem(KEY_STORAGE, ui.key);
+  $("#key-form").hidden = true;
+  if (ui.logInstance) followLog(ui.logInstance);
+});
+poll();
