@@ -46,7 +46,9 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], str]]:
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
         cfg.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+            # A loaded 2-core CI box can take over a second to answer a scrape; a
+            # timed-out scrape leaves the last value in place and the test waiting.
+            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n"
             "scrape_configs:\n  - job_name: corral\n"
             f"    authorization:\n      credentials: {KEY}\n"
             f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
@@ -108,7 +110,7 @@ def scalar(url: str, promql: str) -> float | None:
     return float(value[1])
 
 
-def eventually(url: str, promql: str, want: float, timeout: float = 30) -> None:
+def eventually(url: str, promql: str, want: float, timeout: float = 60) -> None:
     """Wait until Prometheus has scraped a sample that gives ``want``."""
     deadline = time.monotonic() + timeout
     got = None

@@ -263,16 +263,20 @@ def test_models_must_be_tables(tmp_path: Path, text: str, message: str) -> None:
     ("body", "message"),
     [
         pytest.param(
-            'path = "/a.gguf"\npackage = "pkg"\n', "set only one of 'path' or 'package'",
+            'path = "/a.gguf"\npackage = "pkg"\n',
+            "set only one of 'path', 'package' or 'hf_repo' (got ['path', 'package'])",
             id="both",
         ),
         pytest.param(
-            "ctx_size = 512\n", "set 'path' or 'package' (a local model) or 'remotes'",
+            "ctx_size = 512\n", "set 'path', 'package' or 'hf_repo' (a local model) or 'remotes'",
             id="neither",
         ),
         pytest.param(
+            'hf_repo = "org/repo"\n', "'hf_repo' and 'hf_file' go together", id="hf-repo-alone",
+        ),
+        pytest.param(
             'path = "/a.gguf"\nremotes = ["http://h:1"]\npackage = "pkg"\n',
-            "set only one of 'path' or 'package'",
+            "set only one of 'path', 'package' or 'hf_repo'",
             id="both-with-remotes",
         ),
     ],
