@@ -66,23 +66,6 @@ def _request_hints(request: web.Request, model: str, payload: dict[str, Any]) ->
     return hints_for(request.app[SCHEDULER], model, payload)
 
 
-async def forward(request: web.Request, path: str) -> web.StreamResponse:
-    """openai.forward, with ``ttl`` honoured; the body goes upstream untouched."""
-    return await openai.forward(request, path, _request_hints)
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await forward(request, "/v1/chat/completions")
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await forward(request, "/v1/completions")
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await forward(request, "/v1/embeddings")
-
-
 # --- /api/v0 ------------------------------------------------------------------------------
 
 
@@ -311,16 +294,14 @@ def build_app(core: web.Application) -> web.Application:
     app = build_port_app(core, "lmstudio")
     app[MODEL_INFO] = ModelInfoCache()
     r = app.router
-    r.add_post("/v1/chat/completions", chat_completions)
-    r.add_post("/v1/completions", completions)
-    r.add_post("/v1/embeddings", embeddings)
-    r.add_get("/v1/models", openai.list_models)
-    r.add_get("/v1/models/{model:.+}", openai.get_model)
+    # /v1 as on the OpenAI port, with LM Studio's `ttl` honoured; the body goes
+    # upstream untouched.
+    openai.add_routes(app, _request_hints)
     r.add_get("/api/v0/models", v0_models)
     r.add_get("/api/v0/models/{model:.+}", v0_model_one)
     r.add_post("/api/v0/chat/completions", v0_chat)
     r.add_post("/api/v0/completions", v0_completions)
-    r.add_post("/api/v0/embeddings", embeddings)
+    r.add_post("/api/v0/embeddings", openai.pass_through("/v1/embeddings", _request_hints))
     r.add_get("/api/v1/models", v1_models)
     r.add_post("/api/v1/models/load", v1_load)
     r.add_post("/api/v1/models/unload", v1_unload)

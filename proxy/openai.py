@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -68,6 +68,7 @@ def default_hints(request: web.Request, model: str, payload: dict[str, Any]) -> 
 
 
 HintsFor = Callable[[web.Request, str, dict[str, Any]], LeaseHints | None]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def forward(
@@ -103,18 +104,6 @@ async def forward(
     raise AssertionError("unreachable")
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await forward(request, "/v1/chat/completions")
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await forward(request, "/v1/completions")
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await forward(request, "/v1/embeddings")
-
-
 def _model_object(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "corral"}
 
@@ -132,9 +121,21 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(_model_object(name, int(time.time())))
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/embeddings", embeddings)
+PASS_THROUGH = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def pass_through(path: str, hints_for: HintsFor = default_hints) -> Handler:
+    """The handler that forwards a call to ``path`` upstream."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await forward(request, path, hints_for)
+
+    return handler
+
+
+def add_routes(app: web.Application, hints_for: HintsFor = default_hints) -> None:
+    """The OpenAI routes; other dialects reuse them with their own lease hints."""
+    for path in PASS_THROUGH:
+        app.router.add_post(path, pass_through(path, hints_for))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
