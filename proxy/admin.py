@@ -20,12 +20,11 @@ import psutil
 from aiohttp import web
 
 from proxy import __version__
-from proxy.errors import BadRequest
 from proxy.keys import SCHEDULER
 from proxy.metrics import METRICS, resident_memory
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
-from scheduler.errors import ConfigError, CorralError
+from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"

@@ -27,11 +27,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy import admin, metrics, openai
-from proxy.errors import Dialect, Unauthorized, error_middleware, render
+from proxy.errors import Dialect, error_middleware, render
 from proxy.keys import CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
 from scheduler.config import CorralConfig
+from scheduler.errors import Unauthorized
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,10 @@
 """One middleware that renders Corral's errors in the caller's dialect.
 
-Handlers raise ``scheduler.errors.CorralError`` (or ``BadRequest`` below); this
-module owns every error body. OpenAI callers get ``{"error": {...}}`` with the
-error's origin in ``src``, so a client can tell a gateway error from one that the
-model server produced (those are relayed untouched).
+Handlers raise ``scheduler.errors.CorralError`` (the tree is drawn there, proxy
+errors such as ``BadRequest`` included); this module owns every error body.
+OpenAI callers get ``{"error": {...}}`` with the error's origin in ``src``, so a
+client can tell a gateway error from one that the model server produced (those are
+relayed untouched).
 """
 
 from __future__ import annotations
@@ -22,18 +23,6 @@ log = logging.getLogger(__name__)
 
 Dialect = Literal["openai", "ollama", "lmstudio"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class BadRequest(CorralError):
-    status = 400
-    code = "invalid_request"
-    type = "invalid_request_error"
-
-
-class Unauthorized(CorralError):
-    status = 401
-    code = "invalid_api_key"
-    type = "authentication_error"
 
 
 def openai_body(err: CorralError) -> dict[str, object]:

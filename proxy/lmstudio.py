@@ -29,9 +29,8 @@ from proxy.modelinfo import (
 )
 from proxy.reqlog import note_model
 from proxy.streaming import post_upstream, upstream_batches, write_stream
-from proxy.translate import InvalidRequest
 from scheduler.config import ModelConfig
-from scheduler.errors import CorralError, UnknownModel
+from scheduler.errors import BadRequest, CorralError, UnknownModel
 from scheduler.instance import State
 from scheduler.scheduler import LeaseHints, Scheduler
 
@@ -50,7 +49,7 @@ def ttl_of(payload: dict[str, Any]) -> float | None:
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise InvalidRequest("'ttl' must be a number of seconds")
+        raise BadRequest("'ttl' must be a number of seconds")
     return -1.0 if ttl < 0 else float(ttl)
 
 
@@ -267,7 +266,7 @@ async def v1_unload(request: web.Request) -> web.Response:
     payload = openai.parse_body(await request.read())
     instance_id = payload.get("instance_id") or payload.get("model")
     if not isinstance(instance_id, str) or not instance_id:
-        raise InvalidRequest("'instance_id' is required")
+        raise BadRequest("'instance_id' is required")
     scheduler = request.app[SCHEDULER]
     # Accept what /api/v1/models lists ("name", "name:2") and Corral's ids ("name#3").
     name = instance_id.split("#", 1)[0]

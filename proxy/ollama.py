@@ -27,9 +27,9 @@ from proxy.keys import SCHEDULER, SESSION
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
 from proxy.reqlog import note_model
 from proxy.streaming import post_upstream, upstream_batches, write_stream
-from proxy.translate import InvalidRequest, NotSupported, OllamaStream, tagged
+from proxy.translate import OllamaStream, tagged
 from scheduler.config import ModelConfig
-from scheduler.errors import UnknownModel
+from scheduler.errors import BadRequest, NotSupported, UnknownModel
 from scheduler.instance import State
 from scheduler.scheduler import LeaseHints, Scheduler
 
@@ -132,7 +132,7 @@ def model_field(body: dict[str, Any]) -> str:
     # Older clients send "name" (show, pull, push, delete).
     name = body.get("model") or body.get("name")
     if not isinstance(name, str) or not name:
-        raise InvalidRequest("model is required")
+        raise BadRequest("model is required")
     return name
 
 
@@ -247,7 +247,7 @@ async def _embed(
 ) -> tuple[list[list[float]], int, int]:
     """Vectors, prompt tokens and load nanoseconds for ``inputs``."""
     if not embedding(target.cfg):
-        raise InvalidRequest(
+        raise BadRequest(
             f'"{target.display}" does not support embeddings (set embedding = true in its '
             "model config)"
         )
@@ -271,7 +271,7 @@ async def embed(request: web.Request) -> web.Response:
     inputs = translate.embed_inputs(body.get("input"))
     dims = body.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
-        raise InvalidRequest("dimensions must be a positive integer")
+        raise BadRequest("dimensions must be a positive integer")
     if not inputs:
         return web.json_response({"model": target.display, "embeddings": []})
     vectors, tokens, load_ns = await _embed(request, target, hints, inputs)
@@ -292,7 +292,7 @@ async def embeddings(request: web.Request) -> web.Response:
     hints = keep_alive(scheduler, target, body.get("keep_alive")).hints
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
-        raise InvalidRequest("prompt must be a string")
+        raise BadRequest("prompt must be a string")
     if not prompt:
         return web.json_response({"embedding": []})
     vectors, _, _ = await _embed(request, target, hints, [prompt])
@@ -413,7 +413,7 @@ async def copy(request: web.Request) -> web.Response:
     body = await read_body(request)
     source = body.get("source")
     if not isinstance(source, str) or not source:
-        raise InvalidRequest("source is required")
+        raise BadRequest("source is required")
     resolve(request.app[SCHEDULER], source)
     raise _unsupported("copying models", "add an alias to the model in corral.toml")
 

@@ -15,10 +15,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.errors import BadRequest
 from proxy.keys import SCHEDULER, SESSION
 from proxy.streaming import relay
-from scheduler.errors import UpstreamFailed
+from scheduler.errors import BadRequest, UpstreamFailed
 from scheduler.scheduler import LeaseHints
 
 _JSON = {"Content-Type": "application/json"}

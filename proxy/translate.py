@@ -5,7 +5,7 @@ mirrors Ollama's own ``llm/llama_server.go``) lives here as a function without I
 so that each one is tested by a table. The handlers in ``ollama.py`` and
 ``lmstudio.py`` only read requests, call these, and write what they return.
 
-Errors in a client's request raise ``InvalidRequest`` (400); errors that llama-server
+Errors in a client's request raise ``BadRequest`` (400); errors that llama-server
 reports are turned into ``CorralError`` values carrying llama-server's status, so the
 dialect's error middleware renders both.
 """
@@ -26,20 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
-from scheduler.errors import CorralError, UpstreamFailed
-
-
-class InvalidRequest(CorralError):
-    status = 400
-    code = "invalid_request"
-    type = "invalid_request_error"
-
-
-class NotSupported(CorralError):
-    status = 501
-    code = "not_supported"
-    type = "invalid_request_error"
-
+from scheduler.errors import BadRequest, CorralError, UpstreamFailed
 
 # --- names and times ------------------------------------------------------------------
 
@@ -111,11 +98,11 @@ def parse_duration(text: str) -> float:
     while pos < len(body):
         m = _DURATION_PART.match(body, pos)
         if m is None:
-            raise InvalidRequest(f"time: invalid duration {text!r}")
+            raise BadRequest(f"time: invalid duration {text!r}")
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     if not body:
-        raise InvalidRequest(f"time: invalid duration {text!r}")
+        raise BadRequest(f"time: invalid duration {text!r}")
     return sign * total
 
 
@@ -129,7 +116,7 @@ def keep_alive_seconds(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise InvalidRequest("keep_alive must be a number or a duration string")
+        raise BadRequest("keep_alive must be a number or a duration string")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
@@ -138,9 +125,9 @@ def keep_alive_seconds(value: object) -> float | None:
         except ValueError:
             seconds = parse_duration(value)
     else:
-        raise InvalidRequest("keep_alive must be a number or a duration string")
+        raise BadRequest("keep_alive must be a number or a duration string")
     if math.isnan(seconds):
-        raise InvalidRequest("keep_alive must be a number or a duration string")
+        raise BadRequest("keep_alive must be a number or a duration string")
     return -1.0 if seconds < 0 else seconds
 
 
@@ -153,7 +140,7 @@ def parse_think(value: object) -> Think | None:
         return value
     if isinstance(value, str) and value in _THINK_LEVELS:
         return cast(Think, value)
-    raise InvalidRequest(
+    raise BadRequest(
         f"invalid think value: {value!r} (expected true, false, \"low\", \"medium\", "
         "\"high\" or \"max\")"
     )
@@ -177,7 +164,7 @@ def response_format(fmt: object) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if isinstance(fmt, dict):
         return {"type": "json_schema", "json_schema": {"name": "schema", "schema": fmt}}
-    raise InvalidRequest(f'invalid format: {fmt!r}; expected "json" or a valid JSON Schema object')
+    raise BadRequest(f'invalid format: {fmt!r}; expected "json" or a valid JSON Schema object')
 
 
 def completion_format(fmt: object) -> dict[str, Any] | None:
@@ -239,10 +226,10 @@ IGNORED_OPTIONS = frozenset({
 
 def _number(key: str, value: object, kind: type) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"option {key!r} must be a number, not {json.dumps(value)}")
+        raise BadRequest(f"option {key!r} must be a number, not {json.dumps(value)}")
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
-            raise InvalidRequest(f"option {key!r} must be an integer, not {value}")
+            raise BadRequest(f"option {key!r} must be an integer, not {value}")
         return int(value)
     return float(value)
 
@@ -252,7 +239,7 @@ def sampler_params(options: object) -> dict[str, Any]:
     if options is None:
         options = {}
     if not isinstance(options, dict):
-        raise InvalidRequest("options must be an object")
+        raise BadRequest("options must be an object")
     # null means "the default" (some clients send every key of their Options type).
     merged = {**OLLAMA_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     out: dict[str, Any] = {}
@@ -262,7 +249,7 @@ def sampler_params(options: object) -> dict[str, Any]:
         if key == "stop":
             stops = [value] if isinstance(value, str) else value
             if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-                raise InvalidRequest("option 'stop' must be a string or a list of strings")
+                raise BadRequest("option 'stop' must be a string or a list of strings")
             if stops:
                 out["stop"] = stops
             continue
@@ -291,7 +278,7 @@ _IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
 def image_url(data: object) -> str:
     """An Ollama image (bare base64) as the data URL llama-server reads."""
     if not isinstance(data, str) or not data:
-        raise InvalidRequest("images must be base64-encoded strings")
+        raise BadRequest("images must be base64-encoded strings")
     # Some clients already send a data URL; keep only the payload.
     if data.startswith("data:") and "," in data:
         data = data.split(",", 1)[1]
@@ -299,7 +286,7 @@ def image_url(data: object) -> str:
     try:
         raw = base64.b64decode(head + "=" * (-len(head) % 4))
     except (binascii.Error, ValueError):
-        raise InvalidRequest("images must be base64-encoded strings") from None
+        raise BadRequest("images must be base64-encoded strings") from None
     mime = "image/jpeg"  # Ollama's fallback too
     for magic, kind in _IMAGE_MAGIC:
         if raw.startswith(magic):
@@ -316,7 +303,7 @@ def _content(message: Mapping[str, Any]) -> str:
     if content is None:
         return ""
     if not isinstance(content, str):
-        raise InvalidRequest("message content must be a string")
+        raise BadRequest("message content must be a string")
     return content
 
 
@@ -338,34 +325,34 @@ def openai_messages(messages: object) -> list[dict[str, Any]]:
     templates need one. ``thinking`` on history messages is dropped.
     """
     if not isinstance(messages, list):
-        raise InvalidRequest("messages must be a list")
+        raise BadRequest("messages must be a list")
     out: list[dict[str, Any]] = []
     pending: list[tuple[str, str]] = []  # (id, name) of calls not yet answered
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise InvalidRequest("each message must be an object")
+            raise BadRequest("each message must be an object")
         role = message.get("role")
         if not isinstance(role, str) or not role:
-            raise InvalidRequest("each message needs a 'role'")
+            raise BadRequest("each message needs a 'role'")
         role = role.lower()
         content = _content(message)
         msg: dict[str, Any] = {"role": role, "content": content}
         images = message.get("images")
         if images:
             if not isinstance(images, list):
-                raise InvalidRequest("images must be a list of base64 strings")
+                raise BadRequest("images must be a list of base64 strings")
             parts: list[dict[str, Any]] = [{"type": "text", "text": content}] if content else []
             parts += [{"type": "image_url", "image_url": {"url": image_url(im)}} for im in images]
             msg["content"] = parts
         calls = message.get("tool_calls")
         if role == "assistant" and calls:
             if not isinstance(calls, list):
-                raise InvalidRequest("tool_calls must be a list")
+                raise BadRequest("tool_calls must be a list")
             msg["tool_calls"] = []
             for k, call in enumerate(calls):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    raise InvalidRequest("each tool call needs function.name")
+                    raise BadRequest("each tool call needs function.name")
                 call_id = call.get("id") or f"call_{i}_{k}"
                 index = fn.get("index", k)
                 msg["tool_calls"].append({
@@ -396,7 +383,7 @@ def _tools(tools: object) -> list[Any] | None:
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list):
-        raise InvalidRequest("tools must be a list")
+        raise BadRequest("tools must be a list")
     return tools
 
 
@@ -404,7 +391,7 @@ def _logprobs(req: Mapping[str, Any]) -> dict[str, Any]:
     top = req.get("top_logprobs")
     valid = isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= 20
     if top is not None and not valid:
-        raise InvalidRequest("top_logprobs must be between 0 and 20")
+        raise BadRequest("top_logprobs must be between 0 and 20")
     if not req.get("logprobs") and not top:
         return {}
     out: dict[str, Any] = {"logprobs": True}
@@ -454,13 +441,13 @@ def generate_call(req: Mapping[str, Any], model: str) -> tuple[str, dict[str, An
     prompt = req.get("prompt") or ""
     system = req.get("system")
     if not isinstance(prompt, str) or (system is not None and not isinstance(system, str)):
-        raise InvalidRequest("prompt and system must be strings")
+        raise BadRequest("prompt and system must be strings")
     images = req.get("images") or []
     if req.get("raw"):
         if req.get("template") or system or req.get("context"):
-            raise InvalidRequest("raw mode does not support template, system, or context")
+            raise BadRequest("raw mode does not support template, system, or context")
         if images:
-            raise InvalidRequest("raw mode does not support images on this server")
+            raise BadRequest("raw mode does not support images on this server")
         body = {"model": model, "prompt": prompt, **_common(req)}
         body.pop("chat_template_kwargs", None)
         body.update(completion_format(req.get("format")) or {})
@@ -468,7 +455,7 @@ def generate_call(req: Mapping[str, Any], model: str) -> tuple[str, dict[str, An
     suffix = req.get("suffix")
     if suffix:
         if not isinstance(suffix, str):
-            raise InvalidRequest("suffix must be a string")
+            raise BadRequest("suffix must be a string")
         body = {"model": model, "input_prefix": prompt, "input_suffix": suffix, **_common(req)}
         body.pop("stream_options")
         body.pop("chat_template_kwargs", None)
@@ -489,7 +476,7 @@ def embed_inputs(value: object) -> list[str]:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-        raise InvalidRequest("invalid input type")
+        raise BadRequest("invalid input type")
     return items
 
 
@@ -498,7 +485,7 @@ def truncate_dims(vector: Sequence[float], dimensions: int | None) -> list[float
     if dimensions is None or dimensions >= len(vector):
         return list(vector)
     if dimensions < 1:
-        raise InvalidRequest("dimensions must be a positive integer")
+        raise BadRequest("dimensions must be a positive integer")
     head = list(vector[:dimensions])
     norm = math.sqrt(sum(x * x for x in head))
     return [x / norm for x in head] if norm > 0 else head

@@ -3,6 +3,9 @@
 ::
 
     CorralError                    every error Corral itself produces (src="corral")
+    ├── BadRequest                 the caller's request is malformed         400
+    ├── Unauthorized               missing or wrong API key                  401
+    ├── NotSupported               an endpoint or option Corral does not do  501
     ├── ConfigError                a config file or key is invalid          (startup/check)
     ├── BinaryNotFound             no llama-server binary can be found       500
     ├── UnknownModel               no model or alias by that name            404
@@ -30,6 +33,24 @@ class CorralError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class BadRequest(CorralError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class Unauthorized(CorralError):
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class NotSupported(CorralError):
+    status = 501
+    code = "not_supported"
+    type = "invalid_request_error"
 
 
 class ConfigError(CorralError):

@@ -12,7 +12,7 @@ import pytest
 
 from proxy import translate as t
 from proxy.streaming import ndjson_line, sse_event_batches, sse_events
-from scheduler.errors import CorralError, UpstreamFailed
+from scheduler.errors import BadRequest, CorralError, UpstreamFailed
 
 # --- options -> sampler fields -----------------------------------------------------------
 
@@ -81,7 +81,7 @@ def test_sampler_params(options: Any, changed: dict[str, Any]) -> None:
     ],
 )
 def test_sampler_params_rejects_wrong_types(options: Any) -> None:
-    with pytest.raises(t.InvalidRequest):
+    with pytest.raises(BadRequest):
         t.sampler_params(options)
 
 
@@ -123,7 +123,7 @@ def test_keep_alive_seconds(value: Any, seconds: float | None) -> None:
 
 @pytest.mark.parametrize("value", ["soon", "5x", "m5", "", True, [], {"s": 1}, "1h 30m"])
 def test_keep_alive_rejects(value: Any) -> None:
-    with pytest.raises(t.InvalidRequest):
+    with pytest.raises(BadRequest):
         t.keep_alive_seconds(value)
 
 
@@ -148,7 +148,7 @@ def test_think(think: Any, kwargs: dict[str, Any] | None) -> None:
 
 @pytest.mark.parametrize("think", ["yes", 1, "HIGH", {}])
 def test_think_rejects(think: Any) -> None:
-    with pytest.raises(t.InvalidRequest):
+    with pytest.raises(BadRequest):
         t.parse_think(think)
 
 
@@ -172,7 +172,7 @@ def test_format(fmt: Any, chat: Any, completion: Any) -> None:
 
 @pytest.mark.parametrize("fmt", ["xml", 3, ["json"], True])
 def test_format_rejects(fmt: Any) -> None:
-    with pytest.raises(t.InvalidRequest, match="invalid format"):
+    with pytest.raises(BadRequest, match="invalid format"):
         t.response_format(fmt)
 
 
@@ -205,7 +205,7 @@ def test_image_url(data: str, url: str) -> None:
 
 @pytest.mark.parametrize("data", ["", 3, None, "!!!notbase64"])
 def test_image_url_rejects(data: Any) -> None:
-    with pytest.raises(t.InvalidRequest):
+    with pytest.raises(BadRequest):
         t.image_url(data)
 
 
@@ -272,7 +272,7 @@ def test_openai_messages(messages: Any, expected: Any) -> None:
     ],
 )
 def test_openai_messages_rejects(messages: Any) -> None:
-    with pytest.raises(t.InvalidRequest):
+    with pytest.raises(BadRequest):
         t.openai_messages(messages)
 
 
@@ -317,7 +317,7 @@ def test_num_predict_is_mirrored_as_max_tokens_for_remote_upstreams(
 
 @pytest.mark.parametrize("top", [21, -1, True, "3"])
 def test_top_logprobs_bounds(top: Any) -> None:
-    with pytest.raises(t.InvalidRequest):
+    with pytest.raises(BadRequest):
         t.chat_body({"messages": [], "top_logprobs": top}, "m")
 
 
@@ -367,7 +367,7 @@ def test_generate_call(req: dict[str, Any], path: str, expected: dict[str, Any])
     ],
 )
 def test_generate_call_rejects(req: dict[str, Any]) -> None:
-    with pytest.raises(t.InvalidRequest):
+    with pytest.raises(BadRequest):
         t.generate_call(req, "m")
 
 
@@ -384,7 +384,7 @@ def test_embed_inputs(value: Any, expected: list[str]) -> None:
 
 @pytest.mark.parametrize("value", [3, ["a", 1], {"a": 1}])
 def test_embed_inputs_rejects(value: Any) -> None:
-    with pytest.raises(t.InvalidRequest, match="invalid input type"):
+    with pytest.raises(BadRequest, match="invalid input type"):
         t.embed_inputs(value)
 
 
