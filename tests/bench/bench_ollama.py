@@ -59,8 +59,9 @@ async def ollama_stream(session: aiohttp.ClientSession, base: str, tokens: int) 
 Stream = Callable[[aiohttp.ClientSession, str, int], Awaitable[int]]
 
 
-async def measure(stream: Stream, session: aiohttp.ClientSession, base: str, tokens: int,
-                  streams: int) -> float:
+async def measure(
+    stream: Stream, session: aiohttp.ClientSession, base: str, tokens: int, streams: int
+) -> float:
     start = time.perf_counter()
     counts = await asyncio.gather(*(stream(session, base, tokens) for _ in range(streams)))
     elapsed = time.perf_counter() - start
@@ -80,8 +81,7 @@ async def start(app: web.Application) -> tuple[web.AppRunner, str]:
 
 async def main(tokens: int, rounds: int, widths: list[int]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_config(Path(tmp), [{"name": "m", "parallel": max(widths),
-                                       "ctx_size": 1 << 20}])
+        cfg = make_config(Path(tmp), [{"name": "m", "parallel": max(widths), "ctx_size": 1 << 20}])
         fake = fake_binary(Path(tmp) / "bin")
         core = build_openai_app(cfg, CoreOptions(find_binary=lambda _: fake))
         core_runner, openai_base = await start(core)
@@ -91,17 +91,18 @@ async def main(tokens: int, rounds: int, widths: list[int]) -> None:
             async with aiohttp.ClientSession(connector=connector) as session:
                 await openai_stream(session, openai_base, 4)  # launch the instance
                 await ollama_stream(session, ollama_base, 4)
-                print(f"{tokens} tokens per stream, median of {rounds} rounds, "
-                      "content chunks/s received by the client")
-                print(f"{'streams':>8} {'OpenAI pass-through':>20} {'Ollama NDJSON':>14} "
-                      f"{'ratio':>6}")
+                print(
+                    f"{tokens} tokens per stream, median of {rounds} rounds, "
+                    "content chunks/s received by the client"
+                )
+                print(
+                    f"{'streams':>8} {'OpenAI pass-through':>20} {'Ollama NDJSON':>14} {'ratio':>6}"
+                )
                 for width in widths:
                     o, n = [], []
                     for _ in range(rounds):
-                        o.append(await measure(openai_stream, session, openai_base, tokens,
-                                               width))
-                        n.append(await measure(ollama_stream, session, ollama_base, tokens,
-                                               width))
+                        o.append(await measure(openai_stream, session, openai_base, tokens, width))
+                        n.append(await measure(ollama_stream, session, ollama_base, tokens, width))
                     om, nm = statistics.median(o), statistics.median(n)
                     print(f"{width:>8} {om:>20,.0f} {nm:>14,.0f} {nm / om:>6.2f}")
         finally:

@@ -1,0 +1,5 @@
+-- wrk script: a non-streaming OpenAI chat completion, the same body on every request.
+-- Used by bench_proxy.py against /v1/chat/completions, directly and through Corral.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"bench","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}'

@@ -1,0 +1,7 @@
+-- wrk script: a streaming completion. Sent to /v1/completions, which the nginx stand-in
+-- (tests/fakes/nginx_upstream.sh) always answers with a fixed SSE stream of 10 chunks and
+-- [DONE], because nginx cannot read "stream" from the body. Corral reads it and relays the
+-- stream chunk by chunk; wrk times each request to the end of the stream.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"bench","prompt":"Say hello.","max_tokens":10,"stream":true}'
