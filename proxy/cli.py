@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,18 @@ def _load(path: Path) -> CorralConfig:
         raise SystemExit(2) from None
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed: its event loop halves the per-call CPU
+    cost of the proxy path against asyncio's (see tests/bench/README.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
 
@@ -86,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "corral %s: %d model(s) from %s", __version__, len(cfg.models), _config_path(args.config)
     )
     try:
-        asyncio.run(serve(cfg, config_path=_config_path(args.config)))
+        _run(serve(cfg, config_path=_config_path(args.config)))
     except OSError as e:
         print(f"corral: cannot serve: {e}", file=sys.stderr)
         return 1

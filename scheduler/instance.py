@@ -109,6 +109,7 @@ class Instance:
         model: str,
         slots: int,
         on_change: Callable[[Instance], None],
+        on_release: Callable[[Instance], None] | None = None,
         footprint: int = 0,
         log_lines: int = 500,
         clock: Callable[[], float] = time.monotonic,
@@ -135,6 +136,9 @@ class Instance:
         self._state = State.STARTING
         self._started = False
         self._on_change = on_change
+        # A call ending is far more frequent than a state change, and only matters
+        # to the scheduler when someone is queued: it may get its own callback.
+        self._on_release = on_release or on_change
         self._proc: asyncio.subprocess.Process | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -175,7 +179,7 @@ class Instance:
         self.last_used = self._clock()
         if self.in_flight == 0:
             self._idle.set()
-        self._on_change(self)
+        self._on_release(self)
 
     def drain(self) -> None:
         """Stop taking new calls; running ones continue. Idempotent."""

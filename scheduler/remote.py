@@ -33,6 +33,7 @@ class Remote:
         base_url: str,
         slots: int,
         on_change: Callable[[Remote], None],
+        on_release: Callable[[Remote], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.id = remote_id
@@ -47,6 +48,9 @@ class Remote:
         self.ttl_override: float | None = None
         self._state = State.STARTING  # unknown until the first check answers
         self._on_change = on_change
+        # A call ending is far more frequent than a state change, and only matters
+        # to the scheduler when someone is queued: it may get its own callback.
+        self._on_release = on_release or on_change
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -72,7 +76,7 @@ class Remote:
         self.in_flight -= 1
         self.served += 1
         self.last_used = self._clock()
-        self._on_change(self)
+        self._on_release(self)
 
     def mark_failed(self, reason: str) -> None:
         """A call could not reach it: out of rotation until the next good check."""

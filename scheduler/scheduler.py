@@ -314,7 +314,7 @@ class Scheduler:
                 self._spawn(r.stop(), f"stop {r.id}")
             m.remotes = [
                 Remote(f"{m.cfg.name}@{url}", m.cfg.name, url, m.cfg.remote_slots,
-                       self._on_remote_change, clock=self._clock)
+                       self._on_remote_change, on_release=self._on_release, clock=self._clock)
                 for url in wanted
             ]
             for r in m.remotes:
@@ -654,6 +654,7 @@ class Scheduler:
             m.cfg.name,
             m.cfg.parallel,
             self._on_change,
+            on_release=self._on_release,
             footprint=m.footprint,
             log_lines=self._cfg.scheduler.log_lines,
             clock=self._clock,
@@ -716,6 +717,12 @@ class Scheduler:
         inst.drain()
         sc = self._cfg.scheduler
         self._spawn(inst.stop(sc.drain_timeout, sc.stop_timeout), f"stop {inst.id}")
+
+    def _on_release(self, inst: Servable) -> None:
+        # A freed slot matters only to queued callers (a waiting model's eviction
+        # included): skip the dispatcher on the hot path when nobody waits.
+        if not self._closing and any(m.queue for m in self._models.values()):
+            self._kick()
 
     def _on_change(self, inst: Instance) -> None:
         if inst.state in (State.STOPPED, State.FAILED):
