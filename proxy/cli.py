@@ -123,28 +123,34 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
-    """Models whose footprint can never fit the memory budget, whatever is evicted."""
+    """Models whose RAM or VRAM need can never fit its budget, whatever is evicted."""
     from scheduler.resources import probe_system
-    from scheduler.sources import materialised_file, model_footprint
+    from scheduler.sources import materialised_file, model_placement
 
     sc = cfg.scheduler
-    if sc.memory_budget is None:
-        return []
-    budget = (
-        max(0, probe_system().ram_total - sc.memory_headroom)
-        if sc.memory_budget == "auto"
-        else sc.memory_budget
+    info = probe_system()
+    ram = max(0, info.ram_total - sc.memory_headroom) if sc.memory_budget == "auto" else (
+        sc.memory_budget
+    )
+    vram = (
+        sum(max(0, g.vram_total - sc.vram_headroom) for g in info.gpus) or None
+        if sc.vram_budget == "auto"
+        else sc.vram_budget
     )
     out = []
     for m in cfg.models:
         if not m.local:
             continue
-        need = m.footprint or model_footprint(m, materialised_file(m))
-        if need > budget:
-            out.append(
-                f"{path}: model {m.name!r}: needs {need / 2**20:.0f} MiB but the memory budget "
-                f"is {budget / 2**20:.0f} MiB (scheduler.memory_budget / memory_headroom)"
-            )
+        need_ram, need_vram = model_placement(m, vram is not None, materialised_file(m))
+        for need, budget, what, key in (
+            (need_ram, ram, "memory", "memory_budget"),
+            (need_vram, vram, "VRAM", "vram_budget"),
+        ):
+            if budget is not None and need > budget:
+                out.append(
+                    f"{path}: model {m.name!r}: needs {need / 2**20:.0f} MiB but the {what} "
+                    f"budget is {budget / 2**20:.0f} MiB (scheduler.{key})"
+                )
     return out
 
 

@@ -107,10 +107,17 @@ class SchedulerConfig(_Strict):
         "memory_headroom; a size like '16GiB'; 'none' to not enforce",
     )
     memory_headroom: int = Field(2 * 2**30, ge=0, description="RAM kept free for everything else")
+    vram_budget: int | Literal["auto"] | None = Field(
+        "auto",
+        description="bytes of GPU memory for instances: 'auto' = total VRAM (NVML) minus "
+        "vram_headroom per GPU, or not enforced where no GPU is found; a size; 'none'",
+    )
     vram_headroom: int = Field(512 * 2**20, ge=0, description="VRAM kept free per GPU")
     remote_check_interval: float = Field(5.0, gt=0, description="seconds between remote checks")
 
-    @field_validator("memory_budget", "memory_headroom", "vram_headroom", mode="before")
+    @field_validator(
+        "memory_budget", "memory_headroom", "vram_budget", "vram_headroom", mode="before"
+    )
     @classmethod
     def _sizes(cls, value: object) -> object:
         if value in ("auto", None):

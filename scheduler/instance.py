@@ -111,6 +111,7 @@ class Instance:
         on_change: Callable[[Instance], None],
         on_release: Callable[[Instance], None] | None = None,
         footprint: int = 0,
+        vram: int = 0,
         log_lines: int = 500,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -118,6 +119,7 @@ class Instance:
         self.model = model
         self.slots = slots
         self.footprint = footprint
+        self.vram = vram
         # Known once start() has prepared the launch (port, argv).
         self.spec: LaunchSpec | None = None
         self.base_url = ""
@@ -395,6 +397,7 @@ class Instance:
             "in_flight": self.in_flight,
             "load": self.load,
             "footprint_bytes": self.footprint,
+            "vram_bytes": self.vram,
             "load_seconds": round(self.stats.load_seconds, 3),
             "served": self.stats.served,
             "idle_seconds": round(self._clock() - self.last_used, 3),

@@ -5,7 +5,7 @@ and applies the answer. Keeping them pure lets the unit tests state every rule a
 a table (snapshot → decision) and lets property tests check the invariants:
 
 * the number of live processes never exceeds ``max_instances``;
-* the sum of live footprints never exceeds the memory budget;
+* the sum of live footprints never exceeds the memory budget, in RAM and in VRAM;
 * a busy instance (in-flight > 0) is never chosen for eviction.
 
 Instances that are STOPPING still hold their process and memory, so they count
@@ -31,6 +31,8 @@ class InstanceView:
     slots: int
     last_used: float
     footprint: int = 0
+    # Bytes of GPU memory it holds (0 for a CPU-only instance).
+    vram: int = 0
     # Seconds of idleness after which the instance should stop; < 0 never.
     ttl: float = -1.0
 
@@ -54,6 +56,8 @@ class Snapshot:
     max_instances: int
     # Bytes available to model footprints; None means not enforced.
     memory_budget: int | None = None
+    # Bytes of GPU memory available to instances; None where there is no GPU.
+    vram_budget: int | None = None
     # Replica limits per model name; a model absent here has (0, 1).
     replicas: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -114,33 +118,38 @@ def pick_instance(candidates: Iterable[C], preferred: str | None = None) -> C | 
     return best
 
 
-def plan_launch(snap: Snapshot, model: str, footprint: int = 0) -> Launch | Wait:
+def plan_launch(snap: Snapshot, model: str, footprint: int = 0, vram: int = 0) -> Launch | Wait:
     """Can another instance of ``model`` start, and what must stop first?
 
-    Evicts idle instances of other models, least recently used first, and only as
-    many as needed. Never evicts a busy one.
+    ``footprint`` is the RAM one instance needs, ``vram`` its GPU memory. Evicts idle
+    instances of other models, least recently used first, and only as many as
+    needed. Never evicts a busy one.
     """
     mine = [i for i in snap.instances if i.model == model and i.alive]
     _, max_replicas = snap.replicas.get(model, (0, 1))
     if len(mine) >= max_replicas:
         return Wait(f"model '{model}' has its maximum of {max_replicas} instance(s)")
-    if snap.memory_budget is not None and footprint > snap.memory_budget:
-        return Wait(
-            f"model '{model}' needs {_mib(footprint)} but the memory budget is "
-            f"{_mib(snap.memory_budget)}",
-            never=True,
-        )
+    for need, budget, what in ((footprint, snap.memory_budget, "memory"),
+                               (vram, snap.vram_budget, "VRAM")):
+        if budget is not None and need > budget:
+            return Wait(
+                f"model '{model}' needs {_mib(need)} but the {what} budget is {_mib(budget)}",
+                never=True,
+            )
 
     alive = [i for i in snap.instances if i.alive]
     count = len(alive)
     used = sum(i.footprint for i in alive)
+    used_vram = sum(i.vram for i in alive)
 
-    def fits(n: int, mem: int) -> bool:
+    def fits(n: int, mem: int, gpu: int) -> bool:
         if n + 1 > snap.max_instances:
             return False
-        return snap.memory_budget is None or mem + footprint <= snap.memory_budget
+        if snap.memory_budget is not None and mem + footprint > snap.memory_budget:
+            return False
+        return snap.vram_budget is None or gpu + vram <= snap.vram_budget
 
-    if fits(count, used):
+    if fits(count, used, used_vram):
         return Launch(model)
 
     # Room already being freed by instances that drain or stop: wait for it rather
@@ -148,7 +157,8 @@ def plan_launch(snap: Snapshot, model: str, footprint: int = 0) -> Launch | Wait
     freeing = [i for i in alive if i.state in (State.DRAINING, State.STOPPING)]
     freed_n = len(freeing)
     freed_mem = sum(i.footprint for i in freeing)
-    if freeing and fits(count - freed_n, used - freed_mem):
+    freed_vram = sum(i.vram for i in freeing)
+    if freeing and fits(count - freed_n, used - freed_mem, used_vram - freed_vram):
         return Wait("waiting for an instance to stop")
 
     victims: list[str] = []
@@ -160,7 +170,8 @@ def plan_launch(snap: Snapshot, model: str, footprint: int = 0) -> Launch | Wait
         victims.append(inst.id)
         freed_n += 1
         freed_mem += inst.footprint
-        if fits(count - freed_n, used - freed_mem):
+        freed_vram += inst.vram
+        if fits(count - freed_n, used - freed_mem, used_vram - freed_vram):
             return Launch(model, tuple(victims))
     return Wait("every instance is busy")
 

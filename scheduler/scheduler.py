@@ -44,7 +44,7 @@ from scheduler.errors import (
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
 from scheduler.remote import Remote
-from scheduler.sources import ModelFiles, model_footprint
+from scheduler.sources import ModelFiles, model_placement
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
@@ -101,16 +101,18 @@ class _Waiter:
 
 class _Model:
     __slots__ = ("affinity", "cfg", "failures", "footprint", "instances", "last_error", "queue",
-                 "remotes", "retry_at", "retry_handle")
+                 "remotes", "retry_at", "retry_handle", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
         self.queue: deque[_Waiter] = deque()
         self.instances: list[Instance] = []
         self.remotes: list[Remote] = []
-        # Bytes one instance needs: configured, else estimated from the GGUF header
-        # once the file is known; 0 until then.
+        # Bytes of RAM and VRAM one instance needs: from the configured footprint or
+        # the GGUF header, placed on the GPU where there is one; 0 until known.
         self.footprint = cfg.footprint or 0
+        self.vram = 0
+        self.sized = False
         self.affinity: OrderedDict[str, str] = OrderedDict()
         self.last_error: LoadFailed | None = None
         # Consecutive failed launches; reset by a successful one or by reset().
@@ -200,6 +202,7 @@ class Scheduler:
         self._reaper: asyncio.Task[None] | None = None
         # Bytes model footprints may use; None = not enforced. Set by start().
         self.memory_budget: int | None = None
+        self.vram_budget: int | None = None
         # The model another was drained for: the room that frees up is its to take,
         # otherwise the drained model (whose callers queued earlier) takes it back.
         self._reserved_for: str | None = None
@@ -266,7 +269,7 @@ class Scheduler:
             else:
                 report["changed"].append(mc.name)
                 m.cfg = mc
-                m.footprint = mc.footprint or 0
+                m.footprint, m.vram, m.sized = mc.footprint or 0, 0, False
                 m.failures, m.retry_at, m.last_error = 0, 0.0, None
                 self._stop_all(m, "config")
         if binary_changed:
@@ -281,18 +284,31 @@ class Scheduler:
         return report
 
     async def _measure(self, cfg: CorralConfig) -> None:
-        """Memory budget and model footprints, read off the event loop."""
-        sc = cfg.scheduler
-        if sc.memory_budget == "auto":
-            from scheduler.resources import probe_system
+        """Memory budgets and model footprints, read off the event loop."""
+        from scheduler.resources import probe_system
 
-            info = await asyncio.to_thread(probe_system)
+        sc = cfg.scheduler
+        info = await asyncio.to_thread(probe_system)
+        if sc.memory_budget == "auto":
             self.memory_budget = max(0, info.ram_total - sc.memory_headroom)
         else:
             self.memory_budget = sc.memory_budget
+        if sc.vram_budget == "auto":
+            self.vram_budget = (
+                sum(max(0, g.vram_total - sc.vram_headroom) for g in info.gpus)
+                if info.gpus
+                else None
+            )
+        else:
+            self.vram_budget = sc.vram_budget
         for m in self._models.values():
-            if m.cfg.footprint is None and m.cfg.path is not None and not m.footprint:
-                m.footprint = await asyncio.to_thread(model_footprint, m.cfg)
+            if m.cfg.local and not m.sized and (m.cfg.footprint or m.cfg.path is not None):
+                await self._size(m)
+
+    async def _size(self, m: _Model, path: Path | None = None) -> None:
+        gpu = self.vram_budget is not None
+        m.footprint, m.vram = await asyncio.to_thread(model_placement, m.cfg, gpu, path)
+        m.sized = bool(m.footprint or m.vram)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -536,7 +552,7 @@ class Scheduler:
             return False  # a scale-out launch is on its way
         elif not ready or any(i.load < self._cfg.scheduler.max_load for i in ready):
             return False
-        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint)
+        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint, m.vram)
         if isinstance(decision, policy.Launch) and decision.now:
             self._launch(m)
             return True
@@ -568,7 +584,7 @@ class Scheduler:
                 loop = asyncio.get_running_loop()
                 m.retry_handle = loop.call_later(m.retry_at - now, self._retry, m)
             return
-        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint)
+        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint, m.vram)
         if isinstance(decision, policy.Wait):
             if decision.never:
                 self._fail_waiters(m, LoadFailed(m.cfg.name, decision.reason))
@@ -622,6 +638,7 @@ class Scheduler:
                         slots=i.slots,
                         last_used=i.last_used,
                         footprint=i.footprint,
+                        vram=i.vram,
                         ttl=ttl if i.ttl_override is None else i.ttl_override,
                     )
                 )
@@ -630,6 +647,7 @@ class Scheduler:
             instances=views,
             max_instances=self._cfg.scheduler.max_instances,
             memory_budget=self.memory_budget,
+            vram_budget=self.vram_budget,
             replicas={n: (m.cfg.replicas.min, m.cfg.replicas.max) for n, m in self._models.items()},
         )
 
@@ -656,6 +674,7 @@ class Scheduler:
             self._on_change,
             on_release=self._on_release,
             footprint=m.footprint,
+            vram=m.vram,
             log_lines=self._cfg.scheduler.log_lines,
             clock=self._clock,
         )
@@ -678,9 +697,10 @@ class Scheduler:
                 )
             self._binary = found
         model_file = await self._files.get(m.cfg)
-        if not m.footprint:
-            # A packaged model's file exists only now: size it for the next decisions.
-            m.footprint = await asyncio.to_thread(model_footprint, m.cfg, model_file)
+        if not m.sized:
+            # A packaged or downloaded model's file exists only now: size it for the
+            # next decisions.
+            await self._size(m, model_file)
         return build_spec(self._cfg, m.cfg, self._binary, model_file)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
@@ -792,6 +812,7 @@ class Scheduler:
                     "queued": len(m.queue),
                     "instances": [i.describe() for i in m.servables()],
                     "footprint_bytes": m.footprint,
+                    "vram_bytes": m.vram,
                     "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max},
                     "fallbacks": list(m.cfg.fallbacks),
                     "last_error": m.last_error.message if m.last_error else None,

@@ -130,15 +130,49 @@ def model_footprint(model: ModelConfig, path: Path | None = None) -> int:
     0 when the file cannot be read as GGUF: the budget then cannot account for the
     model, which is logged, rather than refusing to serve it.
     """
+    return _sized(model, path)[0]
+
+
+def _sized(model: ModelConfig, path: Path | None) -> tuple[int, int]:
+    """(footprint bytes, layers) from the GGUF header; (0, 0) when unreadable."""
     from scheduler.resources import estimate_footprint, read_gguf_info
 
     path = path or model.path
     if path is None or not path.is_file():
-        return 0
+        return 0, 0
     try:
         info = read_gguf_info(path)
     except Exception as e:  # a foreign or truncated file: any parser error
         log.warning("model '%s': cannot size %s (%s); footprint unknown", model.name, path, e)
-        return 0
+        return 0, 0
     ctx = model.ctx_size or (info.context_length or 4096)
-    return estimate_footprint(info, ctx * model.parallel)
+    return estimate_footprint(info, ctx * model.parallel), info.block_count or 0
+
+
+# Host memory a fully offloaded instance still holds (its process, host-side
+# buffers): the weights and KV cache live in VRAM.
+GPU_HOST_BYTES = 256 * 2**20
+
+
+def split_footprint(total: int, n_gpu_layers: int | None, layers: int) -> tuple[int, int]:
+    """(RAM, VRAM) for an instance on a machine with a GPU.
+
+    ``n_gpu_layers`` None or negative means all layers (llama-server's default on a
+    GPU build); 0 keeps the model on the CPU; k of N layers puts k/N of it on the GPU.
+    """
+    if n_gpu_layers == 0 or total == 0:
+        return total, 0
+    if n_gpu_layers is None or n_gpu_layers < 0 or layers == 0 or n_gpu_layers >= layers:
+        return GPU_HOST_BYTES, total
+    on_gpu = total * n_gpu_layers // layers
+    return total - on_gpu, on_gpu
+
+
+def model_placement(
+    model: ModelConfig, gpu: bool, path: Path | None = None
+) -> tuple[int, int]:
+    """Blocking: (RAM, VRAM) one instance needs; VRAM is 0 without a GPU.
+
+    A configured ``footprint`` is the whole need, placed by the same rule."""
+    total, layers = (model.footprint, 0) if model.footprint else _sized(model, path)
+    return split_footprint(total, model.n_gpu_layers, layers) if gpu else (total, 0)

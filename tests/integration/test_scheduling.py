@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -327,3 +328,43 @@ async def test_apply_config_restarts_only_what_changed(corral, tmp_path: Path) -
     assert r.status == 404
     for n in ("change", "new"):
         assert (await client.post("/v1/chat/completions", json=chat(n))).status == 200
+
+
+async def test_vram_budget_places_gpu_models(corral, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a (simulated) 4 GiB GPU, two 2 GiB GPU models cannot run together, while a
+    CPU-only model (n_gpu_layers = 0) runs beside them."""
+    from scheduler import resources
+
+    real = resources.probe_system()
+    gpu = resources.GpuInfo(index=0, name="Fake GPU", vram_total=4 * 2**30,
+                            vram_free=4 * 2**30)
+    monkeypatch.setattr(resources, "probe_system",
+                        lambda: dataclasses.replace(real, gpus=(gpu,)))
+    models = [{"name": n, "footprint": "2GiB", "env": {"FAKE_TOKEN_DELAY": "0.05"}}
+              for n in ("a", "b")]
+    models.append({"name": "cpu", "footprint": "2GiB", "n_gpu_layers": 0})
+    cfg = make_config(tmp_path, models, scheduler={"max_instances": 8, "memory_budget": "none"})
+    client = await corral(cfg)
+    s = sched(client)
+    assert s.vram_budget == 4 * 2**30 - 512 * 2**20
+    peak_gpu = 0
+
+    async def sample() -> None:
+        nonlocal peak_gpu
+        while True:
+            peak_gpu = max(peak_gpu, sum(1 for i in s.instances()
+                                         if i.state in ALIVE and i.vram))
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    resps = await asyncio.gather(
+        *(client.post("/v1/chat/completions", json=chat(n, max_tokens=4))
+          for n in ("a", "b", "cpu", "a", "b"))
+    )
+    sampler.cancel()
+    assert [r.status for r in resps] == [200] * 5
+    assert peak_gpu == 1
+    status = {m["name"]: m for m in s.model_status()}
+    assert status["a"]["vram_bytes"] == 2 * 2**30
+    assert status["cpu"]["vram_bytes"] == 0 and status["cpu"]["footprint_bytes"] == 2 * 2**30

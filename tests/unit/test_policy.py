@@ -492,3 +492,45 @@ def test_pick_and_preempt_invariants(s: Snapshot, model: str, preferred: str | N
 
 def test_alive_states_are_the_ones_limits_count() -> None:
     assert {S, R, D, X} == ALIVE
+
+
+# -- VRAM ----------------------------------------------------------------------------------
+
+
+def test_vram_budget_limits_gpu_instances_and_evicts_for_room() -> None:
+    from scheduler.policy import InstanceView, Launch, Snapshot, Wait, plan_launch
+
+    gib = 2**30
+    a = InstanceView("a#1", "a", State.READY, 0, 1, last_used=1.0, footprint=1, vram=3 * gib)
+    s = Snapshot(now=10.0, instances=[a], max_instances=4, memory_budget=None,
+                 vram_budget=4 * gib, replicas={})
+    # A second GPU model does not fit beside the first: evict it (idle).
+    assert plan_launch(s, "b", footprint=1, vram=2 * gib) == Launch("b", ("a#1",))
+    # A CPU-only model (no VRAM) fits beside it.
+    assert plan_launch(s, "c", footprint=1, vram=0) == Launch("c")
+    # Busy, it cannot be evicted: wait.
+    busy = Snapshot(now=10.0, instances=[InstanceView("a#1", "a", State.READY, 1, 1, 1.0,
+                                                      vram=3 * gib)],
+                    max_instances=4, vram_budget=4 * gib)
+    assert isinstance(plan_launch(busy, "b", vram=2 * gib), Wait)
+    # More VRAM than the whole budget can never fit.
+    never = plan_launch(s, "huge", vram=5 * gib)
+    assert isinstance(never, Wait) and never.never and "VRAM budget" in never.reason
+
+
+@pytest.mark.parametrize(
+    ("total", "ngl", "layers", "want"),
+    [
+        (1000, None, 10, (256 * 2**20, 1000)),  # default: all layers on the GPU
+        (1000, -1, 10, (256 * 2**20, 1000)),
+        (1000, 99, 10, (256 * 2**20, 1000)),
+        (1000, 0, 10, (1000, 0)),  # CPU only
+        (1000, 4, 10, (600, 400)),  # partial offload
+        (0, None, 10, (0, 0)),  # unknown size
+    ],
+)
+def test_split_footprint(total: int, ngl: int | None, layers: int,
+                         want: tuple[int, int]) -> None:
+    from scheduler.sources import split_footprint
+
+    assert split_footprint(total, ngl, layers) == want
