@@ -218,11 +218,14 @@ async def serve(
         await stop.wait()
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        # Extra ports first; the core (and with it every instance) last.
-        for r in reversed(runners):
-            await r.cleanup()
+        try:
+            # Extra ports first; the core (and with it every instance) last. The
+            # handlers stay installed meanwhile: a second signal forces the exit.
+            for r in reversed(runners):
+                await r.cleanup()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -203,3 +203,28 @@ def test_model_downloaded_from_hugging_face_on_first_use(
         hub.shutdown()
         hub.server_close()
         thread.join(timeout=5)
+
+
+def test_second_signal_forces_exit_and_children_still_die(corral, gemma: Path) -> None:
+    c = corral(model_toml("gemma", gemma))
+    body = {"model": "gemma", "messages": HELLO, "max_tokens": 2000, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as hc, hc.stream("POST", c.url + "/v1/chat/completions",
+                                                   json=body) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        children = c.children()
+        assert children
+        c.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert c.proc.poll() is None  # draining: the running call may finish
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(timeout=10) == 130
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    wait_until(lambda: all(gone(p) for p in children), timeout=10)
