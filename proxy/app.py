@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -93,9 +93,11 @@ async def health(request: web.Request) -> web.Response:
 
 @dataclass
 class CoreOptions:
+    """What tests change about the core: where llama-server comes from, how often
+    the reaper looks for idle instances."""
+
     find_binary: BinaryFinder = _default_finder
     reap_interval: float = 0.5
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _core_ctx(
