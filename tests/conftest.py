@@ -45,6 +45,19 @@ async def wait_for(pred: Callable[[], bool], within: float = 10.0, step: float =
 
 
 @pytest.fixture
+def corral(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
+    """Start Corral's main port around fake llama-servers, in this process:
+    ``client = await corral(cfg)`` gives an aiohttp test client."""
+    from proxy.app import CoreOptions, build_openai_app
+
+    async def start(cfg: CorralConfig, **kw: Any) -> Any:
+        opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
+        return await aiohttp_client(build_openai_app(cfg, opts), **kw)
+
+    return start
+
+
+@pytest.fixture
 def corral_ports(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
     """Start Corral's three ports around fake llama-servers, in this process.
 

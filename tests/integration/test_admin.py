@@ -14,20 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.admin import LogCursor
-from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
-from scheduler.config import CorralConfig
 from tests.conftest import make_config, wait_for
-
-
-@pytest.fixture
-def corral(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
-    async def start(cfg: CorralConfig) -> TestClient:
-        opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
-        client: TestClient = await aiohttp_client(build_openai_app(cfg, opts))
-        return client
-
-    return start
 
 
 def chat(model: str, **kw: Any) -> dict[str, Any]:

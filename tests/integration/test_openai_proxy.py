@@ -10,24 +10,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 
 from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
-from scheduler.config import CorralConfig
 from scheduler.instance import State
 from tests.conftest import make_config, wait_for
-
-
-@pytest.fixture
-def corral(aiohttp_client: Any, fake_llama: Path):
-    async def start(cfg: CorralConfig, **kw: Any) -> TestClient:
-        opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
-        app = build_openai_app(cfg, opts)
-        client: TestClient = await aiohttp_client(app, **kw)
-        return client
-
-    return start
 
 
 def chat(model: str, stream: bool = False, **kw: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,11 @@ import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
-from scheduler.config import CorralConfig
 from scheduler.instance import ALIVE, State
 from scheduler.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
 from tests.fakes import FAKE_SERVER
-
-
-@pytest.fixture
-def corral(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
-    async def start(cfg: CorralConfig) -> TestClient:
-        opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
-        client: TestClient = await aiohttp_client(build_openai_app(cfg, opts))
-        return client
-
-    return start
 
 
 def chat(model: str, content: str = "hello there", **kw: Any) -> dict[str, Any]:
