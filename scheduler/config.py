@@ -99,7 +99,7 @@ class SchedulerConfig(_Strict):
     default_ttl: float = Field(300.0, description="idle seconds before unload; <0 never")
     drain_timeout: float = Field(30.0, ge=0, description="grace for running calls on eviction")
     stop_timeout: float = Field(5.0, ge=0, description="SIGTERM → SIGKILL grace")
-    health_interval: float = Field(0.05, gt=0, description="readiness poll interval, seconds")
+    health_interval: float = Field(0.02, gt=0, description="readiness poll interval, seconds")
     log_lines: int = Field(500, ge=10, description="lines kept per instance log")
     memory_budget: int | Literal["auto"] | None = Field(
         "auto",

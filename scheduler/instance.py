@@ -66,7 +66,7 @@ class LaunchSpec:
     port: int
     slots: int
     load_timeout: float
-    health_interval: float = 0.05
+    health_interval: float = 0.02
 
 
 def _pdeathsig_preexec() -> Callable[[], None] | None:
