@@ -83,11 +83,6 @@ class Upstream:
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
-    requested: str = ""
-
-    @property
-    def fell_back(self) -> bool:
-        return bool(self.requested) and self.requested != self.model
 
 
 class _Waiter:
@@ -397,8 +392,7 @@ class Scheduler:
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         try:
-            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
-                           requested=m.cfg.name)
+            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start)
         finally:
             inst.release()
 

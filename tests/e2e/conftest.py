@@ -139,6 +139,14 @@ def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., Cor
                 cp.proc.wait()
 
 
+def reaped(pid: int) -> bool:
+    """Whether a process is gone (or only a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def wait_until(pred: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not pred():

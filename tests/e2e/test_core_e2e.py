@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, model_toml, wait_until
+from tests.e2e.conftest import CorralProc, model_toml, reaped, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -135,13 +135,7 @@ def test_sigkill_of_corral_leaves_no_llama_server(corral, gemma: Path) -> None:
     os.kill(c.proc.pid, signal.SIGKILL)
     c.proc.wait(timeout=10)
 
-    def gone(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
-
-    wait_until(lambda: all(gone(p) for p in children), timeout=10)
+    wait_until(lambda: all(reaped(p) for p in children), timeout=10)
 
 
 def test_sigterm_drains_and_exits_zero(corral, gemma: Path) -> None:
@@ -221,10 +215,4 @@ def test_second_signal_forces_exit_and_children_still_die(corral, gemma: Path) -
         c.proc.send_signal(signal.SIGTERM)
         assert c.proc.wait(timeout=10) == 130
 
-    def gone(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
-
-    wait_until(lambda: all(gone(p) for p in children), timeout=10)
+    wait_until(lambda: all(reaped(p) for p in children), timeout=10)
