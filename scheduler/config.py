@@ -33,6 +33,11 @@ from scheduler.errors import ConfigError
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
 
+Capability = Literal[
+    "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
+]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -47,6 +52,30 @@ class ServerConfig(_Strict):
     api_keys: tuple[str, ...] = ()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # Browsers and the edge (docs/security.md).
+    allowed_hosts: tuple[str, ...] = Field(
+        (), description="Host header values accepted besides loopback names and 'host'"
+    )
+    cors_origins: tuple[str, ...] = Field(
+        (), description="Origins whose pages may call the API (the Ollama port keeps its rules)"
+    )
+    admin_config_write: bool = Field(
+        False, description="allow PUT /admin/config (never for what Corral executes)"
+    )
+    default_model: str | None = Field(
+        None, description="model for native calls (/completion, /tokenize ...) that name none"
+    )
+    # Listener limits.
+    header_timeout: float = Field(30.0, gt=0, description="seconds to read a request's headers")
+    body_timeout: float = Field(300.0, gt=0, description="seconds to read a request body")
+    keepalive_timeout: float = Field(75.0, ge=0, description="idle keep-alive seconds")
+    max_connections: int = Field(4096, ge=1, description="client connections per port at once")
+    max_body_bytes_in_flight: int = Field(
+        512 * 2**20, ge=2**20, description="request body bytes held in memory at once, all ports"
+    )
+    lmstudio_sdk_port: int | None = Field(
+        None, ge=0, le=65535, description="extra LM Studio SDK discovery listener (41343)"
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -114,6 +143,9 @@ class SchedulerConfig(_Strict):
     )
     vram_headroom: int = Field(512 * 2**20, ge=0, description="VRAM kept free per GPU")
     remote_check_interval: float = Field(5.0, gt=0, description="seconds between remote checks")
+    ready_check_interval: float = Field(
+        5.0, gt=0, description="seconds between health checks of ready instances"
+    )
 
     @field_validator(
         "memory_budget", "memory_headroom", "vram_budget", "vram_headroom", mode="before"
@@ -164,6 +196,22 @@ class ModelConfig(_Strict):
     remote_slots: int = Field(8, ge=1, description="concurrent calls sent to each remote")
     fallbacks: tuple[str, ...] = Field(
         (), description="models to use, in order, when this one cannot be served"
+    )
+    # Upstream time limits (a call that trips one may be resent while its client has
+    # received nothing; the instance is health-checked at once).
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
+    first_byte_timeout: float = Field(
+        600.0, gt=0, description="seconds from sending a call to its first answer byte"
+    )
+    stall_timeout: float = Field(
+        120.0, gt=0, description="seconds an answer may pause between two chunks"
+    )
+    rerank: bool = Field(False, description="a reranking model (llama-server --rerank)")
+    capabilities: tuple[Capability, ...] | None = Field(
+        None, description="what the model serves; default: derived from its GGUF and flags"
+    )
+    loading_feedback: Literal["comments", "visible", "off"] = Field(
+        "comments", description="what a stream shows while its model loads or queues"
     )
 
     @field_validator("footprint", mode="before")
