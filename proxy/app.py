@@ -21,14 +21,16 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, metrics, openai
+from proxy import admin, lmstudio, metrics, ollama, openai
+from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware, render
-from proxy.keys import CONFIG, SCHEDULER, SESSION
+from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
 from scheduler.config import CorralConfig
@@ -136,6 +138,7 @@ def build_openai_app(
                           client_max_size=64 << 20)
     app[CONFIG] = cfg
     app[METRICS] = stats
+    app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
     metrics.install(app)
     # In start order; torn down in reverse, so the scheduler stops last.
     app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions(), stats))
@@ -143,7 +146,7 @@ def build_openai_app(
     app.cleanup_ctx.append(reload_ctx(config_path, stats))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics.handle_metrics)
-    openai.add_routes(app)
+    openai.add_routes(app, "main")
     admin.add_routes(app)
     return app
 
@@ -161,20 +164,26 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app[CONFIG] = cfg
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
+    app[BODY_BUDGET] = core[BODY_BUDGET]
     return app
 
 
 def port_apps(core: web.Application) -> list[tuple[str, int, web.Application]]:
     """The enabled extra ports: (label, port, app)."""
-    from proxy import lmstudio, ollama
-
     server = core[CONFIG].server
     out = []
     if server.ollama_enabled:
-        out.append(("Ollama API", server.ollama_port, ollama.build_app(core)))
+        out.append(("Ollama API", server.ollama_port, port_app(core, "ollama")))
     if server.lmstudio_enabled:
-        out.append(("LM Studio API", server.lmstudio_port, lmstudio.build_app(core)))
+        out.append(("LM Studio API", server.lmstudio_port, port_app(core, "lmstudio")))
     return out
+
+
+def port_app(core: web.Application, dialect: Literal["ollama", "lmstudio"]) -> web.Application:
+    """The Ollama or LM Studio port's app, its routes mounted."""
+    app = build_port_app(core, dialect)
+    (ollama if dialect == "ollama" else lmstudio).setup(app)
+    return app
 
 
 async def serve(

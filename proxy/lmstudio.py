@@ -15,10 +15,12 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
-from proxy import openai, translate
-from proxy.keys import SCHEDULER, SESSION
+from proxy import body as bodies
+from proxy import jsonc, openai, routes, translate, upstream
+from proxy.keys import SCHEDULER
 from proxy.modelinfo import (
     MODEL_INFO,
     ModelFacts,
@@ -28,13 +30,12 @@ from proxy.modelinfo import (
     vision,
 )
 from proxy.reqlog import note_model
-from proxy.streaming import post_upstream, upstream_batches, write_stream
-from scheduler.config import ModelConfig
+from proxy.streaming import upstream_batches, write_stream
+from proxy.translate import upstream_error_body
+from scheduler.config import Capability, ModelConfig
 from scheduler.errors import BadRequest, CorralError, UnknownModel
 from scheduler.instance import State
-from scheduler.scheduler import LeaseHints, Scheduler
-
-_JSON = {"Content-Type": "application/json"}
+from scheduler.scheduler import LeaseHints, Scheduler, Upstream
 
 
 class NotFound(CorralError):
@@ -43,9 +44,8 @@ class NotFound(CorralError):
     type = "invalid_request_error"
 
 
-def ttl_of(payload: dict[str, Any]) -> float | None:
+def ttl_of(ttl: object) -> float | None:
     """LM Studio's ``ttl``: idle seconds before unload; negative keeps it loaded."""
-    ttl = payload.get("ttl")
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
@@ -53,16 +53,13 @@ def ttl_of(payload: dict[str, Any]) -> float | None:
     return -1.0 if ttl < 0 else float(ttl)
 
 
-def hints_for(scheduler: Scheduler, model: str, payload: dict[str, Any]) -> LeaseHints | None:
-    ttl = ttl_of(payload)
-    affinity = openai.prefix_key(payload) if scheduler.balanced(model) else None
+def hints_for(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHints | None:
+    """The lease hints of an LM Studio call: its ``ttl`` and prefix affinity."""
+    ttl = ttl_of(head.ttl)
+    affinity = head.prefix_key() if scheduler.balanced(model) else None
     if ttl is None and affinity is None:
         return None
     return LeaseHints(affinity=affinity, keep_alive=ttl)
-
-
-def _request_hints(request: web.Request, model: str, payload: dict[str, Any]) -> LeaseHints | None:
-    return hints_for(request.app[SCHEDULER], model, payload)
 
 
 # --- /api/v0 ------------------------------------------------------------------------------
@@ -123,33 +120,44 @@ async def _v0_chunks(
         }]
 
 
-async def v0_generate(request: web.Request, path: str) -> web.StreamResponse:
-    payload = openai.parse_body(await request.read())
-    model = openai.model_of(payload)
-    scheduler, session = request.app[SCHEDULER], request.app[SESSION]
-    cfg = scheduler.resolve(model)
+async def v0_generate(request: web.Request, path: str, capability: Capability) -> (
+    web.StreamResponse
+):
+    raw = await bodies.read(request, 64 << 20)
+    payload = jsonc.loads_object(raw)
+    model = jsonc.model_of(payload)
+    scheduler = request.app[SCHEDULER]
+    cfg = routes.check(scheduler, model, capability)
     info = model_info(cfg, await request.app[MODEL_INFO].get(cfg))
-    async with (
-        scheduler.lease(model, hints_for(scheduler, model, payload)) as up,
-        post_upstream(session, up.base_url, up.instance_id, path, payload) as resp,
-    ):
-        note_model(up.model)
-        if payload.get("stream"):
+    stream = payload.get("stream") is True
+
+    async def consume(
+        up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client
+    ) -> web.StreamResponse:
+        if resp.status != 200:
+            raise upstream_error_body(resp.status, await resp.read())
+        if stream:
             batches = upstream_batches(resp, up.instance_id)
-            return await write_stream(request, _v0_chunks(batches, info), ndjson=False)
-        body = await resp.json()
-    body["stats"] = translate.lmstudio_stats(body.get("timings"), _finish_reason(body))
-    body["model_info"] = info
-    body["runtime"] = runtime(body.get("system_fingerprint"))
-    return web.json_response(body)
+            return await write_stream(request, _v0_chunks(batches, info), ndjson=False,
+                                      client=client)
+        body = jsonc.loads(await resp.read())
+        body["stats"] = translate.lmstudio_stats(body.get("timings"), _finish_reason(body))
+        body["model_info"] = info
+        body["runtime"] = runtime(body.get("system_fingerprint"))
+        client.answered = True
+        return web.json_response(body)
+
+    spec = upstream.Call(model=model, path=path, body=raw,
+                         hints=hints_for(scheduler, model, jsonc.head(raw)))
+    return await upstream.answer(request, "openai", spec, consume)
 
 
 async def v0_chat(request: web.Request) -> web.StreamResponse:
-    return await v0_generate(request, "/v1/chat/completions")
+    return await v0_generate(request, "/v1/chat/completions", "chat")
 
 
 async def v0_completions(request: web.Request) -> web.StreamResponse:
-    return await v0_generate(request, "/v1/completions")
+    return await v0_generate(request, "/v1/completions", "completion")
 
 
 def _ready(scheduler: Scheduler, name: str) -> int:
@@ -247,11 +255,11 @@ async def v1_models(request: web.Request) -> web.Response:
 async def v1_load(request: web.Request) -> web.Response:
     """Load a model now. Load-time options (context_length, flash_attention, ...) are
     the model config's business and are ignored here."""
-    payload = openai.parse_body(await request.read())
-    model = openai.model_of(payload)
+    payload = await bodies.read_json(request)
+    model = jsonc.model_of(payload)
     scheduler = request.app[SCHEDULER]
     cfg = scheduler.resolve(model)
-    async with scheduler.lease(model, LeaseHints(keep_alive=ttl_of(payload))) as up:
+    async with scheduler.lease(model, LeaseHints(keep_alive=ttl_of(payload.get("ttl")))) as up:
         note_model(up.model)
         waited = up.waited
     return web.json_response({
@@ -263,7 +271,7 @@ async def v1_load(request: web.Request) -> web.Response:
 
 
 async def v1_unload(request: web.Request) -> web.Response:
-    payload = openai.parse_body(await request.read())
+    payload = await bodies.read_json(request)
     instance_id = payload.get("instance_id") or payload.get("model")
     if not isinstance(instance_id, str) or not instance_id:
         raise BadRequest("'instance_id' is required")
@@ -287,22 +295,18 @@ async def greeting(request: web.Request) -> web.Response:
     )
 
 
-def build_app(core: web.Application) -> web.Application:
-    from proxy.app import build_port_app
-
-    app = build_port_app(core, "lmstudio")
+def setup(app: web.Application) -> None:
+    """Mount the LM Studio routes on the port's app (``proxy.app.port_app``)."""
     app[MODEL_INFO] = ModelInfoCache()
     r = app.router
     # /v1 as on the OpenAI port, with LM Studio's `ttl` honoured; the body goes
     # upstream untouched.
-    openai.add_routes(app, _request_hints)
+    openai.add_routes(app, "lmstudio", hints_for)
     r.add_get("/api/v0/models", v0_models)
     r.add_get("/api/v0/models/{model:.+}", v0_model_one)
     r.add_post("/api/v0/chat/completions", v0_chat)
     r.add_post("/api/v0/completions", v0_completions)
-    r.add_post("/api/v0/embeddings", openai.pass_through("/v1/embeddings", _request_hints))
     r.add_get("/api/v1/models", v1_models)
     r.add_post("/api/v1/models/load", v1_load)
     r.add_post("/api/v1/models/unload", v1_unload)
     r.add_get("/lmstudio-greeting", greeting)
-    return app

@@ -19,19 +19,21 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import openai, translate
-from proxy.keys import SCHEDULER, SESSION
+from proxy import body as bodies
+from proxy import jsonc, openai, translate, upstream
+from proxy.keys import SCHEDULER
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
 from proxy.reqlog import note_model
-from proxy.streaming import post_upstream, upstream_batches, write_stream
-from proxy.translate import OllamaStream, tagged
+from proxy.streaming import upstream_batches, write_stream
+from proxy.translate import OllamaStream, tagged, upstream_error_body
 from scheduler.config import ModelConfig
 from scheduler.errors import BadRequest, NotSupported, UnknownModel
 from scheduler.instance import State
-from scheduler.scheduler import LeaseHints, Scheduler
+from scheduler.scheduler import LeaseHints, Scheduler, Upstream
 
 VERSION = "0.12.6"
 
@@ -125,7 +127,7 @@ def resolve(scheduler: Scheduler, raw: str) -> Target:
 
 
 async def read_body(request: web.Request) -> dict[str, Any]:
-    return openai.parse_body(await request.read())
+    return await bodies.read_json(request)
 
 
 def model_field(body: dict[str, Any]) -> str:
@@ -186,24 +188,33 @@ async def _generate(
     hints: LeaseHints,
     path: str,
     payload: dict[str, Any],
-    state: OllamaStream,
+    new_state: Callable[[], OllamaStream],
     stream: bool,
     started: int,
 ) -> web.StreamResponse:
-    scheduler, session = request.app[SCHEDULER], request.app[SESSION]
-    async with scheduler.lease(target.name, hints) as up:
-        note_model(up.model)
+    """Every generation goes upstream as a stream; a call whose client has received
+    nothing yet (all of a ``stream: false`` one) is resent if its upstream fails."""
+
+    async def consume(
+        up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client
+    ) -> web.StreamResponse:
+        if resp.status != 200:
+            raise upstream_error_body(resp.status, await resp.read())
         load_ns = round(up.waited * 1e9)
-        async with post_upstream(session, up.base_url, up.instance_id, path, payload) as resp:
-            batches = upstream_batches(resp, up.instance_id)
-            if stream:
-                return await write_stream(request, _lines(batches, state, started, load_ns),
-                                          ndjson=True)
-            async with contextlib.aclosing(batches):
-                async for batch in batches:
-                    for event in batch:
-                        state.feed(event)
-            return web.json_response(state.whole(elapsed_ns(started), load_ns))
+        state = new_state()  # fresh per attempt: a resent call starts over
+        batches = upstream_batches(resp, up.instance_id)
+        if stream:
+            return await write_stream(request, _lines(batches, state, started, load_ns),
+                                      ndjson=True, client=client)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for event in batch:
+                    state.feed(event)
+        client.answered = True
+        return web.json_response(state.whole(elapsed_ns(started), load_ns))
+
+    spec = upstream.Call(model=target.name, path=path, payload=payload, hints=hints)
+    return await upstream.answer(request, "openai", spec, consume)
 
 
 def _stream_flag(body: dict[str, Any]) -> bool:
@@ -220,8 +231,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not body.get("messages"):
         return await _probe(request, target, keep, "chat")
     payload = translate.chat_body(body, target.name)
-    state = OllamaStream("chat", target.display, show_thinking=body.get("think") is not False)
-    return await _generate(request, target, keep.hints, "/v1/chat/completions", payload, state,
+    think = body.get("think") is not False
+    return await _generate(request, target, keep.hints, "/v1/chat/completions", payload,
+                           lambda: OllamaStream("chat", target.display, show_thinking=think),
                            _stream_flag(body), started)
 
 
@@ -234,9 +246,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not (body.get("prompt") or body.get("suffix") or body.get("system")):
         return await _probe(request, target, keep, "generate")
     path, payload = translate.generate_call(body, target.name)
-    state = OllamaStream("generate", target.display, show_thinking=body.get("think") is not False)
-    return await _generate(request, target, keep.hints, path, payload, state, _stream_flag(body),
-                           started)
+    think = body.get("think") is not False
+    return await _generate(request, target, keep.hints, path, payload,
+                           lambda: OllamaStream("generate", target.display, show_thinking=think),
+                           _stream_flag(body), started)
 
 
 # --- embeddings ------------------------------------------------------------------------
@@ -251,15 +264,19 @@ async def _embed(
             f'"{target.display}" does not support embeddings (set embedding = true in its '
             "model config)"
         )
-    scheduler, session = request.app[SCHEDULER], request.app[SESSION]
     payload = {"model": target.name, "input": inputs}
-    async with scheduler.lease(target.name, hints) as up:
-        note_model(up.model)
-        async with post_upstream(session, up.base_url, up.instance_id, "/v1/embeddings",
-                                 payload) as resp:
-            answer = await resp.json()
-        vectors, tokens = translate.embeddings_of(answer)
+
+    async def consume(
+        up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client
+    ) -> tuple[list[list[float]], int, int]:
+        raw = await resp.read()
+        if resp.status != 200:
+            raise upstream_error_body(resp.status, raw)
+        vectors, tokens = translate.embeddings_of(jsonc.loads(raw))
         return vectors, tokens, round(up.waited * 1e9)
+
+    spec = upstream.Call(model=target.name, path="/v1/embeddings", payload=payload, hints=hints)
+    return await upstream.call(request, "openai", spec, consume)
 
 
 async def embed(request: web.Request) -> web.Response:
@@ -444,10 +461,8 @@ async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": VERSION})
 
 
-def build_app(core: web.Application) -> web.Application:
-    from proxy.app import build_port_app
-
-    app = build_port_app(core, "ollama")
+def setup(app: web.Application) -> None:
+    """Mount the Ollama routes on the port's app (``proxy.app.port_app``)."""
     app[MODEL_INFO] = ModelInfoCache()
     allowed = origin_matcher(os.environ.get("OLLAMA_ORIGINS", ""))
     # After the request middleware (index 0), so CORS refusals and preflights count.
@@ -470,5 +485,4 @@ def build_app(core: web.Application) -> web.Application:
     r.add_delete("/api/delete", delete)
     r.add_head("/api/blobs/{digest}", blob_head)
     r.add_post("/api/blobs/{digest}", blob_post)
-    openai.add_routes(app)
-    return app
+    openai.add_routes(app, "ollama")

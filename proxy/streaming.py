@@ -17,8 +17,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.errors import stream_error_event
+from proxy.metrics import MODEL_HEADER
 from proxy.translate import upstream_error_body
+from proxy.upstream import Client
 from scheduler.errors import CorralError, UpstreamFailed
+from scheduler.scheduler import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -32,51 +36,79 @@ def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
     return resp.content_type == "text/event-stream"
 
 
-async def relay(
-    request: web.Request, resp: aiohttp.ClientResponse, instance_id: str, model: str
-) -> web.StreamResponse:
-    """Send an upstream response to the client as it comes.
+async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> web.StreamResponse:
+    """Send an upstream response to the client as it comes (a ``upstream.call``
+    consumer).
 
-    ``X-Corral-Model`` names the model that answered, which differs from the one
-    asked for when a fallback served the call.
+    Nothing is sent before the answer's first byte has arrived, so an upstream that
+    fails before it can be replaced. ``X-Corral-Model`` names the model that
+    answered, which differs from the one asked for when a fallback served the call.
     """
+    if client.response is not None:
+        # Loading feedback has sent the headers: the answer joins that stream.
+        return await _relay_into(client.response, up, resp, client)
     length = resp.content_length
-    if not is_event_stream(resp) and length is not None and length <= _WHOLE_BODY_LIMIT:
-        try:
-            body = await resp.read()
-        except _UPSTREAM_BROKE as e:
-            raise UpstreamFailed(f"instance {instance_id} failed while answering: {e}") from None
+    sse = is_event_stream(resp)
+    if not sse and length is not None and length <= _WHOLE_BODY_LIMIT:
+        body = await resp.read()
+        client.answered = True
         return web.Response(
             status=resp.status,
             body=body,
             headers={
                 "Content-Type": resp.headers.get("Content-Type", "application/json"),
-                "X-Corral-Model": model,
+                MODEL_HEADER: up.model,
             },
         )
-
-    out = web.StreamResponse(status=resp.status, headers={"X-Corral-Model": model})
+    first = await resp.content.readany()
+    out = web.StreamResponse(status=resp.status, headers={MODEL_HEADER: up.model})
     out.content_type = resp.content_type
     if resp.charset:
         out.charset = resp.charset
-    if is_event_stream(resp):
+    if sse:
         out.headers["Cache-Control"] = "no-cache"
         # Tell nginx & co. in front of us not to buffer the stream either.
         out.headers["X-Accel-Buffering"] = "no"
     elif length is not None:
         out.content_length = length
-    await out.prepare(request)
+    client.answered = True
+    await out.prepare(client.request)
+    await out.write(first)
+    await _pump(out, up, resp, client, sse)
+    return out
+
+
+async def _relay_into(
+    out: web.StreamResponse, up: Upstream, resp: aiohttp.ClientResponse, client: Client
+) -> web.StreamResponse:
+    if resp.status != 200:
+        err = upstream_error_body(resp.status, await resp.read())
+        client.answered = True
+        await out.write(stream_error_event(err, client.family))
+        await out.write_eof()
+        return out
+    first = await resp.content.readany()
+    client.answered = True
+    await out.write(first)
+    await _pump(out, up, resp, client, True)
+    return out
+
+
+async def _pump(
+    out: web.StreamResponse, up: Upstream, resp: aiohttp.ClientResponse, client: Client,
+    sse: bool,
+) -> None:
     try:
         async for chunk in resp.content.iter_any():
             await out.write(chunk)
     except _UPSTREAM_BROKE as e:
-        log.warning("instance %s broke mid-stream: %s", instance_id, e)
-        if is_event_stream(resp):
-            await out.write(sse_event(stream_error(f"upstream instance {instance_id} failed "
-                                                   f"mid-stream: {e or type(e).__name__}")))
-        return out
+        log.warning("instance %s broke mid-stream: %s", up.instance_id, e or type(e).__name__)
+        if sse:
+            err = UpstreamFailed(f"upstream instance {up.instance_id} failed mid-stream: "
+                                 f"{'timed out' if isinstance(e, TimeoutError) else e}")
+            await out.write(stream_error_event(err, client.family))
+        return
     await out.write_eof()
-    return out
 
 
 def stream_error(message: str) -> dict[str, Any]:
@@ -194,6 +226,7 @@ async def write_stream(
     batches: AsyncGenerator[list[dict[str, Any]], None],
     *,
     ndjson: bool,
+    client: Client | None = None,
 ) -> web.StreamResponse:
     """Send translated items as NDJSON lines (Ollama) or SSE events (LM Studio).
 
@@ -201,13 +234,16 @@ async def write_stream(
     so a CorralError raised before it still reaches the error middleware and gets
     its real status. One raised later becomes the last item, ``{"error": ...}``
     (Ollama) or an OpenAI-shaped error event (LM Studio), because the status line
-    is already sent. ``batches`` is closed on every path, so whatever upstream
+    is already sent (and ``client``, given, is marked answered then: from that point
+    on a failure can no longer be resent). ``batches`` is closed on every path, so whatever upstream
     response it reads is released, also when the client goes away.
     """
     out: web.StreamResponse | None = None
     encode = ndjson_line if ndjson else sse_event
 
     async def start() -> web.StreamResponse:
+        if client is not None:
+            client.answered = True
         resp = web.StreamResponse()
         if ndjson:
             resp.content_type = NDJSON

@@ -4,6 +4,8 @@
 
     CorralError                    every error Corral itself produces (src="corral")
     ├── BadRequest                 the caller's request is malformed         400
+    │   └── CannotServe            the model lacks what the endpoint needs   400
+    ├── TooLarge                   a body over its route's limit             413
     ├── Unauthorized               missing or wrong API key                  401
     ├── NotSupported               an endpoint or option Corral does not do  501
     ├── ConfigError                a config file or key is invalid          (startup/check)
@@ -38,6 +40,22 @@ class CorralError(Exception):
 class BadRequest(CorralError):
     status = 400
     code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class CannotServe(BadRequest):
+    code = "model_cannot_serve"
+
+    def __init__(self, model: str, capability: str, able: Sequence[str]) -> None:
+        names = ", ".join(sorted(able)) or "none is configured"
+        super().__init__(
+            f"model '{model}' cannot serve {capability} calls; models that can: {names}"
+        )
+
+
+class TooLarge(CorralError):
+    status = 413
+    code = "request_too_large"
     type = "invalid_request_error"
 
 

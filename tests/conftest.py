@@ -64,8 +64,7 @@ def corral_ports(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
     ``await corral_ports(cfg)`` returns ``Ports(openai, ollama, lmstudio)`` test clients;
     the core app starts first (it owns the scheduler), as in ``proxy.app.serve``.
     """
-    from proxy import lmstudio, ollama
-    from proxy.app import CoreOptions, build_openai_app
+    from proxy.app import CoreOptions, build_openai_app, port_app
 
     async def start(cfg: CorralConfig, reap_interval: float = 0.05) -> Ports:
         opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=reap_interval)
@@ -73,8 +72,8 @@ def corral_ports(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
         main = await aiohttp_client(core)
         return Ports(
             openai=main,
-            ollama=await aiohttp_client(ollama.build_app(core)),
-            lmstudio=await aiohttp_client(lmstudio.build_app(core)),
+            ollama=await aiohttp_client(port_app(core, "ollama")),
+            lmstudio=await aiohttp_client(port_app(core, "lmstudio")),
         )
 
     return start

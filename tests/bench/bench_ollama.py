@@ -26,8 +26,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy import ollama
-from proxy.app import CoreOptions, build_openai_app
+
+from proxy.app import CoreOptions, build_openai_app, port_app
 from tests.conftest import make_config
 from tests.fakes import fake_binary
 
@@ -85,7 +85,7 @@ async def main(tokens: int, rounds: int, widths: list[int]) -> None:
         fake = fake_binary(Path(tmp) / "bin")
         core = build_openai_app(cfg, CoreOptions(find_binary=lambda _: fake))
         core_runner, openai_base = await start(core)
-        ollama_runner, ollama_base = await start(ollama.build_app(core))
+        ollama_runner, ollama_base = await start(port_app(core, "ollama"))
         try:
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector) as session:
