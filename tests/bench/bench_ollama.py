@@ -26,7 +26,6 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-
 from proxy.app import CoreOptions, build_openai_app, port_app
 from tests.conftest import make_config
 from tests.fakes import fake_binary
