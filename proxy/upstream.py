@@ -27,6 +27,7 @@ import contextlib
 import functools
 import logging
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -161,7 +162,7 @@ async def _send(
     elif spec.payload is not None:
         data = jsonc.dumps(spec.payload)
     else:
-        data = spec.body
+        data = _payload(spec.body)
     resp = await session.request(
         spec.method, url, data=data, headers=spec.headers,
         timeout=_timeout(cfg.connect_timeout, cfg.first_byte_timeout),
@@ -172,6 +173,16 @@ async def _send(
         conn.protocol.read_timeout = cfg.stall_timeout
         conn.protocol.start_timeout()
     return resp
+
+
+def _payload(body: bytes | bytearray | None) -> Any:
+    if body is None or len(body) <= 1 << 20:
+        return body
+    # aiohttp warns on bytes bodies over 1 MiB; the warning is about blocking writes
+    # of a copy, and this one is neither copied nor written in one blocking call.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return aiohttp.BytesPayload(body)
 
 
 # --- leases and loading feedback -------------------------------------------------------

@@ -63,6 +63,11 @@ CMAKE_FLAGS = (
     # The binary lives in a per-machine cache, so tuning it to this CPU costs nothing.
     # With CUDA this also makes ggml target the GPUs present at build time ("native").
     "-DGGML_NATIVE=ON",
+    # ggml's AMX matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat) on CPUs that
+    # advertise AMX, as the Sapphire Rapids VMs here do; the AVX-512 kernels are used.
+    "-DGGML_AMX_TILE=OFF",
+    "-DGGML_AMX_INT8=OFF",
+    "-DGGML_AMX_BF16=OFF",
 )
 
 HTTP_TIMEOUT_S = 60.0

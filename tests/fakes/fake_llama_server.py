@@ -92,6 +92,11 @@ if __name__ == "__main__":
 # After _early_start() on purpose: this import is most of the fake's start-up time.
 from aiohttp import web  # noqa: E402
 
+if __package__:
+    from tests.fakes import fake_families
+else:  # run as a script (as Corral runs it): this folder is on sys.path
+    import fake_families  # type: ignore[no-redef]
+
 BUILD_NUMBER = 6000
 BUILD_INFO = f"b{BUILD_NUMBER}-fake"
 N_CTX_TRAIN = 8192
@@ -922,7 +927,9 @@ def build_app(srv: Server) -> web.Application:
         app.router.add_post(f"{prefix}/chat/completions", handle_chat)
         app.router.add_post(f"{prefix}/completions", handle_completions)
         app.router.add_post(f"{prefix}/embeddings", handle_embeddings)
+    app.router.add_post("/completion", handle_completions)
     app.router.add_post("/tokenize", handle_tokenize)
+    fake_families.add_routes(app, read_json)
     app.router.add_get("/fake/stats", handle_fake_stats)
     app.router.add_get("/fake/requests", handle_fake_requests)
     return app
