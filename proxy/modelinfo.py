@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.translate import human_number
+from scheduler.capabilities import capabilities as model_capabilities
 from scheduler.config import ModelConfig
 from scheduler.errors import CorralError
 from scheduler.resources import GgufInfo, read_gguf_info
@@ -86,30 +87,25 @@ class ModelFacts:
 
 
 def vision(cfg: ModelConfig) -> bool:
-    return any(a.split("=")[0] in ("--mmproj", "-mm", "--mmproj-url", "-mmu") for a in cfg.args)
+    return "vision" in model_capabilities(cfg)
 
 
 def embedding(cfg: ModelConfig) -> bool:
-    return cfg.embedding or any(a in ("--embedding", "--embeddings") for a in cfg.args)
+    return "embedding" in model_capabilities(cfg)
+
+
+# Corral's capability names as Ollama spells them.
+_OLLAMA_NAMES = {"chat": "completion", "tools": "tools", "vision": "vision",
+                 "infill": "insert", "embedding": "embedding"}
 
 
 def capabilities(cfg: ModelConfig, facts: ModelFacts) -> list[str]:
-    """Ollama's capability names.
-
-    "tools" is offered for every chat model: llama-server (--jinja, its default)
-    parses tool calls for any template, with its generic JSON format when the
-    template has no tool syntax of its own.
-    """
-    if embedding(cfg):
-        return ["embedding"]
-    caps = ["completion", "tools"]
-    if facts.thinking:
-        caps.append("thinking")
-    if vision(cfg):
-        caps.append("vision")
-    if facts.has_fim:
-        caps.append("insert")
-    return caps
+    """Ollama's capability names, from ``scheduler.capabilities`` and the GGUF."""
+    caps = model_capabilities(cfg, fim=facts.has_fim)
+    out = [name for ours, name in _OLLAMA_NAMES.items() if ours in caps]
+    if facts.thinking and "completion" in out:
+        out.insert(out.index("completion") + 1, "thinking")
+    return out
 
 
 _QUANT_BITS = re.compile(r"^(?:I?Q|F|BF)(\d+)")

@@ -51,6 +51,7 @@ DEFAULT_INDEX_URL = "https://pypi.org/simple/"
 VARIANTS = ("cpu", "cuda")
 BINARY_NAME = "llama-server"
 
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
@@ -64,10 +65,14 @@ CMAKE_FLAGS = (
     # With CUDA this also makes ggml target the GPUs present at build time ("native").
     "-DGGML_NATIVE=ON",
     # ggml's AMX matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat) on CPUs that
-    # advertise AMX, as the Sapphire Rapids VMs here do; the AVX-512 kernels are used.
+    # advertise AMX, as the Sapphire Rapids VMs here do. GGML_NATIVE's -march=native
+    # turns the AMX code on whatever GGML_AMX_* say; explicit -mno-* flags win over
+    # -march in GCC and Clang, so the AVX-512 kernels are used instead.
     "-DGGML_AMX_TILE=OFF",
     "-DGGML_AMX_INT8=OFF",
     "-DGGML_AMX_BF16=OFF",
+    f"-DCMAKE_C_FLAGS={_NO_AMX}",
+    f"-DCMAKE_CXX_FLAGS={_NO_AMX}",
 )
 
 HTTP_TIMEOUT_S = 60.0

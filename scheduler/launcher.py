@@ -43,6 +43,8 @@ def build_argv(
     ]
     if model.embedding:
         argv.append("--embedding")
+    if model.rerank:
+        argv.append("--rerank")
     if model.n_gpu_layers is not None:
         argv += ["-ngl", str(model.n_gpu_layers)]
     if model.threads is not None:
