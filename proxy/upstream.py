@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy import jsonc
 from proxy.errors import Family, stream_error_event
@@ -175,14 +176,33 @@ async def _send(
     return resp
 
 
+_SLICE = 1 << 20
+
+
+class _Slices(aiohttp.BytesPayload):
+    """A large body written a slice at a time, waiting for the socket in between: one
+    big write would be copied whole into the transport's buffer."""
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        view = memoryview(self._value)
+        if content_length is not None:
+            view = view[:content_length]
+        for i in range(0, len(view), _SLICE):
+            await writer.write(view[i:i + _SLICE])
+
+
 def _payload(body: bytes | bytearray | None) -> Any:
-    if body is None or len(body) <= 1 << 20:
+    if body is None or len(body) <= _SLICE:
         return body
-    # aiohttp warns on bytes bodies over 1 MiB; the warning is about blocking writes
-    # of a copy, and this one is neither copied nor written in one blocking call.
+    # aiohttp warns on bytes bodies over 1 MiB, against exactly what _Slices avoids.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        return aiohttp.BytesPayload(body)
+        return _Slices(body)
 
 
 # --- leases and loading feedback -------------------------------------------------------

@@ -914,7 +914,8 @@ async def llama_gate(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 def build_app(srv: Server) -> web.Application:
-    app = web.Application(middlewares=[llama_gate])
+    # llama-server takes bodies of any size; so does the fake.
+    app = web.Application(middlewares=[llama_gate], client_max_size=1 << 30)
     app[SERVER] = srv
     app.router.add_get("/health", handle_health)
     app.router.add_get("/v1/health", handle_health)
