@@ -213,6 +213,10 @@ class ModelConfig(_Strict):
     loading_feedback: Literal["comments", "visible", "off"] = Field(
         "comments", description="what a stream shows while its model loads or queues"
     )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template file, or the name of one Corral ships "
+        "(gemma3) for a GGUF that has none"
+    )
 
     @field_validator("footprint", mode="before")
     @classmethod

@@ -25,6 +25,17 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
+# Chat templates Corral ships, by name: for GGUF files that carry none. (llama-server's
+# --chat-template NAME is no substitute: with --jinja, its default, the name is taken as
+# the template text itself, and every prompt becomes that one word.)
+TEMPLATES = Path(__file__).resolve().parent / "data"
+
+
+def chat_template_file(value: str) -> Path:
+    shipped = TEMPLATES / f"{value}.jinja"
+    return shipped if "/" not in value and shipped.is_file() else Path(value).expanduser()
+
+
 def build_argv(
     binary: Path, model: ModelConfig, model_file: Path, port: int, common_args: tuple[str, ...]
 ) -> list[str]:
@@ -45,6 +56,8 @@ def build_argv(
         argv.append("--embedding")
     if model.rerank:
         argv.append("--rerank")
+    if model.chat_template:
+        argv += ["--chat-template-file", str(chat_template_file(model.chat_template))]
     if model.n_gpu_layers is not None:
         argv += ["-ngl", str(model.n_gpu_layers)]
     if model.threads is not None:

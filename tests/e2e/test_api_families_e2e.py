@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, model_toml
+from tests.e2e.conftest import CorralProc, model_toml, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -26,10 +26,11 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def served(corral: Callable[..., CorralProc], gemma: Path) -> CorralProc:
     models = (
-        model_toml("gemma", gemma, aliases=["default"], args=["--chat-template", "gemma"],
+        model_toml("gemma", gemma, aliases=["default"], chat_template="gemma3",
                    parallel=2)
         + model_toml("gemma-rerank", gemma, rerank=True)
-        + model_toml("gemma-embed", gemma, embedding=True)
+        # Gemma's GGUF sets no pooling; OpenAI embeddings need one.
+        + model_toml("gemma-embed", gemma, embedding=True, args=["--pooling", "mean"])
     )
     return corral(models, scheduler="max_instances = 3")
 
@@ -52,7 +53,7 @@ def test_anthropic_sdk_on_every_port(served: CorralProc) -> None:
             final = stream.get_final_message()
         assert text and final.content[0].text == text  # type: ignore[union-attr]
         count = client.messages.count_tokens(model="default", messages=HELLO)
-        assert count.input_tokens > 3
+        assert count.input_tokens > 0
         with pytest.raises(anthropic.NotFoundError) as e:
             client.messages.create(model="nope", max_tokens=4, messages=HELLO)
         assert e.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
@@ -106,7 +107,8 @@ def test_native_routes(served: CorralProc) -> None:
     assert "Hello world" in r.json()["content"]
     r = httpx.post(base + "/apply-template", json={"model": "gemma", "messages": HELLO},
                    timeout=30)
-    assert "Hello, how are you?" in r.json()["prompt"]
+    assert r.json()["prompt"] == (
+        "<start_of_turn>user\nHello, how are you?<end_of_turn>\n<start_of_turn>model\n")
     r = httpx.post(base + "/infill", json={"model": "gemma", "input_prefix": "def add(a, b):",
                                            "input_suffix": "\n", "n_predict": 4}, timeout=60)
     # Gemma 3 has no fill-in-the-middle tokens: llama-server's own 4xx comes back as it is.
@@ -118,13 +120,11 @@ def test_native_routes(served: CorralProc) -> None:
 def test_rerank_and_embeddings(served: CorralProc) -> None:
     r = httpx.post(served.url + "/v1/rerank", timeout=120, json={
         "model": "gemma-rerank", "query": "a cat", "documents": ["a cat sat", "stock prices"]})
-    assert r.status_code in (200, 400, 500), r.text
-    if r.status_code == 200:
-        assert {x["index"] for x in r.json()["results"]} == {0, 1}
-    else:
-        # Gemma has no classification head; what matters is llama-server's own answer,
-        # relayed in OpenAI's envelope, not a gateway failure.
-        assert "error" in r.json() and r.headers.get("X-Corral-Error") is None
+    assert r.status_code == 200, r.text
+    # Gemma has no reranking head, so the scores mean little; their shape is the test.
+    results = r.json()["results"]
+    assert {x["index"] for x in results} == {0, 1}
+    assert all(isinstance(x["relevance_score"], float) for x in results)
     r = httpx.post(served.url + "/v1/embeddings", timeout=120,
                    json={"model": "gemma-embed", "input": ["hello", "world"]})
     assert r.status_code == 200 and len(r.json()["data"]) == 2
@@ -160,11 +160,14 @@ def test_a_waiting_stream_shows_loading_comments(corral: Callable[..., CorralPro
                                                  gemma: Path) -> None:
     """One slot, taken by a long call started first: the stream behind it waits through
     the load and the queue, and says so in SSE comments before its first token."""
-    cp = corral(model_toml("gemma", gemma, args=["--chat-template", "gemma"], parallel=1))
+    cp = corral(model_toml("gemma", gemma, chat_template="gemma3", parallel=1))
     long_call = threading.Thread(target=httpx.post, args=(cp.url + "/v1/completions",), kwargs={
         "json": {"model": "gemma", "prompt": "Once upon a time", "max_tokens": 160,
                  "ignore_eos": True}, "timeout": 120})
     long_call.start()
+    # Wait until the long call holds the one slot: the stream then waits behind it.
+    wait_until(lambda: any(i["in_flight"] for i in httpx.get(
+        cp.url + "/admin/instances", timeout=5).json()["instances"]), timeout=60, step=0.02)
     lines: list[str] = []
     try:
         with httpx.stream("POST", cp.url + "/v1/chat/completions", timeout=120, json={

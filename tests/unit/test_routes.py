@@ -201,3 +201,15 @@ def test_launch_flags_follow_the_capability_keys(kw: dict[str, Any], flag: str) 
     argv = build_argv(Path("/bin/llama-server"), _cfg(**kw), Path("/m.gguf"), 1, ())
     assert flag in argv
     assert "--rerank" not in build_argv(Path("/b"), _cfg(), Path("/m.gguf"), 1, ())
+
+
+def test_a_shipped_chat_template_is_passed_as_a_file() -> None:
+    from pathlib import Path
+
+    from scheduler.launcher import build_argv
+
+    argv = build_argv(Path("/b"), _cfg(chat_template="gemma3"), Path("/m.gguf"), 1, ())
+    path = Path(argv[argv.index("--chat-template-file") + 1])
+    assert path.is_file() and "<start_of_turn>" in path.read_text()
+    argv = build_argv(Path("/b"), _cfg(chat_template="/t/mine.jinja"), Path("/m.gguf"), 1, ())
+    assert argv[argv.index("--chat-template-file") + 1] == "/t/mine.jinja"
