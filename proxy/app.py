@@ -165,6 +165,8 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
     app[BODY_BUDGET] = core[BODY_BUDGET]
+    # Every port answers its own liveness probe.
+    app.router.add_get("/health", health)
     return app
 
 

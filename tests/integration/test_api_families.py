@@ -314,3 +314,34 @@ async def test_failed_load_ends_a_waiting_stream_with_an_error_event(
     event, data = frames[-1]
     assert event == "error"
     assert json.loads(data)["error"]["type"] in ("api_error", "overloaded_error")
+
+
+async def test_a_50mb_body_leaves_health_answering(ports: Any) -> None:
+    """/health on another port keeps answering while a 50 MB JSON body is read,
+    parsed for its model and relayed (tests/bench/bench_bodies.py has the figures)."""
+    body = json.dumps({"model": "emb", "input": ["lorem ipsum " * 1000] * 4400}).encode()
+    assert len(body) > 50_000_000
+    await ports.openai.post("/v1/embeddings", json={"model": "emb", "input": "warm"})
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def poll() -> None:
+        while not done.is_set():
+            t = loop.time()
+            r = await ports.ollama.get("/health")
+            assert r.status == 200
+            gaps.append(loop.time() - t)
+
+    poller = asyncio.create_task(poll())
+    try:
+        r = await ports.openai.post("/v1/embeddings", data=io.BytesIO(body),
+                                    headers={"Content-Type": "application/json"})
+        answer = await r.json()
+    finally:
+        done.set()
+        await poller
+    assert r.status == 200 and len(answer["data"]) == 4400
+    assert len(gaps) > 5
+    # A loose guard against a whole-body stall (2.4 s before this work), not a figure.
+    assert max(gaps) < 1.0, max(gaps)
