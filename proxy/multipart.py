@@ -101,32 +101,17 @@ def handler(family: Family, capability: Capability | None, limit: int, check: Ch
         if request.content_length is not None and request.content_length > limit:
             raise bodies.too_large(limit)
         count = _Counter(limit)
-        reader = await request.multipart()
-        before: list[_Part] = []
-        model: str | None = None
-        file: aiohttp.BodyPartReader | None = None
-        spool: IO[bytes] | None = None
         try:
-            while (part := await reader.next()) is not None:
-                if not isinstance(part, aiohttp.BodyPartReader):
-                    raise BadRequest("nested multipart bodies are not supported")
-                p = _Part(part.name or "", _headers_of(part))
-                if part.filename is None:
-                    p.value = await _read_field(part, count)
-                    if p.name == "model":
-                        model = p.value.decode("utf-8", "replace").strip()
-                    before.append(p)
-                    continue
-                if file is not None or spool is not None:
-                    raise BadRequest("only one file may be uploaded per call")
-                if model:
-                    file = part
-                    p.source = "stream"
-                    before.append(p)
-                    break
-                spool = await _spool(part, count)
-                p.source = "spool"
-                before.append(p)
+            reader = await request.multipart()
+        except ValueError as e:  # no boundary, a broken Content-Type
+            raise BadRequest(f"malformed multipart body: {e}") from None
+        before: list[_Part] = []
+        try:
+            model, file, spool = await _read_head(reader, before, count)
+        except (ValueError, UnicodeError, AssertionError) as e:
+            # aiohttp's parser raises these for a body that breaks the format.
+            raise BadRequest(f"malformed multipart body: {e}") from None
+        try:
             if not model:
                 raise BadRequest("the form field 'model' is required")
             scheduler = request.app[SCHEDULER]
@@ -144,6 +129,40 @@ def handler(family: Family, capability: Capability | None, limit: int, check: Ch
                 spool.close()
 
     return handle
+
+
+async def _read_head(
+    reader: aiohttp.MultipartReader, before: list[_Part], count: _Counter
+) -> tuple[str | None, aiohttp.BodyPartReader | None, IO[bytes] | None]:
+    """Read parts until ``model`` and the file are both known (or the form ends):
+    the model, the file to stream on (model came first) or the spool (it did not)."""
+    model: str | None = None
+    spool: IO[bytes] | None = None
+    try:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader):
+                raise BadRequest("nested multipart bodies are not supported")
+            p = _Part(part.name or "", _headers_of(part))
+            if part.filename is None:
+                p.value = await _read_field(part, count)
+                if p.name == "model":
+                    model = p.value.decode("utf-8", "replace").strip()
+                before.append(p)
+                continue
+            if spool is not None:
+                raise BadRequest("only one file may be uploaded per call")
+            if model:
+                p.source = "stream"
+                before.append(p)
+                return model, part, None
+            spool = await _spool(part, count)
+            p.source = "spool"
+            before.append(p)
+    except BaseException:
+        if spool is not None:
+            spool.close()
+        raise
+    return model, None, spool
 
 
 class _Body:

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import routes
+from proxy import openapi, routes
 from proxy.keys import SCHEDULER
 from scheduler.capabilities import capabilities
 from scheduler.config import ModelConfig
@@ -41,3 +41,4 @@ def add_routes(
     routes.mount(app, port, hints_for)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_get("/openapi.json", openapi.handler(port))
