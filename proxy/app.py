@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, metrics, openai
+from proxy import admin, lmstudio_sdk, metrics, openai
 from proxy.errors import Dialect, error_middleware, render
 from proxy.keys import CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
@@ -42,7 +42,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Paths that never need an API key: liveness probes must work without secrets; "/"
 # and "/dashboard" only redirect, and the dashboard's static files hold no data (the
 # page asks for the key and sends it with every admin call).
-_OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS})
+# The LM Studio SDKs never send Authorization: their key is checked in the websocket's
+# auth packet (proxy/lmstudio_sdk/socket.py).
+_OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS,
+                         *lmstudio_sdk.OPEN_PATHS})
 
 
 def auth_middleware(keys: tuple[str, ...], dialect: Dialect) -> Middleware:

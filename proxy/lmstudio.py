@@ -5,8 +5,7 @@ before the model is unloaded). ``/api/v0`` answers the same calls with LM Studio
 ``stats``, ``model_info`` and ``runtime`` added (on the chunk that carries the
 timings when streaming, which is llama-server's last). ``/api/v1/models`` and its
 load/unload map to the scheduler. LM Studio's SDK protocol (websockets behind
-``/lmstudio-greeting``) is not spoken: the greeting answers 404 so the SDK gives up
-at discovery instead of failing later in the middle of an RPC.
+``/lmstudio-greeting``) lives in ``proxy.lmstudio_sdk``.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import openai, translate
+from proxy import lmstudio_sdk, openai, translate
 from proxy.keys import SCHEDULER, SESSION
 from proxy.modelinfo import (
     MODEL_INFO,
@@ -281,10 +280,7 @@ async def v1_unload(request: web.Request) -> web.Response:
 
 
 async def greeting(request: web.Request) -> web.Response:
-    raise NotFound(
-        "Corral does not speak the LM Studio SDK protocol; use the OpenAI-compatible "
-        "/v1 API or the REST API under /api/v0"
-    )
+    return await lmstudio_sdk.greeting(request)
 
 
 def build_app(core: web.Application) -> web.Application:
@@ -304,5 +300,5 @@ def build_app(core: web.Application) -> web.Application:
     r.add_get("/api/v1/models", v1_models)
     r.add_post("/api/v1/models/load", v1_load)
     r.add_post("/api/v1/models/unload", v1_unload)
-    r.add_get("/lmstudio-greeting", greeting)
+    lmstudio_sdk.add_routes(app)  # /lmstudio-greeting and the SDK websockets
     return app
