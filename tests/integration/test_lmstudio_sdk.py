@@ -216,3 +216,35 @@ async def test_api_keys(corral_ports: Any, tmp_path: Path) -> None:
     with pytest.raises((lms.LMStudioError, ValueError)):
         async with _KeyedClient(host(ports), ident, "wrong") as client:
             await client.list_downloaded_models()
+
+
+async def test_act_tool_loop_and_prompt_template(corral_ports: Any, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, [{"name": "tools", "env": {"FAKE_TOOL_CALLS": "1"}}])
+    ports = await corral_ports(cfg)
+    calls: list[tuple[int, int]] = []
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        calls.append((a, b))
+        return a + b
+
+    def run() -> tuple[int, list[Any], str]:
+        with lms.Client(host(ports)) as client:
+            model = client.llm.model("tools")
+            messages: list[Any] = []
+            chat = lms.Chat("be brief")
+            chat.add_user_message("what is 2+3?")
+            result = model.act(chat, [add], on_message=messages.append)
+            prompt = model.apply_prompt_template(chat)
+            return result.rounds, messages, prompt
+
+    rounds, messages, prompt = await asyncio.to_thread(run)
+    assert calls == [(2, 3)] and rounds == 2
+    # Round 2 sent the tool result back; the fake then answers with text.
+    assert "5" in str(messages[1]) and messages[-1].role == "assistant"
+    assert prompt == "<system>be brief\n<user>what is 2+3?\n<assistant>"
+    base = ports.openai.app[SCHEDULER].loaded("tools")[0].base_url
+    async with aiohttp.ClientSession() as s, s.get(base + "/fake/requests") as r:
+        bodies = [x["body"] for x in await r.json() if x["path"] == "/v1/chat/completions"]
+    assert bodies[0]["tools"][0]["function"]["name"] == "add"
+    assert bodies[1]["messages"][-1] == {"role": "tool", "content": "5", "tool_call_id": "call_0"}
