@@ -177,6 +177,11 @@ def port_apps(core: web.Application) -> list[tuple[str, int, web.Application]]:
         out.append(("Ollama API", server.ollama_port, ollama.build_app(core)))
     if server.lmstudio_enabled:
         out.append(("LM Studio API", server.lmstudio_port, lmstudio.build_app(core)))
+    if server.lmstudio_sdk_port is not None:
+        # The SDKs' zero-configuration scan finds this port (41343); a real LM Studio
+        # on the same host holds it too.
+        out.append(("LM Studio SDK (server.lmstudio_sdk_port)", server.lmstudio_sdk_port,
+                    lmstudio.build_sdk_app(core)))
     return out
 
 
@@ -215,7 +220,11 @@ async def serve(
             r = runner(app)
             await r.setup()
             runners.append(r)
-            await web.TCPSite(r, host, port, reuse_address=True).start()
+            try:
+                await web.TCPSite(r, host, port, reuse_address=True).start()
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {host}:{port} for the {label}: "
+                                       f"{e.strerror}") from None
             log.info("%s on http://%s:%d", label, host, _bound_port(r))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)

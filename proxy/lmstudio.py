@@ -302,3 +302,13 @@ def build_app(core: web.Application) -> web.Application:
     r.add_post("/api/v1/models/unload", v1_unload)
     lmstudio_sdk.add_routes(app)  # /lmstudio-greeting and the SDK websockets
     return app
+
+
+def build_sdk_app(core: web.Application) -> web.Application:
+    """The optional SDK-only listener (``server.lmstudio_sdk_port``)."""
+    from proxy.app import build_port_app
+
+    app = build_port_app(core, "lmstudio")
+    app[MODEL_INFO] = ModelInfoCache()
+    lmstudio_sdk.add_routes(app)
+    return app

@@ -248,3 +248,31 @@ async def test_act_tool_loop_and_prompt_template(corral_ports: Any, tmp_path: Pa
         bodies = [x["body"] for x in await r.json() if x["path"] == "/v1/chat/completions"]
     assert bodies[0]["tools"][0]["function"]["name"] == "add"
     assert bodies[1]["messages"][-1] == {"role": "tool", "content": "5", "tool_call_id": "call_0"}
+
+
+async def test_sdk_port_serves_the_same_routes(aiohttp_client: Any, corral_ports: Any,
+                                               tmp_path: Path) -> None:
+    from proxy import lmstudio
+
+    ports = await corral_ports(make_config(tmp_path, [{"name": "m"}]))
+    sdk = await aiohttp_client(lmstudio.build_sdk_app(ports.openai.app))
+    assert (await sdk.get("/v1/models")).status == 404  # only the SDK routes
+    async with lms.AsyncClient(f"127.0.0.1:{sdk.server.port}") as client:
+        assert [m.model_key for m in await client.list_downloaded_models()] == ["m"]
+
+
+async def test_sdk_port_taken_is_a_clear_error(fake_llama: Path, tmp_path: Path) -> None:
+    import socket
+
+    from proxy.app import CoreOptions, serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = make_config(tmp_path, [{"name": "m"}], server={
+            "port": 0, "ollama_enabled": False, "lmstudio_enabled": False,
+            "lmstudio_sdk_port": port})
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} for the "
+                                          r"LM Studio SDK \(server.lmstudio_sdk_port\)"):
+            await serve(cfg, CoreOptions(find_binary=lambda _: fake_llama))
