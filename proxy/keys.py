@@ -5,9 +5,13 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from proxy.chat_store import ChatStore
 from scheduler.config import CorralConfig
 from scheduler.scheduler import Scheduler
 
 CONFIG = web.AppKey("config", CorralConfig)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+# Stateful LM Studio REST v1 chats (previous_response_id), per LM Studio port app.
+CHAT_STORE = web.AppKey("lmstudio_chats", ChatStore)

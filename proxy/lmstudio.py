@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import lmstudio_sdk, openai, translate
+from proxy import lmstudio_chat, lmstudio_sdk, openai, translate
 from proxy.keys import SCHEDULER, SESSION
 from proxy.modelinfo import (
     MODEL_INFO,
@@ -301,6 +301,7 @@ def build_app(core: web.Application) -> web.Application:
     r.add_post("/api/v1/models/load", v1_load)
     r.add_post("/api/v1/models/unload", v1_unload)
     lmstudio_sdk.add_routes(app)  # /lmstudio-greeting and the SDK websockets
+    lmstudio_chat.add_routes(app)  # POST /api/v1/chat
     return app
 
 
