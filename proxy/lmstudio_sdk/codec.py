@@ -86,6 +86,7 @@ class Ignored:
     """Frames needing no answer: acks, warnings, unsubscribes."""
 
     kind: str
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,7 @@ def decode(text: str | bytes) -> Frame:
             raise FrameError(f"{kind} without an integer subscribeId")
         return Subscribe(sub, str(endpoint), kind.startswith("writable"))
     if isinstance(kind, str) and kind in _IGNORED:
-        return Ignored(kind)
+        return Ignored(kind, str(frame.get("warning", "")))
     raise FrameError(f"unknown frame type {kind!r}", call_id=call_id, channel_id=channel_id)
 
 

@@ -153,6 +153,9 @@ class Connection:
             msg = frame.message
             if open_ is not None and isinstance(msg, dict) and msg.get("type") == "cancel":
                 open_[0].cancelled.set()
+        elif isinstance(frame, codec.Ignored) and frame.kind == "communicationWarning":
+            # The JS SDK rejected one of our messages: a schema-drift alarm.
+            log.warning("LM Studio SDK client on /%s rejected a message: %s", ns, frame.detail)
         elif isinstance(frame, codec.KeepAlive):
             await self.send(codec.KEEP_ALIVE_ACK)
         elif isinstance(frame, codec.Subscribe):

@@ -276,3 +276,26 @@ async def test_sdk_port_taken_is_a_clear_error(fake_llama: Path, tmp_path: Path)
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} for the "
                                           r"LM Studio SDK \(server.lmstudio_sdk_port\)"):
             await serve(cfg, CoreOptions(find_binary=lambda _: fake_llama))
+
+
+JS = Path(__file__).resolve().parents[1] / "e2e" / "js"
+
+
+async def test_npm_sdk_against_the_fake(ports: Any) -> None:
+    """@lmstudio/sdk (tests/e2e/js, pinned in package.json) with no warning logged.
+    Runs where `npm ci` has been run there (make test does); the e2e test always runs it."""
+    import shutil
+
+    node = shutil.which("node")
+    if node is None or not (JS / "node_modules" / "@lmstudio" / "sdk").is_dir():
+        pytest.skip("node or tests/e2e/js/node_modules (npm ci) missing")
+    proc = await asyncio.create_subprocess_exec(
+        node, "lmstudio_sdk.mjs", f"ws://{host(ports)}", "m", cwd=JS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 50)
+    assert proc.returncode == 0, f"{out.decode()}\n{err.decode()}"
+    got = json.loads(out.decode().strip().splitlines()[-1])
+    assert got["downloaded"] == ["m", "emb"] and got["loaded"] == ["m"]
+    assert got["content"] == got["streamed"] == "Say hello. Say hello. Say hello. Say hello."
+    assert got["stopReason"] == "maxPredictedTokensReached" and got["predicted"] == 8
+    assert got["contextLength"] == 4096 and got["warnings"] == []

@@ -28,7 +28,7 @@ DECODED = [
      codec.Subscribe(4, "x", False)),
     ({"type": "writableSignalSubscribe", "endpoint": "x", "subscribeId": 5},
      codec.Subscribe(5, "x", True)),
-    ({"type": "communicationWarning", "warning": "w"}, codec.Ignored("communicationWarning")),
+    ({"type": "communicationWarning", "warning": "w"}, codec.Ignored("communicationWarning", "w")),
     ({"type": "channelAck", "channelId": 1, "ackId": 1}, codec.Ignored("channelAck")),
 ]
 
