@@ -153,7 +153,7 @@ async def _predict(ctx: Ctx, chan: Channel, name: str, body: dict[str, Any], cha
 
     await chan.send(_pp(0.0))
     # Heartbeats cover the lease (a cold load) and the prompt evaluation.
-    async with chan.heartbeat(lambda _: _pp(0.0)):
+    async with chan.heartbeat(lambda _: _pp(0.0 if pred.first_token is None else 1.0)):
         _, cancelled = await chan.unless_cancelled(run())
     if not cancelled:
         await _tool_ends(chan, pred)

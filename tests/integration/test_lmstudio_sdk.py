@@ -135,12 +135,16 @@ async def test_slow_load_sends_heartbeats(corral_ports: Any, tmp_path: Path) -> 
     old = lms.get_sync_api_timeout()
     lms.set_sync_api_timeout(2.5)
 
-    def run() -> str:
+    def run() -> tuple[str, str]:
         with lms.Client(host(ports)) as client:
-            return client.llm.model("slow").respond("hi", config={"maxTokens": 1}).content
+            model = client.llm.model("slow")  # getOrLoad: loadProgress heartbeats
+            first = model.respond("hi", config={"maxTokens": 1}).content
+            model.unload()
+            # predict loads it again: promptProcessingProgress heartbeats.
+            return first, model.respond("again", config={"maxTokens": 1}).content
 
     try:
-        assert await asyncio.to_thread(run) == "hi"
+        assert await asyncio.to_thread(run) == ("hi", "again")
     finally:
         lms.set_sync_api_timeout(old)
 
