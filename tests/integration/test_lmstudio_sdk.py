@@ -303,3 +303,34 @@ async def test_npm_sdk_against_the_fake(ports: Any) -> None:
     assert got["content"] == got["streamed"] == "Say hello. Say hello. Say hello. Say hello."
     assert got["stopReason"] == "maxPredictedTokensReached" and got["predicted"] == 8
     assert got["contextLength"] == 4096 and got["warnings"] == []
+
+
+async def test_socket_close_cancels_its_predictions(ports: Any) -> None:
+    url = f"ws://{host(ports)}/llm"
+    predict = {"type": "channelCreate", "endpoint": "predict", "channelId": 1,
+               "creationParameter": {
+                   "modelSpecifier": {"type": "query", "query": {"identifier": "m"}},
+                   "history": {"messages": [{"role": "user", "content": [
+                       {"type": "text", "text": "a long answer"}]}]},
+                   "predictionConfigStack": {"layers": []}}}
+    async with aiohttp.ClientSession() as s, s.ws_connect(url) as ws:
+        await ws.send_str(json.dumps(AUTH))
+        assert json.loads((await ws.receive(timeout=5)).data) == {"success": True}
+        await ws.send_str(json.dumps({**predict, "creationParameter": {
+            **predict["creationParameter"], "predictionConfigStack": {"layers": [
+                {"layerName": "apiOverride", "config": {"fields": [
+                    {"key": "llm.prediction.maxPredictedTokens",
+                     "value": {"checked": True, "value": 500}}]}}]}}}))
+        while True:
+            frame = json.loads((await ws.receive(timeout=10)).data)
+            if frame["message"]["type"] == "fragment":
+                break
+    inst = ports.openai.app[SCHEDULER].loaded("m")[0]
+    await wait_for(lambda: inst.in_flight == 0, within=5)
+    for _ in range(100):
+        async with aiohttp.ClientSession() as s, s.get(inst.base_url + "/fake/stats") as r:
+            stats = await r.json()
+        if stats["cancelled"]:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["cancelled"] == 1
