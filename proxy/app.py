@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, lmstudio, metrics, ollama, openai
+from proxy import admin, lmstudio, lmstudio_sdk, metrics, ollama, openai
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware, render
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
@@ -44,7 +44,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Paths that never need an API key: liveness probes must work without secrets; "/"
 # and "/dashboard" only redirect, and the dashboard's static files hold no data (the
 # page asks for the key and sends it with every admin call).
-_OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS})
+# The LM Studio SDKs never send Authorization: their key is checked in the websocket's
+# auth packet (proxy/lmstudio_sdk/socket.py).
+_OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS,
+                         *lmstudio_sdk.OPEN_PATHS})
 
 
 def auth_middleware(keys: tuple[str, ...], dialect: Dialect) -> Middleware:
@@ -178,13 +181,22 @@ def port_apps(core: web.Application) -> list[tuple[str, int, web.Application]]:
         out.append(("Ollama API", server.ollama_port, port_app(core, "ollama")))
     if server.lmstudio_enabled:
         out.append(("LM Studio API", server.lmstudio_port, port_app(core, "lmstudio")))
+    if server.lmstudio_sdk_port is not None:
+        # The SDKs' zero-configuration scan finds this port (41343); a real LM Studio
+        # on the same host holds it too.
+        out.append(("LM Studio SDK (server.lmstudio_sdk_port)", server.lmstudio_sdk_port,
+                    port_app(core, "lmstudio_sdk")))
     return out
 
 
-def port_app(core: web.Application, dialect: Literal["ollama", "lmstudio"]) -> web.Application:
-    """The Ollama or LM Studio port's app, its routes mounted."""
-    app = build_port_app(core, dialect)
-    (ollama if dialect == "ollama" else lmstudio).setup(app)
+PortKind = Literal["ollama", "lmstudio", "lmstudio_sdk"]
+
+
+def port_app(core: web.Application, kind: PortKind) -> web.Application:
+    """The Ollama, LM Studio or LM Studio SDK listener's app, its routes mounted."""
+    app = build_port_app(core, "ollama" if kind == "ollama" else "lmstudio")
+    {"ollama": ollama.setup, "lmstudio": lmstudio.setup, "lmstudio_sdk": lmstudio.setup_sdk}[
+        kind](app)
     return app
 
 
@@ -223,7 +235,11 @@ async def serve(
             r = runner(app)
             await r.setup()
             runners.append(r)
-            await web.TCPSite(r, host, port, reuse_address=True).start()
+            try:
+                await web.TCPSite(r, host, port, reuse_address=True).start()
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {host}:{port} for the {label}: "
+                                       f"{e.strerror}") from None
             log.info("%s on http://%s:%d", label, host, _bound_port(r))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import secrets
+import string
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -181,9 +183,23 @@ def _commented(section: str, model: type[BaseModel], values: dict[str, Any]) -> 
     return "\n".join(lines) + "\n"
 
 
-def render_init(model_path: str | None) -> str:
+def lmstudio_key() -> str:
+    """A fresh API key in LM Studio's token format, ``sk-lm-<8>:<20>`` alphanumerics:
+    the SDKs send its two halves in their auth packet (their ``api_token``/``apiToken``),
+    and it works as a Bearer key on every port too."""
+    alphabet = string.ascii_letters + string.digits
+
+    def pick(n: int) -> str:
+        return "".join(secrets.choice(alphabet) for _ in range(n))
+
+    return f"sk-lm-{pick(8)}:{pick(20)}"
+
+
+def render_init(model_path: str | None, api_key: str | None = None) -> str:
     """A commented starting config; every value is a default the user can change."""
     server = ServerConfig().model_dump(mode="json", exclude_none=True)
+    if api_key is not None:
+        server["api_keys"] = [api_key]
     sched = SchedulerConfig().model_dump(mode="json", exclude_none=True)
     llama = LlamaServerConfig().model_dump(mode="json", exclude_none=True)
     model: dict[str, Any] = {"name": "gemma-3-270m", "aliases": ["default"]}
@@ -212,8 +228,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         print(f"corral: {out} exists; use --force to overwrite", file=sys.stderr)
         return 1
-    out.write_text(render_init(args.model))
+    key = lmstudio_key() if args.api_key else None
+    out.write_text(render_init(args.model, key))
     print(f"wrote {out}; check it with `corral check {out}`")
+    if key is not None:
+        print(f"API key (also an LM Studio SDK token): {key}")
     return 0
 
 
@@ -260,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("output", nargs="?", default="corral.toml")
     s.add_argument("--model", help="path to a GGUF file for the first model")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--api-key", action="store_true",
+                   help="generate an API key (LM Studio token format, sk-lm-...) into the config")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("check", help="validate a config; exit 2 if invalid")

@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.body import BodyBudget
+from proxy.chat_store import ChatStore
 from scheduler.config import CorralConfig
 from scheduler.scheduler import Scheduler
 
@@ -13,3 +14,6 @@ CONFIG = web.AppKey("config", CorralConfig)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+
+# Stateful LM Studio REST v1 chats (previous_response_id), per LM Studio port app.
+CHAT_STORE = web.AppKey("lmstudio_chats", ChatStore)

@@ -5,8 +5,7 @@ before the model is unloaded). ``/api/v0`` answers the same calls with LM Studio
 ``stats``, ``model_info`` and ``runtime`` added (on the chunk that carries the
 timings when streaming, which is llama-server's last). ``/api/v1/models`` and its
 load/unload map to the scheduler. LM Studio's SDK protocol (websockets behind
-``/lmstudio-greeting``) is not spoken: the greeting answers 404 so the SDK gives up
-at discovery instead of failing later in the middle of an RPC.
+``/lmstudio-greeting``) lives in ``proxy.lmstudio_sdk``.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import body as bodies
-from proxy import jsonc, openai, routes, translate, upstream
+from proxy import jsonc, lmstudio_chat, lmstudio_sdk, openai, routes, translate, upstream
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import (
     MODEL_INFO,
@@ -289,10 +288,7 @@ async def v1_unload(request: web.Request) -> web.Response:
 
 
 async def greeting(request: web.Request) -> web.Response:
-    raise NotFound(
-        "Corral does not speak the LM Studio SDK protocol; use the OpenAI-compatible "
-        "/v1 API or the REST API under /api/v0"
-    )
+    return await lmstudio_sdk.greeting(request)
 
 
 def setup(app: web.Application) -> None:
@@ -309,4 +305,11 @@ def setup(app: web.Application) -> None:
     r.add_get("/api/v1/models", v1_models)
     r.add_post("/api/v1/models/load", v1_load)
     r.add_post("/api/v1/models/unload", v1_unload)
-    r.add_get("/lmstudio-greeting", greeting)
+    lmstudio_sdk.add_routes(app)  # /lmstudio-greeting and the SDK websockets
+    lmstudio_chat.add_routes(app)  # POST /api/v1/chat
+
+
+def setup_sdk(app: web.Application) -> None:
+    """The optional SDK-only listener (``server.lmstudio_sdk_port``)."""
+    app[MODEL_INFO] = ModelInfoCache()
+    lmstudio_sdk.add_routes(app)

@@ -233,7 +233,8 @@ async def handle_transcription(request: web.Request) -> web.StreamResponse:
 
 
 def native_handler(read_json: ReadJson) -> Callable[[web.Request], Awaitable[Any]]:
-    """/infill, /detokenize, /apply-template: an echo of what was asked."""
+    """/infill, /detokenize: an echo of what was asked (/apply-template is the
+    chat fake's)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
@@ -242,10 +243,6 @@ def native_handler(read_json: ReadJson) -> Callable[[web.Request], Awaitable[Any
         if request.path == "/detokenize":
             tokens = body.get("tokens") or []
             return web.json_response({"content": " ".join(f"t{t}" for t in tokens)})
-        if request.path == "/apply-template":
-            prompt = "".join(f"<{m.get('role')}>{_text(m.get('content'))}\n"
-                             for m in body.get("messages") or [] if isinstance(m, dict))
-            return web.json_response({"prompt": prompt})
         pieces, _ = _pieces(str(body.get("input_prefix", "")), body.get("n_predict"))
         return web.json_response({"content": "".join(pieces), "stop": True})
 
@@ -264,5 +261,5 @@ def add_routes(app: web.Application, read_json: ReadJson) -> None:
     for path in ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking"):
         r.add_post(path, rerank_handler(read_json))
     r.add_post("/v1/audio/transcriptions", handle_transcription)
-    for path in ("/infill", "/detokenize", "/apply-template"):
+    for path in ("/infill", "/detokenize"):
         r.add_post(path, native_handler(read_json))

@@ -19,6 +19,9 @@ FAKE_CRASH_AFTER_CHUNKS=n  os._exit(1) after sending n content chunks of a strea
 FAKE_HANG=1                /health never turns ready
 FAKE_TOKEN_DELAY=s         seconds per generated token, streamed or not (default 0)
 FAKE_EXIT_AFTER=s          exit with status 1 after s seconds (a crash while idle)
+FAKE_TOOL_CALLS=1          a chat request with ``tools`` whose last message is not a tool
+                           result is answered with one call of the first tool, with
+                           arguments {"a": 2, "b": 3} (finish_reason "tool_calls")
 
 While loading, every route but /health answers that same 503, as llama-server's do.
 
@@ -641,8 +644,51 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         prompt_tokens += count_tokens(text) + 4
         if m.get("role") == "user":
             last_user = text
+    tool_reply = tool_call_reply(body, srv.model_id)
+    if tool_reply is not None:
+        return tool_reply
     gen = Generation.build(body, srv.model_id, last_user, prompt_tokens)
     return await generate(request, gen, "chat")
+
+
+def tool_call_reply(body: dict[str, Any], model: str) -> web.StreamResponse | None:
+    """FAKE_TOOL_CALLS: the first tool, called once, streamed or not."""
+    tools, messages = body.get("tools"), body["messages"]
+    if (os.environ.get("FAKE_TOOL_CALLS", "") in ("", "0") or not isinstance(tools, list)
+            or not tools or messages[-1].get("role") == "tool"):
+        return None
+    name = str((tools[0].get("function") or {}).get("name", "tool"))
+    call = {"index": 0, "id": "call_0", "type": "function",
+            "function": {"name": name, "arguments": '{"a": 2, "b": 3}'}}
+    created, ident = int(time.time()), "chatcmpl-tool"
+    if not body.get("stream"):
+        return json_response({"id": ident, "object": "chat.completion", "created": created,
+                              "model": model, "choices": [{
+                                  "index": 0, "finish_reason": "tool_calls",
+                                  "message": {"role": "assistant", "content": None,
+                                              "tool_calls": [call]}}]})
+    chunks = [
+        {"choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [call]}}]},
+        {"choices": [{"index": 0, "finish_reason": "tool_calls", "delta": {}}],
+         "timings": {"prompt_n": 4, "cache_n": 0, "prompt_ms": 2.0, "predicted_n": 1,
+                     "predicted_ms": 1.0, "predicted_per_second": 1000.0}},
+    ]
+    text = "".join("data: " + _compact_dumps({"id": ident, "object": "chat.completion.chunk",
+                                              "created": created, "model": model, **c}) + "\n\n"
+                   for c in chunks) + "data: [DONE]\n\n"
+    return web.Response(text=text, content_type="text/event-stream")
+
+
+async def handle_apply_template(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    if isinstance(body, web.Response):
+        return body
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return error_response(400, "'messages' is required", "invalid_request_error")
+    prompt = "".join(f"<{m.get('role')}>{content_text(m.get('content'))}\n"
+                     for m in messages if isinstance(m, dict))
+    return json_response({"prompt": prompt + "<assistant>"})
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
@@ -931,6 +977,7 @@ def build_app(srv: Server) -> web.Application:
     app.router.add_post("/completion", handle_completions)
     app.router.add_post("/tokenize", handle_tokenize)
     fake_families.add_routes(app, read_json)
+    app.router.add_post("/apply-template", handle_apply_template)
     app.router.add_get("/fake/stats", handle_fake_stats)
     app.router.add_get("/fake/requests", handle_fake_requests)
     return app

@@ -153,7 +153,7 @@ async def test_native_routes_on_the_main_port(ports: Any) -> None:
     assert (await r.json())["content"] == "t1 t2"
     r = await c.post("/apply-template", json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert (await r.json())["prompt"] == "<user>hi\n"
+    assert (await r.json())["prompt"] == "<user>hi\n<assistant>"
     r = await c.post("/infill", json={"model": "m", "input_prefix": "def", "n_predict": 1})
     assert (await r.json())["content"] == "def"
     r = await c.post("/completion", json={"model": "m", "prompt": "go", "n_predict": 1})

@@ -188,10 +188,11 @@ async def test_v1_models_load_and_unload(ports: Any) -> None:
     assert r.status == 404
 
 
-async def test_greeting_is_404_so_the_sdk_fails_fast(ports: Any) -> None:
+async def test_greeting_answers_the_sdk_probe(ports: Any) -> None:
+    # The SDK protocol itself is tested in test_lmstudio_sdk.py.
     r = await ports.lmstudio.get("/lmstudio-greeting")
-    assert r.status == 404
-    assert_openai_error(await r.json(), "LM Studio SDK")
+    assert r.status == 200
+    assert await r.json() == {"lmstudio": True}
 
 
 async def test_bad_requests_are_openai_shaped(ports: Any) -> None:

@@ -38,3 +38,20 @@ def test_check_compares_footprints_with_the_budget(
     err = capsys.readouterr().err
     if code:
         assert "model 'm': needs 65 MiB but the memory budget is 10 MiB" in err
+
+
+def test_init_can_generate_an_lmstudio_sdk_key(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    import tomllib
+
+    from proxy.lmstudio_sdk.socket import authenticate
+
+    out = tmp_path / "corral.toml"
+    assert main(["init", str(out), "--api-key"]) == 0
+    keys = tomllib.loads(out.read_text())["server"]["api_keys"]
+    assert len(keys) == 1 and re.fullmatch(r"sk-lm-[A-Za-z0-9]{8}:[A-Za-z0-9]{20}", keys[0])
+    assert keys[0] in capsys.readouterr().out
+    ident, passkey = keys[0].removeprefix("sk-lm-").split(":")
+    packet = {"authVersion": 1, "clientIdentifier": ident, "clientPasskey": passkey}
+    assert authenticate(packet, tuple(keys)) is None
