@@ -72,6 +72,7 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     elif length is not None:
         out.content_length = length
     client.answered = True
+    assert client.request is not None, "relay answers an HTTP request"
     await out.prepare(client.request)
     await out.write(first)
     await _pump(out, up, resp, client, sse)

@@ -65,7 +65,9 @@ JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
 class Client:
     """The client side of one call, across its attempts."""
 
-    request: web.Request
+    # None for a caller that answers over something else (the LM Studio SDK's
+    # websocket): it has no HTTP response to prepare.
+    request: web.Request | None
     family: Family
     # Headers sent: by loading feedback, or by the answer itself.
     response: web.StreamResponse | None = None
@@ -103,9 +105,17 @@ def _timeout(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
 
 async def call(request: web.Request, family: Family, spec: Call, consume: Consume[T]) -> T:
     """Send ``spec`` upstream and let ``consume`` answer the client; see the module."""
-    scheduler = request.app[SCHEDULER]
-    session = request.app[SESSION]
-    client = Client(request, family)
+    return await _call(request.app, Client(request, family), spec, consume)
+
+
+async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
+    """``call()`` for a caller that is not answering an HTTP request of its own."""
+    return await _call(app, Client(None, "openai"), spec, consume)
+
+
+async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
+    scheduler = app[SCHEDULER]
+    session = app[SESSION]
     attempt = 0
     while True:
         attempt += 1
@@ -277,6 +287,7 @@ class _Feedback:
 
     async def _run(self) -> None:
         client = self._client
+        assert client.request is not None, "feedback needs an HTTP response"
         if client.response is None:
             out = web.StreamResponse(headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})

@@ -23,8 +23,7 @@ from proxy.lmstudio_sdk import config, history
 from proxy.lmstudio_sdk.channel import Channel, Ctx
 from proxy.lmstudio_sdk.codec import SdkError
 from proxy.lmstudio_sdk.models import context_length, facts_of, info_of, param, specified
-from proxy.lmstudio_sdk.upstream import call_json, open_stream
-from proxy.streaming import upstream_batches
+from proxy.lmstudio_sdk.upstream import call_json, stream_events
 
 
 def _pp(progress: float, prompt: int = 0) -> dict[str, Any]:
@@ -143,13 +142,14 @@ async def _predict(ctx: Ctx, chan: Channel, name: str, body: dict[str, Any], cha
     pred = Prediction()
     path = "/v1/chat/completions" if chat else "/v1/completions"
 
+    async def on_batch(batch: list[dict[str, Any]]) -> None:
+        for event in batch:
+            if "error" in event:
+                raise translate.upstream_error(event)
+            await _deltas(chan, pred, event, chat)
+
     async def run() -> None:
-        async with open_stream(ctx.app, name, path, body) as (up, resp):
-            async for batch in upstream_batches(resp, up.instance_id):
-                for event in batch:
-                    if "error" in event:
-                        raise translate.upstream_error(event)
-                    await _deltas(chan, pred, event, chat)
+        await stream_events(ctx.app, name, path, body, on_batch)
 
     await chan.send(_pp(0.0))
     # Heartbeats cover the lease (a cold load) and the prompt evaluation.

@@ -1,24 +1,61 @@
-"""The one place where the SDK protocol and REST v1 chat call llama-server.
+"""Where the SDK protocol and REST v1 chat call llama-server.
 
-Every call takes a lease first, as every other Corral call does; the lease is held
-while the response is read and released on every exit path. Cancelling the caller
-closes the upstream response, which makes llama-server stop the slot at once.
-Swap this function onto the shared upstream call path when that exists.
+Predictions and small calls go through the one upstream call path
+(``proxy.upstream.call_app``): leases, time limits, resending while nothing has
+reached the client. Cancelling the caller closes the upstream response, which makes
+llama-server stop the slot at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy import jsonc
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
-from proxy.streaming import post_upstream
+from proxy.streaming import post_upstream, upstream_batches
+from proxy.translate import upstream_error_body
+from proxy.upstream import Call, Client, call_app
 from scheduler.scheduler import LeaseHints, Upstream
+
+
+async def stream_events(
+    app: web.Application, model: str, path: str, payload: dict[str, Any],
+    on_batch: Callable[[list[dict[str, Any]]], Awaitable[None]],
+    hints: LeaseHints | None = None,
+) -> None:
+    """POST ``payload`` (a stream) to an instance of ``model`` through the one upstream
+    call path; ``on_batch`` gets llama-server's events as they arrive. A call that
+    fails before its first event is resent; after it, the failure is raised."""
+
+    async def consume(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> None:
+        if resp.status != 200:
+            raise upstream_error_body(resp.status, await resp.read())
+        async for batch in upstream_batches(resp, up.instance_id):
+            client.answered = True
+            await on_batch(batch)
+
+    await call_app(app, Call(model=model, path=path, payload=payload, hints=hints), consume)
+
+
+async def call_json(
+    app: web.Application, model: str, path: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """A small JSON answer (tokenize, apply-template, embeddings), resent on failure."""
+
+    async def consume(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> Any:
+        raw = await resp.read()
+        if resp.status != 200:
+            raise upstream_error_body(resp.status, raw)
+        return jsonc.loads(raw)
+
+    body = await call_app(app, Call(model=model, path=path, payload=payload), consume)
+    return body if isinstance(body, dict) else {}
 
 
 @contextlib.asynccontextmanager
@@ -26,7 +63,9 @@ async def open_stream(
     app: web.Application, model: str, path: str, payload: dict[str, Any],
     hints: LeaseHints | None = None,
 ) -> AsyncIterator[tuple[Upstream, aiohttp.ClientResponse]]:
-    """POST ``payload`` to an instance of ``model``; yield the lease and the 200 answer.
+    """POST ``payload`` to an instance of ``model``; yield the lease and the 200 answer,
+    for REST v1 chat, whose event generator reads the response in its own steps (so it
+    is not resent on failure).
 
     Raises the scheduler's CorralErrors (UnknownModel, LoadFailed, Overloaded...) and
     llama-server's non-200 answers as CorralErrors with its status and message.
@@ -37,12 +76,3 @@ async def open_stream(
     ):
         note_model(up.model)
         yield up, resp
-
-
-async def call_json(
-    app: web.Application, model: str, path: str, payload: dict[str, Any]
-) -> dict[str, Any]:
-    """``open_stream`` for a small JSON answer (tokenize, apply-template, embeddings)."""
-    async with open_stream(app, model, path, payload) as (_, resp):
-        body = await resp.json(content_type=None)
-    return body if isinstance(body, dict) else {}
