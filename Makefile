@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CORRAL := $(VENV)/bin/corral
 STAMP  := $(VENV)/.installed
 
-.PHONY: install build-deps system-deps llama-server run test test-fast lint bench clean
+.PHONY: install build-deps system-deps js-deps llama-server run test test-fast lint bench clean
 
 # Installs Debian packages that are missing (as root, or through sudo).
 APT_INSTALL = sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -43,7 +43,11 @@ llama-server: install build-deps
 run: llama-server
 	$(CORRAL) serve --config configs/default.toml
 
-test: llama-server system-deps
+# The npm clients the tests drive (ollama, @lmstudio/sdk), pinned by the lock file.
+js-deps: system-deps
+	cd tests/e2e/js && npm ci --no-audit --no-fund --loglevel=error
+
+test: llama-server system-deps js-deps
 	$(VENV)/bin/ruff check proxy scheduler tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
