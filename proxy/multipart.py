@@ -20,6 +20,7 @@ from typing import IO, Any, Literal
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy import body as bodies
 from proxy import upstream
@@ -108,7 +109,7 @@ def handler(family: Family, capability: Capability | None, limit: int, check: Ch
         before: list[_Part] = []
         try:
             model, file, spool = await _read_head(reader, before, count)
-        except (ValueError, UnicodeError, AssertionError) as e:
+        except (ValueError, UnicodeError, AssertionError, HttpProcessingError) as e:
             # aiohttp's parser raises these for a body that breaks the format.
             raise BadRequest(f"malformed multipart body: {e}") from None
         try:

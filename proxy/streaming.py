@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.errors import stream_error_event
+from proxy.errors import render, stream_error_event
 from proxy.metrics import MODEL_HEADER
 from proxy.translate import upstream_error_body
 from proxy.upstream import Client
@@ -49,6 +49,15 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
         return await _relay_into(client.response, up, resp, client)
     length = resp.content_length
     sse = is_event_stream(resp)
+    if resp.status >= 400 and client.family == "anthropic":
+        # llama-server answers errors in OpenAI's envelope on every route; an Anthropic
+        # client reads its own (type, error.type) and would see none of the message.
+        err = upstream_error_body(resp.status, await resp.read())
+        client.answered = True
+        answer = render(err, "anthropic")
+        answer.headers[MODEL_HEADER] = up.model
+        del answer.headers["X-Corral-Error"]  # the upstream's error, not Corral's
+        return answer
     if not sse and length is not None and length <= _WHOLE_BODY_LIMIT:
         body = await resp.read()
         client.answered = True

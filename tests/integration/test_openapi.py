@@ -1,0 +1,103 @@
+"""``/openapi.json`` on every port, and a schemathesis run over all of it.
+
+Corral runs as a real ``corral serve`` process around the fake llama-server; the
+schemathesis CLI (seeded, 5 examples per operation and phase, 10 s per request,
+bounded by a timeout) checks that nothing answers a 5xx and every answer matches the
+schema its route declares. Excluded: the admin API (it drains and reloads Corral,
+which the fuzzer would do between its own calls) and Ollama's push/create/blob
+uploads, which answer 501 Not Supported on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fakes import fake_binary, write_dummy_gguf
+
+REPO = Path(__file__).resolve().parents[2]
+EXCLUDED = r"^/admin|^/api/(push|create|blobs)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    root = tmp_path_factory.mktemp("openapi")
+    fake = fake_binary(root / "bin")
+    ports = [_free_port() for _ in range(3)]
+    models = "".join(
+        f'[[models]]\nname = "{name}"\npath = "{write_dummy_gguf(root / f"{name}.gguf")}"\n{extra}'
+        for name, extra in (("m", ""), ("emb", "embedding = true\n"), ("rr", "rerank = true\n"),
+                            ("aud", 'capabilities = ["audio"]\n'))
+    )
+    cfg = root / "corral.toml"
+    cfg.write_text(
+        f"[server]\nport = {ports[0]}\nollama_port = {ports[1]}\nlmstudio_port = {ports[2]}\n"
+        f'[llama_server]\nbinary = "{fake}"\n{models}'
+    )
+    log = (root / "corral.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{ports[0]}/health", timeout=1).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "corral did not start"
+            time.sleep(0.05)
+        yield ports
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+        text = (root / "corral.log").read_text(errors="replace")
+        # Whatever the fuzzer sent, nothing reached the log as a traceback.
+        assert "Traceback" not in text, text[-4000:]
+
+
+def test_every_mounted_route_is_documented(ports: list[int]) -> None:
+    for port, sample in zip(ports, ("/v1/messages", "/api/chat", "/api/v0/models"), strict=True):
+        doc = httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).json()
+        assert doc["openapi"].startswith("3.")
+        assert sample in doc["paths"] and "/v1/chat/completions" in doc["paths"]
+    main = httpx.get(f"http://127.0.0.1:{ports[0]}/openapi.json", timeout=10).json()
+    assert {"/tokenize", "/props", "/v1/audio/transcriptions", "/admin/instances"} <= set(
+        main["paths"])
+    body = main["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]
+    schema = main["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert schema["properties"]["model"]["enum"] == ["m", "emb", "rr", "aud"]
+    assert "max_tokens" in schema["required"]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["main", "ollama", "lmstudio"])
+def test_schemathesis_finds_no_5xx_and_no_schema_break(ports: list[int], which: int) -> None:
+    st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    assert st is not None, "schemathesis is a test dependency (pip install -e .[test])"
+    url = f"http://127.0.0.1:{ports[which]}/openapi.json"
+    done = subprocess.run(
+        [st, "run", url, "--max-examples", "5", "--seed", "20261202",
+         "--checks", "not_a_server_error,response_schema_conformance",
+         "--exclude-path-regex", EXCLUDED, "--request-timeout", "10", "--no-color"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert " passed" in done.stdout
