@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from proxy import reqlog
 from proxy.errors import render, stream_error_event
 from proxy.metrics import MODEL_HEADER
 from proxy.translate import upstream_error_body
@@ -99,6 +101,10 @@ async def _relay_into(
         return out
     first = await resp.content.readany()
     client.answered = True
+    info = reqlog.current()
+    if info is not None:
+        # Time to first token is the answer's, not the loading feedback's.
+        info.first_byte = time.perf_counter()
     await out.write(first)
     await _pump(out, up, resp, client, True)
     return out
