@@ -20,10 +20,11 @@ from aiohttp import web
 
 from proxy import reqlog
 from proxy.errors import render, stream_error_event
+from proxy.keys import SCHEDULER
 from proxy.metrics import MODEL_HEADER
 from proxy.translate import upstream_error_body
 from proxy.upstream import Client
-from scheduler.errors import CorralError, UpstreamFailed
+from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.scheduler import Upstream
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ async def _pump(
             await out.write(chunk)
     except _UPSTREAM_BROKE as e:
         log.warning("instance %s broke mid-stream: %s", up.instance_id, e or type(e).__name__)
+        if isinstance(e, TimeoutError) and client.request is not None:
+            await client.request.app[SCHEDULER].suspect(up.instance_id, "stalled mid-stream")
         if sse:
             err = UpstreamFailed(f"upstream instance {up.instance_id} failed mid-stream: "
                                  f"{'timed out' if isinstance(e, TimeoutError) else e}")
@@ -229,7 +232,8 @@ async def upstream_batches(
         async for batch in sse_event_batches(resp):
             yield batch
     except _UPSTREAM_BROKE as e:
-        raise UpstreamFailed(
+        kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
+        raise kind(
             f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
         ) from None
 

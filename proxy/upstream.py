@@ -41,7 +41,7 @@ from proxy.errors import Family, stream_error_event
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
 from scheduler.config import ModelConfig
-from scheduler.errors import CorralError, UpstreamFailed
+from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.instance import State
 from scheduler.scheduler import LeaseHints, Scheduler, Upstream
 
@@ -159,6 +159,9 @@ def _describe(e: BaseException) -> str:
 
 async def _report(scheduler: Scheduler, up: Upstream, e: BaseException, reason: str) -> None:
     """Tell the scheduler; it retires a wedged child or sidelines a failing remote."""
+    if isinstance(e, TimeoutError | UpstreamStalled):
+        await scheduler.suspect(up.instance_id, reason)
+        return
     await scheduler.upstream_failed(
         up.instance_id, reason, connect=isinstance(e, aiohttp.ClientConnectorError)
     )

@@ -15,7 +15,8 @@
     ├── LoadFailed                 the instance did not become ready         503
     │                              (early exit, deadline, bad model file); carries log tail
     ├── UpstreamFailed             the instance failed while serving a call  502
-    │                              (connection refused, died mid-stream)
+    │   │                          (connection refused, died mid-stream)
+    │   └── UpstreamStalled        ... by going silent past a time limit
     └── ShuttingDown               Corral is draining; no new calls          503
 
 The scheduler never raises HTTP exceptions: ``status`` is advice for the proxy, which
@@ -120,6 +121,11 @@ class UpstreamFailed(CorralError):
     status = 502
     code = "upstream_failed"
     type = "upstream_error"
+
+
+class UpstreamStalled(UpstreamFailed):
+    """The upstream went silent past its first-byte or stall limit: it may be
+    wedged, so the scheduler checks it at once."""
 
 
 class ShuttingDown(CorralError):

@@ -383,6 +383,10 @@ class Instance:
         if self._proc is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
+            if sig is signal.SIGTERM:
+                # A stopped child (SIGSTOP, a debugger) would leave SIGTERM pending
+                # through the whole grace period.
+                os.killpg(self._proc.pid, signal.SIGCONT)
             os.killpg(self._proc.pid, sig)
 
     def describe(self) -> dict[str, object]:

@@ -41,6 +41,7 @@ from scheduler.errors import (
     ShuttingDown,
     UnknownModel,
 )
+from scheduler.health import HealthWatch
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
 from scheduler.remote import Remote
@@ -195,6 +196,9 @@ class Scheduler:
         self._kicking = False
         self._rekick = False
         self._reaper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._health = HealthWatch(session, cfg.scheduler.ready_check_interval,
+                                   self.instances, self._unhealthy)
         # Bytes model footprints may use; None = not enforced. Set by start().
         self.memory_budget: int | None = None
         self.vram_budget: int | None = None
@@ -311,6 +315,7 @@ class Scheduler:
         await self._measure(self._cfg)
         self._sync_remotes()
         self._reaper = asyncio.create_task(self._reap_loop(), name="corral-reaper")
+        self._watcher = asyncio.create_task(self._health.run(), name="corral-health")
         self._kick()  # launch minimum replicas
 
     def _sync_remotes(self) -> None:
@@ -339,10 +344,11 @@ class Scheduler:
                 m.retry_handle.cancel()
         for m in self._models.values():
             self._fail_waiters(m, ShuttingDown("Corral is shutting down"))
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for loop_task in (self._reaper, self._watcher):
+            if loop_task is not None:
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
         for m in self._models.values():
             self._stop_all(m, "shutdown")
         while self._tasks:
@@ -473,6 +479,25 @@ class Scheduler:
             log.warning("instance %s unreachable (%s): replacing it", inst.id, reason)
             self._retire(inst, "unreachable")
         return connect
+
+    async def suspect(self, instance_id: str, reason: str) -> None:
+        """A call to this upstream tripped a time limit: check it at once. A silent
+        local child is retired (and relaunched by policy); a silent remote leaves the
+        rotation until its next good check."""
+        for m in self._models.values():
+            for r in m.remotes:
+                if r.id == instance_id:
+                    await r.check(self._session)
+                    return
+        inst = self._instance(instance_id)
+        if inst is not None:
+            await self._health.suspect(inst, reason)
+
+    def _unhealthy(self, inst: Instance, reason: str) -> None:
+        log.warning("instance %s is wedged (%s): replacing it", inst.id, reason)
+        self.events.stopped(inst.model, "unhealthy")
+        # No drain: its calls are stuck with it.
+        self._retire(inst, "unhealthy", drain=False)
 
     def _retry_after(self, m: _Model) -> float:
         # A rough hint: the time a load takes, or a second when something is loaded.
@@ -723,14 +748,18 @@ class Scheduler:
         finally:
             self._kick()
 
-    def _retire(self, inst: Instance, reason: str) -> None:
+    def _retire(self, inst: Instance, reason: str, *, drain: bool = True) -> None:
         """Drain and stop an instance in the background (idempotent)."""
-        if inst.state in (State.STOPPING, State.STOPPED, State.DRAINING):
+        if inst.state in (State.STOPPING, State.STOPPED) or (
+            drain and inst.state is State.DRAINING
+        ):
             return
-        self.events.stopped(inst.model, reason)
+        if reason != "unhealthy":
+            self.events.stopped(inst.model, reason)
         inst.drain()
         sc = self._cfg.scheduler
-        self._spawn(inst.stop(sc.drain_timeout, sc.stop_timeout), f"stop {inst.id}")
+        grace = sc.drain_timeout if drain else 0.0
+        self._spawn(inst.stop(grace, sc.stop_timeout), f"stop {inst.id}")
 
     def _on_release(self, inst: Servable) -> None:
         # A freed slot matters only to queued callers (a waiting model's eviction
