@@ -5,6 +5,7 @@ the scheduler relaunches, and calls that had received nothing are resent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -34,10 +35,8 @@ def stopped() -> Any:
 
     yield stop
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def test_a_silent_idle_child_is_replaced(corral: Any, tmp_path: Path,
