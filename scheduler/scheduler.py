@@ -738,8 +738,10 @@ class Scheduler:
             self.events.launched(m.cfg.name, self._clock() - inst.stats.launched_at, False)
             m.last_error = err
             # The calls waiting for this launch fail now, with the child's last words,
-            # instead of timing out in the queue.
-            self._fail_waiters(m, err)
+            # instead of timing out in the queue, unless another upstream of the model
+            # can still take them: they wait for it (within their queue timeout).
+            if not self._others_can_serve(m, inst):
+                self._fail_waiters(m, err)
         else:
             m.last_error = None
             m.failures = 0
@@ -747,6 +749,12 @@ class Scheduler:
             log.info("instance %s ready in %.2f s", inst.id, inst.stats.load_seconds)
         finally:
             self._kick()
+
+    def _others_can_serve(self, m: _Model, failed: Instance) -> bool:
+        """Whether a replica other than ``failed`` is ready or starting, or a remote is
+        ready: the queue can wait for it instead of failing with this launch."""
+        return any(i is not failed and i.state in (State.READY, State.STARTING)
+                   for i in m.instances) or any(r.state is State.READY for r in m.remotes)
 
     def _retire(self, inst: Instance, reason: str, *, drain: bool = True) -> None:
         """Drain and stop an instance in the background (idempotent)."""

@@ -110,3 +110,38 @@ async def test_suspect_leaves_a_healthy_child_alone(corral: Any, tmp_path: Path)
     inst = ready(c)[0]
     await c.app[SCHEDULER].suspect(inst.id, "a test")
     assert inst.state is State.READY
+
+
+async def test_a_failed_relaunch_fails_no_call_a_sibling_can_serve(
+    corral: Any, tmp_path: Path
+) -> None:
+    """One replica is ready and busy; a second one is launched for the queue and fails.
+    The queued calls wait for the ready replica instead of failing with the launch."""
+    crash = tmp_path / "crash-now"
+    cfg = make_config(
+        tmp_path,
+        [{"name": "m", "replicas": {"min": 1, "max": 2}, "parallel": 1,
+          "env": {"FAKE_TOKEN_DELAY": "0.05", "FAKE_CRASH_AT_START_IF": str(crash)}}],
+    )
+    c = await corral(cfg)
+    await wait_for(lambda: len(ready(c)) == 1)
+    crash.touch()  # every launch from now on fails
+    calls = [asyncio.create_task(c.post("/v1/chat/completions",
+                                        json={**CHAT, "max_tokens": 10}))
+             for _ in range(4)]
+    async with asyncio.timeout(30):
+        answers = await asyncio.gather(*calls)
+    assert [r.status for r in answers] == [200] * 4
+    scheduler = c.app[SCHEDULER]
+    status = {m["name"]: m for m in scheduler.model_status()}
+    assert status["m"]["failures"] >= 1, status  # the second replica did fail to launch
+
+
+async def test_without_a_sibling_a_failed_launch_fails_the_queue(
+    corral: Any, tmp_path: Path
+) -> None:
+    cfg = make_config(tmp_path, [{"name": "m", "env": {"FAKE_CRASH_AT_START": "1"}}])
+    c = await corral(cfg)
+    async with asyncio.timeout(10):
+        r = await c.post("/v1/chat/completions", json=CHAT)
+    assert r.status == 503 and "failed to load" in (await r.json())["error"]["message"]
