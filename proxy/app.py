@@ -33,6 +33,7 @@ from proxy.errors import Dialect, error_middleware, render
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
+from scheduler import limits
 from scheduler.config import CorralConfig
 from scheduler.errors import Unauthorized
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
@@ -205,6 +206,7 @@ async def serve(
 ) -> None:
     """Run until SIGINT/SIGTERM; drain and return. SIGHUP reloads ``config_path``."""
     loop = asyncio.get_running_loop()
+    log.info("open-file limit: %d", limits.raise_nofile())
     stop = asyncio.Event()
     signals = 0
 
@@ -225,6 +227,9 @@ async def serve(
                              access_log=None)
 
     root = build_openai_app(cfg, opts, config_path=config_path)
+    refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)
+    loop.set_exception_handler(refused)
+    fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
     main = runner(root)
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
@@ -253,6 +258,9 @@ async def serve(
             for r in reversed(runners):
                 await r.cleanup()
         finally:
+            fd_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fd_watch
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 

@@ -143,6 +143,9 @@ class Metrics:
         self.crashes = Counter(
             "corral_instance_crashes", "Ready instances whose process exited unasked.",
             ["model"], registry=r)
+        self.accept_errors = Counter(
+            "corral_accept_errors", "Connections not accepted for lack of file descriptors "
+            "(EMFILE, ENFILE).", registry=r)
         self.reload_success = Gauge(
             "corral_config_reload_success", "1 if the last config reload worked, else 0.",
             registry=r)

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scheduler import install, resources
+from scheduler import install, limits, resources
+from scheduler.config import CorralConfig
 from scheduler.errors import BinaryNotFound, CorralError
 
 Row = tuple[str, str]
@@ -145,4 +146,18 @@ def doctor_report(configured_binary: Path | None = None) -> list[Row]:
         ("nvcc", _tool_version(str(nvcc)) if nvcc else "not found"),
         ("cmake", _tool_version(cmake) if cmake else "not found (needed to build llama-server)"),
         ("cache", cache_text),
+        _nofile_row(),
     ]
+
+
+def _nofile_row(config: CorralConfig | None = None) -> Row:
+    """The open-file limit against what the default (or given) config may need."""
+    cfg = config or CorralConfig()
+    ports = 1 + cfg.server.ollama_enabled + cfg.server.lmstudio_enabled
+    need = limits.needed(cfg.scheduler.max_instances, cfg.server.max_connections, ports)
+    soft, hard = limits.nofile()
+    text = f"soft {soft}, hard {hard}; Corral raises the soft limit to {hard} at start"
+    if hard < need:
+        text += (f" — WARNING: up to {need} may be needed (max_connections × ports + "
+                 "instances); raise LimitNOFILE / ulimit -n")
+    return ("open files", text)

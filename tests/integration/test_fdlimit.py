@@ -1,0 +1,108 @@
+"""Out of file descriptors: accepts that fail are logged once per 10 s and counted in
+/metrics, and Corral answers again once descriptors are free.
+
+``corral serve`` runs in a subprocess whose RLIMIT_NOFILE (soft and hard) is lowered
+before it starts, so its own raise to the hard limit cannot help; the test then holds
+more idle connections open than the limit allows.
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from scheduler import limits
+from tests.fakes import write_dummy_gguf
+
+REPO = Path(__file__).resolve().parents[2]
+LIMIT = 128
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _low_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
+
+
+def test_accept_failures_are_logged_once_and_counted(tmp_path: Path) -> None:
+    port = _free_port()
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
+                   f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n')
+    log_path = tmp_path / "corral.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)], cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_low_limit)
+    held: list[socket.socket] = []
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        for _ in range(LIMIT + 40):
+            s = socket.create_connection(("127.0.0.1", port))
+            held.append(s)
+        time.sleep(1.0)  # the loop keeps retrying the accept: many failures, one line
+    finally:
+        for s in held:
+            s.close()
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                metrics = httpx.get(base + "/metrics", timeout=2).text
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "Corral did not recover"
+                time.sleep(0.1)
+        counted = [ln for ln in metrics.splitlines()
+                   if ln.startswith("corral_accept_errors_total ")]
+        assert counted and float(counted[0].split()[1]) >= 1, counted
+        text = log_path.read_text()
+        assert text.count("out of file descriptors") == 1, text[-3000:]
+        assert "Traceback" not in text
+        assert f"open-file limit: {LIMIT}" in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_raise_nofile_lifts_the_soft_limit() -> None:
+    soft, hard = limits.nofile()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert limits.raise_nofile() == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_handler_passes_other_errors_on() -> None:
+    seen: list[object] = []
+
+    class Loop:
+        def default_exception_handler(self, context: dict[str, object]) -> None:
+            seen.append(context)
+
+    counted: list[int] = []
+    handler = limits.AcceptErrors(lambda: counted.append(1), every=10, clock=lambda: 0.0)
+    handler(Loop(), {"message": "x", "exception": ValueError("y")})  # type: ignore[arg-type]
+    assert len(seen) == 1 and not counted
+    handler(Loop(), {"message": "accept", "exception": OSError(24, "Too many open files")})  # type: ignore[arg-type]
+    assert counted == [1] and handler.total == 1 and len(seen) == 1
