@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
@@ -26,13 +25,12 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, metrics, openai
-from proxy.errors import Dialect, error_middleware, render
+from proxy import admin, guard, metrics, openai
+from proxy.errors import Dialect, error_middleware
 from proxy.keys import CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
 from scheduler.config import CorralConfig
-from scheduler.errors import Unauthorized
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
 
 log = logging.getLogger(__name__)
@@ -45,41 +43,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS})
 
 
-def auth_middleware(keys: tuple[str, ...], dialect: Dialect) -> Middleware:
-    encoded = [k.encode() for k in keys]
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in _OPEN_PATHS or request.method == "OPTIONS":
-            return await handler(request)
-        given = request.headers.get("X-API-Key", "")
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        # Compare against every key, always, so timing tells nothing about which
-        # key (or how much of one) matched.
-        ok = False
-        for key in encoded:
-            ok |= hmac.compare_digest(given.encode(), key)
-        if not ok:
-            return render(
-                Unauthorized("a valid API key is required (Authorization: Bearer <key>)"),
-                dialect,
-            )
-        return await handler(request)
-
-    return middleware
-
-
 def middlewares(
     cfg: CorralConfig, dialect: Dialect, stats: Metrics | None = None
 ) -> list[Middleware]:
-    mws = [error_middleware(dialect)]
+    # Guards before the error middleware: their refusals are plain answers.
+    mws = [*guard.guard_middlewares(cfg.server, dialect), error_middleware(dialect)]
     if stats is not None:
         # Outermost: sees the final status, auth failures and rendered errors included.
         mws.insert(0, request_middleware(stats, dialect))
     if cfg.server.api_keys:
-        mws.append(auth_middleware(cfg.server.api_keys, dialect))
+        mws.append(guard.auth_middleware(cfg.server.api_keys, dialect, _OPEN_PATHS))
     return mws
 
 
@@ -137,6 +110,7 @@ def build_openai_app(
     app[CONFIG] = cfg
     app[METRICS] = stats
     metrics.install(app)
+    app.on_response_prepare.append(guard.on_response_prepare)
     # In start order; torn down in reverse, so the scheduler stops last.
     app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions(), stats))
     app.cleanup_ctx.append(metrics.metrics_ctx(stats))
@@ -158,6 +132,7 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app = web.Application(middlewares=middlewares(cfg, dialect, stats), client_max_size=64 << 20)
     if stats is not None:
         metrics.install(app)
+    app.on_response_prepare.append(guard.on_response_prepare)
     app[CONFIG] = cfg
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
