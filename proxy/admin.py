@@ -10,8 +10,10 @@ and the reloader do the work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -20,10 +22,12 @@ import psutil
 from aiohttp import web
 
 from proxy import __version__
-from proxy.keys import SCHEDULER
+from proxy.guard import Forbidden
+from proxy.keys import CONFIG, SCHEDULER
 from proxy.metrics import METRICS, resident_memory
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
+from scheduler.config import CorralConfig
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -313,17 +317,40 @@ async def get_config_file(request: web.Request) -> web.Response:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
     except OSError as e:
         raise NotFound(f"{path}: {e.strerror or e}") from None
-    return web.Response(text=text, content_type="application/toml")
+    return web.Response(text=_redact_text(text, request.app[RELOADER].current),
+                        content_type="application/toml")
+
+
+def _redact_text(text: str, cfg: CorralConfig) -> str:
+    """The file with every API key (the running ones and the file's own) replaced, as
+    ``_redacted`` does for the parsed view. Replacing the strings themselves covers
+    every TOML spelling of the array (inline, multi-line, quoted either way)."""
+    keys = set(cfg.server.api_keys)
+    with contextlib.suppress(tomllib.TOMLDecodeError):
+        server = tomllib.loads(text).get("server", {})
+        given = server.get("api_keys", []) if isinstance(server, dict) else []
+        keys.update(k for k in given if isinstance(k, str) and k)
+    for key in sorted(keys, key=len, reverse=True):
+        text = text.replace(key, "<redacted>")
+    return text
 
 
 async def put_config(request: web.Request) -> web.Response:
     """Replace the config file with the TOML body (validated first; the old file is
     kept as .bak) and reload it."""
+    reloader = request.app[RELOADER]
+    # The listeners' [server] section, not the file's: turning writes on takes a
+    # restart, and a write can never turn them on (reload.PROTECTED_KEYS).
+    if not request.app[CONFIG].server.admin_config_write:
+        raise Forbidden(
+            "writing the config over HTTP is off; set [server] admin_config_write = true "
+            "in the config file and restart Corral to allow it"
+        )
     text = await request.text()
     if not text.strip():
         raise BadRequest("the body must be the new config file (TOML)")
     try:
-        outcome = await request.app[RELOADER].write(text)
+        outcome = await reloader.write(text)
     except ConfigError as e:
         raise BadRequest(f"invalid configuration, nothing written:\n{e.message}") from None
     return web.json_response(outcome.as_dict(), status=200 if outcome.ok else 422)

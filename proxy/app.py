@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
@@ -27,15 +26,14 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, lmstudio, lmstudio_sdk, metrics, ollama, openai
+from proxy import admin, guard, lmstudio, lmstudio_sdk, metrics, ollama, openai, reqlog
 from proxy.body import BodyBudget
-from proxy.errors import Dialect, error_middleware, render
+from proxy.errors import Dialect, error_middleware
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import limits
 from scheduler.config import CorralConfig
-from scheduler.errors import Unauthorized
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
 
 log = logging.getLogger(__name__)
@@ -51,41 +49,16 @@ _OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS,
                          *lmstudio_sdk.OPEN_PATHS})
 
 
-def auth_middleware(keys: tuple[str, ...], dialect: Dialect) -> Middleware:
-    encoded = [k.encode() for k in keys]
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in _OPEN_PATHS or request.method == "OPTIONS":
-            return await handler(request)
-        given = request.headers.get("X-API-Key", "")
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        # Compare against every key, always, so timing tells nothing about which
-        # key (or how much of one) matched.
-        ok = False
-        for key in encoded:
-            ok |= hmac.compare_digest(given.encode(), key)
-        if not ok:
-            return render(
-                Unauthorized("a valid API key is required (Authorization: Bearer <key>)"),
-                dialect,
-            )
-        return await handler(request)
-
-    return middleware
-
-
 def middlewares(
     cfg: CorralConfig, dialect: Dialect, stats: Metrics | None = None
 ) -> list[Middleware]:
-    mws = [error_middleware(dialect)]
+    # Guards before the error middleware: their refusals are plain answers.
+    mws = [*guard.guard_middlewares(cfg.server, dialect), error_middleware(dialect)]
     if stats is not None:
         # Outermost: sees the final status, auth failures and rendered errors included.
         mws.insert(0, request_middleware(stats, dialect))
     if cfg.server.api_keys:
-        mws.append(auth_middleware(cfg.server.api_keys, dialect))
+        mws.append(guard.auth_middleware(cfg.server.api_keys, dialect, _OPEN_PATHS))
     return mws
 
 
@@ -144,6 +117,7 @@ def build_openai_app(
     app[METRICS] = stats
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
     metrics.install(app)
+    app.on_response_prepare.append(guard.on_response_prepare)
     # In start order; torn down in reverse, so the scheduler stops last.
     app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions(), stats))
     app.cleanup_ctx.append(metrics.metrics_ctx(stats))
@@ -165,6 +139,7 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app = web.Application(middlewares=middlewares(cfg, dialect, stats), client_max_size=64 << 20)
     if stats is not None:
         metrics.install(app)
+    app.on_response_prepare.append(guard.on_response_prepare)
     app[CONFIG] = cfg
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
@@ -207,6 +182,7 @@ async def serve(
     """Run until SIGINT/SIGTERM; drain and return. SIGHUP reloads ``config_path``."""
     loop = asyncio.get_running_loop()
     log.info("open-file limit: %d", limits.raise_nofile())
+    reqlog.quiet_protocol_errors()
     stop = asyncio.Event()
     signals = 0
 

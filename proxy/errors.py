@@ -17,6 +17,7 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from proxy import reqlog
 from scheduler.errors import CorralError, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,12 @@ def render(err: CorralError, dialect: Dialect) -> web.Response:
         headers=headers,
     )
 
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
 
 
 def error_middleware(dialect: Dialect) -> Middleware:
@@ -109,8 +116,18 @@ def error_middleware(dialect: Dialect) -> Middleware:
             # aiohttp's own 404/405 arrive as text; an OpenAI client expects JSON.
             err = CorralError(e.reason if e.status != 404 else f"no route for {request.path}")
             err.status = e.status
-            err.code = "not_found" if e.status == 404 else "method_not_allowed"
+            err.code = _HTTP_CODES.get(e.status, "invalid_request")
             err.type = "invalid_request_error"
-            return render(err, dialect)
+            return render(err, request.get(ROUTE_DIALECT, dialect))
+        except ConnectionResetError:
+            raise  # the client went away: nothing to answer
+        except Exception:
+            # A bug, not bad input: the traceback stays in the log, the caller gets
+            # the request id to quote.
+            info = reqlog.current()
+            rid = info.id if info is not None else "-"
+            log.exception("%s %s: unexpected error", request.method, request.path)
+            return render(CorralError(f"internal error (request id {rid})"),
+                          request.get(ROUTE_DIALECT, dialect))
 
     return middleware

@@ -49,7 +49,10 @@ def ttl_of(ttl: object) -> float | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise BadRequest("'ttl' must be a number of seconds")
-    return -1.0 if ttl < 0 else float(ttl)
+    if ttl != ttl:  # NaN
+        raise BadRequest("'ttl' must be a number of seconds")
+    # Beyond ~292 years (or inf) is forever, as a negative value.
+    return -1.0 if ttl < 0 or ttl > translate.MAX_KEEP_ALIVE else float(ttl)
 
 
 def hints_for(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHints | None:

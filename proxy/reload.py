@@ -76,6 +76,71 @@ def server_changes(old: CorralConfig, new: CorralConfig) -> list[str]:
     return [f"server.{k}" for k in before if before[k] != after.get(k)]
 
 
+# What an HTTP write may never change: everything Corral executes or hands to a child
+# (binary, flags, environment, model files and where they come from), and the keys
+# that guard the HTTP side itself. "*" walks every model, matched by name; a model
+# that is new must leave these keys unset. Future sections ("runtimes", "scan") are
+# listed already so that they are protected the day they exist.
+PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
+    ("llama_server",),
+    ("models_dir",),
+    ("runtimes",),
+    ("scan",),
+    *(("models", "*", k) for k in (
+        "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
+    )),
+    ("server", "admin_config_write"),
+    ("server", "api_keys"),
+    ("server", "allowed_hosts"),
+    ("server", "cors_origins"),
+)
+
+_UNSET = None
+
+
+def _walk(data: object, path: tuple[str, ...], prefix: str = "") -> dict[str, object]:
+    """The values at ``path`` in a config dump, by dotted key ("models.a.path")."""
+    if not path:
+        return {prefix: data}
+    head, rest = path[0], path[1:]
+    where = f"{prefix}.{head}" if prefix else head
+    if head == "*":
+        out: dict[str, object] = {}
+        for item in data if isinstance(data, list) else []:
+            name = item.get("name") if isinstance(item, dict) else None
+            out.update(_walk(item, rest, f"{prefix}.{name}"))
+        return out
+    value = data.get(head, _UNSET) if isinstance(data, dict) else _UNSET
+    if rest and isinstance(value, list | dict):
+        return _walk(value, rest, where)
+    return {where: value} if not rest else {}
+
+
+def _empty(value: object) -> bool:
+    return value is None or value == [] or value == {} or value == ()
+
+
+def protected_changes(old: CorralConfig, new: CorralConfig) -> list[str]:
+    """Protected keys (``PROTECTED_KEYS``) whose value differs between two configs."""
+    before, after = old.model_dump(mode="json"), new.model_dump(mode="json")
+    changed = []
+    for path in PROTECTED_KEYS:
+        was, now = _walk(before, path), _walk(after, path)
+        for key, value in now.items():
+            if key in was:
+                if was[key] != value:
+                    changed.append(key)
+            elif not _empty(value):
+                changed.append(key)  # a new model that names a file or flags
+    return changed
+
+
+class ProtectedChange(CorralError):
+    status = 403
+    code = "protected_config_key"
+    type = "permission_error"
+
+
 class Reloader:
     def __init__(
         self,
@@ -144,7 +209,8 @@ class Reloader:
 
     async def write(self, text: str) -> Outcome:
         """Validate ``text`` as the new config file, back up the old file, replace it,
-        reload. Raises ConfigError (file untouched) when ``text`` is not valid."""
+        reload. Raises ConfigError (file untouched) when ``text`` is not valid, and
+        ProtectedChange when it changes a key in ``PROTECTED_KEYS``."""
         if self.path is None:
             raise NoConfigFile("Corral was started without a config file to write")
         path = self.path
@@ -210,9 +276,15 @@ class Reloader:
                 f.flush()
                 os.fsync(f.fileno())
             try:
-                self._loader(tmp)
+                new = self._loader(tmp)
             except ConfigError as e:
                 raise ConfigError(e.message.replace(str(tmp), str(path))) from None
+            changed = protected_changes(self.current, new)
+            if changed:
+                raise ProtectedChange(
+                    f"refused: {', '.join(changed)} change only in the file on disk "
+                    f"({path}), never over HTTP; nothing written"
+                )
             if path.exists():
                 # The file may hold API keys: the new one keeps the old one's mode.
                 shutil.copymode(path, tmp)

@@ -19,6 +19,8 @@ import logging
 import secrets
 from contextvars import ContextVar
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 HEADER = "X-Request-Id"
 # Long enough for a UUID or a W3C trace id with a span; short enough for a log line.
 _MAX_CLIENT_ID = 128
@@ -90,3 +92,26 @@ class RequestIdFilter(logging.Filter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s%(request_tag)s: %(message)s"
+
+
+class ProtocolErrorFilter(logging.Filter):
+    """aiohttp logs every malformed request (bad request line, header, chunk) at ERROR
+    with a traceback: a client's mistake, and a way to flood the log. Such records
+    become one WARNING line each, without the traceback (aiohttp closes the connection
+    after one, so this is once per connection). Attach to the ``aiohttp.server``
+    logger, where aiohttp logs them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "malformed request refused: %s", (
+                str(exc).replace("\n", " ")[:300],)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_protocol_errors() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ProtocolErrorFilter) for f in logger.filters):
+        logger.addFilter(ProtocolErrorFilter())

@@ -53,9 +53,17 @@ def name_digest(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
+# ~292 years: Go's largest time.Duration, Ollama's "forever".
+MAX_KEEP_ALIVE = 292 * 365 * 86400.0
+# The last second datetime can format; later (or NaN) timestamps are clamped to it.
+_MAX_TS = 253402300799.0
+
+
 def rfc3339(ts: float | None = None) -> str:
     """UTC time with at most 6 fractional digits: Python before 3.11 rejects more."""
     ts = time.time() if ts is None else ts
+    if not 0.0 <= ts <= _MAX_TS:  # also NaN
+        ts = 0.0 if ts < 0 else _MAX_TS
     whole = math.floor(ts)
     micros = min(999_999, round((ts - whole) * 1e6))
     return f"{_second(whole)}.{micros:06d}Z"
@@ -128,7 +136,9 @@ def keep_alive_seconds(value: object) -> float | None:
         raise BadRequest("keep_alive must be a number or a duration string")
     if math.isnan(seconds):
         raise BadRequest("keep_alive must be a number or a duration string")
-    return -1.0 if seconds < 0 else seconds
+    # Ollama treats a duration beyond what it can represent as forever; so do we,
+    # which also keeps expiry timestamps (rfc3339) inside datetime's range.
+    return -1.0 if seconds < 0 or seconds > MAX_KEEP_ALIVE else seconds
 
 
 Think = bool | Literal["low", "medium", "high", "max"]

@@ -8,7 +8,9 @@ of the owned ones, because a second ``--port`` would silently win in llama-serve
 from __future__ import annotations
 
 import os
+import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from scheduler.config import CorralConfig, ModelConfig
@@ -67,6 +69,19 @@ def build_argv(
     return argv
 
 
+# Names that look like secrets: a child (and whatever it loads) must not inherit
+# Corral's API keys or the operator's cloud tokens. HF_TOKEN goes too; a model that
+# needs it sets it in its own env.
+_SECRET_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """Corral's environment minus ``CORRAL_*`` and secret-looking names; what a
+    config's ``env`` sets explicitly is added back by the caller."""
+    return {k: v for k, v in environ.items()
+            if not k.upper().startswith("CORRAL_") and not _SECRET_RE.search(k)}
+
+
 def build_spec(
     cfg: CorralConfig,
     model: ModelConfig,
@@ -75,7 +90,7 @@ def build_spec(
     port: int | None = None,
 ) -> LaunchSpec:
     port = free_port() if port is None else port
-    env = {**os.environ, **cfg.llama_server.env, **model.env}
+    env = {**child_environ(os.environ), **cfg.llama_server.env, **model.env}
     return LaunchSpec(
         model=model.name,
         argv=build_argv(binary, model, model_file, port, cfg.llama_server.args),

@@ -225,13 +225,16 @@ async def test_admin_metrics_and_dashboard_with_an_api_key(corral: Any, tmp_path
 
 
 async def test_config_without_a_file(corral: Any, tmp_path: Path) -> None:
-    client = await corral(make_config(tmp_path, [{"name": "a"}]))
+    client = await corral(
+        make_config(tmp_path, [{"name": "a"}], server={"admin_config_write": True})
+    )
     body = await get_json(client, "/admin/config")
     assert body["path"] is None and body["last_reload_error"] is None
     assert body["config"]["models"][0]["name"] == "a"
     err = await post_json(client, "/admin/config/reload", status=409)
     assert err["error"]["code"] == "no_config_file"
-    resp = await client.put("/admin/config", data="[server]\n")
+    resp = await client.put("/admin/config", data="[server]\n",
+                            headers={"Content-Type": "application/toml"})
     assert resp.status == 409
     assert (await client.get("/admin/config/file")).status == 404
 

@@ -196,7 +196,8 @@ async def test_greeting_answers_the_sdk_probe(ports: Any) -> None:
 
 
 async def test_bad_requests_are_openai_shaped(ports: Any) -> None:
-    r = await ports.lmstudio.post("/api/v0/chat/completions", data=b"{nope")
+    r = await ports.lmstudio.post("/api/v0/chat/completions", data=b"{nope",
+                                  headers={"Content-Type": "application/json"})
     assert r.status == 400
     assert_openai_error(await r.json(), "not valid JSON")
     r = await ports.lmstudio.get("/api/v9/whatever")

@@ -55,6 +55,9 @@ def corral(aiohttp_client: Any, fake_llama: Path) -> Callable[..., Any]:
     return start
 
 
+TOML = {"Content-Type": "application/toml"}
+
+
 def chat(model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -141,32 +144,34 @@ async def test_a_broken_file_written_during_a_load_keeps_the_running_config(
 
 async def test_put_validates_backs_up_and_reloads(corral: Any, tmp_path: Path) -> None:
     path = tmp_path / "corral.toml"
-    old = config_text(tmp_path, {"a": {}})
+    old = config_text(tmp_path, {"a": {}}, admin_config_write=True)
     path.write_text(old)
     path.chmod(0o600)
     client = await corral(path)
     assert await (await client.get("/admin/config/file")).text() == old
 
     bad = old.replace("parallel", "paralel") + '[[models]]\nname = "b"\nparallel = 0\n'
-    resp = await client.put("/admin/config", data=bad)
+    resp = await client.put("/admin/config", data=bad, headers=TOML)
     assert resp.status == 400
     message = (await resp.json())["error"]["message"]
     assert "nothing written" in message and str(path) in message and ".tmp" not in message
     assert path.read_text() == old
     assert not (tmp_path / "corral.toml.bak").exists()
 
-    new = config_text(tmp_path, {"a": {}, "b": {}})
-    resp = await client.put("/admin/config", data=new)
+    # A new local model names a file: only the file on disk may do that
+    # (docs/security.md); a ttl may change over HTTP.
+    new = config_text(tmp_path, {"a": {"ttl": 7}}, admin_config_write=True)
+    resp = await client.put("/admin/config", data=new, headers=TOML)
     assert resp.status == 200, await resp.text()
     outcome = await resp.json()
     assert outcome["ok"] and outcome["source"] == "admin-write"
-    assert outcome["changes"]["added"] == ["b"]
+    assert outcome["changes"]["changed"] == ["a"]
     assert path.read_text() == new
     assert (tmp_path / "corral.toml.bak").read_text() == old
     assert path.stat().st_mode & 0o777 == 0o600
     left = await asyncio.to_thread(lambda: sorted(p.name for p in tmp_path.glob("*.toml*")))
     assert left == ["corral.toml", "corral.toml.bak"]  # no temporary file left behind
-    assert (await client.post("/v1/chat/completions", json=chat("b"))).status == 200
+    assert (await client.post("/v1/chat/completions", json=chat("a"))).status == 200
     # The watcher must not reload again what the API just applied.
     await asyncio.sleep(1.5)
     assert client.app[RELOADER].last is not None
