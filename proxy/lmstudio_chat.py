@@ -25,8 +25,7 @@ from proxy import jsonc, translate
 from proxy.chat_store import ChatStore
 from proxy.keys import CHAT_STORE, SCHEDULER
 from proxy.lmstudio_sdk.models import ready
-from proxy.lmstudio_sdk.upstream import open_stream
-from proxy.streaming import upstream_batches
+from proxy.lmstudio_sdk.upstream import event_batches
 from scheduler.errors import BadRequest, CorralError
 from scheduler.scheduler import LeaseHints
 
@@ -134,8 +133,10 @@ async def events(app: web.Application, model: str, body: dict[str, Any], store: 
     error: str | None = None
     yield "prompt_processing.start", {}
     try:
-        async with open_stream(app, model, "/v1/chat/completions", body) as (up, resp):
-            async for batch in upstream_batches(resp, up.instance_id):
+        async with contextlib.aclosing(
+            event_batches(app, model, "/v1/chat/completions", body)
+        ) as batches:
+            async for batch in batches:
                 for event in batch:
                     if "error" in event:
                         raise translate.upstream_error(event)

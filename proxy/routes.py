@@ -12,7 +12,7 @@ their handlers and send through the same call path.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,6 +119,7 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 model=model,
                 path=route.upstream or request.path,
                 body=body,
+                headers=_headers(request, route.family),
                 hints=hints_for(scheduler, model, head),
                 method=route.method,
                 query=request.query_string,
@@ -127,6 +128,18 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
             return await upstream.answer(request, route.family, spec, relay)
 
     return handle
+
+
+# Request headers that belong to an API family and go upstream with its body.
+_FAMILY_HEADERS = {"anthropic": ("anthropic-version", "anthropic-beta")}
+
+
+def _headers(request: web.Request, family: Family) -> Mapping[str, str]:
+    names = _FAMILY_HEADERS.get(family)
+    if not names or not any(n in request.headers for n in names):
+        return upstream.JSON_HEADERS
+    return {**upstream.JSON_HEADERS,
+            **{n: request.headers[n] for n in names if n in request.headers}}
 
 
 def _default_model(request: web.Request, route: Route) -> str:

@@ -295,34 +295,3 @@ async def write_stream(
         await out.write(sse_event("[DONE]"))
     await out.write_eof()
     return out
-
-
-@contextlib.asynccontextmanager
-async def post_upstream(
-    session: aiohttp.ClientSession, base_url: str, instance_id: str, path: str,
-    payload: dict[str, Any],
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """POST a translated body to an instance; yield its 200 response.
-
-    A non-200 answer is raised as a CorralError carrying llama-server's status and
-    message (so a 400 for an over-long prompt stays a 400). The response is closed,
-    not returned to the pool, when the caller leaves early: an unread stream must
-    end at llama-server, which then stops generating.
-    """
-    try:
-        resp = await session.post(base_url + path, json=payload)
-    except aiohttp.ClientConnectionError as e:
-        raise UpstreamFailed(f"instance {instance_id} is unreachable: {e}") from None
-    try:
-        if resp.status != 200:
-            try:
-                raw = await resp.read()
-            except _UPSTREAM_BROKE:
-                raw = b""
-            raise upstream_error_body(resp.status, raw)
-        yield resp
-    except BaseException:
-        resp.close()
-        raise
-    finally:
-        resp.release()

@@ -8,17 +8,16 @@ llama-server stop the slot at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from proxy import jsonc
-from proxy.keys import SCHEDULER, SESSION
-from proxy.reqlog import note_model
-from proxy.streaming import post_upstream, upstream_batches
+from proxy.streaming import upstream_batches
 from proxy.translate import upstream_error_body
 from proxy.upstream import Call, Client, call_app
 from scheduler.scheduler import LeaseHints, Upstream
@@ -58,21 +57,33 @@ async def call_json(
     return body if isinstance(body, dict) else {}
 
 
-@contextlib.asynccontextmanager
-async def open_stream(
+async def event_batches(
     app: web.Application, model: str, path: str, payload: dict[str, Any],
     hints: LeaseHints | None = None,
-) -> AsyncIterator[tuple[Upstream, aiohttp.ClientResponse]]:
-    """POST ``payload`` to an instance of ``model``; yield the lease and the 200 answer,
-    for REST v1 chat, whose event generator reads the response in its own steps (so it
-    is not resent on failure).
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """``stream_events`` as an async generator, for REST v1 chat, whose event
+    generator reads the answer in its own steps. Closing it cancels the call (and so
+    the upstream request)."""
+    queue: asyncio.Queue[list[dict[str, Any]] | BaseException | None] = asyncio.Queue()
 
-    Raises the scheduler's CorralErrors (UnknownModel, LoadFailed, Overloaded...) and
-    llama-server's non-200 answers as CorralErrors with its status and message.
-    """
-    async with (
-        app[SCHEDULER].lease(model, hints) as up,
-        post_upstream(app[SESSION], up.base_url, up.instance_id, path, payload) as resp,
-    ):
-        note_model(up.model)
-        yield up, resp
+    async def put(batch: list[dict[str, Any]]) -> None:
+        queue.put_nowait(batch)
+
+    async def run() -> None:
+        try:
+            await stream_events(app, model, path, payload, put, hints)
+        except Exception as e:
+            queue.put_nowait(e)
+        else:
+            queue.put_nowait(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -93,8 +93,10 @@ async def test_anthropic_headers_are_passed_on(ports: Any) -> None:
     r = await c.post("/v1/messages", json=MESSAGE, headers=headers)
     assert r.status == 200
     seen = await fake_requests(ports, "/v1/messages")
-    # The body goes upstream byte for byte; that is what the fake received.
+    # The body goes upstream byte for byte, with Anthropic's own headers.
     assert seen[-1]["body"] == MESSAGE
+    assert seen[-1]["headers"]["anthropic-version"] == "2023-06-01"
+    assert seen[-1]["headers"]["anthropic-beta"] == "tools-2024"
 
 
 async def fake_requests(ports: Any, path: str) -> list[dict[str, Any]]:
