@@ -27,7 +27,9 @@ def test_loopback_hosts_only_by_default(host: str, ok: bool) -> None:
 
 
 def test_allowed_hosts_patterns_and_bound_host() -> None:
-    allowed = host_matcher(ServerConfig(host="0.0.0.0", allowed_hosts=("corral.lan", "*.example.com")))
+    allowed = host_matcher(
+        ServerConfig(host="0.0.0.0", allowed_hosts=("corral.lan", "*.example.com"))
+    )
     assert allowed("corral.lan:8080") and allowed("a.example.com") and allowed("localhost")
     assert not allowed("example.com.evil") and not allowed("0.0.0.0") and not allowed("evil")
     assert host_matcher(ServerConfig(host="192.168.1.9"))("192.168.1.9:1234")
