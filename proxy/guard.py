@@ -163,7 +163,7 @@ def origin_middleware(server: ServerConfig, dialect: Dialect) -> Middleware:
     return middleware
 
 
-_CORS_ORIGIN = "corral_cors_origin"
+_CORS_ORIGIN = web.RequestKey("corral_cors_origin", str)
 
 
 def _may_mutate(request: web.Request) -> bool:

@@ -1,0 +1,108 @@
+"""Pure parts of the edge guards: Host matching, key decoding, child environment,
+protected config keys, keep_alive/ttl ranges."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from proxy import lmstudio, translate
+from proxy.guard import host_matcher, host_name
+from proxy.reload import protected_changes
+from scheduler.config import CorralConfig, ServerConfig
+from scheduler.errors import BadRequest
+from scheduler.launcher import child_environ
+
+
+@pytest.mark.parametrize(("host", "ok"), [
+    ("localhost:8080", True), ("LOCALHOST", True), ("app.localhost:1", True),
+    ("127.0.0.1:8080", True), ("127.9.9.9", True), ("[::1]:11434", True),
+    ("evil.example:8080", False), ("evil.example", False), ("", False),
+    ("localhost.evil.example", False), ("10.0.0.5:8080", False), ("[::2]:80", False),
+])
+def test_loopback_hosts_only_by_default(host: str, ok: bool) -> None:
+    assert host_matcher(ServerConfig())(host) is ok
+
+
+def test_allowed_hosts_patterns_and_bound_host() -> None:
+    allowed = host_matcher(
+        ServerConfig(host="0.0.0.0", allowed_hosts=("corral.lan", "*.example.com"))
+    )
+    assert allowed("corral.lan:8080") and allowed("a.example.com") and allowed("localhost")
+    assert not allowed("example.com.evil") and not allowed("0.0.0.0") and not allowed("evil")
+    assert host_matcher(ServerConfig(host="192.168.1.9"))("192.168.1.9:1234")
+    assert host_matcher(ServerConfig(allowed_hosts=("*",)))("anything:1")
+    assert host_name("[::1]:80") == "::1" and host_name("A.B:9") == "a.b"
+
+
+def test_child_environ_drops_corral_and_secret_names() -> None:
+    env = child_environ({
+        "CORRAL_SERVER__API_KEYS": '["k"]', "corral_x": "1", "FOO_TOKEN": "t",
+        "OPENAI_API_KEY": "k", "aws_secret_access_key": "s", "DB_PASSWORD": "p",
+        "GCP_CREDENTIALS": "c", "PATH": "/bin", "HOME": "/root", "HF_HOME": "/h",
+        "CUDA_VISIBLE_DEVICES": "0", "LD_LIBRARY_PATH": "/lib",
+    })
+    assert env == {"PATH": "/bin", "HOME": "/root", "HF_HOME": "/h",
+                   "CUDA_VISIBLE_DEVICES": "0", "LD_LIBRARY_PATH": "/lib"}
+
+
+def test_build_spec_env_keeps_what_the_config_sets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scheduler.launcher import build_spec
+
+    monkeypatch.setenv("CORRAL_SERVER__API_KEYS", '["k"]')
+    monkeypatch.setenv("FOO_TOKEN", "secret")
+    cfg = CorralConfig(models=[{"name": "a", "path": str(tmp_path / "a.gguf"),
+                                "env": {"HF_TOKEN": "mine"}}])
+    spec = build_spec(cfg, cfg.models[0], Path("/bin/true"), tmp_path / "a.gguf", port=1)
+    assert "CORRAL_SERVER__API_KEYS" not in spec.env and "FOO_TOKEN" not in spec.env
+    assert spec.env["HF_TOKEN"] == "mine" and "PATH" in spec.env
+
+
+def _cfg(tmp_path: Path, **kw: object) -> CorralConfig:
+    model = {"name": "a", "path": str(tmp_path / "a.gguf"), **kw.pop("model", {})}  # type: ignore[dict-item]
+    return CorralConfig(models=[model], **kw)  # type: ignore[arg-type]
+
+
+def test_protected_changes(tmp_path: Path) -> None:
+    old = _cfg(tmp_path)
+    assert protected_changes(old, _cfg(tmp_path, model={"ttl": 5, "parallel": 2})) == []
+    assert protected_changes(old, _cfg(tmp_path, llama_server={"binary": "/bin/sh"})) == [
+        "llama_server"]
+    assert protected_changes(old, _cfg(tmp_path, model={"args": ["--foo"]})) == ["models.a.args"]
+    assert protected_changes(old, _cfg(tmp_path, model={"env": {"X": "1"}})) == ["models.a.env"]
+    assert protected_changes(old, _cfg(tmp_path, model={"path": "/etc/x"})) == ["models.a.path"]
+    assert protected_changes(old, _cfg(tmp_path, server={"admin_config_write": True})) == [
+        "server.admin_config_write"]
+    assert protected_changes(old, _cfg(tmp_path, server={"api_keys": ["k"]})) == [
+        "server.api_keys"]
+    assert protected_changes(old, _cfg(tmp_path, models_dir=str(tmp_path))) == ["models_dir"]
+    two = CorralConfig(models=[*old.model_dump()["models"],
+                               {"name": "b", "remotes": ["http://x:1"]}])
+    assert protected_changes(old, two) == []  # a remote model runs nothing here
+    three = CorralConfig(models=[*old.model_dump()["models"],
+                                 {"name": "b", "path": "/etc/passwd"}])
+    assert protected_changes(old, three) == ["models.b.path"]
+
+
+@pytest.mark.parametrize("value", [1e18, "99999999h", math.inf, "1e400", -5, "-1m"])
+def test_huge_or_negative_keep_alive_is_forever(value: object) -> None:
+    assert translate.keep_alive_seconds(value) == -1.0
+
+
+def test_nan_keep_alive_and_ttl_are_bad_requests() -> None:
+    with pytest.raises(BadRequest):
+        translate.keep_alive_seconds(math.nan)
+    with pytest.raises(BadRequest):
+        lmstudio.ttl_of({"ttl": math.nan})
+    assert lmstudio.ttl_of({"ttl": 1e300}) == -1.0
+    assert lmstudio.ttl_of({"ttl": 60}) == 60.0
+
+
+def test_rfc3339_never_overflows() -> None:
+    assert translate.rfc3339(1e30).startswith("9999-12-31T23:59:59")
+    assert translate.rfc3339(math.nan).startswith("9999-12-31")
+    assert translate.rfc3339(-1e30).startswith("1970-01-01")
