@@ -97,9 +97,9 @@ def test_nan_keep_alive_and_ttl_are_bad_requests() -> None:
     with pytest.raises(BadRequest):
         translate.keep_alive_seconds(math.nan)
     with pytest.raises(BadRequest):
-        lmstudio.ttl_of({"ttl": math.nan})
-    assert lmstudio.ttl_of({"ttl": 1e300}) == -1.0
-    assert lmstudio.ttl_of({"ttl": 60}) == 60.0
+        lmstudio.ttl_of(math.nan)
+    assert lmstudio.ttl_of(1e300) == -1.0
+    assert lmstudio.ttl_of(60) == 60.0
 
 
 def test_rfc3339_never_overflows() -> None:
