@@ -108,10 +108,11 @@ class LoadFailed(CorralError):
     type = "unavailable_error"
 
     def __init__(self, model: str, reason: str, log_tail: Sequence[str] = ()) -> None:
+        # API clients get the reason; the child's log (paths, build, hardware) is for
+        # the operator: the server log and /admin show ``detail``.
         msg = f"model '{model}' failed to load: {reason}"
-        if log_tail:
-            msg += "\nlast log lines:\n" + "\n".join(log_tail)
-        super().__init__(msg)
+        super().__init__(msg + (" (its log is in /admin/models)" if log_tail else ""))
+        self.detail = msg + ("\nlast log lines:\n" + "\n".join(log_tail) if log_tail else "")
         self.model = model
         self.reason = reason
         self.log_tail = tuple(log_tail)

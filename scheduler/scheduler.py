@@ -734,7 +734,7 @@ class Scheduler:
                     "(fix the config or reset the model)",
                     err.log_tail,
                 )
-            log.error("%s", err.message)
+            log.error("%s", err.detail)
             self.events.launched(m.cfg.name, self._clock() - inst.stats.launched_at, False)
             m.last_error = err
             # The calls waiting for this launch fail now, with the child's last words,
@@ -846,7 +846,7 @@ class Scheduler:
                     "vram_bytes": m.vram,
                     "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max},
                     "fallbacks": list(m.cfg.fallbacks),
-                    "last_error": m.last_error.message if m.last_error else None,
+                    "last_error": m.last_error.detail if m.last_error else None,
                     "failures": m.failures,
                 }
             )

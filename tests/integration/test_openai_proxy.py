@@ -132,7 +132,10 @@ async def test_crash_at_start_fails_fast_with_log_lines(corral, tmp_path: Path) 
         err = (await r.json())["error"]
         assert err["code"] == "model_load_failed"
         assert "exited with status 1" in err["message"]
-        assert "failed to load model" in err["message"]  # the child's own words
+        assert "failed to load model" not in err["message"]  # the log is for /admin
+    r = await client.get("/admin/models")
+    detail = json.dumps(await r.json())
+    assert "failed to load model" in detail  # the child's own words
 
 
 async def test_hang_hits_the_load_deadline(corral, tmp_path: Path) -> None:

@@ -179,7 +179,9 @@ async def test_repeated_launch_failures_make_a_model_unavailable(corral,
         if "unavailable" in messages[-1]:
             break
     assert "unavailable after 5 failed launches" in messages[-1]
-    assert "failed to load model" in messages[-1]  # the child's own last words
+    # The child's own last words are for the operator, not the API client.
+    assert "failed to load model" not in messages[-1]
+    assert "failed to load model" in s.model_status()[0]["last_error"]
     assert s.model_status()[0]["state"] == "unavailable"
     # Now it fails at once, without a launch.
     before = len(fake_children())
