@@ -159,10 +159,38 @@ class SchedulerConfig(_Strict):
         return parse_size(value)
 
 
+# llama-server flags Corral sets itself, and the key to use instead. A second --port
+# would silently win; --host 0.0.0.0 would expose a keyless child on every interface.
+RESERVED_FLAGS = {
+    "--host": "[server] host (children always bind to loopback)",
+    "--port": "nothing (Corral picks a free port)",
+    "-m": "path, package or hf_repo", "--model": "path, package or hf_repo",
+    "-c": "ctx_size", "--ctx-size": "ctx_size",
+    "-np": "parallel", "--parallel": "parallel",
+    "-a": "the model's name and aliases", "--alias": "the model's name and aliases",
+    "--api-key": "nothing (children are reached on loopback only)",
+    "--api-key-file": "nothing (children are reached on loopback only)",
+    "--slot-save-path": "nothing (Corral owns the slot cache)",
+}
+
+
+def _check_reserved(args: tuple[str, ...]) -> None:
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in RESERVED_FLAGS:
+            raise ValueError(f"args: {arg!r} is set by Corral; use {RESERVED_FLAGS[flag]}")
+
+
 class LlamaServerConfig(_Strict):
     binary: Path | None = Field(None, description="llama-server to run; else PATH, else cache")
     args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("args")
+    @classmethod
+    def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        _check_reserved(args)
+        return args
 
 
 class ModelConfig(_Strict):
@@ -255,10 +283,7 @@ class ModelConfig(_Strict):
             raise ValueError(f"set only one of 'path', 'package' or 'hf_repo' (got {sources})")
         if not sources and not self.remotes:
             raise ValueError("set 'path', 'package' or 'hf_repo' (a local model) or 'remotes'")
-        reserved = {"--port", "--host", "-m", "--model", "--parallel", "-np", "-a", "--alias"}
-        for arg in self.args:
-            if arg.split("=")[0] in reserved:
-                raise ValueError(f"args: {arg!r} is set by Corral; use the matching model key")
+        _check_reserved(self.args)
         return self
 
 

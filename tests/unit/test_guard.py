@@ -106,3 +106,20 @@ def test_rfc3339_never_overflows() -> None:
     assert translate.rfc3339(1e30).startswith("9999-12-31T23:59:59")
     assert translate.rfc3339(math.nan).startswith("9999-12-31")
     assert translate.rfc3339(-1e30).startswith("1970-01-01")
+
+
+@pytest.mark.parametrize("args", [
+    ["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--api-key", "k"], ["-c", "8192"],
+    ["--ctx-size=8192"], ["--slot-save-path", "/tmp"], ["--port", "1"],
+])
+@pytest.mark.parametrize("where", ["model", "llama_server"])
+def test_reserved_flags_are_refused_in_any_args(args: list[str], where: str) -> None:
+    from scheduler.config import CorralConfig
+
+    data: dict[str, object] = {"models": [{"name": "m", "path": "/m.gguf"}]}
+    if where == "model":
+        data["models"] = [{"name": "m", "path": "/m.gguf", "args": args}]
+    else:
+        data["llama_server"] = {"args": args}
+    with pytest.raises(ValueError, match="is set by Corral"):
+        CorralConfig(**data)
