@@ -151,7 +151,7 @@ async def test_put_config_cannot_change_the_binary(
     path = _file(tmp_path, admin_config_write=write, api_keys=["k"])
     old = path.read_text()
     client = await _serve(aiohttp_client, fake_llama, path)
-    evil = old + '\n[llama_server]\nbinary = "/bin/sh"\nargs = ["-c", "touch /tmp/pwned"]\n'
+    evil = old + '\n[llama_server]\nbinary = "/bin/sh"\nargs = ["--log-file", "/tmp/pwned"]\n'
     resp = await client.put("/admin/config", data=evil, headers=TOML)
     assert resp.status == 403, await resp.text()
     message = (await resp.json())["error"]["message"]
