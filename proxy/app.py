@@ -199,8 +199,10 @@ async def serve(
     host = cfg.server.host
 
     def runner(app: web.Application) -> web.AppRunner:
+        # An idle keep-alive connection is closed after keepalive_timeout (aiohttp's
+        # default, 3,630 s, let idle clients hold descriptors for an hour).
         return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=sc.drain_timeout,
-                             access_log=None)
+                             access_log=None, keepalive_timeout=cfg.server.keepalive_timeout)
 
     root = build_openai_app(cfg, opts, config_path=config_path)
     refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)

@@ -106,3 +106,33 @@ def test_the_handler_passes_other_errors_on() -> None:
     assert len(seen) == 1 and not counted
     handler(Loop(), {"message": "accept", "exception": OSError(24, "Too many open files")})  # type: ignore[arg-type]
     assert counted == [1] and handler.total == 1 and len(seen) == 1
+
+
+def test_idle_keep_alive_connections_are_closed(tmp_path: Path) -> None:
+    """[server] keepalive_timeout: an idle client connection is closed by Corral."""
+    port = _free_port()
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
+                   "keepalive_timeout = 1.0\n"
+                   f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+        with sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            sock.settimeout(10)
+            assert sock.recv(1) == b""  # closed by Corral, not by the 10 s timeout
+            assert time.monotonic() - started < 8
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
