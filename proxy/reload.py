@@ -165,7 +165,7 @@ class Reloader:
 
     @property
     def current(self) -> CorralConfig:
-        return self._scheduler.config
+        return self._scheduler.configured
 
     # -- triggers ------------------------------------------------------------------
 

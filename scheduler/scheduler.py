@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -181,6 +181,9 @@ class Scheduler:
         events: Events | None = None,
     ) -> None:
         self._cfg = cfg
+        # What the config file says; _cfg adds the dynamic models (set_dynamic_models).
+        self._configured = cfg
+        self._dynamic: dict[str, tuple[ModelConfig, ...]] = {}
         self.events: Events = events or NoEvents()
         self._session = session
         self._find_binary = find_binary
@@ -222,7 +225,13 @@ class Scheduler:
 
     @property
     def config(self) -> CorralConfig:
+        """The running config: the configured models plus the dynamic ones."""
         return self._cfg
+
+    @property
+    def configured(self) -> CorralConfig:
+        """The config file's contents as last applied, without dynamic models."""
+        return self._configured
 
     def resolve(self, name: str) -> ModelConfig:
         """The model a name or alias refers to; raises UnknownModel."""
@@ -242,7 +251,49 @@ class Scheduler:
         return list(self._names)
 
     async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
-        """Switch to a new config, restarting only what changed.
+        """Switch to a new config file's contents; dynamic models stay (see below)."""
+        self._configured = cfg
+        return await self._switch(self._effective(cfg))
+
+    async def set_dynamic_models(
+        self, source: str, models: Iterable[ModelConfig]
+    ) -> dict[str, list[str]]:
+        """Replace the models one dynamic source offers (a scanned directory, a
+        provider's listing, a pulled model), keyed by ``source``.
+
+        Configured models win over dynamic ones of the same name or alias, and an
+        earlier source (by name) over a later one; the result goes through the same
+        path as a config change, so only what changed restarts and a model that is
+        no longer offered drains and stops.
+        """
+        models = tuple(models)
+        if models:
+            self._dynamic[source] = models
+        else:
+            self._dynamic.pop(source, None)
+        return await self._switch(self._effective(self._configured))
+
+    def dynamic_models(self, source: str) -> tuple[ModelConfig, ...]:
+        return self._dynamic.get(source, ())
+
+    def _effective(self, cfg: CorralConfig) -> CorralConfig:
+        if not self._dynamic:
+            return cfg
+        taken = {n for mc in cfg.models for n in (mc.name, *mc.aliases)}
+        extra: list[ModelConfig] = []
+        for source in sorted(self._dynamic):
+            for mc in self._dynamic[source]:
+                if mc.name in taken:
+                    continue
+                aliases = tuple(a for a in mc.aliases if a not in taken)
+                if aliases != mc.aliases:
+                    mc = mc.model_copy(update={"aliases": aliases})
+                taken.update((mc.name, *aliases))
+                extra.append(mc)
+        return cfg.model_copy(update={"models": (*cfg.models, *extra)})
+
+    async def _switch(self, cfg: CorralConfig) -> dict[str, list[str]]:
+        """Switch to a new effective config, restarting only what changed.
 
         Changed models drain and stop (their queued calls wait for the new launch);
         removed models drain and stop and their queued calls fail; added models are

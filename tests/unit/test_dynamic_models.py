@@ -1,0 +1,31 @@
+"""Dynamic model sources (scan, providers, pulls) merge under the configured models."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from scheduler.config import CorralConfig, ModelConfig
+from scheduler.scheduler import Scheduler
+
+
+def _remote(name: str, *aliases: str) -> ModelConfig:
+    return ModelConfig(name=name, aliases=aliases, remotes=("http://127.0.0.1:9",))
+
+
+async def test_dynamic_models_merge_and_lose_to_configured() -> None:
+    cfg = CorralConfig(models=(_remote("a", "x"),))
+    async with aiohttp.ClientSession() as session:
+        s = Scheduler(cfg, session)
+        report = await s.set_dynamic_models("scan", [_remote("a"), _remote("b", "x", "y")])
+        assert report["added"] == ["b"]
+        assert s.names() == ["a", "x", "b", "y"]
+        assert s.resolve("y").name == "b"
+        assert s.configured is cfg
+        # A reload keeps the dynamic models; a configured one of the same name wins.
+        report = await s.apply_config(CorralConfig(models=(_remote("b"),)))
+        assert sorted(report["changed"]) == ["a", "b"]  # a lost its configured alias
+        assert [m.name for m in s.config.models] == ["b", "a"]
+        assert s.names() == ["b", "a"]  # the dynamic b (and its aliases) lost to the configured
+        await s.set_dynamic_models("scan", [])
+        assert s.names() == ["b"]
+        await s.close()
