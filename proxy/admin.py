@@ -299,7 +299,9 @@ def _redacted(data: dict[str, Any]) -> dict[str, Any]:
     server = dict(data.get("server", {}))
     if server.get("api_keys"):
         server["api_keys"] = ["<redacted>"] * len(server["api_keys"])
-    return {**data, "server": server}
+    keys = [{**k, "key": "<redacted>"} if isinstance(k, dict) and k.get("key") else k
+            for k in data.get("keys", [])]
+    return {**data, "server": server, "keys": keys}
 
 
 async def get_config(request: web.Request) -> web.Response:
@@ -325,11 +327,15 @@ def _redact_text(text: str, cfg: CorralConfig) -> str:
     """The file with every API key (the running ones and the file's own) replaced, as
     ``_redacted`` does for the parsed view. Replacing the strings themselves covers
     every TOML spelling of the array (inline, multi-line, quoted either way)."""
-    keys = set(cfg.server.api_keys)
+    keys = set(cfg.server.api_keys) | {k.key for k in cfg.keys if k.key}
     with contextlib.suppress(tomllib.TOMLDecodeError):
-        server = tomllib.loads(text).get("server", {})
+        parsed = tomllib.loads(text)
+        server = parsed.get("server", {})
         given = server.get("api_keys", []) if isinstance(server, dict) else []
         keys.update(k for k in given if isinstance(k, str) and k)
+        entries = parsed.get("keys", [])
+        keys.update(e["key"] for e in entries if isinstance(entries, list)
+                    and isinstance(e, dict) and isinstance(e.get("key"), str) and e["key"])
     for key in sorted(keys, key=len, reverse=True):
         text = text.replace(key, "<redacted>")
     return text
@@ -354,6 +360,11 @@ async def put_config(request: web.Request) -> web.Response:
     except ConfigError as e:
         raise BadRequest(f"invalid configuration, nothing written:\n{e.message}") from None
     return web.json_response(outcome.as_dict(), status=200 if outcome.ok else 422)
+
+
+async def api_keys(request: web.Request) -> web.Response:
+    """Every configured key (never its secret), its limits and its usage."""
+    return web.json_response({"keys": request.app[SCHEDULER].tenants.view()})
 
 
 async def reload_config(request: web.Request) -> web.Response:
@@ -404,6 +415,7 @@ def add_routes(app: web.Application) -> None:
     r.add_put("/admin/config", put_config)
     r.add_get("/admin/config/file", get_config_file)
     r.add_post("/admin/config/reload", reload_config)
+    r.add_get("/admin/keys", api_keys)
     r.add_get("/dashboard/", dashboard)
     r.add_get("/dashboard/{name}", dashboard)
     r.add_get("/dashboard", root)

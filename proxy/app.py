@@ -57,8 +57,7 @@ def middlewares(
     if stats is not None:
         # Outermost: sees the final status, auth failures and rendered errors included.
         mws.insert(0, request_middleware(stats, dialect))
-    if cfg.server.api_keys:
-        mws.append(guard.auth_middleware(cfg.server.api_keys, dialect, _OPEN_PATHS))
+    mws.append(guard.auth_middleware(dialect, _OPEN_PATHS))
     return mws
 
 

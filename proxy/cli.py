@@ -140,10 +140,14 @@ def _memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
         else sc.vram_budget
     )
     out = []
+    pinned: dict[str, tuple[int, int]] = {}
     for m in cfg.models:
         if not m.local:
             continue
         need_ram, need_vram = model_placement(m, vram is not None, materialised_file(m))
+        if not m.evictable:
+            n = max(1, m.replicas.min)
+            pinned[m.name] = (need_ram * n, need_vram * n)
         for need, budget, what, key in (
             (need_ram, ram, "memory", "memory_budget"),
             (need_vram, vram, "VRAM", "vram_budget"),
@@ -153,6 +157,23 @@ def _memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
                     f"{path}: model {m.name!r}: needs {need / 2**20:.0f} MiB but the {what} "
                     f"budget is {budget / 2**20:.0f} MiB (scheduler.{key})"
                 )
+    out += pinned_problems(path, pinned, ram, vram)
+    return out
+
+
+def pinned_problems(path: Path, pinned: dict[str, tuple[int, int]], ram: int | None,
+                    vram: int | None) -> list[str]:
+    """Pinned models (evictable = false) are all loaded at once: they must fit
+    together, or one of them could never start."""
+    out = []
+    names = ", ".join(pinned)
+    for i, (budget, what, key) in enumerate(((ram, "memory", "memory_budget"),
+                                             (vram, "VRAM", "vram_budget"))):
+        need = sum(p[i] for p in pinned.values())
+        if budget is not None and len(pinned) > 1 and need > budget:
+            out.append(f"{path}: pinned models ({names}, evictable = false) need "
+                       f"{need / 2**20:.0f} MiB together but the {what} budget is "
+                       f"{budget / 2**20:.0f} MiB (scheduler.{key})")
     return out
 
 

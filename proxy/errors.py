@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy import reqlog
-from scheduler.errors import CorralError, Overloaded, ShuttingDown
+from scheduler.errors import CorralError, Overloaded, RateLimited, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def openai_body(err: CorralError) -> dict[str, object]:
 
 def render(err: CorralError, dialect: Dialect) -> web.Response:
     headers = {"X-Corral-Error": err.code}
-    if isinstance(err, Overloaded):
+    if isinstance(err, Overloaded | RateLimited):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     status = err.status
     if dialect == "ollama":

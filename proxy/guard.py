@@ -15,7 +15,6 @@ Why each exists:
 from __future__ import annotations
 
 import fnmatch
-import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 
@@ -23,6 +22,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.errors import Dialect, render
+from proxy.keys import SCHEDULER
+from scheduler import tenants
 from scheduler.config import ServerConfig
 from scheduler.errors import CorralError, Unauthorized
 
@@ -208,27 +209,40 @@ def presented_key(request: web.Request) -> bytes | None:
         return None
 
 
-def auth_middleware(
-    keys: tuple[str, ...], dialect: Dialect, open_paths: frozenset[str]
-) -> Middleware:
-    encoded = [k.encode() for k in keys]
+# Paths only an admin key may use (``[[keys]] admin = true``; ``[server] api_keys``
+# are admin keys): operations, the config, and the metrics that name every key.
+ADMIN_PREFIXES = ("/admin/", "/metrics")
+
+
+def auth_middleware(dialect: Dialect, open_paths: frozenset[str]) -> Middleware:
+    """API keys (``[[keys]]`` and ``[server] api_keys``; scheduler/tenants.py).
+
+    Installed on every port whether keys are configured or not, so that a reload
+    that adds the first key protects every port at once; without keys it costs one
+    attribute read. A known key is set as ``tenants.CURRENT`` for the rest of the
+    request: the scheduler reads it for model scopes, limits and fair queueing.
+    """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths or request.method == "OPTIONS":
+        registry = request.app[SCHEDULER].tenants
+        if not registry.enabled or request.path in open_paths or request.method == "OPTIONS":
             return await handler(request)
         given = presented_key(request)
-        # Compare against every key, always, so timing tells nothing about which
-        # key (or how much of one) matched.
-        ok = False
-        for key in encoded:
-            ok |= hmac.compare_digest(given or b"", key)
-        if given is None or not ok:
+        key = registry.lookup(given) if given is not None else None
+        if key is None:
             return render(
                 Unauthorized("a valid API key is required (Authorization: Bearer <key>)"),
                 dialect,
             )
-        return await handler(request)
+        if not key.admin and (request.path.startswith(ADMIN_PREFIXES)
+                              or request.path == "/admin"):
+            return render(Forbidden(f"key '{key.name}' is not an admin key"), dialect)
+        token = tenants.CURRENT.set(key)
+        try:
+            return await handler(request)
+        finally:
+            tenants.CURRENT.reset(token)
 
     return middleware
 

@@ -54,6 +54,7 @@ from proxy import __version__
 from proxy.reqlog import CURRENT, HEADER, RequestIds, RequestInfo
 from scheduler.instance import Instance, State
 from scheduler.scheduler import Scheduler
+from scheduler.tenants import Tenants
 
 log = logging.getLogger(__name__)
 
@@ -580,6 +581,7 @@ class _SchedulerCollector(Collector):
         yield from (model_state, queue, footprint, by_state, in_flight, slots, served, rss,
                     prompt, completion)
         yield from m.upstream.families()
+        yield from _key_families(m._scheduler.tenants)
 
 
 def _cumulative(counts: list[int], bounds: Sequence[float]) -> list[tuple[str, float]]:
@@ -620,6 +622,26 @@ def _call_families(calls: dict[tuple[str, str, str, int], CallStats]) -> Iterato
         if st.ttft_count:
             ttft.add_metric(list(labels), _cumulative(st.ttft, _TTFT_BUCKETS), st.ttft_sum)
     yield from (requests, duration, ttft)
+
+
+def _key_families(registry: Tenants) -> Iterator[Metric]:
+    """Per API key, by its configured ``name`` (never the key): bounded by the config."""
+    requests = CounterMetricFamily(
+        "corral_key_requests", "Calls admitted per API key.", labels=["key"])
+    tokens = CounterMetricFamily(
+        "corral_key_tokens", "Prompt + completion tokens per API key, from the answers.",
+        labels=["key"])
+    rejected = CounterMetricFamily(
+        "corral_key_rejected", "Calls refused with 429 per API key (over a limit).",
+        labels=["key"])
+    in_flight = GaugeMetricFamily(
+        "corral_key_in_flight", "Calls in flight per API key.", labels=["key"])
+    for name, u in registry.usage.items():
+        requests.add_metric([name], float(u.requests_total))
+        tokens.add_metric([name], float(u.tokens_total))
+        rejected.add_metric([name], float(u.rejected_total))
+        in_flight.add_metric([name], float(u.in_flight))
+    yield from (requests, tokens, rejected, in_flight)
 
 
 def _num(value: object) -> float:

@@ -91,6 +91,7 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
     )),
     ("server", "admin_config_write"),
     ("server", "api_keys"),
+    ("keys",),
     ("server", "allowed_hosts"),
     ("server", "cors_origins"),
 )

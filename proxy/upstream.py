@@ -40,6 +40,7 @@ from proxy import jsonc
 from proxy.errors import Family, stream_error_event
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
+from scheduler import tenants
 from scheduler.config import ModelConfig
 from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.instance import State
@@ -73,6 +74,10 @@ class Client:
     response: web.StreamResponse | None = None
     # Bytes of the answer have gone out: a failure can no longer be resent.
     answered: bool = False
+    # Set when the caller's key is counted: the consumer then puts the tokens the
+    # answer reports (proxy.usage) in ``tokens``, charged to the key after the call.
+    count_tokens: bool = False
+    tokens: int = 0
 
 
 Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
@@ -116,6 +121,8 @@ async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
 async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
     scheduler = app[SCHEDULER]
     session = app[SESSION]
+    key = tenants.current()
+    client.count_tokens = key is not None
     attempt = 0
     while True:
         attempt += 1
@@ -125,7 +132,10 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
             try:
                 resp = await _send(session, up, spec, cfg)
                 try:
-                    return await consume(up, resp, client)
+                    result = await consume(up, resp, client)
+                    if key is not None:
+                        scheduler.tenants.charge(key, client.tokens)
+                    return result
                 except BaseException:
                     # An unread stream must end at the server, which then stops
                     # generating: close the connection, don't pool it.

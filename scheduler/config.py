@@ -146,9 +146,18 @@ class SchedulerConfig(_Strict):
     ready_check_interval: float = Field(
         5.0, gt=0, description="seconds between health checks of ready instances"
     )
+    # Prompt caches that survive swaps (docs/scheduling.md, "Slot cache").
+    slot_cache_size: int = Field(
+        4 * 2**30, ge=0, description="bytes of saved llama-server slots kept on disk, least "
+        "recently used dropped first; 0 turns saving and restoring off"
+    )
+    slot_cache_dir: Path | None = Field(
+        None, description="where saved slots go; default: the cache directory's 'slots'"
+    )
 
     @field_validator(
-        "memory_budget", "memory_headroom", "vram_budget", "vram_headroom", mode="before"
+        "memory_budget", "memory_headroom", "vram_budget", "vram_headroom", "slot_cache_size",
+        mode="before",
     )
     @classmethod
     def _sizes(cls, value: object) -> object:
@@ -245,6 +254,18 @@ class ModelConfig(_Strict):
         None, description="a Jinja chat template file, or the name of one Corral ships "
         "(gemma3) for a GGUF that has none"
     )
+    evictable: bool = Field(
+        True, description="false: pinned, one instance kept loaded from start, never "
+        "evicted, preempted or expired"
+    )
+    priority: int = Field(
+        0, description="higher runs first when models wait for room; preemption takes the "
+        "lowest first"
+    )
+    slot_cache: bool = Field(
+        True, description="save conversations' slots before an idle stop, restore them on "
+        "the next launch (needs scheduler.slot_cache_size > 0)"
+    )
 
     @field_validator("footprint", mode="before")
     @classmethod
@@ -287,6 +308,56 @@ class ModelConfig(_Strict):
         return self
 
 
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class KeyConfig(_Strict):
+    """One ``[[keys]]`` entry: who may call, which models, how much (docs/keys.md)."""
+
+    name: str = Field(description="shown in /admin/keys and metrics; never the key itself")
+    key: str | None = Field(None, description="the key itself (or set key_sha256)")
+    key_sha256: str | None = Field(
+        None, description="hex SHA-256 of the key, so the config holds no secret"
+    )
+    models: tuple[str, ...] = Field(
+        ("*",), description="model names, aliases or globs this key may see and call"
+    )
+    admin: bool = Field(False, description="may use /admin, /metrics and the dashboard")
+    max_concurrent: int | None = Field(None, ge=1, description="calls in flight at once")
+    requests_per_minute: int | None = Field(None, ge=1, description="calls per sliding minute")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="prompt + completion tokens per sliding minute"
+    )
+    priority: int = Field(0, description="higher is served first from a model's queue")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise ValueError(f"{name!r} is not a valid key name (letters, digits and ._:/@+-)")
+        return name
+
+    @field_validator("key")
+    @classmethod
+    def _not_blank(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("a key must not be empty")
+        return key
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, digest: str | None) -> str | None:
+        if digest is not None and not _SHA256_RE.match(digest):
+            raise ValueError("must be 64 hex digits (sha256sum of the key)")
+        return None if digest is None else digest.lower()
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("set exactly one of 'key' or 'key_sha256'")
+        return self
+
+
 class CorralConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_",
@@ -300,6 +371,7 @@ class CorralConfig(BaseSettings):
     llama_server: LlamaServerConfig = LlamaServerConfig()
     models_dir: Path | None = None
     models: tuple[ModelConfig, ...] = ()
+    keys: tuple[KeyConfig, ...] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -330,7 +402,31 @@ class CorralConfig(BaseSettings):
                     raise ValueError(f"model {m.name!r}: fallbacks: no model named {fb!r}")
                 if seen[fb] == m.name:
                     raise ValueError(f"model {m.name!r}: fallbacks: {fb!r} is the model itself")
+        self._check_keys()
+        self._check_pinned()
         return self
+
+    def _check_keys(self) -> None:
+        names: set[str] = set()
+        for k in self.keys:
+            if k.name in names:
+                raise ValueError(f"keys: name {k.name!r} is used twice")
+            names.add(k.name)
+        secrets = [k.key for k in self.keys if k.key is not None] + list(self.server.api_keys)
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("keys: the same key is configured twice")
+
+    def _check_pinned(self) -> None:
+        # Memory is checked by `corral check`, which can read the GGUF files; the count
+        # is plain arithmetic over the config.
+        pinned = [m for m in self.models if not m.evictable and m.local]
+        need = sum(max(1, m.replicas.min) for m in pinned)
+        if need > self.scheduler.max_instances:
+            raise ValueError(
+                f"pinned models ({', '.join(m.name for m in pinned)}, evictable = false) "
+                f"need {need} instances but scheduler.max_instances is "
+                f"{self.scheduler.max_instances}"
+            )
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:

@@ -12,6 +12,7 @@
     ├── BinaryNotFound             no llama-server binary can be found       500
     ├── UnknownModel               no model or alias by that name            404
     ├── Overloaded                 queue full or wait too long; retry_after  503 + Retry-After
+    ├── RateLimited                an API key over one of its limits         429 + Retry-After
     ├── LoadFailed                 the instance did not become ready         503
     │                              (early exit, deadline, bad model file); carries log tail
     ├── UpstreamFailed             the instance failed while serving a call  502
@@ -96,6 +97,18 @@ class Overloaded(CorralError):
     status = 503
     code = "overloaded"
     type = "overloaded_error"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(CorralError):
+    """A key over its max_concurrent, requests_per_minute or tokens_per_minute."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)

@@ -277,10 +277,15 @@ class Instance:
         self._set(State.FAILED)
         raise LoadFailed(self.model, reason, list(self.log)[-20:])
 
-    async def stop(self, drain_timeout: float, stop_timeout: float) -> None:
+    async def stop(
+        self, drain_timeout: float, stop_timeout: float,
+        before_stop: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Drain, then SIGTERM the process group, then SIGKILL after stop_timeout.
 
-        Safe to call in any state and more than once.
+        ``before_stop`` runs once the drain is over, while the child still serves
+        (the slot cache saves its slots then); it must not raise. Safe to call in any
+        state and more than once.
         """
         if self._proc is None:
             # Never spawned (or still preparing): nothing to signal.
@@ -292,6 +297,8 @@ class Instance:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_timeout):
                     await self._idle.wait()
+        if before_stop is not None and self._state is State.DRAINING and not self.in_flight:
+            await before_stop()
         if self._state is not State.FAILED:
             self._set(State.STOPPING)
         await self._terminate(stop_timeout)

@@ -6,7 +6,12 @@ a table (snapshot → decision) and lets property tests check the invariants:
 
 * the number of live processes never exceeds ``max_instances``;
 * the sum of live footprints never exceeds the memory budget, in RAM and in VRAM;
-* a busy instance (in-flight > 0) is never chosen for eviction.
+* a busy instance (in-flight > 0) is never chosen for eviction;
+* a pinned instance (its model has ``evictable = false``) is never evicted,
+  preempted or expired;
+* among idle instances, eviction takes the lowest model ``priority`` first, then the
+  least recently used; preemption never takes a model of higher priority than the
+  one that waits.
 
 Instances that are STOPPING still hold their process and memory, so they count
 against both limits until they are gone; a launch that needs their room waits for
@@ -35,6 +40,10 @@ class InstanceView:
     vram: int = 0
     # Seconds of idleness after which the instance should stop; < 0 never.
     ttl: float = -1.0
+    # False for a pinned model: never evicted, preempted or expired.
+    evictable: bool = True
+    # The model's priority: lower ones make room first.
+    priority: int = 0
 
     @property
     def alive(self) -> bool:
@@ -163,8 +172,8 @@ def plan_launch(snap: Snapshot, model: str, footprint: int = 0, vram: int = 0) -
 
     victims: list[str] = []
     idle = sorted(
-        (i for i in alive if i.idle and i.model != model),
-        key=lambda i: i.last_used,
+        (i for i in alive if i.idle and i.model != model and i.evictable),
+        key=lambda i: (i.priority, i.last_used),
     )
     for inst in idle:
         victims.append(inst.id)
@@ -192,24 +201,29 @@ def expired(snap: Snapshot) -> list[str]:
         for inst in sorted(insts, key=lambda i: i.last_used):
             if live <= keep:
                 break
-            if inst.idle and inst.ttl >= 0 and snap.now - inst.last_used >= inst.ttl:
+            if (inst.idle and inst.evictable and inst.ttl >= 0
+                    and snap.now - inst.last_used >= inst.ttl):
                 out.append(inst.id)
                 live -= 1
     return out
 
 
-def preempt(snap: Snapshot, model: str) -> str | None:
+def preempt(snap: Snapshot, model: str, priority: int = 0) -> str | None:
     """A busy instance of another model to drain so that ``model`` can run at all.
 
-    Used only after a caller has waited past the starvation limit. Picks the least
-    recently used instance; it is drained (it finishes what it runs), never killed.
+    Used only after a caller has waited past the starvation limit. Picks the lowest
+    priority, then the least recently used instance, never a pinned one nor one of a
+    model with a higher ``priority`` than the waiting model's; it is drained (it
+    finishes what it runs), never killed.
     """
     candidates = [
-        i for i in snap.instances if i.model != model and i.state is State.READY
+        i for i in snap.instances
+        if i.model != model and i.state is State.READY and i.evictable
+        and i.priority <= priority
     ]
     if not candidates:
         return None
-    return min(candidates, key=lambda i: i.last_used).id
+    return min(candidates, key=lambda i: (i.priority, i.last_used)).id
 
 
 def _mib(n: int) -> str:

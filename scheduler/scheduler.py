@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from scheduler import policy
+from scheduler import policy, tenants
 from scheduler.config import CorralConfig, ModelConfig
 from scheduler.errors import (
     BinaryNotFound,
@@ -44,7 +44,9 @@ from scheduler.errors import (
 from scheduler.health import HealthWatch
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
+from scheduler.queueing import FairQueue
 from scheduler.remote import Remote
+from scheduler.slotcache import SAVE_REASONS, SlotCache
 from scheduler.sources import ModelFiles, model_placement
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
@@ -57,6 +59,12 @@ _AFFINITY_ENTRIES = 1024
 # After this many launches in a row fail, a model is unavailable until its config
 # changes or an operator resets it: a crash loop helps nobody and hides the cause.
 MAX_LAUNCH_FAILURES = 5
+
+
+def _oldest(m: _Model) -> float:
+    """When the longest-waiting call of a model's queue joined it."""
+    w = m.queue.oldest()
+    return w.enqueued if w is not None else 0.0
 
 
 def launch_backoff(failures: int) -> float:
@@ -87,12 +95,16 @@ class Upstream:
 
 
 class _Waiter:
-    __slots__ = ("enqueued", "fut", "hints")
+    __slots__ = ("enqueued", "fut", "hints", "priority", "tenant")
 
-    def __init__(self, fut: asyncio.Future[Servable], enqueued: float, hints: LeaseHints):
+    def __init__(self, fut: asyncio.Future[Servable], enqueued: float, hints: LeaseHints,
+                 key: tenants.Key | None = None):
         self.fut = fut
         self.enqueued = enqueued
         self.hints = hints
+        # The fair queue's grouping: one FIFO per key, keys of higher priority first.
+        self.tenant = key.name if key is not None else ""
+        self.priority = key.priority if key is not None else 0
 
 
 class _Model:
@@ -101,7 +113,7 @@ class _Model:
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
-        self.queue: deque[_Waiter] = deque()
+        self.queue: FairQueue[_Waiter] = FairQueue()
         self.instances: list[Instance] = []
         self.remotes: list[Remote] = []
         # Bytes of RAM and VRAM one instance needs: from the configured footprint or
@@ -125,6 +137,11 @@ class _Model:
 
     def alive(self) -> int:
         return sum(1 for i in self.instances if i.state in ALIVE)
+
+    @property
+    def min_replicas(self) -> int:
+        # A pinned model keeps one instance loaded from the start.
+        return max(self.cfg.replicas.min, 0 if self.cfg.evictable else 1)
 
 
 BinaryFinder = Callable[[Path | None], Path | None]
@@ -208,6 +225,9 @@ class Scheduler:
         # The model another was drained for: the room that frees up is its to take,
         # otherwise the drained model (whose callers queued earlier) takes it back.
         self._reserved_for: str | None = None
+        # API keys: scopes, limits, usage (scheduler/tenants.py).
+        self.tenants = tenants.Tenants(cfg, clock)
+        self.slots = SlotCache(cfg, session)
         self._apply_models(cfg)
 
     # -- configuration -----------------------------------------------------------
@@ -234,21 +254,33 @@ class Scheduler:
         return self._configured
 
     def resolve(self, name: str) -> ModelConfig:
-        """The model a name or alias refers to; raises UnknownModel."""
+        """The model a name or alias refers to; raises UnknownModel, also for a model
+        outside the calling key's scope (which is then not named in the message)."""
+        return self._visible(name).cfg
+
+    def _visible(self, name: str) -> _Model:
         m = self._names.get(name)
-        if m is None:
-            raise UnknownModel(name, list(self._names))
-        return m.cfg
+        key = tenants.current()
+        if m is None or (key is not None and not key.may_use((m.cfg.name, *m.cfg.aliases))):
+            raise UnknownModel(name, self.names())
+        return m
 
     def balanced(self, name: str) -> bool:
         """Whether calls for this model may be spread over several upstreams (so
         prefix-affinity hints are worth computing)."""
         m = self._names.get(name)
-        return m is not None and (m.cfg.replicas.max + len(m.cfg.remotes)) > 1
+        # The slot cache files conversations by the same prefix hash.
+        return m is not None and (
+            (m.cfg.replicas.max + len(m.cfg.remotes)) > 1 or self.slots.enabled(m.cfg))
 
     def names(self) -> list[str]:
-        """Every model name and alias, in config order."""
-        return list(self._names)
+        """Every model name and alias, in config order; those of the calling key's
+        scope only."""
+        key = tenants.current()
+        if key is None or key.unscoped:
+            return list(self._names)
+        return [n for n, m in self._names.items()
+                if key.may_use((m.cfg.name, *m.cfg.aliases))]
 
     async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
         """Switch to a new config file's contents; dynamic models stay (see below)."""
@@ -300,6 +332,8 @@ class Scheduler:
         ready to launch. A change of [llama_server] changes every local model.
         """
         old = self._cfg
+        self.tenants.configure(cfg)
+        self.slots.configure(cfg)
         report: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
         binary_changed = old.llama_server != cfg.llama_server
         new_names = {mc.name for mc in cfg.models}
@@ -331,6 +365,9 @@ class Scheduler:
         await self._measure(cfg)
         self._sync_remotes()
         self._kick()
+        if report["removed"]:
+            # A changed model's old slots go when it next launches (slotcache).
+            self._spawn(self.slots.drop_models(report["removed"]), "drop saved slots")
         return report
 
     async def _measure(self, cfg: CorralConfig) -> None:
@@ -424,19 +461,34 @@ class Scheduler:
         Released on every exit path. Raises UnknownModel, Overloaded, LoadFailed or
         ShuttingDown; with fallbacks configured, the last model's error.
         """
-        m = self._names.get(name)
-        if m is None:
-            raise UnknownModel(name, list(self._names))
+        m = self._visible(name)
         if self._closing:
             raise ShuttingDown("Corral is shutting down")
         hints = hints or LeaseHints()
+        key = tenants.current()
+        if key is not None:
+            self.tenants.admit(key)  # raises RateLimited
+        try:
+            async with self._lease(m, hints, key) as up:
+                yield up
+        finally:
+            if key is not None:
+                self.tenants.release(key)
+
+    @contextlib.asynccontextmanager
+    async def _lease(
+        self, m: _Model, hints: LeaseHints, key: tenants.Key | None
+    ) -> AsyncIterator[Upstream]:
         start = self._clock()
-        chain = [m, *(self._names[f] for f in m.cfg.fallbacks if f in self._names)]
+        # Fallbacks outside the key's scope are skipped: a scoped key never reaches
+        # another model, not even this way.
+        chain = [m, *(self._names[f] for f in m.cfg.fallbacks if f in self._names
+                      and (key is None or key.may_use((f,))))]
         inst: Servable | None = None
         serving = m
         for i, serving in enumerate(chain):
             try:
-                inst = await self._acquire(serving, hints, start)
+                inst = await self._acquire(serving, hints, start, key)
                 break
             except (LoadFailed, Overloaded) as e:
                 if i == len(chain) - 1:
@@ -449,11 +501,15 @@ class Scheduler:
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         try:
+            if hints.affinity and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
+                await self.slots.restore(inst, hints.affinity)
             yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start)
         finally:
             inst.release()
 
-    async def _acquire(self, m: _Model, hints: LeaseHints, start: float) -> Servable:
+    async def _acquire(
+        self, m: _Model, hints: LeaseHints, start: float, key: tenants.Key | None = None
+    ) -> Servable:
         if not m.queue:
             # The fast path: no future, no task, no snapshot.
             preferred = m.affinity.get(hints.affinity) if hints.affinity else None
@@ -462,10 +518,21 @@ class Scheduler:
                 return inst
         if m.unavailable and not any(r.state is State.READY for r in m.remotes):
             raise m.last_error or LoadFailed(m.cfg.name, "unavailable")
-        return await self._wait(m, hints, start)
+        return await self._wait(m, hints, start, key)
 
-    async def _wait(self, m: _Model, hints: LeaseHints, start: float) -> Servable:
+    async def _wait(
+        self, m: _Model, hints: LeaseHints, start: float, key: tenants.Key | None = None
+    ) -> Servable:
         sc = self._cfg.scheduler
+        if len(m.queue) >= sc.queue_size and sc.queue_size > 0:
+            # A flood fills only its own share: the biggest backlog's newest call
+            # makes way for a key with fewer calls waiting (scheduler/queueing.py).
+            pushed = m.queue.push_out(key.name if key is not None else "")
+            if pushed is not None and not pushed.fut.done():
+                pushed.fut.set_exception(Overloaded(
+                    f"model '{m.cfg.name}' has {len(m.queue) + 1} calls waiting (queue_size "
+                    f"{sc.queue_size}); this key's share is full, try again later",
+                    retry_after=self._retry_after(m)))
         if len(m.queue) >= sc.queue_size:
             self.events.waited(m.cfg.name, 0.0, "full")
             raise Overloaded(
@@ -474,7 +541,7 @@ class Scheduler:
                 retry_after=self._retry_after(m),
             )
         fut: asyncio.Future[Servable] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(fut, start, hints)
+        waiter = _Waiter(fut, start, hints, key)
         m.queue.append(waiter)
         self._kick()
         granted = False
@@ -581,7 +648,8 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         waiting = sorted(
-            (m for m in self._models.values() if m.queue), key=lambda m: m.queue[0].enqueued
+            (m for m in self._models.values() if m.queue),
+            key=lambda m: (-m.cfg.priority, _oldest(m)),
         )
         for m in waiting:
             while m.queue:
@@ -616,7 +684,7 @@ class Scheduler:
         ready = [i for i in m.instances if i.state is State.READY]
         starting = sum(1 for i in m.instances if i.state is State.STARTING)
         # Draining replicas are leaving: only ready and starting ones keep the minimum.
-        if len(ready) + starting < m.cfg.replicas.min:
+        if len(ready) + starting < m.min_replicas:
             pass
         elif starting:
             return False  # a scale-out launch is on its way
@@ -680,13 +748,13 @@ class Scheduler:
         # A hot model must not starve a waiting one: after half the queue timeout the
         # least recently used instance of another model stops taking calls, finishes
         # the ones it runs, and yields its room.
-        waited = self._clock() - m.queue[0].enqueued
+        waited = self._clock() - _oldest(m)
         if waited < self._cfg.scheduler.queue_timeout / 2:
             return
         snap = self._snapshot()
         if any(i.state in (State.DRAINING, State.STOPPING) for i in snap.instances):
             return
-        victim = policy.preempt(snap, m.cfg.name)
+        victim = policy.preempt(snap, m.cfg.name, m.cfg.priority)
         inst = self._instance(victim) if victim else None
         if inst is not None:
             log.info("draining %s: %s has waited %.1f s", inst.id, m.cfg.name, waited)
@@ -710,6 +778,8 @@ class Scheduler:
                         footprint=i.footprint,
                         vram=i.vram,
                         ttl=ttl if i.ttl_override is None else i.ttl_override,
+                        evictable=m.cfg.evictable,
+                        priority=m.cfg.priority,
                     )
                 )
         return policy.Snapshot(
@@ -718,7 +788,7 @@ class Scheduler:
             max_instances=self._cfg.scheduler.max_instances,
             memory_budget=self.memory_budget,
             vram_budget=self.vram_budget,
-            replicas={n: (m.cfg.replicas.min, m.cfg.replicas.max) for n, m in self._models.items()},
+            replicas={n: (m.min_replicas, m.cfg.replicas.max) for n, m in self._models.items()},
         )
 
     def _instance(self, iid: str) -> Instance | None:
@@ -771,7 +841,8 @@ class Scheduler:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
-        return build_spec(self._cfg, m.cfg, self._binary, model_file)
+        spec = build_spec(self._cfg, m.cfg, self._binary, model_file)
+        return await self.slots.launch_spec(spec, m.cfg, model_file)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
         try:
@@ -818,7 +889,12 @@ class Scheduler:
         inst.drain()
         sc = self._cfg.scheduler
         grace = sc.drain_timeout if drain else 0.0
-        self._spawn(inst.stop(grace, sc.stop_timeout), f"stop {inst.id}")
+        m = self._models.get(inst.model)
+        # Conversations survive the swap: their slots are saved once it has drained.
+        save = drain and reason in SAVE_REASONS and m is not None and self.slots.enabled(m.cfg)
+        self._spawn(inst.stop(grace, sc.stop_timeout,
+                              (lambda: self.slots.save(inst)) if save else None),
+                    f"stop {inst.id}")
 
     def _on_release(self, inst: Servable) -> None:
         # A freed slot matters only to queued callers (a waiting model's eviction
@@ -828,6 +904,7 @@ class Scheduler:
 
     def _on_change(self, inst: Instance) -> None:
         if inst.state in (State.STOPPED, State.FAILED):
+            self.slots.forget(inst.id)
             m = self._models.get(inst.model)
             if m is not None and inst in m.instances:
                 m.instances.remove(inst)

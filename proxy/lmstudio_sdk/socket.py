@@ -19,11 +19,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from proxy.keys import CONFIG
+from proxy.keys import SCHEDULER
 from proxy.lmstudio_sdk import codec, llm, models
 from proxy.lmstudio_sdk.channel import Channel, Ctx
 from proxy.lmstudio_sdk.codec import SdkError
+from scheduler import tenants
 from scheduler.errors import CorralError
+from scheduler.tenants import Key, Tenants
 
 log = logging.getLogger(__name__)
 
@@ -176,26 +178,39 @@ class Connection:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _auth(ws: web.WebSocketResponse, keys: tuple[str, ...]) -> bool:
+async def _auth(ws: web.WebSocketResponse, registry: Tenants) -> tuple[bool, Key | None]:
+    """Read the auth packet; (accepted, the key it carries when keys are configured).
+
+    The token is looked up like an Authorization header (``[[keys]]`` and
+    ``[server] api_keys``), so its scope and limits follow the socket's calls.
+    """
     try:
         msg = await ws.receive(timeout=AUTH_TIMEOUT_S)
     except TimeoutError:
         await ws.close()
-        return False
+        return False, None
     if msg.type is not WSMsgType.TEXT:
         await ws.close()
-        return False
+        return False, None
     try:
         packet = json.loads(msg.data)
     except ValueError:
         packet = None
-    problem = authenticate(packet, keys)
+    problem = authenticate(packet, ())  # its shape; the key is looked up below
+    key = None
+    if problem is None and registry.enabled:
+        assert isinstance(packet, dict)
+        token = sdk_token(packet["clientIdentifier"].removeprefix("guest:"),
+                          packet["clientPasskey"])
+        key = registry.lookup(token.encode())
+        if key is None:
+            problem = "Invalid API token: Corral needs an sk-lm-… key from its configured keys"
     if problem is not None:
         await ws.send_str(codec.dumps({"success": False, "error": problem}))
         await ws.close()
-        return False
+        return False, None
     await ws.send_str(codec.dumps({"success": True}))
-    return True
+    return True, key
 
 
 def handler(namespace: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -204,8 +219,13 @@ def handler(namespace: str) -> Callable[[web.Request], Awaitable[web.StreamRespo
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text="the LM Studio SDK endpoints are websockets")
         await ws.prepare(request)
-        if not await _auth(ws, request.app[CONFIG].server.api_keys):
+        ok, key = await _auth(ws, request.app[SCHEDULER].tenants)
+        if not ok:
             return ws
+        if key is not None:
+            # Every call and channel task of this socket starts from here: they
+            # inherit the key's scope and limits.
+            tenants.CURRENT.set(key)
         conn = Connection(ws, Ctx(request.app, namespace))
         try:
             async for msg in ws:
