@@ -23,7 +23,9 @@ def make_config(tmp_path: Path, models: list[dict[str, Any]], **sections: Any) -
             m["path"] = str(write_dummy_gguf(tmp_path / f"{m['name'].replace(':', '_')}.gguf"))
         out.append(m)
     data: dict[str, Any] = {"models": out}
+    # Saved slots go under the test's own directory, never the user's cache.
     data["scheduler"] = {"health_interval": 0.02, "drain_timeout": 5, "stop_timeout": 2,
+                         "slot_cache_dir": str(tmp_path / "slots"),
                          **sections.pop("scheduler", {})}
     data.update(sections)
     return CorralConfig(**data)

@@ -20,11 +20,20 @@ FAKE_CRASH_AFTER_CHUNKS=n  os._exit(1) after sending n content chunks of a strea
 FAKE_HANG=1                /health never turns ready
 FAKE_TOKEN_DELAY=s         seconds per generated token, streamed or not (default 0)
 FAKE_EXIT_AFTER=s          exit with status 1 after s seconds (a crash while idle)
+FAKE_SLOT_SAVE_FAIL=1      POST /slots/N?action=save answers 500 (disk full)
+FAKE_SLOT_RESTORE_FAIL=1   POST /slots/N?action=restore answers 400 (a bad file)
 FAKE_TOOL_CALLS=1          a chat request with ``tools`` whose last message is not a tool
                            result is answered with one call of the first tool, with
                            arguments {"a": 2, "b": 3} (finish_reason "tool_calls")
 
 While loading, every route but /health answers that same 503, as llama-server's do.
+
+Slots keep their last chat prompt (one token per word, plus 4 per message as a template
+would add): a chat call served from a slot that holds a prefix of its prompt reports
+that prefix as ``timings.cache_n``, as llama-server does. With ``--slot-save-path DIR``,
+``POST /slots/N?action=save|restore|erase`` with ``{"filename": "x.bin"}`` saves a
+slot's tokens to ``DIR/x.bin`` (JSON, not llama-server's format), restores or clears
+them, with llama-server's answers and errors.
 
 Test hooks, not in llama-server: ``GET /fake/stats`` answers
 
@@ -124,6 +133,7 @@ _VALUED = {
     "threads": ("-t", "--threads"),
     "alias": ("-a", "--alias"),
     "api_key": ("--api-key",),
+    "slot_save_path": ("--slot-save-path",),
 }
 _FLAGS = {
     "embedding": ("--embedding", "--embeddings"),
@@ -146,6 +156,7 @@ class Options:
     slots_endpoint: bool
     alias: str | None
     api_key: str | None
+    slot_save_path: str | None
     argv: tuple[str, ...]
     ignored: tuple[str, ...]
 
@@ -198,6 +209,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         slots_endpoint=not ns.no_slots,
         alias=ns.alias,
         api_key=ns.api_key,
+        slot_save_path=ns.slot_save_path,
         argv=tuple(argv),
         ignored=tuple(ignored),
     )
@@ -249,6 +261,9 @@ class Stats:
 class Slot:
     id: int
     task: int = -1
+    # The task it ran last and the prompt tokens it holds (the prompt cache).
+    last_task: int = -1
+    prompt: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -300,7 +315,7 @@ class Server:
             self.stats.in_flight -= 1
             raise
         self.next_task += 1
-        slot.task = self.next_task
+        slot.task = slot.last_task = self.next_task
         self.stats.processing += 1
         self.stats.max_concurrent = max(self.stats.max_concurrent, self.stats.processing)
         return slot
@@ -400,6 +415,9 @@ class Generation:
     stream: bool
     include_usage: bool
     started: float = field(default_factory=time.perf_counter)
+    # The prompt's tokens (chat only) and how many of them the slot had cached.
+    prompt_words: list[str] = field(default_factory=list)
+    cache_n: int = 0
 
     @classmethod
     def build(
@@ -440,8 +458,8 @@ class Generation:
         predicted_ms = max((time.perf_counter() - self.started) * 1000.0, 0.001)
         n = len(self.pieces)
         return {
-            "cache_n": 0,
-            "prompt_n": self.prompt_tokens,
+            "cache_n": self.cache_n,
+            "prompt_n": self.prompt_tokens - self.cache_n,
             "prompt_ms": prompt_ms,
             "prompt_per_token_ms": 0.5,
             "prompt_per_second": 2000.0,
@@ -536,6 +554,9 @@ async def generate(request: web.Request, gen: Generation, kind: str) -> web.Stre
     ident = f"{prefix}-{hashlib.blake2b(os.urandom(8), digest_size=12).hexdigest()}"
     slot = await srv.acquire_slot()
     gen.started = time.perf_counter()
+    if gen.prompt_words:
+        gen.cache_n = common_prefix(slot.prompt, gen.prompt_words)
+        slot.prompt = list(gen.prompt_words)
     try:
         if gen.stream:
             return await stream_reply(request, gen, kind, ident, created)
@@ -571,6 +592,15 @@ async def generate(request: web.Request, gen: Generation, kind: str) -> web.Stre
         return json_response(body)
     finally:
         srv.release_slot(slot)
+
+
+def common_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def crash_mid_stream(after: int) -> NoReturn:
@@ -640,18 +670,22 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     srv.stats.requests += 1
     last_user = ""
     prompt_tokens = 0
+    prompt_words: list[str] = []
     for m in messages:
         if not isinstance(m, dict):
             return error_response(400, "each message must be an object", "invalid_request_error")
         text = content_text(m.get("content"))
         # About what a chat template adds around each message.
         prompt_tokens += count_tokens(text) + 4
+        prompt_words += ["<turn>", str(m.get("role")), ":", *words_of(text), "</turn>"][
+            : count_tokens(text) + 4]
         if m.get("role") == "user":
             last_user = text
     tool_reply = tool_call_reply(body, srv.model_id)
     if tool_reply is not None:
         return tool_reply
     gen = Generation.build(body, srv.model_id, last_user, prompt_tokens)
+    gen.prompt_words = prompt_words
     return await generate(request, gen, "chat")
 
 
@@ -801,14 +835,62 @@ async def handle_slots(request: web.Request) -> web.StreamResponse:
         [
             {
                 "id": s.id,
-                "id_task": s.task,
+                "id_task": s.task if s.task != -1 else s.last_task,
                 "n_ctx": srv.n_ctx_slot,
                 "speculative": False,
                 "is_processing": s.task != -1,
+                "n_prompt_tokens": len(s.prompt),
             }
             for s in srv.slots
         ]
     )
+
+
+async def handle_slot_action(request: web.Request) -> web.StreamResponse:
+    """llama-server's POST /slots/{id}?action=save|restore|erase."""
+    srv = request.app[SERVER]
+    if not srv.opts.slot_save_path:
+        return error_response(
+            501, "This server does not support slots action. Start it with `--slot-save-path`",
+            "not_supported_error")
+    body = await read_json(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        slot = srv.slots[int(request.match_info["id"]) % len(srv.slots)]
+    except ValueError:
+        return error_response(400, "Invalid slot ID", "invalid_request_error")
+    action = request.query.get("action", "")
+    if action == "erase":
+        n, slot.prompt = len(slot.prompt), []
+        return json_response({"id_slot": slot.id, "n_erased": n})
+    name = body.get("filename")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        return error_response(400, "Invalid filename", "invalid_request_error")
+    path = Path(srv.opts.slot_save_path) / name
+    started = time.perf_counter()
+    if action == "save":
+        if os.environ.get("FAKE_SLOT_SAVE_FAIL", "") not in ("", "0"):
+            return error_response(500, "Unable to save slot", "server_error")
+        data = json.dumps({"tokens": slot.prompt}).encode()
+        path.write_bytes(data)
+        return json_response({"id_slot": slot.id, "filename": name,
+                              "n_saved": len(slot.prompt), "n_written": len(data),
+                              "timings": {"save_ms": (time.perf_counter() - started) * 1e3}})
+    if action == "restore":
+        try:
+            if os.environ.get("FAKE_SLOT_RESTORE_FAIL", "") not in ("", "0"):
+                raise ValueError("invalid slot save file")
+            raw = path.read_bytes()
+            tokens = json.loads(raw)["tokens"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            slot.prompt = []
+            return error_response(400, f"Unable to restore slot: {e}", "invalid_request_error")
+        slot.prompt = [str(t) for t in tokens]
+        return json_response({"id_slot": slot.id, "filename": name,
+                              "n_restored": len(slot.prompt), "n_read": len(raw),
+                              "timings": {"restore_ms": (time.perf_counter() - started) * 1e3}})
+    return error_response(400, "Invalid action", "invalid_request_error")
 
 
 async def handle_models(request: web.Request) -> web.StreamResponse:
@@ -971,6 +1053,7 @@ def build_app(srv: Server) -> web.Application:
     app.router.add_get("/v1/health", handle_health)
     app.router.add_get("/props", handle_props)
     app.router.add_get("/slots", handle_slots)
+    app.router.add_post("/slots/{id}", handle_slot_action)
     app.router.add_get("/models", handle_models)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/metrics", handle_metrics)
