@@ -5,7 +5,8 @@ Without this, a conversation whose model was swapped out (TTL, eviction, preempt
 unload) is re-processed from its first token on its next call: seconds of prompt
 processing for a long chat on a CPU. With it:
 
-* every local instance is launched with ``--slot-save-path`` set to a directory of
+* every local instance is launched with ``--slot-save-path`` (and ``--swa-full``,
+  without which a sliding-window model re-processes a restored slot) set to a directory of
   its own model *and config* (``<name>.<hash>~<config digest>``): a config change
   or a new model file means a new directory, and the old one is deleted at the
   next launch of that model, since its slots would not fit the new context;
@@ -52,6 +53,12 @@ from scheduler.instance import Instance, LaunchSpec
 log = logging.getLogger(__name__)
 
 FLAG = "--slot-save-path"
+# Sliding-window-attention models (Gemma 2/3, ...) keep only the window's KV cache,
+# and llama-server re-processes a restored prompt from its first token unless the
+# SWA cache is full size: measured on Gemma 3 270M, a restored 509-token slot gave
+# cache_n 0 without this flag and 509 with it. It costs KV memory on SWA models
+# only (llama-server ignores it elsewhere); ``slot_cache = false`` turns both off.
+SWA_FULL = "--swa-full"
 # Stops after which the same model and config may come back: worth saving for.
 SAVE_REASONS = frozenset({"idle", "evicted", "preempted", "unload"})
 # Seconds one save or restore may take (a 2,000-token slot of a small model takes
@@ -188,7 +195,8 @@ class SlotCache:
         except OSError as e:
             log.warning("slot cache off for %s: %s", model.name, e)
             return spec
-        return replace(spec, argv=[*spec.argv, FLAG, str(where)])
+        extra = [FLAG, str(where)] + ([] if SWA_FULL in spec.argv else [SWA_FULL])
+        return replace(spec, argv=[*spec.argv, *extra])
 
     async def drop_models(self, names: Iterable[str]) -> None:
         """Delete the saved slots of models that are gone or whose config changed."""
