@@ -940,7 +940,11 @@ class Scheduler:
     # -- views -------------------------------------------------------------------
 
     def instances(self) -> list[Instance]:
-        return [i for m in self._models.values() for i in m.instances]
+        """Every local instance; those of the calling key's scope only."""
+        key = tenants.current()
+        return [i for m in self._models.values()
+                if key is None or key.may_use((m.cfg.name, *m.cfg.aliases))
+                for i in m.instances]
 
     def remotes(self) -> list[Remote]:
         return [r for m in self._models.values() for r in m.remotes]

@@ -77,6 +77,12 @@ async def test_scopes_listings_calls_and_admin(corral_ports: Any, tmp_path: Path
     assert resp.status == 200, await resp.text()
     resp = await main.post("/v1/chat/completions", json=chat("big"), headers=auth(BOB))
     assert resp.status == 200
+    # Loaded models, too: alice does not see big's instance.
+    resp = await ports.ollama.get("/api/ps", headers=auth(ALICE))
+    assert resp.status == 200
+    assert {m["name"].split(":")[0] for m in (await resp.json())["models"]} == {"small"}
+    resp = await ports.ollama.get("/api/ps", headers=auth(BOB))
+    assert {m["name"].split(":")[0] for m in (await resp.json())["models"]} == {"small", "big"}
 
     # Admin scope: /admin and /metrics only for admin keys.
     for path in ("/admin/keys", "/admin/models", "/metrics"):
