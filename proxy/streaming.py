@@ -236,8 +236,12 @@ async def upstream_batches(
     resp: aiohttp.ClientResponse, instance_id: str
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """``sse_event_batches``, with a broken upstream connection raised as UpstreamFailed."""
+    counting = usage.COUNTING.get() is not None
     try:
         async for batch in sse_event_batches(resp):
+            if counting:
+                for event in batch:
+                    usage.note_event(event)
             yield batch
     except _UPSTREAM_BROKE as e:
         kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed

@@ -36,7 +36,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy import jsonc
+from proxy import jsonc, usage
 from proxy.errors import Family, stream_error_event
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
@@ -123,6 +123,16 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
     session = app[SESSION]
     key = tenants.current()
     client.count_tokens = key is not None
+    counting = usage.COUNTING.set(client) if key is not None else None
+    try:
+        return await _attempts(scheduler, session, client, spec, consume, key)
+    finally:
+        if counting is not None:
+            usage.COUNTING.reset(counting)
+
+
+async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client: Client,
+                    spec: Call, consume: Consume[T], key: tenants.Key | None) -> T:
     attempt = 0
     while True:
         attempt += 1

@@ -11,6 +11,9 @@ size. OpenAI's ``prompt_tokens``/``completion_tokens`` win, then llama-server's
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 # Bytes of an answer's end that are searched.
 TAIL = 4096
@@ -19,6 +22,39 @@ _FIELD = re.compile(
     rb'"(prompt_tokens|completion_tokens|prompt_n|cache_n|predicted_n|input_tokens|'
     rb'output_tokens)"\s*:\s*(\d+)'
 )
+
+
+class Counted(Protocol):
+    tokens: int
+
+
+# The call of a counted key whose answer is being read (``proxy.upstream`` sets it):
+# the translating paths parse every event anyway, and note the usage they pass.
+COUNTING: ContextVar[Counted | None] = ContextVar("corral_counting", default=None)
+
+
+def tokens_of(usage: object, timings: object) -> int:
+    """Prompt + completion tokens from parsed ``usage`` or ``timings`` objects."""
+    def num(m: Mapping[str, Any], *names: str) -> int:
+        return sum(int(v) for n in names if isinstance(v := m.get(n), int | float))
+
+    if isinstance(usage, Mapping):
+        n = num(usage, "prompt_tokens", "completion_tokens") or num(
+            usage, "input_tokens", "output_tokens")
+        if n:
+            return n
+    if isinstance(timings, Mapping):
+        return num(timings, "prompt_n", "cache_n", "predicted_n")
+    return 0
+
+
+def note_event(event: Mapping[str, Any]) -> None:
+    """A parsed stream event: if it reports usage, that is the call's count so far."""
+    call = COUNTING.get()
+    if call is not None and ("usage" in event or "timings" in event):
+        n = tokens_of(event.get("usage"), event.get("timings"))
+        if n:
+            call.tokens = n
 
 
 def tokens_in(tail: bytes | bytearray | memoryview) -> int:

@@ -221,3 +221,27 @@ async def test_queue_full_pushes_the_flood_out_not_the_newcomer(
     assert calm.status == 200
     statuses = sorted([(await f).status for f in flood])
     assert statuses == [200, 200, 200, 200, 503]
+
+
+async def test_tokens_are_counted_on_the_translated_paths_too(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    ports = await corral_ports(keyed(tmp_path))
+    tenants = ports.openai.app[SCHEDULER].tenants
+    for stream in (False, True):
+        resp = await ports.ollama.post("/api/chat", json=chat("small", stream=stream),
+                                       headers=auth(BOB))
+        assert resp.status == 200
+        await resp.read()
+    # Ollama's port: 6 prompt + 8 generated tokens per call, from llama-server's timings.
+    assert tenants.usage["bob"].tokens_total == 28
+    resp = await ports.lmstudio.post("/api/v0/chat/completions",
+                                     json=chat("small", stream=True), headers=auth(BOB))
+    assert resp.status == 200
+    await resp.read()
+    assert tenants.usage["bob"].tokens_total == 42
+    # Anthropic Messages through the pass-through: its usage names input/output tokens.
+    resp = await ports.openai.post("/v1/messages", headers=auth(BOB), json={
+        "model": "small", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200
+    assert tenants.usage["bob"].tokens_total > 42
