@@ -122,13 +122,17 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
     scheduler = app[SCHEDULER]
     session = app[SESSION]
     key = tenants.current()
-    client.count_tokens = key is not None
-    counting = usage.COUNTING.set(client) if key is not None else None
+    if key is None:
+        return await _attempts(scheduler, session, client, spec, consume, None)
+    # Once per call, before it queues (a resend is the same call): RateLimited, a 429.
+    scheduler.tenants.admit(key)
+    client.count_tokens = True
+    counting = usage.COUNTING.set(client)
     try:
         return await _attempts(scheduler, session, client, spec, consume, key)
     finally:
-        if counting is not None:
-            usage.COUNTING.reset(counting)
+        usage.COUNTING.reset(counting)
+        scheduler.tenants.release(key)
 
 
 async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client: Client,

@@ -464,16 +464,10 @@ class Scheduler:
         m = self._visible(name)
         if self._closing:
             raise ShuttingDown("Corral is shutting down")
-        hints = hints or LeaseHints()
-        key = tenants.current()
-        if key is not None:
-            self.tenants.admit(key)  # raises RateLimited
-        try:
-            async with self._lease(m, hints, key) as up:
-                yield up
-        finally:
-            if key is not None:
-                self.tenants.release(key)
+        # The calling key (limits were checked per call by the proxy) picks the
+        # waiter's place in the fair queue.
+        async with self._lease(m, hints or LeaseHints(), tenants.current()) as up:
+            yield up
 
     @contextlib.asynccontextmanager
     async def _lease(

@@ -1,10 +1,13 @@
 """API keys as tenants: lookup, model scopes, sliding-window limits, usage.
 
 A ``[[keys]]`` entry (and every ``[server] api_keys`` string, as a key with every
-scope) becomes a ``Key``. The edge (``proxy.guard``) looks the presented key up and
-sets ``CURRENT`` for the rest of the request; the scheduler reads it where names are
-resolved and leases are taken, so every port and dialect gets the same scope and
-limits without passing the key through each handler.
+scope) becomes a ``Key``. The edge (``proxy.guard``, and the LM Studio SDK socket's
+auth packet) looks the presented key up and sets ``CURRENT`` for the rest of the
+request. The scheduler reads it where names are resolved (scopes) and where a
+waiter joins a queue (fair shares); the one upstream call path (``proxy.upstream``)
+admits each call against the limits once and charges its tokens after. So every
+port and dialect gets the same scope and limits without passing the key through
+each handler.
 
 The policy parts are pure functions over plain values (``may_use``, ``retry_after``)
 and are table- and property-tested; ``Tenants`` holds the mutable usage and is only
