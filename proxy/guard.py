@@ -220,7 +220,7 @@ def auth_middleware(dialect: Dialect, open_paths: frozenset[str]) -> Middleware:
     Installed on every port whether keys are configured or not, so that a reload
     that adds the first key protects every port at once; without keys it costs one
     attribute read. A known key is set as ``tenants.CURRENT`` for the rest of the
-    request: the scheduler reads it for model scopes, limits and fair queueing.
+    request: the scheduler reads it for scopes and fair queueing, proxy.upstream for limits.
     """
 
     @web.middleware
