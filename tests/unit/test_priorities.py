@@ -117,3 +117,16 @@ def test_unfittable_pinned_count_is_a_config_error() -> None:
         CorralConfig(models=models, scheduler={"max_instances": 2})  # type: ignore[arg-type]
     assert "pinned models (a, b, c" in str(e.value) and "max_instances is 2" in str(e.value)
     CorralConfig(models=models, scheduler={"max_instances": 3})  # type: ignore[arg-type]
+
+
+def test_pinned_models_that_cannot_fit_together_are_a_check_error() -> None:
+    from pathlib import Path
+
+    from proxy.cli import pinned_problems
+
+    pinned = {"a": (600, 0), "b": (500, 0)}
+    [problem] = pinned_problems(Path("c.toml"), pinned, ram=1000, vram=None)
+    assert "pinned models (a, b, evictable = false)" in problem
+    assert "memory budget" in problem and "scheduler.memory_budget" in problem
+    assert pinned_problems(Path("c.toml"), pinned, ram=1100, vram=None) == []
+    assert pinned_problems(Path("c.toml"), {"a": (0, 600), "b": (0, 500)}, None, 1000)
