@@ -89,6 +89,15 @@ class Head(msgspec.Struct):
         return h.hexdigest()
 
 
+def prefix_key_of(payload: dict[str, Any]) -> str | None:
+    """``Head.prefix_key()`` for a body Corral built itself (a translated chat): the
+    hash of its first two messages as encoded here, stable across a conversation."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    return hashlib.blake2b(dumps(messages[:2]), digest_size=8).hexdigest()
+
+
 _head_decoder = msgspec.json.Decoder(Head)
 
 

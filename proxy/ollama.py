@@ -11,6 +11,7 @@ to its default for a request that does not say.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import os
 import re
@@ -232,7 +233,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await _probe(request, target, keep, "chat")
     payload = translate.chat_body(body, target.name)
     think = body.get("think") is not False
-    return await _generate(request, target, keep.hints, "/v1/chat/completions", payload,
+    hints = keep.hints
+    if scheduler.balanced(target.name):  # replica affinity and the slot cache
+        hints = dataclasses.replace(hints, affinity=jsonc.prefix_key_of(payload))
+    return await _generate(request, target, hints, "/v1/chat/completions", payload,
                            lambda: OllamaStream("chat", target.display, show_thinking=think),
                            _stream_flag(body), started)
 

@@ -65,6 +65,9 @@ SAVE_REASONS = frozenset({"idle", "evicted", "preempted", "unload"})
 # milliseconds; a large model's can take a second or two).
 ACTION_TIMEOUT = 30.0
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
+# Conversations remembered per instance: past this many, the oldest are forgotten
+# (an instance with that many behind it has no fresh slot left to restore into).
+_SERVED_ENTRIES = 1024
 # Keys of a model's config that change what a saved slot means or whether it fits.
 _LAUNCH_KEYS = frozenset({
     "path", "package", "hf_repo", "hf_file", "hf_revision", "ctx_size", "parallel",
@@ -223,6 +226,8 @@ class SlotCache:
         # Noted before any await: a second call of the same conversation arriving
         # meanwhile must not restore it again into another slot.
         served[affinity] = None
+        if len(served) > _SERVED_ENTRIES:
+            served.popitem(last=False)
         name = slot_file(affinity)
         where = save_dir(inst)
         if not fresh or name is None or where is None:

@@ -156,3 +156,24 @@ async def test_config_change_drops_the_models_saved_slots(corral: Any, tmp_path:
     await stop_all(client)
     await sched(client).apply_config(make_config(tmp_path, [{"name": "other"}]))
     await wait_for(lambda: not any((tmp_path / "slots").iterdir()))
+
+
+async def test_ollama_chats_are_saved_and_restored_too(corral_ports: Any, tmp_path: Path) -> None:
+    ports = await corral_ports(make_config(tmp_path, [{"name": "m"}]))
+    client = ports.openai
+    messages = turn("tell me about rivers")["messages"]
+    resp = await ports.ollama.post("/api/chat", json={"model": "m", "messages": messages,
+                                                      "stream": False})
+    assert resp.status == 200
+    await stop_all(client)
+    assert len(saved(tmp_path)) == 1
+    follow = turn("tell me about rivers", "and lakes?")["messages"]
+    resp = await ports.ollama.post("/api/chat", json={"model": "m", "messages": follow,
+                                                      "stream": False})
+    body = await resp.json()
+    # Ollama's prompt_eval_count counts cached and processed tokens alike; the restore
+    # shows in the fake's requests and the counter.
+    assert body["done"] is True
+    assert sched(client).slots.restored == 1
+    calls = [r["path"] for r in await fake_requests(client)]
+    assert calls[:2] == ["/slots/0?action=restore", "/v1/chat/completions"]
