@@ -36,6 +36,7 @@ from proxy.reload import RELOADER, reload_ctx
 from scheduler import limits
 from scheduler.config import CorralConfig
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
+from scheduler.secrets import ScrubFilter
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,11 @@ async def serve(
                              keepalive_timeout=cfg.server.keepalive_timeout)
 
     root = build_openai_app(cfg, opts, config_path=config_path)
+    # No secret of the running config reaches a log line (scheduler/secrets.py).
+    scrubber = ScrubFilter(lambda: sched.config if (sched := root.get(SCHEDULER)) else cfg)
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(scrubber)
     refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
@@ -247,6 +253,8 @@ async def serve(
                 await fd_watch
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            for h in handlers:
+                h.removeFilter(scrubber)
 
 
 def _bound_port(runner: web.AppRunner) -> int:
