@@ -30,7 +30,7 @@ from scheduler.config import load_config
 from scheduler.instance import State
 from tests.conftest import Ports
 from tests.fakes import write_dummy_gguf
-from tests.integration.test_chaos import CALLS, Outcome
+from tests.integration.test_chaos import CALLS, Outcome, watch_alive
 
 SEED = int(os.environ.get("CORRAL_CHAOS_SEED", "20261203"))
 LOAD_SECONDS = 12.0
@@ -68,7 +68,6 @@ async def test_kills_stops_and_reloads_lose_no_call(
     deadline = loop.time() + LOAD_SECONDS
     outcomes: list[Outcome] = []
     actions: Counter[str] = Counter()
-    most_alive = 0
 
     async def client(seed: int) -> None:
         local = random.Random(seed)
@@ -94,16 +93,8 @@ async def test_kills_stops_and_reloads_lose_no_call(
                 assert good.ok and good.changes["changed"] == ["m"], good
                 actions["reload"] += 1
 
-    async def watch() -> None:
-        nonlocal most_alive
-        while loop.time() < deadline + 5:
-            alive = sum(1 for i in scheduler.instances()
-                        if i.state in (State.STARTING, State.READY, State.DRAINING,
-                                       State.STOPPING))
-            most_alive = max(most_alive, alive)
-            await asyncio.sleep(0.02)
-
-    watcher = asyncio.create_task(watch())
+    peak: list[int] = [0]
+    watcher = asyncio.create_task(watch_alive(scheduler, peak))
     try:
         async with asyncio.timeout(LOAD_SECONDS + 90):
             await asyncio.gather(chaos(), *(client(SEED + k) for k in range(CLIENTS)))
@@ -119,4 +110,4 @@ async def test_kills_stops_and_reloads_lose_no_call(
     assert all(actions[a] >= 1 for a in ("kill", "stop", "reload")), actions
     assert len(outcomes) > 60, by_kind
     assert not failures, (len(failures), failures[:5], by_kind, actions)
-    assert most_alive <= MAX_INSTANCES, most_alive
+    assert peak[0] <= MAX_INSTANCES, peak

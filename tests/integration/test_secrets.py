@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from scheduler import secrets
 from tests.e2e.conftest import free_port
-from tests.fakes import fake_binary, write_dummy_gguf
+from tests.fakes import fake_binary, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-corral-LEAKCHECK-key-1"
@@ -73,15 +72,7 @@ def test_no_secret_in_logs_admin_metrics_or_errors(tmp_path: Path) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
-            time.sleep(0.05)
+        wait_healthy(base, proc, log_path)
         with httpx.Client(base_url=base, timeout=30) as http:
             chat = {"model": "m", "messages": [{"role": "user", "content": KEY}]}
             r = http.post("/v1/chat/completions", json=chat, headers=auth)
