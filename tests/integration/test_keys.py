@@ -246,3 +246,38 @@ async def test_tokens_are_counted_on_the_translated_paths_too(
         "model": "small", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status == 200
     assert tenants.usage["bob"].tokens_total > 42
+
+
+async def test_lmstudio_sdk_socket_carries_the_keys_scope(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    from tests.integration.test_lmstudio_sdk import _KeyedClient
+
+    token = "sk-lm-Scoped12:abcdefghij0123456789"
+    cfg = make_config(tmp_path, [{"name": "small"}, {"name": "big"}],
+                      keys=[{"name": "sdk", "key": token, "models": ["small"]}])
+    ports = await corral_ports(cfg)
+    ident, passkey = token.removeprefix("sk-lm-").split(":")
+    async with _KeyedClient(f"127.0.0.1:{ports.lmstudio.server.port}", ident,
+                            passkey) as client:
+        assert [m.model_key for m in await client.list_downloaded_models()] == ["small"]
+        model = await client.llm.model("small")
+        result = await model.respond({"messages": [{"role": "user", "content": "hi there"}]},
+                                     config={"maxTokens": 3})
+        assert result.content
+    tenants = ports.openai.app[SCHEDULER].tenants
+    assert tenants.usage["sdk"].requests_total >= 1 and tenants.usage["sdk"].tokens_total > 0
+
+
+async def test_keys_follow_a_config_reload(corral: Any, tmp_path: Path) -> None:
+    client = await corral(keyed(tmp_path))
+    assert (await client.get("/v1/models", headers=auth(ALICE))).status == 200
+    new = make_config(tmp_path, [{"name": "small"}, {"name": "big"}],
+                      keys=[{"name": "alice", "key": "sk-alice-rotated", "models": ["big"]},
+                            {"name": "carol", "key": "sk-carol"}])
+    await client.app[SCHEDULER].apply_config(new)
+    assert (await client.get("/v1/models", headers=auth(ALICE))).status == 401
+    resp = await client.get("/v1/models", headers=auth("sk-alice-rotated"))
+    assert {m["id"] for m in (await resp.json())["data"]} == {"big"}
+    assert (await client.get("/v1/models", headers=auth("sk-carol"))).status == 200
+    assert (await client.get("/v1/models", headers=auth(BOB))).status == 401
