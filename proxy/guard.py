@@ -210,8 +210,10 @@ def presented_key(request: web.Request) -> bytes | None:
 
 
 # Paths only an admin key may use (``[[keys]] admin = true``; ``[server] api_keys``
-# are admin keys): operations, the config, and the metrics that name every key.
-ADMIN_PREFIXES = ("/admin/", "/metrics")
+# are admin keys): operations, the config, the metrics that name every key, and
+# Ollama's model management (downloads and deletions change the box for everyone).
+ADMIN_PREFIXES = ("/admin/", "/metrics", "/api/pull", "/api/push", "/api/create",
+                  "/api/copy", "/api/delete", "/api/blobs/")
 
 
 def auth_middleware(dialect: Dialect, open_paths: frozenset[str]) -> Middleware:

@@ -89,6 +89,8 @@ async def test_scopes_listings_calls_and_admin(corral_ports: Any, tmp_path: Path
         resp = await main.get(path, headers=auth(BOB))
         assert resp.status == 403, path
         assert "not an admin key" in (await resp.json())["error"]["message"]
+    resp = await ports.ollama.post("/api/delete", json={"model": "small"}, headers=auth(BOB))
+    assert resp.status == 403
     resp = await main.get("/admin/keys", headers=auth(ROOT))
     assert resp.status == 200
     keys = {k["name"]: k for k in (await resp.json())["keys"]}
