@@ -58,11 +58,10 @@ class FairQueue(Generic[W]):
                 yield from calls
 
     def __contains__(self, w: object) -> bool:
-        for level in self._levels.values():
-            for calls in level.values():
-                if w in calls:
-                    return True
-        return False
+        # Only its own key's FIFO can hold it.
+        level = self._levels.get(getattr(w, "priority", 0))
+        calls = level.get(getattr(w, "tenant", "")) if level is not None else None
+        return calls is not None and w in calls
 
     def append(self, w: W) -> None:
         level = self._levels.setdefault(w.priority, OrderedDict())
