@@ -80,6 +80,9 @@ async def test_saved_at_idle_stop_restored_before_the_follow_up(
     assert calls[:2] == [("POST", "/slots/0?action=restore"), ("POST", "/v1/chat/completions")]
     assert sched(client).slots.restored == 1
 
+    metrics = await (await client.get("/metrics")).text()
+    assert 'corral_slot_cache_total{action="saved"} 1.0' in metrics
+    assert 'corral_slot_cache_total{action="restored"} 1.0' in metrics
     # The same conversation on the same instance: no second restore.
     await ask(client, turn("tell me about rivers", "and lakes?", "and seas?"))
     assert [r["path"] for r in await fake_requests(client)].count(
