@@ -137,7 +137,8 @@ class Metrics:
             ["model"], buckets=_LOAD_BUCKETS, registry=r)
         self.stops = Counter(
             "corral_instance_stops", "Instances told to stop, by reason (idle, evicted, "
-            "preempted, unload, shutdown, config, removed).", ["model", "reason"], registry=r)
+            "preempted, unload, shutdown, config, reload, removed).", ["model", "reason"],
+            registry=r)
         self.evictions = Counter(
             "corral_evictions", "Instances stopped to make room for another model "
             "(reasons evicted and preempted).", ["model"], registry=r)

@@ -157,7 +157,7 @@ class Events(Protocol):
     def launched(self, model: str, seconds: float, ok: bool) -> None: ...
 
     def stopped(self, model: str, reason: str) -> None:
-        """reason: idle | evicted | preempted | unload | shutdown | config"""
+        """reason: idle | evicted | preempted | unload | shutdown | config | reload"""
 
     def crashed(self, model: str) -> None: ...
 
@@ -352,10 +352,12 @@ class Scheduler:
                 report["unchanged"].append(mc.name)
             else:
                 report["changed"].append(mc.name)
+                # Restarted for [llama_server] alone: its conversations are worth saving.
+                reason = "reload" if m.cfg == mc else "config"
                 m.cfg = mc
                 m.footprint, m.vram, m.sized = mc.footprint or 0, 0, False
                 m.failures, m.retry_at, m.last_error = 0, 0.0, None
-                self._stop_all(m, "config")
+                self._stop_all(m, reason)
         if binary_changed:
             self._binary = None
         # Keep the config order for listings.
@@ -447,7 +449,7 @@ class Scheduler:
         change re-syncs remotes by URL in _sync_remotes)."""
         for inst in list(m.instances):
             self._retire(inst, reason)
-        if reason != "config":
+        if reason not in ("config", "reload"):
             for r in m.remotes:
                 self._spawn(r.stop(), f"stop {r.id}")
             m.remotes = []

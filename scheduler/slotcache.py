@@ -60,7 +60,7 @@ FLAG = "--slot-save-path"
 # only (llama-server ignores it elsewhere); ``slot_cache = false`` turns both off.
 SWA_FULL = "--swa-full"
 # Stops after which the same model and config may come back: worth saving for.
-SAVE_REASONS = frozenset({"idle", "evicted", "preempted", "unload"})
+SAVE_REASONS = frozenset({"idle", "evicted", "preempted", "unload", "reload"})
 # Seconds one save or restore may take (a 2,000-token slot of a small model takes
 # milliseconds; a large model's can take a second or two).
 ACTION_TIMEOUT = 30.0

@@ -14,6 +14,7 @@ from proxy import jsonc
 from proxy.keys import SCHEDULER
 from scheduler.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
+from tests.fakes import write_dummy_gguf
 
 SYSTEM = {"role": "system", "content": "you are a careful assistant " * 20}
 
@@ -180,3 +181,22 @@ async def test_ollama_chats_are_saved_and_restored_too(corral_ports: Any, tmp_pa
     assert sched(client).slots.restored == 1
     calls = [r["path"] for r in await fake_requests(client)]
     assert calls[:2] == ["/slots/0?action=restore", "/v1/chat/completions"]
+
+
+async def test_a_reload_that_restarts_an_unchanged_model_saves_its_slots(
+    corral: Any, tmp_path: Path
+) -> None:
+    # One model file for both configs (make_config would write a new one, and a new
+    # file is another model).
+    model = {"name": "m", "path": str(write_dummy_gguf(tmp_path / "one.gguf"))}
+    client = await corral(make_config(tmp_path, [model]))
+    first = turn("hello")
+    await ask(client, first)
+    # Only [llama_server] changes (its env): every local model restarts, unchanged.
+    report = await sched(client).apply_config(
+        make_config(tmp_path, [model], llama_server={"env": {"X": "1"}}))
+    assert report["changed"] == ["m"]
+    await wait_for(lambda: list(saved(tmp_path)) == [f"{prefix(first)}.bin"])
+    answer = await ask(client, turn("hello", "again"))
+    assert answer["timings"]["cache_n"] > 0  # the same digest: restored
+    assert sched(client).slots.restored == 1
