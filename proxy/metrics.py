@@ -587,12 +587,12 @@ class _SchedulerCollector(Collector):
                     prompt, completion)
         yield from m.upstream.families()
         yield from _key_families(m._scheduler.tenants)
-        slots = m._scheduler.slots
+        saver = m._scheduler.slots
         cache = CounterMetricFamily(
             "corral_slot_cache", "Slot cache actions: saves and restores of conversations' "
             "llama-server slots, and failures (which cost only the cache).", labels=["action"])
-        for action, n in (("saved", slots.saved), ("restored", slots.restored),
-                          ("failed", slots.failed)):
+        for action, n in (("saved", saver.saved), ("restored", saver.restored),
+                          ("failed", saver.failed)):
             cache.add_metric([action], float(n))
         yield cache
 
