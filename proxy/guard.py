@@ -231,7 +231,8 @@ def auth_middleware(dialect: Dialect, open_paths: frozenset[str]) -> Middleware:
         if not registry.enabled or request.path in open_paths or request.method == "OPTIONS":
             return await handler(request)
         given = presented_key(request)
-        key = registry.lookup(given) if given is not None else None
+        # No key at all is never a match, whatever digest is configured.
+        key = registry.lookup(given) if given else None
         if key is None:
             return render(
                 Unauthorized("a valid API key is required (Authorization: Bearer <key>)"),

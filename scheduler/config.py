@@ -312,6 +312,7 @@ class ModelConfig(_Strict):
 
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
 class KeyConfig(_Strict):
@@ -352,6 +353,8 @@ class KeyConfig(_Strict):
     def _hex(cls, digest: str | None) -> str | None:
         if digest is not None and not _SHA256_RE.match(digest):
             raise ValueError("must be 64 hex digits (sha256sum of the key)")
+        if digest is not None and digest.lower() == _EMPTY_SHA256:
+            raise ValueError("is the SHA-256 of an empty key")
         return None if digest is None else digest.lower()
 
     @model_validator(mode="after")

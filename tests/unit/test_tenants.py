@@ -156,6 +156,7 @@ def test_usage_survives_a_reload_of_the_same_name() -> None:
         [{"name": "a", "key": "x", "key_sha256": "0" * 64}],
         [{"name": "a", "key_sha256": "abc"}],
         [{"name": "has space", "key": "x"}],
+        [{"name": "a", "key_sha256": hashlib.sha256(b"").hexdigest()}],
     ],
 )
 def test_invalid_keys_are_config_errors(tmp_path: object, keys: list[dict[str, object]]) -> None:
