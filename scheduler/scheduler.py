@@ -645,7 +645,8 @@ class Scheduler:
     def _dispatch(self) -> None:
         waiting = sorted(
             (m for m in self._models.values() if m.queue),
-            key=lambda m: (-m.cfg.priority, _oldest(m)),
+            # Model priority, then the key priority of the call it would serve next.
+            key=lambda m: (-m.cfg.priority, -m.queue[0].priority, _oldest(m)),
         )
         for m in waiting:
             while m.queue:
