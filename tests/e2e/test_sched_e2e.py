@@ -116,3 +116,35 @@ def test_keys_through_the_openai_and_anthropic_clients(
     usage = {k["name"]: k["usage"] for k in keys_view}
     assert usage["alice"]["requests_total"] == 2 and usage["alice"]["tokens_total"] > 0
     assert usage["limited"]["rejected_total"] == 2
+
+
+def test_a_flood_from_one_key_leaves_anothers_latency_near_its_own(
+    corral: Callable[..., CorralProc], gemma: Path
+) -> None:
+    import concurrent.futures
+    import time
+
+    keys = (f'[[keys]]\nname = "flood"\nkey = "{ALICE}"\n'
+            f'[[keys]]\nname = "calm"\nkey = "{BOB}"\n')
+    cp = corral(model_toml("g", gemma, chat_template="gemma3", parallel=1) + keys)
+    body = {"model": "g", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "Count from one to twenty."}]}
+
+    def call(key: str) -> float:
+        start = time.monotonic()
+        resp = httpx.post(cp.url + "/v1/chat/completions", json=body, timeout=300,
+                          headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.text
+        return time.monotonic() - start
+
+    call(BOB)  # loads the model
+    alone = min(call(BOB) for _ in range(2))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        flood = [pool.submit(call, ALICE) for _ in range(8)]
+        time.sleep(alone)  # the flood is queued
+        calm = call(BOB)
+        flood_times = [f.result() for f in flood]
+    # FIFO would put the calm call behind the whole flood (about 8 calls); the fair
+    # queue puts it behind the running call and at most one more.
+    assert calm < 4 * alone + 0.5, (calm, alone, sorted(flood_times))
+    assert max(flood_times) > 6 * alone, (alone, sorted(flood_times))
