@@ -135,7 +135,10 @@ class _Handler(RequestHandler):
         if self._upgraded or self._payload_parser is not None:
             super().data_received(data)
             return
-        if not self._in_body and self._head_timer is None:
+        # aiohttp's resume_reading() calls data_received(b"") while a handler runs:
+        # no bytes, no new head (arming here cut every call longer than
+        # header_timeout with a 408).
+        if data and not self._in_body and self._head_timer is None:
             self._arm_head()  # these bytes start a request head
         before = self._request_count
         super().data_received(data)

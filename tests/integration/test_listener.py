@@ -161,3 +161,26 @@ async def test_websocket_is_not_cut_by_the_head_timer(tmp_path: Path) -> None:
             msg = await ws.receive(timeout=5)
             assert msg.type == aiohttp.WSMsgType.TEXT, msg
             assert json.loads(msg.data)["success"] is True
+
+
+async def test_a_call_longer_than_header_timeout_is_not_cut(tmp_path: Path) -> None:
+    # The body is read at once; generating the answer takes 3 × header_timeout. aiohttp
+    # resumes reading (data_received(b"")) while the handler runs: no head timer then.
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(3 * HEAD)
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    runner = GuardedRunner(app, Limits(HEAD, BODY, 100, None))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{runner.addresses[0][1]}/slow", json={"a": 1}
+        ) as resp:
+            assert resp.status == 200 and await resp.text() == "done"
+    finally:
+        await runner.cleanup()
