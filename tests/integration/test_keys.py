@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.keys import SCHEDULER
-from tests.conftest import make_config
+from tests.conftest import make_config, wait_for
 
 ALICE, BOB, ROOT = "sk-alice", "sk-bob", "sk-root"
 
@@ -283,3 +283,30 @@ async def test_keys_follow_a_config_reload(corral: Any, tmp_path: Path) -> None:
     assert {m["id"] for m in (await resp.json())["data"]} == {"big"}
     assert (await client.get("/v1/models", headers=auth("sk-carol"))).status == 200
     assert (await client.get("/v1/models", headers=auth(BOB))).status == 401
+
+
+async def test_a_higher_priority_key_is_served_first_from_the_queue(
+    corral: Any, tmp_path: Path
+) -> None:
+    cfg = make_config(
+        tmp_path, [{"name": "m", "parallel": 1, "env": {"FAKE_TOKEN_DELAY": "0.05"}}],
+        keys=[{"name": "batch", "key": ALICE}, {"name": "urgent", "key": BOB, "priority": 5}],
+    )
+    client = await corral(cfg)
+    assert (await client.post("/v1/chat/completions", json=chat("m", max_tokens=1),
+                              headers=auth(BOB))).status == 200
+    order: list[str] = []
+
+    async def call(key: str, tag: str) -> None:
+        r = await client.post("/v1/chat/completions", json=chat("m", max_tokens=4),
+                              headers=auth(key))
+        assert r.status == 200
+        order.append(tag)
+
+    batch = [asyncio.ensure_future(call(ALICE, f"batch{i}")) for i in range(4)]
+    await wait_for(lambda: len(client.app[SCHEDULER].model_status()[0]["instances"]) == 1
+                   and client.app[SCHEDULER].model_status()[0]["queued"] == 3)
+    await call(BOB, "urgent")
+    await asyncio.gather(*batch)
+    # Behind the batch call already running, ahead of the three queued ones.
+    assert order.index("urgent") <= 1, order
