@@ -200,3 +200,18 @@ async def test_a_reload_that_restarts_an_unchanged_model_saves_its_slots(
     answer = await ask(client, turn("hello", "again"))
     assert answer["timings"]["cache_n"] > 0  # the same digest: restored
     assert sched(client).slots.restored == 1
+
+
+async def test_with_two_slots_each_conversation_is_saved_under_its_own_name(
+    corral: Any, tmp_path: Path
+) -> None:
+    client = await corral(make_config(tmp_path, [{"name": "m", "parallel": 2}]))
+    rivers, stars = turn("tell me about rivers"), turn("tell me about stars")
+    await ask(client, rivers)
+    await ask(client, stars)
+    await stop_all(client)
+    files = {f.name: json.loads(f.read_bytes())["tokens"]
+             for f in (tmp_path / "slots").glob("*/*.bin")}
+    assert set(files) == {f"{prefix(rivers)}.bin", f"{prefix(stars)}.bin"}
+    assert "rivers" in files[f"{prefix(rivers)}.bin"]
+    assert "stars" in files[f"{prefix(stars)}.bin"]
