@@ -1,0 +1,72 @@
+"""Keeps the scheduler's scanned models current: a scan at start, then one every
+``scan_interval`` seconds and at once after a config reload; only a changed result
+reaches the scheduler, which drains and stops the models whose files vanished.
+
+Polling, not inotify, for the reason the config reloader gives (bind mounts, NFS,
+swapped symlinks); with the header cache a rescan costs a walk and a stat per file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from scheduler.config import CorralConfig, ModelConfig
+from scheduler.discovery.scanner import HeaderCache, ScanResult, scan
+from scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+SOURCE = "scan"
+_STEP = 0.25  # how soon a reload is noticed
+
+
+def pulled_cache() -> Path:
+    from scheduler.sources import models_cache_dir
+
+    return models_cache_dir() / "huggingface"
+
+
+def _not_configured(models: tuple[ModelConfig, ...], cfg: CorralConfig
+                    ) -> tuple[ModelConfig, ...]:
+    """Files a configured hf_repo model downloaded are that model, not a pulled one."""
+    files = {(m.hf_repo, m.hf_file) for m in cfg.models if m.hf_repo}
+    return tuple(m for m in models if not (
+        m.origin == "scan:hf" and m.name.startswith("hf.co/") and m.path is not None
+        and any(m.name.startswith(f"hf.co/{r}:") and m.path.name == f for r, f in files)))
+
+
+class Discovery:
+    def __init__(self, scheduler: Scheduler, *, pulled: Path | None = None) -> None:
+        self._scheduler = scheduler
+        self._cache = HeaderCache()
+        self._pulled = pulled
+        self.problems: tuple[str, ...] = ()
+        self.scans = 0
+
+    async def scan_once(self) -> ScanResult:
+        cfg = self._scheduler.configured
+        result = await asyncio.to_thread(scan, cfg.scan_dirs(), self._cache, pulled=self._pulled)
+        for p in sorted(set(result.problems) - set(self.problems)):
+            log.warning("model scan: %s", p)
+        self.problems = result.problems
+        models = _not_configured(result.models, cfg)
+        if models != self._scheduler.dynamic_models(SOURCE):
+            report = await self._scheduler.set_dynamic_models(SOURCE, models)
+            log.info("model scan: %d model(s); added %s, removed %s", len(models),
+                     report["added"] or "none", report["removed"] or "none")
+        self.scans += 1
+        return result
+
+    async def run(self) -> None:
+        while True:
+            cfg = self._scheduler.configured
+            try:
+                await self.scan_once()
+            except Exception:  # a scan bug must not end discovery for the process
+                log.exception("model scan failed")
+            waited = 0.0
+            while waited < cfg.scheduler.scan_interval and self._scheduler.configured is cfg:
+                await asyncio.sleep(_STEP)
+                waited += _STEP
