@@ -2,7 +2,9 @@
 (the files are links into the repo's ``blobs/``), ``refs/main`` naming the commit.
 
 Each model keeps its file's name and gets the alias ``hf.co/{org}/{repo}:{QUANT}``,
-the name Ollama gives the same download, so a ``corral pull`` and a scan agree.
+the name Ollama gives the same download, so a ``corral pull`` and a scan agree: scan
+Corral's own cache (``~/.cache/corral/models/huggingface``) and pulled models are
+offered again after a restart, under the names they were pulled as.
 """
 
 from __future__ import annotations
@@ -39,9 +41,8 @@ def snapshot(repo_dir: Path) -> Path | None:
     return max(dirs, key=lambda d: d.stat().st_mtime_ns, default=None)
 
 
-def walk_repo(repo_dir: Path, root: Path, w: Walk, *, pulled: bool = False) -> None:
-    """The models of one cached repo; ``pulled``: Corral's own cache, where a model is
-    named ``hf.co/{org}/{repo}:{QUANT}`` as it was pulled."""
+def walk_repo(repo_dir: Path, root: Path, w: Walk) -> None:
+    """The models of one cached repo."""
     snap = snapshot(repo_dir)
     if snap is None:
         return
@@ -52,12 +53,5 @@ def walk_repo(repo_dir: Path, root: Path, w: Walk, *, pulled: bool = False) -> N
         found += group_dir(Path(dirpath), files, root, "hf", w)
     quants = [quant_of(f.path.name) for f in found]
     for f, q in zip(found, quants, strict=True):
-        if q is None or quants.count(q) > 1:
-            if not pulled:
-                w.found.append(f)
-            continue
-        ref = f"hf.co/{repo}:{q}"
-        if pulled:
-            w.found.append(Found(ref, f.path, "hf", (), f.mmproj, qualifier=repo))
-        else:
-            w.found.append(Found(f.name, f.path, "hf", (ref,), f.mmproj, qualifier=repo))
+        aliases = (f"hf.co/{repo}:{q}",) if q is not None and quants.count(q) == 1 else ()
+        w.found.append(Found(f.name, f.path, "hf", aliases, f.mmproj, qualifier=repo))

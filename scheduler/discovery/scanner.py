@@ -82,10 +82,8 @@ def walk_dir(root: Path, w: Walk) -> None:
         w.found += found
 
 
-def scan(dirs: Sequence[ScanDir], cache: HeaderCache, *, pulled: Path | None = None
-         ) -> ScanResult:
-    """Blocking: the models in ``dirs`` (``pulled``: Corral's own Hugging Face cache,
-    whose models keep the ``hf.co/...`` names they were pulled as)."""
+def scan(dirs: Sequence[ScanDir], cache: HeaderCache) -> ScanResult:
+    """Blocking: the models in ``dirs``."""
     problems: list[str] = []
     entries: list[tuple[Found, ScanDir]] = []
     for d in dirs:
@@ -97,12 +95,6 @@ def scan(dirs: Sequence[ScanDir], cache: HeaderCache, *, pulled: Path | None = N
         walk_dir(root, w)
         problems += w.problems
         entries += [(f, d) for f in w.found]
-    if pulled is not None and pulled.is_dir():
-        w = Walk()
-        for repo in sorted(pulled.iterdir()):
-            if hf_cache.is_repo_dir(repo.name):
-                hf_cache.walk_repo(repo, Path(os.path.realpath(pulled)), w, pulled=True)
-        entries += [(f, ScanDir(path=pulled)) for f in w.found]
     good: list[tuple[Found, ScanDir, GgufInfo]] = []
     for f, d in entries:
         info = cache.read(f.path)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
-from scheduler.config import CorralConfig, ModelConfig
 from scheduler.discovery.scanner import HeaderCache, ScanResult, scan
 from scheduler.scheduler import Scheduler
 
@@ -22,36 +20,21 @@ SOURCE = "scan"
 _STEP = 0.25  # how soon a reload is noticed
 
 
-def pulled_cache() -> Path:
-    from scheduler.sources import models_cache_dir
-
-    return models_cache_dir() / "huggingface"
-
-
-def _not_configured(models: tuple[ModelConfig, ...], cfg: CorralConfig
-                    ) -> tuple[ModelConfig, ...]:
-    """Files a configured hf_repo model downloaded are that model, not a pulled one."""
-    files = {(m.hf_repo, m.hf_file) for m in cfg.models if m.hf_repo}
-    return tuple(m for m in models if not (
-        m.origin == "scan:hf" and m.name.startswith("hf.co/") and m.path is not None
-        and any(m.name.startswith(f"hf.co/{r}:") and m.path.name == f for r, f in files)))
-
-
 class Discovery:
-    def __init__(self, scheduler: Scheduler, *, pulled: Path | None = None) -> None:
+    def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
         self._cache = HeaderCache()
-        self._pulled = pulled
         self.problems: tuple[str, ...] = ()
         self.scans = 0
 
     async def scan_once(self) -> ScanResult:
         cfg = self._scheduler.configured
-        result = await asyncio.to_thread(scan, cfg.scan_dirs(), self._cache, pulled=self._pulled)
+        dirs = cfg.scan_dirs()
+        result = await asyncio.to_thread(scan, dirs, self._cache) if dirs else ScanResult((), ())
         for p in sorted(set(result.problems) - set(self.problems)):
             log.warning("model scan: %s", p)
         self.problems = result.problems
-        models = _not_configured(result.models, cfg)
+        models = result.models
         if models != self._scheduler.dynamic_models(SOURCE):
             report = await self._scheduler.set_dynamic_models(SOURCE, models)
             log.info("model scan: %d model(s); added %s, removed %s", len(models),

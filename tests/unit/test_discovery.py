@@ -109,15 +109,12 @@ def test_hugging_face_cache(tmp_path: Path) -> None:
     m = models["qwen2-0.5b-q4_k_m"]
     assert m.aliases[0] == "hf.co/bartowski/Qwen2-0.5B-GGUF:Q4_K_M"
     assert m.origin == "scan:hf"
-    # Corral's own cache: a pulled model keeps the name it was pulled as.
-    res = scan([], HeaderCache(), pulled=tmp_path)
-    assert [x.name for x in res.models] == ["hf.co/bartowski/Qwen2-0.5B-GGUF:Q4_K_M"]
 
 
 def test_lm_studio_tree(tmp_path: Path) -> None:
-    write_gguf(tmp_path / "lmstudio-community" / "gemma-3-270m-it-GGUF" / "gemma-3-270m-it-Q4_K_M.gguf")
-    write_gguf(tmp_path / "lmstudio-community" / "gemma-3-270m-it-GGUF" / "mmproj-model-f16.gguf",
-               "p", "clip")
+    repo = tmp_path / "lmstudio-community" / "gemma-3-270m-it-GGUF"
+    write_gguf(repo / "gemma-3-270m-it-Q4_K_M.gguf")
+    write_gguf(repo / "mmproj-model-f16.gguf", "p", "clip")
     models = found(tmp_path)["models"]
     assert isinstance(models, dict)
     m = models["gemma-3-270m-it-q4_k_m"]
