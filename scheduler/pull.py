@@ -19,6 +19,7 @@ manifest``, ``success``); the Ollama port writes them as NDJSON and the CLI draw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -207,6 +208,16 @@ def pointer_path(p: Plan, rf: RemoteFile) -> Path:
     return _repo_dir(p.repo) / "snapshots" / rf.commit / rf.name
 
 
+def resume_point(p: Plan, rf: RemoteFile) -> int:
+    """Blocking: bytes of ``rf`` already here (whole blob or partial file)."""
+    for path in (blob_path(p.repo, rf), partial_path(p.repo, rf)):
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            if size <= rf.size:
+                return size
+    return 0
+
+
 def download(p: Plan, rf: RemoteFile, progress: Progress) -> Path:
     """Blocking: the file into the cache's blob, resuming a partial one; returns the
     blob. Stops (keeping the partial file) when ``progress.cancelled`` is set."""
@@ -238,7 +249,8 @@ def download(p: Plan, rf: RemoteFile, progress: Progress) -> Path:
             with part.open("r+b" if have else "wb") as f:
                 f.seek(have)
                 f.truncate()
-                for chunk in resp.iter_bytes(_CHUNK):
+                # As received (no re-chunking): what arrived before a break is kept.
+                for chunk in resp.iter_bytes():
                     if progress.cancelled:
                         raise PullFailed(f"download of {p.repo}/{rf.name} cancelled")
                     f.write(chunk)
@@ -308,7 +320,7 @@ async def steps(make_plan: Callable[[], Plan]) -> AsyncGenerator[Status | Plan, 
     p = await asyncio.to_thread(make_plan)
     done: list[tuple[RemoteFile, Path]] = []
     for rf in [*p.files, *([p.mmproj] if p.mmproj else [])]:
-        progress = Progress()
+        progress = Progress(await asyncio.to_thread(resume_point, p, rf))
         line: Status = {"status": f"pulling {rf.digest[:12]}", "digest": f"sha256:{rf.digest}",
                         "total": rf.size}
         task = asyncio.ensure_future(asyncio.to_thread(download, p, rf, progress))
