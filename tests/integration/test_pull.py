@@ -4,6 +4,7 @@ configured hf_repo models; mmproj and LoRA flags; images to a model that cannot 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -96,7 +97,7 @@ async def test_pull_streams_progress_and_the_model_is_served(
     async with aiohttp.ClientSession() as s, s.get(inst.base_url + "/fake/stats") as st:
         argv = (await st.json())["argv"]
     model_file = Path(argv[argv.index("-m") + 1])
-    assert model_file.read_bytes() == body
+    assert await asyncio.to_thread(model_file.read_bytes) == body
     assert "huggingface" in str(model_file) and "snapshots" in str(model_file)
     assert Path(argv[argv.index("--mmproj") + 1]).name == "mmproj-Tiny-f16.gguf"
     # Pulling again downloads nothing and says success at once.
