@@ -34,8 +34,11 @@ def ollama_name(parts: tuple[str, ...]) -> str:
     return f"{base}:{tag}"
 
 
-def walk_store(root: Path, w: Walk) -> None:
-    manifests = root / "manifests"
+def walk_store(store: Path, w: Walk, root: Path | None = None) -> None:
+    """The models of a store; ``root``: the scanned directory it lies in (links may
+    point anywhere inside that)."""
+    root = root or store
+    manifests = store / "manifests"
     for dirpath, dirnames, files in os.walk(manifests, followlinks=False):
         dirnames.sort()
         for fname in sorted(files):
@@ -43,12 +46,13 @@ def walk_store(root: Path, w: Walk) -> None:
             parts = path.relative_to(manifests).parts
             if len(parts) != 4:
                 continue
-            found = _from_manifest(path, parts, root, w)
+            found = _from_manifest(path, parts, store, root, w)
             if found is not None:
                 w.found.append(found)
 
 
-def _from_manifest(path: Path, parts: tuple[str, ...], root: Path, w: Walk) -> Found | None:
+def _from_manifest(path: Path, parts: tuple[str, ...], store: Path, root: Path, w: Walk
+                   ) -> Found | None:
     if inside(path, root) is None:
         w.problems.append(f"{path}: a link that leaves {root}; not followed")
         return None
@@ -64,7 +68,7 @@ def _from_manifest(path: Path, parts: tuple[str, ...], root: Path, w: Walk) -> F
 
     def blob(digest: str) -> Path | None:
         m = _DIGEST_RE.match(digest)
-        return inside(root / "blobs" / f"sha256-{m.group(1)}", root) if m else None
+        return inside(store / "blobs" / f"sha256-{m.group(1)}", root) if m else None
 
     models = by_type.get(_MEDIA + "model", [])
     model = blob(models[0]) if models else None

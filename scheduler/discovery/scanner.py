@@ -75,10 +75,14 @@ def walk_dir(root: Path, w: Walk) -> None:
         for d in [d for d in dirnames if hf_cache.is_repo_dir(d)]:
             dirnames.remove(d)
             hf_cache.walk_repo(here / d, root, w)
+        for d in [d for d in dirnames if ollama_store.is_store(here / d)]:
+            dirnames.remove(d)
+            ollama_store.walk_store(here / d, w, root)
         dirnames.sort()
         found = group_dir(here, files, root, "plain", w)
-        if found and lmstudio.is_repo_folder(here, root):
-            found = lmstudio.with_repo_alias(found, here, root)
+        key = lmstudio.repo_key(here, root) if found else None
+        if key is not None:
+            found = lmstudio.with_repo_alias(found, *key)
         w.found += found
 
 

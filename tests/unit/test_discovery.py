@@ -196,3 +196,29 @@ def test_scan_dirs_merge_both_forms(tmp_path: Path, path: str) -> None:
     dirs = loaded.scan_dirs()
     assert dirs[0].path == (tmp_path / "y").resolve() and dirs[0].ctx_size == 512
     assert dirs[1].path == (tmp_path / Path(path).expanduser()).resolve()
+
+
+def test_every_layout_under_one_directory(tmp_path: Path) -> None:
+    """scan = [DIR] where DIR holds an Ollama store, an HF cache and an LM Studio tree."""
+    src = write_gguf(tmp_path / "src" / "g.gguf", "Gemma")
+    root = tmp_path / "dir"
+    ollama_store(root / "ollama", ("registry.ollama.ai", "library", "gemma3", "270m"), src)
+    repo = root / "hub" / "models--unsloth--gemma-GGUF"
+    blob = repo / "blobs" / ("e" * 64)
+    blob.parent.mkdir(parents=True)
+    os.link(src, blob)
+    snap = repo / "snapshots" / ("f" * 40)
+    snap.mkdir(parents=True)
+    (snap / "gemma-Q4_K_M.gguf").symlink_to(os.path.relpath(blob, snap))
+    lms = root / "lmstudio" / "bartowski" / "gemma-GGUF"
+    lms.mkdir(parents=True)
+    os.link(src, lms / "google_gemma-Q4_K_M.gguf")
+    out = found(root)
+    models = out["models"]
+    assert isinstance(models, dict)
+    assert sorted(models) == ["gemma-q4_k_m", "gemma3:270m", "google_gemma-q4_k_m"]
+    assert models["google_gemma-q4_k_m"].aliases == ("bartowski/gemma-gguf",)
+    assert models["google_gemma-q4_k_m"].origin == "scan:lmstudio"
+    assert models["gemma-q4_k_m"].aliases == ("hf.co/unsloth/gemma-GGUF:Q4_K_M",)
+    assert models["gemma3:270m"].origin == "scan:ollama"
+    assert out["problems"] == ()
