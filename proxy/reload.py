@@ -88,7 +88,10 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("scan",),
     *(("models", "*", k) for k in (
         "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
+        "mmproj", "lora",
     )),
+    ("scheduler", "scan"),
+    ("scheduler", "auto_pull"),
     ("server", "admin_config_write"),
     ("server", "api_keys"),
     ("server", "allowed_hosts"),

@@ -230,6 +230,9 @@ async def test_images_to_a_model_without_projector_are_a_400_in_each_dialect(
     assert r.status == 400
     body = await r.json()
     assert body["type"] == "error" and "cannot serve vision" in body["error"]["message"]
+    for path in ("/api/v0/chat/completions", "/v1/chat/completions"):
+        r = await ports.lmstudio.post(path, json=oa)
+        assert r.status == 400 and "cannot serve vision" in (await r.json())["error"]["message"]
     # Nothing was launched for them; the vision model takes the same calls.
     assert ports.openai.app[SCHEDULER].instances() == []
     r = await ports.openai.post("/v1/chat/completions", json={**oa, "model": "eyes"})
