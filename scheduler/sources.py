@@ -180,7 +180,9 @@ def _sized(model: ModelConfig, path: Path | None) -> tuple[int, int]:
     if path is None or not path.is_file():
         return 0, 0
     try:
-        info = read_gguf_info(path)
+        info = read_gguf_info(path, brief=True)
+        if info.block_count is None:  # architecture keys after the vocabulary: read all
+            info = read_gguf_info(path)
     except Exception as e:  # a foreign or truncated file: any parser error
         log.warning("model '%s': cannot size %s (%s); footprint unknown", model.name, path, e)
         return 0, 0

@@ -2,8 +2,9 @@
 models Corral offers (``Scheduler.set_dynamic_models("scan", ...)``).
 
 Blocking (directory walks, GGUF header reads): run it in a worker thread. Headers
-are read once per file version (path, size, mtime) and kept in a ``HeaderCache``, so
-a rescan of an unchanged tree costs the walk and one stat per file.
+are read briefly (the keys before the vocabulary, ~0.3 ms a file) once per file
+version (path, size, mtime) and kept in a ``HeaderCache``, so a rescan of an
+unchanged tree costs the walk and one stat per file.
 
 Rules, in order: a file whose header is not a valid GGUF is reported and skipped;
 two files that would share a name are both named by their folder
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from scheduler.config import ModelConfig, ScanDir
 from scheduler.discovery import hf_cache, lmstudio, ollama_store
-from scheduler.discovery.found import Found, Walk, group_dir, model_name
+from scheduler.discovery.found import Found, Walk, group_dir, model_name, quant_of
 from scheduler.errors import CorralError
 from scheduler.resources import GgufInfo, read_gguf_info
 
@@ -45,7 +46,7 @@ class HeaderCache:
         hit = self._seen.get(key)
         if hit is None:
             try:
-                hit = read_gguf_info(path)
+                hit = read_gguf_info(path, brief=True)
             except CorralError as e:
                 hit = e.message
             self._seen[key] = hit
@@ -118,7 +119,7 @@ def _configs(good: list[tuple[Found, ScanDir, GgufInfo]], problems: list[str]
         else f.name
         for f, _, _ in good
     ]
-    meta_alias = [_meta_alias(info) for _, _, info in good]
+    meta_alias = [_meta_alias(info, f.path.name) for f, _, info in good]
     counts: dict[str, int] = {}
     for f, _, _ in good:
         for a in f.aliases:
@@ -149,7 +150,10 @@ def _configs(good: list[tuple[Found, ScanDir, GgufInfo]], problems: list[str]
     return out
 
 
-def _meta_alias(info: GgufInfo) -> str:
-    if not info.name or not info.quantization:
+def _meta_alias(info: GgufInfo, filename: str) -> str:
+    # Quantizers write general.file_type after the vocabulary, which the brief read
+    # stops at: the file's name says the quantization then.
+    quant = info.quantization or quant_of(filename)
+    if not info.name or not quant:
         return ""
-    return model_name(f"{info.name}-{info.quantization}")
+    return model_name(f"{info.name}-{quant}")

@@ -222,3 +222,48 @@ def test_every_layout_under_one_directory(tmp_path: Path) -> None:
     assert models["gemma-q4_k_m"].aliases == ("hf.co/unsloth/gemma-GGUF:Q4_K_M",)
     assert models["gemma3:270m"].origin == "scan:ollama"
     assert out["problems"] == ()
+
+
+def test_brief_header_read_stops_at_the_vocabulary(tmp_path: Path) -> None:
+    from scheduler.config import ModelConfig
+    from scheduler.resources import read_gguf_info
+    from scheduler.sources import model_footprint
+
+    def write(path: Path, arch_first: bool) -> Path:
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_name("Vocab")
+
+        def arch() -> None:
+            w.add_block_count(4)
+            w.add_head_count(8)
+            w.add_embedding_length(256)
+
+        if arch_first:
+            arch()
+        w.add_token_list([f"t{i}" for i in range(20000)])
+        if not arch_first:
+            arch()
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+        w.add_tensor("w", np.zeros((2, 4), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    usual = write(tmp_path / "usual-Q8_0.gguf", True)
+    brief = read_gguf_info(usual, brief=True)
+    full = read_gguf_info(usual)
+    assert (brief.name, brief.block_count, brief.head_count) == ("Vocab", 4, 8)
+    assert brief.quantization is None and full.quantization == "Q8_0"
+    # Sizing reads briefly, and fully when the architecture keys come after the vocabulary.
+    odd = write(tmp_path / "odd.gguf", False)
+    assert read_gguf_info(odd, brief=True).block_count is None
+    sized = {p.name: model_footprint(ModelConfig(name="m", path=p, ctx_size=1024))
+             for p in (usual, odd)}
+    # Same architecture, same KV cache: the footprints differ only by the file sizes.
+    assert sized["usual-Q8_0.gguf"] - usual.stat().st_size == sized["odd.gguf"] - odd.stat().st_size
+    # The alias takes the quantization from the file name then.
+    models = found(tmp_path)["models"]
+    assert isinstance(models, dict)
+    assert models["usual-q8_0"].aliases == ("vocab-q8_0",)
