@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,18 @@ def is_projector(filename: str) -> bool:
 
 def inside(path: Path, root: Path) -> Path | None:
     """The real file behind ``path`` if it stays under ``root`` (itself resolved):
-    a symlink that leaves the scanned directory is not followed."""
+    a symlink that leaves the scanned directory is not followed.
+
+    ``path`` lies in a directory reached without following links, so a regular
+    file is its own real path (one lstat instead of realpath's one per component)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return path
+    if not stat.S_ISLNK(st.st_mode):
+        return None
     try:
         real = Path(os.path.realpath(path))
     except OSError:

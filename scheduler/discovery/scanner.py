@@ -36,6 +36,8 @@ class HeaderCache:
 
     def __init__(self) -> None:
         self._seen: dict[Key, GgufInfo | str] = {}
+        # The last scan's inputs and result: an unchanged tree is not validated again.
+        self.last: tuple[object, ScanResult] | None = None
 
     def read(self, path: Path) -> GgufInfo | str:
         try:
@@ -87,6 +89,21 @@ def walk_dir(root: Path, w: Walk) -> None:
         w.found += found
 
 
+def signature(dirs: Sequence[ScanDir]) -> tuple[tuple[str, int], ...]:
+    """Blocking: every directory under ``dirs`` with its mtime. Adding, removing or
+    renaming a file changes its directory's mtime, so an equal signature means no
+    rescan is needed (a file rewritten in place is caught by the periodic full scan)."""
+    out: list[tuple[str, int]] = []
+    for d in dirs:
+        for dirpath, dirnames, _ in os.walk(d.path.expanduser(), followlinks=False):
+            dirnames.sort()
+            try:
+                out.append((dirpath, os.stat(dirpath).st_mtime_ns))
+            except OSError:
+                continue
+    return tuple(out)
+
+
 def scan(dirs: Sequence[ScanDir], cache: HeaderCache) -> ScanResult:
     """Blocking: the models in ``dirs``."""
     problems: list[str] = []
@@ -108,7 +125,12 @@ def scan(dirs: Sequence[ScanDir], cache: HeaderCache) -> ScanResult:
             continue
         good.append((f, d, info))
     cache.keep(f.path for f, _, _ in good)
-    return ScanResult(tuple(_configs(good, problems)), tuple(problems))
+    inputs = (tuple(good), tuple(problems))
+    if cache.last is not None and cache.last[0] == inputs:
+        return cache.last[1]
+    result = ScanResult(tuple(_configs(good, problems)), tuple(problems))
+    cache.last = (inputs, result)
+    return result
 
 
 def _configs(good: list[tuple[Found, ScanDir, GgufInfo]], problems: list[str]

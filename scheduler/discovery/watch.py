@@ -3,7 +3,9 @@
 reaches the scheduler, which drains and stops the models whose files vanished.
 
 Polling, not inotify, for the reason the config reloader gives (bind mounts, NFS,
-swapped symlinks); with the header cache a rescan costs a walk and a stat per file.
+swapped symlinks). Each interval compares directory mtimes only; a change (or every
+``FULL_SCAN_EVERY`` intervals) runs the scan, which with the header cache costs a walk
+and a stat per file.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from scheduler.discovery.scanner import HeaderCache, ScanResult, scan
+from scheduler.discovery.scanner import HeaderCache, ScanResult, scan, signature
 from scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -20,12 +22,29 @@ SOURCE = "scan"
 _STEP = 0.25  # how soon a reload is noticed
 
 
+# A full scan (one stat per file) at least every this many intervals, for files
+# rewritten in place; between them only directory mtimes are compared.
+FULL_SCAN_EVERY = 15
+
+
 class Discovery:
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
         self._cache = HeaderCache()
+        self._signature: object = None
+        self._quick = 0
         self.problems: tuple[str, ...] = ()
         self.scans = 0
+
+    async def changed(self) -> bool:
+        """Whether a directory changed since the last scan (or a full scan is due)."""
+        dirs = self._scheduler.configured.scan_dirs()
+        sig = (dirs, await asyncio.to_thread(signature, dirs) if dirs else ())
+        self._quick += 1
+        if sig == self._signature and self._quick < FULL_SCAN_EVERY:
+            return False
+        self._signature, self._quick = sig, 0
+        return True
 
     async def scan_once(self) -> ScanResult:
         cfg = self._scheduler.configured
@@ -46,7 +65,8 @@ class Discovery:
         while True:
             cfg = self._scheduler.configured
             try:
-                await self.scan_once()
+                if await self.changed():
+                    await self.scan_once()
             except Exception:  # a scan bug must not end discovery for the process
                 log.exception("model scan failed")
             waited = 0.0
