@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from scheduler.resources import read_gguf_info
 from tests.e2e.conftest import REPO, CorralProc, wait_until
+from tests.e2e.gguf_split import split_in_two
 from tests.fakes.hf_hub import FakeHub
 
 pytestmark = pytest.mark.e2e
@@ -44,6 +46,8 @@ def place(src: Path, dst: Path) -> Path:
 
 def every_layout(gemma: Path, root: Path) -> None:
     place(gemma, root / "models" / "Gemma-3-270M-Q4_K_M.gguf")
+    (root / "models" / "split").mkdir(parents=True)
+    split_in_two(gemma, root / "models" / "split", "Gemma-Split-Q4_K_M")
     (root / "models" / "broken.gguf").write_bytes(b"GGUF but not really")
     repo = root / "hub" / "models--unsloth--gemma-3-270m-it-GGUF"
     blob = place(gemma, repo / "blobs" / hashlib.sha256(b"gemma").hexdigest())
@@ -67,6 +71,7 @@ def every_layout(gemma: Path, root: Path) -> None:
 
 EXPECTED = {
     "gemma-3-270m-q4_k_m": "scan:plain",
+    "gemma-split-q4_k_m": "scan:plain",
     "gemma-3-270m-it-q4_k_m": "scan:hf",
     "google_gemma-3-270m-it-q4_k_m": "scan:lmstudio",
     "gemma3:270m": "scan:ollama",
@@ -97,7 +102,8 @@ def test_scan_one_directory_of_every_layout(
     assert {m["name"]: m["origin"] for m in admin["models"]} == EXPECTED
     assert any("broken.gguf: not a valid GGUF" in p for p in admin["scan_problems"])
     # A real answer from each, through each port's dialect.
-    for name in ("gemma-3-270m-q4_k_m", "hf.co/unsloth/gemma-3-270m-it-GGUF:Q4_K_M"):
+    # (The split model is launched from its first part; llama-server finds the second.)
+    for name in ("gemma-split-q4_k_m", "hf.co/unsloth/gemma-3-270m-it-GGUF:Q4_K_M"):
         r = httpx.post(c.url + "/v1/chat/completions", timeout=120, json={
             "model": name, "messages": HELLO, "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
@@ -122,7 +128,7 @@ def test_scan_one_directory_of_every_layout(
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "check", str(cfg)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "scan: 4 model(s) found" in out.stdout and "broken.gguf" in out.stdout
+    assert "scan: 5 model(s) found" in out.stdout and "broken.gguf" in out.stdout
     # A vanished file stops being offered; its instance drains and stops.
     children = len(c.children())
     for f in (root / "ollama" / "manifests").rglob("270m"):
@@ -188,10 +194,10 @@ def test_pull_from_the_hub_then_chat(
 
 def write_lora(gemma: Path, path: Path, rank: int = 4) -> Path:
     """A tiny LoRA adapter for Gemma 3 270M's first attention query projection,
-    shaped from the model's own tensor (ggml ne order [in, out])."""
-    reader = gguf.GGUFReader(str(gemma))
-    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
-    n_in, n_out = (int(d) for d in q.shape)
+    shaped from the model's header: [embedding, heads × key length] (ggml ne order)."""
+    info = read_gguf_info(gemma, brief=True)
+    assert info.embedding_length and info.head_count and info.key_length
+    n_in, n_out = info.embedding_length, info.head_count * info.key_length
     w = gguf.GGUFWriter(str(path), "gemma3")
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")

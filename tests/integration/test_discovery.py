@@ -33,7 +33,8 @@ def tree(root: Path) -> None:
     snap = hf / "snapshots" / ("d" * 40)
     snap.mkdir(parents=True)
     (snap / "Phi-Q5_K_M.gguf").symlink_to(os.path.relpath(blob, snap))
-    write_gguf(root / "lms" / "lmstudio-community" / "Llama-GGUF" / "Llama-Q4_K_M.gguf", "Llama")
+    write_gguf(root / "lmstudio" / "lmstudio-community" / "Llama-GGUF" / "Llama-Q4_K_M.gguf",
+               "Llama")
     ollama_store(root / "ollama", ("registry.ollama.ai", "library", "gemma3", "270m"),
                  write_gguf(root / "src" / "g.gguf", "Gemma"))
 
@@ -47,7 +48,7 @@ async def ports(corral_ports: Any, tmp_path: Path) -> Any:
     root = tmp_path / "models"
     tree(root)
     cfg = make_config(tmp_path, [{"name": "phi-q5_k_m", "ctx_size": 777}], scheduler={
-        "scan": [str(root / d) for d in ("plain", "hf", "lms", "ollama")],
+        "scan": [str(root / d) for d in ("plain", "hf", "lmstudio", "ollama")],
         "scan_interval": 0.1})
     p = await corral_ports(cfg)
     sched = p.openai.app[SCHEDULER]

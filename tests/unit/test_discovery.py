@@ -112,11 +112,14 @@ def test_hugging_face_cache(tmp_path: Path) -> None:
 
 
 def test_lm_studio_tree(tmp_path: Path) -> None:
-    repo = tmp_path / "lmstudio-community" / "gemma-3-270m-it-GGUF"
+    repo = tmp_path / ".lmstudio" / "models" / "lmstudio-community" / "gemma-3-270m-it-GGUF"
     write_gguf(repo / "gemma-3-270m-it-Q4_K_M.gguf")
     write_gguf(repo / "mmproj-model-f16.gguf", "p", "clip")
+    write_gguf(tmp_path / "plain" / "folder" / "not-lmstudio.gguf")
     models = found(tmp_path)["models"]
     assert isinstance(models, dict)
+    assert models["not-lmstudio"].origin == "scan:plain"
+    assert models["not-lmstudio"].aliases == ()
     m = models["gemma-3-270m-it-q4_k_m"]
     assert "lmstudio-community/gemma-3-270m-it-gguf" in m.aliases
     assert m.origin == "scan:lmstudio"
