@@ -165,6 +165,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         source = str(m.path) if m.path else f"package {m.package}"
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         print(f"{m.name}{aliases}\n    {source}, ctx {m.ctx_size} × {m.parallel} slot(s)")
+    scan_report(cfg, sys.stdout)
     return 0
 
 

@@ -52,12 +52,14 @@ def downloadable(scheduler: Scheduler, name: str) -> tuple[Callable[[], pull.Pla
         cfg: ModelConfig | None = scheduler.resolve(name)
     except UnknownModel:
         cfg = None
-    if cfg is not None and cfg.origin == "config":
-        if cfg.hf_repo is None or cfg.hf_file is None:
-            return None  # a local file or package: "pulling" it means loading it
-        repo, file, rev, mm = cfg.hf_repo, cfg.hf_file, cfg.hf_revision, cfg.mmproj
-        return (lambda: pull.plan(repo, None, revision=rev, hf_file=file, mmproj=mm)), cfg
-    return _ref_plan(name, None)
+    if cfg is None:
+        return _ref_plan(name, None)
+    if cfg.origin != "config" or cfg.hf_repo is None or cfg.hf_file is None:
+        # A file here already (scanned, pulled, a path or a package): "pulling" it
+        # means making sure it loads, as for Ollama a model it has.
+        return None
+    repo, file, rev, mm = cfg.hf_repo, cfg.hf_file, cfg.hf_revision, cfg.mmproj
+    return (lambda: pull.plan(repo, None, revision=rev, hf_file=file, mmproj=mm)), cfg
 
 
 def _ref_plan(name: str, base: ModelConfig | None) -> tuple[Callable[[], pull.Plan],
@@ -69,8 +71,16 @@ def _ref_plan(name: str, base: ModelConfig | None) -> tuple[Callable[[], pull.Pl
 
 
 async def register(scheduler: Scheduler, model: ModelConfig) -> None:
-    kept = [m for m in scheduler.dynamic_models(SOURCE) if m.name != model.name]
-    await scheduler.set_dynamic_models(SOURCE, [*kept, model])
+    """Add (or replace) a pulled model; the names it was asked by before stay."""
+    pulled = scheduler.dynamic_models(SOURCE)
+    for m in pulled:
+        if m.name == model.name:
+            aliases = tuple(dict.fromkeys((*m.aliases, *model.aliases)))
+            model = model.model_copy(update={"aliases": aliases})
+    if model in pulled:
+        return
+    await scheduler.set_dynamic_models(SOURCE, [*(m for m in pulled if m.name != model.name),
+                                                model])
 
 
 async def run_pull(app: web.Application, name: str, make_plan: Callable[[], pull.Plan],

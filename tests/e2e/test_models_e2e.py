@@ -184,12 +184,16 @@ def test_pull_from_the_hub_then_chat(
         "options": {"num_predict": 4, "temperature": 0}})
     assert r.status_code == 200, r.text
     assert r.json()["message"]["content"]
-    # The CLI asks the running Corral and draws a bar; the file is already here.
+    # The CLI asks the running Corral and draws a bar; by file name this time, and
+    # the file is already here: nothing is fetched again.
+    by_file = "hf.co/google/gemma-3-270m-GGUF:gemma-3-270m-Q4_K_M.gguf"
     out = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "pull", name, "--url", ollama_url], cwd=REPO,
+        [sys.executable, "-m", "proxy.cli", "pull", by_file, "--url", ollama_url], cwd=REPO,
         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "100% |" in out.stderr and out.stderr.rstrip().endswith("success")
+    assert f"pulling {digest[:12]} 100% |" in out.stderr
+    assert out.stderr.rstrip().endswith("success")
+    assert by_file in {m["id"] for m in httpx.get(c.url + "/v1/models").json()["data"]}
 
 
 def write_lora(gemma: Path, path: Path, rank: int = 4) -> Path:
