@@ -86,11 +86,11 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("models_dir",),
     ("runtimes",),
     ("scan",),
+    ("scheduler", "scan"),
     *(("models", "*", k) for k in (
         "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
-        "mmproj", "lora",
+        "binary", "mmproj", "lora",
     )),
-    ("scheduler", "scan"),
     ("scheduler", "auto_pull"),
     ("server", "admin_config_write"),
     ("server", "api_keys"),
