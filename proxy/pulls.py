@@ -85,10 +85,18 @@ async def register(scheduler: Scheduler, model: ModelConfig) -> None:
 
 async def run_pull(app: web.Application, name: str, make_plan: Callable[[], pull.Plan],
                    base: ModelConfig | None) -> AsyncGenerator[list[dict[str, Any]], None]:
-    """Ollama's status lines for one pull; the model is registered before success."""
-    scheduler = app[SCHEDULER]
+    """Ollama's status lines for one pull (one at a time per name); the model is
+    registered before success."""
     async with (app[PULL_LOCKS].setdefault(name, asyncio.Lock()),
-                contextlib.aclosing(pull.steps(make_plan)) as it):
+                contextlib.aclosing(_pull_lines(app, name, make_plan, base)) as it):
+        async for lines in it:
+            yield lines
+
+
+async def _pull_lines(app: web.Application, name: str, make_plan: Callable[[], pull.Plan],
+                      base: ModelConfig | None) -> AsyncGenerator[list[dict[str, Any]], None]:
+    scheduler = app[SCHEDULER]
+    async with contextlib.aclosing(pull.steps(make_plan)) as it:
         async for item in it:
             if isinstance(item, pull.Plan):
                 if base is None:
@@ -112,13 +120,17 @@ async def respond(request: web.Request, name: str, how: tuple[Callable[[], pull.
 
 
 async def ensure(app: web.Application, name: str) -> None:
-    """``auto_pull``: an unknown ``hf.co/...`` model named in a call is pulled first."""
+    """``auto_pull``: an unknown ``hf.co/...`` model named in a call is pulled first.
+    Calls that name it meanwhile wait for that pull instead of starting another."""
     scheduler = app[SCHEDULER]
     if not scheduler.config.scheduler.auto_pull or name in scheduler.names():
         return
     how = _ref_plan(name, None)
     if how is None or PULL_LOCKS not in app:
         return
-    async with contextlib.aclosing(run_pull(app, name, *how)) as it:
-        async for _ in it:
-            pass
+    async with app[PULL_LOCKS].setdefault(name, asyncio.Lock()):
+        if name in scheduler.names():
+            return
+        async with contextlib.aclosing(_pull_lines(app, name, *how)) as it:
+            async for _ in it:
+                pass

@@ -123,6 +123,10 @@ def scan(dirs: Sequence[ScanDir], cache: HeaderCache) -> ScanResult:
         if isinstance(info, str):
             problems.append(f"{f.path}: not a valid GGUF, skipped: {info}")
             continue
+        if info.architecture == "clip":
+            problems.append(f"{f.path}: a projector, not a model; named mmproj-*.gguf it is "
+                            "paired with the models of its folder")
+            continue
         good.append((f, d, info))
     cache.keep(f.path for f, _, _ in good)
     inputs = (tuple(good), tuple(problems))

@@ -34,7 +34,6 @@ class Discovery:
         self._signature: object = None
         self._quick = 0
         self.problems: tuple[str, ...] = ()
-        self.scans = 0
 
     async def changed(self) -> bool:
         """Whether a directory changed since the last scan (or a full scan is due)."""
@@ -58,7 +57,6 @@ class Discovery:
             report = await self._scheduler.set_dynamic_models(SOURCE, models)
             log.info("model scan: %d model(s); added %s, removed %s", len(models),
                      report["added"] or "none", report["removed"] or "none")
-        self.scans += 1
         return result
 
     async def run(self) -> None:

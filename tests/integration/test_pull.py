@@ -170,8 +170,12 @@ async def test_auto_pull_on_first_use(hub: FakeHub, corral_ports: Any, tmp_path:
     r = await off.openai.post("/v1/chat/completions", json=call)
     assert r.status == 404
     on = await corral_ports(make_config(tmp_path, [], scheduler={"auto_pull": True}))
-    r = await on.openai.post("/v1/chat/completions", json=call)
-    assert r.status == 200, await r.text()
+    # Two calls at once (two dialects): one download, both answered.
+    r1, r2 = await asyncio.gather(
+        on.openai.post("/v1/chat/completions", json=call),
+        on.ollama.post("/api/chat", json={**call, "stream": False}))
+    assert (r1.status, r2.status) == (200, 200), (await r1.text(), await r2.text())
+    assert hub.downloads == 1
     assert "hf.co/org/text-only:Q4_K_M" in on.openai.app[SCHEDULER].names()
     # Not a Hub reference: an unknown model stays a 404, nothing is fetched.
     r = await on.ollama.post("/api/chat", json={**call, "model": "nope"})
