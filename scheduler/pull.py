@@ -192,7 +192,9 @@ def plan(repo: str, tag: str | None, *, revision: str | None = None,
         if e.response is not None and e.response.status_code == 404:
             raise NothingToPull(f"{repo}: {e}") from None
         raise PullFailed(f"the Hub refused {repo}: {e}") from None
-    except OSError as e:
+    except (NothingToPull, PullFailed):
+        raise
+    except Exception as e:  # the client's transport errors (its own exception tree)
         raise PullFailed(f"cannot reach the Hub for {repo}: {e}") from None
 
 
@@ -221,8 +223,10 @@ def resume_point(p: Plan, rf: RemoteFile) -> int:
 def download(p: Plan, rf: RemoteFile, progress: Progress) -> Path:
     """Blocking: the file into the cache's blob, resuming a partial one; returns the
     blob. Stops (keeping the partial file) when ``progress.cancelled`` is set."""
-    import httpx
-    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+    from huggingface_hub.utils import (  # type: ignore[attr-defined]
+        build_hf_headers,
+        get_session,
+    )
 
     blob = blob_path(p.repo, rf)
     if blob.is_file() and blob.stat().st_size == rf.size:
@@ -240,10 +244,12 @@ def download(p: Plan, rf: RemoteFile, progress: Progress) -> Path:
         log.info("pull %s/%s: resuming at %d of %d bytes", p.repo, rf.name, have, rf.size)
     progress.completed = have
     try:
-        with httpx.stream("GET", rf.url, headers=headers, follow_redirects=True,
-                          timeout=httpx.Timeout(30.0)) as resp:
+        # huggingface_hub's own client: its proxies and headers, and it drops the
+        # token on a redirect to another host (the CDN).
+        with get_session().stream("GET", rf.url, headers=headers, follow_redirects=True,
+                                  timeout=30.0) as resp:
             if resp.status_code == 200 and have:
-                have = 0  # the server ignored Range: start over
+                have = progress.completed = 0  # the server ignored Range: start over
             elif resp.status_code not in (200, 206):
                 raise PullFailed(f"download of {p.repo}/{rf.name}: HTTP {resp.status_code}")
             with part.open("r+b" if have else "wb") as f:
@@ -255,7 +261,9 @@ def download(p: Plan, rf: RemoteFile, progress: Progress) -> Path:
                         raise PullFailed(f"download of {p.repo}/{rf.name} cancelled")
                     f.write(chunk)
                     progress.completed += len(chunk)
-    except httpx.HTTPError as e:
+    except PullFailed:
+        raise
+    except Exception as e:  # the client's transport errors (its own exception tree)
         raise PullFailed(
             f"download of {p.repo}/{rf.name} broke off at {progress.completed} of "
             f"{rf.size} bytes ({e}); pull again to resume") from None

@@ -150,18 +150,26 @@ async def test_unknown_quant_and_repo_are_clear_errors(hub: FakeHub, corral_port
 
 async def test_configured_hf_repo_model_is_pulled(hub: FakeHub, corral_ports: Any,
                                                   tmp_path: Path) -> None:
-    tiny = ModelConfig(name="tiny", hf_repo=REPO, hf_file="Tiny-Q4_K_M.gguf")
+    tiny = ModelConfig(name="tiny", hf_repo=REPO, hf_file="Tiny-Q4_K_M.gguf",
+                       mmproj="mmproj-Tiny-f16.gguf")
     cfg = make_config(tmp_path, []).model_copy(update={"models": (tiny,)})
     ports = await corral_ports(cfg)
     r = await ports.ollama.post("/api/pull", json={"model": "tiny"})
-    check_shapes(await ndjson(r))
-    assert hub.downloads == 1
-    # hf_hub_download finds it in the cache: the launch downloads nothing more.
+    lines = await ndjson(r)
+    check_shapes(lines)
+    assert len({x["digest"] for x in lines if "digest" in x}) == 2  # model and projector
+    assert hub.downloads == 2
+    # hf_hub_download finds both in the cache: the launch downloads nothing more.
     r = await ports.openai.post("/v1/chat/completions", json={
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status == 200
-    assert hub.downloads == 1
+    assert hub.downloads == 2
     assert ports.openai.app[SCHEDULER].names() == ["tiny"]
+    inst = ports.openai.app[SCHEDULER].instances()[0]
+    async with aiohttp.ClientSession() as s, s.get(inst.base_url + "/fake/stats") as st:
+        argv = (await st.json())["argv"]
+    mmproj = Path(argv[argv.index("--mmproj") + 1])
+    assert mmproj.name == "mmproj-Tiny-f16.gguf" and mmproj.is_absolute()
 
 
 async def test_auto_pull_on_first_use(hub: FakeHub, corral_ports: Any, tmp_path: Path) -> None:
