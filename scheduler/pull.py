@@ -304,14 +304,12 @@ def verify_and_store(p: Plan, rf: RemoteFile, downloaded: Path) -> Path:
     return pointer
 
 
-def model_for(p: Plan, base: ModelConfig | None = None) -> ModelConfig:
-    """The model a pull serves: a configured one as it is, else a new ``hf.co/...``
-    model over the downloaded files."""
-    if base is not None:
-        return base
+def model_for(p: Plan) -> ModelConfig:
+    """The ``hf.co/...`` model a pull serves, over the downloaded files. Pinned to the
+    commit pulled: a launch then finds its files without asking the Hub again."""
     first = p.files[0]
     return ModelConfig(
-        name=p.name, hf_repo=p.repo, hf_file=first.name, hf_revision=p.revision,
+        name=p.name, hf_repo=p.repo, hf_file=first.name, hf_revision=first.commit,
         mmproj=p.mmproj.name if p.mmproj else None, origin="pulled",
     )
 
