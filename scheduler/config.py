@@ -270,7 +270,7 @@ class ModelConfig(_Strict):
     )
     lora: tuple[LoraAdapter, ...] = Field((), description="LoRA adapters: [{path, scale}]")
     origin: str = Field(
-        "config", description="where the model came from: config, scan:<layout>, pulled"
+        "config", description="set by Corral, shown in listings: config, scan:<layout>, pulled"
     )
 
     @field_validator("footprint", mode="before")
