@@ -3,13 +3,16 @@
 ``/{repo}/resolve/{revision}/{filename}`` serves files from a dict with the headers the
 client reads (commit, ETag = the body's sha256 as for LFS files, size), honours
 ``Range`` (206) so a pull can resume, and can break off a body after ``cut_after``
-bytes once (``cut_after = n``) to make a download fail halfway.
+bytes once (``cut_after = n``) to make a download fail halfway, can ignore ``Range``
+(``honour_range = False``, as some mirrors do) and can send bodies slowly
+(``chunk_delay`` seconds between 64 KiB chunks).
 ``/api/models/{repo}/tree/{revision}`` lists a repo's files (``list_repo_files``).
 Downloads (GET with a body) and range requests are counted and recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 
@@ -26,6 +29,8 @@ class FakeHub:
         self.downloads = 0
         self.ranges: list[str] = []
         self.cut_after: int | None = None
+        self.honour_range = True
+        self.chunk_delay = 0.0
         self.app = web.Application()
         self.app.router.add_route("*", "/{owner}/{repo}/resolve/{rev}/{name:.+}", self.resolve)
         self.app.router.add_get("/api/models/{owner}/{repo}/tree/{rev}", self.tree)
@@ -62,7 +67,7 @@ class FakeHub:
         self.downloads += 1
         status, start = 200, 0
         rng = _RANGE_RE.match(request.headers.get("Range", ""))
-        if rng:
+        if rng and self.honour_range:
             self.ranges.append(request.headers["Range"])
             start = int(rng.group(1))
             end = int(rng.group(2)) if rng.group(2) else len(body) - 1
@@ -79,6 +84,11 @@ class FakeHub:
             assert request.transport is not None
             request.transport.close()
             return resp
-        await resp.write(body)
+        if self.chunk_delay:
+            for i in range(0, len(body), 1 << 16):
+                await resp.write(body[i:i + (1 << 16)])
+                await asyncio.sleep(self.chunk_delay)
+        else:
+            await resp.write(body)
         await resp.write_eof()
         return resp

@@ -131,6 +131,53 @@ async def test_a_broken_download_resumes_with_a_range_request(
     assert not list((tmp_path / "cache").rglob("*.corral-partial"))
 
 
+async def test_a_mirror_that_ignores_range_restarts_the_file(
+        hub: FakeHub, corral_ports: Any, tmp_path: Path, ggufs: dict[str, bytes]) -> None:
+    ports = await corral_ports(make_config(tmp_path, []))
+    body = ggufs[f"{REPO}/Tiny-Q8_0.gguf"]
+    hub.cut_after = len(body) // 3
+    r = await ports.ollama.post("/api/pull", json={"model": f"hf.co/{REPO}:Q8_0"})
+    assert "error" in (await ndjson(r))[-1]
+    hub.honour_range = False
+    r = await ports.ollama.post("/api/pull", json={"model": f"hf.co/{REPO}:Q8_0"})
+    check_shapes(await ndjson(r))
+    blobs = tmp_path / "cache" / "models" / "huggingface" / "models--org--Tiny-GGUF" / "blobs"
+    assert (blobs / hashlib.sha256(body).hexdigest()).read_bytes() == body
+
+
+async def test_a_client_that_goes_away_stops_the_download_and_it_resumes(
+        hub: FakeHub, corral_ports: Any, tmp_path: Path, ggufs: dict[str, bytes]) -> None:
+    ports = await corral_ports(make_config(tmp_path, []))
+    body = ggufs[f"{REPO}/Tiny-Q8_0.gguf"]
+    hub.chunk_delay = 0.02  # 48 chunks: about a second for the file
+    url = ports.ollama.make_url("/api/pull")
+    async with (aiohttp.ClientSession() as s,
+                s.post(url, json={"model": f"hf.co/{REPO}:Q8_0"}) as r):
+        async for raw in r.content:
+            line = json.loads(raw)
+            if line.get("total") == len(body) and line["completed"] > 0:
+                break  # leave mid-file
+    partial = tmp_path / "cache" / "models" / "huggingface" / "models--org--Tiny-GGUF" / "blobs"
+
+    def parts() -> list[Path]:
+        return list(partial.glob("*.corral-partial"))
+
+    await wait_for(lambda: len(parts()) == 1)
+    # The transfer stops: the partial file stops growing, short of the whole.
+    size = -1
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        now = parts()[0].stat().st_size
+        if now == size:
+            break
+        size = now
+    assert 0 < size < len(body)
+    hub.chunk_delay = 0.0
+    r = await ports.ollama.post("/api/pull", json={"model": f"hf.co/{REPO}:Q8_0"})
+    check_shapes(await ndjson(r))
+    assert hub.ranges[-1] == f"bytes={size}-"
+
+
 async def test_unknown_quant_and_repo_are_clear_errors(hub: FakeHub, corral_ports: Any,
                                                        tmp_path: Path) -> None:
     ports = await corral_ports(make_config(tmp_path, []))
