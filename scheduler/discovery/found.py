@@ -122,4 +122,7 @@ def _one(directory: Path, fname: str, stem: str, root: Path, layout: str,
         w.problems.append(f"{path}: a link that leaves {root} (or is broken); not followed")
         return Found("", path, layout)
     rel = directory.relative_to(root).as_posix() if directory != root else ""
-    return Found(model_name(stem), path, layout, mmproj=projector, qualifier=rel)
+    name = model_name(stem)
+    if not name:
+        w.problems.append(f"{path}: no model name can be made of its file name; skipped")
+    return Found(name, path, layout, mmproj=projector, qualifier=rel)

@@ -69,6 +69,7 @@ def test_incomplete_split_and_invalid_files_are_reported_and_skipped(tmp_path: P
     (tmp_path / "empty.gguf").write_bytes(b"")
     write_gguf(tmp_path / "ok.gguf")
     write_gguf(tmp_path / "vision-encoder.gguf", "enc", "clip")
+    write_gguf(tmp_path / "(!).gguf")
     out = found(tmp_path)
     assert list(out["models"]) == ["ok"]  # type: ignore[call-overload]
     problems = "\n".join(out["problems"])  # type: ignore[arg-type]
@@ -76,6 +77,7 @@ def test_incomplete_split_and_invalid_files_are_reported_and_skipped(tmp_path: P
     assert "broken.gguf: not a valid GGUF" in problems
     assert "empty.gguf: not a valid GGUF" in problems
     assert "vision-encoder.gguf: a projector, not a model" in problems
+    assert "(!).gguf: no model name can be made" in problems
 
 
 def test_links_that_leave_the_directory_are_not_followed(tmp_path: Path) -> None:
