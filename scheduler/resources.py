@@ -239,6 +239,7 @@ class GgufInfo:
     value_length: int | None
     sliding_window: int | None
     has_chat_template: bool
+    pooling_type: int | None = None  # set by embedding and reranking conversions
 
 
 _SCALARS: dict[int, str] = {
@@ -430,6 +431,7 @@ def read_gguf_info(path: Path, *, brief: bool = False) -> GgufInfo:
         value_length=number("attention.value_length"),
         sliding_window=number("attention.sliding_window"),
         has_chat_template="tokenizer.chat_template" in meta,
+        pooling_type=number("pooling_type"),
     )
 
 

@@ -155,7 +155,7 @@ def _configs(good: list[tuple[Found, ScanDir, GgufInfo]], problems: list[str]
             counts[a] = counts.get(a, 0) + 1
     taken: set[str] = set()
     out: list[ModelConfig] = []
-    for (f, d, _), name, extra in zip(good, final, meta_alias, strict=True):
+    for (f, d, info), name, extra in zip(good, final, meta_alias, strict=True):
         if name in taken:
             problems.append(f"{f.path}: another file is already named {name!r}; skipped")
             continue
@@ -166,7 +166,7 @@ def _configs(good: list[tuple[Found, ScanDir, GgufInfo]], problems: list[str]
                 "name": name, "aliases": tuple(dict.fromkeys(aliases)), "path": f.path,
                 "mmproj": str(f.mmproj) if f.mmproj else None,
                 "lora": [{"path": p} for p in f.lora], "origin": f"scan:{f.layout}",
-                **d.defaults(),
+                **_kind(info), **d.defaults(),
             })
         except ValueError as e:
             problems.append(f"{f.path}: cannot be offered as {name!r}: {e}")
@@ -174,6 +174,22 @@ def _configs(good: list[tuple[Found, ScanDir, GgufInfo]], problems: list[str]
         taken.add(name)
         out.append(mc)
     return out
+
+
+# Encoder-only architectures: embedding models whatever their pooling key says.
+_ENCODERS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
+                       "modern-bert", "neo-bert", "t5encoder"})
+_POOLING_RANK = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK
+
+
+def _kind(info: GgufInfo) -> dict[str, bool]:
+    """A reranker or an embedding model is launched as one (--rerank, --embedding):
+    served as a chat model it would fail every call."""
+    if info.pooling_type == _POOLING_RANK:
+        return {"rerank": True}
+    if info.architecture in _ENCODERS or info.pooling_type:
+        return {"embedding": True}
+    return {}
 
 
 def _meta_alias(info: GgufInfo, filename: str) -> str:

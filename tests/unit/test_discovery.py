@@ -274,3 +274,26 @@ def test_brief_header_read_stops_at_the_vocabulary(tmp_path: Path) -> None:
     models = found(tmp_path)["models"]
     assert isinstance(models, dict)
     assert models["usual-q8_0"].aliases == ("vocab-q8_0",)
+
+
+def test_embedding_and_reranking_models_are_launched_as_such(tmp_path: Path) -> None:
+    def model(name: str, arch: str, pooling: gguf.PoolingType | None) -> None:
+        w = gguf.GGUFWriter(str(tmp_path / name), arch)
+        w.add_name(name)
+        if pooling is not None:
+            w.add_pooling_type(pooling)
+        w.add_tensor("w", np.zeros((2, 4), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    model("nomic-embed.gguf", "nomic-bert", gguf.PoolingType.MEAN)
+    model("qwen3-embed.gguf", "qwen3", gguf.PoolingType.LAST)
+    model("bge-reranker.gguf", "bert", gguf.PoolingType.RANK)
+    model("chat.gguf", "qwen3", None)
+    models = found(tmp_path)["models"]
+    assert isinstance(models, dict)
+    assert models["nomic-embed"].embedding and models["qwen3-embed"].embedding
+    assert models["bge-reranker"].rerank and not models["bge-reranker"].embedding
+    assert not models["chat"].embedding and not models["chat"].rerank
