@@ -447,7 +447,13 @@ async def copy(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     body = await read_body(request)
-    resolve(request.app[SCHEDULER], model_field(body))
+    target = resolve(request.app[SCHEDULER], model_field(body))
+    if target.cfg.origin == "pulled":
+        await pulls.delete(request.app[SCHEDULER], target.cfg)
+        return web.Response()
+    if target.cfg.origin.startswith("scan:"):
+        raise _unsupported("deleting scanned models", "remove its file from the scanned "
+                           "directory; it stops being offered within scan_interval")
     raise _unsupported("deleting models", "remove the model from corral.toml")
 
 

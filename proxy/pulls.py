@@ -83,6 +83,14 @@ async def register(scheduler: Scheduler, model: ModelConfig) -> None:
                                                 model])
 
 
+async def delete(scheduler: Scheduler, model: ModelConfig) -> None:
+    """Ollama's delete of a pulled model: no longer offered (its instances drain), its
+    files removed from Corral's cache."""
+    await scheduler.set_dynamic_models(
+        SOURCE, [m for m in scheduler.dynamic_models(SOURCE) if m.name != model.name])
+    await asyncio.to_thread(pull.remove_files, model, scheduler.config.models)
+
+
 async def run_pull(app: web.Application, name: str, make_plan: Callable[[], pull.Plan],
                    base: ModelConfig | None) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Ollama's status lines for one pull (one at a time per name); the model is

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,6 +312,31 @@ def model_for(p: Plan) -> ModelConfig:
         name=p.name, hf_repo=p.repo, hf_file=first.name, hf_revision=first.commit,
         mmproj=p.mmproj.name if p.mmproj else None, origin="pulled",
     )
+
+
+def remove_files(model: ModelConfig, others: Iterable[ModelConfig] = ()) -> None:
+    """Blocking: a pulled model's files (snapshot links and the blobs they point at;
+    every part of a split model, the projector) out of Corral's cache, but those that
+    ``others`` (the models still offered) use."""
+    if model.hf_repo is None or model.hf_file is None or model.hf_revision is None:
+        return
+    used = {(o.hf_repo, f) for o in others for f in (o.hf_file, o.mmproj) if f}
+    snap = _repo_dir(model.hf_repo) / "snapshots" / model.hf_revision
+    names = [model.hf_file, *([model.mmproj] if model.mmproj else [])]
+    m = SPLIT_RE.match(Path(model.hf_file).name)
+    if m is not None:
+        names += [str(Path(model.hf_file).parent / Path(p.name)) for p in
+                  (snap / model.hf_file).parent.glob(f"{m.group('stem')}-*-of-"
+                                                      f"{m.group('count')}.gguf")]
+    for name in dict.fromkeys(names):
+        if (model.hf_repo, name) in used:
+            continue
+        link = snap / name
+        with contextlib.suppress(OSError):
+            blob = link.resolve()
+            link.unlink()
+            if blob.is_relative_to(_repo_dir(model.hf_repo)):
+                blob.unlink()
 
 
 Status = dict[str, object]

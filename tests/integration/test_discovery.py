@@ -84,6 +84,8 @@ async def test_origin_projector_problems_and_configured_models_win(ports: Any) -
     models = {m["id"]: m for m in (await (await ports.openai.get("/v1/models")).json())["data"]}
     assert "vision" in models["smolvlm-q4_k_m"]["capabilities"]
     assert "vision" not in models["big-q8_0"]["capabilities"]
+    r = await ports.ollama.delete("/api/delete", json={"model": "big-q8_0"})
+    assert r.status == 501 and "scanned directory" in (await r.json())["error"]
 
 
 async def test_chat_through_a_scanned_model_then_its_file_vanishes(

@@ -108,6 +108,28 @@ async def test_pull_streams_progress_and_the_model_is_served(
     assert hub.downloads == before
 
 
+async def test_delete_a_pulled_model(hub: FakeHub, corral_ports: Any, tmp_path: Path) -> None:
+    ports = await corral_ports(make_config(tmp_path, [{"name": "mine"}]))
+    for name in (f"hf.co/{REPO}:Q4_K_M", f"hf.co/{REPO}:Tiny-Q4_K_M.gguf", f"hf.co/{REPO}:Q8_0"):
+        r = await ports.ollama.post("/api/pull", json={"model": name, "stream": False})
+        assert r.status == 200
+    snap = tmp_path / "cache" / "models" / "huggingface" / "models--org--Tiny-GGUF"
+    r = await ports.ollama.delete("/api/delete", json={"model": f"hf.co/{REPO}:Q8_0"})
+    assert r.status == 200
+    names = ports.openai.app[SCHEDULER].names()
+    assert f"hf.co/{REPO}:Q8_0" not in names and f"hf.co/{REPO}:Q4_K_M" in names
+    assert not list(snap.rglob("Tiny-Q8_0.gguf"))
+    # The projector is still used by the Q4_K_M model: it stays, as does the file
+    # two names share until both are deleted.
+    assert list(snap.rglob("mmproj-Tiny-f16.gguf"))
+    r = await ports.ollama.delete("/api/delete", json={"model": f"hf.co/{REPO}:Q4_K_M"})
+    assert r.status == 200
+    assert (await asyncio.to_thread(
+        lambda: (next(snap.rglob("Tiny-Q4_K_M.gguf"))).read_bytes()))[:4] == b"GGUF"
+    r = await ports.ollama.delete("/api/delete", json={"model": "mine"})
+    assert r.status == 501 and "corral.toml" in (await r.json())["error"]
+
+
 async def test_a_broken_download_resumes_with_a_range_request(
         hub: FakeHub, corral_ports: Any, tmp_path: Path, ggufs: dict[str, bytes]) -> None:
     ports = await corral_ports(make_config(tmp_path, []))
