@@ -1,7 +1,8 @@
 """Ollama's store: ``manifests/{host}/{namespace}/{model}/{tag}`` (JSON, an OCI
 manifest) whose layers name ``blobs/sha256-{hex}`` files.
 
-Models are named as ``ollama list`` shows them: ``gemma3:270m`` for the library,
+Models are named as ``ollama list`` shows them (a ``latest`` tag left off, which the
+Ollama port adds back): ``gemma3:270m`` for the library,
 ``{namespace}/{model}:{tag}`` for another namespace, ``{host}/{namespace}/{model}:{tag}``
 for another registry (``hf.co/{user}/{repo}:{quant}`` among them). The model layer is
 a GGUF; a projector layer becomes ``mmproj``, adapter layers ``lora``.
@@ -31,7 +32,9 @@ def ollama_name(parts: tuple[str, ...]) -> str:
         base = model if namespace == "library" else f"{namespace}/{model}"
     else:
         base = f"{host}/{namespace}/{model}"
-    return f"{base}:{tag}"
+    # "x:latest" is named "x": listed as "x:latest" on the Ollama port (every listed
+    # name carries a tag there) and reached by both, as in Ollama.
+    return base if tag == "latest" else f"{base}:{tag}"
 
 
 def walk_store(store: Path, w: Walk, root: Path | None = None) -> None:

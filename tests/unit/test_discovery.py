@@ -164,7 +164,7 @@ def test_ollama_store(tmp_path: Path) -> None:
     assert sorted(models) == ["gemma3:270m", "hf.co/bartowski/Qwen2-GGUF:Q4_K_M"]
     assert models["hf.co/bartowski/Qwen2-GGUF:Q4_K_M"].mmproj is not None
     assert models["gemma3:270m"].origin == "scan:ollama"
-    assert any("'gone:latest': its model blob is missing" in p for p in out["problems"])  # type: ignore[attr-defined]
+    assert any("'gone': its model blob is missing" in p for p in out["problems"])  # type: ignore[attr-defined]
 
 
 def test_names() -> None:
@@ -173,7 +173,7 @@ def test_names() -> None:
     assert quant_of("model-f16.gguf") == "F16"
     assert quant_of("model.gguf") is None
     assert ollama_name(("registry.ollama.ai", "library", "llama3", "8b")) == "llama3:8b"
-    assert ollama_name(("registry.ollama.ai", "me", "x", "latest")) == "me/x:latest"
+    assert ollama_name(("registry.ollama.ai", "me", "x", "latest")) == "me/x"
 
 
 def test_thousands_of_files_scan_fast_the_second_time(tmp_path: Path) -> None:
@@ -297,3 +297,33 @@ def test_embedding_and_reranking_models_are_launched_as_such(tmp_path: Path) -> 
     assert models["nomic-embed"].embedding and models["qwen3-embed"].embedding
     assert models["bge-reranker"].rerank and not models["bge-reranker"].embedding
     assert not models["chat"].embedding and not models["chat"].rerank
+
+
+def test_the_same_file_in_every_layout_keeps_distinct_names(tmp_path: Path) -> None:
+    """Copies of one model as a plain file, in an HF cache and in an LM Studio tree:
+    the plain file keeps its bare name, the others are named by their folder and keep
+    their layout's alias."""
+    src = write_gguf(tmp_path / "src" / "gemma-3-270m-q4_k_m.gguf", "Gemma")
+    root = tmp_path / "DIR"
+    root.mkdir()
+    os.link(src, root / "gemma-3-270m-q4_k_m.gguf")
+    repo = root / "models--google--gemma-GGUF"
+    blob = repo / "blobs" / ("a" * 64)
+    blob.parent.mkdir(parents=True)
+    os.link(src, blob)
+    snap = repo / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (snap / "gemma-3-270m-q4_k_m.gguf").symlink_to(os.path.relpath(blob, snap))
+    lms = root / "lmstudio" / "google" / "gemma-GGUF"
+    lms.mkdir(parents=True)
+    os.link(src, lms / "gemma-3-270m-q4_k_m.gguf")
+    ollama_store(root / "ollama", ("registry.ollama.ai", "library", "gemma3", "latest"), src)
+    models = found(root)["models"]
+    assert isinstance(models, dict)
+    assert sorted(models) == ["gemma-3-270m-q4_k_m", "gemma3",
+                              "google/gemma-gguf/gemma-3-270m-q4_k_m",
+                              "lmstudio/google/gemma-gguf/gemma-3-270m-q4_k_m"]
+    assert models["google/gemma-gguf/gemma-3-270m-q4_k_m"].aliases == (
+        "hf.co/google/gemma-GGUF:Q4_K_M",)
+    assert models["lmstudio/google/gemma-gguf/gemma-3-270m-q4_k_m"].aliases == (
+        "google/gemma-gguf",)
