@@ -25,6 +25,9 @@ from scheduler.scheduler import Scheduler
 
 SOURCE = "pulled"
 
+How = tuple[Callable[[], pull.Plan], ModelConfig | None]
+
+
 @contextlib.asynccontextmanager
 async def _discovery(app: web.Application) -> AsyncIterator[None]:
     found = Discovery(app[SCHEDULER])
@@ -44,16 +47,16 @@ def discovery_ctx(app: web.Application) -> contextlib.AbstractAsyncContextManage
     return _discovery(app)
 
 
-def downloadable(scheduler: Scheduler, name: str) -> tuple[Callable[[], pull.Plan],
-                                                          ModelConfig | None] | None:
-    """How to pull ``name``: a configured hf_repo model (its own files), else an
-    ``hf.co/...`` reference; None when there is nothing to download."""
+def downloadable(scheduler: Scheduler, name: str) -> How | None:
+    """How to pull ``name`` (the plan, and the configured model it serves, if any): a
+    configured hf_repo model's own files, else an ``hf.co/...`` reference; None when
+    there is nothing to download."""
     try:
         cfg: ModelConfig | None = scheduler.resolve(name)
     except UnknownModel:
         cfg = None
     if cfg is None:
-        return _ref_plan(name, None)
+        return _ref_plan(name)
     if cfg.origin != "config" or cfg.hf_repo is None or cfg.hf_file is None:
         # A file here already (scanned, pulled, a path or a package): "pulling" it
         # means making sure it loads, as for Ollama a model it has.
@@ -62,12 +65,11 @@ def downloadable(scheduler: Scheduler, name: str) -> tuple[Callable[[], pull.Pla
     return (lambda: pull.plan(repo, None, revision=rev, hf_file=file, mmproj=mm)), cfg
 
 
-def _ref_plan(name: str, base: ModelConfig | None) -> tuple[Callable[[], pull.Plan],
-                                                             ModelConfig | None] | None:
+def _ref_plan(name: str) -> How | None:
     ref = pull.parse_ref(name)
     if ref is None:
         return None
-    return (lambda: pull.plan(ref.repo, ref.tag)), base
+    return (lambda: pull.plan(ref.repo, ref.tag)), None
 
 
 async def register(scheduler: Scheduler, model: ModelConfig) -> None:
@@ -116,8 +118,8 @@ async def _pull_lines(app: web.Application, name: str, make_plan: Callable[[], p
             yield [item]
 
 
-async def respond(request: web.Request, name: str, how: tuple[Callable[[], pull.Plan],
-                  ModelConfig | None], stream: bool) -> web.StreamResponse:
+async def respond(request: web.Request, name: str, how: How, stream: bool
+                  ) -> web.StreamResponse:
     lines = run_pull(request.app, name, *how)
     if stream:
         return await write_stream(request, lines, ndjson=True)
@@ -133,7 +135,7 @@ async def ensure(app: web.Application, name: str) -> None:
     scheduler = app[SCHEDULER]
     if not scheduler.config.scheduler.auto_pull or name in scheduler.names():
         return
-    how = _ref_plan(name, None)
+    how = _ref_plan(name)
     if how is None or PULL_LOCKS not in app:
         return
     async with app[PULL_LOCKS].setdefault(name, asyncio.Lock()):
