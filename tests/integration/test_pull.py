@@ -303,11 +303,12 @@ async def test_images_to_a_model_without_projector_are_a_400_in_each_dialect(
     r = await ports.ollama.post("/api/generate", json={"model": "text", "prompt": "what?",
                                                        "images": [IMAGE]})
     assert r.status == 400
-    r = await ports.openai.post("/v1/messages", json={
+    anthropic = {
         "model": "text", "max_tokens": 8, "messages": [{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": IMAGE}},
-            {"type": "text", "text": "what?"}]}]})
+            {"type": "text", "text": "what?"}]}]}
+    r = await ports.openai.post("/v1/messages", json=anthropic)
     assert r.status == 400
     body = await r.json()
     assert body["type"] == "error" and "cannot serve vision" in body["error"]["message"]
@@ -323,6 +324,13 @@ async def test_images_to_a_model_without_projector_are_a_400_in_each_dialect(
                                                                  "content": "what?",
                                                                  "images": [IMAGE]}]})
     assert r.status == 200
+    r = await ports.openai.post("/v1/messages", json={**anthropic, "model": "eyes"})
+    assert r.status == 200
+    # The image reached the upstream as sent.
+    inst = ports.openai.app[SCHEDULER].instances()[0]
+    async with aiohttp.ClientSession() as s, s.get(inst.base_url + "/fake/requests") as rq:
+        sent = [q for q in await rq.json() if q["path"] == "/v1/messages"]
+    assert sent[-1]["body"]["messages"][0]["content"][0]["source"]["data"] == IMAGE
     models = (await (await ports.openai.get("/v1/models")).json())["data"]
     assert "vision" in next(m for m in models if m["id"] == "eyes")["capabilities"]
 
