@@ -141,4 +141,4 @@ def scan_report(cfg: CorralConfig, out: TextIO) -> None:
     names = ", ".join(m.name for m in result.models) or "none"
     print(f"scan: {len(result.models)} model(s) found: {names}", file=out)
     for p in result.problems:
-        print(f"scan: skipped: {p}", file=out)
+        print(f"scan: {p}", file=out)
