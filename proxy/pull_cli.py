@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import sys
 import urllib.error
@@ -80,9 +81,12 @@ def _remote_lines(url: str, name: str, key: str | None) -> Iterator[dict[str, An
             yield {"error": f"HTTP {e.code}: {body}"}
         return
     with resp:
-        for raw in resp:
-            if raw.strip():
-                yield json.loads(raw)
+        try:
+            for raw in resp:
+                if raw.strip():
+                    yield json.loads(raw)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            yield {"error": f"the answer from Corral broke off: {e}"}
 
 
 def _local_lines(cfg: CorralConfig, name: str) -> Iterator[dict[str, Any]]:
@@ -100,19 +104,25 @@ def _local_lines(cfg: CorralConfig, name: str) -> Iterator[dict[str, Any]]:
         yield {"error": f"{name!r} is neither hf.co/{{user}}/{{repo}}[:quant] nor a "
                         "configured hf_repo model"}
         return
-    queue: list[dict[str, Any]] = []
-
-    async def run() -> None:
-        async for item in pull.steps(make):
-            if isinstance(item, dict):
-                queue.append(item)
-
+    # No server to stream to: drive the pull's steps one by one on a loop of our own,
+    # so that each status line is drawn as it happens.
+    loop = asyncio.new_event_loop()
+    steps = pull.steps(make)
     try:
-        asyncio.run(run())
-    except CorralError as e:
-        queue.append({"error": e.message})
-    # A local pull has no listener to stream to; its lines are shown when it ends.
-    yield from queue
+        while True:
+            try:
+                item = loop.run_until_complete(anext(steps))
+            except StopAsyncIteration:
+                break
+            except CorralError as e:
+                yield {"error": e.message}
+                break
+            if isinstance(item, dict):
+                yield item
+    finally:
+        loop.run_until_complete(steps.aclose())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
 
 def cmd_pull(args: argparse.Namespace, cfg: CorralConfig) -> int:
