@@ -140,8 +140,10 @@ def test_scan_one_directory_of_every_layout(
 @pytest.fixture
 def hub(gemma: Path) -> Iterator[str]:
     """The fake Hub on a loopback port of its own thread, serving Gemma."""
-    fake = FakeHub({"google/gemma-3-270m-GGUF/gemma-3-270m-Q4_K_M.gguf": gemma.read_bytes(),
-                    "google/gemma-3-270m-GGUF/README.md": b"# a repo"})
+    data = gemma.read_bytes()
+    fake = FakeHub({"google/gemma-3-270m-GGUF/gemma-3-270m-Q4_K_M.gguf": data,
+                    "google/gemma-3-270m-GGUF/README.md": b"# a repo",
+                    "google/gemma-auto-GGUF/gemma-auto-Q4_K_M.gguf": data})
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(fake.app)
     loop.run_until_complete(runner.setup())
@@ -162,7 +164,7 @@ def test_pull_from_the_hub_then_chat(
         monkeypatch: pytest.MonkeyPatch, gemma: Path) -> None:
     monkeypatch.setenv("HF_ENDPOINT", hub)
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
-    c = corral("")
+    c = corral("", scheduler="auto_pull = true")
     ollama_url = f"http://127.0.0.1:{c.ollama_port}"
     lines = []
     with httpx.stream("POST", ollama_url + "/api/pull", timeout=120,
@@ -194,6 +196,12 @@ def test_pull_from_the_hub_then_chat(
     assert f"pulling {digest[:12]} 100% |" in out.stderr
     assert out.stderr.rstrip().endswith("success")
     assert by_file in {m["id"] for m in httpx.get(c.url + "/v1/models").json()["data"]}
+    # auto_pull: a chat naming a model nobody pulled yet downloads it, then answers.
+    r = httpx.post(c.url + "/v1/chat/completions", timeout=180, json={
+        "model": "hf.co/google/gemma-auto-GGUF", "messages": HELLO, "max_tokens": 4,
+        "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
 
 
 def write_lora(gemma: Path, path: Path, rank: int = 4) -> Path:
