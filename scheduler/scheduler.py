@@ -47,7 +47,7 @@ from scheduler.launcher import build_spec
 from scheduler.queueing import FairQueue
 from scheduler.remote import Remote
 from scheduler.slotcache import SAVE_REASONS, SlotCache
-from scheduler.sources import ModelFiles, model_placement
+from scheduler.sources import ModelFiles, model_placement, with_local_files
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
@@ -838,7 +838,9 @@ class Scheduler:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
-        spec = build_spec(self._cfg, m.cfg, self._binary, model_file)
+        # A projector named in the model's Hugging Face repo is downloaded here.
+        launch_cfg = await asyncio.to_thread(with_local_files, m.cfg)
+        spec = build_spec(self._cfg, launch_cfg, self._binary, model_file)
         return await self.slots.launch_spec(spec, m.cfg, model_file)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
@@ -968,6 +970,7 @@ class Scheduler:
                 {
                     "name": m.cfg.name,
                     "aliases": list(m.cfg.aliases),
+                    "origin": m.cfg.origin,
                     "state": state,
                     "queued": len(m.queue),
                     "instances": [i.describe() for i in m.servables()],

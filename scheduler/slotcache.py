@@ -72,7 +72,7 @@ _SERVED_ENTRIES = 1024
 # Keys of a model's config that change what a saved slot means or whether it fits.
 _LAUNCH_KEYS = frozenset({
     "path", "package", "hf_repo", "hf_file", "hf_revision", "ctx_size", "parallel",
-    "n_gpu_layers", "args", "embedding", "rerank", "chat_template",
+    "n_gpu_layers", "args", "embedding", "rerank", "chat_template", "mmproj", "lora",
 })
 
 
