@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import body as bodies
-from proxy import jsonc, lmstudio_chat, lmstudio_sdk, openai, routes, translate, upstream, usage
+from proxy import jsonc, lmstudio_chat, lmstudio_sdk, openai, routes, translate, upstream
 from proxy import vision as images
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import (
@@ -146,8 +146,6 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
             return await write_stream(request, _v0_chunks(batches, info), ndjson=False,
                                       client=client)
         body = jsonc.loads(await resp.read())
-        if client.count_tokens:
-            client.tokens = usage.tokens_of(body.get("usage"), body.get("timings"))
         body["stats"] = translate.lmstudio_stats(body.get("timings"), _finish_reason(body))
         body["model_info"] = info
         body["runtime"] = runtime(body.get("system_fingerprint"))

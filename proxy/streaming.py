@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import reqlog, usage
+from proxy import reqlog
 from proxy.errors import render, stream_error_event
 from proxy.keys import SCHEDULER
 from proxy.metrics import MODEL_HEADER
@@ -64,8 +64,6 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     if not sse and length is not None and length <= _WHOLE_BODY_LIMIT:
         body = await resp.read()
         client.answered = True
-        if client.count_tokens:
-            client.tokens = usage.tokens_in(body)
         return web.Response(
             status=resp.status,
             body=body,
@@ -89,7 +87,7 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     assert client.request is not None, "relay answers an HTTP request"
     await out.prepare(client.request)
     await out.write(first)
-    await _pump(out, up, resp, client, sse, first)
+    await _pump(out, up, resp, client, sse)
     return out
 
 
@@ -109,21 +107,17 @@ async def _relay_into(
         # Time to first token is the answer's, not the loading feedback's.
         info.first_byte = time.perf_counter()
     await out.write(first)
-    await _pump(out, up, resp, client, True, first)
+    await _pump(out, up, resp, client, True)
     return out
 
 
 async def _pump(
     out: web.StreamResponse, up: Upstream, resp: aiohttp.ClientResponse, client: Client,
-    sse: bool, first: bytes = b"",
+    sse: bool,
 ) -> None:
-    # The last two reads: usage and timings ride on the stream's last event, which
-    # may arrive split across them ("[DONE]" may come on its own).
-    prev, last = b"", first
     try:
         async for chunk in resp.content.iter_any():
             await out.write(chunk)
-            prev, last = last, chunk
     except _UPSTREAM_BROKE as e:
         log.warning("instance %s broke mid-stream: %s", up.instance_id, e or type(e).__name__)
         if isinstance(e, TimeoutError) and client.request is not None:
@@ -133,8 +127,6 @@ async def _pump(
                                  f"{'timed out' if isinstance(e, TimeoutError) else e}")
             await out.write(stream_error_event(err, client.family))
         return
-    if client.count_tokens:
-        client.tokens = usage.tokens_in(prev[-usage.TAIL:] + last)
     await out.write_eof()
 
 
@@ -236,12 +228,8 @@ async def upstream_batches(
     resp: aiohttp.ClientResponse, instance_id: str
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """``sse_event_batches``, with a broken upstream connection raised as UpstreamFailed."""
-    counting = usage.COUNTING.get() is not None
     try:
         async for batch in sse_event_batches(resp):
-            if counting:
-                for event in batch:
-                    usage.note_event(event)
             yield batch
     except _UPSTREAM_BROKE as e:
         kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed

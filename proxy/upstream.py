@@ -74,10 +74,6 @@ class Client:
     response: web.StreamResponse | None = None
     # Bytes of the answer have gone out: a failure can no longer be resent.
     answered: bool = False
-    # Set when the caller's key is counted: the consumer then puts the tokens the
-    # answer reports (proxy.usage) in ``tokens``, charged to the key after the call.
-    count_tokens: bool = False
-    tokens: int = 0
 
 
 Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
@@ -126,12 +122,9 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
         return await _attempts(scheduler, session, client, spec, consume, None)
     # Once per call, before it queues (a resend is the same call): RateLimited, a 429.
     scheduler.tenants.admit(key)
-    client.count_tokens = True
-    counting = usage.COUNTING.set(client)
     try:
         return await _attempts(scheduler, session, client, spec, consume, key)
     finally:
-        usage.COUNTING.reset(counting)
         scheduler.tenants.release(key)
 
 
@@ -145,10 +138,13 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
             cfg = scheduler.resolve(up.model)
             try:
                 resp = await _send(session, up, spec, cfg)
+                # A counted key's tokens are read off the answer's end as the consumer
+                # reads it, whatever the dialect (proxy/usage.py).
+                tap = usage.Tap(resp) if key is not None else None
                 try:
                     result = await consume(up, resp, client)
-                    if key is not None:
-                        scheduler.tenants.charge(key, client.tokens)
+                    if key is not None and tap is not None:
+                        scheduler.tenants.charge(key, tap.tokens())
                     return result
                 except BaseException:
                     # An unread stream must end at the server, which then stops
@@ -156,6 +152,8 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
                     resp.close()
                     raise
                 finally:
+                    if tap is not None:
+                        tap.untap()
                     resp.release()
             except (*BROKE, UpstreamFailed) as e:
                 reason = _describe(e)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.usage import tokens_in, tokens_of
+from proxy.usage import tokens_in
 from scheduler.config import CorralConfig, ModelConfig
 from scheduler.slotcache import (
     config_digest,
@@ -104,10 +104,3 @@ def test_model_prefixes_are_distinct_and_safe() -> None:
 )
 def test_tokens_in_an_answers_tail(tail: bytes, tokens: int) -> None:
     assert tokens_in(tail) == tokens
-
-
-def test_tokens_of_parsed_objects() -> None:
-    assert tokens_of({"prompt_tokens": 3, "completion_tokens": 2}, None) == 5
-    assert tokens_of(None, {"prompt_n": 3, "cache_n": 10, "predicted_n": 2}) == 15
-    assert tokens_of({"input_tokens": 1, "output_tokens": 1}, {"prompt_n": 9}) == 2
-    assert tokens_of("junk", ["junk"]) == 0
