@@ -243,11 +243,17 @@ async def test_tokens_are_counted_on_the_translated_paths_too(
     assert resp.status == 200
     await resp.read()
     assert tenants.usage["bob"].tokens_total == 42
+    # LM Studio's REST v1 chat (its own SSE events): 6 + 2 tokens.
+    resp = await ports.lmstudio.post("/api/v1/chat", headers=auth(BOB), json={
+        "model": "small", "input": "hello there", "max_output_tokens": 2})
+    assert resp.status == 200
+    await resp.read()
+    assert tenants.usage["bob"].tokens_total == 42 + 8
     # Anthropic Messages through the pass-through: its usage names input/output tokens.
     resp = await ports.openai.post("/v1/messages", headers=auth(BOB), json={
         "model": "small", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert resp.status == 200
-    assert tenants.usage["bob"].tokens_total > 42
+    assert tenants.usage["bob"].tokens_total > 50
 
 
 async def test_lmstudio_sdk_socket_carries_the_keys_scope(
