@@ -21,6 +21,7 @@ from aiohttp import web
 from proxy import body as bodies
 from proxy import jsonc, multipart, upstream
 from proxy.errors import ROUTE_DIALECT, Family, family_dialect
+from proxy.families import bridge as families_bridge
 from proxy.keys import BODY_BUDGET, SCHEDULER
 from proxy.streaming import relay
 from scheduler.capabilities import capabilities
@@ -125,6 +126,11 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 query=request.query_string,
                 feedback=feedback(request, cfg, route.family, head.streaming),
             )
+            bridge = families_bridge.of(route.family, request.path, body)
+            if bridge is not None:
+                # Translated to chat for an upstream that lacks the family.
+                spec, consume = bridge.wrap(spec)
+                return await upstream.answer(request, route.family, spec, consume)
             return await upstream.answer(request, route.family, spec, relay)
 
     return handle

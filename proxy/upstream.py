@@ -96,6 +96,9 @@ class Call:
     replayable: bool = True
     # Loading feedback for a stream that waits: None, "comments" or "visible".
     feedback: Literal["comments", "visible"] | None = None
+    # The call to send instead to the upstream leased for an attempt (None: this one):
+    # a family the upstream lacks goes as a translated chat call (proxy.families).
+    via: Callable[[Upstream], Call | None] | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,7 +126,8 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
             note_model(up.model)
             cfg = scheduler.resolve(up.model)
             try:
-                resp = await _send(session, up, spec, cfg)
+                sent = spec.via(up) if spec.via is not None else None
+                resp = await _send(session, up, sent or spec, cfg)
                 try:
                     return await consume(up, resp, client)
                 except BaseException:

@@ -37,6 +37,13 @@ Capability = Literal[
     "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
 ]
 
+# The API families an upstream speaks natively. A client's family that its upstream
+# lacks is translated to chat completions and back (proxy/families/).
+UpstreamApi = Literal[
+    "chat", "completions", "embeddings", "responses", "messages", "rerank",
+    "transcriptions", "native",
+]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -237,6 +244,10 @@ class ModelConfig(_Strict):
     rerank: bool = Field(False, description="a reranking model (llama-server --rerank)")
     capabilities: tuple[Capability, ...] | None = Field(
         None, description="what the model serves; default: derived from its GGUF and flags"
+    )
+    api: tuple[UpstreamApi, ...] | None = Field(
+        None, description="API families its upstreams speak natively (others are translated "
+        "to chat); default: everything llama-server speaks"
     )
     loading_feedback: Literal["comments", "visible", "off"] = Field(
         "comments", description="what a stream shows while its model loads or queues"

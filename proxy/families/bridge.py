@@ -1,0 +1,220 @@
+"""Where a route's family meets an upstream that may not speak it.
+
+A model-routed call of the Anthropic Messages or Responses family is decided per
+leased upstream (a fallback or a remote may differ from the first choice): when the
+upstream speaks the family (``Upstream.apis`` is None or names it), the call is the
+pass-through, byte for byte. Otherwise its body is translated to chat completions,
+sent to ``/v1/chat/completions`` through the same call path (lease, time limits,
+resends, loading feedback), and the answer translated back, streamed as it comes.
+
+Token counting has no chat equivalent every server has, so ``count_tokens`` and
+``input_tokens`` become a chat call with ``max_tokens: 1`` whose usage gives the prompt
+tokens: the chat template and the tools are counted as the model sees them, on any
+chat upstream, for the price of one generated token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy import jsonc, reqlog, upstream
+from proxy.errors import Family, render, stream_error_event
+from proxy.families import Event, anthropic_chat, responses_chat
+from proxy.families.chat import choice
+from proxy.metrics import MODEL_HEADER
+from proxy.streaming import is_event_stream, relay, upstream_batches
+from proxy.translate import upstream_error_body
+from proxy.upstream import Client
+from scheduler.errors import BadRequest, CorralError, UpstreamFailed
+from scheduler.scheduler import Upstream
+
+CHAT_PATH = "/v1/chat/completions"
+# Tells a client (and a test) that its answer was translated from chat completions.
+TRANSLATED_HEADER = "X-Corral-Translated"
+
+# The upstream API (scheduler.config.UpstreamApi) a family needs, and its translator.
+_FAMILIES: dict[str, tuple[str, ModuleType, str]] = {
+    "anthropic": ("messages", anthropic_chat, "Anthropic Messages"),
+    "responses": ("responses", responses_chat, "OpenAI Responses"),
+}
+
+
+def translates(apis: frozenset[str] | None, api: str) -> bool:
+    """Whether a call of upstream API ``api`` must be translated for these ``apis``."""
+    return apis is not None and api not in apis
+
+
+class Bridge:
+    """One call of a translatable family: the body to send to each upstream, and the
+    consumer that answers the client."""
+
+    def __init__(self, family: Family, path: str, body: bytes | bytearray) -> None:
+        self.family = family
+        self.api, self._pair, self._name = _FAMILIES[family]
+        self.count = path.endswith(("/count_tokens", "/input_tokens"))
+        self._body = body
+        self._chat: dict[str, Any] | None = None
+        self._ask: Any = None
+
+    def wrap(self, spec: upstream.Call) -> tuple[upstream.Call, upstream.Consume[
+            web.StreamResponse]]:
+        return dataclasses.replace(spec, via=self.via), self.consume
+
+    def via(self, up: Upstream) -> upstream.Call | None:
+        """The call to send to ``up``: None for the pass-through."""
+        if not translates(up.apis, self.api):
+            return None
+        assert up.apis is not None
+        if "chat" not in up.apis:
+            raise BadRequest(
+                f"model '{up.model}' speaks neither {self._name} nor chat completions "
+                f"(api = {sorted(up.apis)}), so a {self._name} call cannot be translated")
+        if self._chat is None:
+            # Translated once; a resend to another upstream reuses it.
+            parsed = jsonc.loads_object(self._body)
+            self._ask = self._pair.asked(parsed)
+            self._chat = (self._pair.count_request(parsed) if self.count
+                          else self._pair.request(parsed))
+        return upstream.Call(model=up.model, path=CHAT_PATH, payload=self._chat)
+
+    async def consume(self, up: Upstream, resp: aiohttp.ClientResponse,
+                      client: Client) -> web.StreamResponse:
+        if not translates(up.apis, self.api):
+            return await relay(up, resp, client)
+        if resp.status >= 400:
+            return await self._error(up, upstream_error_body(resp.status, await resp.read()),
+                                     client)
+        if self._ask.stream and not self.count:
+            return await self._stream(up, resp, client)
+        answer = jsonc.loads(await resp.read())
+        if not isinstance(answer, dict):
+            raise UpstreamFailed(f"model '{up.model}': the chat answer is not a JSON object")
+        out = (self._pair.count_response(answer) if self.count
+               else self._pair.response(answer, self._ask))
+        client.answered = True
+        return web.Response(body=jsonc.dumps(out), content_type="application/json",
+                            headers={MODEL_HEADER: up.model, TRANSLATED_HEADER: "chat"})
+
+    async def _error(self, up: Upstream, err: CorralError,
+                     client: Client) -> web.StreamResponse:
+        client.answered = True
+        if client.response is not None:
+            # Loading feedback has sent the status line: the error is the last event.
+            await client.response.write(stream_error_event(err, self.family))
+            await client.response.write_eof()
+            return client.response
+        answer = render(err, "anthropic" if self.family == "anthropic" else "openai")
+        answer.headers[MODEL_HEADER] = up.model
+        answer.headers[TRANSLATED_HEADER] = "chat"
+        del answer.headers["X-Corral-Error"]  # the upstream's error, not Corral's
+        return answer
+
+    async def _stream(self, up: Upstream, resp: aiohttp.ClientResponse,
+                      client: Client) -> web.StreamResponse:
+        machine = self._pair.Stream(self._ask)
+        out = client.response
+        started = False
+        if not is_event_stream(resp):
+            # A server that answered whole although asked to stream.
+            batches: Any = _once([_as_chunk(jsonc.loads(await resp.read()))])
+        else:
+            batches = upstream_batches(resp, up.instance_id)
+        async with contextlib.aclosing(batches):
+            try:
+                async for batch in batches:
+                    events: list[Event] = []
+                    failed: CorralError | None = None
+                    for chunk in batch:
+                        if "error" in chunk:
+                            failed = upstream_error_body(502, jsonc.dumps(chunk))
+                            break
+                        if not started:
+                            events += machine.start(chunk)
+                            started = True
+                        events += machine.feed(chunk)
+                    if out is None:
+                        if failed is not None:
+                            # Nothing sent yet: an ordinary error answer.
+                            return await self._error(up, failed, client)
+                        out = await self._prepare(up, client)
+                    if not client.answered:
+                        _first_byte()
+                    client.answered = True
+                    data = _encode(events)
+                    if failed is not None:
+                        await out.write(data + stream_error_event(failed, self.family))
+                        await out.write_eof()
+                        return out
+                    if data:
+                        await out.write(data)
+            except CorralError as e:
+                if not client.answered or out is None:
+                    raise  # nothing sent: the call may be resent
+                await out.write(stream_error_event(e, self.family))
+                await out.write_eof()
+                return out
+        if out is None:
+            out = await self._prepare(up, client)
+        client.answered = True
+        events = [] if started else machine.start({})
+        await out.write(_encode(events + machine.finish()))
+        await out.write_eof()
+        return out
+
+    async def _prepare(self, up: Upstream, client: Client) -> web.StreamResponse:
+        out = web.StreamResponse(headers={
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", MODEL_HEADER: up.model,
+            TRANSLATED_HEADER: "chat"})
+        out.content_type = "text/event-stream"
+        assert client.request is not None, "a translated stream answers an HTTP request"
+        client.answered = True
+        await out.prepare(client.request)
+        return out
+
+
+def of(family: Family, path: str, body: bytes | bytearray | None) -> Bridge | None:
+    """The bridge of a route's call; None for a family that is never translated."""
+    if family not in _FAMILIES or body is None:
+        return None
+    return Bridge(family, path, body)
+
+
+def _first_byte() -> None:
+    # Loading feedback sent bytes already: time to first token is the answer's.
+    info = reqlog.current()
+    if info is not None:
+        info.first_byte = time.perf_counter()
+
+
+def _encode(events: list[Event]) -> bytes:
+    return b"".join(
+        (b"event: " + name.encode() + b"\n" if name else b"") + b"data: " + jsonc.dumps(data)
+        + b"\n\n"
+        for name, data in events)
+
+
+async def _once(batch: list[dict[str, Any]]) -> Any:
+    yield batch
+
+
+def _as_chunk(answer: Any) -> dict[str, Any]:
+    """A whole chat answer as the one chunk of a stream."""
+    if not isinstance(answer, dict):
+        raise UpstreamFailed("the chat answer is not a JSON object")
+    c = choice(answer)
+    msg = c.get("message") or {}
+    delta = {k: msg[k] for k in ("content", "reasoning_content") if k in msg}
+    calls = msg.get("tool_calls")
+    if isinstance(calls, list):
+        delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(calls)
+                               if isinstance(tc, dict)]
+    return {"id": answer.get("id"), "model": answer.get("model"), "usage": answer.get("usage"),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": c.get("finish_reason")}]}
+
