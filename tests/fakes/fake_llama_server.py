@@ -23,6 +23,8 @@ FAKE_EXIT_AFTER=s          exit with status 1 after s seconds (a crash while idl
 FAKE_TOOL_CALLS=1          a chat request with ``tools`` whose last message is not a tool
                            result is answered with one call of the first tool, with
                            arguments {"a": 2, "b": 3} (finish_reason "tool_calls")
+FAKE_REFUSE=f1,f2          the routes of these API families (messages, responses) answer
+                           404, as on a server that speaks only chat completions
 
 While loading, every route but /health answers that same 503, as llama-server's do.
 

@@ -1,0 +1,214 @@
+"""OpenAI Responses <-> chat completions, table by table: requests, answers, streams,
+and the requests refused with a 400."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.families import responses_chat as rc
+from scheduler.errors import BadRequest
+
+FN = {"type": "function", "name": "add", "description": "Add", "strict": True,
+      "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}
+CHAT_FN = {"type": "function", "function": {
+    "name": "add", "description": "Add", "parameters": FN["parameters"], "strict": True}}
+
+REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("a string input", {"input": "hi", "max_output_tokens": 5},
+     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}),
+    ("instructions and roles", {
+        "instructions": "be brief",
+        "input": [{"role": "developer", "content": "dev"},
+                  {"type": "message", "role": "user",
+                   "content": [{"type": "input_text", "text": "q"}]},
+                  {"role": "assistant", "content": [{"type": "output_text", "text": "a"}]}]},
+     {"messages": [{"role": "system", "content": "be brief"},
+                   {"role": "system", "content": "dev"},
+                   {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}]}),
+    ("an image", {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "what"},
+        {"type": "input_image", "image_url": "data:image/png;base64,QQ==", "detail": "low"}]}]},
+     {"messages": [{"role": "user", "content": [
+         {"type": "text", "text": "what"},
+         {"type": "image_url", "image_url": {"url": "data:image/png;base64,QQ==",
+                                             "detail": "low"}}]}]}),
+    ("function calls and outputs", {"tools": [FN], "tool_choice": "auto", "input": [
+        {"role": "user", "content": "add"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": '{"a":1}'},
+        {"type": "function_call", "call_id": "call_2", "name": "add", "arguments": '{"a":2}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "1"},
+        {"type": "function_call_output", "call_id": "call_2",
+         "output": [{"type": "input_text", "text": "2"}]}]},
+     {"tools": [CHAT_FN], "tool_choice": "auto", "messages": [
+         {"role": "user", "content": "add"},
+         {"role": "assistant", "content": None, "tool_calls": [
+             {"id": "call_1", "type": "function",
+              "function": {"name": "add", "arguments": '{"a":1}'}},
+             {"id": "call_2", "type": "function",
+              "function": {"name": "add", "arguments": '{"a":2}'}}]},
+         {"role": "tool", "tool_call_id": "call_1", "content": "1"},
+         {"role": "tool", "tool_call_id": "call_2", "content": "2"}]}),
+    ("a call after the assistant's text joins its turn", {"input": [
+        {"role": "assistant", "content": "let me see"},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]},
+     {"messages": [{"role": "assistant", "content": "let me see", "tool_calls": [
+         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}),
+    ("named tool choice, json schema, effort, sampling", {
+        "input": "x", "tools": [FN], "tool_choice": {"type": "function", "name": "add"},
+        "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"},
+                            "strict": True}},
+        "reasoning": {"effort": "low"}, "temperature": 0.5, "top_p": 0.8,
+        "parallel_tool_calls": False, "store": False, "metadata": {"k": "v"}},
+     {"messages": [{"role": "user", "content": "x"}], "tools": [CHAT_FN],
+      "tool_choice": {"type": "function", "function": {"name": "add"}},
+      "response_format": {"type": "json_schema", "json_schema": {
+          "name": "s", "schema": {"type": "object"}, "strict": True}},
+      "reasoning_effort": "low", "temperature": 0.5, "top_p": 0.8,
+      "parallel_tool_calls": False}),
+    ("json object, stream", {"input": "x", "text": {"format": {"type": "json_object"}},
+                             "stream": True},
+     {"messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_object"}, "stream": True,
+      "stream_options": {"include_usage": True}}),
+]
+
+
+@pytest.mark.parametrize(("name", "given", "expected"), REQUESTS, ids=[r[0] for r in REQUESTS])
+def test_request(name: str, given: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert rc.request({"model": "m", **given}) == {"model": "m", **expected}
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"model": "m"}, "'input' is required"),
+    ({"model": "m", "input": "x", "previous_response_id": "resp_1"},
+     "'previous_response_id' needs an upstream that stores responses"),
+    ({"model": "m", "input": [{"type": "item_reference", "id": "x"}]},
+     "input[0]: item type 'item_reference'"),
+    ({"model": "m", "input": [{"role": "tool", "content": "x"}]}, "input[0]: 'role'"),
+    ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file"}]}]},
+     "input[0].content[0]: part type 'input_file'"),
+    ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]},
+     "tool type 'web_search' is one of OpenAI's built-in tools"),
+    ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "'tool_choice'"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD)
+def test_bad_request(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(BadRequest) as e:
+        rc.request(body)
+    assert message in e.value.message
+
+
+def test_count_request() -> None:
+    chat = rc.count_request({"model": "m", "input": "hello there", "tools": [FN]})
+    assert chat["max_tokens"] == 1 and chat["tool_choice"] == "none"
+    assert rc.count_response({"usage": {"prompt_tokens": 9}}) == {
+        "object": "response.input_tokens", "input_tokens": 9}
+
+
+ASK = rc.asked({"model": "m", "input": "x", "max_output_tokens": 4})
+
+
+def chat_answer(message: dict[str, Any], finish: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "model": "up", "choices": [
+        {"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 4,
+                  "prompt_tokens_details": {"cached_tokens": 3}}}
+
+
+def test_response_text() -> None:
+    r = rc.response(chat_answer({"content": "hello"}, "stop"), ASK)
+    assert r["id"] == "resp_chatcmpl-1" and r["object"] == "response"
+    assert r["status"] == "completed" and r["incomplete_details"] is None
+    assert r["model"] == "m" and r["max_output_tokens"] == 4 and r["tools"] == []
+    [item] = r["output"]
+    assert item["type"] == "message" and item["role"] == "assistant"
+    assert item["content"][0]["type"] == "output_text" and item["content"][0]["text"] == "hello"
+    assert r["usage"] == {"input_tokens": 10, "output_tokens": 4, "total_tokens": 14,
+                          "input_tokens_details": {"cached_tokens": 3},
+                          "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def test_response_length_is_incomplete() -> None:
+    r = rc.response(chat_answer({"content": "hel"}, "length"), ASK)
+    assert r["status"] == "incomplete"
+    assert r["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_response_reasoning_and_calls() -> None:
+    r = rc.response(chat_answer({"content": None, "reasoning_content": "why", "tool_calls": [
+        {"id": "call_5", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+        "tool_calls"), ASK)
+    assert [o["type"] for o in r["output"]] == ["reasoning", "function_call"]
+    assert r["output"][0]["content"] == [{"type": "reasoning_text", "text": "why"}]
+    assert r["output"][1] == {"type": "function_call", "id": "fc_call_5", "call_id": "call_5",
+                              "name": "add", "arguments": "{}", "status": "completed"}
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
+          usage: dict[str, int] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": "chatcmpl-7", "model": "up",
+                           "choices": [] if delta is None else [
+                               {"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage:
+        out["usage"] = usage
+    return out
+
+
+def run_stream(chunks: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    s = rc.Stream(rc.asked({"model": "m", "input": "x", "stream": True}))
+    events = s.start(chunks[0])
+    for c in chunks:
+        events += s.feed(c)
+    return events + s.finish()
+
+
+def test_stream_text() -> None:
+    events = run_stream([chunk({"role": "assistant"}), chunk({"content": "Hel"}),
+                         chunk({"content": "lo"}), chunk({}, "stop"),
+                         chunk(usage={"prompt_tokens": 3, "completion_tokens": 2})])
+    assert [e for e, _ in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed"]
+    # Every event names itself and counts up.
+    assert all(d["type"] == e for e, d in events)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    created = events[0][1]["response"]
+    assert created["status"] == "in_progress" and created["id"] == "resp_chatcmpl-7"
+    item_id = events[2][1]["item"]["id"]
+    assert all(d["item_id"] == item_id for e, d in events if "output_text" in e)
+    assert events[6][1]["text"] == "Hello"
+    final = events[-1][1]["response"]
+    assert final["status"] == "completed" and final["id"] == created["id"]
+    assert final["output"][0]["content"][0]["text"] == "Hello"
+    assert final["usage"]["total_tokens"] == 5
+
+
+def test_stream_calls_and_length() -> None:
+    events = run_stream([
+        chunk({"content": "ok"}),
+        chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                               "function": {"name": "add", "arguments": '{"a"'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}),
+        chunk({}, "length"),
+    ])
+    kinds = [e for e, _ in events]
+    assert kinds[-1] == "response.incomplete"
+    added = [d["item"] for e, d in events if e == "response.output_item.added"]
+    assert [i["type"] for i in added] == ["message", "function_call"]
+    assert added[1]["call_id"] == "call_a" and added[1]["status"] == "in_progress"
+    deltas = [d["delta"] for e, d in events if e == "response.function_call_arguments.delta"]
+    assert deltas == ['{"a"', ": 1}"]
+    done = [d for e, d in events if e == "response.function_call_arguments.done"]
+    assert done[0]["arguments"] == '{"a": 1}' and done[0]["output_index"] == 1
+    final = events[-1][1]["response"]
+    assert final["status"] == "incomplete"
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert [o["type"] for o in final["output"]] == ["message", "function_call"]
