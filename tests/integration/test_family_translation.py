@@ -1,0 +1,335 @@
+"""The ``anthropic`` and ``openai`` (Responses) clients against a chat-only upstream:
+fake llama-servers that refuse /v1/messages and /v1/responses (404, like an old vLLM),
+declared ``api = ["chat"]``. Streamed and not, a tool-use round trip each, token
+counting, errors in each family's envelope; and the pass-through left untouched for
+an upstream that speaks the family."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from tests.conftest import make_config
+
+REFUSING = {"FAKE_REFUSE": "messages,responses", "FAKE_TOOL_CALLS": "1"}
+MODELS = [
+    {"name": "chat-only", "api": ["chat"], "env": REFUSING},
+    # The same server, not declared: Corral sends the family as it came and relays the
+    # upstream's own 404 (what an undeclared old vLLM would do).
+    {"name": "undeclared", "env": REFUSING},
+    {"name": "native"},
+    {"name": "emb-only", "api": ["embeddings"], "embedding": True,
+     "capabilities": ["chat"]},
+]
+TOOLS = [{"name": "add", "description": "Add two numbers", "input_schema": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}]
+FN_TOOLS = [{"type": "function", "name": "add", "description": "Add two numbers",
+             "parameters": TOOLS[0]["input_schema"]}]
+
+
+@pytest.fixture
+async def ports(corral_ports: Any, tmp_path: Path) -> Any:
+    return await corral_ports(make_config(tmp_path, MODELS))
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Any]]:
+    """SDK clients made by a test, closed after it (their pools hold sockets)."""
+    made: list[Any] = []
+    yield made
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+def claude(clients: list[Any]) -> Callable[[Any], anthropic.AsyncAnthropic]:
+    def make(c: Any) -> anthropic.AsyncAnthropic:
+        client = anthropic.AsyncAnthropic(base_url=str(c.make_url("")), api_key="x",
+                                          max_retries=0)
+        clients.append(client)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def oai(clients: list[Any]) -> Callable[[Any], openai.AsyncOpenAI]:
+    def make(c: Any) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key="x",
+                                    max_retries=0)
+        clients.append(client)
+        return client
+
+    return make
+
+
+async def seen(ports: Any, model: str) -> list[dict[str, Any]]:
+    """What the fake serving ``model`` received, as /fake/requests lists it."""
+    from proxy.keys import SCHEDULER
+
+    scheduler = ports.openai.app[SCHEDULER]
+    out: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession() as s:
+        for inst in scheduler.loaded(model):
+            async with s.get(inst.base_url + "/fake/requests") as r:
+                out += await r.json()
+    return out
+
+
+async def test_messages_translated_on_every_port(ports: Any, claude: Any) -> None:
+    for name, c in (("main", ports.openai), ("ollama", ports.ollama),
+                    ("lmstudio", ports.lmstudio)):
+        client = claude(c)
+        raw = await client.messages.with_raw_response.create(
+            model="chat-only", max_tokens=3, system="be brief",
+            messages=[{"role": "user", "content": "a b c"}])
+        assert raw.headers["X-Corral-Translated"] == "chat", name
+        assert raw.headers["X-Corral-Model"] == "chat-only"
+        msg = await raw.parse()
+        assert msg.type == "message" and msg.role == "assistant", name
+        assert msg.content[0].type == "text" and msg.content[0].text == "a b c"
+        assert msg.stop_reason == "max_tokens" and msg.model == "chat-only"
+        assert msg.usage.output_tokens == 3 and msg.usage.input_tokens > 0
+    calls = await seen(ports, "chat-only")
+    assert {c["path"] for c in calls} == {"/v1/chat/completions"}
+    assert calls[-1]["body"]["messages"] == [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": "a b c"}]
+    assert calls[-1]["body"]["max_tokens"] == 3
+    # Anthropic's headers stay with Anthropic's body: the chat call has none.
+    assert "anthropic-version" not in {k.lower() for k in calls[-1]["headers"]}
+
+
+async def test_messages_streamed(ports: Any, claude: Any) -> None:
+    client = claude(ports.openai)
+    async with client.messages.stream(model="chat-only", max_tokens=4,
+                                      messages=[{"role": "user", "content": "x y"}]) as s:
+        text = "".join([t async for t in s.text_stream])
+        final = await s.get_final_message()
+    assert text == "x y x y"
+    assert final.content[0].text == text  # type: ignore[union-attr]
+    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 4
+    assert final.usage.input_tokens > 0
+    body = (await seen(ports, "chat-only"))[-1]["body"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    # The raw event order a client without the SDK reads.
+    r = await ports.openai.post("/v1/messages", json={
+        "model": "chat-only", "max_tokens": 2, "stream": True,
+        "messages": [{"role": "user", "content": "q"}]})
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    events = [line[7:] for line in (await r.text()).splitlines() if line.startswith("event: ")]
+    assert events == ["message_start", "ping", "content_block_start", "content_block_delta",
+                      "content_block_delta", "content_block_stop", "message_delta",
+                      "message_stop"]
+
+
+async def test_tool_use_round_trip(ports: Any, claude: Any) -> None:
+    client = claude(ports.openai)
+    ask: list[Any] = [{"role": "user", "content": "add 2 and 3"}]
+    msg = await client.messages.create(model="chat-only", max_tokens=16, tools=TOOLS,  # type: ignore[arg-type]
+                                       tool_choice={"type": "any"}, messages=ask)
+    assert msg.stop_reason == "tool_use"
+    [use] = [b for b in msg.content if b.type == "tool_use"]
+    assert use.name == "add" and use.input == {"a": 2, "b": 3}
+    sent = (await seen(ports, "chat-only"))[-1]["body"]
+    assert sent["tools"][0]["function"]["name"] == "add" and sent["tool_choice"] == "required"
+    # The same call streamed: the input arrives as input_json_delta and assembles.
+    async with client.messages.stream(model="chat-only", max_tokens=16, tools=TOOLS,  # type: ignore[arg-type]
+                                      messages=ask) as s:
+        streamed = await s.get_final_message()
+    assert streamed.stop_reason == "tool_use"
+    assert [b.input for b in streamed.content if b.type == "tool_use"] == [{"a": 2, "b": 3}]
+    # The result goes back; the model answers in text.
+    follow = await client.messages.create(
+        model="chat-only", max_tokens=2, tools=TOOLS,  # type: ignore[arg-type]
+        messages=[*ask, {"role": "assistant", "content": msg.content},  # type: ignore[list-item]
+                  {"role": "user", "content": [
+                      {"type": "tool_result", "tool_use_id": use.id, "content": "five"}]}])
+    assert follow.stop_reason == "max_tokens" and follow.content[0].type == "text"
+    sent = (await seen(ports, "chat-only"))[-1]["body"]["messages"]
+    assert sent[1]["tool_calls"][0]["id"] == use.id
+    assert json.loads(sent[1]["tool_calls"][0]["function"]["arguments"]) == {"a": 2, "b": 3}
+    assert sent[2] == {"role": "tool", "tool_call_id": use.id, "content": "five"}
+
+
+async def test_images_become_image_url_parts(ports: Any, claude: Any) -> None:
+    client = claude(ports.openai)
+    await client.messages.create(model="chat-only", max_tokens=1, messages=[
+        {"role": "user", "content": [
+            {"type": "text", "text": "what"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "iVBORw0KGgo="}}]}])
+    parts = (await seen(ports, "chat-only"))[-1]["body"]["messages"][0]["content"]
+    assert parts[1] == {"type": "image_url",
+                        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+async def test_count_tokens_through_the_chat_path(ports: Any, claude: Any) -> None:
+    client = claude(ports.openai)
+    count = await client.messages.count_tokens(
+        model="chat-only", messages=[{"role": "user", "content": "one two three"}])
+    # The fake counts a word a token plus 4 per message: what its chat usage says.
+    assert count.input_tokens == 7
+    sent = (await seen(ports, "chat-only"))[-1]
+    assert sent["path"] == "/v1/chat/completions" and sent["body"]["max_tokens"] == 1
+    r = await ports.openai.post("/v1/responses/input_tokens", json={
+        "model": "chat-only", "input": "one two three"})
+    assert r.status == 200
+    assert await r.json() == {"object": "response.input_tokens", "input_tokens": 7}
+
+
+async def test_errors_in_anthropics_envelope(ports: Any, claude: Any) -> None:
+    client = claude(ports.openai)
+    # Refused by the translation: a server tool cannot run on a chat upstream.
+    with pytest.raises(anthropic.BadRequestError) as e:
+        await client.messages.create(
+            model="chat-only", max_tokens=4, messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}])  # type: ignore[list-item]
+    assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "web_search" in e.value.body["error"]["message"]  # type: ignore[index]
+    # Refused by the upstream (no messages): its 400 comes back in Anthropic's shape.
+    with pytest.raises(anthropic.BadRequestError) as e:
+        await client.messages.create(model="chat-only", max_tokens=4, messages=[])
+    assert e.value.body["type"] == "error"  # type: ignore[index]
+    assert "'messages' is required" in e.value.body["error"]["message"]  # type: ignore[index]
+    # Malformed JSON never reaches the upstream.
+    r = await ports.openai.post("/v1/messages", data=b'{"model": "chat-only", "max_tokens": ',
+                                headers={"Content-Type": "application/json"})
+    assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
+    # An upstream that speaks neither the family nor chat.
+    r = await ports.openai.post("/v1/messages", json={
+        "model": "emb-only", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status == 400
+    assert "neither Anthropic Messages nor chat completions" in (
+        await r.json())["error"]["message"]
+
+
+async def test_responses_translated(ports: Any, oai: Any) -> None:
+    client = oai(ports.lmstudio)
+    raw = await client.responses.with_raw_response.create(
+        model="chat-only", input="hello world", instructions="be brief")
+    assert raw.headers["X-Corral-Translated"] == "chat"
+    resp = raw.parse()
+    assert resp.status == "completed" and resp.output_text.startswith("hello world")
+    assert resp.usage is not None and resp.usage.output_tokens == 8
+    short = await client.responses.create(model="chat-only", input="a b", max_output_tokens=3)
+    assert short.status == "incomplete" and short.output_text == "a b a"
+    assert short.incomplete_details is not None
+    assert short.incomplete_details.reason == "max_output_tokens"
+    sent = (await seen(ports, "chat-only"))[-1]
+    assert sent["path"] == "/v1/chat/completions" and sent["body"]["max_tokens"] == 3
+
+
+async def test_responses_streamed(ports: Any, oai: Any) -> None:
+    client = oai(ports.openai)
+    async with client.responses.stream(model="chat-only", input="p q") as s:
+        deltas = [e.delta async for e in s if e.type == "response.output_text.delta"]
+        final = await s.get_final_response()
+    assert "".join(deltas) == "p q p q p q p q" == final.output_text
+    assert final.status == "completed" and final.usage is not None
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens == 8
+    stream = await client.responses.create(model="chat-only", input="p", stream=True,
+                                           max_output_tokens=2)
+    kinds = [e.type async for e in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+
+
+async def test_responses_function_call_round_trip(ports: Any, oai: Any) -> None:
+    client = oai(ports.openai)
+    resp = await client.responses.create(model="chat-only", input="add 2 and 3",
+                                         tools=FN_TOOLS)  # type: ignore[arg-type]
+    [call] = [o for o in resp.output if o.type == "function_call"]
+    assert call.name == "add" and json.loads(call.arguments) == {"a": 2, "b": 3}
+    async with client.responses.stream(model="chat-only", input="add 2 and 3",
+                                       tools=FN_TOOLS) as s:  # type: ignore[arg-type]
+        streamed = await s.get_final_response()
+    [scall] = [o for o in streamed.output if o.type == "function_call"]
+    assert json.loads(scall.arguments) == {"a": 2, "b": 3} and scall.call_id == call.call_id
+    follow = await client.responses.create(model="chat-only", tools=FN_TOOLS,  # type: ignore[arg-type]
+                                           max_output_tokens=2, input=[
+        {"role": "user", "content": "add 2 and 3"},
+        {"type": "function_call", "call_id": call.call_id, "name": "add",
+         "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "5"}])
+    assert follow.output_text == "add 2"
+    sent = (await seen(ports, "chat-only"))[-1]["body"]["messages"]
+    assert sent[-1] == {"role": "tool", "tool_call_id": call.call_id, "content": "5"}
+    assert sent[-2]["tool_calls"][0]["id"] == call.call_id
+
+
+async def test_responses_errors(ports: Any, oai: Any) -> None:
+    client = oai(ports.openai)
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.responses.create(model="chat-only", input="x",
+                                      previous_response_id="resp_1")
+    assert "previous_response_id" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.responses.create(model="chat-only", input=[])
+    assert "'messages' is required" in str(e.value)
+
+
+async def test_a_family_the_upstream_speaks_stays_the_pass_through(ports: Any) -> None:
+    body = {"model": "native", "max_tokens": 2, "messages": [{"role": "user", "content": "a"}]}
+    r = await ports.openai.post("/v1/messages", json=body)
+    assert r.status == 200 and "X-Corral-Translated" not in r.headers
+    calls = await seen(ports, "native")
+    assert calls[-1]["path"] == "/v1/messages" and calls[-1]["body"] == body
+    # Undeclared, the refusing server's own 404 comes back (as a 502: a missing route
+    # upstream is the gateway's failure, not a missing model).
+    r = await ports.openai.post("/v1/messages", json={**body, "model": "undeclared"})
+    assert r.status == 502 and (await r.json())["type"] == "error"
+
+
+def sse(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event, data) of a raw SSE body; ':' comments as (':', {})."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    event = ""
+    for line in text.splitlines():
+        if line.startswith(":"):
+            out.append((":", {}))
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            out.append((event, json.loads(line[6:])))
+    return out
+
+
+async def test_a_stream_that_breaks_ends_with_the_familys_error_event(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    ports = await corral_ports(make_config(tmp_path, [
+        {"name": "crashy", "api": ["chat"], "env": {"FAKE_CRASH_AFTER_CHUNKS": "2"}}]))
+    r = await ports.openai.post("/v1/messages", json={
+        "model": "crashy", "max_tokens": 8, "stream": True,
+        "messages": [{"role": "user", "content": "a b"}]})
+    events = sse(await r.text())
+    assert r.status == 200 and events[0][0] == "message_start"
+    assert [d["delta"]["text"] for e, d in events if e == "content_block_delta"] == ["a", " b"]
+    assert events[-1][0] == "error" and events[-1][1]["type"] == "error"
+    assert "failed mid-stream" in events[-1][1]["error"]["message"]
+    r = await ports.openai.post("/v1/responses", json={
+        "model": "crashy", "input": "a b", "stream": True})
+    events = sse(await r.text())
+    assert events[0][0] == "response.created"
+    assert events[-1][0] == "error" and "failed mid-stream" in events[-1][1]["message"]
+    assert "response.completed" not in [e for e, _ in events]
+
+
+async def test_a_cold_translated_stream_gets_loading_comments(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    ports = await corral_ports(make_config(tmp_path, [
+        {"name": "slow", "api": ["chat"], "env": {"FAKE_LOAD_DELAY": "1.6"}}]))
+    r = await ports.openai.post("/v1/messages", json={
+        "model": "slow", "max_tokens": 2, "stream": True,
+        "messages": [{"role": "user", "content": "a"}]})
+    events = sse(await r.text())
+    kinds = [e for e, _ in events]
+    assert kinds[0] == ":" and "message_start" in kinds and kinds[-1] == "message_stop"
+    assert kinds.index("message_start") > max(i for i, k in enumerate(kinds) if k == ":")
