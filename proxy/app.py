@@ -29,7 +29,8 @@ from aiohttp.typedefs import Middleware
 from proxy import admin, guard, lmstudio, lmstudio_sdk, metrics, ollama, openai, reqlog
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
-from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
+from proxy.families.learned import Learned
+from proxy.keys import BODY_BUDGET, CONFIG, FAMILIES_LEARNED, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import limits
@@ -116,6 +117,7 @@ def build_openai_app(
     app[CONFIG] = cfg
     app[METRICS] = stats
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
+    app[FAMILIES_LEARNED] = Learned()
     metrics.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     # In start order; torn down in reverse, so the scheduler stops last.
@@ -144,6 +146,7 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
     app[BODY_BUDGET] = core[BODY_BUDGET]
+    app[FAMILIES_LEARNED] = core[FAMILIES_LEARNED]
     # Every port answers its own liveness probe.
     app.router.add_get("/health", health)
     return app

@@ -101,6 +101,12 @@ class Call:
     via: Callable[[Upstream], Call | None] | None = None
 
 
+class SendAgain(Exception):
+    """Raised by a consumer that has learned, before answering, that the call must be
+    sent differently (a family its upstream lacks goes translated): sent again at once,
+    within ``ATTEMPTS``, and the upstream is not reported as failing."""
+
+
 @functools.lru_cache(maxsize=64)
 def _timeout(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=first_byte)
@@ -137,6 +143,11 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
                     raise
                 finally:
                     resp.release()
+            except SendAgain as e:
+                # Not a failure of the upstream: nothing to report.
+                if attempt >= ATTEMPTS:
+                    raise UpstreamFailed(f"model '{up.model}': {e}") from None
+                log.info("model '%s': %s; sending again", up.model, e)
             except (*BROKE, UpstreamFailed) as e:
                 reason = _describe(e)
                 if client.answered:

@@ -28,6 +28,7 @@ from proxy import jsonc, reqlog, upstream
 from proxy.errors import Family, render, stream_error_event
 from proxy.families import Event, anthropic_chat, responses_chat
 from proxy.families.chat import choice
+from proxy.families.learned import Learned, route_missing
 from proxy.metrics import MODEL_HEADER
 from proxy.streaming import is_event_stream, relay, upstream_batches
 from proxy.translate import upstream_error_body
@@ -46,17 +47,19 @@ _FAMILIES: dict[str, tuple[str, ModuleType, str]] = {
 }
 
 
-def translates(apis: frozenset[str] | None, api: str) -> bool:
-    """Whether a call of upstream API ``api`` must be translated for these ``apis``."""
-    return apis is not None and api not in apis
+def _key(up: Upstream) -> str:
+    # Instance ids are unique per launch; a port may be reused by another model.
+    return f"{up.instance_id} {up.base_url}"
 
 
 class Bridge:
     """One call of a translatable family: the body to send to each upstream, and the
     consumer that answers the client."""
 
-    def __init__(self, family: Family, path: str, body: bytes | bytearray) -> None:
+    def __init__(self, family: Family, path: str, body: bytes | bytearray,
+                 learned: Learned) -> None:
         self.family = family
+        self._learned = learned
         self.api, self._pair, self._name = _FAMILIES[family]
         self.count = path.endswith(("/count_tokens", "/input_tokens"))
         self._body = body
@@ -67,12 +70,16 @@ class Bridge:
             web.StreamResponse]]:
         return dataclasses.replace(spec, via=self.via), self.consume
 
+    def _translating(self, up: Upstream) -> bool:
+        if up.apis is None:
+            return self._learned.lacks(_key(up), self.api)
+        return self.api not in up.apis
+
     def via(self, up: Upstream) -> upstream.Call | None:
         """The call to send to ``up``: None for the pass-through."""
-        if not translates(up.apis, self.api):
+        if not self._translating(up):
             return None
-        assert up.apis is not None
-        if "chat" not in up.apis:
+        if up.apis is not None and "chat" not in up.apis:
             raise BadRequest(
                 f"model '{up.model}' speaks neither {self._name} nor chat completions "
                 f"(api = {sorted(up.apis)}), so a {self._name} call cannot be translated")
@@ -86,8 +93,10 @@ class Bridge:
 
     async def consume(self, up: Upstream, resp: aiohttp.ClientResponse,
                       client: Client) -> web.StreamResponse:
-        if not translates(up.apis, self.api):
-            return await relay(up, resp, client)
+        if not self._translating(up):
+            if resp.status < 400 or up.apis is not None or client.answered:
+                return await relay(up, resp, client)
+            return await self._probed(up, resp, client)
         if resp.status >= 400:
             return await self._error(up, upstream_error_body(resp.status, await resp.read()),
                                      client)
@@ -102,6 +111,17 @@ class Bridge:
         return web.Response(body=jsonc.dumps(out), content_type="application/json",
                             headers={MODEL_HEADER: up.model, TRANSLATED_HEADER: "chat"})
 
+    async def _probed(self, up: Upstream, resp: aiohttp.ClientResponse,
+                      client: Client) -> web.StreamResponse:
+        """An undeclared upstream refused the family's call: a missing route is learned
+        and the call sent again, translated; any other error is the answer."""
+        raw = await resp.read()
+        if route_missing(resp.status, raw):
+            self._learned.learn(_key(up), self.api)
+            raise upstream.SendAgain(f"upstream {up.instance_id} has no {self._name} route "
+                                     f"({resp.status}); translating to chat completions")
+        return await self._error(up, upstream_error_body(resp.status, raw), client)
+
     async def _error(self, up: Upstream, err: CorralError,
                      client: Client) -> web.StreamResponse:
         client.answered = True
@@ -110,11 +130,17 @@ class Bridge:
             await client.response.write(stream_error_event(err, self.family))
             await client.response.write_eof()
             return client.response
-        answer = render(err, "anthropic" if self.family == "anthropic" else "openai")
-        answer.headers[MODEL_HEADER] = up.model
-        answer.headers[TRANSLATED_HEADER] = "chat"
-        del answer.headers["X-Corral-Error"]  # the upstream's error, not Corral's
-        return answer
+        headers = {MODEL_HEADER: up.model, TRANSLATED_HEADER: "chat"}
+        if self.family == "anthropic":
+            answer = render(err, "anthropic")
+            del answer.headers["X-Corral-Error"]  # the upstream's error, not Corral's
+            answer.headers.update(headers)
+            return answer
+        # OpenAI's envelope, without Corral's "src": the upstream said it.
+        body = {"error": {"message": err.message, "type": err.type, "code": err.code,
+                          "param": None}}
+        return web.Response(status=err.status, body=jsonc.dumps(body),
+                            content_type="application/json", headers=headers)
 
     async def _stream(self, up: Upstream, resp: aiohttp.ClientResponse,
                       client: Client) -> web.StreamResponse:
@@ -179,11 +205,12 @@ class Bridge:
         return out
 
 
-def of(family: Family, path: str, body: bytes | bytearray | None) -> Bridge | None:
+def of(family: Family, path: str, body: bytes | bytearray | None,
+       learned: Learned) -> Bridge | None:
     """The bridge of a route's call; None for a family that is never translated."""
     if family not in _FAMILIES or body is None:
         return None
-    return Bridge(family, path, body)
+    return Bridge(family, path, body, learned)
 
 
 def _first_byte() -> None:

@@ -7,6 +7,7 @@ an upstream that speaks the family."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,7 @@ from tests.conftest import make_config
 REFUSING = {"FAKE_REFUSE": "messages,responses", "FAKE_TOOL_CALLS": "1"}
 MODELS = [
     {"name": "chat-only", "api": ["chat"], "env": REFUSING},
-    # The same server, not declared: Corral sends the family as it came and relays the
-    # upstream's own 404 (what an undeclared old vLLM would do).
+    # The same server, not declared: Corral learns from its 404s.
     {"name": "undeclared", "env": REFUSING},
     {"name": "native"},
     {"name": "emb-only", "api": ["embeddings"], "embedding": True,
@@ -279,12 +279,38 @@ async def test_a_family_the_upstream_speaks_stays_the_pass_through(ports: Any) -
     r = await ports.openai.post("/v1/messages", json=body)
     assert r.status == 200 and "X-Corral-Translated" not in r.headers
     calls = await seen(ports, "native")
-    assert calls[-1]["path"] == "/v1/messages" and calls[-1]["body"] == body
-    # Undeclared, the refusing server's own 404 comes back (as a 502: a missing route
-    # upstream is the gateway's failure, not a missing model).
-    r = await ports.openai.post("/v1/messages", json={**body, "model": "undeclared"})
-    assert r.status == 502 and (await r.json())["type"] == "error"
+    assert [c["path"] for c in calls] == ["/v1/messages"] and calls[-1]["body"] == body
+    r = await ports.openai.post("/v1/responses", json={"model": "native", "input": "a"})
+    assert r.status == 200 and "X-Corral-Translated" not in r.headers
+    assert (await seen(ports, "native"))[-1]["path"] == "/v1/responses"
 
+
+async def test_an_undeclared_upstream_is_probed_once(
+    ports: Any, claude: Any, oai: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No ``api`` in its config: the first call finds the route missing (404), learns
+    it and is sent again translated; the next ones go translated at once."""
+    caplog.set_level(logging.INFO, logger="proxy.upstream")
+    client = claude(ports.openai)
+    for _ in range(2):
+        msg = await client.messages.create(model="undeclared", max_tokens=2,
+                                           messages=[{"role": "user", "content": "a b"}])
+        assert msg.content[0].text == "a b"  # type: ignore[union-attr]
+    resp = await oai(ports.ollama).responses.create(model="undeclared", input="c",
+                                                    max_output_tokens=1)
+    assert resp.output_text == "c"
+    # The refused calls never reach a handler of the fake, which lists only the others.
+    paths = [c["path"] for c in await seen(ports, "undeclared")]
+    assert paths == ["/v1/chat/completions"] * 3
+    probes = [r.getMessage() for r in caplog.records if "sending again" in r.getMessage()]
+    assert len(probes) == 2, probes
+    assert "no Anthropic Messages route (404)" in probes[0]
+    assert "no OpenAI Responses route (404)" in probes[1]
+    # Learning a missing route is not a failure: the upstream stays in rotation.
+    from proxy.keys import SCHEDULER
+
+    [inst] = ports.openai.app[SCHEDULER].loaded("undeclared")
+    assert inst.state.name == "READY"
 
 def sse(text: str) -> list[tuple[str, dict[str, Any]]]:
     """(event, data) of a raw SSE body; ':' comments as (':', {})."""
