@@ -6,6 +6,8 @@ API family (which decides the error envelope) and the ports that mount it. The
 OpenAI, Ollama and LM Studio apps call ``mount()``; adding an endpoint is one row.
 Each row is a pass-through (contract 9): the body goes upstream as it came, the
 answer comes back chunk by chunk, through the one call path (``proxy.upstream``).
+Anthropic Messages and Responses rows go translated to chat completions for an
+upstream that lacks their family (``proxy.families.bridge``).
 Dialects with a translation of their own (Ollama's /api, LM Studio's /api/v0) keep
 their handlers and send through the same call path.
 """
