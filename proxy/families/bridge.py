@@ -28,7 +28,7 @@ from proxy import jsonc, reqlog, upstream
 from proxy.errors import Family, render, stream_error_event
 from proxy.families import Event, anthropic_chat, responses_chat
 from proxy.families.chat import choice
-from proxy.families.learned import Learned, route_missing
+from proxy.families.learned import MISSING_ROUTE, Learned, route_missing
 from proxy.metrics import MODEL_HEADER
 from proxy.streaming import is_event_stream, relay, upstream_batches
 from proxy.translate import upstream_error_body
@@ -94,9 +94,9 @@ class Bridge:
     async def consume(self, up: Upstream, resp: aiohttp.ClientResponse,
                       client: Client) -> web.StreamResponse:
         if not self._translating(up):
-            if resp.status < 400 or up.apis is not None or client.answered:
-                return await relay(up, resp, client)
-            return await self._probed(up, resp, client)
+            if up.apis is None and resp.status in MISSING_ROUTE and not client.answered:
+                return await self._probed(up, resp, client)
+            return await relay(up, resp, client)
         if resp.status >= 400:
             return await self._error(up, upstream_error_body(resp.status, await resp.read()),
                                      client)
@@ -120,7 +120,13 @@ class Bridge:
             self._learned.learn(_key(up), self.api)
             raise upstream.SendAgain(f"upstream {up.instance_id} has no {self._name} route "
                                      f"({resp.status}); translating to chat completions")
-        return await self._error(up, upstream_error_body(resp.status, raw), client)
+        if self.family == "anthropic":
+            # relay() renders it in Anthropic's envelope from the bytes aiohttp kept.
+            return await relay(up, resp, client)
+        client.answered = True
+        return web.Response(status=resp.status, body=raw, headers={
+            "Content-Type": resp.headers.get("Content-Type", "application/json"),
+            MODEL_HEADER: up.model})
 
     async def _error(self, up: Upstream, err: CorralError,
                      client: Client) -> web.StreamResponse:

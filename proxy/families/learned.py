@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections import OrderedDict
 
 # "No such route" statuses. A 404 that names a model is a missing model, not a route.
-_MISSING_ROUTE = frozenset({404, 405, 501})
+MISSING_ROUTE = frozenset({404, 405, 501})
 
 
 def route_missing(status: int, body: bytes) -> bool:
-    return status in _MISSING_ROUTE and b"model" not in body.lower()
+    return status in MISSING_ROUTE and b"model" not in body.lower()
 
 
 class Learned:

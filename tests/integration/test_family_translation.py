@@ -359,3 +359,58 @@ async def test_a_cold_translated_stream_gets_loading_comments(
     kinds = [e for e, _ in events]
     assert kinds[0] == ":" and "message_start" in kinds and kinds[-1] == "message_stop"
     assert kinds.index("message_start") > max(i for i, k in enumerate(kinds) if k == ":")
+
+
+async def test_a_missing_model_is_not_a_missing_route_and_whole_answers_stream(
+    corral_ports: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """A remote defined here: its 404s name the model (not learned, relayed), and its
+    chat route answers whole although asked to stream (the stream is made from it)."""
+    from aiohttp import web
+
+    hits: list[str] = []
+
+    async def missing_model(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"object": "error", "message": "The model `m` does not exist.",
+                                  "type": "NotFoundError", "code": 404}, status=404)
+
+    async def chat(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"id": "chatcmpl-w", "model": "m", "choices": [{
+            "index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": "ok", "tool_calls": [{
+                    "id": "call_w", "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 1}'}}]}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_post("/v1/messages", missing_model)
+    app.router.add_post("/v1/responses", missing_model)
+    app.router.add_post("/v1/chat/completions", chat)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("")).rstrip("/")
+    ports = await corral_ports(make_config(tmp_path, [
+        {"name": "undeclared", "remotes": [url]},
+        {"name": "whole", "remotes": [url], "api": ["chat"]}]))
+    body = {"model": "undeclared", "max_tokens": 2, "messages": [{"role": "user", "content": "a"}]}
+    for _ in range(2):
+        r = await ports.openai.post("/v1/messages", json=body)
+        # Relayed in Anthropic's envelope (a 404 upstream reads as 502, as everywhere).
+        assert r.status == 502 and "does not exist" in (await r.json())["error"]["message"]
+    r = await ports.openai.post("/v1/responses", json={"model": "undeclared", "input": "a"})
+    assert r.status == 404 and (await r.json())["message"] == "The model `m` does not exist."
+    assert hits == ["/v1/messages", "/v1/messages", "/v1/responses"]
+    r = await ports.openai.post("/v1/messages", json={**body, "model": "whole", "stream": True})
+    events = sse(await r.text())
+    assert [e for e, _ in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta",
+        "content_block_stop", "content_block_start", "content_block_delta",
+        "content_block_stop", "message_delta", "message_stop"]
+    assert events[6][1]["delta"] == {"type": "input_json_delta", "partial_json": '{"a": 1}'}
+    assert events[8][1]["delta"]["stop_reason"] == "tool_use"
+    assert events[8][1]["usage"] == {"input_tokens": 5, "output_tokens": 2}
