@@ -147,7 +147,9 @@ def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
         else:
             raise BadRequest(f"{where}.content[{j}]: block type {kind!r} cannot be sent to a "
                              "chat completions upstream")
-    msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    # null content only beside tool calls: several servers refuse it otherwise.
+    msg: dict[str, Any] = {"role": "assistant",
+                           "content": "".join(texts) or (None if calls else "")}
     if calls:
         msg["tool_calls"] = calls
     return msg

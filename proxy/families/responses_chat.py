@@ -176,8 +176,8 @@ def _tool(t: Any) -> dict[str, Any]:
     if not isinstance(t, dict):
         raise BadRequest("each tool must be an object")
     if t.get("type") != "function":
-        raise BadRequest(f"tool type {t.get('type')!r} is one of OpenAI's built-in tools, "
-                         "which a chat completions upstream cannot run; use function tools")
+        raise BadRequest(f"tool type {t.get('type')!r} cannot be sent to a chat completions "
+                         "upstream, which runs no built-in tools; use 'function' tools")
     fn = {k: t[k] for k in ("name", "description", "parameters", "strict")
           if t.get(k) is not None}
     return {"type": "function", "function": fn}

@@ -54,6 +54,10 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
          {"role": "tool", "tool_call_id": "toolu_1", "content": "5"},
          {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: boom"},
          {"role": "user", "content": "thanks"}]}),
+    ("an assistant turn of only thinking keeps a string content", {"messages": [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t",
+                                           "signature": "s"}]}]},
+     {"messages": [{"role": "assistant", "content": ""}]}),
     ("sampling, stops, metadata", {
         "temperature": 0.2, "top_p": 0.9, "top_k": 5, "stop_sequences": ["END"],
         "metadata": {"user_id": "u1"}, "thinking": {"type": "enabled", "budget_tokens": 9},

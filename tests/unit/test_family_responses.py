@@ -92,7 +92,9 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file"}]}]},
      "input[0].content[0]: part type 'input_file'"),
     ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]},
-     "tool type 'web_search' is one of OpenAI's built-in tools"),
+     "tool type 'web_search' cannot be sent to a chat completions upstream"),
+    ({"model": "m", "input": "x", "tools": [{"type": "custom", "name": "apply_patch"}]},
+     "use 'function' tools"),
     ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "'tool_choice'"),
 ]
 
