@@ -66,8 +66,21 @@ def served(corral: Callable[..., CorralProc], remote: str) -> CorralProc:
                   'api = ["chat"]\n')
 
 
-def test_anthropic_sdk(served: CorralProc, remote: str) -> None:
-    client = anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0)
+@pytest.fixture
+def claude(served: CorralProc) -> Iterator[anthropic.Anthropic]:
+    # Closed at the end: a pooled socket left to the GC fails a later test.
+    with anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+def oai(served: CorralProc) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
+
+
+def test_anthropic_sdk(served: CorralProc, remote: str, claude: anthropic.Anthropic) -> None:
+    client = claude
     raw = client.messages.with_raw_response.create(model="gemma-chat", max_tokens=8,
                                                    messages=HELLO)  # type: ignore[arg-type]
     assert raw.headers["X-Corral-Translated"] == "chat"
@@ -90,8 +103,8 @@ def test_anthropic_sdk(served: CorralProc, remote: str) -> None:
     assert count.input_tokens == native > 0
 
 
-def test_anthropic_tool_use_round_trip(served: CorralProc) -> None:
-    client = anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0)
+def test_anthropic_tool_use_round_trip(claude: anthropic.Anthropic) -> None:
+    client = claude
     msg = client.messages.create(model="gemma-chat", max_tokens=40, extra_body={"temperature": 0},
                                  tools=TOOLS, tool_choice={"type": "any"},  # type: ignore[arg-type]
                                  messages=WEATHER)  # type: ignore[arg-type]
@@ -116,8 +129,8 @@ def test_anthropic_tool_use_round_trip(served: CorralProc) -> None:
     assert follow.role == "assistant" and follow.content and follow.usage.input_tokens > 0
 
 
-def test_openai_responses(served: CorralProc, remote: str) -> None:
-    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+def test_openai_responses(served: CorralProc, remote: str, oai: openai.OpenAI) -> None:
+    client = oai
     resp = client.responses.create(model="gemma-chat", input="Hello", max_output_tokens=8)
     assert resp.id.startswith("resp_chatcmpl-") and resp.output_text
     assert resp.status in ("completed", "incomplete") and resp.usage is not None
@@ -139,8 +152,8 @@ def test_openai_responses(served: CorralProc, remote: str) -> None:
     assert r.json()["input_tokens"] == native.json()["input_tokens"]
 
 
-def test_openai_responses_function_call_round_trip(served: CorralProc) -> None:
-    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+def test_openai_responses_function_call_round_trip(oai: openai.OpenAI) -> None:
+    client = oai
     resp = client.responses.create(model="gemma-chat", input=WEATHER, tools=FN_TOOLS,  # type: ignore[arg-type]
                                    tool_choice="required", temperature=0,
                                    max_output_tokens=40)
@@ -157,15 +170,15 @@ def test_openai_responses_function_call_round_trip(served: CorralProc) -> None:
     assert follow.output and follow.usage is not None and follow.usage.input_tokens > 0
 
 
-def test_errors_come_back_in_each_familys_envelope(served: CorralProc) -> None:
-    client = anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0)
+def test_errors_come_back_in_each_familys_envelope(claude: anthropic.Anthropic,
+                                                   oai: openai.OpenAI) -> None:
+    client = claude
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(model="gemma-chat", max_tokens=4, messages=HELLO,  # type: ignore[arg-type]
                                tools=[{"type": "bash_20250124", "name": "bash"}])  # type: ignore[list-item]
     assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    oclient = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError):
-        oclient.responses.create(model="gemma-chat", input="x", tools=[{"type": "web_search"}])  # type: ignore[list-item]
+        oai.responses.create(model="gemma-chat", input="x", tools=[{"type": "web_search"}])  # type: ignore[list-item]
     # llama-server's own refusal (a context overflow) is relayed in Anthropic's shape.
     with pytest.raises(anthropic.APIStatusError) as e2:
         client.messages.create(model="gemma-chat", max_tokens=4,
