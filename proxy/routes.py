@@ -129,7 +129,7 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 feedback=feedback(request, cfg, route.family, head.streaming),
             )
             bridge = families_bridge.of(route.family, request.path, body,
-                                        request.app[FAMILIES_LEARNED])
+                                        request.app[FAMILIES_LEARNED], cfg.api)
             if bridge is not None:
                 # Translated to chat for an upstream that lacks the family.
                 spec, consume = bridge.wrap(spec)

@@ -83,13 +83,16 @@ class Bridge:
             raise BadRequest(
                 f"model '{up.model}' speaks neither {self._name} nor chat completions "
                 f"(api = {sorted(up.apis)}), so a {self._name} call cannot be translated")
+        return upstream.Call(model=up.model, path=CHAT_PATH, payload=self.translated())
+
+    def translated(self) -> dict[str, Any]:
+        """The chat body, translated once: a resend to another upstream reuses it."""
         if self._chat is None:
-            # Translated once; a resend to another upstream reuses it.
             parsed = jsonc.loads_object(self._body)
             self._ask = self._pair.asked(parsed)
             self._chat = (self._pair.count_request(parsed) if self.count
                           else self._pair.request(parsed))
-        return upstream.Call(model=up.model, path=CHAT_PATH, payload=self._chat)
+        return self._chat
 
     async def consume(self, up: Upstream, resp: aiohttp.ClientResponse,
                       client: Client) -> web.StreamResponse:
@@ -211,12 +214,18 @@ class Bridge:
         return out
 
 
-def of(family: Family, path: str, body: bytes | bytearray | None,
-       learned: Learned) -> Bridge | None:
-    """The bridge of a route's call; None for a family that is never translated."""
+def of(family: Family, path: str, body: bytes | bytearray | None, learned: Learned,
+       declared: tuple[str, ...] | None) -> Bridge | None:
+    """The bridge of a route's call; None for a family that is never translated.
+
+    ``declared``: the model's ``api``. When it lacks the family, the body is translated
+    now, so a call that cannot be is refused before a lease launches anything."""
     if family not in _FAMILIES or body is None:
         return None
-    return Bridge(family, path, body, learned)
+    bridge = Bridge(family, path, body, learned)
+    if declared is not None and bridge.api not in declared:
+        bridge.translated()
+    return bridge
 
 
 def _first_byte() -> None:
