@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 # A call is sent at most this many times (the first try included).
 ATTEMPTS = 3
+# ... plus this many times when a consumer asks (SendAgain).
+SEND_AGAIN = 8
 # The first loading-feedback line goes out after this long without a lease.
 FEEDBACK_AFTER = 1.0
 FEEDBACK_EVERY = 1.0
@@ -125,7 +127,7 @@ async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
 async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
     scheduler = app[SCHEDULER]
     session = app[SESSION]
-    attempt = 0
+    attempt = again = 0
     while True:
         attempt += 1
         async with _leased(scheduler, spec, client) as up:
@@ -144,9 +146,12 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
                 finally:
                     resp.release()
             except SendAgain as e:
-                # Not a failure of the upstream: nothing to report.
-                if attempt >= ATTEMPTS:
+                # Not a failure of the upstream: nothing to report, and no attempt spent
+                # (each replica of a model may have to learn once), within a bound.
+                again += 1
+                if again > SEND_AGAIN:
                     raise UpstreamFailed(f"model '{up.model}': {e}") from None
+                attempt -= 1
                 log.info("model '%s': %s; sending again", up.model, e)
             except (*BROKE, UpstreamFailed) as e:
                 reason = _describe(e)

@@ -182,7 +182,7 @@ class Bridge:
                     if not client.answered:
                         _first_byte()
                     client.answered = True
-                    data = _encode(events)
+                    data = encode(events)
                     if failed is not None:
                         await out.write(data + stream_error_event(failed, self.family))
                         await out.write_eof()
@@ -199,7 +199,7 @@ class Bridge:
             out = await self._prepare(up, client)
         client.answered = True
         events = [] if started else machine.start({})
-        await out.write(_encode(events + machine.finish()))
+        await out.write(encode(events + machine.finish()))
         await out.write_eof()
         return out
 
@@ -235,7 +235,9 @@ def _first_byte() -> None:
         info.first_byte = time.perf_counter()
 
 
-def _encode(events: list[Event]) -> bytes:
+def encode(events: list[Event]) -> bytes:
+    """Translated events as SSE frames, ``event:`` line first where the family names
+    its events (both do)."""
     return b"".join(
         (b"event: " + name.encode() + b"\n" if name else b"") + b"data: " + jsonc.dumps(data)
         + b"\n\n"

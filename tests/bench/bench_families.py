@@ -53,10 +53,10 @@ def pure(chunks: int) -> None:
     ]
     for name, machine in cases:
         t = time.perf_counter()
-        out = bytearray(bridge._encode(machine.start(stream[0])))
+        out = bytearray(bridge.encode(machine.start(stream[0])))
         for data in raw:
-            out += bridge._encode(machine.feed(jsonc.loads(data)))
-        out += bridge._encode(machine.finish())
+            out += bridge.encode(machine.feed(jsonc.loads(data)))
+        out += bridge.encode(machine.finish())
         dt = time.perf_counter() - t
         print(f"  {name:10s} {dt / chunks * 1e6:6.1f} µs per chunk (parse, translate, "
               f"encode; {len(out) / chunks:.0f} bytes out per chunk)")

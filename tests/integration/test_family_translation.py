@@ -419,3 +419,28 @@ async def test_a_missing_model_is_not_a_missing_route_and_whole_answers_stream(
     assert events[6][1]["delta"] == {"type": "input_json_delta", "partial_json": '{"a": 1}'}
     assert events[8][1]["delta"]["stop_reason"] == "tool_use"
     assert events[8][1]["usage"] == {"input_tokens": 5, "output_tokens": 2}
+
+
+async def test_send_again_is_bounded_and_not_a_failure(ports: Any) -> None:
+    """A consumer that keeps asking to be sent again (a replica after replica lacking a
+    family) is answered UpstreamFailed after SEND_AGAIN resends; the upstream is not
+    reported failing for it."""
+    from proxy import upstream
+    from proxy.keys import SCHEDULER
+    from scheduler.errors import UpstreamFailed
+
+    seen_by: list[str] = []
+
+    async def consume(up: Any, resp: Any, client: Any) -> None:
+        seen_by.append(up.instance_id)
+        raise upstream.SendAgain("learned something")
+
+    spec = upstream.Call(model="native", path="/v1/chat/completions",
+                         payload={"model": "native", "messages": [
+                             {"role": "user", "content": "x"}]})
+    with pytest.raises(UpstreamFailed) as e:
+        await upstream.call_app(ports.openai.app, spec, consume)
+    assert "learned something" in e.value.message
+    assert len(seen_by) == 1 + upstream.SEND_AGAIN
+    [inst] = ports.openai.app[SCHEDULER].loaded("native")
+    assert inst.state.name == "READY"
