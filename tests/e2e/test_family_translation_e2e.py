@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, free_port, wait_until
+from tests.e2e.conftest import CorralProc, free_port, model_toml, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -185,3 +185,21 @@ def test_errors_come_back_in_each_familys_envelope(claude: anthropic.Anthropic,
                                messages=[{"role": "user", "content": "word " * 3000}])
     assert e2.value.body["type"] == "error"  # type: ignore[index]
     assert e2.value.body["error"]["message"]  # type: ignore[index]
+
+
+def test_a_launched_llama_server_declared_chat_only(corral: Callable[..., CorralProc],
+                                                    gemma: Path) -> None:
+    """The same translation when Corral launches the llama-server itself."""
+    cp = corral(model_toml("gemma", gemma, chat_template="gemma3", api=["chat"]))
+    with anthropic.Anthropic(base_url=cp.url, api_key="x", max_retries=0) as client:
+        raw = client.messages.with_raw_response.create(model="gemma", max_tokens=6,
+                                                       messages=HELLO)  # type: ignore[arg-type]
+        assert raw.headers["X-Corral-Translated"] == "chat"
+        assert raw.parse().content[0].text  # type: ignore[union-attr]
+        with client.messages.stream(model="gemma", max_tokens=6,
+                                    messages=HELLO) as stream:  # type: ignore[arg-type]
+            assert "".join(stream.text_stream)
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{cp.ollama_port}/v1", api_key="x",
+                       max_retries=0) as oclient:
+        resp = oclient.responses.create(model="gemma", input="Hello", max_output_tokens=6)
+        assert resp.id.startswith("resp_chatcmpl-") and resp.output_text
