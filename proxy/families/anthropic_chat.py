@@ -95,14 +95,15 @@ def request(body: dict[str, Any]) -> dict[str, Any]:
         chat["stop"] = stops
     tools = body.get("tools")
     if tools:
-        chat["tools"] = [_tool(t) for t in tools] if isinstance(tools, list) else tools
+        if not isinstance(tools, list):
+            raise BadRequest("'tools' must be a list")
+        chat["tools"] = [_tool(t) for t in tools]
     choice_ = body.get("tool_choice")
     if isinstance(choice_, dict):
         _tool_choice(choice_, chat)
-    user = (body.get("metadata") or {}).get("user_id") if isinstance(
-        body.get("metadata"), dict) else None
-    if isinstance(user, str):
-        chat["user"] = user
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
+        chat["user"] = metadata["user_id"]
     if body.get("stream") is True:
         stream_options(chat)
     return chat

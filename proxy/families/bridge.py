@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from types import ModuleType
 from typing import Any
@@ -29,12 +30,15 @@ from proxy.errors import Family, render, stream_error_event
 from proxy.families import Event, anthropic_chat, responses_chat
 from proxy.families.chat import choice
 from proxy.families.learned import MISSING_ROUTE, Learned, route_missing
+from proxy.keys import SCHEDULER
 from proxy.metrics import MODEL_HEADER
 from proxy.streaming import is_event_stream, relay, upstream_batches
 from proxy.translate import upstream_error_body
 from proxy.upstream import Client
-from scheduler.errors import BadRequest, CorralError, UpstreamFailed
+from scheduler.errors import BadRequest, CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.scheduler import Upstream
+
+log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 # Tells a client (and a test) that its answer was translated from chat completions.
@@ -192,6 +196,11 @@ class Bridge:
             except CorralError as e:
                 if not client.answered or out is None:
                     raise  # nothing sent: the call may be resent
+                log.warning("instance %s broke mid-stream: %s", up.instance_id, e.message)
+                if isinstance(e, UpstreamStalled) and client.request is not None:
+                    # As the relay does: a stalled upstream gets its health checked now.
+                    await client.request.app[SCHEDULER].suspect(up.instance_id,
+                                                                "stalled mid-stream")
                 await out.write(stream_error_event(e, self.family))
                 await out.write_eof()
                 return out

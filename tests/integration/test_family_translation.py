@@ -444,3 +444,17 @@ async def test_send_again_is_bounded_and_not_a_failure(ports: Any) -> None:
     assert len(seen_by) == 1 + upstream.SEND_AGAIN
     [inst] = ports.openai.app[SCHEDULER].loaded("native")
     assert inst.state.name == "READY"
+
+
+async def test_a_stalled_translated_stream_ends_with_an_error_event(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    ports = await corral_ports(make_config(tmp_path, [
+        {"name": "stally", "api": ["chat"], "stall_timeout": 0.3,
+         "env": {"FAKE_TOKEN_DELAY": "2"}}]))
+    r = await ports.openai.post("/v1/messages", json={
+        "model": "stally", "max_tokens": 3, "stream": True,
+        "messages": [{"role": "user", "content": "a"}]})
+    events = [e for e in sse(await r.text()) if e[0] != ":"]
+    assert events[0][0] == "message_start" and events[-1][0] == "error"
+    assert "failed mid-stream" in events[-1][1]["error"]["message"]

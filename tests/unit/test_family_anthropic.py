@@ -99,6 +99,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({**BASE, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
      "server tool 'web_search_20250305'"),
     ({**BASE, "messages": [], "system": 7}, "'system' must be a string"),
+    ({**BASE, "messages": [], "tools": {"name": "x"}}, "'tools' must be a list"),
+    ({**BASE, "messages": [], "tools": [{"description": "no name"}]}, "each tool needs a 'name'"),
 ]
 
 
