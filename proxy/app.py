@@ -29,8 +29,8 @@ from aiohttp.typedefs import Middleware
 from proxy import admin, guard, lmstudio, lmstudio_sdk, metrics, ollama, openai, reqlog
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
-from proxy.families.learned import Learned
-from proxy.keys import BODY_BUDGET, CONFIG, FAMILIES_LEARNED, SCHEDULER, SESSION
+from proxy.families.learned import FamilyState
+from proxy.keys import BODY_BUDGET, CONFIG, FAMILIES, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
@@ -119,7 +119,7 @@ def build_openai_app(
     app[CONFIG] = cfg
     app[METRICS] = stats
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
-    app[FAMILIES_LEARNED] = Learned()
+    app[FAMILIES] = FamilyState()
     metrics.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     # In start order; torn down in reverse, so the scheduler stops last.
@@ -148,7 +148,7 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
     app[BODY_BUDGET] = core[BODY_BUDGET]
-    app[FAMILIES_LEARNED] = core[FAMILIES_LEARNED]
+    app[FAMILIES] = core[FAMILIES]
     # Every port answers its own liveness probe.
     app.router.add_get("/health", health)
     return app

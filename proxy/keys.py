@@ -7,7 +7,7 @@ from aiohttp import web
 
 from proxy.body import BodyBudget
 from proxy.chat_store import ChatStore
-from proxy.families.learned import Learned
+from proxy.families.learned import FamilyState
 from scheduler.config import CorralConfig
 from scheduler.scheduler import Scheduler
 
@@ -19,6 +19,5 @@ BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 # Stateful LM Studio REST v1 chats (previous_response_id), per LM Studio port app.
 CHAT_STORE = web.AppKey("lmstudio_chats", ChatStore)
 
-# API families that undeclared upstreams turned out to lack (proxy.families), shared
-# by every port app.
-FAMILIES_LEARNED = web.AppKey("families_learned", Learned)
+# What family translation learns and keeps (proxy.families), shared by every port app.
+FAMILIES = web.AppKey("families", FamilyState)

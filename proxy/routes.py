@@ -24,7 +24,7 @@ from proxy import body as bodies
 from proxy import jsonc, multipart, upstream
 from proxy.errors import ROUTE_DIALECT, Family, family_dialect
 from proxy.families import bridge as families_bridge
-from proxy.keys import BODY_BUDGET, FAMILIES_LEARNED, SCHEDULER
+from proxy.keys import BODY_BUDGET, FAMILIES, SCHEDULER
 from proxy.streaming import relay
 from scheduler.capabilities import capabilities
 from scheduler.config import Capability, ModelConfig
@@ -129,7 +129,7 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 feedback=feedback(request, cfg, route.family, head.streaming),
             )
             bridge = families_bridge.of(route.family, request.path, body,
-                                        request.app[FAMILIES_LEARNED], cfg.api)
+                                        request.app[FAMILIES], cfg.api)
             if bridge is not None:
                 # Translated to chat for an upstream that lacks the family.
                 spec, consume = bridge.wrap(spec)

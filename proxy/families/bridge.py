@@ -29,7 +29,7 @@ from proxy import jsonc, reqlog, upstream
 from proxy.errors import Family, render, stream_error_event
 from proxy.families import Event, anthropic_chat, responses_chat
 from proxy.families.chat import choice
-from proxy.families.learned import MISSING_ROUTE, Learned, route_missing
+from proxy.families.learned import MISSING_ROUTE, FamilyState, route_missing
 from proxy.keys import SCHEDULER
 from proxy.metrics import MODEL_HEADER
 from proxy.streaming import is_event_stream, relay, upstream_batches
@@ -61,9 +61,11 @@ class Bridge:
     consumer that answers the client."""
 
     def __init__(self, family: Family, path: str, body: bytes | bytearray,
-                 learned: Learned) -> None:
+                 state: FamilyState) -> None:
         self.family = family
-        self._learned = learned
+        self._state = state
+        self._learned = state.learned
+        self._parsed: dict[str, Any] = {}
         self.api, self._pair, self._name = _FAMILIES[family]
         self.count = path.endswith(("/count_tokens", "/input_tokens"))
         self._body = body
@@ -92,11 +94,23 @@ class Bridge:
     def translated(self) -> dict[str, Any]:
         """The chat body, translated once: a resend to another upstream reuses it."""
         if self._chat is None:
-            parsed = jsonc.loads_object(self._body)
+            parsed = self._parsed = jsonc.loads_object(self._body)
             self._ask = self._pair.asked(parsed)
-            self._chat = (self._pair.count_request(parsed) if self.count
-                          else self._pair.request(parsed))
+            args: tuple[Any, ...] = (parsed,)
+            if self.family == "responses":
+                previous = parsed.get("previous_response_id")
+                args += (self._state.responses.get(str(previous)) if previous else None,)
+            self._chat = (self._pair.count_request(*args) if self.count
+                          else self._pair.request(*args))
         return self._chat
+
+    def _keep(self, response_id: str, reply: dict[str, Any]) -> None:
+        """A translated Responses conversation, for a later ``previous_response_id``."""
+        if self.family != "responses" or self.count or self._chat is None:
+            return
+        conversation = responses_chat.history(self._parsed, self._chat, reply)
+        if conversation is not None:
+            self._state.responses.put(conversation, response_id)
 
     async def consume(self, up: Upstream, resp: aiohttp.ClientResponse,
                       client: Client) -> web.StreamResponse:
@@ -114,6 +128,8 @@ class Bridge:
             raise UpstreamFailed(f"model '{up.model}': the chat answer is not a JSON object")
         out = (self._pair.count_response(answer) if self.count
                else self._pair.response(answer, self._ask))
+        if self.family == "responses":
+            self._keep(str(out.get("id")), responses_chat.assistant(answer))
         client.answered = True
         return web.Response(body=jsonc.dumps(out), content_type="application/json",
                             headers={MODEL_HEADER: up.model, TRANSLATED_HEADER: "chat"})
@@ -208,7 +224,10 @@ class Bridge:
             out = await self._prepare(up, client)
         client.answered = True
         events = [] if started else machine.start({})
-        await out.write(encode(events + machine.finish()))
+        events += machine.finish()
+        if self.family == "responses":
+            self._keep(machine.id, machine.assistant())
+        await out.write(encode(events))
         await out.write_eof()
         return out
 
@@ -223,7 +242,7 @@ class Bridge:
         return out
 
 
-def of(family: Family, path: str, body: bytes | bytearray | None, learned: Learned,
+def of(family: Family, path: str, body: bytes | bytearray | None, state: FamilyState,
        declared: tuple[str, ...] | None) -> Bridge | None:
     """The bridge of a route's call; None for a family that is never translated.
 
@@ -231,7 +250,7 @@ def of(family: Family, path: str, body: bytes | bytearray | None, learned: Learn
     now, so a call that cannot be is refused before a lease launches anything."""
     if family not in _FAMILIES or body is None:
         return None
-    bridge = Bridge(family, path, body, learned)
+    bridge = Bridge(family, path, body, state)
     if declared is not None and bridge.api not in declared:
         bridge.translated()
     return bridge

@@ -1,4 +1,5 @@
-"""Families that an undeclared upstream turned out to lack, learned from its answers.
+"""What translation learns and keeps: families that an undeclared upstream turned out
+to lack, learned from its answers, and the conversations of translated Responses.
 
 An upstream whose model sets no ``api`` is assumed to speak what llama-server speaks.
 When one answers a family's route with "no such route" (an old vLLM's 404 on
@@ -10,6 +11,9 @@ call per upstream and family, and only where the config did not say.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from proxy.chat_store import ChatStore
 
 # "No such route" statuses. A 404 that names a model is a missing model, not a route.
 MISSING_ROUTE = frozenset({404, 405, 501})
@@ -36,3 +40,13 @@ class Learned:
         self._missing.move_to_end(upstream)
         while len(self._missing) > self._limit:
             self._missing.popitem(last=False)
+
+
+@dataclass(slots=True)
+class FamilyState:
+    """What translation keeps between calls, shared by every port: the families
+    learned missing, and the conversations of translated Responses (for
+    ``previous_response_id``; the last 256, least recently used dropped first)."""
+
+    learned: Learned = field(default_factory=Learned)
+    responses: ChatStore = field(default_factory=lambda: ChatStore(256))

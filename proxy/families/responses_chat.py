@@ -4,8 +4,11 @@ Requests: ``instructions`` becomes a system message; ``input`` (a string, or ite
 messages with ``input_text``/``input_image`` parts, ``function_call``,
 ``function_call_output``) becomes chat messages, consecutive function calls one
 assistant turn; ``reasoning`` items are dropped. What needs state or tools that only
-OpenAI runs is refused with a 400: ``previous_response_id``, ``item_reference``
-items, built-in tools (``web_search``, ``file_search``, ``code_interpreter``, ...).
+OpenAI runs is refused with a 400: ``item_reference`` items, built-in tools
+(``web_search``, ``file_search``, ``code_interpreter``, ...). ``previous_response_id``
+is served from the conversations the bridge keeps (``history``, ``assistant``): the
+earlier turns go before the new input, as OpenAI does, without the earlier
+``instructions``.
 
 Answers: a ``reasoning`` item for ``reasoning_content``, a ``message`` item for the
 text, a ``function_call`` item per tool call (``call_id`` is the chat call's id, so a
@@ -59,16 +62,17 @@ def asked(body: dict[str, Any]) -> Asked:
 # --- request ------------------------------------------------------------------------------
 
 
-def request(body: dict[str, Any]) -> dict[str, Any]:
-    """A Responses request as a chat completions request."""
-    if body.get("previous_response_id"):
-        raise BadRequest("'previous_response_id' needs an upstream that stores responses; "
-                         "this model's upstream speaks chat completions: send the whole "
-                         "conversation in 'input'")
+def request(body: dict[str, Any],
+            previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A Responses request as a chat completions request; ``previous``: the chat
+    messages of the conversation that ``previous_response_id`` names."""
+    if body.get("previous_response_id") and previous is None:
+        raise BadRequest(f"previous response {body['previous_response_id']!r} not found")
     messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
     if instructions:
         messages.append({"role": "system", "content": text(instructions, "'instructions'")})
+    messages.extend(previous or ())
     given = body.get("input")
     if isinstance(given, str):
         messages.append({"role": "user", "content": given})
@@ -105,9 +109,10 @@ def request(body: dict[str, Any]) -> dict[str, Any]:
     return chat
 
 
-def count_request(body: dict[str, Any]) -> dict[str, Any]:
+def count_request(body: dict[str, Any],
+                  previous: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """/v1/responses/input_tokens as a one-token chat call: its usage counts the prompt."""
-    chat = request({**body, "max_output_tokens": 1, "stream": False})
+    chat = request({**body, "max_output_tokens": 1, "stream": False}, previous)
     if "tools" in chat:
         chat["tool_choice"] = "none"
     return chat
@@ -249,7 +254,9 @@ def response(answer: dict[str, Any], ask: Asked) -> dict[str, Any]:
         fn = call.get("function") or {}
         output.append(_call(str(call.get("id") or new_id("call_")), str(fn.get("name", "")),
                             str(fn.get("arguments") or "{}"), "completed"))
-    return _envelope(_response_id(answer), ask, str(answer.get("model", "")),
+    # The id is ours, never the upstream's: kept conversations are found by it, and a
+    # server may reuse its ids.
+    return _envelope(new_id("resp_"), ask, str(answer.get("model", "")),
                      _status(finish_reason(c)), output, usage(Usage.of(answer.get("usage"))))
 
 
@@ -258,9 +265,30 @@ def count_response(answer: dict[str, Any]) -> dict[str, Any]:
     return {"object": "response.input_tokens", "input_tokens": u.prompt if u else 0}
 
 
-def _response_id(answer: dict[str, Any]) -> str:
-    ident = answer.get("id")
-    return f"resp_{ident}" if isinstance(ident, str) and ident else new_id("resp_")
+def history(body: dict[str, Any], chat: dict[str, Any],
+            reply: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The conversation to keep under the response's id (None: ``store: false``): the
+    chat messages sent, less the instructions, and the assistant's answer."""
+    if body.get("store") is False:
+        return None
+    sent = chat["messages"][1:] if body.get("instructions") else chat["messages"]
+    return [*sent, reply]
+
+
+def assistant(answer: dict[str, Any]) -> dict[str, Any]:
+    """The assistant's chat message of a whole chat answer, reasoning left out."""
+    msg = choice(answer).get("message") or {}
+    return _assistant(msg.get("content"), msg.get("tool_calls"))
+
+
+def _assistant(content: Any, calls: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "assistant",
+                           "content": content if isinstance(content, str) and content
+                           else (None if calls else "")}
+    if calls:
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function",
+                              "function": c.get("function")} for c in calls]
+    return out
 
 
 # --- stream -------------------------------------------------------------------------------
@@ -295,7 +323,7 @@ class Stream:
     _usage: Usage | None = None
 
     def start(self, first: dict[str, Any]) -> list[Event]:
-        self._id = _response_id(first)
+        self._id = new_id("resp_")
         self._model = str(first.get("model", ""))
         base = _envelope(self._id, self.ask, self._model, "in_progress", [], None)
         return [self._event("response.created", response=base),
@@ -345,6 +373,19 @@ class Stream:
                           usage(self._usage))
         out.append(self._event(f"response.{status}", response=final))
         return out
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    def assistant(self) -> dict[str, Any]:
+        """The assistant's chat message of what was streamed (call ``finish()`` first)."""
+        text_ = "".join(o["content"][0]["text"] for o in self._done
+                        if o["type"] == "message" and o["content"])
+        calls = [{"id": o["call_id"], "function": {"name": o["name"],
+                                                   "arguments": o["arguments"]}}
+                 for o in self._done if o["type"] == "function_call"]
+        return _assistant(text_, calls)
 
     def _event(self, kind: str, **data: Any) -> Event:
         event = {"type": kind, "sequence_number": self._seq, **data}

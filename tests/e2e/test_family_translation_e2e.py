@@ -131,8 +131,11 @@ def test_anthropic_tool_use_round_trip(claude: anthropic.Anthropic) -> None:
 
 def test_openai_responses(served: CorralProc, remote: str, oai: openai.OpenAI) -> None:
     client = oai
-    resp = client.responses.create(model="gemma-chat", input="Hello", max_output_tokens=8)
-    assert resp.id.startswith("resp_chatcmpl-") and resp.output_text
+    raw = client.responses.with_raw_response.create(model="gemma-chat", input="Hello",
+                                                    max_output_tokens=8)
+    assert raw.headers["X-Corral-Translated"] == "chat"
+    resp = raw.parse()
+    assert resp.output_text
     assert resp.status in ("completed", "incomplete") and resp.usage is not None
     events = list(client.responses.create(model="gemma-chat", input="Hello",
                                           max_output_tokens=8, stream=True))
@@ -201,5 +204,6 @@ def test_a_launched_llama_server_declared_chat_only(corral: Callable[..., Corral
             assert "".join(stream.text_stream)
     with openai.OpenAI(base_url=f"http://127.0.0.1:{cp.ollama_port}/v1", api_key="x",
                        max_retries=0) as oclient:
-        resp = oclient.responses.create(model="gemma", input="Hello", max_output_tokens=6)
-        assert resp.id.startswith("resp_chatcmpl-") and resp.output_text
+        raw = oclient.responses.with_raw_response.create(model="gemma", input="Hello",
+                                                         max_output_tokens=6)
+        assert raw.headers["X-Corral-Translated"] == "chat" and raw.parse().output_text

@@ -267,12 +267,45 @@ async def test_responses_function_call_round_trip(ports: Any, oai: Any) -> None:
     assert sent[-2]["tool_calls"][0]["id"] == call.call_id
 
 
+async def test_previous_response_id_continues_a_kept_conversation(ports: Any,
+                                                                   oai: Any) -> None:
+    client = oai(ports.openai)
+    first = await client.responses.create(model="chat-only", input="one two",
+                                          instructions="be brief", max_output_tokens=2)
+    # Kept on every port: the next turn may come through another.
+    second = await oai(ports.lmstudio).responses.create(
+        model="chat-only", input="three", previous_response_id=first.id, max_output_tokens=1)
+    assert second.output_text == "three"
+    sent = (await seen(ports, "chat-only"))[-1]["body"]["messages"]
+    # The earlier turn and its answer, without the earlier instructions.
+    assert sent == [{"role": "user", "content": "one two"},
+                    {"role": "assistant", "content": "one two"},
+                    {"role": "user", "content": "three"}]
+    # A streamed answer is kept too, whole.
+    async with client.responses.stream(model="chat-only", input="four",
+                                       previous_response_id=second.id) as s:
+        streamed = await s.get_final_response()
+    third = await client.responses.create(model="chat-only", input="five",
+                                          previous_response_id=streamed.id,
+                                          max_output_tokens=1)
+    assert third.output_text == "five"
+    sent = (await seen(ports, "chat-only"))[-1]["body"]["messages"]
+    assert [m["content"] for m in sent] == ["one two", "one two", "three", "three", "four",
+                                            " ".join(["four"] * 8), "five"]
+    # store: false keeps nothing.
+    unkept = await client.responses.create(model="chat-only", input="x", store=False,
+                                           max_output_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.create(model="chat-only", input="y",
+                                      previous_response_id=unkept.id)
+
+
 async def test_responses_errors(ports: Any, oai: Any) -> None:
     client = oai(ports.openai)
     with pytest.raises(openai.BadRequestError) as e:
         await client.responses.create(model="chat-only", input="x",
                                       previous_response_id="resp_1")
-    assert "previous_response_id" in str(e.value)
+    assert "previous response 'resp_1' not found" in str(e.value)
     with pytest.raises(openai.BadRequestError) as e:
         await client.responses.create(model="chat-only", input=[])
     assert "'messages' is required" in str(e.value)

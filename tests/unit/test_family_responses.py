@@ -85,7 +85,7 @@ def test_request(name: str, given: dict[str, Any], expected: dict[str, Any]) -> 
 BAD: list[tuple[dict[str, Any], str]] = [
     ({"model": "m"}, "'input' is required"),
     ({"model": "m", "input": "x", "previous_response_id": "resp_1"},
-     "'previous_response_id' needs an upstream that stores responses"),
+     "previous response 'resp_1' not found"),
     ({"model": "m", "input": [{"type": "item_reference", "id": "x"}]},
      "input[0]: item type 'item_reference'"),
     ({"model": "m", "input": [{"role": "tool", "content": "x"}]}, "input[0]: 'role'"),
@@ -125,7 +125,9 @@ def chat_answer(message: dict[str, Any], finish: str) -> dict[str, Any]:
 
 def test_response_text() -> None:
     r = rc.response(chat_answer({"content": "hello"}, "stop"), ASK)
-    assert r["id"] == "resp_chatcmpl-1" and r["object"] == "response"
+    assert r["id"].startswith("resp_") and r["object"] == "response"
+    # Ours, unique: kept conversations are found by it.
+    assert r["id"] != rc.response(chat_answer({"content": "hello"}, "stop"), ASK)["id"]
     assert r["status"] == "completed" and r["incomplete_details"] is None
     assert r["model"] == "m" and r["max_output_tokens"] == 4 and r["tools"] == []
     [item] = r["output"]
@@ -183,7 +185,7 @@ def test_stream_text() -> None:
     assert all(d["type"] == e for e, d in events)
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
     created = events[0][1]["response"]
-    assert created["status"] == "in_progress" and created["id"] == "resp_chatcmpl-7"
+    assert created["status"] == "in_progress" and created["id"].startswith("resp_")
     item_id = events[2][1]["item"]["id"]
     assert all(d["item_id"] == item_id for e, d in events if "output_text" in e)
     assert events[6][1]["text"] == "Hello"
@@ -214,3 +216,34 @@ def test_stream_calls_and_length() -> None:
     assert final["status"] == "incomplete"
     assert final["incomplete_details"] == {"reason": "max_output_tokens"}
     assert [o["type"] for o in final["output"]] == ["message", "function_call"]
+
+
+def test_previous_conversation_goes_before_the_new_input() -> None:
+    earlier = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    body = {"model": "m", "instructions": "now", "previous_response_id": "resp_x",
+            "input": "q2"}
+    chat = rc.request(body, earlier)
+    assert chat["messages"] == [{"role": "system", "content": "now"}, *earlier,
+                                {"role": "user", "content": "q2"}]
+    reply = rc.assistant(chat_answer({"content": "a2"}, "stop"))
+    assert reply == {"role": "assistant", "content": "a2"}
+    # Kept without this call's instructions: a later call brings its own.
+    assert rc.history(body, chat, reply) == [*earlier, {"role": "user", "content": "q2"},
+                                             reply]
+    assert rc.history({**body, "store": False}, chat, reply) is None
+    assert rc.count_request(body, earlier)["messages"] == chat["messages"]
+
+
+def test_stream_assistant_message() -> None:
+    s = rc.Stream(rc.asked({"model": "m", "input": "x", "stream": True}))
+    s.start({})
+    s.feed(chunk({"content": "let me"}))
+    s.feed(chunk({"tool_calls": [{"index": 0, "id": "call_q", "type": "function",
+                                  "function": {"name": "f", "arguments": "{}"}}]}))
+    s.feed(chunk({}, "tool_calls"))
+    s.finish()
+    assert s.assistant() == {"role": "assistant", "content": "let me", "tool_calls": [
+        {"id": "call_q", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert rc.assistant(chat_answer({"content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        "tool_calls"))["content"] is None
