@@ -135,7 +135,12 @@ def test_openai_responses(served: CorralProc, remote: str, oai: openai.OpenAI) -
                                                     max_output_tokens=8)
     assert raw.headers["X-Corral-Translated"] == "chat"
     resp = raw.parse()
-    assert resp.output_text
+    assert resp.output_text and resp.usage is not None
+    # Kept by Corral: the next turn's prompt holds the first turn and its answer.
+    follow = client.responses.create(model="gemma-chat", input="And then?",
+                                     previous_response_id=resp.id, max_output_tokens=4)
+    assert follow.usage is not None
+    assert follow.usage.input_tokens > resp.usage.input_tokens + resp.usage.output_tokens
     assert resp.status in ("completed", "incomplete") and resp.usage is not None
     events = list(client.responses.create(model="gemma-chat", input="Hello",
                                           max_output_tokens=8, stream=True))
