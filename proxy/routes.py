@@ -128,8 +128,8 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 query=request.query_string,
                 feedback=feedback(request, cfg, route.family, head.streaming),
             )
-            bridge = families_bridge.of(route.family, request.path, body,
-                                        request.app[FAMILIES], cfg.api)
+            bridge = families_bridge.of(route.family, request.path, spec.path, body,
+                                        request.app[FAMILIES], cfg)
             if bridge is not None:
                 # Translated to chat for an upstream that lacks the family.
                 spec, consume = bridge.wrap(spec)

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Collection
 from types import ModuleType
 from typing import Any
 
@@ -35,6 +36,7 @@ from proxy.metrics import MODEL_HEADER
 from proxy.streaming import is_event_stream, relay, upstream_batches
 from proxy.translate import upstream_error_body
 from proxy.upstream import Client
+from scheduler.config import ModelConfig
 from scheduler.errors import BadRequest, CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.scheduler import Upstream
 
@@ -85,11 +87,14 @@ class Bridge:
         """The call to send to ``up``: None for the pass-through."""
         if not self._translating(up):
             return None
-        if up.apis is not None and "chat" not in up.apis:
-            raise BadRequest(
-                f"model '{up.model}' speaks neither {self._name} nor chat completions "
-                f"(api = {sorted(up.apis)}), so a {self._name} call cannot be translated")
+        self._need_chat(up.model, up.apis)
         return upstream.Call(model=up.model, path=CHAT_PATH, payload=self.translated())
+
+    def _need_chat(self, model: str, apis: Collection[str] | None) -> None:
+        if apis is not None and "chat" not in apis:
+            raise BadRequest(
+                f"model '{model}' speaks neither {self._name} nor chat completions "
+                f"(api = {sorted(apis)}), so a {self._name} call cannot be translated")
 
     def translated(self) -> dict[str, Any]:
         """The chat body, translated once: a resend to another upstream reuses it."""
@@ -242,16 +247,41 @@ class Bridge:
         return out
 
 
-def of(family: Family, path: str, body: bytes | bytearray | None, state: FamilyState,
-       declared: tuple[str, ...] | None) -> Bridge | None:
+# The upstream API (scheduler.config.UpstreamApi) of each pass-through path.
+_PATH_API = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings", "/v1/rerank": "rerank", "/v1/reranking": "rerank",
+    # llama-server's own, whatever its prefix.
+    "/v1/chat/completions/input_tokens": "native",
+}
+
+
+def route_api(family: Family, path: str) -> str | None:
+    """The upstream API a route's call needs (None: not one a config can name)."""
+    if family == "native":
+        return "native"
+    if family in _FAMILIES:
+        return _FAMILIES[family][0]
+    return _PATH_API.get(path)
+
+
+def of(family: Family, path: str, upstream_path: str, body: bytes | bytearray | None,
+       state: FamilyState, cfg: ModelConfig) -> Bridge | None:
     """The bridge of a route's call; None for a family that is never translated.
 
-    ``declared``: the model's ``api``. When it lacks the family, the body is translated
-    now, so a call that cannot be is refused before a lease launches anything."""
+    When the model's ``api`` lacks the family, the body is translated now, so a call
+    that cannot be is refused before a lease launches anything; a call of another
+    family the model's ``api`` lacks is refused with a 400 that says so."""
+    declared = cfg.api
     if family not in _FAMILIES or body is None:
+        api = route_api(family, upstream_path)
+        if declared is not None and api is not None and api not in declared:
+            raise BadRequest(f"model '{cfg.name}' is served by an upstream that does not "
+                             f"speak {api} (its api = {list(declared)})")
         return None
     bridge = Bridge(family, path, body, state)
     if declared is not None and bridge.api not in declared:
+        bridge._need_chat(cfg.name, declared)
         bridge.translated()
     return bridge
 

@@ -212,6 +212,7 @@ async def test_errors_in_anthropics_envelope(ports: Any, claude: Any) -> None:
     assert r.status == 400
     assert "neither Anthropic Messages nor chat completions" in (
         await r.json())["error"]["message"]
+    assert not ports.openai.app[SCHEDULER].loaded("emb-only")  # refused before a lease
 
 
 async def test_responses_translated(ports: Any, oai: Any) -> None:
@@ -491,3 +492,22 @@ async def test_a_stalled_translated_stream_ends_with_an_error_event(
     events = [e for e in sse(await r.text()) if e[0] != ":"]
     assert events[0][0] == "message_start" and events[-1][0] == "error"
     assert "failed mid-stream" in events[-1][1]["error"]["message"]
+
+
+async def test_other_families_the_model_does_not_speak_are_refused(ports: Any) -> None:
+    """Declared chat-only: completions, embeddings and llama-server's native routes are
+    a 400 that says so, not a 404 from the upstream read as a 502."""
+    c = ports.openai
+    for path, body in (
+        ("/v1/completions", {"prompt": "a"}),
+        ("/tokenize", {"content": "a"}),
+        ("/v1/chat/completions/input_tokens", {"messages": [{"role": "user", "content": "a"}]}),
+    ):
+        r = await c.post(path, json={"model": "chat-only", **body})
+        assert r.status == 400, path
+        message = (await r.json())["error"]["message"]
+        assert "model 'chat-only' is served by an upstream that does not speak" in message
+        assert "api = ['chat']" in message
+    r = await c.post("/v1/chat/completions", json={
+        "model": "chat-only", "max_tokens": 1, "messages": [{"role": "user", "content": "a"}]})
+    assert r.status == 200

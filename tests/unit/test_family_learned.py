@@ -1,9 +1,11 @@
-"""What an undeclared upstream is learned to lack, and what counts as a missing route."""
+"""What an undeclared upstream is learned to lack, what counts as a missing route, and
+which upstream API each route needs."""
 
 from __future__ import annotations
 
 import pytest
 
+from proxy.families.bridge import route_api
 from proxy.families.learned import Learned, route_missing
 
 
@@ -33,3 +35,18 @@ def test_learned_per_upstream_and_family_bounded() -> None:
     # The oldest upstream is forgotten first; the table never grows past its limit.
     assert not learned.lacks("a", "messages")
     assert learned.lacks("b", "messages") and learned.lacks("c", "messages")
+
+
+@pytest.mark.parametrize(("family", "path", "api"), [
+    ("openai", "/v1/chat/completions", "chat"),
+    ("openai", "/v1/completions", "completions"),
+    ("openai", "/v1/embeddings", "embeddings"),
+    ("openai", "/v1/reranking", "rerank"),
+    ("openai", "/v1/chat/completions/input_tokens", "native"),
+    ("native", "/tokenize", "native"),
+    ("anthropic", "/v1/messages/count_tokens", "messages"),
+    ("responses", "/v1/responses", "responses"),
+    ("openai", "/v1/unknown", None),
+])
+def test_route_api(family: str, path: str, api: str | None) -> None:
+    assert route_api(family, path) == api  # type: ignore[arg-type]
