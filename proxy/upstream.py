@@ -106,7 +106,8 @@ class Call:
 class SendAgain(Exception):
     """Raised by a consumer that has learned, before answering, that the call must be
     sent differently (a family its upstream lacks goes translated): sent again at once,
-    within ``ATTEMPTS``, and the upstream is not reported as failing."""
+    up to ``SEND_AGAIN`` times besides ``ATTEMPTS``; the upstream is not reported as
+    failing."""
 
 
 @functools.lru_cache(maxsize=64)
