@@ -62,7 +62,8 @@ def asked(body: dict[str, Any]) -> Asked:
     return Asked(
         model=str(body.get("model") or ""),
         stream=body.get("stream") is True,
-        thinking=isinstance(thinking, dict) and thinking.get("type") == "enabled",
+        thinking=isinstance(thinking, dict) and thinking.get("type") in (
+            "enabled", "adaptive") and thinking.get("display") != "omitted",
         stop_sequences=tuple(s for s in stops if isinstance(s, str))
         if isinstance(stops, list) else (),
     )
@@ -120,9 +121,12 @@ def count_request(body: dict[str, Any]) -> dict[str, Any]:
 
 def _message(m: Any, i: int) -> list[dict[str, Any]]:
     where = f"messages[{i}]"
-    if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-        raise BadRequest(f"{where}: 'role' must be 'user' or 'assistant'")
+    if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+        raise BadRequest(f"{where}: 'role' must be 'user', 'assistant' or 'system'")
     role, content = m["role"], m.get("content")
+    if role == "system":
+        # A system turn among the messages (Claude Code sends its environment so).
+        return [{"role": "system", "content": text(content, where)}]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):

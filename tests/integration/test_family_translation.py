@@ -25,6 +25,7 @@ MODELS = [
     # The same server, not declared: Corral learns from its 404s.
     {"name": "undeclared", "env": REFUSING},
     {"name": "native"},
+    {"name": "stops", "api": ["chat"], "env": {"FAKE_STOP_AFTER": "2"}},
     {"name": "emb-only", "api": ["embeddings"], "embedding": True,
      "capabilities": ["chat"]},
 ]
@@ -511,3 +512,13 @@ async def test_other_families_the_model_does_not_speak_are_refused(ports: Any) -
     r = await c.post("/v1/chat/completions", json={
         "model": "chat-only", "max_tokens": 1, "messages": [{"role": "user", "content": "a"}]})
     assert r.status == 200
+
+
+async def test_a_natural_stop_is_the_end_of_a_turn(ports: Any, claude: Any, oai: Any) -> None:
+    msg = await claude(ports.openai).messages.create(
+        model="stops", max_tokens=50, messages=[{"role": "user", "content": "p q r"}])
+    assert msg.stop_reason == "end_turn" and msg.content[0].text == "p q"  # type: ignore[union-attr]
+    async with oai(ports.openai).responses.stream(model="stops", input="p q r",
+                                                  max_output_tokens=50) as s:
+        final = await s.get_final_response()
+    assert final.status == "completed" and final.output_text == "p q"

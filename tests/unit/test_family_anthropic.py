@@ -58,6 +58,12 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "t",
                                            "signature": "s"}]}]},
      {"messages": [{"role": "assistant", "content": ""}]}),
+    ("a system turn among the messages (Claude Code)", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment",
+                                        "cache_control": {"type": "ephemeral"}}]}]},
+     {"messages": [{"role": "user", "content": "hi"},
+                   {"role": "system", "content": "# Environment"}]}),
     ("sampling, stops, metadata", {
         "temperature": 0.2, "top_p": 0.9, "top_k": 5, "stop_sequences": ["END"],
         "metadata": {"user_id": "u1"}, "thinking": {"type": "enabled", "budget_tokens": 9},
@@ -89,7 +95,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"model": "m", "messages": []}, "'max_tokens' is required"),
     ({"model": "m", "max_tokens": 0, "messages": []}, "'max_tokens' is required"),
     ({**BASE}, "'messages' is required"),
-    ({**BASE, "messages": [{"role": "system", "content": "x"}]}, "messages[0]: 'role'"),
+    ({**BASE, "messages": [{"role": "tool", "content": "x"}]}, "messages[0]: 'role'"),
     ({**BASE, "messages": [{"role": "user", "content": 3}]}, "messages[0]: 'content'"),
     ({**BASE, "messages": [{"role": "user", "content": [{"type": "document"}]}]},
      "messages[0].content[0]: block type 'document'"),
@@ -248,3 +254,53 @@ def test_empty_stream_still_closes_the_message() -> None:
     events = s.start({}) + s.finish()
     assert [e for e, _ in events] == ["message_start", "ping", "message_delta", "message_stop"]
     assert events[2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+@pytest.mark.parametrize(("thinking", "shown"), [
+    ({"type": "enabled", "budget_tokens": 1024}, True),
+    ({"type": "adaptive"}, True),
+    ({"type": "adaptive", "display": "omitted"}, False),
+    ({"type": "disabled"}, False),
+    (None, False),
+])
+def test_thinking_asked(thinking: Any, shown: bool) -> None:
+    assert ac.asked({"model": "m", "thinking": thinking}).thinking is shown
+
+
+# The shape of Claude Code 2.1.332's first call (captured against a stub server, texts
+# cut short): system blocks with cache_control, a system turn among the messages,
+# adaptive thinking, and fields a chat upstream has no use for.
+CLAUDE_CODE = {
+    "model": "cc", "max_tokens": 32000, "stream": True,
+    "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332;"},
+               {"type": "text", "text": "You are a Claude agent.",
+                "cache_control": {"type": "ephemeral"}}],
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "<system-reminder>…"},
+                                     {"type": "text", "text": "hello there",
+                                      "cache_control": {"type": "ephemeral"}}]},
+        {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}],
+    "tools": [{"name": "Read", "description": "Reads a file.", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+        "properties": {"file_path": {"type": "string"}}, "required": ["file_path"],
+        "additionalProperties": False}}],
+    "metadata": {"user_id": '{"session_id":"s"}'},
+    "thinking": {"type": "adaptive", "display": "omitted"},
+    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    "output_config": {"effort": "high"},
+}
+
+
+def test_claude_codes_request() -> None:
+    chat = ac.request(CLAUDE_CODE)
+    assert chat["messages"] == [
+        {"role": "system", "content": "x-anthropic-billing-header: cc_version=2.1.332;\n"
+                                      "You are a Claude agent."},
+        {"role": "user", "content": "<system-reminder>…\nhello there"},
+        {"role": "system", "content": "# Environment"}]
+    assert chat["tools"] == [{"type": "function", "function": {
+        "name": "Read", "description": "Reads a file.",
+        "parameters": CLAUDE_CODE["tools"][0]["input_schema"]}}]  # type: ignore[index]
+    assert chat["max_tokens"] == 32000 and chat["user"] == '{"session_id":"s"}'
+    assert not {"thinking", "context_management", "output_config", "metadata"} & set(chat)
+    assert ac.asked(CLAUDE_CODE).thinking is False  # "display": "omitted"
