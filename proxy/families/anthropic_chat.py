@@ -5,7 +5,8 @@ content parts; an assistant's ``tool_use`` blocks its ``tool_calls``; a user's
 ``tool_result`` blocks ``tool`` messages (placed first: they answer the calls of the
 turn before). ``thinking`` blocks are dropped (chat has no field every server reads);
 Anthropic's server tools (``web_search_…``, ``bash_…``) cannot run on a chat upstream
-and are refused with a 400.
+and are left out; block types chat has no place for (``document``, ...) are refused
+with a 400.
 
 Answers: text and ``tool_calls`` become ``text`` and ``tool_use`` blocks, a reasoning
 model's ``reasoning_content`` a ``thinking`` block when the client asked for
@@ -98,9 +99,11 @@ def request(body: dict[str, Any]) -> dict[str, Any]:
     if tools:
         if not isinstance(tools, list):
             raise BadRequest("'tools' must be a list")
-        chat["tools"] = [_tool(t) for t in tools]
+        chat["tools"] = [fn for fn in map(_tool, tools) if fn is not None]
+        if not chat["tools"]:
+            del chat["tools"]
     choice_ = body.get("tool_choice")
-    if isinstance(choice_, dict):
+    if isinstance(choice_, dict) and "tools" in chat:
         _tool_choice(choice_, chat)
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
@@ -195,13 +198,13 @@ def _image(source: Any, at: str) -> str:
     raise BadRequest(f"{at}: an image's 'source' must be base64 or url")
 
 
-def _tool(t: Any) -> dict[str, Any]:
+def _tool(t: Any) -> dict[str, Any] | None:
+    """A client tool as a chat function; None for a server tool (``web_search_…``,
+    ``bash_…``): it runs at Anthropic, so the model works without it."""
     if not isinstance(t, dict) or "name" not in t:
         raise BadRequest("each tool needs a 'name'")
-    kind = t.get("type")
-    if kind not in (None, "custom"):
-        raise BadRequest(f"tool {t['name']!r} is Anthropic's server tool {kind!r}, which "
-                         "needs an upstream that speaks Anthropic Messages")
+    if t.get("type") not in (None, "custom"):
+        return None
     fn: dict[str, Any] = {"name": t["name"],
                           "parameters": t.get("input_schema") or {"type": "object"}}
     if t.get("description"):

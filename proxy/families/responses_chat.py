@@ -4,8 +4,11 @@ Requests: ``instructions`` becomes a system message; ``input`` (a string, or ite
 messages with ``input_text``/``input_image`` parts, ``function_call``,
 ``function_call_output``) becomes chat messages, consecutive function calls one
 assistant turn; ``reasoning`` items are dropped. What needs state or tools that only
-OpenAI runs is refused with a 400: ``item_reference`` items, built-in tools
-(``web_search``, ``file_search``, ``code_interpreter``, ...). ``previous_response_id``
+OpenAI runs is refused with a 400 (``item_reference`` items, ``input_file`` parts) or
+left out (built-in tools: ``web_search``, ``file_search``, ``code_interpreter``, custom
+tools, ...; the model works without them); a ``namespace`` tool's functions go to chat
+as ``NAMESPACE__NAME`` and their calls come back with ``namespace`` set.
+``previous_response_id``
 is served from the conversations the bridge keeps (``history``, ``assistant``): the
 earlier turns go before the new input, as OpenAI does, without the earlier
 ``instructions``.
@@ -45,6 +48,9 @@ class Asked:
     stream: bool
     # Echoed in the response object, as OpenAI does.
     echo: dict[str, Any]
+    # Names of the request's namespace tools: their functions go to chat as
+    # "NAMESPACE__NAME" and come back split.
+    namespaces: frozenset[str] = frozenset()
 
 
 def asked(body: dict[str, Any]) -> Asked:
@@ -56,7 +62,11 @@ def asked(body: dict[str, Any]) -> Asked:
     echo["metadata"] = echo["metadata"] or {}
     echo["parallel_tool_calls"] = echo["parallel_tool_calls"] is not False
     echo["text"] = echo["text"] or {"format": {"type": "text"}}
-    return Asked(str(body.get("model") or ""), body.get("stream") is True, echo)
+    tools = body.get("tools")
+    namespaces = frozenset(
+        str(t.get("name")) for t in (tools if isinstance(tools, list) else [])
+        if isinstance(t, dict) and t.get("type") == "namespace")
+    return Asked(str(body.get("model") or ""), body.get("stream") is True, echo, namespaces)
 
 
 # --- request ------------------------------------------------------------------------------
@@ -91,9 +101,13 @@ def request(body: dict[str, Any],
     if tools:
         if not isinstance(tools, list):
             raise BadRequest("'tools' must be a list")
-        chat["tools"] = [_tool(t) for t in tools]
+        chat["tools"] = [fn for t in tools for fn in _tools(t)]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    if not chat.get("tools"):
+        # Only built-in tools were given (or none): nothing for a chat model to call.
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            chat.pop(key, None)
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_object":
         chat["response_format"] = {"type": "json_object"}
@@ -131,10 +145,12 @@ def _item(item: Any, where: str, out: list[dict[str, Any]]) -> None:
             raise BadRequest(f"{where}: 'role' must be user, assistant, system or developer")
         out.append({"role": role, "content": _content(item.get("content"), role, where)})
     elif kind == "function_call":
+        name = str(item.get("name", ""))
+        if item.get("namespace"):
+            name = f"{item['namespace']}{SEP}{name}"
         call = {"id": str(item.get("call_id") or item.get("id") or new_id("call_")),
                 "type": "function",
-                "function": {"name": str(item.get("name", "")),
-                             "arguments": str(item.get("arguments") or "{}")}}
+                "function": {"name": name, "arguments": str(item.get("arguments") or "{}")}}
         last = out[-1] if out else None
         if last is not None and last["role"] == "assistant":
             last.setdefault("tool_calls", []).append(call)
@@ -177,23 +193,46 @@ def _content(content: Any, role: str, where: str) -> Any:
     return parts
 
 
-def _tool(t: Any) -> dict[str, Any]:
+# Between a namespace and a function's name in the chat tool's name: chat names allow
+# letters, digits, "_" and "-" only.
+SEP = "__"
+
+
+def _tools(t: Any, namespace: str = "") -> list[dict[str, Any]]:
+    """The chat function tools of one Responses tool. Built-in tools (web_search,
+    file_search, code_interpreter, custom, mcp, ...) run at OpenAI, not in a chat
+    upstream: they are left out and the model works without them."""
     if not isinstance(t, dict):
         raise BadRequest("each tool must be an object")
+    if t.get("type") == "namespace" and not namespace:
+        inner = t.get("tools")
+        return [fn for x in (inner if isinstance(inner, list) else [])
+                for fn in _tools(x, f"{t.get('name')}{SEP}")]
     if t.get("type") != "function":
-        raise BadRequest(f"tool type {t.get('type')!r} cannot be sent to a chat completions "
-                         "upstream, which runs no built-in tools; use 'function' tools")
+        return []
     fn = {k: t[k] for k in ("name", "description", "parameters", "strict")
           if t.get(k) is not None}
-    return {"type": "function", "function": fn}
+    fn["name"] = namespace + str(fn.get("name", ""))
+    return [{"type": "function", "function": fn}]
 
 
 def _tool_choice(c: Any) -> Any:
     if isinstance(c, str):
         return c
     if isinstance(c, dict) and c.get("type") == "function":
-        return {"type": "function", "function": {"name": c.get("name")}}
-    raise BadRequest("'tool_choice' must be auto, none, required or a function")
+        name = str(c.get("name"))
+        if c.get("namespace"):
+            name = f"{c['namespace']}{SEP}{name}"
+        return {"type": "function", "function": {"name": name}}
+    if isinstance(c, dict):
+        return "auto"  # a built-in tool, left out (see _tools)
+    raise BadRequest("'tool_choice' must be auto, none, required or an object")
+
+
+def _split(name: str, namespaces: frozenset[str]) -> tuple[str, str | None]:
+    """A chat tool name as (name, namespace) of the request's tools."""
+    ns, sep, rest = name.partition(SEP)
+    return (rest, ns) if sep and ns in namespaces else (name, None)
 
 
 # --- answer -------------------------------------------------------------------------------
@@ -229,9 +268,14 @@ def _reasoning(ident: str, content: str) -> dict[str, Any]:
             "content": [{"type": "reasoning_text", "text": content}]}
 
 
-def _call(call_id: str, name: str, args: str, status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name,
-            "arguments": args, "status": status}
+def _call(call_id: str, name: str, args: str, status: str,
+          namespaces: frozenset[str] = frozenset()) -> dict[str, Any]:
+    name, namespace = _split(name, namespaces)
+    out = {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name,
+           "arguments": args, "status": status}
+    if namespace is not None:
+        out["namespace"] = namespace
+    return out
 
 
 def _status(reason: str | None) -> str:
@@ -253,7 +297,7 @@ def response(answer: dict[str, Any], ask: Asked) -> dict[str, Any]:
     for call in calls:
         fn = call.get("function") or {}
         output.append(_call(str(call.get("id") or new_id("call_")), str(fn.get("name", "")),
-                            str(fn.get("arguments") or "{}"), "completed"))
+                            str(fn.get("arguments") or "{}"), "completed", ask.namespaces))
     # The id is ours, never the upstream's: kept conversations are found by it, and a
     # server may reuse its ids.
     return _envelope(new_id("resp_"), ask, str(answer.get("model", "")),
@@ -382,8 +426,10 @@ class Stream:
         """The assistant's chat message of what was streamed (call ``finish()`` first)."""
         text_ = "".join(o["content"][0]["text"] for o in self._done
                         if o["type"] == "message" and o["content"])
-        calls = [{"id": o["call_id"], "function": {"name": o["name"],
-                                                   "arguments": o["arguments"]}}
+        calls = [{"id": o["call_id"], "function": {
+                     # The chat side's name, as the model called it.
+                     "name": f"{o['namespace']}{SEP}{o['name']}" if "namespace" in o
+                     else o["name"], "arguments": o["arguments"]}}
                  for o in self._done if o["type"] == "function_call"]
         return _assistant(text_, calls)
 
@@ -399,7 +445,7 @@ class Stream:
         index = len(self._done)
         if kind == "function_call":
             item = _Open(kind, index, "fc_" + call_id, call_id=call_id, name=name)
-            added = _call(call_id, name, "", "in_progress")
+            added = _call(call_id, name, "", "in_progress", self.ask.namespaces)
         elif kind == "message":
             item = _Open(kind, index, new_id("msg_"))
             added = _message(item.item_id, "", "in_progress")
@@ -428,7 +474,7 @@ class Stream:
                                    part=done["content"][0]))
         elif item.kind == "function_call":
             args = self._tools_args(item)
-            done = _call(item.call_id, item.name, args, "completed")
+            done = _call(item.call_id, item.name, args, "completed", self.ask.namespaces)
             out.append(self._event("response.function_call_arguments.done", **common,
                                    arguments=args))
         else:

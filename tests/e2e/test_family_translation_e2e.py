@@ -182,11 +182,13 @@ def test_errors_come_back_in_each_familys_envelope(claude: anthropic.Anthropic,
                                                    oai: openai.OpenAI) -> None:
     client = claude
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(model="gemma-chat", max_tokens=4, messages=HELLO,  # type: ignore[arg-type]
-                               tools=[{"type": "bash_20250124", "name": "bash"}])  # type: ignore[list-item]
+        client.messages.create(model="gemma-chat", max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "document", "source": {
+                "type": "text", "media_type": "text/plain", "data": "x"}}]}])
     assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
-        oai.responses.create(model="gemma-chat", input="x", tools=[{"type": "web_search"}])  # type: ignore[list-item]
+        oai.responses.create(model="gemma-chat", input=[
+            {"type": "item_reference", "id": "msg_1"}])  # type: ignore[list-item]
     # llama-server's own refusal (a context overflow) is relayed in Anthropic's shape.
     with pytest.raises(anthropic.APIStatusError) as e2:
         client.messages.create(model="gemma-chat", max_tokens=4,

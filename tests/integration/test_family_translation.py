@@ -187,13 +187,14 @@ async def test_count_tokens_through_the_chat_path(ports: Any, claude: Any) -> No
 
 async def test_errors_in_anthropics_envelope(ports: Any, claude: Any) -> None:
     client = claude(ports.openai)
-    # Refused by the translation: a server tool cannot run on a chat upstream.
+    # Refused by the translation: chat has no place for a document block.
     with pytest.raises(anthropic.BadRequestError) as e:
         await client.messages.create(
-            model="chat-only", max_tokens=4, messages=[{"role": "user", "content": "x"}],
-            tools=[{"type": "web_search_20250305", "name": "web_search"}])  # type: ignore[list-item]
+            model="chat-only", max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                "data": "x"}}]}])
     assert e.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
-    assert "web_search" in e.value.body["error"]["message"]  # type: ignore[index]
+    assert "block type 'document'" in e.value.body["error"]["message"]  # type: ignore[index]
     # Refused before a lease: nothing was launched for it.
     from proxy.keys import SCHEDULER
 
@@ -522,3 +523,18 @@ async def test_a_natural_stop_is_the_end_of_a_turn(ports: Any, claude: Any, oai:
                                                   max_output_tokens=50) as s:
         final = await s.get_final_response()
     assert final.status == "completed" and final.output_text == "p q"
+
+
+async def test_built_in_tools_are_left_out(ports: Any, claude: Any, oai: Any) -> None:
+    """A server tool runs at Anthropic or OpenAI, not in a chat upstream: the call goes
+    on without it (Claude Code and Codex send some), function tools kept."""
+    msg = await claude(ports.openai).messages.create(
+        model="chat-only", max_tokens=2, messages=[{"role": "user", "content": "a"}],
+        tools=[{"type": "web_search_20250305", "name": "web_search"}])  # type: ignore[list-item]
+    assert msg.content[0].text == "a a"  # type: ignore[union-attr]
+    assert "tools" not in (await seen(ports, "chat-only"))[-1]["body"]
+    resp = await oai(ports.openai).responses.create(
+        model="chat-only", input="add", tools=[*FN_TOOLS, {"type": "web_search"}])  # type: ignore[list-item]
+    assert [o.type for o in resp.output] == ["function_call"]
+    sent = (await seen(ports, "chat-only"))[-1]["body"]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["add"]

@@ -80,6 +80,11 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         "messages": [{"role": "user", "content": "x"}]},
      {"tools": [CHAT_TOOL], "tool_choice": {"type": "function", "function": {"name": "add"}},
       "messages": [{"role": "user", "content": "x"}]}),
+    ("server tools are left out, their tool choice with them", {
+        "tools": [{"type": "web_search_20250305", "name": "web_search"},
+                  {"type": "bash_20250124", "name": "bash"}],
+        "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "x"}]},
+     {"messages": [{"role": "user", "content": "x"}]}),
     ("stream asks for usage", {"stream": True, "messages": [{"role": "user", "content": "x"}]},
      {"stream": True, "stream_options": {"include_usage": True},
       "messages": [{"role": "user", "content": "x"}]}),
@@ -102,8 +107,6 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({**BASE, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
      "an image's 'source' must be base64 or url"),
-    ({**BASE, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
-     "server tool 'web_search_20250305'"),
     ({**BASE, "messages": [], "system": 7}, "'system' must be a string"),
     ({**BASE, "messages": [], "tools": {"name": "x"}}, "'tools' must be a list"),
     ({**BASE, "messages": [], "tools": [{"description": "no name"}]}, "each tool needs a 'name'"),

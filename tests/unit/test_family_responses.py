@@ -69,6 +69,32 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
           "name": "s", "schema": {"type": "object"}, "strict": True}},
       "reasoning_effort": "low", "temperature": 0.5, "top_p": 0.8,
       "parallel_tool_calls": False}),
+    ("built-in tools are left out (Codex sends web_search)", {
+        "input": "x", "tools": [FN, {"type": "web_search", "external_web_access": False},
+                                {"type": "custom", "name": "apply_patch"}],
+        "tool_choice": {"type": "web_search"}},
+     {"messages": [{"role": "user", "content": "x"}], "tools": [CHAT_FN],
+      "tool_choice": "auto"}),
+    ("only built-in tools: no tools at all", {
+        "input": "x", "tools": [{"type": "file_search"}], "tool_choice": "required",
+        "parallel_tool_calls": True},
+     {"messages": [{"role": "user", "content": "x"}]}),
+    ("namespace tools go flat, their calls joined", {"input": [
+        {"type": "function_call", "call_id": "c", "namespace": "crm", "name": "find",
+         "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c", "output": "none"}],
+        "tools": [{"type": "namespace", "name": "crm", "description": "CRM", "tools": [
+            {"type": "function", "name": "find", "parameters": {"type": "object"}},
+            {"type": "custom", "name": "free"}]}],
+        "tool_choice": {"type": "function", "namespace": "crm", "name": "find"}},
+     {"messages": [
+         {"role": "assistant", "content": None, "tool_calls": [
+             {"id": "c", "type": "function",
+              "function": {"name": "crm__find", "arguments": "{}"}}]},
+         {"role": "tool", "tool_call_id": "c", "content": "none"}],
+      "tools": [{"type": "function", "function": {
+          "name": "crm__find", "parameters": {"type": "object"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "crm__find"}}}),
     ("json object, stream", {"input": "x", "text": {"format": {"type": "json_object"}},
                              "stream": True},
      {"messages": [{"role": "user", "content": "x"}],
@@ -91,11 +117,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"model": "m", "input": [{"role": "tool", "content": "x"}]}, "input[0]: 'role'"),
     ({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file"}]}]},
      "input[0].content[0]: part type 'input_file'"),
-    ({"model": "m", "input": "x", "tools": [{"type": "web_search"}]},
-     "tool type 'web_search' cannot be sent to a chat completions upstream"),
-    ({"model": "m", "input": "x", "tools": [{"type": "custom", "name": "apply_patch"}]},
-     "use 'function' tools"),
-    ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "'tool_choice'"),
+    ({"model": "m", "input": "x", "tool_choice": 3}, "'tool_choice'"),
+    ({"model": "m", "input": "x", "tools": "web_search"}, "'tools' must be a list"),
 ]
 
 
@@ -247,3 +270,24 @@ def test_stream_assistant_message() -> None:
     assert rc.assistant(chat_answer({"content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         "tool_calls"))["content"] is None
+
+
+def test_namespace_calls_come_back_split() -> None:
+    ask = rc.asked({"model": "m", "input": "x", "tools": [
+        {"type": "namespace", "name": "crm", "tools": [{"type": "function", "name": "find"}]}]})
+    assert ask.namespaces == {"crm"}
+    r = rc.response(chat_answer({"content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "crm__find", "arguments": "{}"}},
+        {"id": "c2", "type": "function", "function": {"name": "x__y", "arguments": "{}"}}]},
+        "tool_calls"), ask)
+    assert [(o["name"], o.get("namespace")) for o in r["output"]] == [
+        ("find", "crm"), ("x__y", None)]
+    s = rc.Stream(ask)
+    s.start({})
+    s.feed(chunk({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                  "function": {"name": "crm__find", "arguments": "{}"}}]}))
+    events = s.finish()
+    done = [d["item"] for e, d in events if e == "response.output_item.done"]
+    assert done[0]["name"] == "find" and done[0]["namespace"] == "crm"
+    # Kept for previous_response_id under the name the model used.
+    assert s.assistant()["tool_calls"][0]["function"]["name"] == "crm__find"
