@@ -2,10 +2,15 @@
 
 A model-routed call of the Anthropic Messages or Responses family is decided per
 leased upstream (a fallback or a remote may differ from the first choice): when the
-upstream speaks the family (``Upstream.apis`` is None or names it), the call is the
-pass-through, byte for byte. Otherwise its body is translated to chat completions,
-sent to ``/v1/chat/completions`` through the same call path (lease, time limits,
-resends, loading feedback), and the answer translated back, streamed as it comes.
+upstream speaks the family (``Upstream.apis`` names it, or is None and the upstream
+has not been learned to lack it), the call is the pass-through, byte for byte.
+Otherwise its body is translated to chat completions, sent to ``/v1/chat/completions``
+through the same call path (lease, time limits, resends, loading feedback), and the
+answer translated back, streamed as it comes. An undeclared upstream that answers the
+family's route with "no such route" is learned to lack it, and the call is sent again
+(``upstream.SendAgain``). Translated Responses are kept for ``previous_response_id``.
+A call of a family that is never translated is refused when the model's ``api``
+lacks it (``of``).
 
 Token counting has no chat equivalent every server has, so ``count_tokens`` and
 ``input_tokens`` become a chat call with ``max_tokens: 1`` whose usage gives the prompt
