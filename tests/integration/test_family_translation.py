@@ -400,6 +400,16 @@ async def test_a_cold_translated_stream_gets_loading_comments(
     kinds = [e for e, _ in events]
     assert kinds[0] == ":" and "message_start" in kinds and kinds[-1] == "message_stop"
     assert kinds.index("message_start") > max(i for i, k in enumerate(kinds) if k == ":")
+    # Refused by the upstream after the comments began: the status line is gone, so
+    # the refusal is the stream's one event, in Anthropic's shape.
+    r = await ports.openai.post("/admin/models/slow/unload")
+    assert r.status == 200
+    r = await ports.openai.post("/v1/messages", json={
+        "model": "slow", "max_tokens": 2, "stream": True, "messages": []})
+    events = sse(await r.text())
+    assert r.status == 200 and events[0][0] == ":"
+    assert [e for e, _ in events if e != ":"] == ["error"]
+    assert "'messages' is required" in events[-1][1]["error"]["message"]
 
 
 async def test_a_missing_model_is_not_a_missing_route_and_whole_answers_stream(
