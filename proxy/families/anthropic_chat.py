@@ -28,6 +28,7 @@ from proxy.families.chat import (
     arguments,
     choice,
     finish_reason,
+    force_tool,
     new_id,
     stream_options,
     text,
@@ -221,7 +222,7 @@ def _tool_choice(c: dict[str, Any], chat: dict[str, Any]) -> None:
     elif kind == "none":
         chat["tool_choice"] = "none"
     elif kind == "tool":
-        chat["tool_choice"] = {"type": "function", "function": {"name": c.get("name")}}
+        force_tool(chat, c.get("name"))
     if c.get("disable_parallel_tool_use") is True:
         chat["parallel_tool_calls"] = False
 

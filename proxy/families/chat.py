@@ -130,3 +130,17 @@ def stream_options(body: dict[str, Any]) -> None:
     """Ask a streaming chat upstream for usage in its last chunk."""
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
+
+
+def force_tool(chat: dict[str, Any], name: Any) -> None:
+    """Make the model call the tool ``name``: the other tools left out and
+    ``tool_choice: "required"``. The same as OpenAI's named tool choice, and what
+    servers that take only a string there (llama-server) understand."""
+    tools = chat.get("tools") or []
+    named = [t for t in tools if (t.get("function") or {}).get("name") == name]
+    if named:
+        chat["tools"] = named
+        chat["tool_choice"] = "required"
+    else:
+        # Not among the tools: the upstream's own error says so.
+        chat["tool_choice"] = {"type": "function", "function": {"name": name}}

@@ -33,6 +33,7 @@ from proxy.families.chat import (
     Usage,
     choice,
     finish_reason,
+    force_tool,
     new_id,
     stream_options,
     text,
@@ -104,6 +105,9 @@ def request(body: dict[str, Any],
         chat["tools"] = [fn for t in tools for fn in _tools(t)]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        named = chat["tool_choice"]
+        if isinstance(named, dict):
+            force_tool(chat, named["function"]["name"])
     if not chat.get("tools"):
         # Only built-in tools were given (or none): nothing for a chat model to call.
         for key in ("tools", "tool_choice", "parallel_tool_calls"):

@@ -111,8 +111,10 @@ def test_anthropic_tool_use_round_trip(claude: anthropic.Anthropic) -> None:
     uses = [b for b in msg.content if b.type == "tool_use"]
     assert uses and uses[0].name == "get_weather" and uses[0].input == {"city": "Paris"}
     assert msg.stop_reason in ("tool_use", "max_tokens")
+    # Named: llama-server takes no object tool_choice, so it goes as that tool, required.
     with client.messages.stream(model="gemma-chat", max_tokens=40, extra_body={"temperature": 0},
-                                tools=TOOLS, tool_choice={"type": "any"},  # type: ignore[arg-type]
+                                tools=TOOLS,  # type: ignore[arg-type]
+                                tool_choice={"type": "tool", "name": "get_weather"},
                                 messages=WEATHER) as stream:  # type: ignore[arg-type]
         kinds = [e.type for e in stream]
         streamed = stream.get_final_message()

@@ -75,10 +75,15 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         "messages": [{"role": "user", "content": "x"}]},
      {"tools": [CHAT_TOOL], "tool_choice": "required", "parallel_tool_calls": False,
       "messages": [{"role": "user", "content": "x"}]}),
-    ("tool choice by name", {
-        "tools": [TOOL], "tool_choice": {"type": "tool", "name": "add"},
+    ("tool choice by name: that tool, required", {
+        "tools": [{**TOOL, "name": "sub"}, TOOL], "tool_choice": {"type": "tool", "name": "add"},
         "messages": [{"role": "user", "content": "x"}]},
-     {"tools": [CHAT_TOOL], "tool_choice": {"type": "function", "function": {"name": "add"}},
+     {"tools": [CHAT_TOOL], "tool_choice": "required",
+      "messages": [{"role": "user", "content": "x"}]}),
+    ("tool choice naming no tool", {
+        "tools": [TOOL], "tool_choice": {"type": "tool", "name": "nope"},
+        "messages": [{"role": "user", "content": "x"}]},
+     {"tools": [CHAT_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}},
       "messages": [{"role": "user", "content": "x"}]}),
     ("server tools are left out, their tool choice with them", {
         "tools": [{"type": "web_search_20250305", "name": "web_search"},

@@ -64,7 +64,7 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         "reasoning": {"effort": "low"}, "temperature": 0.5, "top_p": 0.8,
         "parallel_tool_calls": False, "store": False, "metadata": {"k": "v"}},
      {"messages": [{"role": "user", "content": "x"}], "tools": [CHAT_FN],
-      "tool_choice": {"type": "function", "function": {"name": "add"}},
+      "tool_choice": "required",
       "response_format": {"type": "json_schema", "json_schema": {
           "name": "s", "schema": {"type": "object"}, "strict": True}},
       "reasoning_effort": "low", "temperature": 0.5, "top_p": 0.8,
@@ -94,7 +94,7 @@ REQUESTS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
          {"role": "tool", "tool_call_id": "c", "content": "none"}],
       "tools": [{"type": "function", "function": {
           "name": "crm__find", "parameters": {"type": "object"}}}],
-      "tool_choice": {"type": "function", "function": {"name": "crm__find"}}}),
+      "tool_choice": "required"}),
     ("json object, stream", {"input": "x", "text": {"format": {"type": "json_object"}},
                              "stream": True},
      {"messages": [{"role": "user", "content": "x"}],
