@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
@@ -9,6 +11,7 @@ from proxy.body import BodyBudget
 from proxy.chat_store import ChatStore
 from proxy.families.learned import FamilyState
 from scheduler.config import CorralConfig
+from scheduler.discovery.watch import Discovery
 from scheduler.scheduler import Scheduler
 
 CONFIG = web.AppKey("config", CorralConfig)
@@ -21,3 +24,7 @@ CHAT_STORE = web.AppKey("lmstudio_chats", ChatStore)
 
 # What family translation learns and keeps (proxy.families), shared by every port app.
 FAMILIES = web.AppKey("families", FamilyState)
+
+# Models found on disk (the scanner) and pulls in progress, shared by every port.
+DISCOVERY = web.AppKey("discovery", Discovery)
+PULL_LOCKS = web.AppKey("pull_locks", dict[str, asyncio.Lock])

@@ -21,7 +21,9 @@ from tests.conftest import make_config
 
 REFUSING = {"FAKE_REFUSE": "messages,responses", "FAKE_TOOL_CALLS": "1"}
 MODELS = [
-    {"name": "chat-only", "api": ["chat"], "env": REFUSING},
+    # Declared vision-capable: Corral refuses images to a model without a projector.
+    {"name": "chat-only", "api": ["chat"], "env": REFUSING,
+     "capabilities": ["chat", "completion", "tools", "vision"]},
     # The same server, not declared: Corral learns from its 404s.
     {"name": "undeclared", "env": REFUSING},
     {"name": "native"},
