@@ -10,10 +10,8 @@ and the reloader do the work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
-import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -25,9 +23,9 @@ from proxy import __version__
 from proxy.guard import Forbidden
 from proxy.keys import CONFIG, SCHEDULER
 from proxy.metrics import METRICS, resident_memory
+from proxy.ops import config_edit
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
-from scheduler.config import CorralConfig
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -37,6 +35,11 @@ DASHBOARD_FILES = {
     "index.html": ("index.html", "text/html"),
     "app.js": ("app.js", "text/javascript"),
     "style.css": ("style.css", "text/css"),
+    # The dashboard's ES modules (proxy/ops is their API) and the vendored uPlot.
+    **{n: (n, "text/javascript") for n in (
+        "charts.js", "playground.js", "config.js", "models.js", "keys.js", "util.js",
+        "uplot.min.js")},
+    "uplot.min.css": ("uplot.min.css", "text/css"),
 }
 # Paths the auth middleware lets through: static files, no data.
 OPEN_PATHS = frozenset(f"/dashboard/{n}" for n in DASHBOARD_FILES)
@@ -317,22 +320,11 @@ async def get_config_file(request: web.Request) -> web.Response:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
     except OSError as e:
         raise NotFound(f"{path}: {e.strerror or e}") from None
-    return web.Response(text=_redact_text(text, request.app[RELOADER].current),
+    # Every API key (the running ones and the file's own) replaced, as ``_redacted``
+    # does for the parsed view.
+    keys = request.app[RELOADER].current.server.api_keys
+    return web.Response(text=config_edit.redact_text(text, keys),
                         content_type="application/toml")
-
-
-def _redact_text(text: str, cfg: CorralConfig) -> str:
-    """The file with every API key (the running ones and the file's own) replaced, as
-    ``_redacted`` does for the parsed view. Replacing the strings themselves covers
-    every TOML spelling of the array (inline, multi-line, quoted either way)."""
-    keys = set(cfg.server.api_keys)
-    with contextlib.suppress(tomllib.TOMLDecodeError):
-        server = tomllib.loads(text).get("server", {})
-        given = server.get("api_keys", []) if isinstance(server, dict) else []
-        keys.update(k for k in given if isinstance(k, str) and k)
-    for key in sorted(keys, key=len, reverse=True):
-        text = text.replace(key, "<redacted>")
-    return text
 
 
 async def put_config(request: web.Request) -> web.Response:
@@ -346,9 +338,8 @@ async def put_config(request: web.Request) -> web.Response:
             "writing the config over HTTP is off; set [server] admin_config_write = true "
             "in the config file and restart Corral to allow it"
         )
-    text = await request.text()
-    if not text.strip():
-        raise BadRequest("the body must be the new config file (TOML)")
+    # The page edits the redacted file: its placeholders become the running keys again.
+    _path, text, _original = await config_edit.edited_text(request)
     try:
         outcome = await reloader.write(text)
     except ConfigError as e:

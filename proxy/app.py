@@ -31,6 +31,7 @@ from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
+from proxy.ops.mount import add_dashboard_routes
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import limits
 from scheduler.config import CorralConfig
@@ -126,6 +127,7 @@ def build_openai_app(
     app.router.add_get("/metrics", metrics.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
+    add_dashboard_routes(app, cfg)
     return app
 
 

@@ -76,6 +76,9 @@ class ServerConfig(_Strict):
     lmstudio_sdk_port: int | None = Field(
         None, ge=0, le=65535, description="extra LM Studio SDK discovery listener (41343)"
     )
+    dashboard_history: int = Field(
+        3600, ge=60, le=86400, description="seconds of per-second samples the dashboard charts"
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -379,20 +382,29 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
 def _resolve_paths(model: dict[str, Any], base: Path) -> None:
     p = model.get("path")
     if isinstance(p, str):
         model["path"] = str((base / Path(p).expanduser()).resolve())
 
 
-def load_config(path: Path | str) -> CorralConfig:
+def load_config(path: Path | str, *, text: str | None = None) -> CorralConfig:
     """Load, merge and validate a main file and its models directory.
 
     Relative model paths are taken relative to the file that names them.
-    Raises ConfigError with every problem found, one per line.
+    Raises ConfigError with every problem found, one per line. ``text``: the main
+    file's contents as they would be at ``path`` (a dry run of an edit; nothing is
+    read from ``path`` itself, its models directory still is).
     """
     path = Path(path)
-    data = _read_toml(path)
+    data = _read_toml(path) if text is None else _parse_toml(path, text)
     models = data.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
         raise ConfigError(f"{path}: models: must be an array of tables ([[models]])")
