@@ -40,6 +40,7 @@ DASHBOARD_FILES = {
         "charts.js", "playground.js", "config.js", "models.js", "keys.js", "util.js",
         "uplot.min.js")},
     "uplot.min.css": ("uplot.min.css", "text/css"),
+    "favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 # Paths the auth middleware lets through: static files, no data.
 OPEN_PATHS = frozenset(f"/dashboard/{n}" for n in DASHBOARD_FILES)
