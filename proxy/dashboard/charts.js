@@ -12,12 +12,15 @@ const HEIGHT = 180;
 const PALETTE = ["#2563eb", "#16a34a", "#dc2626", "#d97706", "#7c3aed", "#0891b2",
   "#db2777", "#65a30d", "#9333ea", "#0d9488"];
 
-const state = { timer: null, active: false, charts: {}, last: null };
+const state = { timer: null, active: false, charts: {}, last: null, lastKey: "" };
 window.corralCharts = state;
 
 const perSecond = (v) => v == null ? "–" : (+v).toFixed(v < 10 ? 2 : 0) + "/s";
 const secs = (v) => v == null ? "–" : v < 1 ? Math.round(v * 1000) + " ms" : (+v).toFixed(2) + " s";
 const count = (v) => v == null ? "–" : String(Math.round(v));
+const size = (v) => v === 0 ? "0" : bytes(v);
+// Tick steps for charts of whole things (calls waiting, instances): no "0.5 instance".
+const WHOLE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000];
 const pct = (v) => v == null ? "–" : Math.round(v * 100) + "%";
 
 // One row per chart: id, title, value format, and the lines it draws from an answer.
@@ -32,13 +35,13 @@ const CHARTS = [
     lines: (d) => [["p50", d.ttft.p50], ["p95", d.ttft.p95]] },
   { id: "duration", title: "Request duration", fmt: secs,
     lines: (d) => [["p50", d.duration.p50], ["p95", d.duration.p95]] },
-  { id: "queue", title: "Queue depth", fmt: count,
+  { id: "queue", title: "Queue depth", fmt: count, whole: true,
     lines: (d) => [["waiting", d.queue.depth]] },
   { id: "wait", title: "Queue wait (mean of the calls granted that second)", fmt: secs,
     lines: (d) => [["wait", d.queue.wait]] },
-  { id: "instances", title: "Instances by state", fmt: count,
+  { id: "instances", title: "Instances by state", fmt: count, whole: true,
     lines: (d) => Object.entries(d.instances).map(([s, v]) => [s, v]) },
-  { id: "memory", title: "Memory", fmt: bytes,
+  { id: "memory", title: "Memory", fmt: size,
     lines: (d) => {
       const m = d.memory;
       const out = [["RAM used", m.ram_used], ["RAM total", m.ram_total],
@@ -52,6 +55,58 @@ const CHARTS = [
     lines: (d) => Object.entries(d.load).map(([i, v]) => [i, v]) },
 ];
 
+// -- appending a poll's new seconds to what the page has ---------------------------
+// The first poll of a (model, window) gets the whole window; later ones ask only for
+// the seconds after the last one shown (?since=), which costs the server a second's
+// work instead of an hour's. Every array in an answer is a column aligned on "t",
+// except "models" (names). A line missing from one side was flat: zero for counts,
+// a gap (null) for the rest.
+
+const NAMES = new Set(["models"]);
+const ZERO = new Set(["requests", "errors", "instances"]);
+
+function blank(n, parent) {
+  return new Array(n).fill(ZERO.has(parent) ? 0 : null);
+}
+
+function join(a, b, na, nb, key, parent) {
+  if (NAMES.has(key)) return [...new Set([...(a || []), ...(b || [])])];
+  if (Array.isArray(a) || Array.isArray(b)) return (a || blank(na, parent)).concat(b || blank(nb, parent));
+  if ((a && typeof a === "object") || (b && typeof b === "object")) {
+    const out = {};
+    for (const k of new Set([...Object.keys(a || {}), ...Object.keys(b || {})])) {
+      out[k] = join(a && a[k], b && b[k], na, nb, k, key);
+    }
+    return out;
+  }
+  return b === undefined ? a : b;
+}
+
+function drop(x, k, key, parent) {
+  if (NAMES.has(key) || k <= 0) return x;
+  if (Array.isArray(x)) return x.slice(k);
+  if (x && typeof x === "object") {
+    const out = {};
+    for (const [kk, v] of Object.entries(x)) {
+      const kept = drop(v, k, kk, key);
+      // A line that left the window entirely (a stopped instance) leaves the chart.
+      const gone = Array.isArray(kept) && (key === "load" || key === "instances") &&
+        kept.every((y) => !y);
+      if (!gone) out[kk] = kept;
+    }
+    return out;
+  }
+  return x;
+}
+
+function merge(old, fresh, windowSeconds) {
+  const both = join(old, fresh, old.t.length, fresh.t.length, "", "");
+  const newest = both.t.length ? both.t[both.t.length - 1] : 0;
+  let k = 0;
+  while (k < both.t.length && both.t[k] <= newest - windowSeconds) k++;
+  return drop(both, k, "", "");
+}
+
 function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
@@ -61,10 +116,12 @@ function options(spec, names, width) {
     ticks: { stroke: cssVar("--line"), width: 1 } };
   return {
     width, height: HEIGHT,
-    cursor: { drag: { x: false, y: false } },
+    // One cursor for all charts: hovering a second shows every chart's values for it.
+    cursor: { drag: { x: false, y: false }, sync: { key: "corral" } },
     legend: { live: true },
     scales: { x: { time: true } },
-    axes: [axis, { ...axis, size: 70, values: (u, vals) => vals.map(spec.fmt) }],
+    axes: [axis, { ...axis, size: 70, values: (u, vals) => vals.map(spec.fmt),
+      ...(spec.whole ? { incrs: WHOLE } : {}) }],
     series: [{}, ...names.map((n, i) => ({
       label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false,
       value: (u, v) => spec.fmt(v),
@@ -110,14 +167,19 @@ async function refresh() {
   const windowSeconds = $("#chart-window").value;
   const query = new URLSearchParams({ window: windowSeconds });
   if (model) query.set("model", model);
+  const key = model + "|" + windowSeconds;
+  const old = state.lastKey === key && state.last && state.last.t.length ? state.last : null;
+  if (old) query.set("since", String(old.t[old.t.length - 1]));
   try {
     const resp = await api("/admin/timeseries?" + query);
     if (!resp.ok) {
       $("#chart-status").textContent = await errorText(resp);
       return;
     }
-    const d = await resp.json();
+    const fresh = await resp.json();
+    const d = old ? merge(old, fresh, Number(windowSeconds)) : fresh;
     state.last = d;
+    state.lastKey = key;
     if (typeof uPlot === "undefined") {
       $("#chart-status").textContent = "the chart library did not load";
       return;

@@ -224,7 +224,13 @@ export function show() {
 export function hide() {}
 
 export function overview(o) {
+  if ($("#view-playground").hidden) return;
   // A model added by a reload shows up here without reopening the view.
   const known = new Set(state.models.map((m) => m.name));
-  if (!$("#view-playground").hidden && o.models.some((m) => !known.has(m.name))) loadModels();
+  if (o.models.some((m) => !known.has(m.name))) { loadModels(); return; }
+  const live = Object.fromEntries(o.models.map((m) => [m.name, m.state]));
+  for (const opt of $("#pg-model").options) {
+    const label = `${opt.value} (${live[opt.value] || "gone"})`;
+    if (opt.textContent !== label) opt.textContent = label;
+  }
 }

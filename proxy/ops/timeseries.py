@@ -92,12 +92,24 @@ class Memory:
     vram_budget: int = 0
 
 
+Quantiles = tuple[float | None, float | None, float | None, float | None]
+NO_QUANTILES: Quantiles = (None, None, None, None)
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     t: int
     models: Mapping[str, ModelSecond]
     instances: tuple[InstanceSecond, ...]
     memory: Memory
+    # TTFT p50, p95, duration p50, p95 over every model: worked out once, when the
+    # sample is taken, not on every poll of a long window.
+    overall: Quantiles = NO_QUANTILES
+
+
+def quantiles(dur: Sequence[int], ttft: Sequence[int]) -> Quantiles:
+    return (percentile(ttft, _TTFT_BUCKETS, 0.5), percentile(ttft, _TTFT_BUCKETS, 0.95),
+            percentile(dur, _DURATION_BUCKETS, 0.5), percentile(dur, _DURATION_BUCKETS, 0.95))
 
 
 # -- pure: totals, differences, percentiles ---------------------------------------------
@@ -169,7 +181,7 @@ def percentile(counts: Sequence[int], bounds: Sequence[float], q: float) -> floa
     as Prometheus' histogram_quantile does. ``counts`` has one more entry than
     ``bounds`` (+Inf); a quantile there is reported as the last finite bound."""
     total = sum(counts)
-    if total == 0:
+    if total == 0:  # also an empty sequence: a second without such calls
         return None
     rank = q * total
     seen = 0
@@ -212,9 +224,8 @@ def series(samples: Iterable[Sample], model: str | None = None) -> dict[str, obj
     load: dict[str, list[float | None]] = {}
     memory: dict[str, list[int]] = {k: [0] * n for k in Memory.__slots__}
     for x, s in enumerate(rows):
-        dur = [0] * (len(_DURATION_BUCKETS) + 1)
-        ttft = [0] * (len(_TTFT_BUCKETS) + 1)
         wait_sum = wait_count = 0.0
+        q = s.overall if model is None else NO_QUANTILES
         for name, ms in s.models.items():
             if model is not None and name != model:
                 continue
@@ -222,15 +233,12 @@ def series(samples: Iterable[Sample], model: str | None = None) -> dict[str, obj
             errors[name][x] = ms.errors
             prompt[x] += ms.prompt
             completion[x] += ms.completion
-            _add(dur, ms.dur)
-            _add(ttft, ms.ttft)
             depth[x] += ms.queued
             wait_sum += ms.wait_sum
             wait_count += ms.wait_count
-        ttft50[x] = percentile(ttft, _TTFT_BUCKETS, 0.5)
-        ttft95[x] = percentile(ttft, _TTFT_BUCKETS, 0.95)
-        dur50[x] = percentile(dur, _DURATION_BUCKETS, 0.5)
-        dur95[x] = percentile(dur, _DURATION_BUCKETS, 0.95)
+            if model is not None:
+                q = quantiles(ms.dur, ms.ttft)
+        ttft50[x], ttft95[x], dur50[x], dur95[x] = q
         wait[x] = wait_sum / wait_count if wait_count else None
         for inst in s.instances:
             if model is not None and inst.model != model:
@@ -286,20 +294,33 @@ class Ring:
             if ms is not None:
                 models[name] = ms
         self._last = dict(now)
-        sample = Sample(t, models, tuple(instances), memory)
+        dur = [0] * (len(_DURATION_BUCKETS) + 1)
+        ttft = [0] * (len(_TTFT_BUCKETS) + 1)
+        for ms in models.values():
+            _add(dur, ms.dur)
+            _add(ttft, ms.ttft)
+        sample = Sample(t, models, tuple(instances), memory, quantiles(dur, ttft))
         if self.samples and self.samples[-1].t >= t:
             self.samples.pop()  # a late tick in the same second replaces the earlier one
         self.samples.append(sample)
         return sample
 
-    def window(self, seconds: int) -> list[Sample]:
-        if seconds <= 0:
+    def window(self, seconds: int, since: int | None = None) -> list[Sample]:
+        """The samples of the last ``seconds``, or only those newer than ``since`` (a
+        poller that has the rest asks for what it lacks: a second's worth, not an
+        hour's, which takes ~100 ms to lay out)."""
+        if seconds <= 0 or not self.samples:
             return []
-        rows = list(self.samples)
-        if not rows:
-            return []
-        since = rows[-1].t - seconds
-        return [s for s in rows if s.t > since]
+        after = self.samples[-1].t - seconds
+        if since is not None:
+            after = max(after, since)
+        out: list[Sample] = []
+        for s in reversed(self.samples):  # newest first: a short tail stops early
+            if s.t <= after:
+                break
+            out.append(s)
+        out.reverse()
+        return out
 
 
 def queue_waits(metrics: Metrics) -> dict[str, tuple[float, float]]:
@@ -394,18 +415,20 @@ def timeseries_ctx(
 
 
 async def handle(request: web.Request) -> web.Response:
-    """GET /admin/timeseries?window=300&model=NAME: the last ``window`` seconds."""
+    """GET /admin/timeseries?window=300&model=NAME[&since=T]: the last ``window``
+    seconds (only the samples after unix second ``since`` when given)."""
     ring = request.app[RING]
     try:
         window = int(request.query.get("window", "300"))
+        since = int(request.query["since"]) if "since" in request.query else None
     except ValueError:
-        raise BadRequest("window must be a number of seconds") from None
+        raise BadRequest("window and since must be whole numbers of seconds") from None
     if not 1 <= window <= ring.capacity:
         raise BadRequest(f"window must be between 1 and {ring.capacity} seconds")
     model = request.query.get("model") or None
     if model is not None and model != NO_MODEL:
         model = request.app[SCHEDULER].resolve(model).name  # 404 for an unknown name
-    body = series(ring.window(window), model)
+    body = series(ring.window(window, since), model)
     body["capacity"] = ring.capacity
     return web.json_response(body)
 

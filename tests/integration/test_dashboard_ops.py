@@ -67,12 +67,19 @@ async def test_timeseries_counts_known_traffic_per_second(corral: Any, tmp_path:
     assert body["memory"]["instances_rss"][-1] > 0
     assert body["capacity"] == 3600
 
+    # A poller that has the window asks only for the seconds after its last one.
+    since = body["t"][-1]
+    newer = await series(client, f"window=60&since={since}")
+    assert all(t > since for t in newer["t"])
+    assert all(len(v) == len(newer["t"]) for v in newer["requests"].values())
+
     only_b = await series(client, "window=60&model=b")
     assert only_b["requests"] == {"b": [0] * len(only_b["t"])}
     assert only_b["load"] == {} and only_b["instances"] == {}
     assert sum(only_b["tokens"]["completion"]) == 0
 
     for query, status in (("window=0", 400), ("window=x", 400), ("window=99999", 400),
+                          ("since=soon", 400),
                           ("model=nope", 404)):
         resp = await client.get("/admin/timeseries?" + query)
         assert resp.status == status, query
@@ -88,9 +95,11 @@ def _tokens(client: TestClient) -> float:
 
 
 async def test_timeseries_shows_queue_depth_and_wait(corral: Any, tmp_path: Path) -> None:
-    client = await corral(make_config(tmp_path, [{"name": "a", "env": {"FAKE_TOKEN_DELAY": "0.1"}}]))
+    slow = {"name": "a", "env": {"FAKE_TOKEN_DELAY": "0.1"}}
+    client = await corral(make_config(tmp_path, [slow]))
     await client.post("/admin/models/a/load")
-    calls = [asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("a", max_tokens=12)))
+    body = chat("a", max_tokens=12)
+    calls = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
              for _ in range(3)]
     try:
         await wait_for(lambda: any(s.models.get("a") and s.models["a"].queued

@@ -75,6 +75,8 @@ def test_ring_is_bounded_and_series_filters_by_model() -> None:
         ring.add(t, now, {"b": 1}, [inst], mem)
     assert [s.t for s in ring.samples] == [102, 103, 104]
     assert len(ring.window(2)) == 2
+    assert [s.t for s in ring.window(3, since=102)] == [103, 104]
+    assert ring.window(3, since=104) == [] and ring.window(3, since=0) == list(ring.samples)
 
     everything = series(ring.samples)
     assert everything["t"] == [102, 103, 104]
