@@ -66,7 +66,7 @@ function showReport(r) {
     const parts = [];
     if (c.added && c.added.length) parts.push("adds " + c.added.join(", "));
     if (c.removed && c.removed.length) parts.push("removes " + c.removed.join(", "));
-    if (c.restarted && c.restarted.length) parts.push("restarts " + c.restarted.join(", "));
+    if (c.changed && c.changed.length) parts.push("restarts " + c.changed.join(", "));
     if (r.restart_required.length) parts.push("needs a Corral restart for " + r.restart_required.join(", "));
     message("Valid. Applying it " + (parts.join("; ") || "changes no model") + ".", "ok");
   } else {

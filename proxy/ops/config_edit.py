@@ -213,13 +213,14 @@ def _protected_message(path: Path, key: str) -> str:
 
 
 def model_changes(old: CorralConfig, new: CorralConfig) -> dict[str, list[str]]:
-    """Which configured models a switch to ``new`` would add, remove, restart."""
+    """Which configured models a switch to ``new`` would add, remove and restart
+    ("changed"), named as the reload's outcome names them."""
     before = {m.name: m for m in old.models}
     after = {m.name: m for m in new.models}
     return {
         "added": [n for n in after if n not in before],
         "removed": [n for n in before if n not in after],
-        "restarted": [n for n in after if n in before and after[n] != before[n]],
+        "changed": [n for n in after if n in before and after[n] != before[n]],
         "unchanged": [n for n in after if n in before and after[n] == before[n]],
     }
 

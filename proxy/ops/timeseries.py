@@ -337,17 +337,21 @@ def queue_waits(metrics: Metrics) -> dict[str, tuple[float, float]]:
     return out
 
 
-def probe_memory(pids: Mapping[str, int]) -> tuple[dict[str, int], int, int, int, int]:
-    """RSS per instance, RAM used and total, VRAM used and total. Blocking."""
+def probe_memory(
+    pids: Mapping[str, int], gpus: bool
+) -> tuple[dict[str, int], int, int, int, int, bool]:
+    """RSS per instance, RAM used and total, VRAM used and total, and whether to look
+    for GPUs again (not after a probe found no NVML). Blocking: reads /proc, NVML."""
     from proxy.metrics import resident_memory
     from scheduler.resources import probe_gpus
 
     vm = psutil.virtual_memory()
-    gpus, _note = probe_gpus()
-    vram_total = sum(g.vram_total for g in gpus)
-    vram_used = sum(g.vram_total - g.vram_free for g in gpus)
+    found, note = probe_gpus() if gpus else ([], "")
+    vram_total = sum(g.vram_total for g in found)
+    vram_used = sum(g.vram_total - g.vram_free for g in found)
+    again = gpus and (bool(found) or not note.startswith("NVML not available"))
     return (resident_memory(dict(pids)), int(vm.total - vm.available), int(vm.total),
-            vram_used, vram_total)
+            vram_used, vram_total, again)
 
 
 class Sampler:
@@ -358,6 +362,7 @@ class Sampler:
         self._app = app
         self.ring = ring
         self._clock = clock
+        self._gpus = True  # off once a probe finds no NVML: it will not appear later
 
     async def sample(self) -> Sample:
         app = self._app
@@ -369,8 +374,8 @@ class Sampler:
             await metrics.upstream.refresh(app[SESSION], instances, only_active=True,
                                            within=0.5)
         pids = {i.id: i.pid for i in instances if i.pid is not None}
-        rss, ram_used, ram_total, vram_used, vram_total = await asyncio.to_thread(
-            probe_memory, pids)
+        rss, ram_used, ram_total, vram_used, vram_total, self._gpus = await asyncio.to_thread(
+            probe_memory, pids, self._gpus)
         now = totals(metrics.calls, metrics.upstream.prompt_tokens,
                      metrics.upstream.completion_tokens, queue_waits(metrics))
         queued = {str(m["name"]): int(str(m["queued"])) for m in scheduler.model_status()

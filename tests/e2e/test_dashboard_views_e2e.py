@@ -6,6 +6,7 @@ tests/e2e/artifacts/ (git-ignored) for people to look at."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,9 @@ pytestmark = pytest.mark.e2e
 __all__ = ["browser"]  # the fixture, used by name
 
 ARTIFACTS = REPO / "tests" / "e2e" / "artifacts"
+# A 1×1 PNG.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
 def shot(page: Page, name: str, *, phone: bool = False) -> None:
@@ -104,12 +108,17 @@ def test_charts_receive_points_after_known_traffic(
 def test_playground_streams_in_every_family_and_stop_frees_the_slot(
     corral: Callable[..., CorralProc], gemma: Path, browser: Browser
 ) -> None:
-    c = corral(gemma_model(gemma, parallel=1))
+    # "seer" claims vision (it has no projector, so llama-server will refuse the image:
+    # what is tested is that the image travels in each family's shape).
+    seer = model_toml("seer", gemma, chat_template="gemma3", capabilities=["chat", "vision"])
+    c = corral(gemma_model(gemma, parallel=1) + seer)
     page = open_dashboard(browser, c)
     page.locator("#tab-playground").click()
-    expect(page.locator("#pg-model option")).to_have_count(1)
+    expect(page.locator("#pg-model option")).to_have_count(2)
     page.locator("#pg-model").select_option("gemma")  # not loaded: the first call loads it
     page.locator("#pg-max").fill("8")
+    # Gemma 3 270M takes no images: the attach control says so instead of failing later.
+    expect(page.locator("#pg-image")).to_be_disabled()
     for family in ("openai", "responses", "anthropic", "ollama"):
         page.locator("#pg-family").select_option(family)
         page.locator("#pg-send").click()
@@ -121,6 +130,24 @@ def test_playground_streams_in_every_family_and_stop_frees_the_slot(
         raw = page.locator("#pg-response").text_content() or ""
         assert raw.startswith("HTTP 200") and ("data:" in raw or '"done":true' in raw), raw
     shot(page, "playground", phone=True)
+
+    # An image attached for a vision model goes in the request; an error is shown as such.
+    page.locator("#pg-model").select_option("seer")
+    expect(page.locator("#pg-image")).to_be_enabled()
+    page.locator("#pg-image").set_input_files(files=[{
+        "name": "dot.png", "mimeType": "image/png", "buffer": PNG}])
+    page.locator("#pg-family").select_option("openai")
+    wait_until(lambda: bool(page.evaluate("() => window.corralPlayground.image")), timeout=5)
+    page.locator("#pg-send").click()
+    expect(page.locator("#pg-state")).not_to_have_text("sending…", timeout=60_000)
+    expect(page.locator("#pg-state")).not_to_have_text("streaming…", timeout=60_000)
+    request = page.locator("#pg-request").text_content() or ""
+    assert '"type": "image_url"' in request and "data:image/png;base64," in request
+    state = page.locator("#pg-state").inner_text()
+    assert state == "done" or state.startswith("error: "), state
+    httpx.post(c.url + "/admin/models/seer/unload", timeout=30)
+    page.locator("#pg-model").select_option("gemma")
+    expect(page.locator("#pg-image")).to_be_disabled()
 
     # A long answer, stopped once it streams: the slot is free again at once.
     page.locator("#pg-family").select_option("openai")

@@ -178,7 +178,7 @@ async def test_validate_reports_errors_at_their_line_and_writes_nothing(
     ttl = old.replace('name = "a"', 'name = "a"\nttl = 9')
     report = await validate(client, ttl)
     assert report["ok"], report["errors"]
-    assert report["changes"]["restarted"] == ["a"] and report["changes"]["added"] == []
+    assert report["changes"]["changed"] == ["a"] and report["changes"]["added"] == []
     assert "+ttl = 9" in report["diff"] and "(running)" in report["diff"]
 
     remote = old + '\n[[models]]\nname = "r"\nremotes = ["http://127.0.0.1:9"]\n'
@@ -247,6 +247,11 @@ async def test_ollama_chat_for_the_playground_streams_ndjson(corral: Any, tmp_pa
     lines = [json.loads(x) for x in (await resp.text()).splitlines() if x.strip()]
     assert lines[-1]["done"] is True
     assert "".join(x["message"]["content"] for x in lines if "message" in x)
+    # The pull form reads Ollama's NDJSON progress from the same handler.
+    resp = await client.post("/admin/ollama/api/pull", json={"model": "a", "stream": True})
+    assert resp.status == 200
+    steps = [json.loads(x) for x in (await resp.text()).splitlines() if x.strip()]
+    assert steps[0]["status"] and steps[-1] == {"status": "success"}
     resp = await client.post("/admin/ollama/api/chat", json=chat("nope"))
     assert resp.status == 404
     assert isinstance((await resp.json())["error"], str)  # Ollama's envelope
