@@ -26,6 +26,7 @@ from proxy.metrics import METRICS, resident_memory
 from proxy.ops import config_edit
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
+from scheduler import secrets
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -300,10 +301,8 @@ async def overview(request: web.Request) -> web.Response:
 
 
 def _redacted(data: dict[str, Any]) -> dict[str, Any]:
-    server = dict(data.get("server", {}))
-    if server.get("api_keys"):
-        server["api_keys"] = ["<redacted>"] * len(server["api_keys"])
-    return {**data, "server": server}
+    out: dict[str, Any] = secrets.redact(data)
+    return out
 
 
 async def get_config(request: web.Request) -> web.Response:
@@ -321,10 +320,9 @@ async def get_config_file(request: web.Request) -> web.Response:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
     except OSError as e:
         raise NotFound(f"{path}: {e.strerror or e}") from None
-    # Every API key (the running ones and the file's own) replaced, as ``_redacted``
-    # does for the parsed view.
-    keys = request.app[RELOADER].current.server.api_keys
-    return web.Response(text=config_edit.redact_text(text, keys),
+    # Every secret (the running config's and the file's own) replaced, as
+    # ``_redacted`` does for the parsed view.
+    return web.Response(text=config_edit.redact_text(text, request.app[RELOADER].current),
                         content_type="application/toml")
 
 

@@ -7,11 +7,11 @@ an HTTP write may not change (``proxy.reload.PROTECTED_KEYS``), each with the li
 of the text it points at; which models would be added, removed or restarted; which
 ``[server]`` keys need a restart; a unified diff against the file on disk.
 
-Secrets: the page only ever sees the file with its API keys redacted
-(``GET /admin/config/file``). ``restore_secrets`` puts the running keys back where
-the placeholders stand, so an edit that leaves them alone does not "change" them,
-and refuses a placeholder anywhere else (which would copy a key into a value some
-other endpoint shows).
+Secrets: the page only ever sees the file with its secrets redacted
+(``GET /admin/config/file``, scheduler/secrets.py's rule). ``restore_secrets`` puts
+the file's secrets back where the placeholders stand, so an edit that leaves them
+alone does not "change" them, and refuses a placeholder anywhere else (which would
+copy a secret into a value some other endpoint shows).
 """
 
 from __future__ import annotations
@@ -23,85 +23,82 @@ import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from proxy.keys import CONFIG
 from proxy.reload import RELOADER, NoConfigFile, protected_changes, server_changes
+from scheduler import secrets
 from scheduler.check import problems as check_problems
 from scheduler.config import CorralConfig, load_config
 from scheduler.errors import BadRequest, ConfigError
 
-PLACEHOLDER = "<redacted>"
+PLACEHOLDER = secrets.REDACTED
 MAX_TEXT = 1 << 20
 
 
 # -- secrets ------------------------------------------------------------------------------
 
 
-def redact_text(text: str, keys: Iterable[str]) -> str:
-    """The file with every API key (the running ones and the file's own) replaced.
-    Replacing the strings themselves covers every TOML spelling of the array (inline,
-    multi-line, quoted either way)."""
-    found = {k for k in keys if k}
+def secret_values(text: str, cfg: CorralConfig) -> set[str]:
+    """Every secret of the running config and of ``text`` (scheduler/secrets.py's rule)."""
+    found = secrets.values(cfg.model_dump(mode="json"))
     with contextlib.suppress(tomllib.TOMLDecodeError):
-        server = tomllib.loads(text).get("server", {})
-        given = server.get("api_keys", []) if isinstance(server, dict) else []
-        found.update(k for k in given if isinstance(k, str) and k)
-    for key in sorted(found, key=len, reverse=True):
-        text = text.replace(key, PLACEHOLDER)
+        found |= secrets.values(tomllib.loads(text))
+    return found
+
+
+def redact_text(text: str, cfg: CorralConfig) -> str:
+    """The file with every secret (the running config's and the file's own) replaced,
+    as ``/admin/config`` does for the parsed view. Replacing the strings themselves
+    covers every TOML spelling (inline, multi-line, quoted either way)."""
+    for value in sorted(secret_values(text, cfg), key=len, reverse=True):
+        text = text.replace(value, PLACEHOLDER)
     return text
 
 
-def _key_order(original: str, keys: Iterable[str]) -> list[str]:
-    """The keys in the order the placeholders stand in the redacted original."""
-    hits: list[tuple[int, str]] = []
-    for key in sorted({k for k in keys if k}, key=len, reverse=True):
-        for m in re.finditer(re.escape(key), original):
-            if not any(s <= m.start() < s + len(k) for s, k in hits):
-                hits.append((m.start(), key))
-    return [k for _, k in sorted(hits)]
+def _secret_order(original: str, known: Iterable[str]) -> list[str]:
+    """The secrets in the order their placeholders stand in the redacted original."""
+    hits: list[tuple[int, int, str]] = []
+    for value in sorted({v for v in known if v}, key=len, reverse=True):
+        for m in re.finditer(re.escape(value), original):
+            if not any(s <= m.start() < e for s, e, _ in hits):
+                hits.append((m.start(), m.end(), value))
+    return [v for _, _, v in sorted(hits)]
 
 
-def restore_secrets(text: str, original: str, keys: Iterable[str]) -> str:
-    """``text`` with its placeholders replaced by the keys that stood there in the
-    file on disk. Raises BadRequest when that is ambiguous or would put a key
-    anywhere but ``[server] api_keys``."""
+def restore_secrets(text: str, original: str, cfg: CorralConfig) -> str:
+    """``text`` with its placeholders replaced by the secrets that stood there in the
+    file on disk. Raises BadRequest when that is ambiguous or would put a secret
+    anywhere but under a key the secrets rule names."""
     count = text.count(PLACEHOLDER)
     if count == 0:
         return text
-    keys = [k for k in keys if k]
-    order = _key_order(original, keys)
+    order = _secret_order(original, secret_values(original, cfg))
     if count != len(order):
         raise BadRequest(
             f"the text holds {count} {PLACEHOLDER!r} placeholder(s) but the file on disk "
-            f"has {len(order)} API key(s) there: keep them as they are, or write the keys "
-            "in the file on disk"
+            f"has {len(order)} secret(s): leave them where they stand, or write the "
+            "secrets in the file on disk"
         )
     parts = text.split(PLACEHOLDER)
-    out = parts[0] + "".join(k + p for k, p in zip(order, parts[1:], strict=True))
+    out = parts[0] + "".join(v + p for v, p in zip(order, parts[1:], strict=True))
     with contextlib.suppress(tomllib.TOMLDecodeError):
-        if _keys_outside_server(tomllib.loads(out), set(order)):
-            raise BadRequest(f"{PLACEHOLDER!r} may stand only in [server] api_keys")
+        # Redacted by the rule, the data must hold none of them: else one was moved
+        # into a value that is shown (a model name, an alias).
+        if _holds(secrets.redact(tomllib.loads(out)), set(order)):
+            raise BadRequest(f"{PLACEHOLDER!r} may stand only where a secret stood")
     return out
 
 
-def _keys_outside_server(data: dict[str, Any], keys: set[str]) -> bool:
-    def holds(value: object) -> bool:
-        if isinstance(value, str):
-            return any(k in value for k in keys)
-        if isinstance(value, dict):
-            return any(holds(v) for v in value.values())
-        if isinstance(value, list):
-            return any(holds(v) for v in value)
-        return False
-
-    server = data.get("server")
-    rest = {k: v for k, v in data.items() if k != "server"}
-    if isinstance(server, dict):
-        rest["server"] = {k: v for k, v in server.items() if k != "api_keys"}
-    return holds(rest)
+def _holds(value: object, found: set[str]) -> bool:
+    if isinstance(value, str):
+        return any(v in value for v in found)
+    if isinstance(value, dict):
+        return any(_holds(k, found) or _holds(v, found) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds(v, found) for v in value)
+    return False
 
 
 # -- where a problem is -------------------------------------------------------------------
@@ -225,6 +222,12 @@ def model_changes(old: CorralConfig, new: CorralConfig) -> dict[str, list[str]]:
     }
 
 
+def _scrub(message: str, text: str, cfg: CorralConfig) -> str:
+    for value in sorted(secret_values(text, cfg), key=len, reverse=True):
+        message = message.replace(value, PLACEHOLDER)
+    return message
+
+
 def dry_run(path: Path, text: str, original: str, current: CorralConfig) -> dict[str, object]:
     """What writing ``text`` to ``path`` would do. Blocking (reads files, probes
     memory): call through ``asyncio.to_thread``."""
@@ -240,14 +243,13 @@ def dry_run(path: Path, text: str, original: str, current: CorralConfig) -> dict
         problems += [_protected_message(path, k) for k in protected_changes(current, new)]
         changes = model_changes(current, new)
         restart = server_changes(current, new)
-    keys = current.server.api_keys
     diff = "".join(difflib.unified_diff(
-        redact_text(original, keys).splitlines(keepends=True),
-        redact_text(text, keys).splitlines(keepends=True),
+        redact_text(original, current).splitlines(keepends=True),
+        redact_text(text, current).splitlines(keepends=True),
         fromfile=f"{path.name} (running)", tofile=f"{path.name} (edited)"))
     return {
         "ok": not problems,
-        "errors": [{"line": locate(text, p, path), "message": redact_text(p, keys)}
+        "errors": [{"line": locate(text, p, path), "message": _scrub(p, text, current)}
                    for p in problems],
         "changes": changes,
         "restart_required": restart,
@@ -274,8 +276,7 @@ async def edited_text(request: web.Request) -> tuple[Path, str, str]:
     if not text.strip():
         raise BadRequest("the body must be the new config file (TOML)")
     original = await read_original(reloader.path)
-    return reloader.path, restore_secrets(text, original, reloader.current.server.api_keys), \
-        original
+    return reloader.path, restore_secrets(text, original, reloader.current), original
 
 
 async def validate(request: web.Request) -> web.Response:

@@ -43,7 +43,8 @@ def fill(ring: Ring, calls: dict[tuple[str, str, str, int], CallStats], seconds:
 
 def main() -> None:
     print(f"load average: {os.getloadavg()[0]:.2f}")
-    calls = {(m, "openai", e, s): CallStats() for m in MODELS for e in ENDPOINTS for s in STATUSES}
+    calls = {(m, "openai", e, s): CallStats()
+             for m in MODELS for e in ENDPOINTS for s in STATUSES}
     ring = Ring(3600)
     per = fill(ring, calls, 3600)
     # Memory apart: tracing allocations slows the timing above several times over.
@@ -58,7 +59,8 @@ def main() -> None:
         start = time.perf_counter()
         body = series(ring.window(window))
         took = time.perf_counter() - start
-        print(f"layout of {window:>4} s: {took * 1e3:6.1f} ms, {len(json.dumps(body)) / 1024:.0f} KiB")
+        size = len(json.dumps(body)) / 1024
+        print(f"layout of {window:>4} s: {took * 1e3:6.1f} ms, {size:.0f} KiB")
 
 
 if __name__ == "__main__":

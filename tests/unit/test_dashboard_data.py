@@ -18,6 +18,7 @@ from proxy.ops.timeseries import (
     series,
     totals,
 )
+from scheduler.config import CorralConfig
 from scheduler.errors import BadRequest
 
 
@@ -147,18 +148,20 @@ def test_locate_finds_the_line_a_problem_points_at(problem: str, line: int | Non
 
 
 def test_secrets_are_redacted_and_restored_only_where_they_stood() -> None:
-    keys = ("sekret-1", "sekret-2")
-    shown = redact_text(TEXT, keys)
-    assert "sekret" not in shown and shown.count(PLACEHOLDER) == 2
+    running = CorralConfig(server={"api_keys": ["sekret-1", "sekret-2"]})
+    text = TEXT + (
+        '\n[[models]]\nname = "c"\nremotes = ["http://x"]\nenv = { HF_TOKEN = "hf_tok" }\n')
+    shown = redact_text(text, running)
+    assert "sekret" not in shown and "hf_tok" not in shown and shown.count(PLACEHOLDER) == 3
     edited = shown.replace("port = 8080", "port = 9090")
-    restored = restore_secrets(edited, TEXT, keys)
-    assert restored == TEXT.replace("port = 8080", "port = 9090")
-    assert restore_secrets("[server]\nport = 1\n", TEXT, keys) == "[server]\nport = 1\n"
+    restored = restore_secrets(edited, text, running)
+    assert restored == text.replace("port = 8080", "port = 9090")
+    assert restore_secrets("[server]\nport = 1\n", text, running) == "[server]\nport = 1\n"
 
-    # A placeholder moved into a value another endpoint shows would leak a key.
+    # A placeholder moved into a value another endpoint shows would leak a secret.
     leak = shown.replace('name = "a"', f'name = "{PLACEHOLDER}"').replace(
         f'"{PLACEHOLDER}", "{PLACEHOLDER}"', f'"{PLACEHOLDER}"')
-    with pytest.raises(BadRequest, match="only in"):
-        restore_secrets(leak, TEXT, keys)
+    with pytest.raises(BadRequest, match="only where"):
+        restore_secrets(leak, text, running)
     with pytest.raises(BadRequest, match="placeholder"):
-        restore_secrets(shown + f'# {PLACEHOLDER}\n', TEXT, keys)
+        restore_secrets(shown + f"# {PLACEHOLDER}\n", text, running)
