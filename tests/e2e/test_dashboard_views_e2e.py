@@ -7,6 +7,7 @@ tests/e2e/artifacts/ (git-ignored) for people to look at."""
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -254,3 +255,51 @@ def test_dark_scheme_and_security_headers(
     shot(page, "charts-dark")
     assert not [e for e in errors if "Content Security Policy" in e or "Refused" in e], errors
     page.close()
+
+
+def test_keys_view_and_pull_progress_render_the_documented_shapes(
+    corral: Callable[..., CorralProc], gemma: Path, browser: Browser
+) -> None:
+    """GET /admin/keys belongs to the keys work and a download to the models work: the
+    page is held to their documented shapes here, answered by Playwright; a real pull
+    of the configured model goes through Corral."""
+    c = corral(gemma_model(gemma))
+    page = open_dashboard(browser, c)
+    keys = {"keys": [{
+        "name": "team-a", "models": ["gemma"], "admin": False, "priority": 2,
+        "limits": {"max_concurrent": 4, "requests_per_minute": 60, "tokens_per_minute": None},
+        "usage": {"in_flight": 1, "requests_total": 42, "tokens_total": 1234,
+                  "requests_last_minute": 5, "tokens_last_minute": 99, "rejected_total": 3}}]}
+    page.route("**/admin/keys", lambda route: route.fulfill(json=keys))
+    page.locator("#tab-keys").click()
+    row = page.locator('#keys tr[data-key="team-a"]')
+    expect(row).to_contain_text("42")
+    expect(row).to_contain_text("1234")
+    expect(row).to_contain_text("4 at once, 60 req/min")
+    expect(page.locator("#keys-empty")).to_be_hidden()
+    shot(page, "keys-listed")
+
+    page.locator("#tab-models").click()
+    page.locator("#pull-name").fill("gemma")  # configured: Corral's pull makes sure it loads
+    page.locator("#pull-form button").click()
+    expect(page.locator("#pull-status")).to_have_text("success", timeout=60_000)
+    expect(page.locator('#catalog tr[data-model="gemma"] .state')).to_have_text("loaded")
+
+    steps = [{"status": "pulling manifest"},
+             {"status": "pulling abc", "digest": "sha256:abc", "total": 1000, "completed": 0},
+             {"status": "pulling abc", "digest": "sha256:abc", "total": 1000, "completed": 600},
+             {"status": "verifying sha256 digest"}, {"status": "success"}]
+    body = "".join(json.dumps(s) + "\n" for s in steps)
+    page.route("**/admin/ollama/api/pull", lambda route: route.fulfill(
+        body=body, content_type="application/x-ndjson"))
+    page.evaluate("""() => {
+        window.pullSeen = [];
+        new MutationObserver(() => window.pullSeen.push(
+            document.querySelector('#pull-progress').value)).observe(
+            document.querySelector('#pull-progress'), {attributes: true});
+    }""")
+    page.locator("#pull-name").fill("hf.co/someone/model:Q4_K_M")
+    page.locator("#pull-form button").click()
+    expect(page.locator("#pull-status")).to_have_text("success")
+    assert 600 in page.evaluate("() => window.pullSeen")
+    assert page.locator("#pull-progress").evaluate("p => p.value === p.max")
