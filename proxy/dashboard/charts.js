@@ -119,7 +119,12 @@ function options(spec, names, width) {
     // One cursor for all charts: hovering a second shows every chart's values for it.
     cursor: { drag: { x: false, y: false }, sync: { key: "corral" } },
     legend: { live: true },
-    scales: { x: { time: true } },
+    // The x axis always spans the whole window, ending at the newest sample: it does
+    // not stretch while the first seconds come in, nor jump when the window fills.
+    scales: { x: { time: true, range: (u, min, max) => {
+      const end = max == null || Number.isNaN(max) ? Math.floor(Date.now() / 1000) : max;
+      return [end - Number($("#chart-window").value), end];
+    } } },
     axes: [axis, { ...axis, size: 70, values: (u, vals) => vals.map(spec.fmt),
       ...(spec.whole ? { incrs: WHOLE } : {}) }],
     series: [{}, ...names.map((n, i) => ({

@@ -200,14 +200,15 @@ def _add(into: list[int], counts: Sequence[int]) -> None:
         into[i] += n
 
 
-def series(samples: Iterable[Sample], model: str | None = None) -> dict[str, object]:
+def series(samples: Iterable[Sample], model: str | None = None,
+           configured: Iterable[str] = ()) -> dict[str, object]:
     """Columns for the charts: one array per line, aligned on ``t`` (unix seconds).
     ``model``: only that model's figures (and instances); the system's RAM and VRAM
-    stay whole."""
+    stay whole. ``configured`` models get a line even when idle all along."""
     rows = list(samples)
     n = len(rows)
     names = sorted({name for s in rows for name in s.models}
-                   | {i.model for s in rows for i in s.instances})
+                   | {i.model for s in rows for i in s.instances} | set(configured))
     if model is not None:
         names = [model]
     requests = {name: [0] * n for name in names}
@@ -433,7 +434,8 @@ async def handle(request: web.Request) -> web.Response:
     model = request.query.get("model") or None
     if model is not None and model != NO_MODEL:
         model = request.app[SCHEDULER].resolve(model).name  # 404 for an unknown name
-    body = series(ring.window(window, since), model)
+    configured = [m.name for m in request.app[SCHEDULER].config.models]
+    body = series(ring.window(window, since), model, configured)
     body["capacity"] = ring.capacity
     return web.json_response(body)
 
