@@ -17,7 +17,7 @@ import time
 import tracemalloc
 
 from proxy.metrics import CallStats
-from proxy.ops.timeseries import InstanceSecond, Memory, ModelTotals, Ring, series, totals
+from proxy.ops.samples import InstanceSecond, Memory, ModelTotals, Ring, series, totals
 
 MODELS = [f"m{i}" for i in range(10)]
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat")

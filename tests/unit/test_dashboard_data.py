@@ -7,7 +7,7 @@ import pytest
 
 from proxy.metrics import _DURATION_BUCKETS, CallStats
 from proxy.ops.config_edit import PLACEHOLDER, locate, redact_text, restore_secrets
-from proxy.ops.timeseries import (
+from proxy.ops.samples import (
     NO_MODEL,
     InstanceSecond,
     Memory,
