@@ -1,6 +1,6 @@
 // Models view: every model the scheduler knows (GET /admin/catalog: configured and
 // discovered, with source, size, quantization, context, capabilities) and actions on
-// each. The table is refreshed from the overview poll (state) and re-read right after
+// each (load, unload, restart, reset, pin). The table is refreshed from the overview poll (state) and re-read right after
 // an action, so its effect shows at once. The pull form streams Ollama's /api/pull
 // NDJSON progress ({status, digest, total, completed}) into a progress bar.
 
@@ -41,14 +41,18 @@ function row(m) {
     el("span", { class: "muted ellipsis" }, src.where));
   const ctx = m.context_length ? `${m.ctx_size || m.context_length} of ${m.context_length}` : String(m.ctx_size || "–");
   const busy = [...state.busy].some((t) => t.startsWith(m.name + "/"));
-  const actions = el("td", {}, ...ACTIONS.map(([a, label]) => el("button", {
+  // Pinning is the model's evictable = false in the config file (written for you
+  // when admin_config_write is on): kept loaded, never evicted.
+  const pin = m.pinned ? ["unpin", "Unpin"] : ["pin", "Pin"];
+  const actions = el("td", {}, ...[...ACTIONS, pin].map(([a, label]) => el("button", {
     type: "button", "data-action": a, disabled: busy,
     onclick: () => act(m.name, a),
   }, label)));
   return el("tr", { "data-model": m.name },
     el("td", {}, el("strong", {}, m.name),
       m.aliases.length ? el("div", { class: "muted" }, m.aliases.join(", ")) : null),
-    el("td", { class: "state state-" + (busy ? "loading" : m.state) }, busy ? "working…" : m.state),
+    el("td", { class: "state state-" + (busy ? "loading" : m.state) }, busy ? "working…" : m.state,
+      m.pinned ? el("div", { class: "tag" }, "pinned") : null),
     where,
     el("td", { class: "num" }, bytes(m.size_bytes)),
     el("td", {}, m.quantization || "–", m.parameters ? el("div", { class: "muted" }, m.parameters) : null),

@@ -53,6 +53,8 @@ async def catalog(request: web.Request) -> web.Response:
             "capabilities": capabilities(cfg, f),
             "state": st.get("state"),
             "footprint_bytes": st.get("footprint_bytes"),
+            # evictable = false (the scheduling work's key): kept loaded, never evicted.
+            "pinned": getattr(cfg, "evictable", True) is False,
         })
     return web.json_response({"models": out})
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy import ollama
 from proxy.errors import ROUTE_DIALECT
-from proxy.ops import catalog, config_edit, timeseries
+from proxy.ops import catalog, config_edit, pin, timeseries
 from scheduler.config import CorralConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -39,5 +39,6 @@ def add_dashboard_routes(app: web.Application, cfg: CorralConfig) -> None:
     timeseries.add_routes(app, cfg.server.dashboard_history)
     config_edit.add_routes(app)
     catalog.add_routes(app)
+    pin.add_routes(app)
     for path, handle in OLLAMA_ROWS:
         app.router.add_post(path, _as_ollama(handle))

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from scheduler.config import ModelConfig
 from tests.e2e.conftest import REPO, CorralProc, model_toml, wait_until
 from tests.e2e.test_dashboard_e2e import browser, open_dashboard
 
@@ -225,6 +226,13 @@ def test_config_edit_refused_with_the_error_shown_then_applied(
     expect(g).to_contain_text("MiB")
     g.locator('button[data-action="load"]').click()
     expect(g.locator(".state")).to_have_text("loaded", timeout=60_000)
+    # Pin writes evictable = false for the model (the scheduling work's key).
+    g.locator('button[data-action="pin"]').click()
+    if "evictable" in ModelConfig.model_fields:
+        expect(g.locator(".state .tag")).to_have_text("pinned", timeout=20_000)
+        expect(g.locator('button[data-action="unpin"]')).to_be_visible()
+    else:
+        expect(page.locator("#catalog-error")).to_contain_text("evictable: unknown key")
     shot(page, "models", phone=True)
 
     page.locator("#tab-keys").click()

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import CoreOptions, build_openai_app
 from proxy.ops.timeseries import RING
-from scheduler.config import load_config
+from scheduler.config import ModelConfig, load_config
 from tests.conftest import make_config, wait_for
 from tests.fakes import write_dummy_gguf
 
@@ -255,3 +255,33 @@ async def test_ollama_chat_for_the_playground_streams_ndjson(corral: Any, tmp_pa
     resp = await client.post("/admin/ollama/api/chat", json=chat("nope"))
     assert resp.status == 404
     assert isinstance((await resp.json())["error"], str)  # Ollama's envelope
+
+
+async def test_pin_edits_the_models_evictable_key_through_the_config_write(
+    from_file: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "corral.toml"
+    path.write_text(config_text(tmp_path, {"a": {}}))
+    client = await from_file(path)
+    resp = await client.post("/admin/models/a/pin")
+    assert resp.status == 403
+    assert "admin_config_write" in (await resp.json())["error"]["message"]
+
+    old = config_text(tmp_path, {"a": {}, "b": {}}, admin_config_write=True)
+    path.write_text(old)
+    client = await from_file(path)
+    assert (await client.post("/admin/models/nope/pin")).status == 404
+    resp = await client.post("/admin/models/b/pin")
+    if "evictable" in ModelConfig.model_fields:  # the scheduling work's key is merged
+        assert resp.status == 200, await resp.text()
+        assert "evictable = false" in path.read_text()
+        assert (tmp_path / "corral.toml.bak").read_text() == old
+        catalog = (await (await client.get("/admin/catalog")).json())["models"]
+        assert [m["pinned"] for m in catalog] == [False, True]
+        resp = await client.post("/admin/models/b/unpin")
+        assert resp.status == 200 and "evictable = true" in path.read_text()
+    else:  # refused by validation, at the key's name; the file stays as it was
+        assert resp.status == 400
+        message = (await resp.json())["error"]["message"]
+        assert "model 'b': evictable: unknown key" in message
+        assert path.read_text() == old

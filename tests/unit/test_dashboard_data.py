@@ -7,6 +7,7 @@ import pytest
 
 from proxy.metrics import _DURATION_BUCKETS, CallStats
 from proxy.ops.config_edit import PLACEHOLDER, locate, redact_text, restore_secrets
+from proxy.ops.pin import set_model_key
 from proxy.ops.samples import (
     NO_MODEL,
     InstanceSecond,
@@ -165,3 +166,31 @@ def test_secrets_are_redacted_and_restored_only_where_they_stood() -> None:
         restore_secrets(leak, text, running)
     with pytest.raises(BadRequest, match="placeholder"):
         restore_secrets(shown + f"# {PLACEHOLDER}\n", text, running)
+
+
+PIN_TEXT = """\
+[server]
+port = 1
+
+[[models]]
+name = "a"  # the first
+path = "/m/a.gguf"
+evictable = true
+
+[[models]]
+name = "b"
+path = "/m/b.gguf"
+[models.replicas]
+min = 1
+"""
+
+
+def test_set_model_key_replaces_or_adds_the_line_in_that_model_only() -> None:
+    out = set_model_key(PIN_TEXT, "a", "evictable", "false")
+    assert out == PIN_TEXT.replace("evictable = true", "evictable = false")
+    out = set_model_key(PIN_TEXT, "b", "evictable", "false")
+    assert out == PIN_TEXT.replace('name = "b"\n', 'name = "b"\nevictable = false\n')
+    with pytest.raises(BadRequest, match="not a \\[\\[models\\]\\] table"):
+        set_model_key(PIN_TEXT, "c", "evictable", "false")
+    with pytest.raises(BadRequest):
+        set_model_key('[server]\nname = "a"\n', "a", "evictable", "false")
