@@ -78,9 +78,11 @@ class Sampler:
         instances = scheduler.instances()
         # Token totals come from the llama-servers' counters: read the ones that
         # served since the last read (idle instances cost nothing).
-        with contextlib.suppress(Exception):
+        try:
             await metrics.upstream.refresh(app[SESSION], instances, only_active=True,
                                            within=0.5)
+        except Exception:  # the rest of the sample is still worth taking
+            log.debug("reading llama-server token counters failed", exc_info=True)
         pids = {i.id: i.pid for i in instances if i.pid is not None}
         rss, ram_used, ram_total, vram_used, vram_total, self._gpus = await asyncio.to_thread(
             probe_memory, pids, self._gpus)

@@ -194,3 +194,22 @@ def test_set_model_key_replaces_or_adds_the_line_in_that_model_only() -> None:
         set_model_key(PIN_TEXT, "c", "evictable", "false")
     with pytest.raises(BadRequest):
         set_model_key('[server]\nname = "a"\n', "a", "evictable", "false")
+
+
+def test_probe_memory_sums_vram_and_stops_looking_without_nvml(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy.ops import timeseries
+    from scheduler import resources
+
+    gpus = [resources.GpuInfo(index=0, name="a", vram_total=100, vram_free=40),
+            resources.GpuInfo(index=1, name="b", vram_total=50, vram_free=50)]
+    monkeypatch.setattr(resources, "probe_gpus", lambda: (gpus, "driver 1"))
+    rss, used, total, vram_used, vram_total, again = timeseries.probe_memory({}, True)
+    assert rss == {} and total >= used > 0
+    assert (vram_used, vram_total, again) == (60, 150, True)
+    monkeypatch.setattr(resources, "probe_gpus",
+                        lambda: ([], "NVML not available: no pynvml module"))
+    assert timeseries.probe_memory({}, True)[3:] == (0, 0, False)
+    monkeypatch.setattr(resources, "probe_gpus", lambda: pytest.fail("probed again"))
+    assert timeseries.probe_memory({}, False)[3:] == (0, 0, False)
