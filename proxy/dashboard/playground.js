@@ -132,7 +132,8 @@ async function send() {
       headers: { "Content-Type": "application/json", ...(family.headers || {}) },
       body: JSON.stringify(body),
     });
-    $("#pg-response").textContent = `HTTP ${resp.status}\n`;
+    const heads = [...resp.headers].map(([k, v]) => `${k}: ${v}`).join("\n");
+    $("#pg-response").textContent = `HTTP ${resp.status}\n${heads}\n\n`;
     if (!resp.ok) {
       $("#pg-state").textContent = "error: " + await errorText(resp);
       return;

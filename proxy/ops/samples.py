@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from proxy.metrics import _DURATION_BUCKETS, _TTFT_BUCKETS, CallStats
 from scheduler.instance import State
 
-# Endpoints left out of the request charts: the dashboard itself polls them.
+# Endpoints left out of the request charts: the dashboard itself polls them. The
+# playground's Ollama calls (/admin/ollama/...) are model calls and count.
 QUIET = ("/admin", "/metrics", "/dashboard", "/health")
+COUNTED = ("/admin/ollama/",)
 NO_MODEL = "(none)"
 # Statuses counted as errors: everything the caller did not get an answer from.
 ERROR_STATUS = 400
@@ -111,7 +113,7 @@ def totals(
         return t
 
     for (model, _dialect, endpoint, status), st in calls.items():
-        if endpoint == "/" or endpoint.startswith(QUIET):
+        if endpoint == "/" or (endpoint.startswith(QUIET) and not endpoint.startswith(COUNTED)):
             continue
         t = of(model or NO_MODEL)
         t.requests += st.count

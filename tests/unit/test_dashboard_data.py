@@ -46,10 +46,11 @@ def test_totals_skip_the_dashboards_own_polls_and_count_errors() -> None:
         ("", "openai", "/v1/models", 200): stats(1),
         ("", "openai", "/admin/overview", 200): stats(99),
         ("", "openai", "/dashboard/{name}", 200): stats(99),
+        ("a", "openai", "/admin/ollama/api/chat", 200): stats(1),  # the playground's
     }
     t = totals(calls, {"a": 30.0}, {"a": 12.0}, {"a": (1.5, 3.0)})
-    assert t["a"].requests == 7 and t["a"].errors == 2
-    assert t["a"].dur[3] == 7
+    assert t["a"].requests == 8 and t["a"].errors == 2
+    assert t["a"].dur[3] == 8
     assert (t["a"].prompt, t["a"].completion, t["a"].wait_sum) == (30.0, 12.0, 1.5)
     assert t[NO_MODEL].requests == 1  # only /v1/models: admin and dashboard left out
 
