@@ -56,8 +56,12 @@ function showReport(r) {
   $("#cfg-errors").replaceChildren(...items);
   $("#cfg-diff").textContent = r.diff || "(no change)";
   $("#cfg-apply").disabled = !r.writable;
-  $("#cfg-apply").title = r.writable ? "" :
-    "writing the config over HTTP is off: set [server] admin_config_write = true and restart";
+  const off = "Writing the config over HTTP is off: edits are checked here but cannot be " +
+    `applied. Set [server] admin_config_write = true in ${state.path || "the config file"} ` +
+    "and restart Corral, or edit the file (Corral reloads it by itself).";
+  $("#cfg-apply").title = r.writable ? "" : off;
+  $("#cfg-note").textContent = off;
+  $("#cfg-note").hidden = r.writable;
   gutter();
   if (!r.ok) {
     message(`${r.errors.length} problem(s): this edit would be refused.`, "error");
@@ -135,6 +139,7 @@ async function load() {
   if (running.ok) {
     const body = await running.json();
     state.backup = body.backup;
+    state.path = body.path;
     $("#cfg-path").textContent = body.path || "";
     $("#cfg-running").textContent = JSON.stringify(body.config, null, 2);
   }

@@ -311,3 +311,18 @@ def test_keys_view_and_pull_progress_render_the_documented_shapes(
     expect(page.locator("#pull-status")).to_have_text("success")
     assert 600 in page.evaluate("() => window.pullSeen")
     assert page.locator("#pull-progress").evaluate("p => p.value === p.max")
+
+
+def test_config_view_says_why_apply_is_off(
+    corral: Callable[..., CorralProc], gemma: Path, browser: Browser
+) -> None:
+    c = corral(gemma_model(gemma))  # admin_config_write left off, as by default
+    page = open_dashboard(browser, c)
+    page.locator("#tab-config").click()
+    expect(page.locator("#cfg-note")).to_contain_text("admin_config_write = true")
+    expect(page.locator("#cfg-apply")).to_be_disabled()
+    editor = page.locator("#cfg-text")
+    expect(editor).not_to_be_empty()
+    editor.fill(editor.input_value().replace("ctx_size = 1024", "ctx_size = 2048"))
+    expect(page.locator("#cfg-message")).to_contain_text("restarts gemma")  # still checked
+    shot(page, "config-read-only")
