@@ -31,13 +31,13 @@ const CHARTS = [
     lines: (d) => Object.entries(d.errors).map(([m, v]) => [m, v]) },
   { id: "tokens", title: "Tokens per second", fmt: perSecond,
     lines: (d) => [["generated", d.tokens.completion], ["prompt", d.tokens.prompt]] },
-  { id: "ttft", title: "Time to first token", fmt: secs,
+  { id: "ttft", sparse: true, title: "Time to first token", fmt: secs,
     lines: (d) => [["p50", d.ttft.p50], ["p95", d.ttft.p95]] },
-  { id: "duration", title: "Request duration", fmt: secs,
+  { id: "duration", sparse: true, title: "Request duration", fmt: secs,
     lines: (d) => [["p50", d.duration.p50], ["p95", d.duration.p95]] },
   { id: "queue", title: "Queue depth", fmt: count, whole: true,
     lines: (d) => [["waiting", d.queue.depth]] },
-  { id: "wait", title: "Queue wait (mean of the calls granted that second)", fmt: secs,
+  { id: "wait", sparse: true, title: "Queue wait (mean of the calls granted that second)", fmt: secs,
     lines: (d) => [["wait", d.queue.wait]] },
   { id: "instances", title: "Instances by state", fmt: count, whole: true,
     lines: (d) => Object.entries(d.instances).map(([s, v]) => [s, v]) },
@@ -124,11 +124,15 @@ function options(spec, names, width) {
     scales: { x: { time: true, range: (u, min, max) => {
       const end = max == null || Number.isNaN(max) ? Math.floor(Date.now() / 1000) : max;
       return [end - Number($("#chart-window").value), end];
-    } } },
+    } },
+    // Every figure here is ≥ 0: the y axis starts at 0 and keeps a scale when empty.
+    y: { range: (u, min, max) => [0, max == null || Number.isNaN(max) || max <= 0 ? 1 : max * 1.1] } },
     axes: [axis, { ...axis, size: 70, values: (u, vals) => vals.map(spec.fmt),
       ...(spec.whole ? { incrs: WHOLE } : {}) }],
     series: [{}, ...names.map((n, i) => ({
       label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false,
+      // Quantiles exist only in seconds with calls: a lone second must still show.
+      points: spec.sparse ? { show: true, size: 5, fill: PALETTE[i % PALETTE.length] } : {},
       value: (u, v) => spec.fmt(v),
     }))],
   };
@@ -138,7 +142,8 @@ function box(spec) {
   let node = $("#chart-" + spec.id);
   if (!node) {
     node = el("figure", { id: "chart-" + spec.id, class: "chart", "data-chart": spec.id },
-      el("figcaption", {}, spec.title), el("div", { class: "plot" }));
+      el("figcaption", {}, el("span", {}, spec.title), el("span", { class: "now muted" })),
+      el("div", { class: "plot" }));
     $("#charts").append(node);
   }
   return node;
@@ -164,6 +169,13 @@ function draw(d) {
       chart.setData(data);
     }
     node.dataset.points = String(d.t.length);
+    // The latest value of each line as text: readable without a mouse (and by screen
+    // readers), where the legend shows values only under the cursor.
+    $(".now", node).textContent = lines.length ? "now: " + lines.map(([n, v]) => {
+      let last = null;
+      for (let i = v.length - 1; i >= 0 && last === null; i--) last = v[i];
+      return `${n} ${spec.fmt(last)}`;
+    }).join(" · ") : "no data yet";
   }
 }
 

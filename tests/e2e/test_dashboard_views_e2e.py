@@ -92,6 +92,7 @@ def test_charts_receive_points_after_known_traffic(
     assert max(last["instances"]["ready"]) == 1
     assert page.locator(".chart").count() == 10
     expect(page.locator("#chart-requests .u-legend")).to_contain_text("gemma")
+    expect(page.locator("#chart-memory .now")).to_contain_text("RAM used")
 
     # Hover: the legend shows the values under the cursor.
     plot = page.locator("#chart-requests .u-over")
