@@ -94,6 +94,15 @@ def test_charts_receive_points_after_known_traffic(
     expect(page.locator("#chart-requests .u-legend")).to_contain_text("gemma")
     expect(page.locator("#chart-memory .now")).to_contain_text("RAM used")
 
+    # No layout jump: live updates leave every chart where it was, at its size.
+    boxes = "() => [...document.querySelectorAll('.chart')].map((c) => { " \
+        "const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })"
+    before_boxes = page.evaluate(boxes)
+    seen = page.evaluate("() => window.corralCharts.last.t.length")
+    wait_until(lambda: page.evaluate("() => window.corralCharts.last.t.length") >= seen + 2,
+               timeout=10, step=0.25)
+    assert page.evaluate(boxes) == before_boxes
+
     # Hover: the legend shows the values under the cursor.
     plot = page.locator("#chart-requests .u-over")
     box = plot.bounding_box()

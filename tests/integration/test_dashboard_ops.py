@@ -15,6 +15,7 @@ import tomli_w
 from aiohttp.test_utils import TestClient
 
 from proxy.app import CoreOptions, build_openai_app
+from proxy.keys import SCHEDULER
 from proxy.ops.timeseries import RING
 from scheduler.config import ModelConfig, load_config
 from tests.conftest import make_config, wait_for
@@ -238,6 +239,15 @@ async def test_catalog_lists_source_size_and_capabilities(corral: Any, tmp_path:
     assert a["size_bytes"] > 0 and a["ctx_size"] == 2048
     assert "completion" in a["capabilities"] and a["state"] == "not-loaded"
     assert r["source"] == {"kind": "remote", "where": "http://127.0.0.1:9", "configured": True}
+
+    # A model offered by a dynamic source (a scan, a pull) is listed as discovered.
+    found = tmp_path / "found.gguf"
+    write_dummy_gguf(found)
+    await client.app[SCHEDULER].set_dynamic_models("scan", [ModelConfig(name="found", path=found)])
+    body = await (await client.get("/admin/catalog")).json()
+    (f,) = [m for m in body["models"] if m["name"] == "found"]
+    assert f["source"] == {"kind": "path", "where": str(found), "configured": False}
+    assert f["size_bytes"] > 0
 
 
 async def test_ollama_chat_for_the_playground_streams_ndjson(corral: Any, tmp_path: Path) -> None:
