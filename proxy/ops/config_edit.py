@@ -142,15 +142,15 @@ def locate(text: str, problem: str, path: Path | str | None = None) -> int | Non
     ``<file>: invalid TOML: ... (at line N, column M)`` or, for protected keys,
     ``models.<name>.<key>`` / ``server.<key>``.
     """
-    m = _TOML_AT.search(problem)
-    if m:
-        return int(m.group(1))
     rest = problem
     if path is not None:
         prefix = f"{path}: "
         if not rest.startswith(prefix):
             return None  # another file (models.d) or the environment
         rest = rest[len(prefix):]
+    m = _TOML_AT.search(rest)
+    if m:
+        return int(m.group(1))
     lines = text.splitlines()
     blocks = _blocks(lines)
     models = [(s, e) for name, s, e in blocks if name == "models"]

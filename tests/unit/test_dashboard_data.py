@@ -142,6 +142,7 @@ parallel = 0
         ("/c.toml: invalid TOML: Expected '=' (at line 7, column 3)", 7),
         ("/c.toml: models_dir: nowhere is not a directory", None),
         ("/other/models.d/x.toml: model 'x': parallel: bad", None),
+        ("/other/models.d/x.toml: invalid TOML: Expected '=' (at line 3, column 1)", None),
         ("/c.toml: (top level): Value error, two models named 'a'", None),
     ],
 )
