@@ -107,9 +107,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from scheduler.check import problems as check_problems
+def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
+    """What `corral check` finds beyond the schema, one line each; the dashboard's dry
+    run of a config edit (proxy/ops/config_edit.py) reports the same."""
+    problems = []
+    for m in cfg.models:
+        if m.path is not None and not m.path.is_file():
+            problems.append(f"{path}: model {m.name!r}: path: {m.path} does not exist")
+    if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
+        problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
+    problems += _memory_problems(path, cfg)
+    return problems
 
+
+def cmd_check(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
     cfg = _load(path)
     problems = check_problems(path, cfg)
@@ -118,6 +129,38 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 2
     print(f"{path}: OK, {len(cfg.models)} model(s): " + ", ".join(m.name for m in cfg.models))
     return 0
+
+
+def _memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
+    """Models whose RAM or VRAM need can never fit its budget, whatever is evicted."""
+    from scheduler.resources import probe_system
+    from scheduler.sources import materialised_file, model_placement
+
+    sc = cfg.scheduler
+    info = probe_system()
+    ram = max(0, info.ram_total - sc.memory_headroom) if sc.memory_budget == "auto" else (
+        sc.memory_budget
+    )
+    vram = (
+        sum(max(0, g.vram_total - sc.vram_headroom) for g in info.gpus) or None
+        if sc.vram_budget == "auto"
+        else sc.vram_budget
+    )
+    out = []
+    for m in cfg.models:
+        if not m.local:
+            continue
+        need_ram, need_vram = model_placement(m, vram is not None, materialised_file(m))
+        for need, budget, what, key in (
+            (need_ram, ram, "memory", "memory_budget"),
+            (need_vram, vram, "VRAM", "vram_budget"),
+        ):
+            if budget is not None and need > budget:
+                out.append(
+                    f"{path}: model {m.name!r}: needs {need / 2**20:.0f} MiB but the {what} "
+                    f"budget is {budget / 2**20:.0f} MiB (scheduler.{key})"
+                )
+    return out
 
 
 def cmd_models(args: argparse.Namespace) -> int:

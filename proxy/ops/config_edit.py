@@ -26,10 +26,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+# The same checks as the command line's `corral check` (the CLI imports the web app
+# only inside `serve`, so this is no import cycle at load time).
+from proxy.cli import check_problems
 from proxy.keys import CONFIG
 from proxy.reload import RELOADER, NoConfigFile, protected_changes, server_changes
 from scheduler import secrets
-from scheduler.check import problems as check_problems
 from scheduler.config import CorralConfig, load_config
 from scheduler.errors import BadRequest, ConfigError
 
