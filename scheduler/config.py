@@ -65,6 +65,9 @@ class ServerConfig(_Strict):
     default_model: str | None = Field(
         None, description="model for native calls (/completion, /tokenize ...) that name none"
     )
+    dashboard_history: int = Field(
+        3600, ge=60, le=86400, description="seconds of per-second samples the dashboard charts"
+    )
     # Listener limits.
     header_timeout: float = Field(30.0, gt=0, description="seconds to read a request's headers")
     body_timeout: float = Field(300.0, gt=0, description="seconds to read a request body")
@@ -78,9 +81,6 @@ class ServerConfig(_Strict):
     )
     lmstudio_sdk_port: int | None = Field(
         None, ge=0, le=65535, description="extra LM Studio SDK discovery listener (41343)"
-    )
-    dashboard_history: int = Field(
-        3600, ge=60, le=86400, description="seconds of per-second samples the dashboard charts"
     )
 
     @field_validator("api_keys")
