@@ -142,6 +142,13 @@ def test_playground_streams_in_every_family_and_stop_frees_the_slot(
         raw = page.locator("#pg-response").text_content() or ""
         assert raw.startswith("HTTP 200") and ("data:" in raw or '"done":true' in raw), raw
     shot(page, "playground", phone=True)
+    # From the keyboard: Ctrl+Enter in the message sends it.
+    page.evaluate("() => { document.querySelector('#pg-output').textContent = '';"
+                  " document.querySelector('#pg-state').textContent = ''; }")
+    page.locator("#pg-prompt").focus()
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#pg-state")).to_have_text("done", timeout=60_000)
+    expect(page.locator("#pg-output")).not_to_be_empty()
 
     # An image attached for a vision model goes in the request; an error is shown as such.
     page.locator("#pg-model").select_option("seer")
