@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
+from proxy.ops.samples import Memory, ModelTotals
 from proxy.ops.timeseries import RING
 from scheduler.config import ModelConfig, load_config
 from tests.conftest import make_config, wait_for
@@ -295,3 +297,15 @@ async def test_pin_edits_the_models_evictable_key_through_the_config_write(
         message = (await resp.json())["error"]["message"]
         assert "model 'b': evictable: unknown key" in message
         assert path.read_text() == old
+
+
+async def test_a_long_window_is_laid_out_whole(corral: Any, tmp_path: Path) -> None:
+    client = await corral(make_config(tmp_path, [{"name": "a"}]))
+    ring = client.app[RING]
+    ring.samples.clear()
+    start = int(time.time()) - 1000
+    for t in range(start, start + 400):  # older than anything the sampler adds
+        ring.add(t, {"a": ModelTotals(requests=t - start)}, {}, [], Memory(ram_total=1))
+    body = await series(client, "window=3600")  # over the on-loop limit: in a thread
+    assert body["t"][:400] == list(range(start, start + 400))
+    assert body["requests"]["a"][1:400] == [1] * 399
