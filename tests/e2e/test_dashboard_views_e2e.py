@@ -343,3 +343,22 @@ def test_config_view_says_why_apply_is_off(
     editor.fill(editor.input_value().replace("ctx_size = 1024", "ctx_size = 2048"))
     expect(page.locator("#cfg-message")).to_contain_text("restarts gemma")  # still checked
     shot(page, "config-read-only")
+
+
+def test_views_behind_the_api_key(
+    corral: Callable[..., CorralProc], gemma: Path, browser: Browser
+) -> None:
+    c = corral(gemma_model(gemma), server='api_keys = ["dash-key"]')
+    assert httpx.get(c.url + "/admin/timeseries").status_code == 401
+    assert httpx.get(c.url + "/admin/catalog").status_code == 401
+    page = browser.new_page()
+    page.goto(c.url + "/dashboard/#charts")
+    expect(page.locator("#key-form")).to_be_visible()
+    page.locator("#key-input").fill("dash-key")
+    page.locator("#key-input").press("Enter")
+    wait_until(lambda: bool(page.evaluate(
+        "() => window.corralCharts.last && window.corralCharts.last.t.length")),
+        timeout=15, step=0.25)
+    page.locator("#tab-models").click()
+    expect(page.locator('#catalog tr[data-model="gemma"]')).to_contain_text("Q4_K_M")
+    page.close()
