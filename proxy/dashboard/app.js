@@ -72,7 +72,11 @@ function renderModels(models) {
     const inFlight = m.instances.reduce((a, i) => a + (i.in_flight || 0), 0);
     const slots = m.instances.reduce((a, i) => a + (i.slots || 0), 0);
     const rss = local.reduce((a, i) => a + (i.resident_memory_bytes || 0), 0);
-    const name = el("td", {}, el("strong", {}, m.name),
+    // The name opens the charts, filtered to this model.
+    const name = el("td", {}, el("a", {
+      href: "#charts", class: "model-link", title: "charts of " + m.name,
+      onclick: (ev) => { ev.preventDefault(); chartsOf(m.name); },
+    }, el("strong", {}, m.name)),
       m.aliases.length ? el("div", { class: "muted" }, m.aliases.join(", ")) : null);
     const actions = el("td", {},
       actionButton(m.name, "load", "Load"),
@@ -229,6 +233,11 @@ async function followLog(instanceId) {
 }
 
 // -- tabs -------------------------------------------------------------------------
+
+function chartsOf(model) {
+  $("#chart-model").value = model;
+  pick("charts");
+}
 
 let current = "overview";
 

@@ -56,6 +56,12 @@ def test_charts_receive_points_after_known_traffic(
     c = corral(gemma_model(gemma))
     page = open_dashboard(browser, c)
     page.set_viewport_size({"width": 1280, "height": 900})
+    # A model's name in the overview opens its charts.
+    page.locator('#models tr[data-model="gemma"] a.model-link').click()
+    expect(page.locator("#view-charts")).to_be_visible()
+    expect(page.locator("#chart-model")).to_have_value("gemma")
+    page.locator("#chart-model").select_option("")
+    page.locator("#tab-overview").click()
     # Keyboard: the tabs answer the arrow keys.
     page.locator("#tab-overview").focus()
     page.keyboard.press("ArrowRight")
