@@ -37,7 +37,7 @@ async function act(model, action) {
 function row(m) {
   const src = m.source;
   const where = el("td", { title: src.where },
-    el("span", { class: "tag" }, src.configured ? src.kind : "discovered · " + src.kind), " ",
+    el("span", { class: "tag" }, src.configured ? src.kind : `${src.origin || "discovered"} · ${src.kind}`), " ",
     el("span", { class: "muted ellipsis" }, src.where));
   const ctx = m.context_length ? `${m.ctx_size || m.context_length} of ${m.context_length}` : String(m.ctx_size || "–");
   const busy = [...state.busy].some((t) => t.startsWith(m.name + "/"));

@@ -25,7 +25,8 @@ def source(cfg: ModelConfig, configured: bool) -> dict[str, object]:
         kind, where = "huggingface", f"{cfg.hf_repo}/{cfg.hf_file}"
     else:
         kind, where = "remote", ", ".join(cfg.remotes)
-    return {"kind": kind, "where": where, "configured": configured}
+    # origin: "config", "scan:<layout>" or "pulled", as Corral set it.
+    return {"kind": kind, "where": where, "configured": configured, "origin": cfg.origin}
 
 
 async def catalog(request: web.Request) -> web.Response:

@@ -240,15 +240,18 @@ async def test_catalog_lists_source_size_and_capabilities(corral: Any, tmp_path:
     assert a["name"] == "a" and a["source"]["kind"] == "path" and a["source"]["configured"]
     assert a["size_bytes"] > 0 and a["ctx_size"] == 2048
     assert "completion" in a["capabilities"] and a["state"] == "not-loaded"
-    assert r["source"] == {"kind": "remote", "where": "http://127.0.0.1:9", "configured": True}
+    assert r["source"] == {"kind": "remote", "where": "http://127.0.0.1:9", "configured": True,
+                           "origin": "config"}
 
     # A model offered by a dynamic source (a scan, a pull) is listed as discovered.
     found = tmp_path / "found.gguf"
     write_dummy_gguf(found)
-    await client.app[SCHEDULER].set_dynamic_models("scan", [ModelConfig(name="found", path=found)])
+    await client.app[SCHEDULER].set_dynamic_models(
+        "scan", [ModelConfig(name="found", path=found, origin="scan:dir")])
     body = await (await client.get("/admin/catalog")).json()
     (f,) = [m for m in body["models"] if m["name"] == "found"]
-    assert f["source"] == {"kind": "path", "where": str(found), "configured": False}
+    assert f["source"] == {"kind": "path", "where": str(found), "configured": False,
+                           "origin": "scan:dir"}
     assert f["size_bytes"] > 0
 
 
