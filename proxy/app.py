@@ -33,6 +33,7 @@ from proxy.families.learned import FamilyState
 from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, FAMILIES, PULL_LOCKS, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics, request_middleware
+from proxy.ops.mount import add_dashboard_routes
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import limits
 from scheduler.config import CorralConfig
@@ -131,6 +132,7 @@ def build_openai_app(
     app.router.add_get("/metrics", metrics.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
+    add_dashboard_routes(app, cfg)
     return app
 
 
