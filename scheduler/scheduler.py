@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -67,6 +68,12 @@ def _oldest(m: _Model) -> float:
     return w.enqueued if w is not None else 0.0
 
 
+@functools.lru_cache(maxsize=64)
+def _apis(api: tuple[str, ...] | None) -> frozenset[str] | None:
+    # Cached: lease() is the hot path and configs repeat the same few tuples.
+    return None if api is None else frozenset(api)
+
+
 def launch_backoff(failures: int) -> float:
     """Seconds to wait before launch number ``failures + 1``: 0.5, 1, 2, 4 ... ≤ 30."""
     return 0.0 if failures <= 0 else min(30.0, 0.5 * 2 ** (failures - 1))
@@ -92,6 +99,9 @@ class Upstream:
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
+    # The API families the upstream speaks natively (ModelConfig.api); None: all that
+    # llama-server speaks. The proxy translates a family missing here to chat.
+    apis: frozenset[str] | None = None
 
 
 class _Waiter:
@@ -499,7 +509,8 @@ class Scheduler:
         try:
             if hints.affinity and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
                 await self.slots.restore(inst, hints.affinity)
-            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start)
+            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
+                           _apis(serving.cfg.api))
         finally:
             inst.release()
 
