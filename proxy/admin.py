@@ -299,7 +299,11 @@ def _redacted(data: dict[str, Any]) -> dict[str, Any]:
     server = dict(data.get("server", {}))
     if server.get("api_keys"):
         server["api_keys"] = ["<redacted>"] * len(server["api_keys"])
-    return {**data, "server": server}
+    out = {**data, "server": server}
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("token"):
+        out["cluster"] = {**cluster, "token": "<redacted>"}
+    return out
 
 
 async def get_config(request: web.Request) -> web.Response:
@@ -326,10 +330,17 @@ def _redact_text(text: str, cfg: CorralConfig) -> str:
     ``_redacted`` does for the parsed view. Replacing the strings themselves covers
     every TOML spelling of the array (inline, multi-line, quoted either way)."""
     keys = set(cfg.server.api_keys)
+    if cfg.cluster.token:
+        keys.add(cfg.cluster.token)
     with contextlib.suppress(tomllib.TOMLDecodeError):
-        server = tomllib.loads(text).get("server", {})
+        parsed = tomllib.loads(text)
+        server = parsed.get("server", {})
         given = server.get("api_keys", []) if isinstance(server, dict) else []
         keys.update(k for k in given if isinstance(k, str) and k)
+        cluster = parsed.get("cluster", {})
+        token = cluster.get("token") if isinstance(cluster, dict) else None
+        if isinstance(token, str) and token:
+            keys.add(token)
     for key in sorted(keys, key=len, reverse=True):
         text = text.replace(key, "<redacted>")
     return text

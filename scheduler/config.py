@@ -287,6 +287,61 @@ class ModelConfig(_Strict):
         return self
 
 
+class ClusterConfig(_Strict):
+    """``[cluster]``: this Corral as a node of a cluster, or as a front that routes to
+    nodes (docs/cluster.md). ``role = "none"`` (the default) is a single Corral."""
+
+    role: Literal["none", "node", "front"] = "none"
+    token: str = Field(
+        "", description="shared secret: fronts send it, nodes require it (node API and calls)"
+    )
+    nodes: tuple[str, ...] = Field((), description="front: node base URLs (their OpenAI port)")
+    discover: str | None = Field(
+        None, description="front: 'dns:NAME:PORT', a headless Service's A/AAAA records"
+    )
+    resolv_conf: Path = Field(
+        Path("/etc/resolv.conf"), description="front: resolver config for discover"
+    )
+    discover_interval: float = Field(5.0, gt=0, description="front: seconds between lookups")
+    poll_interval: float = Field(1.0, gt=0, description="front: seconds between node polls")
+    connect_timeout: float = Field(2.0, gt=0, description="front: seconds to connect to a node")
+    first_byte_timeout: float = Field(
+        600.0, gt=0, description="front: seconds from sending a call to its first byte"
+    )
+    stall_timeout: float = Field(
+        120.0, gt=0, description="front: seconds an answer may pause between two chunks"
+    )
+    drain_settle: float = Field(
+        3.0, ge=0, description="node: seconds a draining node keeps answering so that "
+        "every front sees it draining"
+    )
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+                raise ValueError(f"{url!r} is not an http(s) base URL")
+        return tuple(u.rstrip("/") for u in urls)
+
+    @field_validator("discover")
+    @classmethod
+    def _discover(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^dns:[A-Za-z0-9.-]+:\d{1,5}$", value):
+            raise ValueError(f"{value!r}: use 'dns:NAME:PORT'")
+        return value
+
+    @model_validator(mode="after")
+    def _roles(self) -> ClusterConfig:
+        if self.role != "none" and len(self.token) < 16:
+            raise ValueError(f"role {self.role!r} needs a token of at least 16 characters")
+        if self.role == "front" and not self.nodes and self.discover is None:
+            raise ValueError("role 'front' needs 'nodes' or 'discover'")
+        if self.role != "front" and (self.nodes or self.discover):
+            raise ValueError("'nodes' and 'discover' are for role 'front'")
+        return self
+
+
 class CorralConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_",
@@ -300,6 +355,7 @@ class CorralConfig(BaseSettings):
     llama_server: LlamaServerConfig = LlamaServerConfig()
     models_dir: Path | None = None
     models: tuple[ModelConfig, ...] = ()
+    cluster: ClusterConfig = ClusterConfig()
 
     @classmethod
     def settings_customise_sources(
