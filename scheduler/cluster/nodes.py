@@ -137,7 +137,7 @@ class NodeWatch:
             models = _parse(report)
         except (aiohttp.ClientError, TimeoutError, ValueError, _Bad) as e:
             reason = str(e) or type(e).__name__
-            if node.healthy or node.report is None and node.failure != reason:
+            if node.failure != reason:
                 log.warning("cluster: node %s out of rotation: %s", node.url, reason)
             node.healthy = False
             node.failure = reason
@@ -180,7 +180,11 @@ class NodeWatch:
         for node in self._nodes.values():
             for name, m in node.models.items():
                 urls.setdefault(name, []).append(node.url)
-                aliases.setdefault(name, {}).update(dict.fromkeys(m.get("aliases", [])))
+                # Calls go out under the name the client used: an alias is offered only
+                # if every node that serves the model knows it.
+                given = dict.fromkeys(m.get("aliases", []))
+                have = aliases.get(name)
+                aliases[name] = given if have is None else {a: None for a in have if a in given}
                 caps.setdefault(name, set()).update(m.get("capabilities", []))
         names = set(urls)
         out = []

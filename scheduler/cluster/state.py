@@ -38,7 +38,8 @@ def node_state(scheduler: Scheduler, name: str, draining: bool, now: float) -> d
     used = sum(i.footprint for i in alive)
     used_vram = sum(i.vram for i in alive)
     models = []
-    for status in scheduler.model_status():
+    statuses = scheduler.model_status()
+    for status in statuses:
         mname = str(status["name"])
         mc = cfg.model(mname)
         if mc is None:
@@ -58,8 +59,7 @@ def node_state(scheduler: Scheduler, name: str, draining: bool, now: float) -> d
             "starting_slots": sum(i.slots for i in starting),
             "in_flight": sum(i.in_flight for i in mine if i.state in ALIVE),
             "queued": status["queued"],
-            "launch": _launch(snap, mname, footprint, vram, mc.local, bool(mine),
-                              str(status["state"])),
+            "launch": _launch(snap, mname, footprint, vram, mc.local, str(status["state"])),
             "instances": [
                 {"id": i.id, "state": str(i.state), "in_flight": i.in_flight,
                  "slots": i.slots, "load": i.load}
@@ -73,7 +73,7 @@ def node_state(scheduler: Scheduler, name: str, draining: bool, now: float) -> d
         "node": name,
         "draining": draining,
         "in_flight": sum(i.in_flight for i in alive),
-        "queued": sum(int(s["queued"]) for s in scheduler.model_status()),  # type: ignore[call-overload]
+        "queued": sum(int(s["queued"]) for s in statuses),  # type: ignore[call-overload]
         "instances": len(alive),
         "max_instances": cfg.scheduler.max_instances,
         "memory": {"budget": budget, "used": used,
@@ -85,7 +85,7 @@ def node_state(scheduler: Scheduler, name: str, draining: bool, now: float) -> d
 
 
 def _launch(snap: policy.Snapshot, model: str, footprint: int, vram: int, local: bool,
-            has_instances: bool, state: str) -> str:
+            state: str) -> str:
     if not local:
         # A model this node reaches through its own remotes: it never launches, the
         # remote either takes calls or not.
