@@ -62,7 +62,7 @@ def node_state(scheduler: Scheduler, name: str, draining: bool, now: float) -> d
             "launch": _launch(snap, mname, footprint, vram, mc.local, str(status["state"])),
             "instances": [
                 {"id": i.id, "state": str(i.state), "in_flight": i.in_flight,
-                 "slots": i.slots, "load": i.load}
+                 "slots": i.slots, "load": i.load, "served": i.stats.served}
                 for i in mine
             ],
         })
