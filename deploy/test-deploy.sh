@@ -7,7 +7,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 VARIANT=${VARIANT:-cpu}
-BASE=${BASE:-localhost/debian:bookworm}
+BASE=${BASE:-localhost/debian:trixie}
 IMAGE=${IMAGE:-localhost/corral:${VARIANT}}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HADOLINT=${HADOLINT:-$(command -v hadolint || echo .venv/bin/hadolint)}
@@ -24,14 +24,20 @@ if ! podman image exists "$BASE"; then
   echo "== debootstrap $BASE from $MIRROR"
   rootfs=$(mktemp -d)
   trap 'rm -rf "$rootfs"' EXIT
-  debootstrap --variant=minbase bookworm "$rootfs" "$MIRROR" >/dev/null
+  debootstrap --variant=minbase trixie "$rootfs" "$MIRROR" >/dev/null
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE"
+  rm -rf "$rootfs"
 fi
 
 # A host with hybrid cgroups (v1 controllers plus a v2 "unified" tree) makes crun
 # refuse to create containers; build in a chroot and run without cgroups there.
 build_opts=() run_opts=()
+# The host's CA bundle, for builds behind a TLS-inspecting proxy (a build secret).
+CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+if [ -s "$CA_BUNDLE" ]; then
+  build_opts+=(--secret "id=ca,src=$CA_BUNDLE")
+fi
 if [ -d /sys/fs/cgroup/unified ]; then
   build_opts+=(--isolation chroot)
   run_opts+=(--cgroups disabled)
