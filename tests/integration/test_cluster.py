@@ -256,3 +256,56 @@ async def test_a_draining_node_gets_no_new_calls_and_finishes_its_own(cluster: A
         assert len((await resp.json())["choices"][0]["message"]["content"].split()) == 30
     await asyncio.wait_for(drain, 10)
     assert c.served()["0"] + sum(x.in_flight for x in c.node_instances(0)) == before
+
+
+async def test_a_full_cluster_queues_at_the_front_bounded_with_retry_after(
+    cluster: Any,
+) -> None:
+    model = {"name": "m", "env": {"FAKE_TOKEN_DELAY": "0.1"}, "replicas": {"min": 1, "max": 1}}
+    c = await cluster([[model], [model]],
+                      scheduler={"queue_size": 1, "queue_timeout": 20})
+    for i in range(2):
+        await wait_for(lambda i=i: any(x.state.value == "ready" for x in c.node_instances(i)))
+    await asyncio.sleep(0.5)
+    # Two nodes of one slot each, full; one call may wait at the front, the next not.
+    running = [asyncio.ensure_future(c.front.post(
+        "/v1/chat/completions", json=chat("m", f"r{n}", max_tokens=10))) for n in range(3)]
+    await wait_for(lambda: sum(int(str(m["queued"]))
+                               for m in c.front.app[SCHEDULER].model_status()) == 1)
+    refused = await c.front.post("/v1/chat/completions", json=chat("m", "one too many"))
+    assert refused.status == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    for resp in await asyncio.gather(*running):
+        assert resp.status == 200
+    # The front sent no node more than its one slot: the queue was the front's.
+    async with aiohttp.ClientSession() as s:
+        for i in range(2):
+            for inst in c.node_instances(i):
+                async with s.get(inst.base_url + "/fake/stats") as r:
+                    assert (await r.json())["max_in_flight"] == 1
+    assert sum(x.stats.served for i in range(2) for x in c.node_instances(i)) == 3
+
+
+async def test_fronts_side_by_side_need_no_shared_state(
+    aiohttp_server: Any, aiohttp_client: Any, fake_llama: Path, tmp_path: Path
+) -> None:
+    opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
+    model = {"name": "m", "parallel": 2, "env": SLOW, "replicas": {"min": 1, "max": 1}}
+    nodes = [await aiohttp_server(build_openai_app(node_cfg(tmp_path, f"n{i}", [model]), opts))
+             for i in range(2)]
+    urls = [str(n.make_url("")).rstrip("/") for n in nodes]
+    for n in nodes:
+        await wait_for(lambda n=n: any(x.state.value == "ready"
+                                       for x in n.app[SCHEDULER].instances()))
+    fronts = []
+    for k in range(2):
+        d = tmp_path / f"front{k}"
+        d.mkdir()
+        fronts.append(await aiohttp_client(build_openai_app(front_cfg(d, urls), opts)))
+    await asyncio.sleep(0.5)
+    calls = [fronts[k % 2].post("/v1/chat/completions", json=chat("m", f"c{k}", max_tokens=10))
+             for k in range(8)]
+    for resp in await asyncio.gather(*calls):
+        assert resp.status == 200
+    served = [sum(x.stats.served for x in n.app[SCHEDULER].instances()) for n in nodes]
+    assert sum(served) == 8 and min(served) >= 2, served
