@@ -309,3 +309,26 @@ async def test_fronts_side_by_side_need_no_shared_state(
         assert resp.status == 200
     served = [sum(x.stats.served for x in n.app[SCHEDULER].instances()) for n in nodes]
     assert sum(served) == 8 and min(served) >= 2, served
+
+
+async def test_the_token_goes_to_nodes_only(
+    aiohttp_server: Any, aiohttp_client: Any, fake_llama: Path, tmp_path: Path
+) -> None:
+    opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
+    model = {"name": "m", "replicas": {"min": 1, "max": 1}}
+    node = await aiohttp_server(build_openai_app(node_cfg(tmp_path, "n", [model]), opts))
+    await wait_for(lambda: any(x.state.value == "ready" for x in node.app[SCHEDULER].instances()))
+    child = node.app[SCHEDULER].instances()[0].base_url
+    # The front also has a plain remote model: the node's llama-server, called directly.
+    cfg = make_config(tmp_path, [{"name": "plain", "remotes": [child]}], cluster={
+        "role": "front", "token": TOKEN, "nodes": [str(node.make_url("")).rstrip("/")],
+        "poll_interval": 0.2})
+    front = await aiohttp_client(build_openai_app(cfg, opts))
+    for name in ("m", "plain"):
+        resp = await front.post("/v1/chat/completions", json=chat(name))
+        assert resp.status == 200, await resp.text()
+    async with aiohttp.ClientSession() as s, s.get(child + "/fake/requests") as r:
+        seen = await r.json()
+    chats = [q for q in seen if q["path"] == "/v1/chat/completions"]
+    assert len(chats) == 2  # one through the node, one straight from the front
+    assert all(TOKEN not in str(q["headers"]) for q in seen)
