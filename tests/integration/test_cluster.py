@@ -332,3 +332,25 @@ async def test_the_token_goes_to_nodes_only(
     chats = [q for q in seen if q["path"] == "/v1/chat/completions"]
     assert len(chats) == 2  # one through the node, one straight from the front
     assert all(TOKEN not in str(q["headers"]) for q in seen)
+
+
+async def test_when_every_node_is_gone_calls_fail_at_once_in_the_callers_dialect(
+    cluster: Any,
+) -> None:
+    c = await cluster([[{"name": "m"}], [{"name": "m"}]])
+    for node in c.nodes:
+        await node.close()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    resp = await c.front.post("/v1/chat/completions", json=chat("m"))
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["error"]["code"] == "model_load_failed"
+    assert c.urls[0] in body["error"]["message"] and c.urls[1] in body["error"]["message"]
+    resp = await c.ollama.post("/api/chat", json={
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": False})
+    assert resp.status == 503 and "error" in await resp.json()
+    assert loop.time() - start < 10
+    # The models stay listed: a node that is down may come back.
+    ids = {m["id"] for m in (await (await c.front.get("/v1/models")).json())["data"]}
+    assert "m" in ids
