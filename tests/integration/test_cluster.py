@@ -39,11 +39,12 @@ def front_cfg(tmp_path: Path, urls: list[str], **extra: Any) -> CorralConfig:
 
 
 class Cluster:
-    def __init__(self, nodes: list[Any], front: Any, ollama: Any) -> None:
+    def __init__(self, nodes: list[Any], front: Any, ollama: Any, lmstudio: Any) -> None:
         self.nodes = nodes  # TestServers
         self.urls = [str(n.make_url("")).rstrip("/") for n in nodes]
         self.front = front
         self.ollama = ollama
+        self.lmstudio = lmstudio
 
     def node_app(self, i: int) -> web.Application:
         return self.nodes[i].app  # type: ignore[no-any-return]
@@ -78,7 +79,8 @@ def cluster(aiohttp_server: Any, aiohttp_client: Any, fake_llama: Path,
         core = build_openai_app(front_cfg(tmp_path, urls, **front_extra), opts)
         front = await aiohttp_client(core)
         ollama = await aiohttp_client(port_app(core, "ollama"))
-        return Cluster(servers, front, ollama)
+        lmstudio = await aiohttp_client(port_app(core, "lmstudio"))
+        return Cluster(servers, front, ollama, lmstudio)
 
     return start
 
@@ -105,6 +107,13 @@ async def test_front_lists_the_union_of_node_models_on_every_port(cluster: Any) 
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["message"]["content"]
     assert c.served()["1"] == 1
+    # The LM Studio port lists and serves them too.
+    lms = await (await c.lmstudio.get("/api/v0/models")).json()
+    assert {"alpha", "beta", "gamma"} <= {m["id"] for m in lms["data"]}
+    resp = await c.lmstudio.post("/api/v0/chat/completions", json=chat("beta"))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["choices"][0]["message"]["content"]
+    assert c.served()["1"] == 2
     # Through an alias both of its nodes know (the call goes out under that name, so
     # an alias only one node knows is not offered).
     for _ in range(4):
