@@ -20,14 +20,17 @@ import hmac
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy.errors import render
 from proxy.keys import SCHEDULER, SESSION
+from proxy.metrics import METRICS
 from scheduler.cluster.discovery import DnsDiscovery
 from scheduler.cluster.nodes import NODE_PATH, NodeWatch, cancel
 from scheduler.cluster.state import node_state
@@ -165,11 +168,45 @@ async def _front_ctx(app: web.Application) -> AsyncIterator[None]:
     # The first poll before the ports open: the front starts with its nodes' models.
     await watch.poll_all()
     tasks.append(asyncio.create_task(watch.run(), name="corral-nodes"))
+    collector = _NodeCollector(watch)
+    registry = app[METRICS].registry if METRICS in app else None
+    if registry is not None:
+        registry.register(collector)
     try:
         yield
     finally:
+        if registry is not None:
+            registry.unregister(collector)
         for task in tasks:
             await cancel(task)
+
+
+class _NodeCollector(Collector):
+    """A front's view of its nodes, read when Prometheus scrapes (docs/cluster.md)."""
+
+    def __init__(self, watch: NodeWatch) -> None:
+        self._watch = watch
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        healthy = GaugeMetricFamily(
+            "corral_cluster_node_healthy", "1 while the node answers its polls.",
+            labels=["node"])
+        draining = GaugeMetricFamily(
+            "corral_cluster_node_draining", "1 while the node reports draining.",
+            labels=["node"])
+        calls = GaugeMetricFamily(
+            "corral_cluster_node_calls", "Calls the node reported, all fronts' together.",
+            labels=["node", "state"])
+        for node in self._watch.nodes():
+            report = node.report or {}
+            healthy.add_metric([node.url], 1.0 if node.healthy else 0.0)
+            draining.add_metric([node.url], 1.0 if node.draining else 0.0)
+            calls.add_metric([node.url, "running"], float(report.get("in_flight") or 0))
+            calls.add_metric([node.url, "queued"], float(report.get("queued") or 0))
+        return [healthy, draining, calls]
 
 
 

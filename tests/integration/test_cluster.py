@@ -205,6 +205,10 @@ async def test_node_api_needs_the_token_and_the_token_is_never_shown(cluster: An
     view = await (await c.front.get("/corral/nodes")).json()
     assert view["nodes"][0]["healthy"] is True
     assert TOKEN not in str(view)
+    metrics = await (await c.front.get("/metrics")).text()
+    assert f'corral_cluster_node_healthy{{node="{c.urls[0]}"}} 1.0' in metrics
+    assert f'corral_cluster_node_draining{{node="{c.urls[0]}"}} 0.0' in metrics
+    assert TOKEN not in metrics
 
 
 async def test_nodes_with_api_keys_accept_the_front_by_its_token(
