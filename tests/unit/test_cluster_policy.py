@@ -120,3 +120,28 @@ def test_cluster_config_is_validated(tmp_path: Any, section: dict[str, Any],
 def test_cluster_defaults() -> None:
     assert CorralConfig().cluster == ClusterConfig()
     assert ClusterConfig().role == "none"
+
+
+def test_a_nodes_launch_verdict_is_its_own_launch_policy() -> None:
+    from scheduler import policy
+    from scheduler.cluster.state import _launch
+    from scheduler.instance import State
+
+    def view(id: str, model: str, in_flight: int) -> policy.InstanceView:
+        return policy.InstanceView(id=id, model=model, state=State.READY,
+                                   in_flight=in_flight, slots=1, last_used=0.0,
+                                   footprint=100)
+
+    def snap(*insts: policy.InstanceView, budget: int | None = 1000) -> policy.Snapshot:
+        return policy.Snapshot(now=1.0, instances=list(insts), max_instances=2,
+                               memory_budget=budget, replicas={"m": (0, 2)})
+
+    assert _launch(snap(), "m", 100, 0, True, "not-loaded") == "now"
+    assert _launch(snap(), "m", 5000, 0, True, "not-loaded") == "never"
+    busy = (view("a#1", "a", 1), view("b#1", "b", 1))
+    assert _launch(snap(*busy), "m", 100, 0, True, "not-loaded") == "wait"
+    idle = (view("a#1", "a", 0), view("b#1", "b", 1))
+    assert _launch(snap(*idle), "m", 100, 0, True, "not-loaded") == "evict"
+    assert _launch(snap(), "m", 100, 0, True, "unavailable") == "never"
+    # A model the node reaches through its own remotes never launches; it takes calls.
+    assert _launch(snap(*busy), "r", 0, 0, False, "not-loaded") == "now"
