@@ -49,6 +49,16 @@ podman build "${build_opts[@]}" --format docker --network host -f deploy/Dockerf
   --build-arg PIP_INDEX_URL="${PIP_INDEX_URL:-https://pypi.org/simple}" \
   -t "$IMAGE" .
 
+# Podman's default open-file limit may exceed what this process may grant.
+hard=$(ulimit -Hn)
+if [ "$hard" != unlimited ]; then
+  run_opts+=(--ulimit "nofile=$hard:$hard")
+fi
+# Without systemd, podman cannot time health checks; they are run by hand below.
+if [ ! -d /run/systemd/system ]; then
+  run_opts+=(--health-interval disable)
+fi
+
 echo "== run"
 name=corral-test-deploy-$$
 podman run "${run_opts[@]}" -d --name "$name" -p "127.0.0.1:${PORT}:8080" "$IMAGE" >/dev/null
@@ -59,6 +69,8 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 curl -fsS "http://127.0.0.1:${PORT}/health"; echo
+echo "== the image's HEALTHCHECK"
+podman healthcheck run "$name" && echo healthy
 answer=$(curl -fsS --max-time 300 "http://127.0.0.1:${PORT}/v1/chat/completions" \
   -H 'Content-Type: application/json' \
   -d '{"model": "default", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}')

@@ -55,7 +55,7 @@ def test_dockerfile_lints_clean() -> None:
 def test_dockerfile_shape() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "ARG VARIANT=cpu" in text and "nvidia/cuda" in text
-    assert "install-llama-server" in text  # the same pinned source as the CLI
+    assert "install_llama_server" in text  # the same code and pinned source as the CLI
     assert re.search(r"^USER 10001", text, re.M)
     assert 'ENTRYPOINT ["corral", "serve"]' in text and "/health" in text
     assert 'VOLUME ["/models"]' in text
