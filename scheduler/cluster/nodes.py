@@ -22,14 +22,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
+from pydantic import ValidationError
 
 from scheduler import policy as instance_policy
 from scheduler.cluster.policy import LaunchKind, NodeOption, pick_node
 from scheduler.cluster.state import VERSION
-from scheduler.config import ClusterConfig, ModelConfig
+from scheduler.config import Capability, ClusterConfig, ModelConfig
 from scheduler.instance import State
 from scheduler.remote import Remote
 from scheduler.scheduler import Scheduler, Servable
@@ -42,6 +43,7 @@ SOURCE = "cluster"
 # node choice (not the remote's slot count) decides where calls go.
 _NODE_SLOTS = 4096
 _LAUNCH_KINDS: frozenset[str] = frozenset({"now", "evict", "wait", "never"})
+_CAPABILITIES: frozenset[str] = frozenset(get_args(Capability))
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class NodeWatch:
         self._models: tuple[ModelConfig, ...] = ()
         self._headers = {"Authorization": f"Bearer {cfg.token}"}
         self._origins = frozenset(_origin(u) for u in self._nodes)
+        self._refused: set[str] = set()
 
     # -- membership --------------------------------------------------------------
 
@@ -189,16 +192,24 @@ class NodeWatch:
         names = set(urls)
         out = []
         for name in sorted(urls):
-            out.append(ModelConfig.model_validate({
-                "name": name,
-                "aliases": [a for a in aliases[name] if a not in names],
-                "remotes": sorted(urls[name]),
-                "remote_slots": _NODE_SLOTS,
-                "capabilities": sorted(caps[name]) or None,
-                "connect_timeout": self._cfg.connect_timeout,
-                "first_byte_timeout": self._cfg.first_byte_timeout,
-                "stall_timeout": self._cfg.stall_timeout,
-            }))
+            try:
+                out.append(ModelConfig.model_validate({
+                    "name": name,
+                    "aliases": [a for a in aliases[name] if a not in names],
+                    "remotes": sorted(urls[name]),
+                    "remote_slots": _NODE_SLOTS,
+                    # A newer node may know capabilities this front does not.
+                    "capabilities": sorted(caps[name] & _CAPABILITIES) or None,
+                    "connect_timeout": self._cfg.connect_timeout,
+                    "first_byte_timeout": self._cfg.first_byte_timeout,
+                    "stall_timeout": self._cfg.stall_timeout,
+                }))
+            except ValidationError as e:
+                # One odd model must not stop the front from listing the others.
+                if name not in self._refused:
+                    self._refused.add(name)
+                    log.warning("cluster: model %r from %s left out: %s", name,
+                                ", ".join(urls[name]), e.errors()[0]["msg"])
         return tuple(out)
 
     # -- choice ------------------------------------------------------------------
@@ -250,6 +261,10 @@ def _parse(report: Any) -> dict[str, dict[str, Any]]:
                 m[k] = int(m[k])
         except (KeyError, TypeError, ValueError) as e:
             raise _Bad(f"malformed model entry: {e}") from None
+        for k in ("aliases", "capabilities"):
+            v = m.setdefault(k, [])
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise _Bad(f"model {name!r}: {k} is not a list of strings")
         if m.get("launch") not in _LAUNCH_KINDS:
             raise _Bad(f"model {name!r}: unknown launch verdict {m.get('launch')!r}")
         out[name] = m

@@ -367,3 +367,44 @@ async def test_when_every_node_is_gone_calls_fail_at_once_in_the_callers_dialect
     # The models stay listed: a node that is down may come back.
     ids = {m["id"] for m in (await (await c.front.get("/v1/models")).json())["data"]}
     assert "m" in ids
+
+
+def _report(models: list[dict[str, Any]], version: int = 1) -> dict[str, Any]:
+    base = {"aliases": [], "capabilities": ["chat"], "slots": 1, "ready_slots": 1,
+            "starting_slots": 0, "in_flight": 0, "queued": 0, "launch": "now",
+            "instances": []}
+    return {"version": version, "node": "odd", "draining": False, "in_flight": 0,
+            "queued": 0, "memory": {"free": None}, "models": [{**base, **m} for m in models]}
+
+
+async def test_odd_node_reports_do_not_break_the_front(
+    aiohttp_server: Any, aiohttp_client: Any, fake_llama: Path, tmp_path: Path
+) -> None:
+    reports = {"a": _report([{"name": "good"}, {"name": "new-cap", "capabilities":
+                                                  ["chat", "telepathy"]},
+                            {"name": "bad name!"}]),
+               "b": _report([{"name": "other"}], version=99)}
+
+    def node_app(which: str) -> web.Application:
+        async def state(request: web.Request) -> web.Response:
+            assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+            return web.json_response(reports[which])
+
+        app = web.Application()
+        app.router.add_get("/corral/node", state)
+        return app
+
+    a = await aiohttp_server(node_app("a"))
+    b = await aiohttp_server(node_app("b"))
+    opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
+    cfg = front_cfg(tmp_path, [str(a.make_url("")).rstrip("/"),
+                               str(b.make_url("")).rstrip("/")])
+    front = await aiohttp_client(build_openai_app(cfg, opts))
+    ids = {m["id"] for m in (await (await front.get("/v1/models")).json())["data"]}
+    assert ids == {"good", "new-cap"}
+    view = await (await front.get("/corral/nodes")).json()
+    by_url = {n["url"]: n for n in view["nodes"]}
+    assert by_url[str(b.make_url("")).rstrip("/")]["failure"].startswith(
+        "not a Corral node state report")
+    await asyncio.sleep(0.5)  # more polls: the front keeps going
+    assert (await front.get("/v1/models")).status == 200
