@@ -40,7 +40,9 @@ if [ -s "$CA_BUNDLE" ]; then
 fi
 if [ -d /sys/fs/cgroup/unified ]; then
   build_opts+=(--isolation chroot)
-  run_opts+=(--cgroups disabled)
+  # crun refuses hybrid cgroups outright; runc (apt-get install runc) copes.
+  command -v runc >/dev/null || { echo "hybrid cgroups: install runc"; exit 2; }
+  run_opts+=(--runtime runc)
 fi
 
 echo "== build $IMAGE"
@@ -49,11 +51,9 @@ podman build "${build_opts[@]}" --format docker --network host -f deploy/Dockerf
   --build-arg PIP_INDEX_URL="${PIP_INDEX_URL:-https://pypi.org/simple}" \
   -t "$IMAGE" .
 
-# Podman's default open-file limit may exceed what this process may grant.
-hard=$(ulimit -Hn)
-if [ "$hard" != unlimited ]; then
-  run_opts+=(--ulimit "nofile=$hard:$hard")
-fi
+# Podman's default limits (open files, processes) may exceed what this sandbox lets
+# a runtime set: ask for no more than this shell has.
+run_opts+=(--ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=4096:4096)
 # Without systemd, podman cannot time health checks; they are run by hand below.
 if [ ! -d /run/systemd/system ]; then
   run_opts+=(--health-interval disable)
@@ -61,11 +61,14 @@ fi
 
 echo "== run"
 name=corral-test-deploy-$$
-podman run "${run_opts[@]}" -d --name "$name" -p "127.0.0.1:${PORT}:8080" "$IMAGE" >/dev/null
 cleanup() { podman rm -f -t 40 "$name" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
+podman run "${run_opts[@]}" -d --name "$name" -p "127.0.0.1:${PORT}:8080" "$IMAGE" >/dev/null
 for _ in $(seq 1 120); do
   curl -fsS "http://127.0.0.1:${PORT}/health" >/dev/null 2>&1 && break
+  if [ "$(podman inspect --format '{{.State.Running}}' "$name")" != true ]; then
+    podman logs "$name"; echo "the container exited"; exit 1
+  fi
   sleep 1
 done
 curl -fsS "http://127.0.0.1:${PORT}/health"; echo
