@@ -53,7 +53,8 @@ class Node:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     healthy: bool = False
     failure: str | None = "not polled yet"
-    # This front's calls per model at the moment the last report arrived.
+    # This front's calls per model that the last report may have counted: those in
+    # flight when the poll was sent plus those started while it was on its way.
     own_at_poll: dict[str, int] = field(default_factory=dict)
     polled_at: float = 0.0
 
@@ -131,6 +132,12 @@ class NodeWatch:
     async def _poll(self, node: Node) -> None:
         timeout = aiohttp.ClientTimeout(total=max(self._cfg.poll_interval, 1.0),
                                         sock_connect=self._cfg.connect_timeout)
+        # The node counts its calls at some moment between sending and receiving: a
+        # call of ours that ended in between may be in the report, one that started
+        # may be. Subtracting every call of ours that may be counted errs towards
+        # sending a node one call too many (it queues there), never towards leaving
+        # it idle until the next poll because of a call that already ended.
+        sent = {r.model: (r.in_flight, r.served + r.in_flight) for r in self._remotes(node.url)}
         try:
             async with self._session.get(node.url + NODE_PATH, headers=self._headers,
                                          timeout=timeout) as resp:
@@ -157,7 +164,8 @@ class NodeWatch:
             log.info("cluster: node %s is draining: no new calls", node.url)
         own: dict[str, int] = {}
         for r in self._remotes(node.url):
-            own[r.model] = r.in_flight
+            in_flight, started = sent.get(r.model, (0, r.served + r.in_flight))
+            own[r.model] = in_flight + (r.served + r.in_flight - started)
             if r.state is State.FAILED:
                 # Back in rotation now, not at the remote's next own check.
                 await r.check(self._session)

@@ -15,11 +15,12 @@ since. The choice, in order:
 4. none: the call waits in the front's queue (bounded, with retry-after), and the
    choice runs again when a call ends or a node reports.
 
-The load of a node is an estimate: its last report counted every front's calls, this
-front's own were counted in it at the time (``own_at_poll``) and are known exactly
-now (``own``). A front never overshoots a node by its own calls between two polls,
-and several fronts side by side need no shared state: each sees the others' calls
-in the reports.
+The load of a node is an estimate: its last report counted every front's calls; of
+this front's own, those it may have counted (``own_at_poll``: in flight when the poll
+left, or started before its answer came) are taken out, and those in flight now
+(``own``, known exactly) are added. A front never overshoots a node by its own calls
+between two polls, and several fronts side by side need no shared state: each sees
+the others' calls in the reports.
 """
 
 from __future__ import annotations

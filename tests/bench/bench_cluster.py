@@ -100,7 +100,10 @@ async def saturate(s: aiohttp.ClientSession, url: str, workers: int, seconds: fl
         nonlocal total, calls
         n = 0
         while time.monotonic() < end:
-            total += await chat(s, url, f"Tell me a story about number {k}-{n}.", tokens)
+            # Not `total += await ...`: that reads total before the await, and another
+            # worker's tokens added meanwhile would be lost.
+            got = await chat(s, url, f"Tell me a story about number {k}-{n}.", tokens)
+            total += got
             calls += 1
             n += 1
 
