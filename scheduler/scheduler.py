@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -45,7 +46,7 @@ from scheduler.health import HealthWatch
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
 from scheduler.remote import Remote
-from scheduler.sources import ModelFiles, model_placement
+from scheduler.sources import ModelFiles, model_placement, with_local_files
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
@@ -57,6 +58,12 @@ _AFFINITY_ENTRIES = 1024
 # After this many launches in a row fail, a model is unavailable until its config
 # changes or an operator resets it: a crash loop helps nobody and hides the cause.
 MAX_LAUNCH_FAILURES = 5
+
+
+@functools.lru_cache(maxsize=64)
+def _apis(api: tuple[str, ...] | None) -> frozenset[str] | None:
+    # Cached: lease() is the hot path and configs repeat the same few tuples.
+    return None if api is None else frozenset(api)
 
 
 def launch_backoff(failures: int) -> float:
@@ -84,6 +91,9 @@ class Upstream:
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
+    # The API families the upstream speaks natively (ModelConfig.api); None: all that
+    # llama-server speaks. The proxy translates a family missing here to chat.
+    apis: frozenset[str] | None = None
 
 
 class _Waiter:
@@ -454,7 +464,8 @@ class Scheduler:
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         try:
-            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start)
+            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
+                           _apis(serving.cfg.api))
         finally:
             inst.release()
 
@@ -776,7 +787,9 @@ class Scheduler:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
-        return build_spec(self._cfg, m.cfg, self._binary, model_file)
+        # A projector named in the model's Hugging Face repo is downloaded here.
+        launch_cfg = await asyncio.to_thread(with_local_files, m.cfg)
+        return build_spec(self._cfg, launch_cfg, self._binary, model_file)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
         try:
@@ -901,6 +914,7 @@ class Scheduler:
                 {
                     "name": m.cfg.name,
                     "aliases": list(m.cfg.aliases),
+                    "origin": m.cfg.origin,
                     "state": state,
                     "queued": len(m.queue),
                     "instances": [i.describe() for i in m.servables()],
