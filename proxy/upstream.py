@@ -36,7 +36,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy import jsonc
+from proxy import egress, jsonc
 from proxy.errors import Family, stream_error_event
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
@@ -170,16 +170,17 @@ async def _report(scheduler: Scheduler, up: Upstream, e: BaseException, reason: 
 async def _send(
     session: aiohttp.ClientSession, up: Upstream, spec: Call, cfg: ModelConfig
 ) -> aiohttp.ClientResponse:
-    url = up.base_url + spec.path + (f"?{spec.query}" if spec.query else "")
+    out = up.egress
+    url = up.base_url + out.path(spec.path) + (f"?{spec.query}" if spec.query else "")
     if spec.data is not None:
         data: Any = spec.data()
     elif spec.payload is not None:
-        data = jsonc.dumps(spec.payload)
+        data = jsonc.dumps(egress.renamed_payload(spec.payload, out))
     else:
-        data = _payload(spec.body)
+        data = _payload(egress.renamed_body(spec.body, out))
     resp = await session.request(
-        spec.method, url, data=data, headers=spec.headers,
-        timeout=_timeout(cfg.connect_timeout, cfg.first_byte_timeout),
+        spec.method, url, data=data, headers=egress.headers(spec.headers, out), ssl=out.ssl,
+        timeout=_timeout(cfg.connect_timeout, out.first_byte_timeout or cfg.first_byte_timeout),
     )
     conn = resp.connection
     if conn is not None and conn.protocol is not None:

@@ -33,6 +33,9 @@ import aiohttp
 
 from scheduler import policy
 from scheduler.config import CorralConfig, ModelConfig
+from scheduler.engines import hooks
+from scheduler.engines.egress import PLAIN, Egress
+from scheduler.engines.remote import Remote
 from scheduler.errors import (
     BinaryNotFound,
     CorralError,
@@ -44,7 +47,6 @@ from scheduler.errors import (
 from scheduler.health import HealthWatch
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
-from scheduler.remote import Remote
 from scheduler.sources import ModelFiles, model_placement
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
@@ -84,6 +86,9 @@ class Upstream:
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
+    # How the call leaves for this upstream: a remote's key and headers, the model
+    # name it expects, TLS (scheduler/engines/egress.py).
+    egress: Egress = PLAIN
 
 
 class _Waiter:
@@ -314,7 +319,9 @@ class Scheduler:
             if m is None:
                 self._models[mc.name] = _Model(mc)
                 report["added"].append(mc.name)
-            elif m.cfg == mc and not (binary_changed and mc.local):
+            elif m.cfg == mc and not (binary_changed and mc.local) and not (
+                hooks.runtime_changed(old, cfg, mc)
+            ):
                 report["unchanged"].append(mc.name)
             else:
                 report["changed"].append(mc.name)
@@ -372,17 +379,17 @@ class Scheduler:
     def _sync_remotes(self) -> None:
         interval = self._cfg.scheduler.remote_check_interval
         for m in self._models.values():
-            wanted = list(m.cfg.remotes)
-            if [r.base_url for r in m.remotes] == wanted and all(
-                r.slots == m.cfg.remote_slots for r in m.remotes
-            ):
+            # Keys are read here (api_key_env), at start and on every reload.
+            wanted = hooks.wanted_remotes(m.cfg)
+            if hooks.same_remotes(m.remotes, wanted):
                 continue
             for r in m.remotes:
                 self._spawn(r.stop(), f"stop {r.id}")
             m.remotes = [
-                Remote(f"{m.cfg.name}@{url}", m.cfg.name, url, m.cfg.remote_slots,
-                       self._on_remote_change, on_release=self._on_release, clock=self._clock)
-                for url in wanted
+                Remote(hooks.remote_id(m.cfg.name, rc), m.cfg.name, rc, slots,
+                       self._on_remote_change, on_release=self._on_release, clock=self._clock,
+                       key=key)
+                for rc, slots, key in wanted
             ]
             for r in m.remotes:
                 r.start(self._session, interval)
@@ -449,7 +456,8 @@ class Scheduler:
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         try:
-            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start)
+            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
+                           inst.egress)
         finally:
             inst.release()
 
@@ -538,7 +546,7 @@ class Scheduler:
         for m in self._models.values():
             for r in m.remotes:
                 if r.id == instance_id:
-                    await r.check(self._session)
+                    await r.suspect(self._session, reason)
                     return
         inst = self._instance(instance_id)
         if inst is not None:
@@ -632,10 +640,7 @@ class Scheduler:
         """Start (or make room for) another instance of ``m`` if none is on its way."""
         if not m.cfg.local:
             if m.remotes and all(r.state is State.FAILED for r in m.remotes):
-                reasons = "; ".join(f"{r.base_url}: {r.failure}" for r in m.remotes)
-                self._fail_waiters(
-                    m, LoadFailed(m.cfg.name, f"no remote upstream answers ({reasons})")
-                )
+                self._fail_waiters(m, hooks.remotes_down(m.cfg.name, m.remotes))
             return
         if any(i.state is State.STARTING for i in m.instances):
             return  # join the launch in progress
@@ -753,6 +758,20 @@ class Scheduler:
         return inst
 
     async def _prepare(self, m: _Model) -> LaunchSpec:
+        runtime = hooks.runtime_of(self._cfg, m.cfg)
+        if not runtime.llama_server:
+            # Another server command: a file only if the model names one.
+            model_file = await self._files.get(m.cfg) if m.cfg.has_file else None
+            if model_file is not None and not m.sized:
+                await self._size(m, model_file)
+            return hooks.runtime_spec(self._cfg, m.cfg, runtime, model_file)
+        if runtime.binary is not None:
+            # Another llama-server build ([runtimes.NAME] binary = ...).
+            model_file = await self._files.get(m.cfg)
+            if not m.sized:
+                await self._size(m, model_file)
+            spec = build_spec(self._cfg, m.cfg, runtime.binary, model_file)
+            return hooks.llama_server_spec(spec, self._cfg, m.cfg, runtime)
         if self._binary is None:
             configured = self._cfg.llama_server.binary
             try:
@@ -771,7 +790,8 @@ class Scheduler:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
-        return build_spec(self._cfg, m.cfg, self._binary, model_file)
+        spec = build_spec(self._cfg, m.cfg, self._binary, model_file)
+        return hooks.llama_server_spec(spec, self._cfg, m.cfg, runtime)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
         try:
