@@ -28,6 +28,7 @@ from proxy.metrics import METRICS, resident_memory
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
 from scheduler.config import CorralConfig
+from scheduler.engines import secrets
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -295,17 +296,28 @@ async def overview(request: web.Request) -> web.Response:
 # -- config ---------------------------------------------------------------------------
 
 
-def _redacted(data: dict[str, Any]) -> dict[str, Any]:
+def _redacted(data: dict[str, Any], keys: set[str] | None = None) -> dict[str, Any]:
     server = dict(data.get("server", {}))
     if server.get("api_keys"):
         server["api_keys"] = ["<redacted>"] * len(server["api_keys"])
-    return {**data, "server": server}
+    out = {**data, "server": server}
+    # Remote and provider keys: SecretStr dumps as "**********" already; a key given
+    # as a header, or quoted in any other string, is replaced here.
+    scrubbed = secrets.scrub(out, keys or set())
+    assert isinstance(scrubbed, dict)
+    return scrubbed
 
 
 async def get_config(request: web.Request) -> web.Response:
     reloader = request.app[RELOADER]
     cfg = reloader.current.model_dump(mode="json")
-    return web.json_response({**reloader.status(), "config": _redacted(cfg)})
+    keys = secrets.config_secrets(reloader.current)
+    return web.json_response({**reloader.status(), "config": _redacted(cfg, keys)})
+
+
+async def providers(request: web.Request) -> web.Response:
+    """Each [[providers]] entry: reachable or not, why, and the models it lists."""
+    return web.json_response({"providers": request.app[SCHEDULER].providers.status()})
 
 
 async def get_config_file(request: web.Request) -> web.Response:
@@ -325,14 +337,12 @@ def _redact_text(text: str, cfg: CorralConfig) -> str:
     """The file with every API key (the running ones and the file's own) replaced, as
     ``_redacted`` does for the parsed view. Replacing the strings themselves covers
     every TOML spelling of the array (inline, multi-line, quoted either way)."""
-    keys = set(cfg.server.api_keys)
+    keys = secrets.config_secrets(cfg)
     with contextlib.suppress(tomllib.TOMLDecodeError):
-        server = tomllib.loads(text).get("server", {})
-        given = server.get("api_keys", []) if isinstance(server, dict) else []
-        keys.update(k for k in given if isinstance(k, str) and k)
-    for key in sorted(keys, key=len, reverse=True):
-        text = text.replace(key, "<redacted>")
-    return text
+        keys |= secrets.file_secrets(tomllib.loads(text))
+    redacted = secrets.scrub(text, keys)
+    assert isinstance(redacted, str)
+    return redacted
 
 
 async def put_config(request: web.Request) -> web.Response:
@@ -401,6 +411,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/requests", recent_requests)
     r.add_get("/admin/events", events)
     r.add_get("/admin/config", get_config)
+    r.add_get("/admin/providers", providers)
     r.add_put("/admin/config", put_config)
     r.add_get("/admin/config/file", get_config_file)
     r.add_post("/admin/config/reload", reload_config)

@@ -35,6 +35,7 @@ from scheduler import policy
 from scheduler.config import CorralConfig, ModelConfig
 from scheduler.engines import hooks
 from scheduler.engines.egress import PLAIN, Egress
+from scheduler.engines.providers import Providers
 from scheduler.engines.remote import Remote
 from scheduler.errors import (
     BinaryNotFound,
@@ -213,6 +214,8 @@ class Scheduler:
         # The model another was drained for: the room that frees up is its to take,
         # otherwise the drained model (whose callers queued earlier) takes it back.
         self._reserved_for: str | None = None
+        # [[providers]]: their listings become dynamic models (engines/providers.py).
+        self.providers = Providers(self, session)
         self._apply_models(cfg)
 
     # -- configuration -----------------------------------------------------------
@@ -258,7 +261,9 @@ class Scheduler:
     async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
         """Switch to a new config file's contents; dynamic models stay (see below)."""
         self._configured = cfg
-        return await self._switch(self._effective(cfg))
+        report = await self._switch(self._effective(cfg))
+        await self.providers.update(cfg.providers)
+        return report
 
     async def set_dynamic_models(
         self, source: str, models: Iterable[ModelConfig]
@@ -375,6 +380,7 @@ class Scheduler:
         self._reaper = asyncio.create_task(self._reap_loop(), name="corral-reaper")
         self._watcher = asyncio.create_task(self._health.run(), name="corral-health")
         self._kick()  # launch minimum replicas
+        await self.providers.start(self._configured.providers)
 
     def _sync_remotes(self) -> None:
         interval = self._cfg.scheduler.remote_check_interval
@@ -397,6 +403,7 @@ class Scheduler:
     async def close(self) -> None:
         """Refuse new calls, fail queued ones, drain and stop every instance."""
         self._closing = True
+        await self.providers.close()
         for m in self._models.values():
             if m.retry_handle is not None:
                 m.retry_handle.cancel()

@@ -62,3 +62,4 @@ def remotes_down(model: str, remotes: Sequence[Remote]) -> RemotesDown:
         f"model '{model}': no remote upstream answers ({reasons}); try again in "
         f"{retry:.0f} s", retry_after=retry,
     )
+

@@ -147,22 +147,29 @@ class Remote:
         self.last_used = self._clock()
         self._on_release(self)
 
-    def mark_failed(self, reason: str) -> None:
+    def mark_failed(self, reason: str, for_seconds: float | None = None) -> None:
         """A call could not reach it: out of rotation until the next good check, or
-        (never probed) for ``cooldown`` seconds."""
+        (never probed) for ``for_seconds``, by default its ``cooldown``."""
         if self._state is State.STOPPED:
             return
         self.failure = reason
         if not self._probes:
+            wait = self.config.cooldown if for_seconds is None else for_seconds
             if self._state is not State.FAILED:
-                log.warning("remote %s out of rotation for %g s: %s", self.id,
-                            self.config.cooldown, reason)
+                log.warning("remote %s out of rotation for %g s: %s", self.id, wait, reason)
             if self._cooldown is not None:
                 self._cooldown.cancel()
-            self._cooldown = asyncio.get_running_loop().call_later(
-                self.config.cooldown, self._cooled
-            )
+            self._cooldown = asyncio.get_running_loop().call_later(wait, self._cooled)
         self._set(State.FAILED)
+
+    def recover(self) -> None:
+        """Back in rotation now (its provider answered again)."""
+        if self._cooldown is not None:
+            self._cooldown.cancel()
+            self._cooldown = None
+        if self._state is State.FAILED and not self._probes:
+            self.failure = None
+            self._set(State.READY)
 
     def _cooled(self) -> None:
         self._cooldown = None

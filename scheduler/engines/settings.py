@@ -224,8 +224,8 @@ class ProviderConfig(_Strict):
     prefix: str = Field("", description="put before each id to make Corral's name ('cloud/')")
     refresh: float = Field(60.0, gt=0, description="seconds between listings")
     slots: int = Field(8, ge=1, description="concurrent calls per model")
-    health: Literal["auto", "/health", "/v1/models", "none"] = "/v1/models"
-    cooldown: float = Field(30.0, ge=0)
+    cooldown: float = Field(30.0, ge=0, description="seconds a model sits out after a "
+                            "failed call")
     api: tuple[UpstreamApi, ...] | None = None
 
     @field_validator("url")
