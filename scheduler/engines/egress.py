@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 class Egress:
     # Added to the call's headers (Authorization from the remote's key, its own
     # headers). Never logged: describe() and errors leave them out.
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The body's "model" becomes this; None: the body goes byte for byte.
     rename: str | None = None
     # The base URL carries the API's own path ("https://api.openai.com/v1",

@@ -146,7 +146,9 @@ class RemoteConfig(_Strict):
                      "https://api.openai.com/v1 whose path replaces /v1")
     api_key: SecretStr | None = Field(None, description="sent as 'Authorization: Bearer'")
     api_key_env: str | None = Field(None, description="environment variable holding the key")
-    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
+    # repr=False: a key given as a header must not reach a log line through repr().
+    headers: dict[str, str] = Field(default_factory=dict, repr=False,
+                                    description="extra request headers")
     model: str | None = Field(None, description="the name the remote expects in 'model'")
     tls_verify: bool = True
     ca_file: Path | None = Field(None, description="CA bundle that signs the remote's cert")
@@ -214,7 +216,7 @@ class ProviderConfig(_Strict):
     url: str
     api_key: SecretStr | None = None
     api_key_env: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
     tls_verify: bool = True
     ca_file: Path | None = None
     timeout: float | None = Field(None, gt=0)
