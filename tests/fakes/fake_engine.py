@@ -21,9 +21,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
 import fake_llama_server as fls  # type: ignore[import-not-found]  # run as a script
+from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
