@@ -82,7 +82,9 @@ def test_protected_changes(tmp_path: Path) -> None:
     assert protected_changes(old, _cfg(tmp_path, models_dir=str(tmp_path))) == ["models_dir"]
     two = CorralConfig(models=[*old.model_dump()["models"],
                                {"name": "b", "remotes": ["http://x:1"]}])
-    assert protected_changes(old, two) == []  # a remote model runs nothing here
+    # A remote runs nothing here, but it is where calls and keys go (an api_key_env
+    # naming any variable of Corral's environment): not writable over HTTP.
+    assert protected_changes(old, two) == ["models.b.remotes"]
     three = CorralConfig(models=[*old.model_dump()["models"],
                                  {"name": "b", "path": "/etc/passwd"}])
     assert protected_changes(old, three) == ["models.b.path"]

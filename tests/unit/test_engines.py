@@ -1,0 +1,254 @@
+"""Engines, the pure parts: runtime templates and substitution, remote and provider
+tables, the egress applied to a call, provider listings, redaction."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from proxy import egress as proxy_egress
+from proxy import jsonc
+from scheduler.config import CorralConfig, ModelConfig
+from scheduler.engines import secrets
+from scheduler.engines.egress import Egress
+from scheduler.engines.providers import listed_ids, model_configs
+from scheduler.engines.remote import build_egress, shown_url
+from scheduler.engines.runtime import build_runtime_spec, substitute, variables
+from scheduler.engines.settings import ProviderConfig, RemoteConfig, RuntimeConfig
+from scheduler.engines.templates import BUILTINS, resolve_runtime
+from scheduler.errors import LoadFailed
+
+
+def cfg(**data: Any) -> CorralConfig:
+    return CorralConfig(**data)
+
+
+# -- runtimes --------------------------------------------------------------------------
+
+
+def test_substitution_keeps_each_element_whole() -> None:
+    values = {"PORT": "8001", "HOST": "127.0.0.1", "MODEL": "org/M 1", "MODEL_PATH": "/m;x"}
+    argv = substitute(["srv", "--model=${MODEL}", "${MODEL_PATH}", "${ARGS}", "--port",
+                       "${PORT}", "$HOME", "${HOST}:${PORT}"],
+                      values, ["--a", "b c", "$(rm -rf /)"])
+    assert argv == ["srv", "--model=org/M 1", "/m;x", "--a", "b c", "$(rm -rf /)", "--port",
+                    "8001", "$HOME", "127.0.0.1:8001"]
+
+
+def test_variables_of_a_model(tmp_path: Path) -> None:
+    m = ModelConfig(name="m", runtime="vllm", upstream_model="org/M", parallel=3, ctx_size=2048)
+    v = variables(m, 9000, None)
+    assert v == {"PORT": "9000", "HOST": "127.0.0.1", "MODEL_PATH": "", "MODEL": "org/M",
+                 "SLOTS": "3", "CTX_SIZE": "2048", "GPU_LAYERS": "999"}
+    m2 = ModelConfig(name="m", path=tmp_path / "a.gguf", n_gpu_layers=20)
+    assert variables(m2, 1, tmp_path / "a.gguf")["GPU_LAYERS"] == "20"
+    assert variables(m2, 1, tmp_path / "a.gguf")["MODEL"] == "m"
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["srv", "${NOPE}"], "unknown placeholder ${NOPE}"),
+        (["srv", "--x=${ARGS}"], "${ARGS} must be an element of its own"),
+        ([], "non-empty list"),
+    ],
+)
+def test_runtime_command_checked(command: list[str], message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("$", r"\$").replace("{", r"\{")
+                       .replace("}", r"\}")):
+        RuntimeConfig(command=tuple(command))
+
+
+def test_runtime_stop_signal_and_health_shorthand() -> None:
+    rt = RuntimeConfig(command=("x",), stop_signal="int", health="tcp")
+    assert rt.stop_signal == "SIGINT" and rt.health is not None and rt.health.path == "tcp"
+    with pytest.raises(ValidationError, match="signal"):
+        RuntimeConfig(command=("x",), stop_signal="KILL")
+    with pytest.raises(ValidationError, match="starting with '/'"):
+        RuntimeConfig(command=("x",), health="health")
+
+
+def test_builtin_templates_are_what_the_docs_show() -> None:
+    assert BUILTINS["vllm"].command == (
+        "vllm", "serve", "${MODEL}", "--host", "${HOST}", "--port", "${PORT}",
+        "--served-model-name", "${MODEL}", "--max-num-seqs", "${SLOTS}", "${ARGS}")
+    assert BUILTINS["vllm"].api is not None and "messages" not in BUILTINS["vllm"].api
+    assert BUILTINS["ollama"].command == ("ollama", "serve")
+    assert BUILTINS["ollama"].env["OLLAMA_HOST"] == "${HOST}:${PORT}"
+    assert BUILTINS["sglang"].command is not None
+    assert BUILTINS["sglang"].command[:3] == ("python3", "-m", "sglang.launch_server")
+    whisper = BUILTINS["whisper-server"]
+    assert whisper.command is not None and whisper.command[0] == "whisper-server"
+    assert whisper.api == ("transcriptions",)
+    assert resolve_runtime(None, {}).llama_server
+
+
+def test_table_overrides_its_template() -> None:
+    c = cfg(runtimes={"v2": {"template": "vllm", "binary": "/opt/v/bin/vllm",
+                             "env": {"VLLM_X": "1"}, "ready_timeout": 60},
+                      "vllm": {"stop_signal": "SIGINT"},
+                      "ik": {"binary": "/opt/ik/llama-server"}})
+    v2 = resolve_runtime("v2", c.runtimes)
+    assert v2.command == BUILTINS["vllm"].command and v2.binary == Path("/opt/v/bin/vllm")
+    assert v2.ready_timeout == 60 and v2.env == {"VLLM_X": "1"}
+    assert v2.program == "vllm"
+    assert resolve_runtime("vllm", c.runtimes).stop_signal is signal.SIGINT
+    ik = resolve_runtime("ik", c.runtimes)
+    assert ik.llama_server and ik.binary == Path("/opt/ik/llama-server")
+    assert ik.program == "llama-server"
+
+
+def test_command_runtime_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-reach-the-child")
+    c = cfg(runtimes={"eng": {"command": ["eng", "${MODEL}", "--port", "${PORT}", "${ARGS}"],
+                              "binary": "/opt/eng", "env": {"ENG_HOST": "${HOST}:${PORT}"},
+                              "health": {"path": "/ready", "status": 204},
+                              "api": ["chat"]}},
+            models=[{"name": "m", "runtime": "eng", "upstream_model": "org/m", "args": ["-v"],
+                     "env": {"X": "1"}}])
+    rt = resolve_runtime("eng", c.runtimes)
+    spec = build_runtime_spec(c, c.models[0], rt, None, port=4321)
+    assert list(spec.argv) == ["/opt/eng", "org/m", "--port", "4321", "-v"]
+    assert spec.env["ENG_HOST"] == "127.0.0.1:4321" and spec.env["X"] == "1"
+    assert "OPENAI_API_KEY" not in spec.env
+    assert (spec.health_path, spec.health_status) == ("/ready", 204)
+    assert spec.upstream_model == "org/m" and spec.apis == frozenset({"chat"})
+    assert spec.engine == "eng"
+
+
+def test_model_path_runtime_without_a_file_fails_clearly() -> None:
+    c = cfg(models=[{"name": "w", "runtime": "whisper-server"}])
+    rt = resolve_runtime("whisper-server", c.runtimes)
+    with pytest.raises(LoadFailed, match=r"needs \$\{MODEL_PATH\}"):
+        build_runtime_spec(c, c.models[0], rt, None, port=1)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"models": [{"name": "a", "runtime": "nope"}]}, "no runtime named 'nope'"),
+        ({"runtimes": {"ik": {"binary": "/x"}}, "models": [{"name": "a", "runtime": "ik"}]},
+         "runs llama-server, which needs 'path'"),
+        ({"runtimes": {"x": {"template": "tgi"}}}, "no built-in 'tgi'"),
+        ({"providers": [{"name": "p", "url": "http://a"}, {"name": "p", "url": "http://b"}]},
+         "names must be unique"),
+    ],
+)
+def test_engine_config_errors(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        cfg(**data)
+
+
+def test_runtime_model_needs_no_file() -> None:
+    m = ModelConfig(name="v", runtime="vllm")
+    assert m.local and not m.has_file
+
+
+# -- remotes ---------------------------------------------------------------------------
+
+
+def test_remote_table_and_bare_url() -> None:
+    m = ModelConfig(name="r", remotes=("http://h:1/", {"url": "https://api.x.com/v1",
+                                                       "api_key": "sk-1", "model": "x-large"}))
+    a, b = m.remote_configs()
+    assert a.url == "http://h:1" and a.api_key is None and a.health == "auto"
+    assert b.api_key is not None and b.api_key.get_secret_value() == "sk-1"
+    assert "sk-1" not in repr(m) and "sk-1" not in str(m.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"url": "ftp://x"}, "not an http"),
+        ({"url": "http://x", "api_key": "a", "api_key_env": "B"}, "not both"),
+        ({"url": "http://x", "api_key_env": "CORRAL_TEST_UNSET_VAR"}, "is not set"),
+        ({"url": "http://x", "api_key_env": "1BAD"}, "not a variable name"),
+        ({"url": "http://x", "headers": {"Bad Name": "v"}}, "not a valid header"),
+        ({"url": "http://x", "api_key": "k", "headers": {"Authorization": "x"}}, "only one"),
+        ({"url": "http://x", "health": "/ping"}, "health"),
+    ],
+)
+def test_remote_table_errors(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        RemoteConfig(**table)
+
+
+def test_egress_of_a_remote(monkeypatch: pytest.MonkeyPatch) -> None:
+    rc = RemoteConfig(url="https://generativelanguage.googleapis.com/v1beta/openai",
+                      api_key="g-key", headers={"X-Title": "corral"}, tls_verify=False,
+                      timeout=30)
+    out = build_egress(rc, "g-key", "gemini-2.0-flash")
+    assert out.headers == {"X-Title": "corral", "Authorization": "Bearer g-key"}
+    assert out.api_base and out.ssl is False and out.first_byte_timeout == 30
+    assert out.path("/v1/chat/completions") == "/chat/completions"
+    assert out.path("/v1") == ""
+    assert out.path("/tokenize") == "/tokenize"
+    assert "g-key" not in repr(out)
+    plain = build_egress(RemoteConfig(url="http://gpu:8000"), None, None)
+    assert not plain.api_base and plain.path("/v1/models") == "/v1/models"
+
+
+def test_body_renamed_only_where_the_upstream_names_the_model_differently() -> None:
+    body = b'{"model":"cloud","messages":[],"x":{"y":1}}'
+    assert proxy_egress.renamed_body(body, Egress()) is body  # byte for byte
+    out = proxy_egress.renamed_body(body, Egress(rename="gpt-4o"))
+    assert out is not None
+    assert jsonc.loads(out) == {"model": "gpt-4o", "messages": [], "x": {"y": 1}}
+    assert proxy_egress.renamed_payload({"model": "a"}, Egress(rename="b")) == {"model": "b"}
+    assert proxy_egress.renamed_body(b"", Egress(rename="b")) == b""
+
+
+def test_shown_url_drops_credentials() -> None:
+    assert shown_url("https://user:pw@host:8/v1") == "https://host:8/v1"
+    assert shown_url("http://h:1") == "http://h:1"
+
+
+# -- providers -------------------------------------------------------------------------
+
+
+def test_provider_listing_becomes_models() -> None:
+    p = ProviderConfig(name="or", url="https://openrouter.ai/api/v1", api_key="sk-or",
+                       prefix="or/", models=("a/x", "b y", "c"), slots=4)
+    ids = listed_ids({"data": [{"id": "a/x"}, {"id": "b y"}, {"id": "c"}, {"id": "d"},
+                               {"nope": 1}]})
+    assert ids == ["a/x", "b y", "c", "d"]
+    models = model_configs(p, ids)
+    # "b y" is no valid model name; "d" is not among the wanted.
+    assert [m.name for m in models] == ["or/a/x", "or/c"]
+    [rc] = models[0].remote_configs()
+    assert rc.model == "a/x" and rc.health == "none" and rc.slots == 4
+    assert rc.api_key is not None and rc.api_key.get_secret_value() == "sk-or"
+    assert model_configs(p, ids) == models  # equal configs: a refresh restarts nothing
+    star = ProviderConfig(name="o", url="http://ollama:11434")
+    [m] = model_configs(star, ["llama3.2:1b"])
+    assert m.name == "llama3.2:1b" and m.remote_configs()[0].model is None
+    with pytest.raises(ValueError, match="not an OpenAI model list"):
+        listed_ids({"models": []})
+
+
+# -- redaction -------------------------------------------------------------------------
+
+
+def test_config_secrets_and_scrub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROV_KEY", "prov-secret-1")
+    c = cfg(server={"api_keys": ["corral-key"]},
+            models=[{"name": "r", "remotes": [{"url": "http://a", "api_key": "remote-secret",
+                                               "headers": {"X-Api-Key": "hdr-secret",
+                                                           "X-Title": "fine"}}]}],
+            providers=[{"name": "p", "url": "http://p", "api_key_env": "PROV_KEY"}])
+    found = secrets.config_secrets(c)
+    assert found == {"corral-key", "remote-secret", "hdr-secret", "prov-secret-1"}
+    dumped = secrets.scrub(c.model_dump(mode="json"), found)
+    text = str(dumped)
+    assert not any(s in text for s in found) and "fine" in text and "PROV_KEY" in text
+
+
+def test_file_secrets_found_anywhere() -> None:
+    data = {"server": {"api_keys": ["k1"]},
+            "models": [{"remotes": [{"api_key": "k2", "headers": {"Authorization": "k3"}}]}],
+            "providers": [{"api_key": "k4"}]}
+    assert secrets.file_secrets(data) == {"k1", "k2", "k3", "k4"}
