@@ -98,7 +98,11 @@ remotes = [{{ url = "{keyed_llama}", api_key_env = "E2E_REMOTE_KEY", health = "/
 
 [[models]]
 name = "cloud"
-remotes = [{{ url = "{cloud}/v1beta/openai", api_key = "{CLOUD_KEY}", model = "gpt-cloud-large", health = "none" }}]
+[[models.remotes]]
+url = "{cloud}/v1beta/openai"
+api_key = "{CLOUD_KEY}"
+model = "gpt-cloud-large"
+health = "none"
 
 [[models]]
 name = "engine"
