@@ -41,6 +41,7 @@ from proxy.errors import Family, stream_error_event
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
 from scheduler.config import ModelConfig
+from scheduler.engines.remote import COOLDOWN_STATUSES
 from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.instance import State
 from scheduler.scheduler import LeaseHints, Scheduler, Upstream
@@ -124,6 +125,10 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
             cfg = scheduler.resolve(up.model)
             try:
                 resp = await _send(session, up, spec, cfg)
+                if resp.status in COOLDOWN_STATUSES:
+                    # A cloud that rate-limits or fails sits out its cooldown.
+                    scheduler.upstream_answered(up.instance_id, resp.status,
+                                                resp.headers.get("Retry-After"))
                 try:
                     return await consume(up, resp, client)
                 except BaseException:

@@ -546,6 +546,13 @@ class Scheduler:
             self._retire(inst, "unreachable")
         return connect
 
+    def upstream_answered(self, instance_id: str, status: int, retry_after: str | None) -> None:
+        """An upstream answered a rate limit or a server error: a remote that is never
+        probed learns from it (engines/remote.py); anything else ignores it."""
+        for r in self.remotes():
+            if r.id == instance_id:
+                r.answered(status, retry_after)
+
     async def suspect(self, instance_id: str, reason: str) -> None:
         """A call to this upstream tripped a time limit: check it at once. A silent
         local child is retired (and relaunched by policy); a silent remote leaves the

@@ -41,6 +41,13 @@ _PROBES = {"auto": ("/health", "/v1/models"), "/health": ("/health",),
            "/v1/models": ("/v1/models",), "none": ()}
 
 
+# Answers that take a never-probed remote out of rotation (as LiteLLM's cooldown):
+# a rate limit, or the server failing. The answer itself still reaches the client.
+COOLDOWN_STATUSES = frozenset({429, 500, 502, 503, 504})
+# The longest Retry-After from upstream that is honoured.
+MAX_RETRY_AFTER = 600.0
+
+
 def shown_url(url: str) -> str:
     """The URL without user:password, for logs, /admin and errors."""
     parts = urlsplit(url)
@@ -161,6 +168,18 @@ class Remote:
                 self._cooldown.cancel()
             self._cooldown = asyncio.get_running_loop().call_later(wait, self._cooled)
         self._set(State.FAILED)
+
+    def answered(self, status: int, retry_after: str | None) -> None:
+        """A call got ``status`` (one of COOLDOWN_STATUSES) from it."""
+        if self._probes or status not in COOLDOWN_STATUSES:
+            return  # a probed remote is judged by its probe
+        wait: float | None = None
+        if retry_after is not None:
+            try:
+                wait = min(MAX_RETRY_AFTER, max(1.0, float(retry_after)))
+            except ValueError:
+                wait = None  # an HTTP date: the configured cooldown will do
+        self.mark_failed(f"answered {status}", for_seconds=wait)
 
     def recover(self) -> None:
         """Back in rotation now (its provider answered again)."""

@@ -12,7 +12,8 @@ is not listed gets OpenAI's 404 ``model_not_found``, so a proxy that does not se
 the key or the cloud's own model name fails loudly.
 
 Test hooks (no key needed): ``POST /fake/models {"ids": [...]}`` changes the list,
-``POST /fake/down {"down": true}`` makes every other route answer 503,
+``POST /fake/down {"down": true}`` makes every other route answer 503, ``app[STATE]
+["fail"] = (429, "7")`` makes every call answer that status with that Retry-After,
 ``GET /fake/requests`` the last calls (path, model, whether the key was right).
 
 Run as a script: ``fake_cloud.py --port N --key K --models a,b,c [--prefix /v1]``.
@@ -39,7 +40,8 @@ def _error(status: int, message: str, code: str) -> web.Response:
 
 
 def build_app(key: str, ids: list[str], prefix: str = "/v1") -> web.Application:
-    state: dict[str, Any] = {"ids": list(ids), "down": False, "requests": deque(maxlen=100)}
+    state: dict[str, Any] = {"ids": list(ids), "down": False, "requests": deque(maxlen=100),
+                             "fail": None}
 
     @web.middleware
     async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -52,6 +54,11 @@ def build_app(key: str, ids: list[str], prefix: str = "/v1") -> web.Application:
                                   "extra": request.headers.get("X-Title")})
         if not ok:
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        if state["fail"] is not None and request.method == "POST":
+            status, retry_after = state["fail"]
+            resp = _error(status, "Rate limit reached", "rate_limit_exceeded")
+            resp.headers["Retry-After"] = retry_after
+            return resp
         return await handler(request)
 
     async def models(request: web.Request) -> web.Response:

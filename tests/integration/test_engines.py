@@ -190,6 +190,26 @@ async def test_cloud_down_sits_out_its_cooldown_with_a_retry_hint(
         assert CLOUD_KEY not in await r.text()
 
 
+async def test_rate_limited_cloud_sits_out_its_retry_after(
+    corral, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    cloud = await aiohttp_server(build_app(CLOUD_KEY, ["m"]))
+    cfg = make_config(tmp_path, [{"name": "m", "remotes": [
+        {"url": str(cloud.make_url("/v1")), "api_key": CLOUD_KEY, "health": "none"}]}])
+    client = await corral(cfg)
+    [remote] = sched(client).remotes()
+    cloud.app[STATE]["fail"] = (429, "7")
+    r = await client.post("/v1/chat/completions", json=chat("m"))
+    assert r.status == 429  # the cloud's own answer, relayed
+    assert remote.state is State.FAILED and remote.failure == "answered 429"
+    r = await client.post("/v1/chat/completions", json=chat("m"))
+    assert r.status == 503 and 5 <= int(r.headers["Retry-After"]) <= 7
+    assert len(cloud.app[STATE]["requests"]) == 1  # not hammered meanwhile
+    cloud.app[STATE]["fail"] = None
+    remote.recover()
+    assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
+
+
 async def test_weights_split_calls_between_remotes(
     corral, aiohttp_server: Any, tmp_path: Path
 ) -> None:
