@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scheduler.config import CorralConfig, ModelConfig
+from scheduler.engines.remote import shown_url
 from scheduler.engines.settings import PLACEHOLDER_RE
-from scheduler.engines.templates import Runtime
+from scheduler.engines.templates import Runtime, resolve_runtime
 from scheduler.errors import LoadFailed
 from scheduler.instance import LaunchSpec
 from scheduler.launcher import LOOPBACK, child_environ, free_port
@@ -127,3 +129,40 @@ def with_runtime(spec: LaunchSpec, cfg: CorralConfig, model: ModelConfig,
         apis=runtime.api,
     )
 
+
+
+def engine_problems(cfg: CorralConfig) -> list[str]:
+    """What `corral check` reports about engines: a runtime's program that cannot be
+    found, a CA file that does not exist. Never a key."""
+    problems = []
+    for m in cfg.models:
+        if m.runtime is not None:
+            rt = resolve_runtime(m.runtime, cfg.runtimes)
+            program = str(rt.binary) if rt.binary is not None else (
+                rt.command[0] if rt.command is not None else None)
+            if program is not None and shutil.which(program) is None:
+                problems.append(f"model {m.name!r}: runtime {rt.name!r}: {program} is not "
+                                "an executable file or on PATH")
+        for rc in m.remote_configs():
+            if rc.ca_file is not None and not rc.ca_file.is_file():
+                problems.append(f"model {m.name!r}: remotes: ca_file {rc.ca_file} "
+                                "does not exist")
+    for p in cfg.providers:
+        if p.ca_file is not None and not p.ca_file.is_file():
+            problems.append(f"providers.{p.name}: ca_file {p.ca_file} does not exist")
+    return problems
+
+
+def describe_source(model: ModelConfig) -> str:
+    """One line on where a model is served from, for `corral models` (no keys)."""
+    parts = []
+    if model.runtime is not None:
+        parts.append(f"runtime {model.runtime}")
+    if model.path is not None:
+        parts.append(str(model.path))
+    elif model.package is not None:
+        parts.append(f"package {model.package}")
+    elif model.hf_repo is not None:
+        parts.append(f"hf {model.hf_repo}/{model.hf_file}")
+    parts += [f"remote {shown_url(rc.url)}" for rc in model.remote_configs()]
+    return ", ".join(parts)

@@ -252,3 +252,38 @@ def test_file_secrets_found_anywhere() -> None:
             "models": [{"remotes": [{"api_key": "k2", "headers": {"Authorization": "k3"}}]}],
             "providers": [{"api_key": "k4"}]}
     assert secrets.file_secrets(data) == {"k1", "k2", "k3", "k4"}
+
+
+# -- corral check / corral models ------------------------------------------------------
+
+
+def test_check_and_models_name_engines_but_never_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.cli import main
+
+    monkeypatch.setenv("CHECK_PROVIDER_KEY", "prov-check-secret")
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(
+        '[runtimes.eng]\ncommand = ["/nonexistent/engine", "--port", "${PORT}"]\n'
+        '[[models]]\nname = "e"\nruntime = "eng"\n'
+        '[[models]]\nname = "c"\n'
+        '[[models.remotes]]\nurl = "https://u:pw@api.x.com/v1"\napi_key = "check-secret-1"\n'
+        'ca_file = "/nonexistent/ca.pem"\n'
+        '[[providers]]\nname = "p"\nurl = "http://p:1"\napi_key_env = "CHECK_PROVIDER_KEY"\n'
+    )
+    assert main(["check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "model 'e': runtime 'eng': /nonexistent/engine is not an executable" in err
+    assert "model 'c': remotes: ca_file /nonexistent/ca.pem does not exist" in err
+    assert main(["models", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "runtime eng" in out and "remote https://api.x.com/v1" in out
+    for secret in ("check-secret-1", "prov-check-secret", "pw@"):
+        assert secret not in err + out
+    # A missing api_key_env is an error that names the variable, not a value.
+    monkeypatch.delenv("CHECK_PROVIDER_KEY")
+    with pytest.raises(SystemExit) as stop:
+        main(["check", str(cfg)])
+    assert stop.value.code == 2
+    assert "CHECK_PROVIDER_KEY is not set" in capsys.readouterr().err
