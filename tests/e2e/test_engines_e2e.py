@@ -7,6 +7,8 @@ log, ``/admin`` or ``/metrics``."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, CorralProc, free_port, wait_until
+from tests.e2e.conftest import REPO, CorralProc, free_port, reaped, wait_until
 from tests.fakes import HERE
 
 pytestmark = pytest.mark.e2e
@@ -170,3 +172,50 @@ def _listed(url: str) -> set[str]:
 def _ready(c: CorralProc, model: str) -> bool:
     info = httpx.get(c.url + f"/admin/models/{model}", timeout=5).json()
     return any(i.get("state") == "ready" for i in info.get("instances", []))
+
+
+def test_real_llama_server_as_a_command_runtime_dies_with_corral(
+    corral, llama_server_bin: Path, gemma: Path
+) -> None:
+    """The real llama-server launched through a generic command template (substituted
+    argv, another binary through ``binary``), then Corral SIGKILLed: the runtime's child
+    goes with it (PR_SET_PDEATHSIG), as llama-server's does."""
+    config = f"""
+[runtimes.plain]
+command = ["llama-server-not-on-path", "-m", "${{MODEL_PATH}}", "--host", "${{HOST}}",
+           "--port", "${{PORT}}", "--parallel", "${{SLOTS}}", "-c", "${{CTX_SIZE}}",
+           "--alias", "${{MODEL}}", "${{ARGS}}"]
+binary = "{llama_server_bin}"
+stop_signal = "SIGINT"
+
+[runtimes.other-build]
+binary = "{llama_server_bin}"
+
+[[models]]
+name = "templated"
+runtime = "plain"
+path = "{gemma}"
+ctx_size = 1024
+args = ["-t", "1", "--no-webui"]
+
+[[models]]
+name = "rebuilt"
+runtime = "other-build"
+path = "{gemma}"
+ctx_size = 1024
+threads = 1
+"""
+    c: CorralProc = corral(config)
+    oc = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0)
+    for model in ("templated", "rebuilt"):
+        out = oc.chat.completions.create(
+            model=model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+        assert out.choices[0].message.content is not None
+    engines = {i["model"]: i["engine"]
+               for i in httpx.get(c.url + "/admin/instances", timeout=5).json()["instances"]}
+    assert engines == {"templated": llama_server_bin.name, "rebuilt": llama_server_bin.name}
+    children = c.children()
+    assert len(children) == 2
+    os.kill(c.proc.pid, signal.SIGKILL)
+    c.proc.wait(timeout=10)
+    wait_until(lambda: all(reaped(p) for p in children), timeout=10)

@@ -287,3 +287,22 @@ def test_check_and_models_name_engines_but_never_keys(
         main(["check", str(cfg)])
     assert stop.value.code == 2
     assert "CHECK_PROVIDER_KEY is not set" in capsys.readouterr().err
+
+
+def test_builtin_specs_for_ollama_and_whisper(tmp_path: Path) -> None:
+    c = cfg(models=[{"name": "llama3", "runtime": "ollama", "upstream_model": "llama3.2:1b",
+                     "parallel": 2, "ctx_size": 8192},
+                    {"name": "whisper", "runtime": "whisper-server",
+                     "path": str(tmp_path / "ggml-base.bin")}])
+    ollama = build_runtime_spec(c, c.models[0], resolve_runtime("ollama", c.runtimes), None,
+                                port=5000)
+    assert list(ollama.argv) == ["ollama", "serve"]
+    assert (ollama.env["OLLAMA_HOST"], ollama.env["OLLAMA_NUM_PARALLEL"],
+            ollama.env["OLLAMA_CONTEXT_LENGTH"]) == ("127.0.0.1:5000", "2", "8192")
+    assert ollama.upstream_model == "llama3.2:1b" and ollama.health_path == "/api/version"
+    whisper = build_runtime_spec(c, c.models[1], resolve_runtime("whisper-server", c.runtimes),
+                                 tmp_path / "ggml-base.bin", port=5001)
+    assert list(whisper.argv) == [
+        "whisper-server", "-m", str(tmp_path / "ggml-base.bin"), "--host", "127.0.0.1",
+        "--port", "5001", "--inference-path", "/v1/audio/transcriptions"]
+    assert whisper.health_path == "tcp" and whisper.upstream_model is None
