@@ -26,7 +26,12 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from scheduler.engines.settings import ProviderConfig, RemoteConfig, RuntimeConfig
+from scheduler.engines.settings import (
+    ProviderConfig,
+    RemoteConfig,
+    RuntimeConfig,
+    provider_may_offer,
+)
 from scheduler.engines.templates import BUILTINS, resolve_runtime
 from scheduler.errors import ConfigError
 
@@ -351,6 +356,8 @@ class CorralConfig(BaseSettings):
                 seen[name] = m.name
         for m in self.models:
             for fb in m.fallbacks:
+                if fb not in seen and provider_may_offer(self.providers, fb):
+                    continue  # known once its provider lists it; skipped until then
                 if fb not in seen:
                     raise ValueError(f"model {m.name!r}: fallbacks: no model named {fb!r}")
                 if seen[fb] == m.name:

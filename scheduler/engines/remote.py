@@ -48,6 +48,16 @@ COOLDOWN_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 600.0
 
 
+# What an OpenAI-style API base (a URL with a path: a cloud, a /v1 endpoint) is taken
+# to speak when its table does not say: what every OpenAI-compatible service serves.
+# A bare host:port is taken for a llama-server (None: everything it speaks).
+API_BASE_APIS = frozenset({"chat", "completions", "embeddings"})
+
+
+def default_apis(url: str) -> frozenset[str] | None:
+    return API_BASE_APIS if urlsplit(url).path not in ("", "/") else None
+
+
 def shown_url(url: str) -> str:
     """The URL without user:password, for logs, /admin and errors."""
     parts = urlsplit(url)
@@ -90,7 +100,7 @@ class Remote:
         self.slots = slots
         self.weight = config.weight
         self.apis: frozenset[str] | None = (
-            frozenset(config.api) if config.api is not None else None
+            frozenset(config.api) if config.api is not None else default_apis(config.url)
         )
         # The key as resolved at load/reload: a changed api_key_env value makes a
         # new Remote (scheduler._sync_remotes compares it).

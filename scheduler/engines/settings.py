@@ -245,6 +245,18 @@ class ProviderConfig(_Strict):
         return _check_keys(self)
 
 
+def provider_may_offer(providers: tuple[ProviderConfig, ...], name: str) -> bool:
+    """Whether a provider can list a model of this name (a fallback may name one):
+    one of its listed ``models``, or any name under its non-empty ``prefix``."""
+    for p in providers:
+        if p.models != "*":
+            if name in {p.prefix + i for i in p.models}:
+                return True
+        elif p.prefix and name.startswith(p.prefix):
+            return True
+    return False
+
+
 def secrets_of(remotes: list[RemoteConfig], providers: tuple[ProviderConfig, ...]) -> set[str]:
     """Every key these tables send, resolved: what redaction must hide."""
     out: set[str] = set()

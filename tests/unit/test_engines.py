@@ -306,3 +306,22 @@ def test_builtin_specs_for_ollama_and_whisper(tmp_path: Path) -> None:
         "whisper-server", "-m", str(tmp_path / "ggml-base.bin"), "--host", "127.0.0.1",
         "--port", "5001", "--inference-path", "/v1/audio/transcriptions"]
     assert whisper.health_path == "tcp" and whisper.upstream_model is None
+
+
+def test_fallback_may_name_a_provider_model() -> None:
+    providers = [{"name": "g", "url": "https://api.groq.com/openai/v1", "api_key": "k",
+                  "prefix": "groq/"},
+                 {"name": "o", "url": "http://nas:11434", "models": ["llama3.2:1b"]}]
+    c = cfg(providers=providers, models=[{"name": "a", "remotes": ["http://h:1"],
+                                          "fallbacks": ["groq/llama-3.1-8b", "llama3.2:1b"]}])
+    assert c.models[0].fallbacks == ("groq/llama-3.1-8b", "llama3.2:1b")
+    with pytest.raises(ValidationError, match="no model named 'mistral'"):
+        cfg(providers=providers, models=[
+            {"name": "a", "remotes": ["http://h:1"], "fallbacks": ["mistral"]}])
+
+
+def test_default_apis_of_a_remote() -> None:
+    from scheduler.engines.remote import default_apis
+
+    assert default_apis("https://api.openai.com/v1") == {"chat", "completions", "embeddings"}
+    assert default_apis("http://gpu:8080") is None  # a llama-server: all it speaks
