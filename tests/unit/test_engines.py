@@ -325,3 +325,22 @@ def test_default_apis_of_a_remote() -> None:
 
     assert default_apis("https://api.openai.com/v1") == {"chat", "completions", "embeddings"}
     assert default_apis("http://gpu:8080") is None  # a llama-server: all it speaks
+
+
+def test_every_example_in_docs_engines_is_a_valid_config(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "engines.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) >= 10
+    for var in set(re.findall(r'api_key_env = "([A-Z_]+)"', text)):
+        monkeypatch.setenv(var, "doc-example-key")
+    for block in blocks:
+        data = tomllib.loads(block)
+        try:
+            CorralConfig(**data)
+        except ValidationError as e:  # pragma: no cover - the message is the point
+            raise AssertionError(f"docs/engines.md example does not validate:\n{block}\n{e}")
