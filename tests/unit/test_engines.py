@@ -343,4 +343,5 @@ def test_every_example_in_docs_engines_is_a_valid_config(
         try:
             CorralConfig(**data)
         except ValidationError as e:
-            raise AssertionError(f"docs/engines.md example does not validate:\n{block}\n{e}") from None
+            raise AssertionError(
+                f"docs/engines.md example does not validate:\n{block}\n{e}") from None
