@@ -27,8 +27,8 @@ from proxy.keys import CONFIG, SCHEDULER
 from proxy.metrics import METRICS, resident_memory
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
+from scheduler import secrets
 from scheduler.config import CorralConfig
-from scheduler.engines import secrets
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -296,23 +296,19 @@ async def overview(request: web.Request) -> web.Response:
 # -- config ---------------------------------------------------------------------------
 
 
-def _redacted(data: dict[str, Any], keys: set[str] | None = None) -> dict[str, Any]:
-    server = dict(data.get("server", {}))
-    if server.get("api_keys"):
-        server["api_keys"] = ["<redacted>"] * len(server["api_keys"])
-    out = {**data, "server": server}
-    # Remote and provider keys: SecretStr dumps as "**********" already; a key given
-    # as a header, or quoted in any other string, is replaced here.
-    scrubbed = secrets.scrub(out, keys or set())
-    assert isinstance(scrubbed, dict)
-    return scrubbed
+def _redacted(data: dict[str, Any], cfg: CorralConfig | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = secrets.redact(data)
+    if cfg is not None:
+        # What the naming rule cannot see in a dump: an upstream key quoted elsewhere.
+        out = secrets.scrub_data(out, cfg.credentials())
+    return out
 
 
 async def get_config(request: web.Request) -> web.Response:
     reloader = request.app[RELOADER]
     cfg = reloader.current.model_dump(mode="json")
-    keys = secrets.config_secrets(reloader.current)
-    return web.json_response({**reloader.status(), "config": _redacted(cfg, keys)})
+    return web.json_response({**reloader.status(),
+                              "config": _redacted(cfg, reloader.current)})
 
 
 async def providers(request: web.Request) -> web.Response:
@@ -334,15 +330,15 @@ async def get_config_file(request: web.Request) -> web.Response:
 
 
 def _redact_text(text: str, cfg: CorralConfig) -> str:
-    """The file with every API key (the running ones and the file's own) replaced, as
-    ``_redacted`` does for the parsed view. Replacing the strings themselves covers
-    every TOML spelling of the array (inline, multi-line, quoted either way)."""
-    keys = secrets.config_secrets(cfg)
+    """The file with every secret (the running config's and the file's own) replaced,
+    as ``_redacted`` does for the parsed view. Replacing the strings themselves covers
+    every TOML spelling (inline, multi-line, quoted either way)."""
+    found = secrets.values(cfg.model_dump(mode="json")) | cfg.credentials()
     with contextlib.suppress(tomllib.TOMLDecodeError):
-        keys |= secrets.file_secrets(tomllib.loads(text))
-    redacted = secrets.scrub(text, keys)
-    assert isinstance(redacted, str)
-    return redacted
+        found |= secrets.values(tomllib.loads(text))
+    for value in sorted(found, key=len, reverse=True):
+        text = text.replace(value, secrets.REDACTED)
+    return text
 
 
 async def put_config(request: web.Request) -> web.Response:

@@ -86,11 +86,12 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("models_dir",),
     ("runtimes",),
     ("scan",),
+    ("scheduler", "scan"),
     # Where calls (and the keys of api_key_env) are sent.
     ("providers",),
     *(("models", "*", k) for k in (
         "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
-        "remotes", "upstream_model",
+        "binary", "mmproj", "lora", "remotes", "upstream_model",
     )),
     ("server", "admin_config_write"),
     ("server", "api_keys"),

@@ -31,6 +31,7 @@ from scheduler.engines.settings import (
     RemoteConfig,
     RuntimeConfig,
     provider_may_offer,
+    secrets_of,
 )
 from scheduler.engines.templates import BUILTINS, resolve_runtime
 from scheduler.errors import ConfigError
@@ -77,6 +78,9 @@ class ServerConfig(_Strict):
     body_timeout: float = Field(300.0, gt=0, description="seconds to read a request body")
     keepalive_timeout: float = Field(75.0, ge=0, description="idle keep-alive seconds")
     max_connections: int = Field(4096, ge=1, description="client connections per port at once")
+    max_connections_per_client: int | None = Field(
+        None, ge=1, description="connections per port from one client address; none = no cap"
+    )
     max_body_bytes_in_flight: int = Field(
         512 * 2**20, ge=2**20, description="request body bytes held in memory at once, all ports"
     )
@@ -380,6 +384,14 @@ class CorralConfig(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"providers: names must be unique (got {names})")
         return self
+
+    def credentials(self) -> set[str]:
+        """Every credential the config holds or names, resolved: the server's
+        api_keys, remote and provider keys (``SecretStr``, which dumps as
+        ``**********``), the values of their ``api_key_env``, credential headers.
+        What the log scrubber, /admin and `corral check` keep out (scheduler/secrets.py)."""
+        remotes = [rc for m in self.models for rc in m.remote_configs()]
+        return {*self.server.api_keys, *secrets_of(remotes, self.providers)}
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler.secrets import SECRET_HEADER
+
 # The upstream API families (the vocabulary shared with proxy/translate): what an
 # upstream speaks natively. None on a model or engine means "all that llama-server
 # speaks".
@@ -266,16 +268,7 @@ def secrets_of(remotes: list[RemoteConfig], providers: tuple[ProviderConfig, ...
         if key:
             out.add(key)
         for name, value in rc.headers.items():
-            if name.lower() in _SECRET_HEADERS and value:
+            if SECRET_HEADER.search(name) and value:
                 out.add(value)
     return out
 
-
-# Headers whose values are credentials (a key given as a header, not api_key).
-_SECRET_HEADERS = frozenset({
-    "authorization", "x-api-key", "api-key", "x-goog-api-key", "proxy-authorization",
-})
-
-
-def secret_header(name: str) -> bool:
-    return name.lower() in _SECRET_HEADERS

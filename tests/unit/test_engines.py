@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from proxy import egress as proxy_egress
 from proxy import jsonc
+from scheduler import secrets
 from scheduler.config import CorralConfig, ModelConfig
-from scheduler.engines import secrets
 from scheduler.engines.egress import Egress
 from scheduler.engines.providers import listed_ids, model_configs
 from scheduler.engines.remote import build_egress, shown_url
@@ -233,25 +233,28 @@ def test_provider_listing_becomes_models() -> None:
 # -- redaction -------------------------------------------------------------------------
 
 
-def test_config_secrets_and_scrub(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_credentials_and_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROV_KEY", "prov-secret-1")
     c = cfg(server={"api_keys": ["corral-key"]},
             models=[{"name": "r", "remotes": [{"url": "http://a", "api_key": "remote-secret",
                                                "headers": {"X-Api-Key": "hdr-secret",
-                                                           "X-Title": "fine"}}]}],
+                                                           "X-Title": "fine-title"}}]}],
             providers=[{"name": "p", "url": "http://p", "api_key_env": "PROV_KEY"}])
-    found = secrets.config_secrets(c)
+    found = c.credentials()
     assert found == {"corral-key", "remote-secret", "hdr-secret", "prov-secret-1"}
-    dumped = secrets.scrub(c.model_dump(mode="json"), found)
+    dumped = secrets.scrub_data(secrets.redact(c.model_dump(mode="json")), found)
     text = str(dumped)
-    assert not any(s in text for s in found) and "fine" in text and "PROV_KEY" in text
+    assert not any(s in text for s in found)
+    assert "fine-title" in text and "PROV_KEY" in text
 
 
 def test_file_secrets_found_anywhere() -> None:
-    data = {"server": {"api_keys": ["k1"]},
-            "models": [{"remotes": [{"api_key": "k2", "headers": {"Authorization": "k3"}}]}],
-            "providers": [{"api_key": "k4"}]}
-    assert secrets.file_secrets(data) == {"k1", "k2", "k3", "k4"}
+    data = {"server": {"api_keys": ["key-one"]},
+            "models": [{"remotes": [{"api_key": "key-two",
+                                     "headers": {"Authorization": "Bearer key-three",
+                                                 "X-Title": "not-a-secret"}}]}],
+            "providers": [{"api_key": "key-four"}]}
+    assert secrets.values(data) == {"key-one", "key-two", "Bearer key-three", "key-four"}
 
 
 # -- corral check / corral models ------------------------------------------------------
