@@ -348,3 +348,17 @@ def test_every_example_in_docs_engines_is_a_valid_config(
         except ValidationError as e:
             raise AssertionError(
                 f"docs/engines.md example does not validate:\n{block}\n{e}") from None
+
+
+def test_log_scrubber_knows_upstream_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    monkeypatch.setenv("SCRUB_PROV_KEY", "prov-scrub-secret")
+    c = cfg(models=[{"name": "r", "remotes": [{"url": "http://a", "api_key": "remote-scrub-1"}]}],
+            providers=[{"name": "p", "url": "http://p", "api_key_env": "SCRUB_PROV_KEY"}])
+    scrubber = secrets.ScrubFilter(lambda: c)
+    for key in ("remote-scrub-1", "prov-scrub-secret"):
+        record = logging.LogRecord("x", logging.WARNING, __file__, 1, "upstream said %s",
+                                   (f"bad key {key}",), None)
+        assert scrubber.filter(record)
+        assert key not in record.getMessage() and secrets.REDACTED in record.getMessage()
