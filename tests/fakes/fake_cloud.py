@@ -14,6 +14,7 @@ the key or the cloud's own model name fails loudly.
 Test hooks (no key needed): ``POST /fake/models {"ids": [...]}`` changes the list,
 ``POST /fake/down {"down": true}`` makes every other route answer 503, ``app[STATE]
 ["fail"] = (429, "7")`` makes every call answer that status with that Retry-After,
+``app[STATE]["delay"] = s`` holds each chat answer back s seconds,
 ``GET /fake/requests`` the last calls (path, model, whether the key was right).
 
 Run as a script: ``fake_cloud.py --port N --key K --models a,b,c [--prefix /v1]``.
@@ -41,7 +42,7 @@ def _error(status: int, message: str, code: str) -> web.Response:
 
 def build_app(key: str, ids: list[str], prefix: str = "/v1") -> web.Application:
     state: dict[str, Any] = {"ids": list(ids), "down": False, "requests": deque(maxlen=100),
-                             "fail": None}
+                             "fail": None, "delay": 0.0}
 
     @web.middleware
     async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -68,6 +69,8 @@ def build_app(key: str, ids: list[str], prefix: str = "/v1") -> web.Application:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if state["delay"]:
+            await asyncio.sleep(state["delay"])
         model = body.get("model")
         state["requests"][-1]["model"] = model
         if model not in state["ids"]:

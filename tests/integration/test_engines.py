@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import signal
+import ssl
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -208,6 +210,62 @@ async def test_rate_limited_cloud_sits_out_its_retry_after(
     cloud.app[STATE]["fail"] = None
     remote.recover()
     assert (await client.post("/v1/chat/completions", json=chat("m"))).status == 200
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 signed by itself, and a server context using it."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return cert, ctx
+
+
+async def test_tls_remote_with_ca_file_or_without_verification(
+    corral, aiohttp_server: Any, tmp_path: Path, self_signed: tuple[Path, ssl.SSLContext]
+) -> None:
+    cert, ctx = self_signed
+    cloud = await aiohttp_server(build_app(CLOUD_KEY, ["m"]), ssl=ctx)
+    url = f"https://127.0.0.1:{cloud.port}/v1"
+    assert url.startswith("https://")
+    cfg = make_config(tmp_path, [
+        {"name": "ca", "remotes": [{"url": url, "api_key": CLOUD_KEY, "ca_file": str(cert),
+                                    "health": "none", "model": "m"}]},
+        {"name": "insecure", "remotes": [{"url": url, "api_key": CLOUD_KEY, "model": "m",
+                                          "tls_verify": False, "health": "none"}]},
+        {"name": "strict", "remotes": [{"url": url, "api_key": CLOUD_KEY, "model": "m",
+                                        "health": "none"}]},
+    ])
+    client = await corral(cfg)
+    assert (await client.post("/v1/chat/completions", json=chat("ca"))).status == 200
+    assert (await client.post("/v1/chat/completions", json=chat("insecure"))).status == 200
+    # An unknown issuer is refused: the call fails, nothing reached the server.
+    served = len(cloud.app[STATE]["requests"])
+    r = await client.post("/v1/chat/completions", json=chat("strict"))
+    assert r.status in (502, 503)
+    assert len(cloud.app[STATE]["requests"]) == served
+
+
+async def test_remote_timeout_bounds_the_first_byte(
+    corral, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    cloud = await aiohttp_server(build_app(CLOUD_KEY, ["m"]))
+    cloud.app[STATE]["delay"] = 2.0
+    cfg = make_config(tmp_path, [{"name": "m", "remotes": [
+        {"url": str(cloud.make_url("/v1")), "api_key": CLOUD_KEY, "health": "none",
+         "timeout": 0.3}]}])
+    client = await corral(cfg)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    r = await client.post("/v1/chat/completions", json=chat("m"))
+    assert r.status in (502, 503)
+    assert loop.time() - began < 1.5  # not the model's 600 s, nor the cloud's 2 s
+    assert sched(client).remotes()[0].state is State.FAILED
 
 
 async def test_weights_split_calls_between_remotes(
