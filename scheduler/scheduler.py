@@ -260,10 +260,11 @@ class Scheduler:
 
     async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
         """Switch to a new config file's contents; dynamic models stay (see below)."""
+        before = set(self._models)
         self._configured = cfg
         report = await self._switch(self._effective(cfg))
         await self.providers.update(cfg.providers)
-        return report
+        return hooks.with_provider_changes(report, before, list(self._models))
 
     async def set_dynamic_models(
         self, source: str, models: Iterable[ModelConfig]

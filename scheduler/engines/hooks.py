@@ -63,3 +63,16 @@ def remotes_down(model: str, remotes: Sequence[Remote]) -> RemotesDown:
         f"{retry:.0f} s", retry_after=retry,
     )
 
+
+
+def with_provider_changes(
+    report: dict[str, list[str]], before: set[str], after: list[str]
+) -> dict[str, list[str]]:
+    """A reload's report once its providers have listed: models a provider no longer
+    offers are removed, models it newly offers are added."""
+    final = set(after)
+    out = {k: [n for n in v if n in final] for k, v in report.items()}
+    out["removed"] = sorted({*report.get("removed", ()), *(before - final)})
+    seen = {n for k, v in out.items() if k != "removed" for n in v}
+    out.setdefault("added", []).extend(n for n in after if n not in seen)
+    return out

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.keys import SCHEDULER
 from scheduler.engines.remote import Remote
+from scheduler.engines.settings import ProviderConfig
 from scheduler.instance import Instance, State
 from scheduler.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
@@ -335,6 +336,32 @@ async def test_provider_models_come_and_go_and_survive_an_outage(
     prov.app[STATE]["down"] = False
     await wait_for(lambda: all(r.state is State.READY for r in remotes), within=5)
     assert (await ports.openai.post("/v1/chat/completions", json=chat("prov/m3"))).status == 200
+
+
+async def test_provider_added_changed_and_removed_by_reload(
+    corral, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    prov = await aiohttp_server(build_app(PROVIDER_KEY, ["m1", "m2"]))
+    base = make_config(tmp_path, [{"name": "local"}])
+    client = await corral(base)
+    s = sched(client)
+    assert s.names() == ["local"]
+    table = {"name": "p", "url": str(prov.make_url("")), "api_key": PROVIDER_KEY}
+    with_p = base.model_copy(update={"providers": (ProviderConfig(**table),)})
+    report = await s.apply_config(with_p)
+    assert s.names() == ["local", "m1", "m2"]  # listed before the reload returns
+    assert report["added"] == ["m1", "m2"] and report["unchanged"] == ["local"]
+    renamed = base.model_copy(update={"providers": (
+        ProviderConfig(**table, prefix="p/", models=("m2",)),)})
+    report = await s.apply_config(renamed)
+    assert report == {"added": ["p/m2"], "removed": ["m1", "m2"], "changed": [],
+                      "unchanged": ["local"]}
+    assert s.names() == ["local", "p/m2"]
+    r = await client.post("/v1/chat/completions", json=chat("p/m2", "x"))
+    assert (await r.json())["choices"][0]["message"]["content"] == "cloud m2: x"
+    await s.apply_config(base)
+    assert s.names() == ["local"]
+    assert (await client.post("/v1/chat/completions", json=chat("p/m2"))).status == 404
 
 
 # -- keys never leak -------------------------------------------------------------------
