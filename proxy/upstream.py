@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -79,6 +79,13 @@ class Client:
 Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
 
 
+class FormData(Protocol):
+    """A body built per attempt (a multipart form), with its ``model`` field set to
+    ``rename`` for an upstream that names the model differently."""
+
+    def __call__(self, rename: str | None = None) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """One call to send upstream. Exactly one body: ``body`` (bytes as they came),
@@ -88,7 +95,7 @@ class Call:
     path: str
     body: bytes | bytearray | None = None
     payload: Any = None
-    data: Callable[[], Any] | None = None
+    data: FormData | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
     hints: LeaseHints | None = None
     method: Literal["GET", "POST"] = "POST"
@@ -178,7 +185,7 @@ async def _send(
     out = up.egress
     url = up.base_url + out.path(spec.path) + (f"?{spec.query}" if spec.query else "")
     if spec.data is not None:
-        data: Any = spec.data()
+        data: Any = spec.data(out.rename)
     elif spec.payload is not None:
         data = jsonc.dumps(egress.renamed_payload(spec.payload, out))
     else:

@@ -6,6 +6,7 @@ Gemini's endpoint sits under ``/v1beta/openai``):
 * ``GET  {prefix}/models``            the listed ids (OpenAI's list shape)
 * ``POST {prefix}/chat/completions``  streamed or not; the answer is
   ``"cloud <model>: <last user text>"``
+* ``POST {prefix}/audio/transcriptions``  multipart; ``{"text": "<model> heard N bytes"}``
 
 Every call without ``Authorization: Bearer <key>`` gets OpenAI's 401; a model that
 is not listed gets OpenAI's 404 ``model_not_found``, so a proxy that does not send
@@ -101,6 +102,16 @@ def build_app(key: str, ids: list[str], prefix: str = "/v1") -> web.Application:
         await out.write_eof()
         return out
 
+    async def transcribe(request: web.Request) -> web.Response:
+        form = await request.post()
+        model = form.get("model")
+        state["requests"][-1]["model"] = model
+        if model not in state["ids"]:
+            return _error(404, f"The model `{model}` does not exist", "model_not_found")
+        file = form.get("file")
+        size = len(file.file.read()) if isinstance(file, web.FileField) else 0
+        return web.json_response({"text": f"{model} heard {size} bytes"})
+
     async def set_models(request: web.Request) -> web.Response:
         state["ids"] = list((await request.json())["ids"])
         return web.json_response({"ids": state["ids"]})
@@ -116,6 +127,7 @@ def build_app(key: str, ids: list[str], prefix: str = "/v1") -> web.Application:
     app[STATE] = state
     app.router.add_get(f"{prefix}/models", models)
     app.router.add_post(f"{prefix}/chat/completions", chat)
+    app.router.add_post(f"{prefix}/audio/transcriptions", transcribe)
     app.router.add_post("/fake/models", set_models)
     app.router.add_post("/fake/down", set_down)
     app.router.add_get("/fake/requests", requests)

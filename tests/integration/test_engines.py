@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -172,6 +173,22 @@ async def test_cloud_remote_sends_key_and_its_model_name(
     assert r.status == 401
     # No probe ever: health = "none" costs the cloud nothing.
     assert all(c["path"] == "/openai/v1/chat/completions" for c in cloud.app[STATE]["requests"])
+
+
+async def test_cloud_transcription_form_gets_the_cloud_model_name(
+    corral, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    cloud = await aiohttp_server(build_app(CLOUD_KEY, ["whisper-1"]))
+    cfg = make_config(tmp_path, [{"name": "stt", "capabilities": ["audio"], "remotes": [
+        {"url": str(cloud.make_url("/v1")), "api_key": CLOUD_KEY, "model": "whisper-1",
+         "health": "none"}]}])
+    client = await corral(cfg)
+    form = aiohttp.FormData()
+    form.add_field("model", "stt")
+    form.add_field("file", b"RIFF" + b"\0" * 2000, filename="a.wav", content_type="audio/wav")
+    r = await client.post("/v1/audio/transcriptions", data=form)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["text"] == "whisper-1 heard 2004 bytes"
 
 
 async def test_cloud_down_sits_out_its_cooldown_with_a_retry_hint(
