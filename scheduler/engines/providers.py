@@ -168,15 +168,18 @@ class Providers:
             status.ok, status.error = False, reason
             self._hold(p, reason)
             return False
-        if tuple(ids) != status.ids or not status.ok:
+        unchanged = status.ok and tuple(ids) == status.ids
+        if not unchanged:
             log.info("provider %s lists %d model(s)", p.name, len(ids))
         configs = model_configs(p, ids)
         status.ids, status.ok, status.error = tuple(ids), True, None
         status.listed_at = time.time()
-        try:
-            await self._scheduler.set_dynamic_models(source(p), configs)
-        except ValidationError as e:  # a name clash the config could not foresee
-            log.warning("provider %s: %s", p.name, e)
+        if not unchanged:
+            # The same listing again changes nothing: spare the config-change path.
+            try:
+                await self._scheduler.set_dynamic_models(source(p), configs)
+            except ValidationError as e:  # a name clash the config could not foresee
+                log.warning("provider %s: %s", p.name, e)
         names = {mc.name for mc in configs}
         for r in self._scheduler.remotes():
             if r.model in names:
