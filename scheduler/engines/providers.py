@@ -31,6 +31,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from scheduler.config import ModelConfig
+from scheduler.engines.egress import Egress
 from scheduler.engines.remote import Remote, build_egress, shown_url
 from scheduler.engines.settings import ProviderConfig, RemoteConfig, env_key
 
@@ -105,6 +106,8 @@ class Providers:
         self._configs: dict[str, ProviderConfig] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._status: dict[str, _Status] = {}
+        # How listings leave for each provider; built once, off the loop (ca_file).
+        self._egress: dict[str, Egress] = {}
 
     async def start(self, providers: Sequence[ProviderConfig]) -> None:
         await self.update(providers)
@@ -120,6 +123,7 @@ class Providers:
         for p in fresh:
             self._configs[p.name] = p
             self._status[p.name] = _Status()
+            self._egress[p.name] = await asyncio.to_thread(_listing_egress, p)
         if fresh:
             # Concurrently: three providers that are down cost START_WAIT, not 3×.
             await asyncio.gather(*(self._first(p) for p in fresh))
@@ -139,6 +143,7 @@ class Providers:
                 await task
         p = self._configs.pop(name)
         self._status.pop(name, None)
+        self._egress.pop(name, None)
         if drop_models:
             await self._scheduler.set_dynamic_models(source(p), ())
 
@@ -194,9 +199,9 @@ class Providers:
                               for_seconds=min(p.refresh, DOWN_RETRY))
 
     async def _list(self, p: ProviderConfig) -> list[str]:
-        rc = RemoteConfig(url=p.url, api_key=p.api_key, api_key_env=p.api_key_env,
-                          headers=p.headers, tls_verify=p.tls_verify, ca_file=p.ca_file)
-        out = build_egress(rc, env_key(p), None)
+        out = self._egress.get(p.name)
+        if out is None:
+            out = await asyncio.to_thread(_listing_egress, p)
         url = p.url + out.path("/v1/models")
         timeout = aiohttp.ClientTimeout(total=p.timeout or 10.0)
         async with self._session.get(url, headers=out.headers, ssl=out.ssl,
@@ -219,6 +224,13 @@ class Providers:
             }
             for name, p in self._configs.items()
         ]
+
+
+def _listing_egress(p: ProviderConfig) -> Egress:
+    """Blocking when ``ca_file`` is set (it reads the file)."""
+    rc = RemoteConfig(url=p.url, api_key=p.api_key, api_key_env=p.api_key_env,
+                      headers=p.headers, tls_verify=p.tls_verify, ca_file=p.ca_file)
+    return build_egress(rc, env_key(p), None)
 
 
 def _reason(e: BaseException) -> str:
