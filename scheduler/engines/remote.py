@@ -48,14 +48,18 @@ COOLDOWN_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 600.0
 
 
-# What an OpenAI-style API base (a URL with a path: a cloud, a /v1 endpoint) is taken
-# to speak when its table does not say: what every OpenAI-compatible service serves.
-# A bare host:port is taken for a llama-server (None: everything it speaks).
+# What a remote is taken to speak when its table does not say. An OpenAI-style API
+# base (a URL with a path: a cloud, a /v1 endpoint) or a remote that is never probed
+# (a cloud API): what every OpenAI-compatible service serves; other families are
+# translated. A bare host:port that is probed is taken for a llama-server (None:
+# everything it speaks).
 API_BASE_APIS = frozenset({"chat", "completions", "embeddings"})
 
 
-def default_apis(url: str) -> frozenset[str] | None:
-    return API_BASE_APIS if urlsplit(url).path not in ("", "/") else None
+def default_apis(url: str, health: str = "auto") -> frozenset[str] | None:
+    if health == "none" or urlsplit(url).path not in ("", "/"):
+        return API_BASE_APIS
+    return None
 
 
 def shown_url(url: str) -> str:
@@ -100,7 +104,8 @@ class Remote:
         self.slots = slots
         self.weight = config.weight
         self.apis: frozenset[str] | None = (
-            frozenset(config.api) if config.api is not None else default_apis(config.url)
+            frozenset(config.api) if config.api is not None
+            else default_apis(config.url, config.health)
         )
         # The key as resolved at load/reload: a changed api_key_env value makes a
         # new Remote (scheduler._sync_remotes compares it).

@@ -328,6 +328,10 @@ def test_default_apis_of_a_remote() -> None:
 
     assert default_apis("https://api.openai.com/v1") == {"chat", "completions", "embeddings"}
     assert default_apis("http://gpu:8080") is None  # a llama-server: all it speaks
+    assert default_apis("http://cloud:8080", "none") == {"chat", "completions", "embeddings"}
+    # Provider models are never probed: the same guess.
+    [m] = model_configs(ProviderConfig(name="c", url="http://corral:8080"), ["x"])
+    assert m.remote_configs()[0].health == "none"
 
 
 def test_every_example_in_docs_engines_is_a_valid_config(
