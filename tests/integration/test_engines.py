@@ -5,6 +5,7 @@ provider whose listing changes between refreshes (issue 10, parts 1-3 and 5)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -43,6 +45,15 @@ def chat(model: str, content: str = "hello there", **kw: Any) -> dict[str, Any]:
 
 def sched(client: TestClient) -> Scheduler:
     return client.app[SCHEDULER]
+
+
+def engine_children() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE and str(FAKE_ENGINE) in " ".join(p.cmdline()):
+                out.append(p)
+    return out
 
 
 def engine_cfg(tmp_path: Path, **model: Any) -> Any:
@@ -113,6 +124,18 @@ async def test_runtime_crash_at_start_fails_with_its_log(corral, tmp_path: Path)
     assert "fake-engine argv" in status["last_error"]  # the child's last words
 
 
+async def test_runtime_past_its_ready_timeout_is_killed(corral, tmp_path: Path) -> None:
+    cfg = engine_cfg(tmp_path, env={"FAKE_HANG": "1"})
+    rt = cfg.runtimes["fakevllm"].model_copy(update={"ready_timeout": 0.8})
+    client = await corral(cfg.model_copy(update={"runtimes": {"fakevllm": rt}}))
+    r = await client.post("/v1/chat/completions", json=chat("eng"))
+    assert r.status == 503
+    assert "not ready after 0.8 s" in (await r.json())["error"]["message"]
+    [status] = sched(client).model_status()
+    assert status["failures"] == 1 and status["instances"] == []
+    await wait_for(lambda: not engine_children(), within=5)  # killed, not left behind
+
+
 async def test_runtime_crash_while_ready_is_replaced(corral, tmp_path: Path) -> None:
     client = await corral(engine_cfg(tmp_path, env={"FAKE_EXIT_AFTER": "0.5"}))
     s = sched(client)
@@ -139,6 +162,7 @@ async def test_runtime_drains_then_stops_with_its_signal(corral, tmp_path: Path)
     text = await r.text()
     assert r.status == 200 and "[DONE]" in text  # the running call finished
     await wait_for(lambda: inst.state is State.STOPPED, within=10)
+    assert not engine_children()
     # SIGINT (its stop_signal) let it exit cleanly; SIGKILL would read -9.
     assert inst.exit_code == 0
     assert inst.spec is not None and inst.spec.stop_signal is signal.SIGINT
