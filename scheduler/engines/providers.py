@@ -173,10 +173,16 @@ class Providers:
             status.ok, status.error = False, reason
             self._hold(p, reason)
             return False
+        try:
+            configs = model_configs(p, ids)
+        except ValidationError as e:  # api_key_env unset since the config was loaded
+            reason = _messages(e)
+            log.warning("provider %s: %s; keeping its last list", p.name, reason)
+            status.ok, status.error = False, reason
+            return False
         unchanged = status.ok and tuple(ids) == status.ids
         if not unchanged:
             log.info("provider %s lists %d model(s)", p.name, len(ids))
-        configs = model_configs(p, ids)
         status.ids, status.ok, status.error = tuple(ids), True, None
         status.listed_at = time.time()
         if not unchanged:
@@ -184,7 +190,7 @@ class Providers:
             try:
                 await self._scheduler.set_dynamic_models(source(p), configs)
             except ValidationError as e:  # a name clash the config could not foresee
-                log.warning("provider %s: %s", p.name, e)
+                log.warning("provider %s: %s", p.name, _messages(e))
         names = {mc.name for mc in configs}
         for r in self._scheduler.remotes():
             if r.model in names:
@@ -231,6 +237,11 @@ def _listing_egress(p: ProviderConfig) -> Egress:
     rc = RemoteConfig(url=p.url, api_key=p.api_key, api_key_env=p.api_key_env,
                       headers=p.headers, tls_verify=p.tls_verify, ca_file=p.ca_file)
     return build_egress(rc, env_key(p), None)
+
+
+def _messages(e: ValidationError) -> str:
+    # Messages only: pydantic's str() quotes the input, headers included.
+    return "; ".join(err["msg"] for err in e.errors())
 
 
 def _reason(e: BaseException) -> str:

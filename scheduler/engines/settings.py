@@ -15,6 +15,7 @@ import re
 import signal
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -60,7 +61,18 @@ class _Strict(BaseModel):
 def _check_url(url: str) -> str:
     if not _URL_RE.match(url):
         raise ValueError(f"{url!r} is not an http(s) base URL")
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        # Paths are appended to it; a key in a query string would also be shown.
+        raise ValueError(f"{shown(url)!r}: a base URL takes no query string or fragment "
+                         "(a key goes in api_key or headers)")
     return url.rstrip("/")
+
+
+def shown(url: str) -> str:
+    """The URL without user:password or query, for messages."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=""))
 
 
 def _check_headers(headers: dict[str, str]) -> dict[str, str]:

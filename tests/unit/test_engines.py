@@ -164,6 +164,7 @@ def test_remote_table_and_bare_url() -> None:
     ("table", "message"),
     [
         ({"url": "ftp://x"}, "not an http"),
+        ({"url": "https://x/v1?key=abc"}, "no query string"),
         ({"url": "http://x", "api_key": "a", "api_key_env": "B"}, "not both"),
         ({"url": "http://x", "api_key_env": "CORRAL_TEST_UNSET_VAR"}, "is not set"),
         ({"url": "http://x", "api_key_env": "1BAD"}, "not a variable name"),
@@ -366,3 +367,35 @@ def test_log_scrubber_knows_upstream_keys(monkeypatch: pytest.MonkeyPatch) -> No
                                    (f"bad key {key}",), None)
         assert scrubber.filter(record)
         assert key not in record.getMessage() and secrets.REDACTED in record.getMessage()
+
+
+async def test_provider_whose_key_variable_vanished_keeps_its_list(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from scheduler.engines.providers import Providers
+
+    monkeypatch.setenv("VANISHING_KEY", "vanishing-secret")
+    p = ProviderConfig(name="v", url="http://v:1", api_key_env="VANISHING_KEY",
+                       headers={"X-Api-Key": "header-secret-9"})
+    offered: list[list[str]] = []
+
+    class Sched:
+        async def set_dynamic_models(self, source: str, models: Any) -> dict[str, list[str]]:
+            offered.append([m.name for m in models])
+            return {}
+
+        def remotes(self) -> list[Any]:
+            return []
+
+    providers = Providers(Sched(), None)  # type: ignore[arg-type]
+
+    async def listing(_: ProviderConfig) -> list[str]:
+        return ["a", "b"]
+
+    monkeypatch.setattr(providers, "_list", listing)
+    assert await providers.refresh(p)
+    monkeypatch.delenv("VANISHING_KEY")
+    assert not await providers.refresh(p)
+    assert offered == [["a", "b"]]
+    assert "VANISHING_KEY is not set" in caplog.text
+    assert "header-secret-9" not in caplog.text and "vanishing-secret" not in caplog.text
