@@ -125,9 +125,8 @@ class Remote:
         self._probes = _PROBES[config.health]
         # Unknown until the first check answers; a remote that is never probed is
         # taken on trust until a call fails.
-        self._state = State.READY if not self._probes and not self.failure else State.STARTING
-        if self.failure:
-            self._state = State.FAILED
+        self._state = (State.FAILED if self.failure
+                       else State.READY if not self._probes else State.STARTING)
         self._on_change = on_change
         # A call ending is far more frequent than a state change, and only matters
         # to the scheduler when someone is queued: it may get its own callback.
