@@ -372,11 +372,17 @@ async def test_provider_models_come_and_go_and_survive_an_outage(
     assert r.status == 503 and "Retry-After" in r.headers
     status = (await (await ports.openai.get("/admin/providers")).json())["providers"]
     assert status[0]["ok"] is False and "503" in status[0]["error"]
+    metrics = await (await ports.openai.get("/metrics")).text()
+    assert 'corral_provider_up{provider="fakeprov"} 0.0' in metrics
+    assert 'corral_provider_models{provider="fakeprov"} 3.0' in metrics
+    assert 'corral_remote_up{model="prov/m3",remote="prov/m3@' in metrics
 
     # Back: in rotation at the next listing.
     prov.app[STATE]["down"] = False
     await wait_for(lambda: all(r.state is State.READY for r in remotes), within=5)
     assert (await ports.openai.post("/v1/chat/completions", json=chat("prov/m3"))).status == 200
+    metrics = await (await ports.openai.get("/metrics")).text()
+    assert 'corral_provider_up{provider="fakeprov"} 1.0' in metrics
 
 
 async def test_provider_added_changed_and_removed_by_reload(
