@@ -48,7 +48,7 @@ from scheduler.errors import (
 from scheduler.health import HealthWatch
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
-from scheduler.sources import ModelFiles, model_placement
+from scheduler.sources import ModelFiles, model_placement, with_local_files
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
@@ -780,14 +780,7 @@ class Scheduler:
             if model_file is not None and not m.sized:
                 await self._size(m, model_file)
             return hooks.runtime_spec(self._cfg, m.cfg, runtime, model_file)
-        if runtime.binary is not None:
-            # Another llama-server build ([runtimes.NAME] binary = ...).
-            model_file = await self._files.get(m.cfg)
-            if not m.sized:
-                await self._size(m, model_file)
-            spec = build_spec(self._cfg, m.cfg, runtime.binary, model_file)
-            return hooks.llama_server_spec(spec, self._cfg, m.cfg, runtime)
-        if self._binary is None:
+        if runtime.binary is None and self._binary is None:
             configured = self._cfg.llama_server.binary
             try:
                 found = await asyncio.to_thread(self._find_binary, configured)
@@ -800,12 +793,17 @@ class Scheduler:
                     "llama-server on PATH, or run `corral install-llama-server`",
                 )
             self._binary = found
+        # Another llama-server build ([runtimes.NAME] binary = ...) or the one found.
+        binary = runtime.binary or self._binary
+        assert binary is not None
         model_file = await self._files.get(m.cfg)
         if not m.sized:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
-        spec = build_spec(self._cfg, m.cfg, self._binary, model_file)
+        # A projector named in the model's Hugging Face repo is downloaded here.
+        launch_cfg = await asyncio.to_thread(with_local_files, m.cfg)
+        spec = build_spec(self._cfg, launch_cfg, binary, model_file)
         return hooks.llama_server_spec(spec, self._cfg, m.cfg, runtime)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
@@ -925,6 +923,7 @@ class Scheduler:
                 {
                     "name": m.cfg.name,
                     "aliases": list(m.cfg.aliases),
+                    "origin": m.cfg.origin,
                     "state": state,
                     "queued": len(m.queue),
                     "instances": [i.describe() for i in m.servables()],
