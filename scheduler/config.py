@@ -279,7 +279,8 @@ class ModelConfig(_Strict):
     )
     lora: tuple[LoraAdapter, ...] = Field((), description="LoRA adapters: [{path, scale}]")
     origin: str = Field(
-        "config", description="set by Corral, shown in listings: config, scan:<layout>, pulled"
+        "config", description="set by Corral, shown in listings: config, scan:<layout>, "
+        "pulled, provider:<name>"
     )
     # Engines (docs/engines.md).
     runtime: str | None = Field(

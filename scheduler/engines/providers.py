@@ -85,7 +85,8 @@ def model_configs(provider: ProviderConfig, ids: Sequence[str]) -> list[ModelCon
             tls_verify=provider.tls_verify, ca_file=provider.ca_file, timeout=provider.timeout,
             slots=provider.slots, health="none", cooldown=provider.cooldown, api=provider.api,
         )
-        out.append(ModelConfig(name=name, remotes=(remote,), remote_slots=provider.slots))
+        out.append(ModelConfig(name=name, remotes=(remote,), remote_slots=provider.slots,
+                               origin=source(provider)))
     return out
 
 

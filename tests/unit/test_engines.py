@@ -222,6 +222,7 @@ def test_provider_listing_becomes_models() -> None:
     assert [m.name for m in models] == ["or/a/x", "or/c"]
     [rc] = models[0].remote_configs()
     assert rc.model == "a/x" and rc.health == "none" and rc.slots == 4
+    assert models[0].origin == "provider:or"  # shown in /v1/models
     assert rc.api_key is not None and rc.api_key.get_secret_value() == "sk-or"
     assert model_configs(p, ids) == models  # equal configs: a refresh restarts nothing
     star = ProviderConfig(name="o", url="http://ollama:11434")
