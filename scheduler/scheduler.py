@@ -292,7 +292,9 @@ class Scheduler:
             return cfg
         taken = {n for mc in cfg.models for n in (mc.name, *mc.aliases)}
         extra: list[ModelConfig] = []
-        for source in sorted(self._dynamic):
+        # Local files (pulled, scanned) before providers' models: a name both offer is
+        # served here rather than sent away (engines/providers.py).
+        for source in sorted(self._dynamic, key=lambda s: (s.startswith("provider:"), s)):
             for mc in self._dynamic[source]:
                 if mc.name in taken:
                     continue
