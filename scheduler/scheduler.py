@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -62,6 +63,12 @@ _AFFINITY_ENTRIES = 1024
 MAX_LAUNCH_FAILURES = 5
 
 
+@functools.lru_cache(maxsize=64)
+def _apis(api: tuple[str, ...] | None) -> frozenset[str] | None:
+    # Cached: lease() is the hot path and configs repeat the same few tuples.
+    return None if api is None else frozenset(api)
+
+
 def launch_backoff(failures: int) -> float:
     """Seconds to wait before launch number ``failures + 1``: 0.5, 1, 2, 4 ... ≤ 30."""
     return 0.0 if failures <= 0 else min(30.0, 0.5 * 2 ** (failures - 1))
@@ -87,6 +94,10 @@ class Upstream:
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
+    # The API families the upstream speaks natively: the servable's own (a runtime's
+    # or a remote's `api`), else ModelConfig.api; None: all that llama-server speaks.
+    # The proxy translates a family missing here to chat.
+    apis: frozenset[str] | None = None
     # How the call leaves for this upstream: a remote's key and headers, the model
     # name it expects, TLS (scheduler/engines/egress.py).
     egress: Egress = PLAIN
@@ -467,6 +478,7 @@ class Scheduler:
             inst.ttl_override = hints.keep_alive
         try:
             yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
+                           _apis(serving.cfg.api) if inst.apis is None else inst.apis,
                            inst.egress)
         finally:
             inst.release()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -28,9 +29,10 @@ from pydantic import (
 
 from scheduler.secrets import SECRET_HEADER
 
-# The upstream API families (the vocabulary shared with proxy/translate): what an
-# upstream speaks natively. None on a model or engine means "all that llama-server
-# speaks".
+# The API families an upstream speaks natively (a model's, a runtime's, a remote's
+# `api`). A client's family that its upstream lacks is translated to chat completions
+# and back (proxy/families/). None means "all that llama-server speaks". Re-exported by
+# scheduler.config.
 UpstreamApi = Literal[
     "chat", "completions", "embeddings", "responses", "messages", "rerank",
     "transcriptions", "native",
@@ -284,3 +286,24 @@ def secrets_of(remotes: list[RemoteConfig], providers: tuple[ProviderConfig, ...
                 out.add(value)
     return out
 
+
+
+def _keyed(rc: RemoteConfig) -> bool:
+    return (rc.api_key is not None or rc.api_key_env is not None
+            or any(SECRET_HEADER.search(h) for h in rc.headers))
+
+
+def keyed_remote_changes(
+    old: Mapping[str, tuple[RemoteConfig, ...]], new: Mapping[str, tuple[RemoteConfig, ...]]
+) -> list[str]:
+    """Models whose remotes carry a key (``api_key``, ``api_key_env``, a credential
+    header) before or after, and differ: where a key is sent is not for a config
+    writer over HTTP to change (``api_key_env`` may name any variable of Corral's
+    environment; a keyed remote's ``url`` pointed elsewhere takes its key along).
+    Keyless remotes may change."""
+    out = []
+    for name, remotes in new.items():
+        before = old.get(name, ())
+        if remotes != before and any(_keyed(rc) for rc in (*remotes, *before)):
+            out.append(f"models.{name}.remotes")
+    return out
