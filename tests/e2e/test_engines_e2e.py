@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -141,6 +142,18 @@ refresh = 1
             model=model, max_tokens=8, stream=True,
             messages=[{"role": "user", "content": "Say hello."}])
         assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices), model
+    # The anthropic client and the openai Responses client too: natively where the
+    # upstream speaks the family (the keyed llama-server), translated to chat where it
+    # does not (the cloud, the provider and the engine declared chat-only).
+    with anthropic.Anthropic(base_url=c.url, api_key="unused", max_retries=0) as claude:
+        for model in sorted(names):
+            msg = claude.messages.create(
+                model=model, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+            assert msg.content and msg.content[0].type == "text", model
+    for model in sorted(names):
+        resp = client.responses.create(model=model, input="Hi", max_output_tokens=16)
+        assert resp.output_text, model
+    client.close()
     cloud_calls = httpx.get(cloud + "/fake/requests", timeout=5).json()
     assert cloud_calls and all(call["key_ok"] for call in cloud_calls)
     assert {call.get("model") for call in cloud_calls} == {"gpt-cloud-large"}
