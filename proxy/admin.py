@@ -27,6 +27,7 @@ from proxy.ops import config_edit
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
 from scheduler import secrets
+from scheduler.config import CorralConfig
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -303,15 +304,24 @@ async def overview(request: web.Request) -> web.Response:
 # -- config ---------------------------------------------------------------------------
 
 
-def _redacted(data: dict[str, Any]) -> dict[str, Any]:
+def _redacted(data: dict[str, Any], cfg: CorralConfig | None = None) -> dict[str, Any]:
     out: dict[str, Any] = secrets.redact(data)
+    if cfg is not None:
+        # What the naming rule cannot see in a dump: an upstream key quoted elsewhere.
+        out = secrets.scrub_data(out, cfg.credentials())
     return out
 
 
 async def get_config(request: web.Request) -> web.Response:
     reloader = request.app[RELOADER]
     cfg = reloader.current.model_dump(mode="json")
-    return web.json_response({**reloader.status(), "config": _redacted(cfg)})
+    return web.json_response({**reloader.status(),
+                              "config": _redacted(cfg, reloader.current)})
+
+
+async def providers(request: web.Request) -> web.Response:
+    """Each [[providers]] entry: reachable or not, why, and the models it lists."""
+    return web.json_response({"providers": request.app[SCHEDULER].providers.status()})
 
 
 async def get_config_file(request: web.Request) -> web.Response:
@@ -394,6 +404,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/requests", recent_requests)
     r.add_get("/admin/events", events)
     r.add_get("/admin/config", get_config)
+    r.add_get("/admin/providers", providers)
     r.add_put("/admin/config", put_config)
     r.add_get("/admin/config/file", get_config_file)
     r.add_post("/admin/config/reload", reload_config)

@@ -31,8 +31,8 @@ from scheduler import policy as instance_policy
 from scheduler.cluster.policy import LaunchKind, NodeOption, pick_node
 from scheduler.cluster.state import VERSION
 from scheduler.config import Capability, ClusterConfig, ModelConfig
+from scheduler.engines.remote import Remote
 from scheduler.instance import State
-from scheduler.remote import Remote
 from scheduler.scheduler import Scheduler, Servable
 
 log = logging.getLogger(__name__)
