@@ -366,7 +366,8 @@ async def test_when_every_node_is_gone_calls_fail_at_once_in_the_callers_dialect
     resp = await c.front.post("/v1/chat/completions", json=chat("m"))
     assert resp.status == 503
     body = await resp.json()
-    assert body["error"]["code"] == "model_load_failed"
+    assert body["error"]["code"] == "upstream_unavailable"
+    assert int(resp.headers["Retry-After"]) >= 1
     assert c.urls[0] in body["error"]["message"] and c.urls[1] in body["error"]["message"]
     resp = await c.ollama.post("/api/chat", json={
         "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": False})
