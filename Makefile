@@ -66,3 +66,9 @@ bench: llama-server
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The container image: hadolint, then podman build and run on a Debian base made with
+# debootstrap (deploy/test-deploy.sh). Needs root, podman and debootstrap; not in CI.
+.PHONY: test-deploy
+test-deploy: install
+	HADOLINT=$(VENV)/bin/hadolint deploy/test-deploy.sh

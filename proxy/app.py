@@ -26,7 +26,18 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, guard, lmstudio, lmstudio_sdk, metrics, ollama, openai, pulls, reqlog
+from proxy import (
+    admin,
+    cluster,
+    guard,
+    lmstudio,
+    lmstudio_sdk,
+    metrics,
+    ollama,
+    openai,
+    pulls,
+    reqlog,
+)
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
 from proxy.families.learned import FamilyState
@@ -90,7 +101,8 @@ def _core_ctx(
         # No total timeout: a generation may legitimately stream for many minutes.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            middlewares=cluster.client_middlewares(app) if cfg.cluster.role == "front" else (),
         )
         scheduler = Scheduler(
             cfg, session, find_binary=opts.find_binary, reap_interval=opts.reap_interval,
@@ -131,6 +143,7 @@ def build_openai_app(
     app.router.add_get("/metrics", metrics.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
+    cluster.setup(app, cfg)
     add_dashboard_routes(app, cfg)
     return app
 
@@ -250,6 +263,7 @@ async def serve(
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
         await stop.wait()
+        await cluster.drain(root, sc.drain_timeout)
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:
         try:

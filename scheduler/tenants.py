@@ -124,6 +124,11 @@ def keys_of(cfg: CorralConfig, api_keys: tuple[str, ...] | None = None) -> list[
         name = f"api_keys.{i}"
         if name not in names:
             out.append((Key(name, admin=True), digest(secret)))
+    # A cluster node that requires keys takes the cluster token too, so that fronts
+    # reach it without holding the clients' keys (docs/cluster.md); the front applied
+    # the client's own scope and limits already.
+    if out and cfg.cluster.role == "node" and cfg.cluster.token:
+        out.append((Key("cluster.token", admin=True), digest(cfg.cluster.token)))
     return out
 
 

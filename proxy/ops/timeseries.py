@@ -74,6 +74,7 @@ class Sampler:
         self.ring = ring
         self._clock = clock
         self._gpus = True  # off once a probe finds no NVML: it will not appear later
+        self._skipped = 0
 
     async def sample(self) -> Sample:
         app = self._app
@@ -105,6 +106,12 @@ class Sampler:
             await asyncio.sleep(1.0 - self._clock() % 1.0)
             try:
                 await self.sample()
+            except OSError as e:
+                # Out of descriptors, /proc unreadable: the system's trouble, already
+                # reported elsewhere; skip the second, say so once a minute.
+                if self._skipped % 60 == 0:
+                    log.warning("dashboard sample skipped: %s", e)
+                self._skipped += 1
             except Exception:  # one bad second must not end the charts
                 log.exception("taking a dashboard sample failed")
 
