@@ -197,3 +197,14 @@ def test_never_more_than_rpm_calls_in_any_minute(gaps: list[float], rpm: int) ->
     for i, start in enumerate(admitted):
         in_window = [a for a in admitted[i:] if a < start + WINDOW]
         assert len(in_window) <= rpm
+
+
+def test_a_cluster_node_that_requires_keys_accepts_the_cluster_token() -> None:
+    token = "cluster-token-0123456789"
+    node = CorralConfig(server={"api_keys": ["client-key"]},  # type: ignore[arg-type]
+                        cluster={"role": "node", "token": token})  # type: ignore[arg-type]
+    found = Tenants(node).lookup(token.encode())
+    assert found is not None and found.name == "cluster.token" and found.admin
+    # A node without keys is open anyway; a front's token is not a key of its own.
+    assert not Tenants(CorralConfig(
+        cluster={"role": "node", "token": token})).enabled  # type: ignore[arg-type]
