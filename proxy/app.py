@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, guard, lmstudio, lmstudio_sdk, metrics, ollama, openai, reqlog
+from proxy import admin, guard, lmstudio, lmstudio_sdk, metrics, ollama, openai, reqlog, tuning
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
@@ -212,14 +212,14 @@ async def serve(
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
     try:
-        await web.TCPSite(main, host, cfg.server.port, reuse_address=True).start()
+        await tuning.tcp_site(main, cfg, cfg.server.port).start()
         log.info("OpenAI API on http://%s:%d", host, _bound_port(main))
         for label, port, app in port_apps(root):
             r = runner(app)
             await r.setup()
             runners.append(r)
             try:
-                await web.TCPSite(r, host, port, reuse_address=True).start()
+                await tuning.tcp_site(r, cfg, port).start()
             except OSError as e:
                 raise OSError(e.errno, f"cannot listen on {host}:{port} for the {label}: "
                                        f"{e.strerror}") from None
@@ -227,6 +227,8 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
+        # Everything built so far lives as long as the process (proxy.tuning).
+        log.debug("gc: %d long-lived objects frozen", tuning.freeze_long_lived())
         await stop.wait()
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:

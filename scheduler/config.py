@@ -76,6 +76,10 @@ class ServerConfig(_Strict):
     lmstudio_sdk_port: int | None = Field(
         None, ge=0, le=65535, description="extra LM Studio SDK discovery listener (41343)"
     )
+    # Performance (docs/operations.md, tests/bench/README.md).
+    backlog: int = Field(
+        4096, ge=1, description="listen backlog per port (capped by net.core.somaxconn)"
+    )
 
     @field_validator("api_keys")
     @classmethod
