@@ -24,12 +24,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy import body as bodies
-from proxy import jsonc, openai, translate, upstream
+from proxy import jsonc, ollama_request, openai, stream_translate, translate, upstream
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
 from proxy.reqlog import note_model
+from proxy.stream_translate import OllamaStream
 from proxy.streaming import upstream_batches, write_stream
-from proxy.translate import OllamaStream, tagged, upstream_error_body
+from proxy.translate import tagged, upstream_error_body
 from scheduler.config import ModelConfig
 from scheduler.errors import BadRequest, NotSupported, UnknownModel
 from scheduler.instance import State
@@ -167,7 +168,7 @@ async def _probe(request: web.Request, target: Target, keep: KeepAlive, kind: st
         async with scheduler.lease(target.name, keep.hints) as up:
             note_model(up.model)
             reason = "load"
-    return web.json_response(translate.probe_line(kind, target.display, reason))
+    return web.json_response(stream_translate.probe_line(kind, target.display, reason))
 
 
 async def _lines(
@@ -178,7 +179,7 @@ async def _lines(
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            yield [line for event in batch if (line := state.feed(event)) is not None]
+            yield state.feed_batch(batch)
     yield state.tail(elapsed_ns(started), load_ns)
 
 
@@ -230,7 +231,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     keep = keep_alive(scheduler, target, body.get("keep_alive"))
     if not body.get("messages"):
         return await _probe(request, target, keep, "chat")
-    payload = translate.chat_body(body, target.name)
+    payload = ollama_request.chat_body(body, target.name)
     think = body.get("think") is not False
     return await _generate(request, target, keep.hints, "/v1/chat/completions", payload,
                            lambda: OllamaStream("chat", target.display, show_thinking=think),
@@ -245,7 +246,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     keep = keep_alive(scheduler, target, body.get("keep_alive"))
     if not (body.get("prompt") or body.get("suffix") or body.get("system")):
         return await _probe(request, target, keep, "generate")
-    path, payload = translate.generate_call(body, target.name)
+    path, payload = ollama_request.generate_call(body, target.name)
     think = body.get("think") is not False
     return await _generate(request, target, keep.hints, path, payload,
                            lambda: OllamaStream("generate", target.display, show_thinking=think),
