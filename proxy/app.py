@@ -26,13 +26,24 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import admin, guard, lmstudio, lmstudio_sdk, metrics, ollama, openai, reqlog, tuning
+from proxy import (
+    admin,
+    guard,
+    lmstudio,
+    lmstudio_sdk,
+    metrics,
+    ollama,
+    openai,
+    reqlog,
+    tuning,
+    workers,
+)
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
-from scheduler import limits
+from scheduler import ipc, limits
 from scheduler.config import CorralConfig
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
 
@@ -208,22 +219,33 @@ async def serve(
     refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
+    # workers > 1: worker processes share the ports (proxy/workers.py).
+    side = workers.OwnerSide(root, count) if (count := ipc.resolve_workers(
+        cfg.server.workers)) > 1 else None
+    shared = side is not None or None
     main = runner(root)
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
     try:
-        await tuning.tcp_site(main, cfg, cfg.server.port).start()
+        await tuning.tcp_site(main, cfg, cfg.server.port, reuse_port=shared).start()
         log.info("OpenAI API on http://%s:%d", host, _bound_port(main))
+        shared_runners = {"main": main}
         for label, port, app in port_apps(root):
             r = runner(app)
             await r.setup()
             runners.append(r)
             try:
-                await tuning.tcp_site(r, cfg, port).start()
+                await tuning.tcp_site(r, cfg, port, reuse_port=shared).start()
             except OSError as e:
                 raise OSError(e.errno, f"cannot listen on {host}:{port} for the {label}: "
                                        f"{e.strerror}") from None
             log.info("%s on http://%s:%d", label, host, _bound_port(r))
+            if label in workers.PORT_KINDS:
+                shared_runners[workers.PORT_KINDS[label]] = r
+        if side is not None:
+            await side.start(shared_runners, {k: _bound_port(r) for k, r in
+                                              shared_runners.items()})
+            log.info("%d worker processes share the ports", count - 1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
@@ -233,6 +255,9 @@ async def serve(
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:
         try:
+            if side is not None:
+                # Workers first: their calls hold leases on the owner's instances.
+                await side.close(sc.drain_timeout)
             # Extra ports first; the core (and with it every instance) last. The
             # handlers stay installed meanwhile: a second signal forces the exit.
             for r in reversed(runners):

@@ -80,6 +80,16 @@ class ServerConfig(_Strict):
     backlog: int = Field(
         4096, ge=1, description="listen backlog per port (capped by net.core.somaxconn)"
     )
+    workers: int | Literal["auto"] = Field(
+        1, description='processes relaying calls ("auto": one per core); one owns the state'
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError('workers must be at least 1, or "auto"')
+        return value
 
     @field_validator("api_keys")
     @classmethod

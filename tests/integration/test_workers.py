@@ -1,0 +1,193 @@
+"""``[server] workers = 2`` through ``corral serve`` in a child process, against fake
+llama-servers: calls succeed on every port, leases are released, a worker killed
+mid-stream gives its leases back and is replaced, and /metrics counts the calls of
+every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import free_port
+from tests.fakes import write_dummy_gguf
+
+REPO = Path(__file__).resolve().parents[2]
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    ports: dict[str, int]
+    log: Path
+
+    def url(self, port: str = "main") -> str:
+        return f"http://127.0.0.1:{self.ports[port]}"
+
+    def workers(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.url() + "/admin/workers", timeout=5).json()
+        return data
+
+    def worker_pid(self) -> int | None:
+        pid: int | None = self.workers()["workers"][1]["pid"]
+        return pid
+
+
+def wait(pred: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def served(tmp_path: Path, fake_llama: Path) -> Iterator[Served]:
+    ports = {"main": free_port(), "ollama": free_port(), "lmstudio": free_port()}
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(
+        f"[server]\nport = {ports['main']}\nollama_port = {ports['ollama']}\n"
+        f"lmstudio_port = {ports['lmstudio']}\nworkers = 2\n"
+        "[scheduler]\ndrain_timeout = 3\nstop_timeout = 2\n"
+        f'[llama_server]\nbinary = "{fake_llama}"\n'
+        f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n'
+        "parallel = 16\n"
+        f'[[models]]\nname = "slow"\npath = "{write_dummy_gguf(tmp_path / "s.gguf")}"\n'
+        'parallel = 16\nenv = { FAKE_TOKEN_DELAY = "0.2" }\n')
+    log_path = tmp_path / "corral.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    s = Served(proc, ports, log_path)
+    try:
+        wait(lambda: "relaying on" in log_path.read_text() or proc.poll() is not None,
+             "the worker")
+        assert proc.poll() is None, log_path.read_text()
+        yield s
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "Traceback" not in text, text[-3000:]
+
+
+def fresh_call(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    # A new connection each time: SO_REUSEPORT spreads connections, not requests.
+    with httpx.Client(timeout=20) as c:
+        return c.post(url + path, json=body)
+
+
+def in_flight(s: Served) -> list[int]:
+    data = httpx.get(s.url() + "/admin/instances", timeout=5).json()
+    return [i["in_flight"] for i in data["instances"]]
+
+
+def requests_total(s: Served, endpoint: str) -> float:
+    text = httpx.get(s.url() + "/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("corral_requests_total{") and f'endpoint="{endpoint}"' in line \
+                and 'status="200"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_calls_succeed_on_every_port_and_both_processes_serve(served: Served) -> None:
+    s = served
+    for _ in range(30):
+        r = fresh_call(s.url(), "/v1/chat/completions", CHAT)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"].startswith("hello")
+    r = fresh_call(s.url("ollama"), "/api/chat", {**CHAT, "stream": False})
+    assert r.status_code == 200 and r.json()["done"] is True, r.text
+    r = fresh_call(s.url("lmstudio"), "/api/v0/chat/completions", CHAT)
+    assert r.status_code == 200 and "stats" in r.json(), r.text
+    # Forwarded to the owner: state the worker does not hold.
+    for _ in range(6):
+        tags = httpx.get(s.url("ollama") + "/api/tags", headers={"Connection": "close"}).json()
+        assert [m["name"] for m in tags["models"]] == ["m:latest", "slow:latest"]
+        assert httpx.get(s.url() + "/v1/models").json()["data"][0]["id"] == "m"
+    # Every lease given back, in the owner and on the worker's books.
+    wait(lambda: in_flight(s) == [0], "in_flight 0")
+    rows = s.workers()["workers"]
+    assert rows[1]["connected"] and rows[1]["leases"] == 0
+    # /metrics counts the calls of both processes, each exactly once.
+    wait(lambda: requests_total(s, "/v1/chat/completions") == 30, "30 calls in /metrics", 5)
+    assert s.workers()["workers"][1]["calls_reported"] > 0, "the worker served no call"
+    text = httpx.get(s.url() + "/metrics").text
+    assert re.search(r'corral_requests_total\{dialect="ollama",endpoint="/api/chat",'
+                     r'model="m",status="200"\} 1.0', text), text
+
+
+def test_a_killed_worker_releases_its_leases_and_is_replaced(served: Served) -> None:
+    s = served
+    results: list[int | str] = []
+
+    def stream() -> None:
+        try:
+            with httpx.Client(timeout=30) as c, c.stream(
+                    "POST", s.url() + "/v1/chat/completions",
+                    json={**CHAT, "model": "slow", "stream": True, "max_tokens": 30}) as r:
+                for _ in r.iter_bytes():
+                    pass
+                results.append(r.status_code)
+        except httpx.HTTPError as e:
+            results.append(type(e).__name__)
+
+    threads = [threading.Thread(target=stream) for _ in range(8)]
+    for t in threads:
+        t.start()
+    # Some of the 8 connections land on the worker; wait until it holds leases.
+    wait(lambda: s.workers()["workers"][1]["leases"] > 0, "a lease held by the worker")
+    held = s.workers()["workers"][1]["leases"]
+    old = s.worker_pid()
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    # Its leases are released as soon as the owner sees its socket close.
+    wait(lambda: not s.workers()["workers"][1]["connected"], "the owner noticing", 5)
+    flight = in_flight(s)[0]
+    assert flight <= 8 - held, (flight, held)
+    for t in threads:
+        t.join(timeout=30)
+    assert results.count(200) + len([r for r in results if r != 200]) == 8
+    assert len([r for r in results if r != 200]) >= 1  # the killed worker's clients
+    wait(lambda: in_flight(s) == [0], "in_flight 0 after the kill")
+    # A new worker takes its place and serves.
+    wait(lambda: s.workers()["started"] == 2 and s.workers()["workers"][1]["connected"],
+         "the replacement worker")
+    assert s.worker_pid() not in (None, old)
+    for _ in range(10):
+        assert fresh_call(s.url(), "/v1/chat/completions", CHAT).status_code == 200
+    assert "worker 1 (pid %d) exited" % old in s.log.read_text()
+
+
+def test_reload_reaches_the_worker(served: Served, tmp_path: Path) -> None:
+    s = served
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(cfg.read_text().replace('name = "m"', 'name = "m"\naliases = ["mm"]'))
+    s.proc.send_signal(signal.SIGHUP)
+
+    def all_know_alias() -> bool:
+        codes = {fresh_call(s.url(), "/v1/chat/completions", {**CHAT, "model": "mm"}).status_code
+                 for _ in range(8)}
+        return codes == {200}
+
+    wait(all_know_alias, "every process resolving the new alias", 10)
+    body = json.loads(httpx.get(s.url() + "/admin/config").text)
+    assert body["reload_success"] is True
