@@ -174,7 +174,7 @@ def test_a_killed_worker_releases_its_leases_and_is_replaced(served: Served) -> 
     assert s.worker_pid() not in (None, old)
     for _ in range(10):
         assert fresh_call(s.url(), "/v1/chat/completions", CHAT).status_code == 200
-    assert "worker 1 (pid %d) exited" % old in s.log.read_text()
+    assert f"worker 1 (pid {old}) exited" in s.log.read_text()
 
 
 def test_reload_reaches_the_worker(served: Served, tmp_path: Path) -> None:
