@@ -249,8 +249,9 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
-        # Everything built so far lives as long as the process (proxy.tuning).
-        log.debug("gc: %d long-lived objects frozen", tuning.freeze_long_lived())
+        if cfg.server.gc_freeze:
+            # Everything built so far lives as long as the process (proxy.tuning).
+            log.debug("gc: %d long-lived objects frozen", tuning.freeze_long_lived())
         await stop.wait()
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:

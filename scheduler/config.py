@@ -80,6 +80,9 @@ class ServerConfig(_Strict):
     backlog: int = Field(
         4096, ge=1, description="listen backlog per port (capped by net.core.somaxconn)"
     )
+    gc_freeze: bool = Field(
+        True, description="freeze long-lived objects out of the garbage collector"
+    )
     workers: int | Literal["auto"] = Field(
         1, description='processes relaying calls ("auto": one per core); one owns the state'
     )
