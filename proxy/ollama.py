@@ -29,7 +29,7 @@ from proxy.keys import SCHEDULER
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
 from proxy.reqlog import note_model
 from proxy.stream_translate import OllamaStream
-from proxy.streaming import upstream_batches, write_stream
+from proxy.streaming import upstream_batches, upstream_data_batches, write_stream
 from proxy.translate import tagged, upstream_error_body
 from scheduler.config import ModelConfig
 from scheduler.errors import BadRequest, NotSupported, UnknownModel
@@ -172,14 +172,14 @@ async def _probe(request: web.Request, target: Target, keep: KeepAlive, kind: st
 
 
 async def _lines(
-    batches: AsyncGenerator[list[dict[str, Any]], None],
+    batches: AsyncGenerator[list[bytes], None],
     state: OllamaStream,
     started: int,
     load_ns: int,
-) -> AsyncGenerator[list[dict[str, Any]], None]:
+) -> AsyncGenerator[list[dict[str, Any]] | bytes, None]:
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            yield state.feed_batch(batch)
+            yield state.feed_data_batch(batch)
     yield state.tail(elapsed_ns(started), load_ns)
 
 
@@ -203,10 +203,10 @@ async def _generate(
             raise upstream_error_body(resp.status, await resp.read())
         load_ns = round(up.waited * 1e9)
         state = new_state()  # fresh per attempt: a resent call starts over
-        batches = upstream_batches(resp, up.instance_id)
         if stream:
-            return await write_stream(request, _lines(batches, state, started, load_ns),
-                                      ndjson=True, client=client)
+            lines = _lines(upstream_data_batches(resp, up.instance_id), state, started, load_ns)
+            return await write_stream(request, lines, ndjson=True, client=client)
+        batches = upstream_batches(resp, up.instance_id)
         async with contextlib.aclosing(batches):
             async for batch in batches:
                 for event in batch:

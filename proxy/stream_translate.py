@@ -10,10 +10,13 @@ RFC 3339 timestamp was 10 % of the Ollama path's CPU).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import msgspec
 
 from proxy.translate import rfc3339, upstream_error
 from scheduler.errors import UpstreamFailed
@@ -102,6 +105,43 @@ def probe_line(kind: str, model: str, reason: str) -> dict[str, Any]:
     return line
 
 
+log = logging.getLogger(__name__)
+
+
+# -- the fast path: the common chunk, decoded into structs ------------------------------
+# Nearly every chunk of a stream is one content delta. msgspec decodes it into these
+# structs, skipping every other field without building it, and the line is written
+# from bytes around the encoded text: 1.3 µs a chunk against 4.7 µs for a dict parse,
+# OllamaStream.feed and a dict encode. Anything else (tool calls, reasoning, logprobs,
+# errors, usage-only and /infill events) takes the general path, ``feed``.
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: msgspec.Raw | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+    logprobs: msgspec.Raw | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    error: msgspec.Raw | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_any = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
 @dataclass
 class _ToolCall:
     id: str = ""
@@ -154,6 +194,61 @@ class OllamaStream:
             return [line for event in events if (line := self.feed(event)) is not None]
         finally:
             self._stamp = None
+
+    def feed_data_batch(self, datas: list[bytes]) -> bytes:
+        """``feed_batch`` from the events' JSON text, straight to NDJSON bytes."""
+        self._stamp = stamp = self.now()
+        head = b'{"model":' + _encode(self.model) + b',"created_at":"' + stamp.encode() + (
+            b'","message":{"role":"assistant","content":' if self.kind == "chat"
+            else b'","response":')
+        tail = b'},"done":false}\n' if self.kind == "chat" else b',"done":false}\n'
+        out: list[bytes] = []
+        try:
+            for data in datas:
+                text = self._fast(data)
+                if text is not None:
+                    if text:
+                        self.content.append(text)
+                        out.append(head + _encode(text) + tail)
+                    continue
+                try:
+                    event = _decode_any(data)
+                except (msgspec.DecodeError, RecursionError):
+                    log.warning("unparseable SSE data from upstream: %.200r", data)
+                    continue
+                if isinstance(event, dict) and (line := self.feed(event)) is not None:
+                    out.append(_encode(line) + b"\n")
+        finally:
+            self._stamp = None
+        return b"".join(out)
+
+    def _fast(self, data: bytes) -> str | None:
+        """The text of a plain content chunk (its bookkeeping done); None: not one."""
+        try:
+            chunk = _decode_chunk(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return None
+        choices = chunk.choices
+        if chunk.error is not None or not choices:
+            return None
+        choice = choices[0]
+        delta = choice.delta
+        if choice.logprobs is not None and choice.logprobs != b"null":
+            return None
+        if delta is not None:
+            if delta.reasoning_content or delta.reasoning or (
+                    delta.tool_calls is not None and delta.tool_calls != b"null"):
+                return None
+            text = delta.content or ""
+        else:
+            text = choice.text or ""
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if chunk.timings is not None:
+            self.timings = chunk.timings
+        if choice.finish_reason is not None:
+            self.finish_reason = choice.finish_reason
+        return text
 
     def feed(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
         if "error" in event:

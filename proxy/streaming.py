@@ -222,6 +222,62 @@ async def sse_event_batches(
         yield [event]
 
 
+_DONE_DATA = b"[DONE]"
+
+
+def _sse_data(raw: bytes) -> bytes | None:
+    """The JSON text of one SSE line (``[DONE]`` as it is), or None for nothing; the
+    old bare ``error: {...}`` line comes back as ``{"error": ...}``."""
+    line = raw.strip()
+    if line.startswith(b"data:"):
+        return line[5:].strip()
+    if line.startswith(b"error:"):
+        event = _sse_line(line)
+        return _encode(event) if event is not None else None
+    return None
+
+
+async def sse_data_batches(
+    resp: aiohttp.ClientResponse,
+) -> AsyncGenerator[list[bytes], None]:
+    """``sse_event_batches`` without the parsing: each event's JSON text, a batch per
+    network read, for a consumer with a faster decoder of its own (the Ollama lines).
+    Stops at ``[DONE]``; the consumer finds errors in what it decodes."""
+    rest = b""
+    async for chunk in resp.content.iter_any():
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        batch: list[bytes] = []
+        for line in lines:
+            data = _sse_data(line)
+            if data is None:
+                continue
+            if data == _DONE_DATA:
+                if batch:
+                    yield batch
+                return
+            batch.append(data)
+        if batch:
+            yield batch
+    data = _sse_data(rest)
+    if data is not None and data != _DONE_DATA:
+        yield [data]
+
+
+async def upstream_data_batches(
+    resp: aiohttp.ClientResponse, instance_id: str
+) -> AsyncGenerator[list[bytes], None]:
+    """``sse_data_batches``, with a broken upstream connection raised as UpstreamFailed."""
+    try:
+        async for batch in sse_data_batches(resp):
+            yield batch
+    except _UPSTREAM_BROKE as e:
+        kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
+        raise kind(
+            f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
+        ) from None
+
+
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
     """``sse_event_batches`` one event at a time."""
     async for batch in sse_event_batches(resp):
@@ -248,20 +304,21 @@ NDJSON = "application/x-ndjson"
 
 async def write_stream(
     request: web.Request,
-    batches: AsyncGenerator[list[dict[str, Any]], None],
+    batches: AsyncGenerator[list[dict[str, Any]] | bytes, None],
     *,
     ndjson: bool,
     client: Client | None = None,
 ) -> web.StreamResponse:
     """Send translated items as NDJSON lines (Ollama) or SSE events (LM Studio).
 
-    Each batch goes out in one write. The response is prepared at the first item,
-    so a CorralError raised before it still reaches the error middleware and gets
-    its real status. One raised later becomes the last item, ``{"error": ...}``
-    (Ollama) or an OpenAI-shaped error event (LM Studio), because the status line
-    is already sent (and ``client``, given, is marked answered then: from that point
-    on a failure can no longer be resent). ``batches`` is closed on every path, so whatever upstream
-    response it reads is released, also when the client goes away.
+    Each batch goes out in one write; a batch may come already encoded (bytes). The
+    response is prepared at the first item, so a CorralError raised before it still
+    reaches the error middleware and gets its real status. One raised later becomes the
+    last item, ``{"error": ...}`` (Ollama) or an OpenAI-shaped error event (LM Studio),
+    because the status line is already sent (and ``client``, given, is marked answered
+    then: from that point on a failure can no longer be resent). ``batches`` is closed
+    on every path, so whatever upstream response it reads is released, also when the
+    client goes away.
     """
     out: web.StreamResponse | None = None
     encode = ndjson_line if ndjson else sse_event
@@ -287,7 +344,8 @@ async def write_stream(
                     continue
                 if out is None:
                     out = await start()
-                await out.write(b"".join(map(encode, batch)))
+                await out.write(batch if isinstance(batch, bytes)
+                                else b"".join(map(encode, batch)))
         except CorralError as e:
             if out is None:
                 raise
