@@ -219,33 +219,35 @@ async def serve(
     refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
-    # workers > 1: worker processes share the ports (proxy/workers.py).
+    # workers > 1: worker processes listen on the ports (proxy/workers.py).
     side = workers.OwnerSide(root, count) if (count := ipc.resolve_workers(
         cfg.server.workers)) > 1 else None
-    shared = side is not None or None
     main = runner(root)
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
+
+    async def listen(r: web.AppRunner, port: int, kind: str | None) -> int:
+        if side is not None and kind is not None:
+            return side.reserve(kind, r, host, port)
+        await tuning.tcp_site(r, cfg, port).start()
+        return _bound_port(r)
+
     try:
-        await tuning.tcp_site(main, cfg, cfg.server.port, reuse_port=shared).start()
-        log.info("OpenAI API on http://%s:%d", host, _bound_port(main))
-        shared_runners = {"main": main}
+        bound = await listen(main, cfg.server.port, "main")
+        log.info("OpenAI API on http://%s:%d", host, bound)
         for label, port, app in port_apps(root):
             r = runner(app)
             await r.setup()
             runners.append(r)
             try:
-                await tuning.tcp_site(r, cfg, port, reuse_port=shared).start()
+                bound = await listen(r, port, workers.PORT_KINDS.get(label))
             except OSError as e:
                 raise OSError(e.errno, f"cannot listen on {host}:{port} for the {label}: "
                                        f"{e.strerror}") from None
-            log.info("%s on http://%s:%d", label, host, _bound_port(r))
-            if label in workers.PORT_KINDS:
-                shared_runners[workers.PORT_KINDS[label]] = r
+            log.info("%s on http://%s:%d", label, host, bound)
         if side is not None:
-            await side.start(shared_runners, {k: _bound_port(r) for k, r in
-                                              shared_runners.items()})
-            log.info("%d worker processes share the ports", count - 1)
+            await side.start()
+            log.info("%d worker processes serve the ports", count)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -191,6 +192,9 @@ class OwnerSide:
         self.dir = Path(self._dir.name)
         self.owner: ipc.Owner | None = None
         self.reported: dict[int, int] = {}  # worker index -> calls it reported
+        self._reserved: list[socket.socket] = []
+        self._runners: dict[str, web.AppRunner] = {}
+        self._ports: dict[str, int] = {}
         root.router.add_get("/admin/workers", self.handle_admin)
 
     async def handle_admin(self, request: web.Request) -> web.Response:
@@ -198,7 +202,7 @@ class OwnerSide:
         owner = self.owner
         rows: list[dict[str, Any]] = [{"index": 0, "pid": os.getpid(), "role": "owner"}]
         if owner is not None:
-            for i in range(1, self.count):
+            for i in range(1, self.count + 1):
                 proc, peer = owner.procs.get(i), owner.peers.get(i)
                 rows.append({
                     "index": i, "role": "worker",
@@ -216,11 +220,28 @@ class OwnerSide:
             self.reported[index] = self.reported.get(index, 0) + sum(
                 int(c[4]) for c in data.get("calls") or ())
 
-    async def start(self, runners: Mapping[str, web.AppRunner], ports: Mapping[str, int]) -> None:
+    def reserve(self, kind: str, runner: web.AppRunner, host: str, port: int) -> int:
+        """Bind ``host:port`` for the workers without listening (so the kernel sends
+        no connection here, and port 0 becomes one port every worker shares); the
+        owner's own app for it listens on a Unix socket, for what workers forward."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self._reserved.append(sock)
+        self._runners[kind] = runner
+        self._ports[kind] = int(sock.getsockname()[1])
+        return self._ports[kind]
+
+    async def start(self) -> None:
         """Listen on a Unix socket per shared port, then start the workers."""
-        for kind, runner in runners.items():
+        for kind, runner in self._runners.items():
             await web.UnixSite(runner, str(self.dir / f"{kind}.sock")).start()
-        ports_arg = ",".join(f"{k}={v}" for k, v in ports.items())
+        ports_arg = ",".join(f"{k}={v}" for k, v in self._ports.items())
 
         def argv(index: int, fd: int) -> list[str]:
             return [*ipc.worker_argv("proxy.worker_main")(index, fd),
@@ -232,4 +253,6 @@ class OwnerSide:
     async def close(self, grace: float) -> None:
         if self.owner is not None:
             await self.owner.close(grace)
+        for sock in self._reserved:
+            sock.close()
         self._dir.cleanup()

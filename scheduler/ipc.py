@@ -2,8 +2,8 @@
 
 With ``[server] workers = N`` the process started by ``corral serve`` (the *owner*)
 keeps everything that decides: the scheduler, its instances, queues and leases.
-N - 1 *worker* processes share its listening ports (SO_REUSEPORT) and do the per-call
-HTTP work; each asks the owner for a lease over its own Unix socket and gives it back
+N *worker* processes listen on its ports (SO_REUSEPORT) and do the per-call HTTP
+work; each asks the owner for a lease over its own Unix socket and gives it back
 the same way (see docs/design.md, "Workers", for the designs considered).
 
 The contract that matters (contract 1, across processes): a lease granted to a worker
@@ -170,7 +170,7 @@ class Owner:
 
     async def start(self) -> None:
         self._runners = [asyncio.create_task(self._run(i), name=f"corral-worker-{i}")
-                         for i in range(1, self._count)]
+                         for i in range(1, self._count + 1)]
         self._runners.append(asyncio.create_task(self._push_config(), name="corral-workers-cfg"))
 
     async def close(self, grace: float) -> None:
