@@ -27,6 +27,7 @@ from proxy.keys import CONFIG, SCHEDULER
 from proxy.metrics import METRICS, resident_memory
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
+from scheduler import secrets
 from scheduler.config import CorralConfig
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
@@ -296,10 +297,8 @@ async def overview(request: web.Request) -> web.Response:
 
 
 def _redacted(data: dict[str, Any]) -> dict[str, Any]:
-    server = dict(data.get("server", {}))
-    if server.get("api_keys"):
-        server["api_keys"] = ["<redacted>"] * len(server["api_keys"])
-    return {**data, "server": server}
+    out: dict[str, Any] = secrets.redact(data)
+    return out
 
 
 async def get_config(request: web.Request) -> web.Response:
@@ -322,16 +321,14 @@ async def get_config_file(request: web.Request) -> web.Response:
 
 
 def _redact_text(text: str, cfg: CorralConfig) -> str:
-    """The file with every API key (the running ones and the file's own) replaced, as
-    ``_redacted`` does for the parsed view. Replacing the strings themselves covers
-    every TOML spelling of the array (inline, multi-line, quoted either way)."""
-    keys = set(cfg.server.api_keys)
+    """The file with every secret (the running config's and the file's own) replaced,
+    as ``_redacted`` does for the parsed view. Replacing the strings themselves covers
+    every TOML spelling (inline, multi-line, quoted either way)."""
+    found = secrets.values(cfg.model_dump(mode="json"))
     with contextlib.suppress(tomllib.TOMLDecodeError):
-        server = tomllib.loads(text).get("server", {})
-        given = server.get("api_keys", []) if isinstance(server, dict) else []
-        keys.update(k for k in given if isinstance(k, str) and k)
-    for key in sorted(keys, key=len, reverse=True):
-        text = text.replace(key, "<redacted>")
+        found |= secrets.values(tomllib.loads(text))
+    for value in sorted(found, key=len, reverse=True):
+        text = text.replace(value, secrets.REDACTED)
     return text
 
 

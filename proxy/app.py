@@ -41,11 +41,13 @@ from proxy import (
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
+from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import ipc, limits
 from scheduler.config import CorralConfig
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
+from scheduler.secrets import ScrubFilter
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +211,30 @@ async def serve(
     sc = cfg.scheduler
     host = cfg.server.host
 
-    def runner(app: web.Application) -> web.AppRunner:
+    def runner(app: web.Application, port: str) -> web.AppRunner:
         # An idle keep-alive connection is closed after keepalive_timeout (aiohttp's
         # default, 3,630 s, let idle clients hold descriptors for an hour).
-        return web.AppRunner(app, handler_cancellation=True, shutdown_timeout=sc.drain_timeout,
-                             access_log=None, keepalive_timeout=cfg.server.keepalive_timeout)
+        # GuardedRunner adds head/body read timeouts and connection caps (listener.py).
+        events = root[METRICS].listener_events
+        return GuardedRunner(app, Limits.of(cfg.server),
+                             lambda event: events.labels(port, event).inc(),
+                             handler_cancellation=True,
+                             shutdown_timeout=sc.drain_timeout, access_log=None,
+                             keepalive_timeout=cfg.server.keepalive_timeout)
 
     root = build_openai_app(cfg, opts, config_path=config_path)
+    # No secret of the running config reaches a log line (scheduler/secrets.py).
+    scrubber = ScrubFilter(lambda: sched.config if (sched := root.get(SCHEDULER)) else cfg)
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(scrubber)
     refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
     # workers > 1: worker processes listen on the ports (proxy/workers.py).
     side = workers.OwnerSide(root, count) if (count := ipc.resolve_workers(
         cfg.server.workers)) > 1 else None
-    main = runner(root)
+    main = runner(root, str(cfg.server.port))
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
 
@@ -236,7 +248,7 @@ async def serve(
         bound = await listen(main, cfg.server.port, "main")
         log.info("OpenAI API on http://%s:%d", host, bound)
         for label, port, app in port_apps(root):
-            r = runner(app)
+            r = runner(app, str(port))
             await r.setup()
             runners.append(r)
             try:
@@ -271,6 +283,8 @@ async def serve(
                 await fd_watch
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            for h in handlers:
+                h.removeFilter(scrubber)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

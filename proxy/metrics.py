@@ -146,6 +146,10 @@ class Metrics:
         self.accept_errors = Counter(
             "corral_accept_errors", "Connections not accepted for lack of file descriptors "
             "(EMFILE, ENFILE).", registry=r)
+        self.listener_events = Counter(
+            "corral_listener_events", "Connections refused over a cap (refused) and requests "
+            "cut for a slow head or body (head_timeout, body_timeout), per port.",
+            ["port", "event"], registry=r)
         self.reload_success = Gauge(
             "corral_config_reload_success", "1 if the last config reload worked, else 0.",
             registry=r)

@@ -87,8 +87,10 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("models_dir",),
     ("runtimes",),
     ("scan",),
+    ("scheduler", "scan"),
     *(("models", "*", k) for k in (
         "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
+        "binary", "mmproj", "lora",
     )),
     ("server", "admin_config_write"),
     ("server", "api_keys"),

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -25,6 +25,7 @@ from proxy import admin, guard, metrics, openai, tuning
 from proxy.app import health, middlewares, port_apps
 from proxy.body import BodyBudget
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
+from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics
 from proxy.workers import PORT_KINDS, STATS_EVERY, forwarder, take_stats
 from scheduler import ipc
@@ -85,7 +86,10 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     pusher = asyncio.create_task(_push_stats(sched, stats), name="corral-stats")
     try:
         for papp, kind in sites:
-            r = web.AppRunner(papp, handler_cancellation=True,
+            # The workers accept every client connection: the listener limits are theirs
+            # (proxy/listener.py); their counts stay in the worker's own registry.
+            r = GuardedRunner(papp, Limits.of(cfg.server),
+                              _counter(stats, str(ports[kind])), handler_cancellation=True,
                               shutdown_timeout=cfg.scheduler.drain_timeout, access_log=None,
                               keepalive_timeout=cfg.server.keepalive_timeout)
             await r.setup()
@@ -101,8 +105,8 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
         lost.cancel()
         stopped.cancel()
     finally:
-        for r in reversed(runners):
-            await r.cleanup()
+        for done in reversed(runners):
+            await done.cleanup()
         pusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pusher
@@ -116,6 +120,11 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         await session.close()
+
+
+def _counter(stats: Metrics, port: str) -> Callable[[str], None]:
+    events = stats.listener_events
+    return lambda event: events.labels(port, event).inc()
 
 
 async def _push_stats(sched: ipc.WorkerScheduler, stats: Metrics) -> None:

@@ -70,6 +70,9 @@ class ServerConfig(_Strict):
     body_timeout: float = Field(300.0, gt=0, description="seconds to read a request body")
     keepalive_timeout: float = Field(75.0, ge=0, description="idle keep-alive seconds")
     max_connections: int = Field(4096, ge=1, description="client connections per port at once")
+    max_connections_per_client: int | None = Field(
+        None, ge=1, description="connections per port from one client address; none = no cap"
+    )
     max_body_bytes_in_flight: int = Field(
         512 * 2**20, ge=2**20, description="request body bytes held in memory at once, all ports"
     )

