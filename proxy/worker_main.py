@@ -27,7 +27,7 @@ from proxy.body import BodyBudget
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics
-from proxy.workers import PORT_KINDS, STATS_EVERY, forwarder, take_stats
+from proxy.workers import PORT_KINDS, STATS_EVERY, Forwarder, take_stats
 from scheduler import ipc
 from scheduler.config import CorralConfig
 
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 
 def _worker_core(cfg: CorralConfig, sched: ipc.WorkerScheduler,
-                 session: aiohttp.ClientSession, stats: Metrics, sock: str) -> web.Application:
-    app = web.Application(middlewares=[forwarder(sock), *middlewares(cfg, "openai", stats)],
+                 session: aiohttp.ClientSession, stats: Metrics,
+                 forward: Forwarder) -> web.Application:
+    app = web.Application(middlewares=[forward.middleware, *middlewares(cfg, "openai", stats)],
                           client_max_size=64 << 20)
     app[CONFIG] = cfg
     app[METRICS] = stats
@@ -69,13 +70,15 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     stats.set_models(m.name for m in cfg.models)
     reader = asyncio.create_task(
         sched.run(lambda c: stats.set_models(m.name for m in c.models)), name="corral-ipc")
-    core = _worker_core(cfg, sched, session, stats, str(sockets / "main.sock"))
+    forwarders = [Forwarder(str(sockets / "main.sock"))]
+    core = _worker_core(cfg, sched, session, stats, forwarders[0])
     sites: list[tuple[web.Application, str]] = [(core, "main")]
     for label, _port, papp in port_apps(core):
         kind = PORT_KINDS.get(label)
         if kind is None:
             continue  # the SDK discovery port stays the owner's alone
-        papp.middlewares.insert(0, forwarder(str(sockets / f"{kind}.sock")))
+        forwarders.append(Forwarder(str(sockets / f"{kind}.sock")))
+        papp.middlewares.insert(0, forwarders[-1].middleware)
         sites.append((papp, kind))
     runners: list[web.AppRunner] = []
     stop = asyncio.Event()
@@ -119,6 +122,8 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
+        for f in forwarders:
+            await f.close()
         await session.close()
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from proxy import routes
 from proxy.keys import SCHEDULER
@@ -59,29 +58,33 @@ def _end_to_end(headers: Mapping[str, str]) -> dict[str, str]:
 # -- forwarding to the owner ----------------------------------------------------------
 
 
-def forwarder(socket_path: str) -> Middleware:
-    """Outermost middleware of a worker's app: anything not in LOCAL_PATHS goes to the
-    owner's listener for the same port, over its Unix socket."""
-    session: aiohttp.ClientSession | None = None
+class Forwarder:
+    """``middleware``, outermost in a worker's app: anything not in LOCAL_PATHS goes to
+    the owner's listener for the same port, over its Unix socket."""
 
-    def owner() -> aiohttp.ClientSession:
-        nonlocal session
-        if session is None or session.closed:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=socket_path, limit=0),
+    def __init__(self, socket_path: str) -> None:
+        self._path = socket_path
+        self._session: aiohttp.ClientSession | None = None
+
+    def _owner(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self._path, limit=0),
                 timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
-        return session
+        return self._session
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         if resource is not None and resource.canonical in LOCAL_PATHS:
             return await handler(request)
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await _forward_websocket(request, owner())
-        return await _forward(request, owner())
+            return await _forward_websocket(request, self._owner())
+        return await _forward(request, self._owner())
 
-    return middleware
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 async def _forward(request: web.Request, owner: aiohttp.ClientSession) -> web.StreamResponse:
