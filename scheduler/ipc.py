@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -195,7 +196,9 @@ class Owner:
 
     async def _run(self, index: int) -> None:
         """One worker slot: start the process, serve it, start it again if it died."""
+        delay = self._restart_delay
         while not self._closing:
+            born = time.monotonic()
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -220,9 +223,13 @@ class Owner:
                 self._drop(peer)
                 code = await proc.wait()
             if not self._closing:
+                # One that dies at start (a broken install, a port taken) is retried
+                # ever more slowly instead of in a tight loop.
+                delay = min(30.0, delay * 2) if time.monotonic() - born < 5 else (
+                    self._restart_delay)
                 log.warning("worker %d (pid %d) exited with %s; its leases were released; "
-                            "starting it again", index, proc.pid, code)
-                await asyncio.sleep(self._restart_delay)
+                            "starting it again in %g s", index, proc.pid, code, delay)
+                await asyncio.sleep(delay)
 
     def _drop(self, peer: _Peer) -> None:
         # The worker is gone: every lease it held is released now (contract 1).

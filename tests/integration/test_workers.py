@@ -193,3 +193,28 @@ def test_reload_reaches_the_worker(served: Served, tmp_path: Path) -> None:
     wait(all_know_alias, "every process resolving the new alias", 10)
     body = json.loads(httpx.get(s.url() + "/admin/config").text)
     assert body["reload_success"] is True
+
+
+def test_websockets_probes_and_unload_through_workers(served: Served) -> None:
+    import asyncio
+
+    import lmstudio as lms
+
+    s = served
+
+    async def sdk() -> list[str]:
+        # The SDK's websockets are forwarded by whichever process took the connection.
+        async with lms.AsyncClient(f"127.0.0.1:{s.ports['lmstudio']}") as client:
+            return [m.model_key for m in await client.list_downloaded_models()]
+
+    for _ in range(4):
+        assert asyncio.run(sdk()) == ["m", "slow"]
+    # Ollama's load and unload probes take a lease or unload through the owner.
+    for _ in range(3):
+        r = fresh_call(s.url("ollama"), "/api/generate", {"model": "m"})
+        assert r.status_code == 200 and r.json()["done_reason"] == "load", r.text
+    assert in_flight(s) == [0]
+    for _ in range(3):
+        r = fresh_call(s.url("ollama"), "/api/generate", {"model": "m", "keep_alive": 0})
+        assert r.status_code == 200 and r.json()["done_reason"] == "unload", r.text
+    wait(lambda: in_flight(s) == [], "the instance unloaded")
