@@ -180,6 +180,7 @@ class OllamaStream:
     timings: dict[str, Any] | None = None
     # The timestamp of the read batch being fed (``feed_batch``); None: ask ``now``.
     _stamp: str | None = None
+    _model_json: bytes | None = None
 
     @property
     def finished(self) -> bool:
@@ -198,7 +199,9 @@ class OllamaStream:
     def feed_data_batch(self, datas: list[bytes]) -> bytes:
         """``feed_batch`` from the events' JSON text, straight to NDJSON bytes."""
         self._stamp = stamp = self.now()
-        head = b'{"model":' + _encode(self.model) + b',"created_at":"' + stamp.encode() + (
+        if self._model_json is None:
+            self._model_json = b'{"model":' + _encode(self.model) + b',"created_at":"'
+        head = self._model_json + stamp.encode() + (
             b'","message":{"role":"assistant","content":' if self.kind == "chat"
             else b'","response":')
         tail = b'},"done":false}\n' if self.kind == "chat" else b',"done":false}\n'

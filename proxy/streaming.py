@@ -249,6 +249,10 @@ async def sse_data_batches(
         rest = lines.pop()
         batch: list[bytes] = []
         for line in lines:
+            # Inline for the common line: this loop runs once per event.
+            if line.startswith(b"data: ") and line.endswith(b"}"):
+                batch.append(line[6:])
+                continue
             data = _sse_data(line)
             if data is None:
                 continue
