@@ -18,7 +18,8 @@ Sections (each prints its own table):
   ``gc_freeze``; the p99 ratio to bare.
 - **burst**: 1,000 streams opened at once (5 chunks each); TTFB p50/max and the
   ``TcpExt ListenOverflows`` counted meanwhile (system-wide: other load shows too), for
-  the upstream direct, Corral's OpenAI and Ollama ports, and Corral with backlog 128.
+  the upstream direct, Corral's OpenAI and Ollama ports, Corral with backlog 128, and
+  Corral with 2 workers.
 - **relay**: chunks/s and Corral's CPU µs per chunk, flood and paced, for the bare
   relay and Corral's OpenAI, Ollama and Anthropic paths.
 - **workers**: paced-stream relay capacity and non-streaming req/s, workers 1 vs 2.
@@ -439,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(burst_row("corral Ollama port", t.ollama, opath, ob, n), flush=True)
             with corral(tmp, models, "corral", backlog=128) as t:
                 print(burst_row("corral backlog=128", t.url, path, b, n), flush=True)
+            with corral(tmp, models, "corral", workers=2) as t:
+                print(burst_row("corral workers=2", t.url, path, b, n), flush=True)
         if "relay" in only:
             print("\n== streaming relay: flood (200 chunks back to back, 32 streams), paced "
                   "(50 chunks 10 ms apart, 32 streams) ==", flush=True)
