@@ -36,7 +36,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
@@ -241,26 +241,36 @@ class Owner:
     async def _serve(self, peer: _Peer) -> None:
         self._send_config(peer)
         async for frame in peer.line.frames():
-            op = frame.get("op")
-            if op == "lease":
-                cid = int(frame["id"])
-                hints = LeaseHints(affinity=frame.get("affinity"),
-                                   keep_alive=frame.get("keep_alive"))
-                peer.tasks[cid] = asyncio.create_task(
-                    self._lease(peer, cid, str(frame["model"]), hints))
-            elif op == "release":
-                task = peer.tasks.get(int(frame["id"]))
-                if task is not None:
-                    task.cancel()
-            elif op == "suspect":
-                self._background(peer, self._scheduler.suspect(frame["iid"], frame["reason"]))
-            elif op == "failed":
-                self._background(peer, self._scheduler.upstream_failed(
-                    frame["iid"], frame["reason"], connect=bool(frame.get("connect"))))
-            elif op == "unload":
-                self._answer(peer, int(frame["id"]), self._scheduler.unload(frame["model"]))
-            elif op == "stats":
-                self._on_stats(peer.index, frame.get("data"))
+            try:
+                self._handle(peer, frame)
+            except (KeyError, ValueError, TypeError) as e:
+                # A bug, not a reason to stop serving the worker's other leases.
+                log.error("worker %d sent a bad frame (%s): %.200r", peer.index, e, frame)
+
+    def _handle(self, peer: _Peer, frame: dict[str, Any]) -> None:
+        op = frame.get("op")
+        if op == "lease":
+            cid = int(frame["id"])
+            hints = LeaseHints(affinity=frame.get("affinity"),
+                               keep_alive=frame.get("keep_alive"))
+            self._hold(peer, cid, self._lease(peer, cid, str(frame["model"]), hints))
+        elif op == "release":
+            task = peer.tasks.get(int(frame["id"]))
+            if task is not None:
+                task.cancel()
+        elif op == "suspect":
+            iid, reason = str(frame["iid"]), str(frame["reason"])
+            self._background(peer, lambda: self._scheduler.suspect(iid, reason))
+        elif op == "failed":
+            iid, reason = str(frame["iid"]), str(frame["reason"])
+            connect = bool(frame.get("connect"))
+            self._background(peer, lambda: self._scheduler.upstream_failed(
+                iid, reason, connect=connect))
+        elif op == "unload":
+            model = str(frame["model"])
+            self._answer(peer, int(frame["id"]), lambda: self._scheduler.unload(model))
+        elif op == "stats":
+            self._on_stats(peer.index, frame.get("data"))
 
     async def _lease(self, peer: _Peer, cid: int, model: str, hints: LeaseHints) -> None:
         try:
@@ -271,32 +281,35 @@ class Owner:
                 await asyncio.Event().wait()
         except CorralError as e:
             peer.line.send(error_frame(cid, e))
-        finally:
-            peer.tasks.pop(cid, None)
-
-    def _background(self, peer: _Peer, coro: Awaitable[Any]) -> None:
-        cid = -next(_ids)
-        peer.tasks[cid] = asyncio.create_task(self._quietly(peer, cid, coro))
-
-    def _answer(self, peer: _Peer, cid: int, coro: Awaitable[Any]) -> None:
-        async def run() -> None:
-            try:
-                peer.line.send({"op": "done", "id": cid, "value": await coro})
-            except CorralError as e:
-                peer.line.send(error_frame(cid, e))
-            finally:
-                peer.tasks.pop(cid, None)
-
-        peer.tasks[cid] = asyncio.create_task(run())
 
     @staticmethod
-    async def _quietly(peer: _Peer, cid: int, coro: Awaitable[Any]) -> None:
-        try:
-            await coro
-        except CorralError as e:
-            log.warning("worker %d: %s", peer.index, e.message)
-        finally:
-            peer.tasks.pop(cid, None)
+    def _hold(peer: _Peer, cid: int, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        peer.tasks[cid] = task
+        # Not in the coroutine's own finally: a task cancelled before its first step
+        # never runs its body, and would stay listed as a lease forever.
+        task.add_done_callback(lambda _: peer.tasks.pop(cid, None))
+
+    # The scheduler's coroutine is made inside the task (``call``, not a coroutine
+    # object): a task cancelled before it starts would leave it never awaited.
+
+    def _background(self, peer: _Peer, call: Callable[[], Awaitable[Any]]) -> None:
+        async def run() -> None:
+            try:
+                await call()
+            except CorralError as e:
+                log.warning("worker %d: %s", peer.index, e.message)
+
+        self._hold(peer, -next(_ids), run())
+
+    def _answer(self, peer: _Peer, cid: int, call: Callable[[], Awaitable[Any]]) -> None:
+        async def run() -> None:
+            try:
+                peer.line.send({"op": "done", "id": cid, "value": await call()})
+            except CorralError as e:
+                peer.line.send(error_frame(cid, e))
+
+        self._hold(peer, cid, run())
 
     def _send_config(self, peer: _Peer) -> None:
         cfg = self._scheduler.config

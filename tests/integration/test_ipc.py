@@ -124,3 +124,18 @@ async def test_a_waiting_lease_cancelled_by_the_worker_leaves_nothing_behind() -
         await wait_for(lambda: in_flight(sched) == 0, within=2)
         async with worker.lease("m"):  # the slot is free again
             assert in_flight(sched) == 1
+
+
+async def test_a_release_right_behind_its_lease_leaves_no_task_and_no_lease() -> None:
+    async with pair() as (sched, worker, (_serving, _owner, peer)):
+        for cid in range(100, 110):
+            # Both frames in one read: the lease task is cancelled before its first step.
+            worker._line.send({"op": "lease", "id": cid, "model": "m"})
+            worker._line.send({"op": "release", "id": cid})
+        worker._line.send({"op": "suspect", "iid": "nope", "reason": "test"})
+        worker._line.send({"op": "bogus"})
+        worker._line.send({"op": "lease"})  # a bad frame is logged, the rest still served
+        await wait_for(lambda: not peer.tasks, within=2)
+        assert in_flight(sched) == 0
+        async with worker.lease("m"):
+            assert in_flight(sched) == 1
