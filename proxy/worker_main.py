@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from proxy.body import BodyBudget
 from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics
-from proxy.workers import PORT_KINDS, STATS_EVERY, Forwarder, take_stats
-from scheduler import ipc
+from proxy.workers import ACCEPT_ERROR, PORT_KINDS, STATS_EVERY, Events, Forwarder, take_stats
+from scheduler import ipc, limits
 from scheduler.config import CorralConfig
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,18 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Ctrl-C reaches the whole process group: the owner decides and SIGTERMs us.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
-    pusher = asyncio.create_task(_push_stats(sched, stats), name="corral-stats")
+    # Listener events and refused accepts go to the owner's /metrics with the calls.
+    events: Events = Counter()
+    refused = limits.AcceptErrors(lambda: events.update([("", ACCEPT_ERROR)]))
+    loop.set_exception_handler(refused)
+    fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
+    pusher = asyncio.create_task(_push_stats(sched, stats, events), name="corral-stats")
     try:
         for papp, kind in sites:
             # The workers accept every client connection: the listener limits are theirs
-            # (proxy/listener.py); their counts stay in the worker's own registry.
+            # (proxy/listener.py).
             r = GuardedRunner(papp, Limits.of(cfg.server),
-                              _counter(stats, str(ports[kind])), handler_cancellation=True,
+                              _counter(events, str(ports[kind])), handler_cancellation=True,
                               shutdown_timeout=cfg.scheduler.drain_timeout, access_log=None,
                               keepalive_timeout=cfg.server.keepalive_timeout)
             await r.setup()
@@ -110,10 +116,11 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     finally:
         for done in reversed(runners):
             await done.cleanup()
-        pusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pusher
-        data = take_stats(stats)
+        for task in (pusher, fd_watch):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        data = take_stats(stats, events)
         if data is not None:
             sched.send_stats(data)
         with contextlib.suppress(Exception):
@@ -127,15 +134,17 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
         await session.close()
 
 
-def _counter(stats: Metrics, port: str) -> Callable[[str], None]:
-    events = stats.listener_events
-    return lambda event: events.labels(port, event).inc()
+def _counter(events: Events, port: str) -> Callable[[str], None]:
+    def count(event: str) -> None:
+        events[(port, event)] += 1
+
+    return count
 
 
-async def _push_stats(sched: ipc.WorkerScheduler, stats: Metrics) -> None:
+async def _push_stats(sched: ipc.WorkerScheduler, stats: Metrics, events: Events) -> None:
     while True:
         await asyncio.sleep(STATS_EVERY)
-        data = take_stats(stats)
+        data = take_stats(stats, events)
         if data is not None:
             sched.send_stats(data)
 

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -137,17 +138,27 @@ async def _forward_websocket(
 # -- metrics: worker -> owner ---------------------------------------------------------
 
 
-def take_stats(stats: Metrics) -> dict[str, Any] | None:
-    """The calls recorded since the last take (and forgets them); None when none."""
+# A worker's listener events by (port, event), and ("", ACCEPT_ERROR) for accepts that
+# failed for lack of descriptors.
+Events = Counter[tuple[str, str]]
+ACCEPT_ERROR = "accept_error"
+
+
+def take_stats(stats: Metrics, events: Events) -> dict[str, Any] | None:
+    """The calls and listener events recorded since the last take (and forgets them);
+    None when there were none."""
     calls, stats.calls = stats.calls, {}
     recent = list(stats.recent)
     stats.recent.clear()
-    if not calls and not recent:
+    happened = [[port, event, n] for (port, event), n in events.items()]
+    events.clear()
+    if not calls and not recent and not happened:
         return None
     return {
         "calls": [[*key, s.count, s.dur, s.dur_sum, s.ttft, s.ttft_sum, s.ttft_count]
                   for key, s in calls.items()],
         "recent": [list(r) for r in recent],
+        "events": happened,
     }
 
 
@@ -168,6 +179,11 @@ def merge_stats(into: Metrics, data: Any) -> None:
         st.ttft = [a + b for a, b in zip(st.ttft, ttft, strict=False)]
         st.ttft_sum += ttft_sum
         st.ttft_count += ttft_count
+    for port, event, n in data.get("events") or ():
+        if event == ACCEPT_ERROR:
+            into.accept_errors.inc(n)
+        else:
+            into.listener_events.labels(port, event).inc(n)
     for r in data.get("recent") or ():
         into.recent.append(tuple(r))
     # Newest last, as if recorded here: the ring is ordered by time.
