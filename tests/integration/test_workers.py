@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from scheduler import limits
 from tests.e2e.conftest import free_port
 from tests.fakes import write_dummy_gguf
 
@@ -108,8 +109,19 @@ def requests_total(s: Served, endpoint: str) -> float:
     return total
 
 
+def listeners(port: int) -> list[int]:
+    """The backlog (Send-Q) of each socket listening on ``port``."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.strip()]
+
+
 def test_calls_succeed_on_every_port_and_both_processes_serve(served: Served) -> None:
     s = served
+    # Two listeners per port, the workers'; the owner only holds the port, unlistened.
+    backlog = limits.backlog(4096, limits.somaxconn())
+    assert {name: listeners(port) for name, port in s.ports.items()} == {
+        name: [backlog, backlog] for name in s.ports}
     for _ in range(30):
         r = fresh_call(s.url(), "/v1/chat/completions", CHAT)
         assert r.status_code == 200, r.text
