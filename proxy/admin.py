@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.guard import Forbidden
-from proxy.keys import CONFIG, SCHEDULER
+from proxy.keys import CONFIG, DISCOVERY, SCHEDULER
 from proxy.metrics import METRICS, resident_memory
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
@@ -109,7 +109,10 @@ async def _models_view(request: web.Request) -> list[dict[str, object]]:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"models": await _models_view(request)})
+    found = request.app.get(DISCOVERY)
+    # Files the directory scan skipped (not GGUF, a link leaving the tree, ...).
+    problems = list(found.problems) if found is not None else []
+    return web.json_response({"models": await _models_view(request), "scan_problems": problems})
 
 
 async def model(request: web.Request) -> web.Response:

@@ -34,13 +34,14 @@ from proxy import (
     metrics,
     ollama,
     openai,
+    pulls,
     reqlog,
     tuning,
     workers,
 )
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
-from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
+from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, PULL_LOCKS, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.reload import RELOADER, reload_ctx
@@ -135,6 +136,7 @@ def build_openai_app(
     app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions(), stats))
     app.cleanup_ctx.append(metrics.metrics_ctx(stats))
     app.cleanup_ctx.append(reload_ctx(config_path, stats))
+    app.cleanup_ctx.append(pulls.discovery_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics.handle_metrics)
     openai.add_routes(app, "main")
@@ -157,6 +159,11 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
     app[BODY_BUDGET] = core[BODY_BUDGET]
+    # Absent in tests that build the core app by hand.
+    if DISCOVERY in core:
+        app[DISCOVERY] = core[DISCOVERY]
+    if PULL_LOCKS in core:
+        app[PULL_LOCKS] = core[PULL_LOCKS]
     # Every port answers its own liveness probe.
     app.router.add_get("/health", health)
     return app

@@ -18,6 +18,7 @@ import tomli_w
 from pydantic import BaseModel
 
 from proxy import __version__
+from proxy.pull_cli import scan_report
 from scheduler.config import (
     CorralConfig,
     LlamaServerConfig,
@@ -117,6 +118,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
         problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
     problems += _memory_problems(path, cfg)
+    # Skipped files are reported, not fatal: the scan skips them when serving too.
+    scan_report(cfg, sys.stdout)
     if problems:
         print("corral: invalid configuration\n" + "\n".join(problems), file=sys.stderr)
         return 2
@@ -162,6 +165,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         source = str(m.path) if m.path else f"package {m.package}"
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         print(f"{m.name}{aliases}\n    {source}, ctx {m.ctx_size} × {m.parallel} slot(s)")
+    scan_report(cfg, sys.stdout)
     return 0
 
 
@@ -265,6 +269,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from proxy.pull_cli import cmd_pull as pull
+
+    return pull(args, _load(_config_path(args.config)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="corral", description="A gateway for llama-server models")
     p.add_argument("--version", action="version", version=f"corral {__version__}")
@@ -295,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--variant", choices=["cpu", "cuda"])
     s.add_argument("--force", action="store_true", help="rebuild even if cached")
     s.set_defaults(func=cmd_install)
+
+    s = sub.add_parser("pull", help="download hf.co/{user}/{repo}[:quant] or an hf_repo model")
+    s.add_argument("name")
+    s.add_argument("--config", "-c")
+    s.add_argument("--url", help="the running Corral's Ollama port (default: from the config)")
+    s.set_defaults(func=cmd_pull)
 
     s = sub.add_parser("doctor", help="report the binary, CPU, RAM and GPU found")
     s.add_argument("--config", "-c")

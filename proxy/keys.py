@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
 from proxy.body import BodyBudget
 from proxy.chat_store import ChatStore
 from scheduler.config import CorralConfig
+from scheduler.discovery.watch import Discovery
 from scheduler.scheduler import Scheduler
 
 CONFIG = web.AppKey("config", CorralConfig)
@@ -17,3 +20,7 @@ BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 
 # Stateful LM Studio REST v1 chats (previous_response_id), per LM Studio port app.
 CHAT_STORE = web.AppKey("lmstudio_chats", ChatStore)
+
+# Models found on disk (the scanner) and pulls in progress, shared by every port.
+DISCOVERY = web.AppKey("discovery", Discovery)
+PULL_LOCKS = web.AppKey("pull_locks", dict[str, asyncio.Lock])

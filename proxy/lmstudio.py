@@ -28,6 +28,7 @@ from proxy import (
     translate,
     upstream,
 )
+from proxy import vision as images
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import (
     MODEL_INFO,
@@ -139,6 +140,8 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
     model = jsonc.model_of(payload)
     scheduler = request.app[SCHEDULER]
     cfg = routes.check(scheduler, model, capability)
+    if capability == "chat" and images.body_has_images(raw):
+        images.require_vision(scheduler, model, cfg)
     info = model_info(cfg, await request.app[MODEL_INFO].get(cfg))
     stream = payload.get("stream") is True
 

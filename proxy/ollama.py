@@ -24,7 +24,16 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy import body as bodies
-from proxy import jsonc, ollama_request, openai, stream_translate, translate, upstream
+from proxy import (
+    jsonc,
+    ollama_request,
+    openai,
+    pulls,
+    stream_translate,
+    translate,
+    upstream,
+    vision,
+)
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
 from proxy.reqlog import note_model
@@ -227,7 +236,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     started = time.monotonic_ns()
     body = await read_body(request)
     scheduler = request.app[SCHEDULER]
+    await pulls.ensure(request.app, model_field(body))
     target = resolve(scheduler, model_field(body))
+    if vision.ollama_has_images(body):
+        vision.require_vision(scheduler, target.name, target.cfg)
     keep = keep_alive(scheduler, target, body.get("keep_alive"))
     if not body.get("messages"):
         return await _probe(request, target, keep, "chat")
@@ -242,7 +254,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     started = time.monotonic_ns()
     body = await read_body(request)
     scheduler = request.app[SCHEDULER]
+    await pulls.ensure(request.app, model_field(body))
     target = resolve(scheduler, model_field(body))
+    if vision.ollama_has_images(body):
+        vision.require_vision(scheduler, target.name, target.cfg)
     keep = keep_alive(scheduler, target, body.get("keep_alive"))
     if not (body.get("prompt") or body.get("suffix") or body.get("system")):
         return await _probe(request, target, keep, "generate")
@@ -395,9 +410,13 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
-    """A configured model is "pulled" by making sure it loads; nothing is downloaded."""
+    """``hf.co/...`` and configured hf_repo models are downloaded (proxy/pulls.py);
+    another configured model is "pulled" by making sure it loads."""
     body = await read_body(request)
     scheduler = request.app[SCHEDULER]
+    download = pulls.downloadable(scheduler, model_field(body))
+    if download is not None:
+        return await pulls.respond(request, model_field(body), download, _stream_flag(body))
     target = resolve(scheduler, model_field(body))
     hints = keep_alive(scheduler, target, body.get("keep_alive")).hints
 
@@ -438,7 +457,13 @@ async def copy(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     body = await read_body(request)
-    resolve(request.app[SCHEDULER], model_field(body))
+    target = resolve(request.app[SCHEDULER], model_field(body))
+    if target.cfg.origin == "pulled":
+        await pulls.delete(request.app[SCHEDULER], target.cfg)
+        return web.Response()
+    if target.cfg.origin.startswith("scan:"):
+        raise _unsupported("deleting scanned models", "remove its file from the scanned "
+                           "directory; it stops being offered within scan_interval")
     raise _unsupported("deleting models", "remove the model from corral.toml")
 
 

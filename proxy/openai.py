@@ -17,8 +17,9 @@ from scheduler.config import ModelConfig
 
 def _model_object(name: str, cfg: ModelConfig, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "corral",
-            # An extra field (allowed in the list): what the model serves.
-            "capabilities": sorted(capabilities(cfg))}
+            # Extra fields (allowed in the list): what the model serves, and where it
+            # came from (config, scan:<layout>, pulled; docs/models.md).
+            "capabilities": sorted(capabilities(cfg)), "origin": cfg.origin}
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -92,6 +92,7 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
         "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
         "binary", "mmproj", "lora",
     )),
+    ("scheduler", "auto_pull"),
     ("server", "admin_config_write"),
     ("server", "api_keys"),
     ("server", "allowed_hosts"),

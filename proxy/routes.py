@@ -19,7 +19,7 @@ from typing import Literal
 from aiohttp import web
 
 from proxy import body as bodies
-from proxy import jsonc, multipart, upstream
+from proxy import jsonc, multipart, pulls, upstream, vision
 from proxy.errors import ROUTE_DIALECT, Family, family_dialect
 from proxy.keys import BODY_BUDGET, SCHEDULER
 from proxy.streaming import relay
@@ -114,7 +114,10 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 body = await bodies.read(request, route.max_body)
                 head = jsonc.head(body)
             model = head.model or _default_model(request, route)
+            await pulls.ensure(request.app, model)
             cfg = check(scheduler, model, route.capability)
+            if route.capability == "chat" and vision.body_has_images(body):
+                vision.require_vision(scheduler, model, cfg)
             spec = upstream.Call(
                 model=model,
                 path=route.upstream or request.path,

@@ -20,7 +20,7 @@ _GENERATIVE: frozenset[Capability] = frozenset({"chat", "completion", "tools", "
 
 
 def has_mmproj(cfg: ModelConfig) -> bool:
-    return any(a.split("=")[0] in _MMPROJ for a in cfg.args)
+    return cfg.mmproj is not None or any(a.split("=")[0] in _MMPROJ for a in cfg.args)
 
 
 def is_embedding(cfg: ModelConfig) -> bool:

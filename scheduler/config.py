@@ -166,6 +166,18 @@ class SchedulerConfig(_Strict):
     ready_check_interval: float = Field(
         5.0, gt=0, description="seconds between health checks of ready instances"
     )
+    # Models without writing config (docs/models.md).
+    scan: tuple[Path, ...] = Field(
+        (), description="directories whose GGUF files (plain, Hugging Face cache, LM Studio "
+        "or Ollama store) are served as models"
+    )
+    scan_interval: float = Field(
+        2.0, gt=0, description="seconds between looks for added or removed model files"
+    )
+    auto_pull: bool = Field(
+        False, description="a call naming an unknown hf.co/{user}/{repo}[:quant] model "
+        "downloads it first"
+    )
 
     @field_validator(
         "memory_budget", "memory_headroom", "vram_budget", "vram_headroom", mode="before"
@@ -211,6 +223,11 @@ class LlamaServerConfig(_Strict):
     def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
         _check_reserved(args)
         return args
+
+
+class LoraAdapter(_Strict):
+    path: Path = Field(description="a LoRA adapter GGUF")
+    scale: float = Field(1.0, description="how strongly it applies (llama-server --lora-scaled)")
 
 
 class ModelConfig(_Strict):
@@ -265,6 +282,13 @@ class ModelConfig(_Strict):
         None, description="a Jinja chat template file, or the name of one Corral ships "
         "(gemma3) for a GGUF that has none"
     )
+    mmproj: str | None = Field(
+        None, description="a vision/audio projector GGUF: a path, or a file in hf_repo"
+    )
+    lora: tuple[LoraAdapter, ...] = Field((), description="LoRA adapters: [{path, scale}]")
+    origin: str = Field(
+        "config", description="set by Corral, shown in listings: config, scan:<layout>, pulled"
+    )
 
     @field_validator("footprint", mode="before")
     @classmethod
@@ -307,6 +331,32 @@ class ModelConfig(_Strict):
         return self
 
 
+class ScanDir(_Strict):
+    """A ``[[scan]]`` table: a directory to discover models in, and what its models get."""
+
+    path: Path
+    ctx_size: int | None = Field(None, ge=0)
+    parallel: int | None = Field(None, ge=1, le=256)
+    ttl: float | None = None
+    n_gpu_layers: int | None = None
+    threads: int | None = Field(None, ge=1)
+    args: tuple[str, ...] = ()
+
+    @field_validator("args")
+    @classmethod
+    def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        _check_reserved(args)
+        return args
+
+    def defaults(self) -> dict[str, object]:
+        """The ModelConfig keys this table sets for each model found under it."""
+        keys = ("ctx_size", "parallel", "ttl", "n_gpu_layers", "threads")
+        out: dict[str, object] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.args:
+            out["args"] = self.args
+        return out
+
+
 class CorralConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_",
@@ -320,6 +370,7 @@ class CorralConfig(BaseSettings):
     llama_server: LlamaServerConfig = LlamaServerConfig()
     models_dir: Path | None = None
     models: tuple[ModelConfig, ...] = ()
+    scan: tuple[ScanDir, ...] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -357,6 +408,13 @@ class CorralConfig(BaseSettings):
             if m.name == name:
                 return m
         return None
+
+    def scan_dirs(self) -> tuple[ScanDir, ...]:
+        """``[scheduler] scan`` paths and ``[[scan]]`` tables, each directory once."""
+        out = list(self.scan)
+        seen = {d.path for d in out}
+        out += [ScanDir(path=p) for p in self.scheduler.scan if p not in seen]
+        return tuple(out)
 
     def ttl(self, model: ModelConfig) -> float:
         return self.scheduler.default_ttl if model.ttl is None else model.ttl
@@ -403,6 +461,25 @@ def _resolve_paths(model: dict[str, Any], base: Path) -> None:
     p = model.get("path")
     if isinstance(p, str):
         model["path"] = str((base / Path(p).expanduser()).resolve())
+    # mmproj is a file of hf_repo when the model comes from a repo, else a path.
+    mm = model.get("mmproj")
+    if isinstance(mm, str) and model.get("hf_repo") is None:
+        model["mmproj"] = str((base / Path(mm).expanduser()).resolve())
+    for lora in model.get("lora") or ():
+        if isinstance(lora, dict) and isinstance(lora.get("path"), str):
+            lora["path"] = str((base / Path(lora["path"]).expanduser()).resolve())
+
+
+def _resolve_scan(data: dict[str, Any], base: Path) -> None:
+    def where(p: object) -> object:
+        return str((base / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+
+    sched = data.get("scheduler")
+    if isinstance(sched, dict) and isinstance(sched.get("scan"), list):
+        sched["scan"] = [where(p) for p in sched["scan"]]
+    for table in data.get("scan") or ():
+        if isinstance(table, dict):
+            table["path"] = where(table.get("path"))
 
 
 def load_config(path: Path | str) -> CorralConfig:
@@ -419,6 +496,7 @@ def load_config(path: Path | str) -> CorralConfig:
     for m in models:
         if isinstance(m, dict):
             _resolve_paths(m, path.parent)
+    _resolve_scan(data, path.parent)
 
     models_dir = data.get("models_dir")
     mdir = path.parent / (models_dir if isinstance(models_dir, str) else "models.d")

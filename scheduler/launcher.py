@@ -64,8 +64,23 @@ def build_argv(
         argv += ["-ngl", str(model.n_gpu_layers)]
     if model.threads is not None:
         argv += ["-t", str(model.threads)]
+    argv += adapter_args(model)
     argv += common_args
     argv += model.args
+    return argv
+
+
+def adapter_args(model: ModelConfig) -> list[str]:
+    """--mmproj and --lora/--lora-scaled. ``mmproj`` is a path by now: a projector in
+    a Hugging Face repo was downloaded and substituted (sources.with_local_files)."""
+    argv: list[str] = []
+    if model.mmproj:
+        argv += ["--mmproj", model.mmproj]
+    for lora in model.lora:
+        if lora.scale == 1.0:
+            argv += ["--lora", str(lora.path)]
+        else:
+            argv += ["--lora-scaled", f"{lora.path}:{lora.scale:g}"]
     return argv
 
 

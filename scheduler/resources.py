@@ -239,6 +239,7 @@ class GgufInfo:
     value_length: int | None
     sliding_window: int | None
     has_chat_template: bool
+    pooling_type: int | None = None  # set by embedding and reranking conversions
 
 
 _SCALARS: dict[int, str] = {
@@ -289,6 +290,14 @@ class _Cursor:
         length = self.unpack("Q")
         self.pos += length
 
+    def skip_strings(self, count: int) -> None:
+        # A vocabulary is ~10^5 strings: a bound unpacker and locals make this loop
+        # several times faster than unpack() per item (scanning thousands of models).
+        unpack, buf, pos = struct.Struct(self.order + "Q").unpack_from, self.buf, self.pos
+        for _ in range(count):
+            pos += 8 + unpack(buf, pos)[0]
+        self.pos = pos
+
     def value(self, vtype: int) -> object:
         if vtype == gguf.GGUFValueType.STRING:
             return self.string()
@@ -302,9 +311,7 @@ class _Cursor:
             if item_type in _SCALARS:
                 self.pos += count * struct.calcsize(_SCALARS[item_type])
             elif item_type == gguf.GGUFValueType.STRING:
-                for _ in range(count):
-                    length = self.unpack("Q")
-                    self.pos += length
+                self.skip_strings(count)
             else:  # arrays of arrays: walk them
                 for _ in range(count):
                     self.value(item_type)
@@ -312,8 +319,14 @@ class _Cursor:
         raise struct.error(f"unknown GGUF value type {vtype}")
 
 
-def _read_gguf_header(path: Path) -> tuple[dict[str, object], dict[int, int], int]:
-    """Metadata, element count per tensor type, total parameters. Touches no tensor data."""
+def _read_gguf_header(
+    path: Path, brief: bool = False
+) -> tuple[dict[str, object], dict[int, int], int]:
+    """Metadata, element count per tensor type, total parameters. Touches no tensor data.
+
+    ``brief``: stop at the first long string array (the tokenizer's vocabulary, which
+    converters write after the general and architecture keys) and read no tensor
+    infos: ~0.1 ms instead of ~60 ms for a 262k-token vocabulary."""
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise CorralError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
@@ -330,7 +343,14 @@ def _read_gguf_header(path: Path) -> tuple[dict[str, object], dict[int, int], in
         meta: dict[str, object] = {}
         for _ in range(kv_count):
             key = cur.string()
-            meta[key] = cur.value(cur.unpack("I"))
+            vtype = cur.unpack("I")
+            if brief and vtype == gguf.GGUFValueType.ARRAY:
+                item_type, count = struct.unpack_from(order + "IQ", buf, cur.pos)
+                if item_type == gguf.GGUFValueType.STRING and count > _MAX_DECODED_ARRAY:
+                    return meta, {}, 0
+            meta[key] = cur.value(vtype)
+        if brief:
+            return meta, {}, 0
         per_type: collections.Counter[int] = collections.Counter()
         for _ in range(tensor_count):
             cur.skip_string()  # tensor name
@@ -343,9 +363,11 @@ def _read_gguf_header(path: Path) -> tuple[dict[str, object], dict[int, int], in
         return meta, dict(per_type), sum(per_type.values())
 
 
-def _read_checked(path: Path) -> tuple[dict[str, object], dict[int, int], int]:
+def _read_checked(
+    path: Path, brief: bool = False
+) -> tuple[dict[str, object], dict[int, int], int]:
     try:
-        return _read_gguf_header(path)
+        return _read_gguf_header(path, brief)
     except (OSError, ValueError) as exc:  # mmap of an empty file raises ValueError
         raise CorralError(f"cannot read GGUF file {path}: {exc}") from exc
     except struct.error as exc:
@@ -362,9 +384,13 @@ def read_gguf_metadata(path: Path) -> dict[str, object]:
     return meta
 
 
-def read_gguf_info(path: Path) -> GgufInfo:
-    """Read a model's metadata from its GGUF header."""
-    meta, per_type, params = _read_checked(path)
+def read_gguf_info(path: Path, *, brief: bool = False) -> GgufInfo:
+    """Read a model's metadata from its GGUF header.
+
+    ``brief`` (scanning, sizing): the keys before the vocabulary only; then
+    ``parameter_count`` is 0 and ``has_chat_template`` False, and a file without
+    ``general.file_type`` has no ``quantization``."""
+    meta, per_type, params = _read_checked(path, brief)
     try:
         file_size = path.stat().st_size
     except OSError as exc:
@@ -405,6 +431,7 @@ def read_gguf_info(path: Path) -> GgufInfo:
         value_length=number("attention.value_length"),
         sliding_window=number("attention.sliding_window"),
         has_chat_template="tokenizer.chat_template" in meta,
+        pooling_type=number("pooling_type"),
     )
 
 

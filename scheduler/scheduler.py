@@ -45,7 +45,7 @@ from scheduler.health import HealthWatch
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
 from scheduler.remote import Remote
-from scheduler.sources import ModelFiles, model_placement
+from scheduler.sources import ModelFiles, model_placement, with_local_files
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
@@ -771,7 +771,9 @@ class Scheduler:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
-        return build_spec(self._cfg, m.cfg, self._binary, model_file)
+        # A projector named in the model's Hugging Face repo is downloaded here.
+        launch_cfg = await asyncio.to_thread(with_local_files, m.cfg)
+        return build_spec(self._cfg, launch_cfg, self._binary, model_file)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
         try:
@@ -890,6 +892,7 @@ class Scheduler:
                 {
                     "name": m.cfg.name,
                     "aliases": list(m.cfg.aliases),
+                    "origin": m.cfg.origin,
                     "state": state,
                     "queued": len(m.queue),
                     "instances": [i.describe() for i in m.servables()],

@@ -8,6 +8,7 @@ result is remembered per model for the life of the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -108,6 +109,44 @@ def resolve_model_file(model: ModelConfig) -> Path:
     return _from_package(model)
 
 
+def _hf_extra(model: ModelConfig, filename: str) -> bool:
+    """Whether ``filename`` (mmproj) names a file of the model's repo, not a path."""
+    return model.hf_repo is not None and not Path(filename).is_absolute()
+
+
+def with_local_files(model: ModelConfig) -> ModelConfig:
+    """Blocking: ``model`` with a projector from its Hugging Face repo downloaded and
+    named by its local path, ready for the launcher's argv."""
+    if model.mmproj is None or not _hf_extra(model, model.mmproj):
+        if model.mmproj is not None and not Path(model.mmproj).is_file():
+            raise LoadFailed(model.name, f"mmproj file {model.mmproj} does not exist")
+        for lora in model.lora:
+            if not lora.path.is_file():
+                raise LoadFailed(model.name, f"lora file {lora.path} does not exist")
+        return model
+    mm = model.model_copy(update={"hf_file": model.mmproj})
+    return model.model_copy(update={"mmproj": str(_from_hub(mm))})
+
+
+def _extras_size(model: ModelConfig) -> int:
+    """Bytes of the projector and adapters that are on disk (they are mapped whole)."""
+    paths = [lora.path for lora in model.lora]
+    if model.mmproj is not None:
+        if _hf_extra(model, model.mmproj):
+            mm = model.model_copy(update={"hf_file": model.mmproj})
+            with contextlib.suppress(LoadFailed):  # not downloaded yet: sized later
+                paths.append(_from_hub(mm, local_only=True))
+        else:
+            paths.append(Path(model.mmproj))
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
 class ModelFiles:
     """Resolves each model's file once, off the event loop; concurrent callers wait
     for the first one instead of assembling the same file twice."""
@@ -141,12 +180,15 @@ def _sized(model: ModelConfig, path: Path | None) -> tuple[int, int]:
     if path is None or not path.is_file():
         return 0, 0
     try:
-        info = read_gguf_info(path)
+        info = read_gguf_info(path, brief=True)
+        if info.block_count is None:  # architecture keys after the vocabulary: read all
+            info = read_gguf_info(path)
     except Exception as e:  # a foreign or truncated file: any parser error
         log.warning("model '%s': cannot size %s (%s); footprint unknown", model.name, path, e)
         return 0, 0
     ctx = model.ctx_size or (info.context_length or 4096)
-    return estimate_footprint(info, ctx * model.parallel), info.block_count or 0
+    return (estimate_footprint(info, ctx * model.parallel) + _extras_size(model),
+            info.block_count or 0)
 
 
 # Host memory a fully offloaded instance still holds (its process, host-side
