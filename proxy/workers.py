@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy import routes
+from proxy import pulls, routes
 from proxy.keys import SCHEDULER
 from proxy.metrics import METRICS, CallStats, Metrics
 from scheduler import ipc
@@ -266,7 +266,9 @@ class OwnerSide:
             return [*ipc.worker_argv("proxy.worker_main")(index, fd),
                     "--sockets", str(self.dir), "--ports", ports_arg]
 
-        self.owner = ipc.Owner(self.root[SCHEDULER], self.count, argv, self._stats)
+        root = self.root
+        self.owner = ipc.Owner(root[SCHEDULER], self.count, argv, self._stats,
+                               lambda name: pulls.ensure(root, name))
         await self.owner.start()
 
     async def close(self, grace: float) -> None:

@@ -20,6 +20,7 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
     {"op": "suspect", "iid", "reason"}                      instance_id, model, waited]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",
     {"op": "unload", "id", "model"}                          "attrs"}
+    {"op": "ensure", "id", "model"} (auto_pull)
     {"op": "stats", "data"}  (opaque: metrics)  {"op": "done", "id", "value"}
 
 This module never imports aiohttp.web: the HTTP side of a worker is ``proxy.workers``.
@@ -70,6 +71,9 @@ def resolve_workers(value: int | str, cores: int | None = None) -> int:
 def error_frame(call_id: int, e: CorralError) -> dict[str, Any]:
     attrs = {k: v for k, v in vars(e).items()
              if k != "message" and isinstance(v, str | int | float | bool | None)}
+    # Class-level defaults too: an error class not in scheduler.errors arrives as a
+    # CorralError that must still render with the same status and code.
+    attrs.update(status=e.status, code=e.code, type=e.type)
     return {"op": "error", "id": call_id, "kind": type(e).__name__, "message": e.message,
             "attrs": attrs}
 
@@ -150,6 +154,7 @@ class Owner:
         count: int,
         argv: Callable[[int, int], Sequence[str]],
         on_stats: Callable[[int, Any], None] = lambda i, d: None,
+        on_ensure: Callable[[str], Awaitable[None]] | None = None,
         *,
         restart_delay: float = 0.5,
         config_poll: float = 0.25,
@@ -158,6 +163,7 @@ class Owner:
         self._count = count
         self._argv = argv
         self._on_stats = on_stats
+        self._on_ensure = on_ensure
         self._restart_delay = restart_delay
         self._config_poll = config_poll
         self._closing = False
@@ -269,6 +275,9 @@ class Owner:
         elif op == "unload":
             model = str(frame["model"])
             self._answer(peer, int(frame["id"]), lambda: self._scheduler.unload(model))
+        elif op == "ensure" and self._on_ensure is not None:
+            ensure, model = self._on_ensure, str(frame["model"])
+            self._answer(peer, int(frame["id"]), lambda: ensure(model))
         elif op == "stats":
             self._on_stats(peer.index, frame.get("data"))
 
@@ -305,7 +314,12 @@ class Owner:
     def _answer(self, peer: _Peer, cid: int, call: Callable[[], Awaitable[Any]]) -> None:
         async def run() -> None:
             try:
-                peer.line.send({"op": "done", "id": cid, "value": await call()})
+                value = await call()
+                if peer.config is not self._scheduler.config:
+                    # Before the answer: what the call changed (a pulled model) must be
+                    # known to the worker when it goes on.
+                    self._send_config(peer)
+                peer.line.send({"op": "done", "id": cid, "value": value})
             except CorralError as e:
                 peer.line.send(error_frame(cid, e))
 
@@ -413,6 +427,12 @@ class WorkerScheduler(Scheduler):
     async def unload(self, name: str) -> int:
         cid = next(self._calls)
         return int(await self._ask(cid, {"op": "unload", "id": cid, "model": name}))
+
+    async def ensure_pulled(self, name: str) -> None:
+        """``auto_pull`` from a worker: the owner pulls (one download for every
+        process) and answers once the new model's config has reached this worker."""
+        cid = next(self._calls)
+        await self._ask(cid, {"op": "ensure", "id": cid, "model": name})
 
     def send_stats(self, data: Any) -> None:
         self._line.send({"op": "stats", "data": data})

@@ -24,6 +24,10 @@ import pytest
 from scheduler import limits
 from tests.e2e.conftest import free_port
 from tests.fakes import write_dummy_gguf
+from tests.integration import test_pull
+
+# The fake Hugging Face Hub's fixtures, for auto_pull through a worker.
+ggufs, hub = test_pull.ggufs, test_pull.hub
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
@@ -232,3 +236,48 @@ def test_websockets_probes_and_unload_through_workers(served: Served) -> None:
         r = fresh_call(s.url("ollama"), "/api/generate", {"model": "m", "keep_alive": 0})
         assert r.status_code == 200 and r.json()["done_reason"] == "unload", r.text
     wait(lambda: in_flight(s) == [], "the instance unloaded")
+
+
+async def test_auto_pull_from_a_worker_pulls_once_in_the_owner(
+    hub: Any, tmp_path: Path, fake_llama: Path
+) -> None:
+    import asyncio
+
+    import aiohttp
+
+    port, oport = free_port(), free_port()
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(f"[server]\nport = {port}\nollama_port = {oport}\nlmstudio_enabled = false\n"
+                   "workers = 2\n[scheduler]\nauto_pull = true\ndrain_timeout = 3\n"
+                   f'[llama_server]\nbinary = "{fake_llama}"\n')
+    log_path = tmp_path / "corral.log"
+    with log_path.open("wb") as log:
+        # The environment carries the fake Hub's address (HF_ENDPOINT) and a fresh cache.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        for _ in range(400):
+            if log_path.read_text().count("relaying on") == 2 or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert proc.returncode is None, log_path.read_text()
+        call = {"model": "hf.co/org/text-only", "messages": [{"role": "user", "content": "hi"}]}
+
+        async def post(url: str, body: dict[str, Any]) -> tuple[int, str]:
+            # A session each: a new connection, so the calls spread over the workers.
+            async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+                return r.status, await r.text()
+
+        results = await asyncio.gather(
+            *(post(f"http://127.0.0.1:{port}/v1/chat/completions", call) for _ in range(3)),
+            *(post(f"http://127.0.0.1:{oport}/api/chat", {**call, "stream": False})
+              for _ in range(3)))
+        assert all(status == 200 for status, _ in results), results
+        assert hub.downloads == 1
+        status, _ = await post(f"http://127.0.0.1:{oport}/api/chat", {**call, "model": "nope"})
+        assert status == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+    assert "Traceback" not in log_path.read_text()
