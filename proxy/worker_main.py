@@ -31,6 +31,7 @@ from proxy.metrics import METRICS, Metrics
 from proxy.workers import ACCEPT_ERROR, PORT_KINDS, STATS_EVERY, Events, Forwarder, take_stats
 from scheduler import ipc, limits
 from scheduler.config import CorralConfig
+from scheduler.secrets import ScrubFilter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     session = aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
     sched = ipc.WorkerScheduler(cfg, session, line)
+    # As in the owner: no secret of the running config reaches a log line.
+    scrubber = ScrubFilter(lambda: sched.config)
+    for h in logging.getLogger().handlers:
+        h.addFilter(scrubber)
     stats = Metrics()
     stats.set_models(m.name for m in cfg.models)
     reader = asyncio.create_task(

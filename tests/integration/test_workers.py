@@ -281,3 +281,37 @@ async def test_auto_pull_from_a_worker_pulls_once_in_the_owner(
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 20)
     assert "Traceback" not in log_path.read_text()
+
+
+def test_api_keys_hold_in_workers_and_no_key_reaches_the_log(
+    tmp_path: Path, fake_llama: Path
+) -> None:
+    key = "sk-workers-secret-1234567890"
+    port = free_port()
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(
+        f'[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n'
+        f'workers = 2\nlog_level = "debug"\napi_keys = ["{key}"]\n'
+        f'[llama_server]\nbinary = "{fake_llama}"\n'
+        f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n')
+    log_path = tmp_path / "corral.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
+             "the workers")
+        url = f"http://127.0.0.1:{port}"
+        auth = {"Authorization": f"Bearer {key}"}
+        for _ in range(6):
+            with httpx.Client(timeout=20) as c:
+                assert c.post(url + "/v1/chat/completions", json=CHAT).status_code == 401
+                assert c.get(url + "/admin/instances").status_code == 401
+                r = c.post(url + "/v1/chat/completions", json=CHAT, headers=auth)
+                assert r.status_code == 200, r.text
+                assert c.get(url + "/admin/workers", headers=auth).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    text = log_path.read_text()
+    assert key not in text and "Traceback" not in text
