@@ -1,15 +1,17 @@
 """The HTTP side of ``[server] workers = N``: worker processes and what the owner adds.
 
-Every process listens on every port (SO_REUSEPORT: the kernel spreads new connections
-over them). A worker answers locally only the calls that are pure relay or
+The N workers listen on every port (SO_REUSEPORT: the kernel spreads new connections
+over them); the owner only holds each port bound, so that its event loop answers
+leases at once. A worker answers locally only the calls that are pure relay or
 translation work — the rows of the route table, Ollama's chat, generate and embed,
 LM Studio's /api/v0 chat and completions — with leases from the owner
 (``scheduler.ipc``). Every other request (admin, /metrics, the dashboard, model lists,
 load and unload, the SDK websockets, stateful chats) is forwarded as it came to the
 owner over a private Unix socket, so it behaves exactly as with one process.
 
-A worker's call counts and recent requests reach the owner's /metrics and dashboard
-every ``STATS_EVERY`` seconds (at most that much of a dying worker's counts is lost).
+A worker's call counts, recent requests and listener events reach the owner's
+/metrics and dashboard every ``STATS_EVERY`` seconds (at most that much of a dying
+worker's counts is lost).
 
 The worker process itself is ``proxy.worker_main``.
 """
