@@ -98,12 +98,21 @@ class _Line:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self._out: list[bytes] = []
 
     def send(self, frame: dict[str, Any]) -> None:
+        # Frames sent in one turn of the event loop go out in one write (one syscall)
+        # at its end: under load, many leases and releases share it.
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(_encode(frame) + b"\n")
+
+    def _flush(self) -> None:
+        data, self._out = b"".join(self._out), []
         if not self.writer.is_closing():
             # No drain: frames are small and the peer reads continuously; a peer that
             # stops reading is dead and its socket is about to close.
-            self.writer.write(_encode(frame) + b"\n")
+            self.writer.write(data)
 
     async def next(self) -> dict[str, Any] | None:
         """The next frame; None once the peer has closed its end."""
@@ -137,6 +146,9 @@ class _Peer:
         self.line = line
         # Hard references: a lease task is held here until it ends.
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        # Granted leases: resolving the future ends the lease normally (cheaper than
+        # cancelling its task, which is for those still waiting and for a dead worker).
+        self.granted: dict[int, asyncio.Future[None]] = {}
         self.config: CorralConfig | None = None
 
 
@@ -261,8 +273,12 @@ class Owner:
                                keep_alive=frame.get("keep_alive"))
             self._hold(peer, cid, self._lease(peer, cid, str(frame["model"]), hints))
         elif op == "release":
-            task = peer.tasks.get(int(frame["id"]))
-            if task is not None:
+            cid = int(frame["id"])
+            granted = peer.granted.pop(cid, None)
+            if granted is not None:
+                if not granted.done():
+                    granted.set_result(None)
+            elif (task := peer.tasks.get(cid)) is not None:
                 task.cancel()
         elif op == "suspect":
             iid, reason = str(frame["iid"]), str(frame["reason"])
@@ -284,12 +300,15 @@ class Owner:
     async def _lease(self, peer: _Peer, cid: int, model: str, hints: LeaseHints) -> None:
         try:
             async with self._scheduler.lease(model, hints) as up:
+                released = peer.granted[cid] = asyncio.get_running_loop().create_future()
                 peer.line.send({"op": "leased", "id": cid,
                                 "up": [up.base_url, up.instance_id, up.model, up.waited]})
-                # Held until the worker releases it (this task is cancelled) or dies.
-                await asyncio.Event().wait()
+                # Held until the worker releases it, or dies (this task is cancelled).
+                await released
         except CorralError as e:
             peer.line.send(error_frame(cid, e))
+        finally:
+            peer.granted.pop(cid, None)
 
     @staticmethod
     def _hold(peer: _Peer, cid: int, coro: Coroutine[Any, Any, None]) -> None:

@@ -375,6 +375,15 @@ async def lease_cost(up: str, n: int) -> str:
                     pass
             remote = (time.perf_counter() - t0) / n
             remote_cpu = (time.process_time() - c0) / n
+
+            async def loop(k: int) -> None:
+                for _ in range(k):
+                    async with worker.lease("m"):
+                        await asyncio.sleep(0)
+
+            c0 = time.process_time()
+            await asyncio.gather(*(loop(n // 64) for _ in range(64)))
+            busy_cpu = (time.process_time() - c0) / (n // 64 * 64)
             await worker.close()
             reader.cancel()
             serving.cancel()
@@ -385,7 +394,8 @@ async def lease_cost(up: str, n: int) -> str:
     return (f"lease + release, {n} in a row: in-process {local * 1e6:.1f} µs "
             f"({local_cpu * 1e6:.1f} µs CPU); from a worker over the socket "
             f"{remote * 1e6:.1f} µs ({remote_cpu * 1e6:.1f} µs CPU, owner and worker sides "
-            f"together): +{(remote_cpu - local_cpu) * 1e6:.1f} µs CPU per call")
+            f"together): +{(remote_cpu - local_cpu) * 1e6:.1f} µs CPU per call; "
+            f"64 at once: {busy_cpu * 1e6:.1f} µs CPU per lease")
 
 
 # -- main --------------------------------------------------------------------------------
