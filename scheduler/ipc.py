@@ -108,6 +108,8 @@ class _Line:
         self._out.append(_encode(frame) + b"\n")
 
     def _flush(self) -> None:
+        if not self._out:
+            return  # flushed early, by close()
         data, self._out = b"".join(self._out), []
         if not self.writer.is_closing():
             # No drain: frames are small and the peer reads continuously; a peer that
@@ -132,6 +134,7 @@ class _Line:
             yield frame
 
     def close(self) -> None:
+        self._flush()  # what was sent this turn still goes out
         self.writer.close()
 
 
