@@ -10,10 +10,8 @@ and the reloader do the work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
-import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -25,10 +23,10 @@ from proxy import __version__
 from proxy.guard import Forbidden
 from proxy.keys import CONFIG, DISCOVERY, SCHEDULER
 from proxy.metrics import METRICS, resident_memory
+from proxy.ops import config_edit
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
 from scheduler import secrets
-from scheduler.config import CorralConfig
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -38,6 +36,12 @@ DASHBOARD_FILES = {
     "index.html": ("index.html", "text/html"),
     "app.js": ("app.js", "text/javascript"),
     "style.css": ("style.css", "text/css"),
+    # The dashboard's ES modules (proxy/ops is their API) and the vendored uPlot.
+    **{n: (n, "text/javascript") for n in (
+        "charts.js", "playground.js", "config.js", "models.js", "keys.js", "util.js",
+        "uplot.min.js")},
+    "uplot.min.css": ("uplot.min.css", "text/css"),
+    "favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 # Paths the auth middleware lets through: static files, no data.
 OPEN_PATHS = frozenset(f"/dashboard/{n}" for n in DASHBOARD_FILES)
@@ -319,20 +323,10 @@ async def get_config_file(request: web.Request) -> web.Response:
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")
     except OSError as e:
         raise NotFound(f"{path}: {e.strerror or e}") from None
-    return web.Response(text=_redact_text(text, request.app[RELOADER].current),
+    # Every secret (the running config's and the file's own) replaced, as
+    # ``_redacted`` does for the parsed view.
+    return web.Response(text=config_edit.redact_text(text, request.app[RELOADER].current),
                         content_type="application/toml")
-
-
-def _redact_text(text: str, cfg: CorralConfig) -> str:
-    """The file with every secret (the running config's and the file's own) replaced,
-    as ``_redacted`` does for the parsed view. Replacing the strings themselves covers
-    every TOML spelling (inline, multi-line, quoted either way)."""
-    found = secrets.values(cfg.model_dump(mode="json"))
-    with contextlib.suppress(tomllib.TOMLDecodeError):
-        found |= secrets.values(tomllib.loads(text))
-    for value in sorted(found, key=len, reverse=True):
-        text = text.replace(value, secrets.REDACTED)
-    return text
 
 
 async def put_config(request: web.Request) -> web.Response:
@@ -346,9 +340,8 @@ async def put_config(request: web.Request) -> web.Response:
             "writing the config over HTTP is off; set [server] admin_config_write = true "
             "in the config file and restart Corral to allow it"
         )
-    text = await request.text()
-    if not text.strip():
-        raise BadRequest("the body must be the new config file (TOML)")
+    # The page edits the redacted file: its placeholders become the running keys again.
+    _path, text, _original = await config_edit.edited_text(request)
     try:
         outcome = await reloader.write(text)
     except ConfigError as e:

@@ -41,9 +41,11 @@ from proxy import (
 )
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
-from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, PULL_LOCKS, SCHEDULER, SESSION
+from proxy.families.learned import FamilyState
+from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, FAMILIES, PULL_LOCKS, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics, request_middleware
+from proxy.ops.mount import add_dashboard_routes
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import ipc, limits
 from scheduler.config import CorralConfig
@@ -130,6 +132,7 @@ def build_openai_app(
     app[CONFIG] = cfg
     app[METRICS] = stats
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
+    app[FAMILIES] = FamilyState()
     metrics.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     # In start order; torn down in reverse, so the scheduler stops last.
@@ -141,6 +144,7 @@ def build_openai_app(
     app.router.add_get("/metrics", metrics.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
+    add_dashboard_routes(app, cfg)
     return app
 
 
@@ -159,6 +163,7 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     app[SCHEDULER] = core[SCHEDULER]
     app[SESSION] = core[SESSION]
     app[BODY_BUDGET] = core[BODY_BUDGET]
+    app[FAMILIES] = core[FAMILIES]
     # Absent in tests that build the core app by hand.
     if DISCOVERY in core:
         app[DISCOVERY] = core[DISCOVERY]

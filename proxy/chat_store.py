@@ -19,8 +19,9 @@ class ChatStore:
             self._chats.move_to_end(response_id)
         return None if chat is None else list(chat)
 
-    def put(self, messages: list[dict[str, Any]]) -> str:
-        response_id = "resp_" + secrets.token_hex(24)
+    def put(self, messages: list[dict[str, Any]], response_id: str | None = None) -> str:
+        """Keep ``messages`` under ``response_id`` (a new id when None); the id."""
+        response_id = response_id or "resp_" + secrets.token_hex(24)
         self._chats[response_id] = list(messages)
         while len(self._chats) > self._limit:
             self._chats.popitem(last=False)

@@ -108,9 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    path = _config_path(args.config)
-    cfg = _load(path)
+def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
+    """What `corral check` finds beyond the schema, one line each; the dashboard's dry
+    run of a config edit (proxy/ops/config_edit.py) reports the same."""
     problems = []
     for m in cfg.models:
         if m.path is not None and not m.path.is_file():
@@ -118,6 +118,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
         problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
     problems += _memory_problems(path, cfg)
+    return problems
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = _config_path(args.config)
+    cfg = _load(path)
+    problems = check_problems(path, cfg)
     # Skipped files are reported, not fatal: the scan skips them when serving too.
     scan_report(cfg, sys.stdout)
     if problems:

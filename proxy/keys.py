@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.body import BodyBudget
 from proxy.chat_store import ChatStore
+from proxy.families.learned import FamilyState
 from scheduler.config import CorralConfig
 from scheduler.discovery.watch import Discovery
 from scheduler.scheduler import Scheduler
@@ -20,6 +21,9 @@ BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 
 # Stateful LM Studio REST v1 chats (previous_response_id), per LM Studio port app.
 CHAT_STORE = web.AppKey("lmstudio_chats", ChatStore)
+
+# What family translation learns and keeps (proxy.families), shared by every port app.
+FAMILIES = web.AppKey("families", FamilyState)
 
 # Models found on disk (the scanner) and pulls in progress, shared by every port.
 DISCOVERY = web.AppKey("discovery", Discovery)

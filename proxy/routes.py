@@ -6,6 +6,8 @@ API family (which decides the error envelope) and the ports that mount it. The
 OpenAI, Ollama and LM Studio apps call ``mount()``; adding an endpoint is one row.
 Each row is a pass-through (contract 9): the body goes upstream as it came, the
 answer comes back chunk by chunk, through the one call path (``proxy.upstream``).
+Anthropic Messages and Responses rows go translated to chat completions for an
+upstream that lacks their family (``proxy.families.bridge``).
 Dialects with a translation of their own (Ollama's /api, LM Studio's /api/v0) keep
 their handlers and send through the same call path.
 """
@@ -21,7 +23,8 @@ from aiohttp import web
 from proxy import body as bodies
 from proxy import jsonc, multipart, pulls, upstream, vision
 from proxy.errors import ROUTE_DIALECT, Family, family_dialect
-from proxy.keys import BODY_BUDGET, SCHEDULER
+from proxy.families import bridge as families_bridge
+from proxy.keys import BODY_BUDGET, FAMILIES, SCHEDULER
 from proxy.streaming import relay
 from scheduler.capabilities import capabilities
 from scheduler.config import Capability, ModelConfig
@@ -128,6 +131,12 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 query=request.query_string,
                 feedback=feedback(request, cfg, route.family, head.streaming),
             )
+            bridge = families_bridge.of(route.family, request.path, spec.path, body,
+                                        request.app[FAMILIES], cfg)
+            if bridge is not None:
+                # Translated to chat for an upstream that lacks the family.
+                spec, consume = bridge.wrap(spec)
+                return await upstream.answer(request, route.family, spec, consume)
             return await upstream.answer(request, route.family, spec, relay)
 
     return handle

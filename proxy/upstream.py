@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 # A call is sent at most this many times (the first try included).
 ATTEMPTS = 3
+# ... plus this many times when a consumer asks (SendAgain).
+SEND_AGAIN = 8
 # The first loading-feedback line goes out after this long without a lease.
 FEEDBACK_AFTER = 1.0
 FEEDBACK_EVERY = 1.0
@@ -96,6 +98,16 @@ class Call:
     replayable: bool = True
     # Loading feedback for a stream that waits: None, "comments" or "visible".
     feedback: Literal["comments", "visible"] | None = None
+    # The call to send instead to the upstream leased for an attempt (None: this one):
+    # a family the upstream lacks goes as a translated chat call (proxy.families).
+    via: Callable[[Upstream], Call | None] | None = None
+
+
+class SendAgain(Exception):
+    """Raised by a consumer that has learned, before answering, that the call must be
+    sent differently (a family its upstream lacks goes translated): sent again at once,
+    up to ``SEND_AGAIN`` times besides ``ATTEMPTS``; the upstream is not reported as
+    failing."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -116,14 +128,15 @@ async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
 async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
     scheduler = app[SCHEDULER]
     session = app[SESSION]
-    attempt = 0
+    attempt = again = 0
     while True:
         attempt += 1
         async with _leased(scheduler, spec, client) as up:
             note_model(up.model)
             cfg = scheduler.resolve(up.model)
             try:
-                resp = await _send(session, up, spec, cfg)
+                sent = spec.via(up) if spec.via is not None else None
+                resp = await _send(session, up, sent or spec, cfg)
                 try:
                     return await consume(up, resp, client)
                 except BaseException:
@@ -133,6 +146,14 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
                     raise
                 finally:
                     resp.release()
+            except SendAgain as e:
+                # Not a failure of the upstream: nothing to report, and no attempt spent
+                # (each replica of a model may have to learn once), within a bound.
+                again += 1
+                if again > SEND_AGAIN:
+                    raise UpstreamFailed(f"model '{up.model}': {e}") from None
+                attempt -= 1
+                log.info("model '%s': %s; sending again", up.model, e)
             except (*BROKE, UpstreamFailed) as e:
                 reason = _describe(e)
                 if client.answered:

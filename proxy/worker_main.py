@@ -25,7 +25,8 @@ from aiohttp import web
 from proxy import admin, guard, metrics, openai, tuning
 from proxy.app import health, middlewares, port_apps
 from proxy.body import BodyBudget
-from proxy.keys import BODY_BUDGET, CONFIG, SCHEDULER, SESSION
+from proxy.families.learned import FamilyState
+from proxy.keys import BODY_BUDGET, CONFIG, FAMILIES, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics
 from proxy.workers import ACCEPT_ERROR, PORT_KINDS, STATS_EVERY, Events, Forwarder, take_stats
@@ -46,6 +47,8 @@ def _worker_core(cfg: CorralConfig, sched: ipc.WorkerScheduler,
     app[SCHEDULER] = sched
     app[SESSION] = session
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
+    # The families this worker learned an upstream lacks (each process learns once).
+    app[FAMILIES] = FamilyState()
     metrics.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     app.router.add_get("/health", health)

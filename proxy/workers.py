@@ -42,9 +42,11 @@ STATS_EVERY = 0.5
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Served by a worker itself: per-call relay and translation work, nothing that reads
-# the owner's state beyond resolving a name and taking a lease.
+# the owner's state beyond resolving a name and taking a lease. Not /v1/responses: a
+# translated Responses conversation is stored (previous_response_id) in the process
+# that answered it, so every Responses call goes to the owner.
 LOCAL_PATHS = frozenset({
-    *(p for r in routes.ROUTES for p in r.paths),
+    *(p for r in routes.ROUTES for p in r.paths if not p.startswith("/v1/responses")),
     "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
     "/api/v0/chat/completions", "/api/v0/completions",
 })

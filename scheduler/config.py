@@ -37,6 +37,13 @@ Capability = Literal[
     "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
 ]
 
+# The API families an upstream speaks natively. A client's family that its upstream
+# lacks is translated to chat completions and back (proxy/families/).
+UpstreamApi = Literal[
+    "chat", "completions", "embeddings", "responses", "messages", "rerank",
+    "transcriptions", "native",
+]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -64,6 +71,9 @@ class ServerConfig(_Strict):
     )
     default_model: str | None = Field(
         None, description="model for native calls (/completion, /tokenize ...) that name none"
+    )
+    dashboard_history: int = Field(
+        3600, ge=60, le=86400, description="seconds of per-second samples the dashboard charts"
     )
     # Listener limits.
     header_timeout: float = Field(30.0, gt=0, description="seconds to read a request's headers")
@@ -275,6 +285,10 @@ class ModelConfig(_Strict):
     capabilities: tuple[Capability, ...] | None = Field(
         None, description="what the model serves; default: derived from its GGUF and flags"
     )
+    api: tuple[UpstreamApi, ...] | None = Field(
+        None, description="API families its upstreams speak natively (others are translated "
+        "to chat); default: everything llama-server speaks"
+    )
     loading_feedback: Literal["comments", "visible", "off"] = Field(
         "comments", description="what a stream shows while its model loads or queues"
     )
@@ -457,6 +471,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
 def _resolve_paths(model: dict[str, Any], base: Path) -> None:
     p = model.get("path")
     if isinstance(p, str):
@@ -482,14 +503,16 @@ def _resolve_scan(data: dict[str, Any], base: Path) -> None:
             table["path"] = where(table.get("path"))
 
 
-def load_config(path: Path | str) -> CorralConfig:
+def load_config(path: Path | str, *, text: str | None = None) -> CorralConfig:
     """Load, merge and validate a main file and its models directory.
 
     Relative model paths are taken relative to the file that names them.
-    Raises ConfigError with every problem found, one per line.
+    Raises ConfigError with every problem found, one per line. ``text``: the main
+    file's contents as they would be at ``path`` (a dry run of an edit; nothing is
+    read from ``path`` itself, its models directory still is).
     """
     path = Path(path)
-    data = _read_toml(path)
+    data = _read_toml(path) if text is None else _parse_toml(path, text)
     models = data.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
         raise ConfigError(f"{path}: models: must be an array of tables ([[models]])")

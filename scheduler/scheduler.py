@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -59,6 +60,12 @@ _AFFINITY_ENTRIES = 1024
 MAX_LAUNCH_FAILURES = 5
 
 
+@functools.lru_cache(maxsize=64)
+def _apis(api: tuple[str, ...] | None) -> frozenset[str] | None:
+    # Cached: lease() is the hot path and configs repeat the same few tuples.
+    return None if api is None else frozenset(api)
+
+
 def launch_backoff(failures: int) -> float:
     """Seconds to wait before launch number ``failures + 1``: 0.5, 1, 2, 4 ... ≤ 30."""
     return 0.0 if failures <= 0 else min(30.0, 0.5 * 2 ** (failures - 1))
@@ -84,6 +91,9 @@ class Upstream:
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
+    # The API families the upstream speaks natively (ModelConfig.api); None: all that
+    # llama-server speaks. The proxy translates a family missing here to chat.
+    apis: frozenset[str] | None = None
 
 
 class _Waiter:
@@ -449,7 +459,8 @@ class Scheduler:
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         try:
-            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start)
+            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
+                           _apis(serving.cfg.api))
         finally:
             inst.release()
 

@@ -1,69 +1,28 @@
-// Corral dashboard: polls GET /admin/overview every second and renders it; buttons
-// call the admin API; a picked instance's log streams from
+// Corral dashboard: the Overview view polls GET /admin/overview every second and
+// renders it; buttons call the admin API; a picked instance's log streams from
 // GET /admin/instances/{id}/logs?follow=1 (server-sent events read through fetch, so
 // that the API key can ride in a header: EventSource cannot send one).
+// The other views live in their own modules (charts, playground, models, config,
+// keys); each exports show() and hide(), called when its tab is picked.
 // Every value from the server goes into the page as text, never as HTML.
-"use strict";
+
+import { $, api, bytes, clock, el, seconds, setKey, ui } from "./util.js";
+import * as charts from "./charts.js";
+import * as playground from "./playground.js";
+import * as models from "./models.js";
+import * as config from "./config.js";
+import * as keys from "./keys.js";
 
 const POLL_MS = 1000;
 const LOG_LINES_KEPT = 2000;
-const KEY_STORAGE = "corral-api-key";
 
-const ui = {
-  key: sessionStorage.getItem(KEY_STORAGE) || "",
+const state = {
   busy: new Set(),          // "model/action" pairs whose call is running
   logInstance: null,
   logAbort: null,
 };
 
-const $ = (sel) => document.querySelector(sel);
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "onclick") node.addEventListener("click", v);
-    else if (k.startsWith("data-")) node.setAttribute(k, v);
-    else node[k] = v;
-  }
-  for (const c of children) {
-    if (c === null || c === undefined) continue;
-    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  }
-  return node;
-}
-
-function authHeaders() {
-  return ui.key ? { Authorization: "Bearer " + ui.key } : {};
-}
-
-async function api(path, options = {}) {
-  const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
-  if (resp.status === 401) {
-    $("#key-form").hidden = false;
-    throw new Error("API key required");
-  }
-  return resp;
-}
-
-function bytes(n) {
-  if (n === null || n === undefined || n === 0) return "–";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return n.toFixed(i ? 1 : 0) + " " + units[i];
-}
-
-function seconds(s) {
-  if (s === null || s === undefined) return "–";
-  if (s < 1) return Math.round(s * 1000) + " ms";
-  if (s < 120) return s.toFixed(1) + " s";
-  return Math.round(s / 60) + " min";
-}
-
-function clock(unix) {
-  return new Date(unix * 1000).toLocaleTimeString();
-}
+const VIEWS = { overview: null, charts, playground, models, config, keys };
 
 function stateCell(state) {
   return el("td", { class: "state state-" + state }, state);
@@ -80,8 +39,8 @@ function loadBar(inFlight, slots) {
 
 async function act(model, action) {
   const tag = model + "/" + action;
-  if (ui.busy.has(tag)) return;
-  ui.busy.add(tag);
+  if (state.busy.has(tag)) return;
+  state.busy.add(tag);
   $("#model-error").hidden = true;
   try {
     const resp = await api(`/admin/models/${encodeURIComponent(model)}/${action}`, { method: "POST" });
@@ -95,13 +54,13 @@ async function act(model, action) {
     $("#model-error").textContent = `${action} ${model}: ${e.message}`;
     $("#model-error").hidden = false;
   } finally {
-    ui.busy.delete(tag);
+    state.busy.delete(tag);
   }
 }
 
 function actionButton(model, action, label) {
   const b = el("button", { type: "button", "data-action": action, onclick: () => act(model, action) }, label);
-  b.disabled = ui.busy.has(model + "/" + action);
+  b.disabled = state.busy.has(model + "/" + action);
   return b;
 }
 
@@ -113,7 +72,11 @@ function renderModels(models) {
     const inFlight = m.instances.reduce((a, i) => a + (i.in_flight || 0), 0);
     const slots = m.instances.reduce((a, i) => a + (i.slots || 0), 0);
     const rss = local.reduce((a, i) => a + (i.resident_memory_bytes || 0), 0);
-    const name = el("td", {}, el("strong", {}, m.name),
+    // The name opens the charts, filtered to this model.
+    const name = el("td", {}, el("a", {
+      href: "#charts", class: "model-link", title: "charts of " + m.name,
+      onclick: (ev) => { ev.preventDefault(); chartsOf(m.name); },
+    }, el("strong", {}, m.name)),
       m.aliases.length ? el("div", { class: "muted" }, m.aliases.join(", ")) : null);
     const actions = el("td", {},
       actionButton(m.name, "load", "Load"),
@@ -202,6 +165,8 @@ function render(o) {
   renderInstances(o.models);
   renderRequests(o.requests);
   renderEvents(o.events);
+  // Views that list models keep their pickers current from the same poll.
+  for (const view of Object.values(VIEWS)) if (view && view.overview) view.overview(o);
 }
 
 async function poll() {
@@ -234,10 +199,10 @@ function appendLog(lines) {
 }
 
 async function followLog(instanceId) {
-  if (ui.logAbort) ui.logAbort.abort();
+  if (state.logAbort) state.logAbort.abort();
   const abort = new AbortController();
-  ui.logAbort = abort;
-  ui.logInstance = instanceId;
+  state.logAbort = abort;
+  state.logInstance = instanceId;
   $("#log").textContent = "";
   $("#log-title").textContent = instanceId;
   try {
@@ -267,14 +232,60 @@ async function followLog(instanceId) {
   }
 }
 
+// -- tabs -------------------------------------------------------------------------
+
+function chartsOf(model) {
+  $("#chart-model").value = model;
+  pick("charts");
+}
+
+let current = "overview";
+
+function pick(name, focus = false) {
+  if (!(name in VIEWS)) name = "overview";
+  for (const view of Object.keys(VIEWS)) {
+    const tab = $("#tab-" + view);
+    const on = view === name;
+    tab.setAttribute("aria-selected", on ? "true" : "false");
+    tab.tabIndex = on ? 0 : -1;
+    $("#view-" + view).hidden = !on;
+  }
+  if (current !== name && VIEWS[current]) VIEWS[current].hide();
+  current = name;
+  if (VIEWS[name]) VIEWS[name].show();
+  if (focus) $("#tab-" + name).focus();
+  // A view is a link (#charts ...); the landing view keeps the bare address.
+  const hash = name === "overview" && !location.hash ? "" : name;
+  if (location.hash.slice(1) !== hash) history.replaceState(null, "", hash ? "#" + hash : location.pathname);
+}
+
+function setUpTabs() {
+  const names = Object.keys(VIEWS);
+  for (const name of names) {
+    const tab = $("#tab-" + name);
+    tab.addEventListener("click", () => pick(name));
+    // Arrow keys move between tabs (the WAI-ARIA tabs pattern); Tab goes into the view.
+    tab.addEventListener("keydown", (ev) => {
+      const i = names.indexOf(name);
+      const to = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: names.length - 1 }[ev.key];
+      if (to === undefined) return;
+      ev.preventDefault();
+      pick(names[(to + names.length) % names.length], true);
+    });
+  }
+  window.addEventListener("hashchange", () => pick(location.hash.slice(1)));
+  pick(location.hash.slice(1) || "overview");
+}
+
 // -- start --------------------------------------------------------------------------
 
 $("#key-button").addEventListener("click", () => { $("#key-form").hidden = !$("#key-form").hidden; });
 $("#key-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
-  ui.key = $("#key-input").value.trim();
-  sessionStorage.setItem(KEY_STORAGE, ui.key);
+  setKey($("#key-input").value.trim());
   $("#key-form").hidden = true;
-  if (ui.logInstance) followLog(ui.logInstance);
+  if (state.logInstance) followLog(state.logInstance);
+  if (VIEWS[current]) VIEWS[current].show();
 });
+setUpTabs();
 poll();

@@ -249,15 +249,30 @@ def native_handler(read_json: ReadJson) -> Callable[[web.Request], Awaitable[Any
     return handle
 
 
+# FAKE_REFUSE=messages,responses: these families' routes answer 404, as on a server
+# that speaks only chat completions (an old vLLM), so a test can see Corral translate.
+_FAMILY_PATHS = {
+    "messages": ("/v1/messages", "/v1/messages/count_tokens"),
+    "responses": ("/v1/responses", "/responses", "/v1/responses/input_tokens"),
+}
+
+
 def add_routes(app: web.Application, read_json: ReadJson) -> None:
     r = app.router
+    refused = {p for f in os.environ.get("FAKE_REFUSE", "").split(",")
+               for p in _FAMILY_PATHS.get(f.strip(), ())}
+
+    def post(path: str, handler: Callable[[web.Request], Awaitable[Any]]) -> None:
+        if path not in refused:
+            r.add_post(path, handler)
+
     for path in ("/v1/messages",):
-        r.add_post(path, messages_handler(read_json))
+        post(path, messages_handler(read_json))
     for path in ("/v1/messages/count_tokens", "/v1/responses/input_tokens",
                  "/v1/chat/completions/input_tokens"):
-        r.add_post(path, count_tokens_handler(read_json))
+        post(path, count_tokens_handler(read_json))
     for path in ("/v1/responses", "/responses"):
-        r.add_post(path, responses_handler(read_json))
+        post(path, responses_handler(read_json))
     for path in ("/rerank", "/reranking", "/v1/rerank", "/v1/reranking"):
         r.add_post(path, rerank_handler(read_json))
     r.add_post("/v1/audio/transcriptions", handle_transcription)

@@ -23,6 +23,10 @@ FAKE_EXIT_AFTER=s          exit with status 1 after s seconds (a crash while idl
 FAKE_TOOL_CALLS=1          a chat request with ``tools`` whose last message is not a tool
                            result is answered with one call of the first tool, with
                            arguments {"a": 2, "b": 3} (finish_reason "tool_calls")
+FAKE_STOP_AFTER=n          a chat or completion ends after n tokens as if it met
+                           end-of-generation (finish_reason "stop") when max_tokens allows more
+FAKE_REFUSE=f1,f2          the routes of these API families (messages, responses) answer
+                           404, as on a server that speaks only chat completions
 
 While loading, every route but /health answers that same 503, as llama-server's do.
 
@@ -201,6 +205,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         argv=tuple(argv),
         ignored=tuple(ignored),
     )
+
+
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
 
 
 def _env_float(name: str, default: float = 0.0) -> float:
@@ -410,6 +421,9 @@ class Generation:
             count, finish = limit, "length"
         else:
             count, finish = DEFAULT_TOKENS, "stop"
+        natural = _env_int("FAKE_STOP_AFTER")
+        if natural is not None and natural < count:
+            count, finish = natural, "stop"
         words = words_of(source)
         pieces = [("" if i == 0 else " ") + words[i % len(words)] for i in range(count)]
         options = body.get("stream_options")

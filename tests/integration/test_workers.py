@@ -134,6 +134,17 @@ def test_calls_succeed_on_every_port_and_both_processes_serve(served: Served) ->
     assert r.status_code == 200 and r.json()["done"] is True, r.text
     r = fresh_call(s.url("lmstudio"), "/api/v0/chat/completions", CHAT)
     assert r.status_code == 200 and "stats" in r.json(), r.text
+    # The other API families: Anthropic in a worker, Responses in the owner (its
+    # conversations are stored where they are answered).
+    for _ in range(4):
+        r = fresh_call(s.url(), "/v1/messages", {**CHAT, "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["type"] == "message", r.text
+    first = fresh_call(s.url(), "/v1/responses", {"model": "m", "input": "hello there"})
+    assert first.status_code == 200, first.text
+    for _ in range(4):
+        r = fresh_call(s.url(), "/v1/responses", {"model": "m", "input": "and again",
+                                                  "previous_response_id": first.json()["id"]})
+        assert r.status_code == 200, r.text
     # Forwarded to the owner: state the worker does not hold.
     for _ in range(6):
         tags = httpx.get(s.url("ollama") + "/api/tags", headers={"Connection": "close"}).json()

@@ -235,6 +235,7 @@ def test_unknown_key(tmp_path: Path, text: str, expected: str) -> None:
         pytest.param(
             MODEL_A + "args = ['--port=9']\n", "model 'a': (top level)", id="model-reserved-arg",
         ),
+        pytest.param(MODEL_A + "api = ['chat', 'soap']\n", "model 'a': api.1", id="model-api"),
     ],
 )
 def test_wrong_type_or_value(tmp_path: Path, text: str, key: str) -> None:
@@ -681,3 +682,10 @@ def test_check_missing_binary(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_check_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_code(["check", str(tmp_path / "nope.toml")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_model_api(tmp_path: Path) -> None:
+    text = MODEL_A + "api = ['chat', 'messages']\n"
+    cfg = load_config(write(tmp_path / "corral.toml", text))
+    assert cfg.models[0].api == ("chat", "messages")
+    assert load_config(write(tmp_path / "b.toml", MODEL_A)).models[0].api is None
