@@ -43,8 +43,18 @@ class Served:
         return f"http://127.0.0.1:{self.ports[port]}"
 
     def workers(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(self.url() + "/admin/workers", timeout=5).json()
-        return data
+        for attempt in range(5):
+            try:
+                data: dict[str, Any] = httpx.get(self.url() + "/admin/workers",
+                                                 timeout=5).json()
+                return data
+            except httpx.TransportError:
+                # A connection the kernel had queued on a worker just killed is reset
+                # (SO_REUSEPORT gives each listener its own queue): ask again.
+                if attempt == 4:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
 
     def worker_pid(self) -> int | None:
         pid: int | None = self.workers()["workers"][1]["pid"]
@@ -99,8 +109,15 @@ def fresh_call(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
 
 
 def in_flight(s: Served) -> list[int]:
-    data = httpx.get(s.url() + "/admin/instances", timeout=5).json()
-    return [i["in_flight"] for i in data["instances"]]
+    for attempt in range(5):
+        try:
+            data = httpx.get(s.url() + "/admin/instances", timeout=5).json()
+            return [i["in_flight"] for i in data["instances"]]
+        except httpx.TransportError:  # queued on a worker just killed: see workers()
+            if attempt == 4:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 def requests_total(s: Served, endpoint: str) -> float:
