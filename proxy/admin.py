@@ -27,6 +27,7 @@ from proxy.ops import config_edit
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model
 from scheduler import secrets
+from scheduler.config import CorralConfig
 from scheduler.errors import BadRequest, ConfigError, CorralError
 from scheduler.instance import Instance, State
 
@@ -106,7 +107,9 @@ async def _models_view(request: web.Request) -> list[dict[str, object]]:
             extra = {"ctx_size": cfg.ctx_size, "parallel": cfg.parallel,
                      "ttl": scheduler.config.ttl(cfg)}
         out.append({**ms, **extra, "instances": [_with_memory(i, rss) for i in insts]})
-    return out
+    # A launch error carries the child's log tail, which may quote its env.
+    scrubbed: list[dict[str, object]] = secrets.scrub_data(out, _known_secrets(request))
+    return scrubbed
 
 
 # -- models -------------------------------------------------------------------------
@@ -116,7 +119,8 @@ async def models(request: web.Request) -> web.Response:
     found = request.app.get(DISCOVERY)
     # Files the directory scan skipped (not GGUF, a link leaving the tree, ...).
     problems = list(found.problems) if found is not None else []
-    return web.json_response({"models": await _models_view(request), "scan_problems": problems})
+    return web.json_response({"models": await _models_view(request),
+                              "scan_problems": problems})
 
 
 async def model(request: web.Request) -> web.Response:
@@ -181,13 +185,22 @@ async def instance(request: web.Request) -> web.Response:
     return web.json_response(_with_memory(inst.describe(), rss))
 
 
+def _known_secrets(request: web.Request) -> tuple[str, ...]:
+    """Every secret of the running config: what a child's log or a launch error
+    must not show even when the child printed it (its env holds a model's token)."""
+    cfg = request.app[SCHEDULER].config
+    return tuple(secrets.values(cfg.model_dump(mode="json")) | cfg.credentials())
+
+
 async def logs(request: web.Request) -> web.StreamResponse:
     inst = _instance(request)
     tail = _int_query(request, "tail", 100)
+    known = _known_secrets(request)
     if not _flag(request, "follow"):
         lines = list(inst.log)[-tail:] if tail > 0 else []
-        return web.json_response({"instance": inst.id, "lines": lines})
-    return await _follow(request, inst, tail)
+        return web.json_response({"instance": inst.id,
+                                  "lines": secrets.scrub_data(lines, known)})
+    return await _follow(request, inst, tail, known)
 
 
 class LogCursor:
@@ -230,7 +243,8 @@ def _sse_lines(lines: Iterable[str]) -> bytes:
     return b"".join(b"data: " + ln.replace("\r", "").encode() + b"\n\n" for ln in lines)
 
 
-async def _follow(request: web.Request, inst: Instance, tail: int) -> web.StreamResponse:
+async def _follow(request: web.Request, inst: Instance, tail: int,
+                  known: tuple[str, ...]) -> web.StreamResponse:
     """Server-sent events: the last ``tail`` lines, then each new line, then an
     ``end`` event when the instance has stopped (or Corral shuts down)."""
     resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -238,14 +252,15 @@ async def _follow(request: web.Request, inst: Instance, tail: int) -> web.Stream
     await resp.prepare(request)
     closing = request.app[_CLOSING]
     cursor = LogCursor(inst.log)
-    await resp.write(_sse_lines(cursor.tail(tail)) or b": following\n\n")
+    await resp.write(_sse_lines(secrets.scrub_data(cursor.tail(tail), known))
+                     or b": following\n\n")
     quiet = 0.0
     try:
         while True:
             ended = inst.state in (State.STOPPED, State.FAILED)
             lines = cursor.new_lines()
             if lines:
-                await resp.write(_sse_lines(lines))
+                await resp.write(_sse_lines(secrets.scrub_data(lines, known)))
                 quiet = 0.0
             if ended or closing.is_set():
                 reason = f"instance {inst.state}" if ended else "corral shutting down"
@@ -303,15 +318,24 @@ async def overview(request: web.Request) -> web.Response:
 # -- config ---------------------------------------------------------------------------
 
 
-def _redacted(data: dict[str, Any]) -> dict[str, Any]:
+def _redacted(data: dict[str, Any], cfg: CorralConfig | None = None) -> dict[str, Any]:
     out: dict[str, Any] = secrets.redact(data)
+    if cfg is not None:
+        # What the naming rule cannot see in a dump: an upstream key quoted elsewhere.
+        out = secrets.scrub_data(out, cfg.credentials())
     return out
 
 
 async def get_config(request: web.Request) -> web.Response:
     reloader = request.app[RELOADER]
     cfg = reloader.current.model_dump(mode="json")
-    return web.json_response({**reloader.status(), "config": _redacted(cfg)})
+    return web.json_response({**reloader.status(),
+                              "config": _redacted(cfg, reloader.current)})
+
+
+async def providers(request: web.Request) -> web.Response:
+    """Each [[providers]] entry: reachable or not, why, and the models it lists."""
+    return web.json_response({"providers": request.app[SCHEDULER].providers.status()})
 
 
 async def get_config_file(request: web.Request) -> web.Response:
@@ -394,6 +418,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/requests", recent_requests)
     r.add_get("/admin/events", events)
     r.add_get("/admin/config", get_config)
+    r.add_get("/admin/providers", providers)
     r.add_put("/admin/config", put_config)
     r.add_get("/admin/config/file", get_config_file)
     r.add_post("/admin/config/reload", reload_config)

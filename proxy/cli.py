@@ -27,6 +27,7 @@ from scheduler.config import (
     ServerConfig,
     load_config,
 )
+from scheduler.engines.runtime import describe_source, engine_problems
 from scheduler.errors import ConfigError, CorralError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
@@ -118,6 +119,7 @@ def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
     if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
         problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
     problems += _memory_problems(path, cfg)
+    problems += [f"{path}: {p}" for p in engine_problems(cfg)]
     return problems
 
 
@@ -169,7 +171,7 @@ def _memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
 def cmd_models(args: argparse.Namespace) -> int:
     cfg = _load(_config_path(args.config))
     for m in cfg.models:
-        source = str(m.path) if m.path else f"package {m.package}"
+        source = describe_source(m)
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         print(f"{m.name}{aliases}\n    {source}, ctx {m.ctx_size} × {m.parallel} slot(s)")
     scan_report(cfg, sys.stdout)

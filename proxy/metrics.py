@@ -584,6 +584,29 @@ class _SchedulerCollector(Collector):
         yield from (model_state, queue, footprint, by_state, in_flight, slots, served, rss,
                     prompt, completion)
         yield from m.upstream.families()
+        yield from _engine_families(m._scheduler)
+
+
+def _engine_families(scheduler: Scheduler) -> Iterator[Metric]:
+    """Remotes and providers (docs/engines.md): in rotation or not, models listed."""
+    remote_up = GaugeMetricFamily(
+        "corral_remote_up", "1 while a remote upstream is in rotation (answering, not "
+        "cooling down).", labels=["model", "remote"])
+    for r in scheduler.remotes():
+        remote_up.add_metric([r.model, r.id], 1.0 if r.state is State.READY else 0.0)
+    provider_up = GaugeMetricFamily(
+        "corral_provider_up", "1 while a provider's last listing succeeded.",
+        labels=["provider"])
+    provider_models = GaugeMetricFamily(
+        "corral_provider_models", "Models a provider offers (its last known list).",
+        labels=["provider"])
+    for p in scheduler.providers.status():
+        name = str(p["name"])
+        provider_up.add_metric([name], 1.0 if p["ok"] else 0.0)
+        models = p["models"]
+        provider_models.add_metric([name], float(len(models) if isinstance(models, list)
+                                                 else 0))
+    yield from (remote_up, provider_up, provider_models)
 
 
 def _cumulative(counts: list[int], bounds: Sequence[float]) -> list[tuple[str, float]]:

@@ -180,14 +180,17 @@ class _Body:
         self._reader = reader
         self._count = count
 
-    def payload(self) -> Any:
-        return aiohttp.AsyncIterablePayload(self._chunks())
+    def payload(self, rename: str | None = None) -> Any:
+        return aiohttp.AsyncIterablePayload(self._chunks(rename))
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
+    async def _chunks(self, rename: str | None) -> AsyncIterator[bytes]:
         b = self._boundary
         for part in self._before:
             yield _head(b, part)
-            if part.source == "stream" and self._file is not None:
+            if rename is not None and part.name == "model" and part.source == "value":
+                # An upstream that names the model differently (a remote's `model`).
+                yield rename.encode()
+            elif part.source == "stream" and self._file is not None:
                 while chunk := await self._file.read_chunk(_CHUNK):
                     self._count.add(len(chunk))
                     yield chunk

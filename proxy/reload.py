@@ -36,6 +36,7 @@ from aiohttp import web
 from proxy import tuning
 from proxy.metrics import Metrics
 from scheduler.config import CorralConfig, load_config
+from scheduler.engines.settings import keyed_remote_changes
 from scheduler.errors import ConfigError, CorralError
 from scheduler.scheduler import Scheduler
 
@@ -88,9 +89,11 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("runtimes",),
     ("scan",),
     ("scheduler", "scan"),
+    # Where calls (and the keys of api_key_env) are sent.
+    ("providers",),
     *(("models", "*", k) for k in (
         "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
-        "binary", "mmproj", "lora",
+        "binary", "mmproj", "lora", "upstream_model",
     )),
     ("scheduler", "auto_pull"),
     ("server", "admin_config_write"),
@@ -136,6 +139,10 @@ def protected_changes(old: CorralConfig, new: CorralConfig) -> list[str]:
                     changed.append(key)
             elif not _empty(value):
                 changed.append(key)  # a new model that names a file or flags
+    # Remotes that carry a key: compared whole, secrets included (a dump shows
+    # SecretStr as ********** either way).
+    changed += keyed_remote_changes({m.name: m.remote_configs() for m in old.models},
+                                    {m.name: m.remote_configs() for m in new.models})
     return changed
 
 

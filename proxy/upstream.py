@@ -30,17 +30,18 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy import jsonc
+from proxy import egress, jsonc
 from proxy.errors import Family, stream_error_event
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
 from scheduler.config import ModelConfig
+from scheduler.engines.remote import COOLDOWN_STATUSES
 from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.instance import State
 from scheduler.scheduler import LeaseHints, Scheduler, Upstream
@@ -80,6 +81,13 @@ class Client:
 Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
 
 
+class FormData(Protocol):
+    """A body built per attempt (a multipart form), with its ``model`` field set to
+    ``rename`` for an upstream that names the model differently."""
+
+    def __call__(self, rename: str | None = None) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """One call to send upstream. Exactly one body: ``body`` (bytes as they came),
@@ -89,7 +97,7 @@ class Call:
     path: str
     body: bytes | bytearray | None = None
     payload: Any = None
-    data: Callable[[], Any] | None = None
+    data: FormData | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
     hints: LeaseHints | None = None
     method: Literal["GET", "POST"] = "POST"
@@ -137,6 +145,10 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
             try:
                 sent = spec.via(up) if spec.via is not None else None
                 resp = await _send(session, up, sent or spec, cfg)
+                if resp.status in COOLDOWN_STATUSES:
+                    # A cloud that rate-limits or fails sits out its cooldown.
+                    scheduler.upstream_answered(up.instance_id, resp.status,
+                                                resp.headers.get("Retry-After"))
                 try:
                     return await consume(up, resp, client)
                 except BaseException:
@@ -191,16 +203,17 @@ async def _report(scheduler: Scheduler, up: Upstream, e: BaseException, reason: 
 async def _send(
     session: aiohttp.ClientSession, up: Upstream, spec: Call, cfg: ModelConfig
 ) -> aiohttp.ClientResponse:
-    url = up.base_url + spec.path + (f"?{spec.query}" if spec.query else "")
+    out = up.egress
+    url = up.base_url + out.path(spec.path) + (f"?{spec.query}" if spec.query else "")
     if spec.data is not None:
-        data: Any = spec.data()
+        data: Any = spec.data(out.rename)
     elif spec.payload is not None:
-        data = jsonc.dumps(spec.payload)
+        data = jsonc.dumps(egress.renamed_payload(spec.payload, out))
     else:
-        data = _payload(spec.body)
+        data = _payload(egress.renamed_body(spec.body, out))
     resp = await session.request(
-        spec.method, url, data=data, headers=spec.headers,
-        timeout=_timeout(cfg.connect_timeout, cfg.first_byte_timeout),
+        spec.method, url, data=data, headers=egress.headers(spec.headers, out), ssl=out.ssl,
+        timeout=_timeout(cfg.connect_timeout, out.first_byte_timeout or cfg.first_byte_timeout),
     )
     conn = resp.connection
     if conn is not None and conn.protocol is not None:

@@ -63,7 +63,7 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     first = await line.next()
     if first is None or first.get("op") != "config":
         raise SystemExit(f"worker {index}: the owner sent no config")
-    cfg = CorralConfig.model_validate(first["config"])
+    cfg = ipc.config_of(first)
     from proxy.cli import setup_logging
 
     setup_logging(cfg.server.log_level, cfg.server.log_format)

@@ -26,6 +26,15 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from scheduler.engines.settings import (
+    ProviderConfig,
+    RemoteConfig,
+    RuntimeConfig,
+    UpstreamApi,
+    provider_may_offer,
+    secrets_of,
+)
+from scheduler.engines.templates import BUILTINS, resolve_runtime
 from scheduler.errors import ConfigError
 
 # A name clients can type in a URL and a JSON string without surprises. ":" is
@@ -35,13 +44,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
 Capability = Literal[
     "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
-]
-
-# The API families an upstream speaks natively. A client's family that its upstream
-# lacks is translated to chat completions and back (proxy/families/).
-UpstreamApi = Literal[
-    "chat", "completions", "embeddings", "responses", "messages", "rerank",
-    "transcriptions", "native",
 ]
 
 
@@ -265,8 +267,9 @@ class ModelConfig(_Strict):
     footprint: int | None = Field(
         None, ge=0, description="bytes one instance needs; default: GGUF size + KV cache estimate"
     )
-    remotes: tuple[str, ...] = Field(
-        (), description="base URLs of OpenAI-compatible servers that also serve this model"
+    remotes: tuple[str | RemoteConfig, ...] = Field(
+        (), description="OpenAI-compatible servers that also serve this model: base URLs "
+        "or tables (url, api_key, model, headers ...; docs/engines.md)"
     )
     remote_slots: int = Field(8, ge=1, description="concurrent calls sent to each remote")
     fallbacks: tuple[str, ...] = Field(
@@ -301,7 +304,17 @@ class ModelConfig(_Strict):
     )
     lora: tuple[LoraAdapter, ...] = Field((), description="LoRA adapters: [{path, scale}]")
     origin: str = Field(
-        "config", description="set by Corral, shown in listings: config, scan:<layout>, pulled"
+        "config", description="set by Corral, shown in listings: config, scan:<layout>, "
+        "pulled, provider:<name>"
+    )
+    # Engines (docs/engines.md).
+    runtime: str | None = Field(
+        None, description="what launches it: llama-server (default), a built-in template "
+        "(vllm, sglang, whisper-server, ollama) or a [runtimes.NAME] table"
+    )
+    upstream_model: str | None = Field(
+        None, description="the name its runtime knows it by (${MODEL}, and the 'model' "
+        "sent upstream); default: the model's name"
     )
 
     @field_validator("footprint", mode="before")
@@ -311,16 +324,25 @@ class ModelConfig(_Strict):
 
     @field_validator("remotes")
     @classmethod
-    def _urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+    def _urls(cls, urls: tuple[str | RemoteConfig, ...]) -> tuple[str | RemoteConfig, ...]:
         for url in urls:
-            if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+            if isinstance(url, str) and not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
                 raise ValueError(f"{url!r} is not an http(s) base URL")
-        return tuple(u.rstrip("/") for u in urls)
+        return tuple(u.rstrip("/") if isinstance(u, str) else u for u in urls)
 
     @property
     def local(self) -> bool:
-        """Whether Corral launches this model itself (it has a file)."""
+        """Whether Corral launches this model itself (it has a file or a runtime)."""
+        return (self.path is not None or self.package is not None or self.hf_repo is not None
+                or self.runtime is not None)
+
+    @property
+    def has_file(self) -> bool:
         return self.path is not None or self.package is not None or self.hf_repo is not None
+
+    def remote_configs(self) -> tuple[RemoteConfig, ...]:
+        """``remotes`` with bare URLs as tables of defaults."""
+        return tuple(RemoteConfig(url=u) if isinstance(u, str) else u for u in self.remotes)
 
     @field_validator("name", "aliases")
     @classmethod
@@ -339,8 +361,10 @@ class ModelConfig(_Strict):
         sources = [k for k in ("path", "package", "hf_repo") if getattr(self, k) is not None]
         if len(sources) > 1:
             raise ValueError(f"set only one of 'path', 'package' or 'hf_repo' (got {sources})")
-        if not sources and not self.remotes:
-            raise ValueError("set 'path', 'package' or 'hf_repo' (a local model) or 'remotes'")
+        if not sources and not self.remotes and self.runtime is None:
+            raise ValueError(
+                "set 'path', 'package' or 'hf_repo' (a local model), 'runtime' or 'remotes'"
+            )
         _check_reserved(self.args)
         return self
 
@@ -385,6 +409,8 @@ class CorralConfig(BaseSettings):
     models_dir: Path | None = None
     models: tuple[ModelConfig, ...] = ()
     scan: tuple[ScanDir, ...] = ()
+    runtimes: dict[str, RuntimeConfig] = Field(default_factory=dict)
+    providers: tuple[ProviderConfig, ...] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -411,11 +437,38 @@ class CorralConfig(BaseSettings):
                 seen[name] = m.name
         for m in self.models:
             for fb in m.fallbacks:
+                if fb not in seen and provider_may_offer(self.providers, fb):
+                    continue  # known once its provider lists it; skipped until then
                 if fb not in seen:
                     raise ValueError(f"model {m.name!r}: fallbacks: no model named {fb!r}")
                 if seen[fb] == m.name:
                     raise ValueError(f"model {m.name!r}: fallbacks: {fb!r} is the model itself")
+        for name, rt in self.runtimes.items():
+            if rt.template is not None and rt.template not in BUILTINS:
+                raise ValueError(f"runtimes.{name}.template: no built-in {rt.template!r} "
+                                 f"(built-in: {', '.join(BUILTINS)})")
+        for m in self.models:
+            try:
+                resolved = resolve_runtime(m.runtime, self.runtimes)
+            except KeyError:
+                known = ", ".join(sorted({*BUILTINS, *self.runtimes}))
+                raise ValueError(f"model {m.name!r}: runtime: no runtime named {m.runtime!r} "
+                                 f"(known: {known})") from None
+            if resolved.llama_server and m.runtime is not None and not m.has_file:
+                raise ValueError(f"model {m.name!r}: runtime {m.runtime!r} runs llama-server, "
+                                 "which needs 'path', 'package' or 'hf_repo'")
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"providers: names must be unique (got {names})")
         return self
+
+    def credentials(self) -> set[str]:
+        """Every credential the config holds or names, resolved: the server's
+        api_keys, remote and provider keys (``SecretStr``, which dumps as
+        ``**********``), the values of their ``api_key_env``, credential headers.
+        What the log scrubber, /admin and `corral check` keep out (scheduler/secrets.py)."""
+        remotes = [rc for m in self.models for rc in m.remote_configs()]
+        return {*self.server.api_keys, *secrets_of(remotes, self.providers)}
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:

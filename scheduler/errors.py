@@ -12,6 +12,7 @@
     ├── BinaryNotFound             no llama-server binary can be found       500
     ├── UnknownModel               no model or alias by that name            404
     ├── Overloaded                 queue full or wait too long; retry_after  503 + Retry-After
+    │   └── RemotesDown            every remote of a model is out of rotation 503 + Retry-After
     ├── LoadFailed                 the instance did not become ready         503
     │                              (early exit, deadline, bad model file); carries log tail
     ├── UpstreamFailed             the instance failed while serving a call  502
@@ -100,6 +101,14 @@ class Overloaded(CorralError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RemotesDown(Overloaded):
+    """Every remote (or provider) serving a model is out of rotation: down, or
+    cooling down after failed calls. Worth retrying, hence Overloaded's header."""
+
+    code = "upstream_unavailable"
+    type = "unavailable_error"
 
 
 class LoadFailed(CorralError):

@@ -1,4 +1,4 @@
-"""One llama-server child process and its state machine.
+"""One child process (llama-server or any runtime's server) and its state machine.
 
 ::
 
@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 
+from scheduler.engines.egress import PLAIN, Egress
 from scheduler.errors import LoadFailed
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ class LaunchSpec:
     slots: int
     load_timeout: float
     health_interval: float = 0.02
+    # What the runtime is called in logs and errors (scheduler/engines/templates.py).
+    engine: str = "llama-server"
+    # Readiness: GET health_path answering health_status, or "tcp" (the port accepts).
+    health_path: str = "/health"
+    health_status: int = 200
+    stop_signal: signal.Signals = signal.SIGTERM
+    # The name the child serves the model under, when it differs from Corral's.
+    upstream_model: str | None = None
+    # The API families it speaks natively (None: llama-server's).
+    apis: frozenset[str] | None = None
 
 
 def _pdeathsig_preexec() -> Callable[[], None] | None:
@@ -101,7 +112,7 @@ class _Stats:
 
 
 class Instance:
-    """A llama-server child. Single owner of its state; see the module docstring."""
+    """A launched child. Single owner of its state; see the module docstring."""
 
     def __init__(
         self,
@@ -160,6 +171,19 @@ class Instance:
     @property
     def load(self) -> float:
         return self.in_flight / self.slots
+
+    @property
+    def apis(self) -> frozenset[str] | None:
+        return self.spec.apis if self.spec is not None else None
+
+    @property
+    def egress(self) -> Egress:
+        rename = self.spec.upstream_model if self.spec is not None else None
+        return Egress(rename=rename) if rename else PLAIN
+
+    @property
+    def weight(self) -> float:
+        return 1.0
 
     def _set(self, state: State) -> None:
         if state is not self._state:
@@ -269,7 +293,7 @@ class Instance:
         elif self._exited.is_set():
             # Let the output drain catch the child's last words before quoting them.
             await asyncio.sleep(0.05)
-            reason = f"llama-server exited with status {self.exit_code} while loading"
+            reason = f"{spec.engine} exited with status {self.exit_code} while loading"
         else:
             reason = f"not ready after {spec.load_timeout:g} s"
         self.failure = reason
@@ -315,21 +339,40 @@ class Instance:
         task.add_done_callback(self._tasks.discard)
 
     async def _poll_health(self, session: aiohttp.ClientSession) -> None:
-        assert self.spec is not None
-        interval = self.spec.health_interval
-        url = self.base_url + "/health"
+        spec = self.spec
+        assert spec is not None
+        interval = spec.health_interval
+        if spec.health_path == "tcp":
+            await self._poll_port(spec)
+            return
+        url = self.base_url + spec.health_path
         timeout = aiohttp.ClientTimeout(total=max(1.0, interval * 20))
         while True:
             try:
                 async with session.get(url, timeout=timeout) as resp:
-                    if resp.status == 200:
-                        # Older builds answer 200 {"status":"loading model"}.
-                        body = await resp.json(content_type=None)
+                    if resp.status == spec.health_status:
+                        # Older llama-server builds answer 200 {"status":"loading
+                        # model"}; other servers answer anything, or nothing.
+                        try:
+                            body = await resp.json(content_type=None)
+                        except ValueError:
+                            return
                         if not isinstance(body, dict) or body.get("status") in (None, "ok"):
                             return
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+            except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(interval)
+
+    async def _poll_port(self, spec: LaunchSpec) -> None:
+        while True:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(max(1.0, spec.health_interval * 20)):
+                    _, writer = await asyncio.open_connection(spec.host, spec.port)
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                return
+            await asyncio.sleep(spec.health_interval)
 
     async def _drain_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -351,7 +394,8 @@ class Instance:
         self._exited.set()
         if self._state in (State.READY, State.DRAINING):
             # Nobody asked it to stop: a crash.
-            self.failure = f"llama-server exited unexpectedly with status {code}"
+            engine = self.spec.engine if self.spec is not None else "llama-server"
+            self.failure = f"{engine} exited unexpectedly with status {code}"
             log.warning("instance %s: %s", self.id, self.failure)
             self._idle.set()
             self._set(State.FAILED)
@@ -364,7 +408,8 @@ class Instance:
         if proc is None:
             return
         if proc.returncode is None:
-            self._signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
+            stop = self.spec.stop_signal if self.spec is not None else signal.SIGTERM
+            self._signal(stop if grace > 0 else signal.SIGKILL)
             try:
                 async with asyncio.timeout(grace if grace > 0 else 5):
                     await self._exited.wait()
@@ -383,7 +428,7 @@ class Instance:
         if self._proc is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if sig is signal.SIGTERM:
+            if sig is not signal.SIGKILL:
                 # A stopped child (SIGSTOP, a debugger) would leave SIGTERM pending
                 # through the whole grace period.
                 os.killpg(self._proc.pid, signal.SIGCONT)
@@ -394,6 +439,7 @@ class Instance:
             "id": self.id,
             "model": self.model,
             "state": str(self._state),
+            "engine": self.spec.engine if self.spec else None,
             "pid": self.pid,
             "port": self.spec.port if self.spec else None,
             "base_url": self.base_url,

@@ -14,10 +14,10 @@ the kernel closes its end of the socket.
 Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
     worker -> owner                             owner -> worker
-    {"op": "lease", "id", "model",              {"op": "config", "config"}   at start and
+    {"op": "lease", "id", "model",              {"op": "config", "pickle"}   at start and
      "affinity", "keep_alive"}                                               on every change
     {"op": "release", "id"}                     {"op": "leased", "id", "up": [base_url,
-    {"op": "suspect", "iid", "reason"}                      instance_id, model, waited]}
+    {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",
     {"op": "unload", "id", "model"}                          "attrs"}
     {"op": "ensure", "id", "model"} (auto_pull)
@@ -29,12 +29,16 @@ This module never imports aiohttp.web: the HTTP side of a worker is ``proxy.work
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -45,6 +49,7 @@ import msgspec
 
 from scheduler import errors
 from scheduler.config import CorralConfig
+from scheduler.engines.egress import PLAIN, Egress
 from scheduler.errors import CorralError, ShuttingDown
 from scheduler.instance import _PREEXEC
 from scheduler.scheduler import LeaseHints, Scheduler, Upstream
@@ -66,6 +71,53 @@ def resolve_workers(value: int | str, cores: int | None = None) -> int:
         return max(1, cores)
     assert isinstance(value, int)
     return max(1, value)
+
+
+def config_frame(cfg: CorralConfig) -> dict[str, Any]:
+    # Pickled, not dumped as JSON: a JSON dump masks SecretStr keys, and the worker's
+    # log scrubber needs the real ones. Both ends are this program, over a socket pair
+    # nobody else holds.
+    return {"op": "config", "pickle": base64.b64encode(pickle.dumps(cfg)).decode()}
+
+
+def config_of(frame: dict[str, Any]) -> CorralConfig:
+    cfg = pickle.loads(base64.b64decode(frame["pickle"]))
+    assert isinstance(cfg, CorralConfig)
+    return cfg
+
+
+def upstream_frame(up: Upstream) -> list[Any]:
+    """An Upstream as JSON: with its egress (a remote's key and headers travel over
+    the private socket, never to a log) and the CA certificates of its TLS context."""
+    e = up.egress
+    egress: dict[str, Any] | None = None
+    if e is not PLAIN:
+        tls: Any = e.ssl
+        if isinstance(tls, ssl.SSLContext):
+            tls = {"cadata": base64.b64encode(
+                b"".join(tls.get_ca_certs(binary_form=True))).decode()}
+        egress = {"headers": dict(e.headers), "rename": e.rename, "api_base": e.api_base,
+                  "ssl": tls, "first_byte_timeout": e.first_byte_timeout}
+    apis = sorted(up.apis) if up.apis is not None else None
+    return [up.base_url, up.instance_id, up.model, up.waited, apis, egress]
+
+
+@functools.lru_cache(maxsize=32)
+def _tls(cadata: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cadata=base64.b64decode(cadata))
+
+
+def upstream_of(data: list[Any]) -> Upstream:
+    base_url, iid, model, waited, apis, egress = data
+    out = PLAIN
+    if egress is not None:
+        tls = egress["ssl"]
+        out = Egress(headers=egress["headers"], rename=egress["rename"],
+                     api_base=egress["api_base"],
+                     ssl=_tls(tls["cadata"]) if isinstance(tls, dict) else bool(tls),
+                     first_byte_timeout=egress["first_byte_timeout"])
+    return Upstream(base_url, iid, model, float(waited),
+                    frozenset(apis) if apis is not None else None, out)
 
 
 def error_frame(call_id: int, e: CorralError) -> dict[str, Any]:
@@ -304,8 +356,7 @@ class Owner:
         try:
             async with self._scheduler.lease(model, hints) as up:
                 released = peer.granted[cid] = asyncio.get_running_loop().create_future()
-                peer.line.send({"op": "leased", "id": cid,
-                                "up": [up.base_url, up.instance_id, up.model, up.waited]})
+                peer.line.send({"op": "leased", "id": cid, "up": upstream_frame(up)})
                 # Held until the worker releases it, or dies (this task is cancelled).
                 await released
         except CorralError as e:
@@ -350,7 +401,7 @@ class Owner:
     def _send_config(self, peer: _Peer) -> None:
         cfg = self._scheduler.config
         peer.config = cfg
-        peer.line.send({"op": "config", "config": cfg.model_dump(mode="json")})
+        peer.line.send(config_frame(cfg))
 
     async def _push_config(self) -> None:
         # The scheduler replaces its config object on every reload and dynamic-model
@@ -393,7 +444,7 @@ class WorkerScheduler(Scheduler):
             async for frame in self._line.frames():
                 op = frame.get("op")
                 if op == "config":
-                    cfg = CorralConfig.model_validate(frame["config"])
+                    cfg = config_of(frame)
                     self.set_config(cfg)
                     if on_config is not None:
                         on_config(cfg)
@@ -404,8 +455,7 @@ class WorkerScheduler(Scheduler):
                 if op == "error":
                     fut.set_exception(error_of(frame))
                 elif op == "leased":
-                    base_url, iid, model, waited = frame["up"]
-                    fut.set_result(Upstream(base_url, iid, model, float(waited)))
+                    fut.set_result(upstream_of(frame["up"]))
                 else:
                     fut.set_result(frame.get("value"))
         finally:

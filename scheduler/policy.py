@@ -104,15 +104,21 @@ def pick_instance(candidates: Iterable[C], preferred: str | None = None) -> C | 
     """The ready instance with a free slot and the lowest load.
 
     At equal load the ``preferred`` instance (the one that served this conversation
-    before, so its prompt cache holds the prefix) wins, then the most recently used
-    one, which keeps the other replicas idle so they can expire.
+    before, so its prompt cache holds the prefix) wins, then a local instance, then the
+    remote furthest below its weighted share, then the most recently used one, which
+    keeps the other replicas idle so they can expire.
     """
     best: C | None = None
-    best_key: tuple[float, int, float] | None = None
+    best_key: tuple[float, int, float, float] | None = None
     for inst in candidates:
         if inst.state is not State.READY or inst.in_flight >= inst.slots:
             continue
-        key = (inst.in_flight / inst.slots, 0 if inst.id == preferred else 1, -inst.last_used)
+        # Remotes have a ``share`` (calls served ÷ weight): at equal load the one
+        # furthest below its weighted share goes next, so weights split the calls;
+        # local instances have none (0), which also puts them before remotes.
+        share: float = getattr(inst, "share", 0.0)
+        key = (inst.in_flight / inst.slots, 0 if inst.id == preferred else 1, share,
+               -inst.last_used)
         if best_key is None or key < best_key:
             best, best_key = inst, key
     return best

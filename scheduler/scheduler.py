@@ -34,6 +34,10 @@ import aiohttp
 
 from scheduler import policy
 from scheduler.config import CorralConfig, ModelConfig
+from scheduler.engines import hooks
+from scheduler.engines.egress import PLAIN, Egress
+from scheduler.engines.providers import Providers
+from scheduler.engines.remote import Remote
 from scheduler.errors import (
     BinaryNotFound,
     CorralError,
@@ -45,7 +49,6 @@ from scheduler.errors import (
 from scheduler.health import HealthWatch
 from scheduler.instance import ALIVE, Instance, LaunchSpec, State
 from scheduler.launcher import build_spec
-from scheduler.remote import Remote
 from scheduler.sources import ModelFiles, model_placement, with_local_files
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
@@ -91,9 +94,13 @@ class Upstream:
     model: str
     # Seconds the call waited for a slot or a launch (Ollama's load_duration).
     waited: float
-    # The API families the upstream speaks natively (ModelConfig.api); None: all that
-    # llama-server speaks. The proxy translates a family missing here to chat.
+    # The API families the upstream speaks natively: the servable's own (a runtime's
+    # or a remote's `api`), else ModelConfig.api; None: all that llama-server speaks.
+    # The proxy translates a family missing here to chat.
     apis: frozenset[str] | None = None
+    # How the call leaves for this upstream: a remote's key and headers, the model
+    # name it expects, TLS (scheduler/engines/egress.py).
+    egress: Egress = PLAIN
 
 
 class _Waiter:
@@ -218,6 +225,8 @@ class Scheduler:
         # The model another was drained for: the room that frees up is its to take,
         # otherwise the drained model (whose callers queued earlier) takes it back.
         self._reserved_for: str | None = None
+        # [[providers]]: their listings become dynamic models (engines/providers.py).
+        self.providers = Providers(self, session)
         self._apply_models(cfg)
 
     # -- configuration -----------------------------------------------------------
@@ -262,8 +271,11 @@ class Scheduler:
 
     async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
         """Switch to a new config file's contents; dynamic models stay (see below)."""
+        before = set(self._models)
         self._configured = cfg
-        return await self._switch(self._effective(cfg))
+        report = await self._switch(self._effective(cfg))
+        await self.providers.update(cfg.providers)
+        return hooks.with_provider_changes(report, before, list(self._models))
 
     async def set_dynamic_models(
         self, source: str, models: Iterable[ModelConfig]
@@ -291,7 +303,9 @@ class Scheduler:
             return cfg
         taken = {n for mc in cfg.models for n in (mc.name, *mc.aliases)}
         extra: list[ModelConfig] = []
-        for source in sorted(self._dynamic):
+        # Local files (pulled, scanned) before providers' models: a name both offer is
+        # served here rather than sent away (engines/providers.py).
+        for source in sorted(self._dynamic, key=lambda s: (s.startswith("provider:"), s)):
             for mc in self._dynamic[source]:
                 if mc.name in taken:
                     continue
@@ -324,7 +338,9 @@ class Scheduler:
             if m is None:
                 self._models[mc.name] = _Model(mc)
                 report["added"].append(mc.name)
-            elif m.cfg == mc and not (binary_changed and mc.local):
+            elif m.cfg == mc and not (binary_changed and mc.local) and not (
+                hooks.runtime_changed(old, cfg, mc)
+            ):
                 report["unchanged"].append(mc.name)
             else:
                 report["changed"].append(mc.name)
@@ -378,21 +394,22 @@ class Scheduler:
         self._reaper = asyncio.create_task(self._reap_loop(), name="corral-reaper")
         self._watcher = asyncio.create_task(self._health.run(), name="corral-health")
         self._kick()  # launch minimum replicas
+        await self.providers.start(self._configured.providers)
 
     def _sync_remotes(self) -> None:
         interval = self._cfg.scheduler.remote_check_interval
         for m in self._models.values():
-            wanted = list(m.cfg.remotes)
-            if [r.base_url for r in m.remotes] == wanted and all(
-                r.slots == m.cfg.remote_slots for r in m.remotes
-            ):
+            # Keys are read here (api_key_env), at start and on every reload.
+            wanted = hooks.wanted_remotes(m.cfg)
+            if hooks.same_remotes(m.remotes, wanted):
                 continue
             for r in m.remotes:
                 self._spawn(r.stop(), f"stop {r.id}")
             m.remotes = [
-                Remote(f"{m.cfg.name}@{url}", m.cfg.name, url, m.cfg.remote_slots,
-                       self._on_remote_change, on_release=self._on_release, clock=self._clock)
-                for url in wanted
+                Remote(hooks.remote_id(m.cfg.name, rc), m.cfg.name, rc, slots,
+                       self._on_remote_change, on_release=self._on_release, clock=self._clock,
+                       key=key)
+                for rc, slots, key in wanted
             ]
             for r in m.remotes:
                 r.start(self._session, interval)
@@ -400,6 +417,7 @@ class Scheduler:
     async def close(self) -> None:
         """Refuse new calls, fail queued ones, drain and stop every instance."""
         self._closing = True
+        await self.providers.close()
         for m in self._models.values():
             if m.retry_handle is not None:
                 m.retry_handle.cancel()
@@ -460,7 +478,8 @@ class Scheduler:
             inst.ttl_override = hints.keep_alive
         try:
             yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
-                           _apis(serving.cfg.api))
+                           _apis(serving.cfg.api) if inst.apis is None else inst.apis,
+                           inst.egress)
         finally:
             inst.release()
 
@@ -542,6 +561,13 @@ class Scheduler:
             self._retire(inst, "unreachable")
         return connect
 
+    def upstream_answered(self, instance_id: str, status: int, retry_after: str | None) -> None:
+        """An upstream answered a rate limit or a server error: a remote that is never
+        probed learns from it (engines/remote.py); anything else ignores it."""
+        for r in self.remotes():
+            if r.id == instance_id:
+                r.answered(status, retry_after)
+
     async def suspect(self, instance_id: str, reason: str) -> None:
         """A call to this upstream tripped a time limit: check it at once. A silent
         local child is retired (and relaunched by policy); a silent remote leaves the
@@ -549,7 +575,7 @@ class Scheduler:
         for m in self._models.values():
             for r in m.remotes:
                 if r.id == instance_id:
-                    await r.check(self._session)
+                    await r.suspect(self._session, reason)
                     return
         inst = self._instance(instance_id)
         if inst is not None:
@@ -643,10 +669,7 @@ class Scheduler:
         """Start (or make room for) another instance of ``m`` if none is on its way."""
         if not m.cfg.local:
             if m.remotes and all(r.state is State.FAILED for r in m.remotes):
-                reasons = "; ".join(f"{r.base_url}: {r.failure}" for r in m.remotes)
-                self._fail_waiters(
-                    m, LoadFailed(m.cfg.name, f"no remote upstream answers ({reasons})")
-                )
+                self._fail_waiters(m, hooks.remotes_down(m.cfg.name, m.remotes))
             return
         if any(i.state is State.STARTING for i in m.instances):
             return  # join the launch in progress
@@ -764,7 +787,14 @@ class Scheduler:
         return inst
 
     async def _prepare(self, m: _Model) -> LaunchSpec:
-        if self._binary is None:
+        runtime = hooks.runtime_of(self._cfg, m.cfg)
+        if not runtime.llama_server:
+            # Another server command: a file only if the model names one.
+            model_file = await self._files.get(m.cfg) if m.cfg.has_file else None
+            if model_file is not None and not m.sized:
+                await self._size(m, model_file)
+            return hooks.runtime_spec(self._cfg, m.cfg, runtime, model_file)
+        if runtime.binary is None and self._binary is None:
             configured = self._cfg.llama_server.binary
             try:
                 found = await asyncio.to_thread(self._find_binary, configured)
@@ -777,6 +807,9 @@ class Scheduler:
                     "llama-server on PATH, or run `corral install-llama-server`",
                 )
             self._binary = found
+        # Another llama-server build ([runtimes.NAME] binary = ...) or the one found.
+        binary = runtime.binary or self._binary
+        assert binary is not None
         model_file = await self._files.get(m.cfg)
         if not m.sized:
             # A packaged or downloaded model's file exists only now: size it for the
@@ -784,7 +817,8 @@ class Scheduler:
             await self._size(m, model_file)
         # A projector named in the model's Hugging Face repo is downloaded here.
         launch_cfg = await asyncio.to_thread(with_local_files, m.cfg)
-        return build_spec(self._cfg, launch_cfg, self._binary, model_file)
+        spec = build_spec(self._cfg, launch_cfg, binary, model_file)
+        return hooks.llama_server_spec(spec, self._cfg, m.cfg, runtime)
 
     async def _run_launch(self, m: _Model, inst: Instance) -> None:
         try:

@@ -7,7 +7,10 @@ is the value of an environment variable named like one (``HF_TOKEN``,
 ``OPENAI_API_KEY``) in an ``env`` table. ``/admin/config``, ``/admin/config/file``,
 ``corral check`` and the log scrubber all use it, so a new section that names its
 secrets this way (``[[keys]] key``, remotes' ``api_key``, ``[cluster] token``) is
-covered without touching them.
+covered without touching them. A ``headers`` table (a remote's, a provider's) is
+judged like ``env``: a header named like a credential (``Authorization``,
+``X-Api-Key``) holds a secret. ``CorralConfig.credentials()`` adds what a dump cannot
+show: upstream keys held as ``SecretStr`` and the values of ``api_key_env``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ REDACTED = "<redacted>"
 _SECRET_KEY = re.compile(r"^(api_keys?|keys?|tokens?|secrets?|passwords?|passkey)$")
 # Environment variable names whose values are secrets.
 SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# Request header names whose values are credentials (a remote's ``headers`` table).
+SECRET_HEADER = re.compile(r"AUTHORIZATION|KEY|TOKEN|SECRET|PASSWORD|COOKIE", re.IGNORECASE)
+# Tables whose entries are judged by their name: a secret-looking name, a secret value.
+_NAMED = {"env": SECRET_ENV, "headers": SECRET_HEADER}
 # Shorter strings are not scrubbed from text: "a" would eat every log line.
 _MIN_SCRUB = 6
 
@@ -33,35 +40,35 @@ def _is_secret_key(name: str, value: Any) -> bool:
     return strings and bool(_SECRET_KEY.match(name))
 
 
-def redact(data: Any, *, _env: bool = False) -> Any:
+def redact(data: Any, *, _env: re.Pattern[str] | None = None) -> Any:
     """A copy of ``data`` (a config as plain dicts/lists) with every secret replaced."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():
-            if (_env and SECRET_ENV.search(str(k)) and isinstance(v, str)) or (
+            if (_env and _env.search(str(k)) and isinstance(v, str)) or (
                 _is_secret_key(str(k), v) and v not in ("", [], ())
             ):
                 out[k] = [REDACTED] * len(v) if isinstance(v, list | tuple) else REDACTED
             else:
-                out[k] = redact(v, _env=str(k) == "env")
+                out[k] = redact(v, _env=_NAMED.get(str(k)))
         return out
     if isinstance(data, list | tuple):
         return [redact(v) for v in data]
     return data
 
 
-def values(data: Any, *, _env: bool = False) -> set[str]:
+def values(data: Any, *, _env: re.Pattern[str] | None = None) -> set[str]:
     """Every secret string in ``data`` (plain dicts/lists)."""
     found: set[str] = set()
     if isinstance(data, dict):
         for k, v in data.items():
-            secret = (_env and SECRET_ENV.search(str(k))) or _is_secret_key(str(k), v)
+            secret = (_env and _env.search(str(k))) or _is_secret_key(str(k), v)
             if secret and isinstance(v, str) and v:
                 found.add(v)
             elif secret and isinstance(v, list | tuple):
                 found.update(x for x in v if isinstance(x, str) and x)
             else:
-                found |= values(v, _env=str(k) == "env")
+                found |= values(v, _env=_NAMED.get(str(k)))
     elif isinstance(data, list | tuple):
         for v in data:
             found |= values(v)
@@ -73,6 +80,18 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     for s in sorted((s for s in secrets if len(s) >= _MIN_SCRUB), key=len, reverse=True):
         text = text.replace(s, REDACTED)
     return text
+
+
+def scrub_data(data: Any, secrets: Iterable[str]) -> Any:
+    """``scrub`` over every string of plain dicts/lists."""
+    found = tuple(secrets)
+    if isinstance(data, str):
+        return scrub(data, found)
+    if isinstance(data, dict):
+        return {k: scrub_data(v, found) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [scrub_data(v, found) for v in data]
+    return data
 
 
 class ScrubFilter(logging.Filter):
@@ -94,7 +113,11 @@ class ScrubFilter(logging.Filter):
         if cfg is not self._seen:
             self._seen = cfg
             data = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
-            self._secrets = tuple(sorted((v for v in values(data) if len(v) >= _MIN_SCRUB),
+            found = values(data)
+            if hasattr(cfg, "credentials"):
+                # Keys a dump cannot show: SecretStr ones, api_key_env's values.
+                found |= cfg.credentials()
+            self._secrets = tuple(sorted((v for v in found if len(v) >= _MIN_SCRUB),
                                          key=len, reverse=True))
         return self._secrets
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities
 from scheduler.config import ModelConfig
+from scheduler.engines.remote import shown_url
 
 
 def source(cfg: ModelConfig, configured: bool) -> dict[str, object]:
@@ -23,8 +24,11 @@ def source(cfg: ModelConfig, configured: bool) -> dict[str, object]:
         kind, where = "package", cfg.package
     elif cfg.hf_repo is not None:
         kind, where = "huggingface", f"{cfg.hf_repo}/{cfg.hf_file}"
+    elif cfg.runtime is not None:
+        kind, where = "runtime", cfg.runtime
     else:
-        kind, where = "remote", ", ".join(cfg.remotes)
+        # Shown URLs only: no user:password (docs/engines.md).
+        kind, where = "remote", ", ".join(shown_url(rc.url) for rc in cfg.remote_configs())
     # origin: "config", "scan:<layout>" or "pulled", as Corral set it.
     return {"kind": kind, "where": where, "configured": configured, "origin": cfg.origin}
 

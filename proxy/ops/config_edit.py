@@ -44,7 +44,8 @@ MAX_TEXT = 1 << 20
 
 def secret_values(text: str, cfg: CorralConfig) -> set[str]:
     """Every secret of the running config and of ``text`` (scheduler/secrets.py's rule)."""
-    found = secrets.values(cfg.model_dump(mode="json"))
+    # credentials(): upstream keys a dump shows as ********** and api_key_env values.
+    found = secrets.values(cfg.model_dump(mode="json")) | cfg.credentials()
     with contextlib.suppress(tomllib.TOMLDecodeError):
         found |= secrets.values(tomllib.loads(text))
     return found

@@ -15,6 +15,8 @@ Fault injection, read from the environment (Corral passes a model's ``env`` to i
 
 FAKE_LOAD_DELAY=s          /health answers 503 "Loading model" for s seconds (default 0)
 FAKE_CRASH_AT_START=1      print llama-server-like errors to stderr and exit 1 at once
+FAKE_ECHO_ENV=NAME         print NAME=<its value> to stderr at start (a child that logs a
+                           secret it was given)
 FAKE_CRASH_AT_START_IF=f   the same, when file f exists (a relaunch that fails)
 FAKE_CRASH_AFTER_CHUNKS=n  os._exit(1) after sending n content chunks of a stream
 FAKE_HANG=1                /health never turns ready
@@ -74,6 +76,10 @@ def _early_start() -> None:
     model. And a SIGTERM that arrives while importing must still end in a clean exit 0,
     as it does once the event loop's handler is installed.
     """
+    echo = os.environ.get("FAKE_ECHO_ENV", "")
+    if echo:
+        sys.stderr.write(f"{echo}={os.environ.get(echo, '')}\n")
+        sys.stderr.flush()
     crash_file = os.environ.get("FAKE_CRASH_AT_START_IF", "")
     if os.environ.get("FAKE_CRASH_AT_START", "") not in ("", "0") or (
         crash_file and os.path.exists(crash_file)

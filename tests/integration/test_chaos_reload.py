@@ -88,9 +88,13 @@ async def test_kills_stops_and_reloads_lose_no_call(
                 path.write_text("[[models]\nname = broken")
                 bad = await reloader.reload("chaos")
                 assert not bad.ok and bad.error
-                path.write_text(config_text(model_file, next(delays)))
+                delay = next(delays)
+                path.write_text(config_text(model_file, delay))
                 good = await reloader.reload("chaos")
-                assert good.ok and good.changes["changed"] == ["m"], good
+                # The file watcher may have applied the new file first: then this
+                # reload finds it unchanged. Either way the change is in force.
+                assert good.ok and "m" in good.changes["changed"] + good.changes["unchanged"]
+                assert scheduler.resolve("m").env["FAKE_TOKEN_DELAY"] == delay
                 actions["reload"] += 1
 
     peak: list[int] = [0]

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from scheduler import ipc
-from scheduler.config import CorralConfig, ModelConfig
+from scheduler.config import CorralConfig
 from scheduler.errors import CorralError, Overloaded, ShuttingDown, UnknownModel
 from scheduler.scheduler import Scheduler
 from tests.conftest import wait_for
@@ -41,7 +41,8 @@ def test_errors_cross_with_their_class_and_fields(error: CorralError) -> None:
 
 
 @contextlib.asynccontextmanager
-async def pair(slots: int = 2) -> AsyncIterator[tuple[Scheduler, ipc.WorkerScheduler, Any]]:
+async def pair(slots: int = 2, **remote: Any
+               ) -> AsyncIterator[tuple[Scheduler, ipc.WorkerScheduler, Any]]:
     async def ok(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -49,8 +50,10 @@ async def pair(slots: int = 2) -> AsyncIterator[tuple[Scheduler, ipc.WorkerSched
     app.router.add_get("/health", ok)
     server = TestServer(app)
     await server.start_server()
-    cfg = CorralConfig(models=(ModelConfig(name="m", remotes=(str(server.make_url("")),),
-                                           remote_slots=slots),))
+    url = str(server.make_url(""))
+    cfg = CorralConfig.model_validate({"models": [{
+        "name": "m", "remote_slots": slots,
+        "remotes": [{"url": url, **remote} if remote else url]}]})
     async with aiohttp.ClientSession() as session:
         sched = Scheduler(cfg, session)
         await sched.start()
@@ -62,7 +65,7 @@ async def pair(slots: int = 2) -> AsyncIterator[tuple[Scheduler, ipc.WorkerSched
         line = await ipc.connect(b.detach())
         first = await line.next()
         assert first is not None and first["op"] == "config"
-        worker = ipc.WorkerScheduler(CorralConfig.model_validate(first["config"]), session, line)
+        worker = ipc.WorkerScheduler(ipc.config_of(first), session, line)
         reading = asyncio.create_task(worker.run())
         try:
             yield sched, worker, (serving, owner, peer)
@@ -139,3 +142,38 @@ async def test_a_release_right_behind_its_lease_leaves_no_task_and_no_lease() ->
         assert in_flight(sched) == 0
         async with worker.lease("m"):
             assert in_flight(sched) == 1
+
+
+async def test_a_remote_s_key_headers_name_and_api_reach_the_worker() -> None:
+    async with pair(api_key="sk-remote-secret", headers={"X-Org": "o1"}, model="theirs",
+                    api=["chat"], tls_verify=False) as (_sched, worker, _):
+        # The config crossed with its secret intact (the worker's log scrubber needs it).
+        remote = worker.config.models[0].remotes[0]
+        assert remote.api_key is not None
+        assert remote.api_key.get_secret_value() == "sk-remote-secret"
+        async with worker.lease("m") as up:
+            e = up.egress
+            assert e.headers == {"X-Org": "o1", "Authorization": "Bearer sk-remote-secret"}
+            assert (e.rename, e.ssl, up.apis) == ("theirs", False, frozenset({"chat"}))
+
+
+def test_a_tls_context_crosses_as_its_ca_certificates(tmp_path: Any) -> None:
+    import ssl as ssl_mod
+
+    from scheduler.engines.egress import Egress
+    from scheduler.scheduler import Upstream
+
+    ca = ssl_mod.get_default_verify_paths().cafile
+    if ca is None:
+        pytest.skip("no system CA bundle here to load as a ca_file")
+    ctx = ssl_mod.create_default_context(cafile=ca)
+    up = Upstream("https://r", "r#1", "m", 0.0, None, Egress(ssl=ctx))
+    back = ipc.upstream_of(msgspec_roundtrip(ipc.upstream_frame(up)))
+    assert isinstance(back.egress.ssl, ssl_mod.SSLContext)
+    assert back.egress.ssl.get_ca_certs(True) == ctx.get_ca_certs(True)
+
+
+def msgspec_roundtrip(value: Any) -> Any:
+    import msgspec
+
+    return msgspec.json.decode(msgspec.json.encode(value))

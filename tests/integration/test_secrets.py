@@ -58,9 +58,10 @@ def test_no_secret_in_logs_admin_metrics_or_errors(tmp_path: Path) -> None:
         f'[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n'
         f'log_level = "debug"\napi_keys = ["{KEY}", "{OTHER_KEY}"]\n'
         f'[llama_server]\nbinary = "{fake}"\n'
-        f'[[models]]\nname = "m"\npath = "{model}"\nenv = {{HF_TOKEN = "{TOKEN}"}}\n'
+        f'[[models]]\nname = "m"\npath = "{model}"\n'
+        f'env = {{HF_TOKEN = "{TOKEN}", FAKE_ECHO_ENV = "HF_TOKEN"}}\n'
         f'[[models]]\nname = "broken"\npath = "{model}"\n'
-        f'env = {{FAKE_CRASH_AT_START = "1", HF_TOKEN = "{TOKEN}"}}\n'
+        f'env = {{FAKE_CRASH_AT_START = "1", HF_TOKEN = "{TOKEN}", FAKE_ECHO_ENV = "HF_TOKEN"}}\n'
     )
     cfg.write_text(text)
     log_path = tmp_path / "corral.log"

@@ -269,7 +269,8 @@ def test_models_must_be_tables(tmp_path: Path, text: str, message: str) -> None:
             id="both",
         ),
         pytest.param(
-            "ctx_size = 512\n", "set 'path', 'package' or 'hf_repo' (a local model) or 'remotes'",
+            "ctx_size = 512\n",
+            "set 'path', 'package' or 'hf_repo' (a local model), 'runtime' or 'remotes'",
             id="neither",
         ),
         pytest.param(

@@ -29,3 +29,15 @@ async def test_dynamic_models_merge_and_lose_to_configured() -> None:
         await s.set_dynamic_models("scan", [])
         assert s.names() == ["b"]
         await s.close()
+
+
+
+async def test_local_sources_win_over_providers() -> None:
+    async with aiohttp.ClientSession() as session:
+        s = Scheduler(CorralConfig(), session)
+        await s.set_dynamic_models("provider:cloud", [_remote("x"), _remote("only-cloud")])
+        await s.set_dynamic_models("scan", [_remote("x", "x-alias")])
+        names = s.names()
+        assert names.count("x") == 1 and "x-alias" in names and "only-cloud" in names
+        assert s.resolve("x").aliases == ("x-alias",)  # the scanned one
+        await s.close()

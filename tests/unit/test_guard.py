@@ -83,6 +83,17 @@ def test_protected_changes(tmp_path: Path) -> None:
     two = CorralConfig(models=[*old.model_dump()["models"],
                                {"name": "b", "remotes": ["http://x:1"]}])
     assert protected_changes(old, two) == []  # a remote model runs nothing here
+    # ... but one that carries a key decides where the key goes (an api_key_env may
+    # name any variable of Corral's environment): not writable over HTTP.
+    keyed = CorralConfig(models=[*old.model_dump()["models"], {"name": "b", "remotes": [
+        {"url": "http://x:1", "api_key_env": "PATH"}]}])
+    assert protected_changes(old, keyed) == ["models.b.remotes"]
+    moved = CorralConfig(models=[*old.model_dump()["models"], {"name": "b", "remotes": [
+        {"url": "http://elsewhere:1", "api_key_env": "PATH"}]}])
+    assert protected_changes(keyed, moved) == ["models.b.remotes"]
+    rekeyed = CorralConfig(models=[*old.model_dump()["models"], {"name": "b", "remotes": [
+        {"url": "http://x:1", "api_key": "new-key"}]}])
+    assert protected_changes(keyed, rekeyed) == ["models.b.remotes"]
     three = CorralConfig(models=[*old.model_dump()["models"],
                                  {"name": "b", "path": "/etc/passwd"}])
     assert protected_changes(old, three) == ["models.b.path"]
