@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -433,6 +434,16 @@ class ScanDir(_Strict):
         return out
 
 
+class _Env(EnvSettingsSource):
+    """The ``CORRAL_*`` environment, without ``CORRAL_LLAMA_SERVER``: that one is a
+    path to a binary (scheduler/install.py), not the ``[llama_server]`` table, whose
+    keys are set one by one (``CORRAL_LLAMA_SERVER__BINARY``)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = super()._load_env_vars()
+        return {k: v for k, v in env.items() if k.lower() != "corral_llama_server"}
+
+
 class CorralConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_",
@@ -461,7 +472,8 @@ class CorralConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file arrives as init kwargs; the environment must win over it.
-        return env_settings, init_settings
+        env = _Env(settings_cls, env_prefix="CORRAL_", env_nested_delimiter="__")
+        return env, init_settings
 
     @model_validator(mode="after")
     def _unique_names(self) -> CorralConfig:
