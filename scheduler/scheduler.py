@@ -145,6 +145,8 @@ class _Model:
 
 
 BinaryFinder = Callable[[Path | None], Path | None]
+# (a model's upstreams, the preferred one's id) -> the one to take the call, or None.
+Picker = Callable[[list[Servable], str | None], Servable | None]
 
 
 class Events(Protocol):
@@ -225,6 +227,9 @@ class Scheduler:
         # The model another was drained for: the room that frees up is its to take,
         # otherwise the drained model (whose callers queued earlier) takes it back.
         self._reserved_for: str | None = None
+        # Chooses among a model's upstreams; a cluster front puts node choice here
+        # (scheduler/cluster/nodes.py). Called on the event loop, must not block.
+        self.pick: Picker = policy.pick_instance
         # [[providers]]: their listings become dynamic models (engines/providers.py).
         self.providers = Providers(self, session)
         self._apply_models(cfg)
@@ -487,7 +492,7 @@ class Scheduler:
         if not m.queue:
             # The fast path: no future, no task, no snapshot.
             preferred = m.affinity.get(hints.affinity) if hints.affinity else None
-            inst = policy.pick_instance(m.servables(), preferred)
+            inst = self.pick(m.servables(), preferred)
             if inst is not None and inst.try_acquire():
                 return inst
         if m.unavailable and not any(r.state is State.READY for r in m.remotes):
@@ -627,7 +632,7 @@ class Scheduler:
                     m.queue.popleft()
                     continue
                 preferred = m.affinity.get(w.hints.affinity) if w.hints.affinity else None
-                inst = policy.pick_instance(m.servables(), preferred)
+                inst = self.pick(m.servables(), preferred)
                 if inst is None or not inst.try_acquire():
                     break
                 m.queue.popleft()
@@ -885,6 +890,12 @@ class Scheduler:
                     # first, and its kick must already see the backoff.
                     m.failures += 1
                     m.retry_at = self._clock() + launch_backoff(m.failures)
+        if not self._closing:
+            self._kick()
+
+    def wake(self) -> None:
+        """Something the scheduler does not own changed (a cluster node reported):
+        hand out queued slots again."""
         if not self._closing:
             self._kick()
 
