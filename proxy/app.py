@@ -37,6 +37,8 @@ from proxy import (
     openai,
     pulls,
     reqlog,
+    tuning,
+    workers,
 )
 from proxy.body import BodyBudget
 from proxy.errors import Dialect, error_middleware
@@ -46,7 +48,7 @@ from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics, request_middleware
 from proxy.ops.mount import add_dashboard_routes
 from proxy.reload import RELOADER, reload_ctx
-from scheduler import limits
+from scheduler import ipc, limits
 from scheduler.config import CorralConfig
 from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
 from scheduler.secrets import ScrubFilter
@@ -243,30 +245,55 @@ async def serve(
     refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
+    # workers > 1: worker processes listen on the ports (proxy/workers.py).
+    count = ipc.resolve_workers(cfg.server.workers)
+    if count > 1 and cfg.cluster.role != "none":
+        # A front's node token and a node's drain live in this process; workers do not
+        # carry them yet.
+        log.warning("[server] workers = %s is not supported with [cluster] role = %r yet: "
+                    "running one process", cfg.server.workers, cfg.cluster.role)
+        count = 1
+    side = workers.OwnerSide(root, count) if count > 1 else None
     main = runner(root, str(cfg.server.port))
     await main.setup()  # starts the scheduler (cleanup_ctx)
     runners = [main]
+
+    async def listen(r: web.AppRunner, port: int, kind: str | None) -> int:
+        if side is not None and kind is not None:
+            return side.reserve(kind, r, host, port)
+        await tuning.tcp_site(r, cfg, port).start()
+        return _bound_port(r)
+
     try:
-        await web.TCPSite(main, host, cfg.server.port, reuse_address=True).start()
-        log.info("OpenAI API on http://%s:%d", host, _bound_port(main))
+        bound = await listen(main, cfg.server.port, "main")
+        log.info("OpenAI API on http://%s:%d", host, bound)
         for label, port, app in port_apps(root):
             r = runner(app, str(port))
             await r.setup()
             runners.append(r)
             try:
-                await web.TCPSite(r, host, port, reuse_address=True).start()
+                bound = await listen(r, port, workers.PORT_KINDS.get(label))
             except OSError as e:
                 raise OSError(e.errno, f"cannot listen on {host}:{port} for the {label}: "
                                        f"{e.strerror}") from None
-            log.info("%s on http://%s:%d", label, host, _bound_port(r))
+            log.info("%s on http://%s:%d", label, host, bound)
+        if side is not None:
+            await side.start()
+            log.info("%d worker processes serve the ports", count)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
+        if cfg.server.gc_freeze:
+            # Everything built so far lives as long as the process (proxy.tuning).
+            log.debug("gc: %d long-lived objects frozen", tuning.freeze_long_lived())
         await stop.wait()
         await cluster.drain(root, sc.drain_timeout)
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)
     finally:
         try:
+            if side is not None:
+                # Workers first: their calls hold leases on the owner's instances.
+                await side.close(sc.drain_timeout)
             # Extra ports first; the core (and with it every instance) last. The
             # handlers stay installed meanwhile: a second signal forces the exit.
             for r in reversed(runners):

@@ -18,7 +18,16 @@ import aiohttp
 from aiohttp import web
 
 from proxy import body as bodies
-from proxy import jsonc, lmstudio_chat, lmstudio_sdk, openai, routes, translate, upstream
+from proxy import (
+    jsonc,
+    lmstudio_chat,
+    lmstudio_sdk,
+    openai,
+    routes,
+    stream_translate,
+    translate,
+    upstream,
+)
 from proxy import vision as images
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import (
@@ -108,7 +117,7 @@ async def _v0_chunks(
                 finish = _finish_reason(event) or finish
                 last = event
                 if isinstance(event.get("timings"), dict):
-                    event["stats"] = translate.lmstudio_stats(event["timings"], finish)
+                    event["stats"] = stream_translate.lmstudio_stats(event["timings"], finish)
                     event["model_info"] = info
                     event["runtime"] = runtime(event.get("system_fingerprint"))
                     extras_sent = True
@@ -118,7 +127,7 @@ async def _v0_chunks(
         yield [{
             "id": last.get("id"), "object": last.get("object"), "created": last.get("created"),
             "model": last.get("model"), "choices": [],
-            "stats": translate.lmstudio_stats(None, finish),
+            "stats": stream_translate.lmstudio_stats(None, finish),
             "model_info": info, "runtime": runtime(last.get("system_fingerprint")),
         }]
 
@@ -146,7 +155,7 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
             return await write_stream(request, _v0_chunks(batches, info), ndjson=False,
                                       client=client)
         body = jsonc.loads(await resp.read())
-        body["stats"] = translate.lmstudio_stats(body.get("timings"), _finish_reason(body))
+        body["stats"] = stream_translate.lmstudio_stats(body.get("timings"), _finish_reason(body))
         body["model_info"] = info
         body["runtime"] = runtime(body.get("system_fingerprint"))
         client.answered = True

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -192,8 +191,7 @@ async def events(app: web.Application, model: str, body: dict[str, Any], store: 
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:
-    return (f"event: {name}\ndata: "
-            + json.dumps({"type": name, **data}, separators=(",", ":")) + "\n\n").encode()
+    return b"event: " + name.encode() + b"\ndata: " + jsonc.dumps({"type": name, **data}) + b"\n\n"
 
 
 async def chat(request: web.Request) -> web.StreamResponse:

@@ -25,12 +25,22 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy import body as bodies
-from proxy import jsonc, openai, pulls, translate, upstream, vision
+from proxy import (
+    jsonc,
+    ollama_request,
+    openai,
+    pulls,
+    stream_translate,
+    translate,
+    upstream,
+    vision,
+)
 from proxy.keys import SCHEDULER
 from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
 from proxy.reqlog import note_model
-from proxy.streaming import upstream_batches, write_stream
-from proxy.translate import OllamaStream, tagged, upstream_error_body
+from proxy.stream_translate import OllamaStream
+from proxy.streaming import upstream_batches, upstream_data_batches, write_stream
+from proxy.translate import tagged, upstream_error_body
 from scheduler.config import ModelConfig
 from scheduler.errors import BadRequest, NotSupported, UnknownModel
 from scheduler.instance import State
@@ -168,18 +178,18 @@ async def _probe(request: web.Request, target: Target, keep: KeepAlive, kind: st
         async with scheduler.lease(target.name, keep.hints) as up:
             note_model(up.model)
             reason = "load"
-    return web.json_response(translate.probe_line(kind, target.display, reason))
+    return web.json_response(stream_translate.probe_line(kind, target.display, reason))
 
 
 async def _lines(
-    batches: AsyncGenerator[list[dict[str, Any]], None],
+    batches: AsyncGenerator[list[bytes], None],
     state: OllamaStream,
     started: int,
     load_ns: int,
-) -> AsyncGenerator[list[dict[str, Any]], None]:
+) -> AsyncGenerator[list[dict[str, Any]] | bytes, None]:
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            yield [line for event in batch if (line := state.feed(event)) is not None]
+            yield state.feed_data_batch(batch)
     yield state.tail(elapsed_ns(started), load_ns)
 
 
@@ -203,10 +213,10 @@ async def _generate(
             raise upstream_error_body(resp.status, await resp.read())
         load_ns = round(up.waited * 1e9)
         state = new_state()  # fresh per attempt: a resent call starts over
-        batches = upstream_batches(resp, up.instance_id)
         if stream:
-            return await write_stream(request, _lines(batches, state, started, load_ns),
-                                      ndjson=True, client=client)
+            lines = _lines(upstream_data_batches(resp, up.instance_id), state, started, load_ns)
+            return await write_stream(request, lines, ndjson=True, client=client)
+        batches = upstream_batches(resp, up.instance_id)
         async with contextlib.aclosing(batches):
             async for batch in batches:
                 for event in batch:
@@ -234,7 +244,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     keep = keep_alive(scheduler, target, body.get("keep_alive"))
     if not body.get("messages"):
         return await _probe(request, target, keep, "chat")
-    payload = translate.chat_body(body, target.name)
+    payload = ollama_request.chat_body(body, target.name)
     think = body.get("think") is not False
     hints = keep.hints
     if scheduler.balanced(target.name):  # replica affinity and the slot cache
@@ -255,7 +265,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     keep = keep_alive(scheduler, target, body.get("keep_alive"))
     if not (body.get("prompt") or body.get("suffix") or body.get("system")):
         return await _probe(request, target, keep, "generate")
-    path, payload = translate.generate_call(body, target.name)
+    path, payload = ollama_request.generate_call(body, target.name)
     think = body.get("think") is not False
     return await _generate(request, target, keep.hints, path, payload,
                            lambda: OllamaStream("generate", target.display, show_thinking=think),

@@ -21,6 +21,7 @@ from scheduler import pull
 from scheduler.config import ModelConfig
 from scheduler.discovery.watch import Discovery
 from scheduler.errors import UnknownModel
+from scheduler.ipc import WorkerScheduler
 from scheduler.scheduler import Scheduler
 
 SOURCE = "pulled"
@@ -136,6 +137,9 @@ async def ensure(app: web.Application, name: str) -> None:
     if not scheduler.config.scheduler.auto_pull or name in scheduler.names():
         return
     how = _ref_plan(name)
+    if how is not None and isinstance(scheduler, WorkerScheduler):
+        await scheduler.ensure_pulled(name)  # a worker process: the owner pulls
+        return
     if how is None or PULL_LOCKS not in app:
         return
     async with app[PULL_LOCKS].setdefault(name, asyncio.Lock()):

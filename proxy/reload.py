@@ -33,6 +33,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import tuning
 from proxy.metrics import Metrics
 from scheduler.config import CorralConfig, load_config
 from scheduler.engines.settings import keyed_remote_changes
@@ -256,6 +257,9 @@ class Reloader:
             self._metrics.config_loaded(True)
         summary = ", ".join(f"{k}: {', '.join(v)}" for k, v in changes.items()
                             if v and k != "unchanged") or "no model changed"
+        if new.server.gc_freeze:
+            # The new config's objects are long-lived too (proxy.tuning).
+            tuning.freeze_long_lived()
         log.info("config reloaded (%s): %s", source, summary)
         if restart:
             log.warning("config keys that take effect only after a restart changed: %s",

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -91,6 +92,23 @@ class ServerConfig(_Strict):
     lmstudio_sdk_port: int | None = Field(
         None, ge=0, le=65535, description="extra LM Studio SDK discovery listener (41343)"
     )
+    # Performance (docs/operations.md, tests/bench/README.md).
+    backlog: int = Field(
+        4096, ge=1, description="listen backlog per port (capped by net.core.somaxconn)"
+    )
+    gc_freeze: bool = Field(
+        True, description="freeze long-lived objects out of the garbage collector"
+    )
+    workers: int | Literal["auto"] = Field(
+        1, description='processes relaying calls ("auto": one per core); one owns the state'
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError('workers must be at least 1, or "auto"')
+        return value
 
     @field_validator("api_keys")
     @classmethod
@@ -507,6 +525,16 @@ class ScanDir(_Strict):
         return out
 
 
+class _Env(EnvSettingsSource):
+    """The ``CORRAL_*`` environment, without ``CORRAL_LLAMA_SERVER``: that one is a
+    path to a binary (scheduler/install.py), not the ``[llama_server]`` table, whose
+    keys are set one by one (``CORRAL_LLAMA_SERVER__BINARY``)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = super()._load_env_vars()
+        return {k: v for k, v in env.items() if k.lower() != "corral_llama_server"}
+
+
 class CorralConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_",
@@ -536,7 +564,8 @@ class CorralConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file arrives as init kwargs; the environment must win over it.
-        return env_settings, init_settings
+        env = _Env(settings_cls, env_prefix="CORRAL_", env_nested_delimiter="__")
+        return env, init_settings
 
     @model_validator(mode="after")
     def _unique_names(self) -> CorralConfig:

@@ -147,6 +147,7 @@ def doctor_report(configured_binary: Path | None = None) -> list[Row]:
         ("cmake", _tool_version(cmake) if cmake else "not found (needed to build llama-server)"),
         ("cache", cache_text),
         _nofile_row(),
+        _backlog_row(),
     ]
 
 
@@ -161,3 +162,19 @@ def _nofile_row(config: CorralConfig | None = None) -> Row:
         text += (f" — WARNING: up to {need} may be needed (max_connections × ports + "
                  "instances); raise LimitNOFILE / ulimit -n")
     return ("open files", text)
+
+
+def _backlog_row(config: CorralConfig | None = None) -> Row:
+    """The listen backlog in force against the configured one: a burst of new
+    connections beyond it is dropped by the kernel (ListenOverflows) and retried by
+    clients a second or more later."""
+    wanted = (config or CorralConfig()).server.backlog
+    cap = limits.somaxconn()
+    if cap is None:
+        return ("listen backlog", f"{wanted} ([server] backlog); somaxconn unreadable")
+    used = limits.backlog(wanted, cap)
+    text = f"{used} per port ([server] backlog {wanted}, net.core.somaxconn {cap})"
+    if used < wanted:
+        text += (f" — WARNING: capped by somaxconn; raise it with "
+                 f"sysctl -w net.core.somaxconn={wanted}")
+    return ("listen backlog", text)

@@ -50,6 +50,24 @@ def needed(max_instances: int, max_connections: int, ports: int) -> int:
     return max_connections * ports + 64 * max_instances + 64
 
 
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def somaxconn() -> int | None:
+    """The kernel's cap on any listen backlog; None where it cannot be read."""
+    try:
+        with open(SOMAXCONN) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def backlog(configured: int, cap: int | None) -> int:
+    """The backlog to ask for: the kernel silently truncates a larger one to
+    somaxconn, so asking for more only hides what is really in force."""
+    return configured if cap is None or cap <= 0 else min(configured, cap)
+
+
 def out_of_fds(context: dict[str, Any]) -> bool:
     exc = context.get("exception")
     return isinstance(exc, OSError) and exc.errno in _OUT_OF_FDS

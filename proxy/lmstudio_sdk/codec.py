@@ -14,18 +14,21 @@ call nor a channel, so nothing unsolicited is ever sent but a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Final
+
+import msgspec
 
 # The result of a void endpoint: rpcResult goes out without a ``result`` key.
 VOID: Final = object()
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# msgspec: every predicted fragment is a frame (proxy/streaming.py has the figures).
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 def dumps(frame: dict[str, Any]) -> str:
-    return _COMPACT.encode(frame)
+    return _encode(frame).decode()
 
 
 class SdkError(Exception):
@@ -115,8 +118,8 @@ def _int(frame: dict[str, Any], key: str) -> int | None:
 def decode(text: str | bytes) -> Frame:
     """One client frame; FrameError for anything malformed."""
     try:
-        frame = json.loads(text)
-    except ValueError as e:
+        frame = _decode(text)
+    except (msgspec.DecodeError, RecursionError) as e:
         raise FrameError(f"frame is not JSON: {e}") from None
     if not isinstance(frame, dict):
         raise FrameError("frame is not a JSON object")

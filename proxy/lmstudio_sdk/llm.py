@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import translate
+from proxy import stream_translate, translate
 from proxy.keys import SCHEDULER
 from proxy.lmstudio_sdk import config, history
 from proxy.lmstudio_sdk.channel import Channel, Ctx
@@ -67,7 +67,7 @@ class Prediction:
         total = time.perf_counter() - self.started
         ttft = (self.first_token or time.perf_counter()) - self.started
         out: dict[str, Any] = {
-            "stopReason": stop_reason or translate.lmstudio_stop_reason(self.finish),
+            "stopReason": stop_reason or stream_translate.lmstudio_stop_reason(self.finish),
             "totalTimeSec": total,
             "timeToFirstTokenSec": float(t["prompt_ms"]) / 1000.0 if "prompt_ms" in t else ttft,
             "promptTokensCount": prompt,

@@ -690,3 +690,15 @@ def test_model_api(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path / "corral.toml", text))
     assert cfg.models[0].api == ("chat", "messages")
     assert load_config(write(tmp_path / "b.toml", MODEL_A)).models[0].api is None
+
+
+def test_corral_llama_server_path_variable_is_not_the_section(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # install.py reads CORRAL_LLAMA_SERVER as a path; the settings must not take it
+    # for the [llama_server] table (it used to stop `corral serve` at start).
+    monkeypatch.setenv("CORRAL_LLAMA_SERVER", "/opt/llama/bin/llama-server")
+    monkeypatch.setenv("CORRAL_LLAMA_SERVER__ARGS", '["--mlock"]')
+    cfg = CorralConfig()
+    assert cfg.llama_server.args == ("--mlock",)
+    assert cfg.llama_server.binary is None

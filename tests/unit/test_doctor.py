@@ -94,3 +94,17 @@ def test_gpu_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rows["GPU 0"] == "NVIDIA H100, 80.0 GiB total, 1.0 GiB free"
     assert rows["NVIDIA"] == "driver 580.1"
     assert "GPUs" not in rows
+
+
+def test_backlog_row_reports_somaxconn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scheduler import limits
+    from scheduler.config import CorralConfig, ServerConfig
+
+    monkeypatch.setattr(limits, "somaxconn", lambda: 128)
+    name, text = doctor._backlog_row(CorralConfig(server=ServerConfig(backlog=4096)))
+    assert name == "listen backlog"
+    assert text.startswith("128 per port") and "somaxconn 128" in text and "WARNING" in text
+    monkeypatch.setattr(limits, "somaxconn", lambda: 8192)
+    _, text = doctor._backlog_row()
+    assert text.startswith("4096 per port") and "WARNING" not in text
+    assert any(r[0] == "listen backlog" for r in doctor.doctor_report())

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from proxy import ollama_request as rq
+from proxy import stream_translate as st
 from proxy import translate as t
 from proxy.streaming import ndjson_line, sse_event_batches, sse_events
 from scheduler.errors import BadRequest, CorralError, UpstreamFailed
@@ -200,13 +202,13 @@ JPEG = b64(b"\xff\xd8\xff\xe0" + bytes(24))
     ],
 )
 def test_image_url(data: str, url: str) -> None:
-    assert t.image_url(data) == url
+    assert rq.image_url(data) == url
 
 
 @pytest.mark.parametrize("data", ["", 3, None, "!!!notbase64"])
 def test_image_url_rejects(data: Any) -> None:
     with pytest.raises(BadRequest):
-        t.image_url(data)
+        rq.image_url(data)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +258,7 @@ def test_image_url_rejects(data: Any) -> None:
     ],
 )
 def test_openai_messages(messages: Any, expected: Any) -> None:
-    assert t.openai_messages(messages) == expected
+    assert rq.openai_messages(messages) == expected
 
 
 @pytest.mark.parametrize(
@@ -273,7 +275,7 @@ def test_openai_messages(messages: Any, expected: Any) -> None:
 )
 def test_openai_messages_rejects(messages: Any) -> None:
     with pytest.raises(BadRequest):
-        t.openai_messages(messages)
+        rq.openai_messages(messages)
 
 
 # --- request bodies -------------------------------------------------------------------------
@@ -283,7 +285,7 @@ TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "
 
 
 def test_chat_body() -> None:
-    body = t.chat_body(
+    body = rq.chat_body(
         {"model": "m:latest", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
          "format": "json", "think": False, "options": {"temperature": 0, "num_ctx": 4096},
          "keep_alive": "5m", "stream": False, "logprobs": True, "top_logprobs": 3},
@@ -311,14 +313,14 @@ def test_chat_body() -> None:
 def test_num_predict_is_mirrored_as_max_tokens_for_remote_upstreams(
     num_predict: int | None, max_tokens: int | None
 ) -> None:
-    body = t.chat_body({"messages": [], "options": {"num_predict": num_predict}}, "m")
+    body = rq.chat_body({"messages": [], "options": {"num_predict": num_predict}}, "m")
     assert body.get("max_tokens") == max_tokens
 
 
 @pytest.mark.parametrize("top", [21, -1, True, "3"])
 def test_top_logprobs_bounds(top: Any) -> None:
     with pytest.raises(BadRequest):
-        t.chat_body({"messages": [], "top_logprobs": top}, "m")
+        rq.chat_body({"messages": [], "top_logprobs": top}, "m")
 
 
 @pytest.mark.parametrize(
@@ -344,7 +346,7 @@ def test_top_logprobs_bounds(top: Any) -> None:
     ],
 )
 def test_generate_call(req: dict[str, Any], path: str, expected: dict[str, Any]) -> None:
-    got_path, body = t.generate_call(req, "m")
+    got_path, body = rq.generate_call(req, "m")
     assert got_path == path
     for key, value in expected.items():
         assert body[key] == value
@@ -368,7 +370,7 @@ def test_generate_call(req: dict[str, Any], path: str, expected: dict[str, Any])
 )
 def test_generate_call_rejects(req: dict[str, Any]) -> None:
     with pytest.raises(BadRequest):
-        t.generate_call(req, "m")
+        rq.generate_call(req, "m")
 
 
 # --- embeddings -----------------------------------------------------------------------------
@@ -432,7 +434,7 @@ TIMINGS = {"cache_n": 3, "prompt_n": 22, "prompt_ms": 226.982, "predicted_n": 5,
     ],
 )
 def test_durations(timings: Any, usage: Any, expected: dict[str, int]) -> None:
-    got = t.durations(timings, usage)
+    got = st.durations(timings, usage)
     assert got == expected
     assert all(isinstance(v, int) for v in got.values())
 
@@ -442,7 +444,7 @@ def test_durations(timings: Any, usage: Any, expected: dict[str, int]) -> None:
     [("stop", "stop"), ("length", "length"), ("tool_calls", "stop"), (None, "stop")],
 )
 def test_done_reason(finish: str | None, reason: str) -> None:
-    assert t.done_reason(finish) == reason
+    assert st.done_reason(finish) == reason
 
 
 @pytest.mark.parametrize(
@@ -458,11 +460,11 @@ def test_done_reason(finish: str | None, reason: str) -> None:
     ],
 )
 def test_lmstudio_stop_reason(finish: str | None, stop_type: str | None, reason: str) -> None:
-    assert t.lmstudio_stop_reason(finish, stop_type) == reason
+    assert st.lmstudio_stop_reason(finish, stop_type) == reason
 
 
 def test_lmstudio_stats() -> None:
-    assert t.lmstudio_stats(TIMINGS, "length") == {
+    assert st.lmstudio_stats(TIMINGS, "length") == {
         "tokens_per_second": 56.25,
         "time_to_first_token": pytest.approx(0.226982),
         "generation_time": pytest.approx(0.0888925),
@@ -532,11 +534,11 @@ def chunk(delta: dict[str, Any] | None = None, finish: str | None = None,
     return {"object": "chat.completion.chunk", "choices": choices, **extra}
 
 
-def stream(kind: str = "chat", **kw: Any) -> t.OllamaStream:
-    return t.OllamaStream(kind, "m:latest", now=lambda: "T", **kw)  # type: ignore[arg-type]
+def stream(kind: str = "chat", **kw: Any) -> st.OllamaStream:
+    return st.OllamaStream(kind, "m:latest", now=lambda: "T", **kw)  # type: ignore[arg-type]
 
 
-def run(state: t.OllamaStream, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run(state: st.OllamaStream, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     lines = [line for e in events if (line := state.feed(e)) is not None]
     return lines + state.tail(total_ns=1000, load_ns=10)
 
@@ -675,10 +677,10 @@ def test_stream_passes_logprobs() -> None:
 
 
 def test_probe_lines() -> None:
-    chat = t.probe_line("chat", "m:latest", "load")
+    chat = st.probe_line("chat", "m:latest", "load")
     assert chat["message"] == {"role": "assistant", "content": ""}
     assert (chat["done"], chat["done_reason"]) == (True, "load")
-    gen = t.probe_line("generate", "m:latest", "unload")
+    gen = st.probe_line("generate", "m:latest", "unload")
     assert (gen["response"], gen["done_reason"]) == ("", "unload")
 
 

@@ -1,0 +1,179 @@
+"""Leases across processes (scheduler/ipc.py), both ends in one event loop: the owner's
+lease server and a WorkerScheduler over a real Unix socket pair, a real Scheduler
+whose model is a remote (an aiohttp app standing in for a health-checked server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from scheduler import ipc
+from scheduler.config import CorralConfig
+from scheduler.errors import CorralError, Overloaded, ShuttingDown, UnknownModel
+from scheduler.scheduler import Scheduler
+from tests.conftest import wait_for
+
+
+def test_resolve_workers() -> None:
+    assert ipc.resolve_workers(3) == 3
+    assert ipc.resolve_workers("auto", cores=8) == 8
+    assert ipc.resolve_workers("auto") >= 1
+
+
+@pytest.mark.parametrize("error", [
+    UnknownModel("x", ["a", "b"]), Overloaded("queue full", retry_after=2.5),
+    CorralError("plain")])
+def test_errors_cross_with_their_class_and_fields(error: CorralError) -> None:
+    back = ipc.error_of(ipc.error_frame(7, error))
+    assert type(back) is type(error)
+    assert (back.message, back.status, back.code, str(back)) == (
+        error.message, error.status, error.code, str(error))
+    if isinstance(error, Overloaded):
+        assert isinstance(back, Overloaded) and back.retry_after == 2.5
+
+
+@contextlib.asynccontextmanager
+async def pair(slots: int = 2, **remote: Any
+               ) -> AsyncIterator[tuple[Scheduler, ipc.WorkerScheduler, Any]]:
+    async def ok(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/health", ok)
+    server = TestServer(app)
+    await server.start_server()
+    url = str(server.make_url(""))
+    cfg = CorralConfig.model_validate({"models": [{
+        "name": "m", "remote_slots": slots,
+        "remotes": [{"url": url, **remote} if remote else url]}]})
+    async with aiohttp.ClientSession() as session:
+        sched = Scheduler(cfg, session)
+        await sched.start()
+        owner = ipc.Owner(sched, 1, lambda i, fd: [])
+        a, b = socket.socketpair()
+        ra, wa = await asyncio.open_unix_connection(sock=a)
+        peer = ipc._Peer(1, ipc._Line(ra, wa))
+        serving = asyncio.create_task(owner._serve(peer))
+        line = await ipc.connect(b.detach())
+        first = await line.next()
+        assert first is not None and first["op"] == "config"
+        worker = ipc.WorkerScheduler(ipc.config_of(first), session, line)
+        reading = asyncio.create_task(worker.run())
+        try:
+            yield sched, worker, (serving, owner, peer)
+        finally:
+            await worker.close()
+            for t in (reading, serving):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            owner._drop(peer)
+            await sched.close()
+            await server.close()
+
+
+def in_flight(sched: Scheduler) -> int:
+    return sum(r.in_flight for r in sched.remotes())
+
+
+async def test_a_lease_from_a_worker_is_held_and_released() -> None:
+    async with pair() as (sched, worker, _):
+        assert worker.resolve("m").name == "m"
+        async with worker.lease("m") as up:
+            assert up.model == "m" and up.base_url.startswith("http://")
+            assert in_flight(sched) == 1
+        await wait_for(lambda: in_flight(sched) == 0, within=2)
+        with pytest.raises(UnknownModel) as info:
+            async with worker.lease("nope"):
+                pass
+        assert info.value.status == 404 and "available models: m" in info.value.message
+
+
+async def test_a_closed_socket_releases_every_lease() -> None:
+    async with pair(slots=4) as (sched, worker, (serving, owner, peer)):
+        held = [worker.lease("m") for _ in range(3)]
+        for cm in held:
+            await cm.__aenter__()
+        assert in_flight(sched) == 3
+        # The worker dies without a word: its end of the socket closes.
+        worker._line.writer.transport.abort()
+        await asyncio.wait_for(serving, 2)
+        owner._drop(peer)
+        await wait_for(lambda: in_flight(sched) == 0, within=2)
+        # Meanwhile the worker side fails what it still waits for, cleanly.
+        await wait_for(worker.lost.is_set, within=2)
+        with pytest.raises(ShuttingDown):
+            async with worker.lease("m"):
+                pass
+
+
+async def test_a_waiting_lease_cancelled_by_the_worker_leaves_nothing_behind() -> None:
+    async with pair(slots=1) as (sched, worker, _):
+        async with worker.lease("m"):
+            waiting = asyncio.create_task(worker.lease("m").__aenter__())
+            await asyncio.sleep(0.05)
+            assert not waiting.done()  # queued behind the first
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        await wait_for(lambda: in_flight(sched) == 0, within=2)
+        async with worker.lease("m"):  # the slot is free again
+            assert in_flight(sched) == 1
+
+
+async def test_a_release_right_behind_its_lease_leaves_no_task_and_no_lease() -> None:
+    async with pair() as (sched, worker, (_serving, _owner, peer)):
+        for cid in range(100, 110):
+            # Both frames in one read: the lease task is cancelled before its first step.
+            worker._line.send({"op": "lease", "id": cid, "model": "m"})
+            worker._line.send({"op": "release", "id": cid})
+        worker._line.send({"op": "suspect", "iid": "nope", "reason": "test"})
+        worker._line.send({"op": "bogus"})
+        worker._line.send({"op": "lease"})  # a bad frame is logged, the rest still served
+        await wait_for(lambda: not peer.tasks, within=2)
+        assert in_flight(sched) == 0
+        async with worker.lease("m"):
+            assert in_flight(sched) == 1
+
+
+async def test_a_remote_s_key_headers_name_and_api_reach_the_worker() -> None:
+    async with pair(api_key="sk-remote-secret", headers={"X-Org": "o1"}, model="theirs",
+                    api=["chat"], tls_verify=False) as (_sched, worker, _):
+        # The config crossed with its secret intact (the worker's log scrubber needs it).
+        remote = worker.config.models[0].remotes[0]
+        assert remote.api_key is not None
+        assert remote.api_key.get_secret_value() == "sk-remote-secret"
+        async with worker.lease("m") as up:
+            e = up.egress
+            assert e.headers == {"X-Org": "o1", "Authorization": "Bearer sk-remote-secret"}
+            assert (e.rename, e.ssl, up.apis) == ("theirs", False, frozenset({"chat"}))
+
+
+def test_a_tls_context_crosses_as_its_ca_certificates(tmp_path: Any) -> None:
+    import ssl as ssl_mod
+
+    from scheduler.engines.egress import Egress
+    from scheduler.scheduler import Upstream
+
+    ca = ssl_mod.get_default_verify_paths().cafile
+    if ca is None:
+        pytest.skip("no system CA bundle here to load as a ca_file")
+    ctx = ssl_mod.create_default_context(cafile=ca)
+    up = Upstream("https://r", "r#1", "m", 0.0, None, Egress(ssl=ctx))
+    back = ipc.upstream_of(msgspec_roundtrip(ipc.upstream_frame(up)))
+    assert isinstance(back.egress.ssl, ssl_mod.SSLContext)
+    assert back.egress.ssl.get_ca_certs(True) == ctx.get_ca_certs(True)
+
+
+def msgspec_roundtrip(value: Any) -> Any:
+    import msgspec
+
+    return msgspec.json.decode(msgspec.json.encode(value))
