@@ -140,8 +140,11 @@ def protected_changes(old: CorralConfig, new: CorralConfig) -> list[str]:
             if key in was:
                 if was[key] != value:
                     changed.append(key)
-            elif not _empty(value):
-                changed.append(key)  # a new model that names a file or flags
+            elif not _empty(value) and value not in was.values():
+                # A new model that names a file or flags no model had. Reusing what a
+                # model already runs with (another alias or context size for the same
+                # file) executes and reads nothing new, so it stays allowed.
+                changed.append(key)
     # Remotes that carry a key: compared whole, secrets included (a dump shows
     # SecretStr as ********** either way).
     changed += keyed_remote_changes({m.name: m.remote_configs() for m in old.models},

@@ -134,3 +134,13 @@ def test_reserved_flags_are_refused_in_any_args(args: list[str], where: str) -> 
         data["llama_server"] = {"args": args}
     with pytest.raises(ValueError, match="is set by Corral"):
         CorralConfig(**data)
+
+
+def test_a_new_model_may_reuse_what_a_model_already_runs_with(tmp_path: Path) -> None:
+    old = _cfg(tmp_path, model={"args": ["--mlock"]})
+    same_file = CorralConfig(models=[*old.model_dump()["models"], {
+        "name": "b", "path": str(tmp_path / "a.gguf"), "args": ["--mlock"], "ctx_size": 8192}])
+    assert protected_changes(old, same_file) == []  # same file, same flags: nothing new
+    new_flags = CorralConfig(models=[*old.model_dump()["models"], {
+        "name": "b", "path": str(tmp_path / "a.gguf"), "args": ["--no-mmap"]}])
+    assert protected_changes(old, new_flags) == ["models.b.args"]
