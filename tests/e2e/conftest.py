@@ -29,6 +29,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: held open together while chosen, so the kernel
+    cannot hand the same one out twice (it did: two ports of one Corral collided)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @pytest.fixture(scope="session")
 def llama_server_bin() -> Path:
     found = find_llama_server(None)
@@ -99,7 +112,7 @@ def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., Cor
     started: list[CorralProc] = []
 
     def start(models: str, scheduler: str = "", server: str = "") -> CorralProc:
-        port, oport, lport = free_port(), free_port(), free_port()
+        port, oport, lport = free_ports(3)
         cfg = tmp_path / f"corral-{len(started)}.toml"
         cfg.write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {port}\nollama_port = {oport}\n'

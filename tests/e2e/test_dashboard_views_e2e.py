@@ -221,8 +221,9 @@ def test_config_edit_refused_with_the_error_shown_then_applied(
     expect(page.locator("#cfg-message")).to_contain_text("Not applied")
     shot(page, "config-error", phone=True)
 
-    # A new local model names a file: protected over HTTP, said at the line.
-    local = original + f'\n[[models]]\nname = "friend"\npath = "{gemma}"\n'
+    # A new local model that names a file no model serves: protected over HTTP, said
+    # at the line. (Reusing the served Gemma file would be allowed: nothing new runs.)
+    local = original + '\n[[models]]\nname = "friend"\npath = "/etc/passwd"\n'
     editor.fill(local)
     expect(page.locator("#cfg-errors li")).to_contain_text("protected")
     page.locator("#cfg-apply").click()

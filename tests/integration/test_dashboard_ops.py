@@ -169,8 +169,13 @@ async def test_validate_reports_errors_at_their_line_and_writes_nothing(
     assert report["errors"][0]["line"] == len(old.splitlines()) + 2
     assert "invalid TOML" in report["errors"][0]["message"]
 
-    # A new local model names a file: protected, shown at the line of its path.
-    local = old + f'\n[[models]]\nname = "c"\npath = "{tmp_path / "a.gguf"}"\n'
+    # A new local model that reuses a served model's file runs nothing new: allowed.
+    variant = old + f'\n[[models]]\nname = "c"\npath = "{tmp_path / "a.gguf"}"\nctx_size = 512\n'
+    assert (await validate(client, variant))["ok"]
+    # One that names another file: protected, shown at the line of its path.
+    other = tmp_path / "other.gguf"
+    other.write_bytes((tmp_path / "a.gguf").read_bytes())
+    local = old + f'\n[[models]]\nname = "c"\npath = "{other}"\n'
     report = await validate(client, local)
     assert not report["ok"]
     (err,) = report["errors"]
