@@ -15,7 +15,7 @@ import re
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -154,9 +154,9 @@ class RuntimeConfig(_Strict):
         return full
 
 
-class RemoteConfig(_Strict):
-    """One remote server of a model (a table in ``remotes``; a bare URL string is the
-    same with every other key at its default)."""
+class _Endpoint(_Strict):
+    """What a remote and a provider share: where the server is, how to authenticate
+    to it and how far to trust its TLS."""
 
     url: str = Field(description="base URL: http://host:port, or an API base such as "
                      "https://api.openai.com/v1 whose path replaces /v1")
@@ -165,12 +165,44 @@ class RemoteConfig(_Strict):
     # repr=False: a key given as a header must not reach a log line through repr().
     headers: dict[str, str] = Field(default_factory=dict, repr=False,
                                     description="extra request headers")
-    model: str | None = Field(None, description="the name the remote expects in 'model'")
     tls_verify: bool = True
-    ca_file: Path | None = Field(None, description="CA bundle that signs the remote's cert")
+    ca_file: Path | None = Field(None, description="CA bundle that signs the server's cert")
     timeout: float | None = Field(
         None, gt=0, description="seconds to the first byte (default: the model's)"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        return _check_url(url)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        return _check_headers(headers)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("set 'api_key' or 'api_key_env', not both")
+        if self.api_key_env is not None:
+            if not _ENV_RE.match(self.api_key_env):
+                raise ValueError(f"api_key_env: {self.api_key_env!r} is not a variable name")
+            if not os.environ.get(self.api_key_env):
+                raise ValueError(
+                    f"api_key_env: environment variable {self.api_key_env} is not set")
+        if any(k.lower() == "authorization" for k in self.headers) and (
+            self.api_key is not None or self.api_key_env is not None
+        ):
+            raise ValueError("an 'Authorization' header and an API key: set only one")
+        return self
+
+
+class RemoteConfig(_Endpoint):
+    """One remote server of a model (a table in ``remotes``; a bare URL string is the
+    same with every other key at its default)."""
+
+    model: str | None = Field(None, description="the name the remote expects in 'model'")
     weight: float = Field(1.0, gt=0, description="share of calls against other upstreams")
     slots: int | None = Field(None, ge=1, description="concurrent calls (default remote_slots)")
     health: Literal["auto", "/health", "/v1/models", "none"] = Field(
@@ -182,40 +214,8 @@ class RemoteConfig(_Strict):
         None, description="API families it speaks natively; None: llama-server's"
     )
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, url: str) -> str:
-        return _check_url(url)
 
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        return _check_headers(headers)
-
-    @model_validator(mode="after")
-    def _one_key(self) -> RemoteConfig:
-        return _check_keys(self)
-
-
-_Keyed = TypeVar("_Keyed", "RemoteConfig", "ProviderConfig")
-
-
-def _check_keys(cfg: _Keyed) -> _Keyed:
-    if cfg.api_key is not None and cfg.api_key_env is not None:
-        raise ValueError("set 'api_key' or 'api_key_env', not both")
-    if cfg.api_key_env is not None:
-        if not _ENV_RE.match(cfg.api_key_env):
-            raise ValueError(f"api_key_env: {cfg.api_key_env!r} is not a variable name")
-        if not os.environ.get(cfg.api_key_env):
-            raise ValueError(f"api_key_env: environment variable {cfg.api_key_env} is not set")
-    if any(k.lower() == "authorization" for k in cfg.headers) and (
-        cfg.api_key is not None or cfg.api_key_env is not None
-    ):
-        raise ValueError("an 'Authorization' header and an API key: set only one")
-    return cfg
-
-
-def env_key(cfg: RemoteConfig | ProviderConfig) -> str | None:
+def env_key(cfg: _Endpoint) -> str | None:
     """The key to send: ``api_key``, or ``api_key_env`` read now (load or reload)."""
     if cfg.api_key is not None:
         return cfg.api_key.get_secret_value()
@@ -224,18 +224,11 @@ def env_key(cfg: RemoteConfig | ProviderConfig) -> str | None:
     return None
 
 
-class ProviderConfig(_Strict):
+class ProviderConfig(_Endpoint):
     """``[[providers]]``: a server hosting many models, declared once. Its
     ``/v1/models`` is read at start and every ``refresh`` seconds."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    url: str
-    api_key: SecretStr | None = None
-    api_key_env: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict, repr=False)
-    tls_verify: bool = True
-    ca_file: Path | None = None
-    timeout: float | None = Field(None, gt=0)
     models: Literal["*"] | tuple[str, ...] = Field(
         "*", description='"*" for every model it lists, or the ids to offer'
     )
@@ -245,20 +238,6 @@ class ProviderConfig(_Strict):
     cooldown: float = Field(30.0, ge=0, description="seconds a model sits out after a "
                             "failed call")
     api: tuple[UpstreamApi, ...] | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, url: str) -> str:
-        return _check_url(url)
-
-    @field_validator("headers")
-    @classmethod
-    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        return _check_headers(headers)
-
-    @model_validator(mode="after")
-    def _one_key(self) -> ProviderConfig:
-        return _check_keys(self)
 
 
 def provider_may_offer(providers: tuple[ProviderConfig, ...], name: str) -> bool:
