@@ -21,8 +21,8 @@ import pytest
 from proxy import tuning
 from proxy.reload import Reloader
 from scheduler import limits
-from tests.e2e.conftest import free_port
-from tests.fakes import write_dummy_gguf
+from tests.e2e.conftest import free_ports
+from tests.fakes import wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def listen_backlog(port: int) -> int:
 
 @pytest.fixture
 def served(tmp_path: Path, fake_llama: Path) -> Iterator[tuple[dict[str, int], Path]]:
-    ports = {"main": free_port(), "ollama": free_port(), "lmstudio": free_port()}
+    ports = dict(zip(("main", "ollama", "lmstudio"), free_ports(3), strict=True))
     cfg = tmp_path / "corral.toml"
     cfg.write_text(
         f"[server]\nport = {ports['main']}\nollama_port = {ports['ollama']}\n"
@@ -48,15 +48,7 @@ def served(tmp_path: Path, fake_llama: Path) -> Iterator[tuple[dict[str, int], P
         proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{ports['lmstudio']}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
-            time.sleep(0.05)
+        wait_healthy(f"http://127.0.0.1:{ports['lmstudio']}", proc, log_path)
         yield ports, log_path
     finally:
         proc.send_signal(signal.SIGTERM)
