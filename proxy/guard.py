@@ -15,6 +15,7 @@ Why each exists:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable
 
@@ -78,6 +79,9 @@ def host_matcher(server: ServerConfig) -> Callable[[str], bool]:
     exact = frozenset(p for p in patterns if "*" not in p)
     globs = [p for p in patterns if "*" in p]
 
+    # Cached: every call asks, with one of a few Host values (parsing an address costs
+    # more than the rest of this middleware); bounded, since a client picks the value.
+    @functools.lru_cache(maxsize=1024)
     def allowed(host: str) -> bool:
         name = host_name(host)
         if not name:

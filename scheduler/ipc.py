@@ -52,7 +52,7 @@ from scheduler.config import CorralConfig
 from scheduler.engines.egress import PLAIN, Egress
 from scheduler.errors import CorralError, ShuttingDown
 from scheduler.instance import _PREEXEC
-from scheduler.scheduler import LeaseHints, Scheduler, Upstream
+from scheduler.scheduler import LeaseHints, Scheduler, Servable, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,8 @@ class _Peer:
         # Granted leases: resolving the future ends the lease normally (cheaper than
         # cancelling its task, which is for those still waiting and for a dead worker).
         self.granted: dict[int, asyncio.Future[None]] = {}
+        # Leases taken on the fast path (Scheduler.lease_now): released directly.
+        self.held: dict[int, Servable] = {}
         self.config: CorralConfig | None = None
 
 
@@ -240,7 +242,7 @@ class Owner:
         self.started = 0  # worker processes started, restarts included
 
     def leases_held(self) -> int:
-        return sum(len(p.tasks) for p in self.peers.values())
+        return sum(len(p.tasks) + len(p.held) for p in self.peers.values())
 
     async def start(self) -> None:
         self._runners = [asyncio.create_task(self._run(i), name=f"corral-worker-{i}")
@@ -306,6 +308,9 @@ class Owner:
 
     def _drop(self, peer: _Peer) -> None:
         # The worker is gone: every lease it held is released now (contract 1).
+        held, peer.held = peer.held, {}
+        for inst in held.values():
+            inst.release()
         for task in peer.tasks.values():
             task.cancel()
         self.peers.pop(peer.index, None)
@@ -326,9 +331,19 @@ class Owner:
             cid = int(frame["id"])
             hints = LeaseHints(affinity=frame.get("affinity"),
                                keep_alive=frame.get("keep_alive"))
-            self._hold(peer, cid, self._lease(peer, cid, str(frame["model"]), hints))
+            model = str(frame["model"])
+            now = self._scheduler.lease_now(model, hints)
+            if now is not None:
+                # A free slot now: held in a table, no task (most leases, under load).
+                up, peer.held[cid] = now
+                peer.line.send({"op": "leased", "id": cid, "up": upstream_frame(up)})
+            else:
+                self._hold(peer, cid, self._lease(peer, cid, model, hints))
         elif op == "release":
             cid = int(frame["id"])
+            if (held := peer.held.pop(cid, None)) is not None:
+                held.release()
+                return
             granted = peer.granted.pop(cid, None)
             if granted is not None:
                 if not granted.done():

@@ -525,18 +525,38 @@ class Scheduler:
                 log.warning("model '%s' cannot serve (%s); falling back to '%s'",
                             serving.cfg.name, e.message.splitlines()[0], chain[i + 1].cfg.name)
         assert inst is not None
-        if hints.affinity:
-            self._remember(serving, hints.affinity, inst.id)
-        if hints.keep_alive is not None:
-            inst.ttl_override = hints.keep_alive
         try:
             if hints.affinity and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
                 await self.slots.restore(inst, hints.affinity)
-            yield Upstream(inst.base_url, inst.id, serving.cfg.name, self._clock() - start,
-                           _apis(serving.cfg.api) if inst.apis is None else inst.apis,
-                           inst.egress)
+            yield self._granted(serving, inst, hints, start)
         finally:
             inst.release()
+
+    def _granted(self, m: _Model, inst: Servable, hints: LeaseHints, start: float) -> Upstream:
+        if hints.affinity:
+            self._remember(m, hints.affinity, inst.id)
+        if hints.keep_alive is not None:
+            inst.ttl_override = hints.keep_alive
+        return Upstream(inst.base_url, inst.id, m.cfg.name, self._clock() - start,
+                        _apis(m.cfg.api) if inst.apis is None else inst.apis, inst.egress)
+
+    def lease_now(self, name: str, hints: LeaseHints) -> tuple[Upstream, Servable] | None:
+        """``lease()``'s fast path as a plain call, for a lease held across processes.
+
+        A free slot on a ready upstream of ``name`` itself, taken now; the caller gives
+        it back with ``release()`` on the servable, on every exit path. None when the
+        call would wait, fall back, fail or restore a slot: then ``lease()`` decides.
+        """
+        m = self._names.get(name)
+        if m is None or self._closing or m.queue:
+            return None
+        if hints.affinity and self.slots.enabled(m.cfg):
+            return None
+        preferred = m.affinity.get(hints.affinity) if hints.affinity else None
+        inst = self.pick(m.servables(), preferred)
+        if inst is None or not inst.try_acquire():
+            return None
+        return self._granted(m, inst, hints, self._clock()), inst
 
     async def _acquire(
         self, m: _Model, hints: LeaseHints, start: float, key: tenants.Key | None = None

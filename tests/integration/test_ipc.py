@@ -177,3 +177,22 @@ def msgspec_roundtrip(value: Any) -> Any:
     import msgspec
 
     return msgspec.json.decode(msgspec.json.encode(value))
+
+
+async def test_a_free_slot_is_leased_without_a_task_and_a_full_one_waits_in_one() -> None:
+    async with pair(slots=1) as (sched, worker, (_serving, owner, peer)):
+        async with worker.lease("m"):  # the first waits for the remote's health check
+            pass
+        await wait_for(lambda: in_flight(sched) == 0 and not peer.tasks, within=2)
+        owner.peers[peer.index] = peer  # as Owner._run registers it
+        async with worker.lease("m"):
+            # The fast path (Scheduler.lease_now): held in the peer's table, no task.
+            assert len(peer.held) == 1 and not peer.tasks and owner.leases_held() == 1
+            second = worker.lease("m")
+            waiting = asyncio.create_task(second.__aenter__())
+            await wait_for(lambda: len(peer.tasks) == 1, within=2)
+            assert not waiting.done() and owner.leases_held() == 2
+        await asyncio.wait_for(waiting, 2)  # granted by the task once the slot is free
+        assert not peer.held and in_flight(sched) == 1
+        await second.__aexit__(None, None, None)
+        await wait_for(lambda: in_flight(sched) == 0 and not peer.tasks, within=2)
