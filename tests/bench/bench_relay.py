@@ -450,8 +450,8 @@ def _others_cpu() -> float:
         with contextlib.suppress(psutil.NoSuchProcess):
             t = psutil.Process(pid).cpu_times()
             total += t.user + t.system
-    t = os.times()
-    return total + t.children_user + t.children_system
+    mine = os.times()
+    return total + mine.children_user + mine.children_system
 
 
 def workers_section(tmp: Path, models: dict[str, str], secs: int) -> None:
