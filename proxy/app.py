@@ -50,7 +50,7 @@ from proxy.ops.mount import add_dashboard_routes
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import ipc, limits
 from scheduler.config import CorralConfig
-from scheduler.scheduler import BinaryFinder, Scheduler, _default_finder
+from scheduler.scheduler import BinaryFinder, Scheduler, default_finder
 from scheduler.secrets import ScrubFilter
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class CoreOptions:
     """What tests change about the core: where llama-server comes from, how often
     the reaper looks for idle instances."""
 
-    find_binary: BinaryFinder = _default_finder
+    find_binary: BinaryFinder = default_finder
     reap_interval: float = 0.5
 
 
