@@ -67,15 +67,6 @@ def setup(app: web.Application, cfg: CorralConfig) -> None:
         app.cleanup_ctx.append(_front_ctx)
 
 
-def accepted_keys(cfg: CorralConfig) -> tuple[str, ...]:
-    """API keys a port accepts: a node that requires keys takes the token too, so that
-    fronts reach it without holding the clients' keys."""
-    keys = cfg.server.api_keys
-    if keys and cfg.cluster.role == "node":
-        keys = (*keys, cfg.cluster.token)
-    return keys
-
-
 def _authorized(request: web.Request, token: str) -> bool:
     auth = request.headers.get("Authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
