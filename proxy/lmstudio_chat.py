@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import body as bodies
-from proxy import jsonc, translate
+from proxy import jsonc, reqlog, translate
 from proxy.chat_store import ChatStore
 from proxy.keys import CHAT_STORE, SCHEDULER
 from proxy.lmstudio_sdk.models import ready
@@ -214,6 +214,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     await out.prepare(request)
     async with contextlib.aclosing(stream):
         async for name, data in stream:
+            if name == "chat.end":
+                reqlog.mark_ended()
             await out.write(_sse(name, data))
     await out.write_eof()
     return out

@@ -332,7 +332,8 @@ def request_middleware(metrics: Metrics, dialect: str) -> Middleware:
             status = e.status
             raise
         except (asyncio.CancelledError, ConnectionResetError):
-            status = 499  # the client went away (nginx's code for it)
+            # The client went away (nginx's code for it), unless it had the whole answer.
+            status = info.status if info.ended and info.status else 499
             raise
         finally:
             CURRENT.reset(token)
@@ -353,6 +354,7 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     if info is None:
         return
     response.headers[HEADER] = info.id
+    info.status = response.status
     if type(response) is web.StreamResponse:
         _time_first_write(response, info)
 

@@ -30,7 +30,7 @@ class RequestInfo:
     """What Corral learns about one call while it runs. Mutable on purpose: the
     handler fills in ``model`` once the scheduler has resolved it."""
 
-    __slots__ = ("first_byte", "id", "model", "start")
+    __slots__ = ("ended", "first_byte", "id", "model", "start", "status")
 
     def __init__(self, request_id: str, start: float) -> None:
         self.id = request_id
@@ -39,6 +39,11 @@ class RequestInfo:
         self.first_byte = 0.0
         # The configured name of the model that served the call ("" until known).
         self.model = ""
+        # A streamed answer's status once its headers are out, and whether its end
+        # (the dialect's last event) was written: a client that hangs up after that,
+        # as many do on reading the end, got the whole answer and is not counted 499.
+        self.status = 0
+        self.ended = False
 
 
 CURRENT: ContextVar[RequestInfo | None] = ContextVar("corral_request", default=None)
@@ -46,6 +51,13 @@ CURRENT: ContextVar[RequestInfo | None] = ContextVar("corral_request", default=N
 
 def current() -> RequestInfo | None:
     return CURRENT.get()
+
+
+def mark_ended() -> None:
+    """The current call's answer has been written to its end (see RequestInfo.ended)."""
+    info = CURRENT.get()
+    if info is not None:
+        info.ended = True
 
 
 def note_model(name: str) -> None:

@@ -86,6 +86,8 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     client.answered = True
     assert client.request is not None, "relay answers an HTTP request"
     await out.prepare(client.request)
+    if sse and first.endswith(_LAST_EVENTS):
+        reqlog.mark_ended()
     await out.write(first)
     await _pump(out, up, resp, client, sse)
     return out
@@ -106,6 +108,7 @@ async def _relay_into(
     if info is not None:
         # Time to first token is the answer's, not the loading feedback's.
         info.first_byte = time.perf_counter()
+        info.ended = first.endswith(_LAST_EVENTS)
     await out.write(first)
     await _pump(out, up, resp, client, True)
     return out
@@ -117,6 +120,8 @@ async def _pump(
 ) -> None:
     try:
         async for chunk in resp.content.iter_any():
+            if sse and chunk.endswith(_LAST_EVENTS):
+                reqlog.mark_ended()
             await out.write(chunk)
     except _UPSTREAM_BROKE as e:
         log.warning("instance %s broke mid-stream: %s", up.instance_id, e or type(e).__name__)
@@ -127,7 +132,13 @@ async def _pump(
                                  f"{'timed out' if isinstance(e, TimeoutError) else e}")
             await out.write(stream_error_event(err, client.family))
         return
+    reqlog.mark_ended()
     await out.write_eof()
+
+
+# How the last event of a stream passed through ends: OpenAI's chat and completions
+# (also llama-server's), Anthropic Messages. Checked on the tail of each read.
+_LAST_EVENTS = (b"data: [DONE]\n\n", b'"type":"message_stop"}\n\n')
 
 
 def stream_error(message: str) -> dict[str, Any]:
@@ -348,8 +359,10 @@ async def write_stream(
                     continue
                 if out is None:
                     out = await start()
-                await out.write(batch if isinstance(batch, bytes)
-                                else b"".join(map(encode, batch)))
+                data = batch if isinstance(batch, bytes) else b"".join(map(encode, batch))
+                if ndjson and b'"done":true' in data:
+                    reqlog.mark_ended()  # Ollama's last line
+                await out.write(data)
         except CorralError as e:
             if out is None:
                 raise
@@ -358,6 +371,7 @@ async def write_stream(
             failed = True
     if out is None:
         out = await start()
+    reqlog.mark_ended()
     if not ndjson and not failed:
         await out.write(sse_event("[DONE]"))
     await out.write_eof()

@@ -237,6 +237,7 @@ class Bridge:
         events += machine.finish()
         if self.family == "responses":
             self._keep(machine.id, machine.assistant())
+        reqlog.mark_ended()
         await out.write(encode(events))
         await out.write_eof()
         return out

@@ -20,8 +20,7 @@ HELLO = [{"role": "user", "content": "Say hello."}]
 
 
 def chat_total(c: CorralProc) -> float:
-    # Every status: a client that closes as the last chunk arrives may be counted 499
-    # (the handler is cancelled before it returns), with one process as with two.
+    # Every status: the count is of calls, whatever they ended with.
     text = httpx.get(c.url + "/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("corral_requests_total{")

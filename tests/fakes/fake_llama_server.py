@@ -22,6 +22,7 @@ FAKE_CRASH_AFTER_CHUNKS=n  os._exit(1) after sending n content chunks of a strea
 FAKE_HANG=1                /health never turns ready
 FAKE_TOKEN_DELAY=s         seconds per generated token, streamed or not (default 0)
 FAKE_EXIT_AFTER=s          exit with status 1 after s seconds (a crash while idle)
+FAKE_TAIL_DELAY=s          wait s seconds between a stream's [DONE] and its end (default 0)
 FAKE_SLOT_SAVE_FAIL=1      POST /slots/N?action=save answers 500 (disk full)
 FAKE_SLOT_RESTORE_FAIL=1   POST /slots/N?action=restore answers 400 (a bad file)
 FAKE_TOOL_CALLS=1          a chat request with ``tools`` whose last message is not a tool
@@ -244,6 +245,8 @@ class Faults:
     crash_after_chunks: int | None
     token_delay: float
     exit_after: float | None
+    # Seconds between a stream's [DONE] and its end (the chunked terminator).
+    tail_delay: float = 0.0
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -255,6 +258,7 @@ class Faults:
             crash_after_chunks=int(chunks) if chunks else None,
             token_delay=_env_float("FAKE_TOKEN_DELAY"),
             exit_after=float(exit_after) if exit_after else None,
+            tail_delay=_env_float("FAKE_TAIL_DELAY"),
         )
 
 
@@ -669,6 +673,8 @@ async def stream_reply(
                 if crash_after is not None and sent >= crash_after:
                     crash_mid_stream(crash_after)
         await resp.write(b"data: [DONE]\n\n")
+        if srv.faults.tail_delay > 0:
+            await asyncio.sleep(srv.faults.tail_delay)
         await resp.write_eof()
     except ConnectionResetError:
         # Also aiohttp's ClientConnectionResetError ("Cannot write to closing transport").

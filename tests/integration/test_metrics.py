@@ -270,3 +270,49 @@ async def test_crashes_and_failed_launches_are_counted(corral_ports: Any, tmp_pa
     assert value(s, "corral_instance_crashes_total", model="c") == 1
     assert value(s, "corral_instance_launches_total", model="f", result="failed") == 1
     assert value(s, "corral_model_state", model="f", state="failed") == 1
+
+
+async def test_a_client_that_hangs_up_on_reading_the_end_is_not_counted_as_gone(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    # The fake streams a token every 50 ms, writes [DONE], then waits before it ends
+    # the stream: a client that closes on reading [DONE] (most do) leaves while Corral
+    # waits for that end.
+    ports = await corral_ports(make_config(
+        tmp_path, [{"name": "m", "env": {"FAKE_TAIL_DELAY": "0.3", "FAKE_TOKEN_DELAY": "0.05"}}]))
+    openai_body = json.dumps(chat("m", stream=True, max_tokens=3)).encode()
+    ollama_body = json.dumps({"model": "m", "messages": chat("m")["messages"],
+                              "options": {"num_predict": 3}}).encode()
+
+    async def hang_up_after(client: TestClient, path: str, body: bytes, marker: bytes) -> None:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (path.encode(), len(body), body))
+        seen = b""
+        async with asyncio.timeout(10):
+            while marker not in seen:
+                data = await reader.read(65536)
+                assert data, seen
+                seen += data
+        writer.close()
+
+    chat_ep = "/v1/chat/completions"
+    # The whole answer, then the client leaves: counted 200, on both dialects.
+    await hang_up_after(ports.openai, chat_ep, openai_body, b"data: [DONE]")
+    await hang_up_after(ports.ollama, "/api/chat", ollama_body, b'"done":true')
+    # Mid-stream: the client went away, 499.
+    await hang_up_after(ports.openai, chat_ep, openai_body, b'"content"')
+
+    async def counted() -> tuple[float, ...]:
+        s = await scrape(ports.openai)
+        return tuple(value(s, "corral_requests_total", endpoint=ep, status=code)
+                     for ep, code in ((chat_ep, "200"), (chat_ep, "499"),
+                                      ("/api/chat", "200"), ("/api/chat", "499")))
+
+    # A call is recorded once its handler has ended: up to the fake's tail delay after.
+    for _ in range(100):
+        if sum(got := await counted()) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    assert got == (1, 1, 1, 0)
