@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy import body as bodies
 from proxy import upstream
 from proxy.errors import ROUTE_DIALECT, Family, family_dialect
+from proxy.families.bridge import refuse_undeclared
 from proxy.keys import SCHEDULER
 from proxy.streaming import relay
 from scheduler.config import Capability, ModelConfig
@@ -116,7 +117,7 @@ def handler(family: Family, capability: Capability | None, limit: int, check: Ch
             if not model:
                 raise BadRequest("the form field 'model' is required")
             scheduler = request.app[SCHEDULER]
-            check(scheduler, model, capability)
+            refuse_undeclared(family, request.path, check(scheduler, model, capability))
             boundary = "corral-" + secrets.token_hex(12)
             parts = _Body(boundary, before, file, spool, reader, count)
             spec = upstream.Call(

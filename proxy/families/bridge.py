@@ -259,6 +259,7 @@ _PATH_API = {
     "/v1/embeddings": "embeddings", "/v1/rerank": "rerank", "/v1/reranking": "rerank",
     # llama-server's own, whatever its prefix.
     "/v1/chat/completions/input_tokens": "native",
+    "/v1/audio/transcriptions": "transcriptions",
 }
 
 
@@ -271,6 +272,14 @@ def route_api(family: Family, path: str) -> str | None:
     return _PATH_API.get(path)
 
 
+def refuse_undeclared(family: Family, upstream_path: str, cfg: ModelConfig) -> None:
+    """A 400 for a call of an API the model's ``api`` lacks (and not translated)."""
+    api = route_api(family, upstream_path)
+    if cfg.api is not None and api is not None and api not in cfg.api:
+        raise BadRequest(f"model '{cfg.name}' is served by an upstream that does not "
+                         f"speak {api} (its api = {list(cfg.api)})")
+
+
 def of(family: Family, path: str, upstream_path: str, body: bytes | bytearray | None,
        state: FamilyState, cfg: ModelConfig) -> Bridge | None:
     """The bridge of a route's call; None for a family that is never translated.
@@ -280,10 +289,7 @@ def of(family: Family, path: str, upstream_path: str, body: bytes | bytearray | 
     family the model's ``api`` lacks is refused with a 400 that says so."""
     declared = cfg.api
     if family not in _FAMILIES or body is None:
-        api = route_api(family, upstream_path)
-        if declared is not None and api is not None and api not in declared:
-            raise BadRequest(f"model '{cfg.name}' is served by an upstream that does not "
-                             f"speak {api} (its api = {list(declared)})")
+        refuse_undeclared(family, upstream_path, cfg)
         return None
     bridge = Bridge(family, path, body, state)
     if declared is not None and bridge.api not in declared:

@@ -347,3 +347,19 @@ async def test_a_50mb_body_leaves_health_answering(ports: Any) -> None:
     assert len(gaps) > 5
     # A loose guard against a whole-body stall (2.4 s before this work), not a figure.
     assert max(gaps) < 1.0, max(gaps)
+
+
+async def test_a_transcription_for_an_upstream_that_does_not_speak_it_is_refused(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    # Audio-capable by its config, but its upstream declares chat only: nothing to
+    # translate a transcription to, so a 400 that says why, before any launch.
+    ports = await corral_ports(make_config(tmp_path, [
+        {"name": "aud", "capabilities": ["audio"], "api": ["chat"]}]))
+    r = await ports.openai.post("/v1/audio/transcriptions", data=_form(True, 1 << 20))
+    message = (await r.json())["error"]["message"]
+    assert r.status == 400, message
+    assert "does not speak transcriptions" in message and "aud" in message
+    from proxy.keys import SCHEDULER
+
+    assert not ports.openai.app[SCHEDULER].instances()
