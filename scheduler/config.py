@@ -7,18 +7,22 @@ A config is one main TOML file (``corral.toml``) with ``[server]``, ``[scheduler
 
 Every key is validated; unknown keys are errors. Messages name the file, the model and
 the key, because "invalid integer" alone sends a user hunting through a dozen files.
+
+The tables' models live in ``scheduler/config_model.py`` (``[[models]]``,
+``[llama_server]``) and ``scheduler/config_sections.py`` (the other tables), on the
+shared pieces of ``scheduler/config_base.py``; this module assembles them
+(``CorralConfig``), reads the files and words the errors. Import them from here.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -27,9 +31,24 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from scheduler.config_base import parse_size
+from scheduler.config_model import (
+    RESERVED_FLAGS,
+    Capability,
+    LlamaServerConfig,
+    LoraAdapter,
+    ModelConfig,
+    Replicas,
+)
+from scheduler.config_sections import (
+    ClusterConfig,
+    KeyConfig,
+    ScanDir,
+    SchedulerConfig,
+    ServerConfig,
+)
 from scheduler.engines.settings import (
     ProviderConfig,
-    RemoteConfig,
     RuntimeConfig,
     UpstreamApi,
     provider_may_offer,
@@ -38,491 +57,23 @@ from scheduler.engines.settings import (
 from scheduler.engines.templates import BUILTINS, resolve_runtime
 from scheduler.errors import ConfigError
 
-# A name clients can type in a URL and a JSON string without surprises. ":" is
-# allowed so that Ollama-style tags ("gemma3:270m") can be configured verbatim.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
-
-
-Capability = Literal[
-    "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
+__all__ = [
+    "RESERVED_FLAGS",
+    "Capability",
+    "ClusterConfig",
+    "CorralConfig",
+    "KeyConfig",
+    "LlamaServerConfig",
+    "LoraAdapter",
+    "ModelConfig",
+    "Replicas",
+    "ScanDir",
+    "SchedulerConfig",
+    "ServerConfig",
+    "UpstreamApi",
+    "load_config",
+    "parse_size",
 ]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535, description="OpenAI-compatible port (0 = any free)")
-    ollama_enabled: bool = True
-    ollama_port: int = Field(11434, ge=0, le=65535, description="Ollama-compatible port")
-    lmstudio_enabled: bool = True
-    lmstudio_port: int = Field(1234, ge=0, le=65535, description="LM Studio-compatible port")
-    api_keys: tuple[str, ...] = ()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
-    # Browsers and the edge (docs/security.md).
-    allowed_hosts: tuple[str, ...] = Field(
-        (), description="Host header values accepted besides loopback names and 'host'"
-    )
-    cors_origins: tuple[str, ...] = Field(
-        (), description="Origins whose pages may call the API (the Ollama port keeps its rules)"
-    )
-    admin_config_write: bool = Field(
-        False, description="allow PUT /admin/config (never for what Corral executes)"
-    )
-    default_model: str | None = Field(
-        None, description="model for native calls (/completion, /tokenize ...) that name none"
-    )
-    dashboard_history: int = Field(
-        3600, ge=60, le=86400, description="seconds of per-second samples the dashboard charts"
-    )
-    # Listener limits.
-    header_timeout: float = Field(30.0, gt=0, description="seconds to read a request's headers")
-    body_timeout: float = Field(300.0, gt=0, description="seconds to read a request body")
-    keepalive_timeout: float = Field(75.0, ge=0, description="idle keep-alive seconds")
-    max_connections: int = Field(4096, ge=1, description="client connections per port at once")
-    max_connections_per_client: int | None = Field(
-        None, ge=1, description="connections per port from one client address; none = no cap"
-    )
-    max_body_bytes_in_flight: int = Field(
-        512 * 2**20, ge=2**20, description="request body bytes held in memory at once, all ports"
-    )
-    lmstudio_sdk_port: int | None = Field(
-        None, ge=0, le=65535, description="extra LM Studio SDK discovery listener (41343)"
-    )
-    # Performance (docs/operations.md, tests/bench/README.md).
-    backlog: int = Field(
-        4096, ge=1, description="listen backlog per port (capped by net.core.somaxconn)"
-    )
-    gc_freeze: bool = Field(
-        True, description="freeze long-lived objects out of the garbage collector"
-    )
-    workers: int | Literal["auto"] = Field(
-        1, description='processes relaying calls ("auto": one per core); one owns the state'
-    )
-
-    @field_validator("workers")
-    @classmethod
-    def _workers_positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError('workers must be at least 1, or "auto"')
-        return value
-
-    @field_validator("api_keys")
-    @classmethod
-    def _keys_not_blank(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not k.strip() for k in keys):
-            raise ValueError("an API key must not be empty")
-        return keys
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-
-
-def parse_size(value: object) -> int:
-    """Bytes from an int or a string such as "512MiB", "8 GB", "1.5GiB"."""
-    if isinstance(value, bool):
-        raise ValueError("a size must be a number of bytes or a string like '8GiB'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size must not be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            unit = (m.group(2) or "").upper().removesuffix("B")
-            return int(float(m.group(1)) * _UNITS[unit])
-    raise ValueError(f"{value!r} is not a size (use bytes or a string like '8GiB')")
-
-
-class Replicas(_Strict):
-    min: int = Field(0, ge=0, description="instances kept loaded even when idle")
-    max: int = Field(1, ge=1, description="instances launched at most under load")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Replicas:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
-        return self
-
-
-class SchedulerConfig(_Strict):
-    max_instances: int = Field(4, ge=1, description="llama-server processes alive at once")
-    max_load: float = Field(
-        1.0, gt=0, description="in-flight ÷ slots above which a replica is preferred/added"
-    )
-    queue_size: int = Field(64, ge=0, description="calls waiting per model before 503")
-    queue_timeout: float = Field(120.0, gt=0, description="seconds a call may wait for a slot")
-    load_timeout: float = Field(120.0, gt=0, description="seconds a launch may take")
-    default_ttl: float = Field(300.0, description="idle seconds before unload; <0 never")
-    drain_timeout: float = Field(30.0, ge=0, description="grace for running calls on eviction")
-    stop_timeout: float = Field(5.0, ge=0, description="SIGTERM → SIGKILL grace")
-    health_interval: float = Field(0.02, gt=0, description="readiness poll interval, seconds")
-    log_lines: int = Field(500, ge=10, description="lines kept per instance log")
-    memory_budget: int | Literal["auto"] | None = Field(
-        "auto",
-        description="bytes model footprints may use: 'auto' = RAM (or cgroup limit) minus "
-        "memory_headroom; a size like '16GiB'; 'none' to not enforce",
-    )
-    memory_headroom: int = Field(2 * 2**30, ge=0, description="RAM kept free for everything else")
-    vram_budget: int | Literal["auto"] | None = Field(
-        "auto",
-        description="bytes of GPU memory for instances: 'auto' = total VRAM (NVML) minus "
-        "vram_headroom per GPU, or not enforced where no GPU is found; a size; 'none'",
-    )
-    vram_headroom: int = Field(512 * 2**20, ge=0, description="VRAM kept free per GPU")
-    remote_check_interval: float = Field(5.0, gt=0, description="seconds between remote checks")
-    ready_check_interval: float = Field(
-        5.0, gt=0, description="seconds between health checks of ready instances"
-    )
-    # Prompt caches that survive swaps (docs/scheduling.md, "Slot cache").
-    slot_cache_size: int = Field(
-        4 * 2**30, ge=0, description="bytes of saved llama-server slots kept on disk, least "
-        "recently used dropped first; 0 turns saving and restoring off"
-    )
-    slot_cache_dir: Path | None = Field(
-        None, description="where saved slots go; default: the cache directory's 'slots'"
-    )
-    # Models without writing config (docs/models.md).
-    scan: tuple[Path, ...] = Field(
-        (), description="directories whose GGUF files (plain, Hugging Face cache, LM Studio "
-        "or Ollama store) are served as models"
-    )
-    scan_interval: float = Field(
-        2.0, gt=0, description="seconds between looks for added or removed model files"
-    )
-    auto_pull: bool = Field(
-        False, description="a call naming an unknown hf.co/{user}/{repo}[:quant] model "
-        "downloads it first"
-    )
-
-    @field_validator(
-        "memory_budget", "memory_headroom", "vram_budget", "vram_headroom", "slot_cache_size",
-        mode="before",
-    )
-    @classmethod
-    def _sizes(cls, value: object) -> object:
-        if value in ("auto", None):
-            return value
-        if isinstance(value, str) and value.lower() in ("none", "off"):
-            return None  # TOML has no null
-        return parse_size(value)
-
-
-# llama-server flags Corral sets itself, and the key to use instead. A second --port
-# would silently win; --host 0.0.0.0 would expose a keyless child on every interface.
-RESERVED_FLAGS = {
-    "--host": "[server] host (children always bind to loopback)",
-    "--port": "nothing (Corral picks a free port)",
-    "-m": "path, package or hf_repo", "--model": "path, package or hf_repo",
-    "-c": "ctx_size", "--ctx-size": "ctx_size",
-    "-np": "parallel", "--parallel": "parallel",
-    "-a": "the model's name and aliases", "--alias": "the model's name and aliases",
-    "--api-key": "nothing (children are reached on loopback only)",
-    "--api-key-file": "nothing (children are reached on loopback only)",
-    "--slot-save-path": "nothing (Corral owns the slot cache)",
-}
-
-
-def _check_reserved(args: tuple[str, ...]) -> None:
-    for arg in args:
-        flag = arg.split("=", 1)[0]
-        if flag in RESERVED_FLAGS:
-            raise ValueError(f"args: {arg!r} is set by Corral; use {RESERVED_FLAGS[flag]}")
-
-
-class LlamaServerConfig(_Strict):
-    binary: Path | None = Field(None, description="llama-server to run; else PATH, else cache")
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("args")
-    @classmethod
-    def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
-        _check_reserved(args)
-        return args
-
-
-class LoraAdapter(_Strict):
-    path: Path = Field(description="a LoRA adapter GGUF")
-    scale: float = Field(1.0, description="how strongly it applies (llama-server --lora-scaled)")
-
-
-class ModelConfig(_Strict):
-    name: str
-    aliases: tuple[str, ...] = ()
-    path: Path | None = Field(None, description="a local GGUF file")
-    package: str | None = Field(
-        None, description="a Python package that ships a GGUF and an assemble(path) function"
-    )
-    hf_repo: str | None = Field(
-        None, description="a Hugging Face repo to download hf_file from on first use"
-    )
-    hf_file: str | None = Field(None, description="the GGUF file in hf_repo")
-    hf_revision: str | None = Field(None, description="branch, tag or commit of hf_repo")
-    ctx_size: int = Field(4096, ge=0, description="context per slot; 0 = the model's own")
-    parallel: int = Field(1, ge=1, le=256, description="slots (llama-server --parallel)")
-    n_gpu_layers: int | None = None
-    threads: int | None = Field(None, ge=1)
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
-    ttl: float | None = Field(None, description="idle seconds before unload; <0 never")
-    embedding: bool = False
-    load_timeout: float | None = Field(None, gt=0)
-    replicas: Replicas = Replicas()
-    footprint: int | None = Field(
-        None, ge=0, description="bytes one instance needs; default: GGUF size + KV cache estimate"
-    )
-    remotes: tuple[str | RemoteConfig, ...] = Field(
-        (), description="OpenAI-compatible servers that also serve this model: base URLs "
-        "or tables (url, api_key, model, headers ...; docs/engines.md)"
-    )
-    remote_slots: int = Field(8, ge=1, description="concurrent calls sent to each remote")
-    fallbacks: tuple[str, ...] = Field(
-        (), description="models to use, in order, when this one cannot be served"
-    )
-    # Upstream time limits (a call that trips one may be resent while its client has
-    # received nothing; the instance is health-checked at once).
-    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
-    first_byte_timeout: float = Field(
-        600.0, gt=0, description="seconds from sending a call to its first answer byte"
-    )
-    stall_timeout: float = Field(
-        120.0, gt=0, description="seconds an answer may pause between two chunks"
-    )
-    rerank: bool = Field(False, description="a reranking model (llama-server --rerank)")
-    capabilities: tuple[Capability, ...] | None = Field(
-        None, description="what the model serves; default: derived from its GGUF and flags"
-    )
-    api: tuple[UpstreamApi, ...] | None = Field(
-        None, description="API families its upstreams speak natively (others are translated "
-        "to chat); default: everything llama-server speaks"
-    )
-    loading_feedback: Literal["comments", "visible", "off"] = Field(
-        "comments", description="what a stream shows while its model loads or queues"
-    )
-    chat_template: str | None = Field(
-        None, description="a Jinja chat template file, or the name of one Corral ships "
-        "(gemma3) for a GGUF that has none"
-    )
-    evictable: bool = Field(
-        True, description="false: pinned, one instance kept loaded from start, never "
-        "evicted, preempted or expired"
-    )
-    priority: int = Field(
-        0, description="higher runs first when models wait for room; preemption takes the "
-        "lowest first"
-    )
-    slot_cache: bool = Field(
-        True, description="save conversations' slots before an idle stop, restore them on "
-        "the next launch (needs scheduler.slot_cache_size > 0)"
-    )
-    mmproj: str | None = Field(
-        None, description="a vision/audio projector GGUF: a path, or a file in hf_repo"
-    )
-    lora: tuple[LoraAdapter, ...] = Field((), description="LoRA adapters: [{path, scale}]")
-    origin: str = Field(
-        "config", description="set by Corral, shown in listings: config, scan:<layout>, "
-        "pulled, provider:<name>"
-    )
-    # Engines (docs/engines.md).
-    runtime: str | None = Field(
-        None, description="what launches it: llama-server (default), a built-in template "
-        "(vllm, sglang, whisper-server, ollama) or a [runtimes.NAME] table"
-    )
-    upstream_model: str | None = Field(
-        None, description="the name its runtime knows it by (${MODEL}, and the 'model' "
-        "sent upstream); default: the model's name"
-    )
-
-    @field_validator("footprint", mode="before")
-    @classmethod
-    def _footprint_size(cls, value: object) -> object:
-        return None if value is None else parse_size(value)
-
-    @field_validator("remotes")
-    @classmethod
-    def _urls(cls, urls: tuple[str | RemoteConfig, ...]) -> tuple[str | RemoteConfig, ...]:
-        for url in urls:
-            if isinstance(url, str) and not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
-                raise ValueError(f"{url!r} is not an http(s) base URL")
-        return tuple(u.rstrip("/") if isinstance(u, str) else u for u in urls)
-
-    @property
-    def local(self) -> bool:
-        """Whether Corral launches this model itself (it has a file or a runtime)."""
-        return (self.path is not None or self.package is not None or self.hf_repo is not None
-                or self.runtime is not None)
-
-    @property
-    def has_file(self) -> bool:
-        return self.path is not None or self.package is not None or self.hf_repo is not None
-
-    def remote_configs(self) -> tuple[RemoteConfig, ...]:
-        """``remotes`` with bare URLs as tables of defaults."""
-        return tuple(RemoteConfig(url=u) if isinstance(u, str) else u for u in self.remotes)
-
-    @field_validator("name", "aliases")
-    @classmethod
-    def _valid_names(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
-        for name in (value,) if isinstance(value, str) else value:
-            if not _NAME_RE.match(name):
-                raise ValueError(
-                    f"{name!r} is not a valid model name (letters, digits and ._:/@+- only)"
-                )
-        return value
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelConfig:
-        if (self.hf_repo is None) != (self.hf_file is None):
-            raise ValueError("'hf_repo' and 'hf_file' go together")
-        sources = [k for k in ("path", "package", "hf_repo") if getattr(self, k) is not None]
-        if len(sources) > 1:
-            raise ValueError(f"set only one of 'path', 'package' or 'hf_repo' (got {sources})")
-        if not sources and not self.remotes and self.runtime is None:
-            raise ValueError(
-                "set 'path', 'package' or 'hf_repo' (a local model), 'runtime' or 'remotes'"
-            )
-        _check_reserved(self.args)
-        return self
-
-
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-
-
-class KeyConfig(_Strict):
-    """One ``[[keys]]`` entry: who may call, which models, how much (docs/keys.md)."""
-
-    name: str = Field(description="shown in /admin/keys and metrics; never the key itself")
-    key: str | None = Field(None, description="the key itself (or set key_sha256)")
-    key_sha256: str | None = Field(
-        None, description="hex SHA-256 of the key, so the config holds no secret"
-    )
-    models: tuple[str, ...] = Field(
-        ("*",), description="model names, aliases or globs this key may see and call"
-    )
-    admin: bool = Field(False, description="may use /admin, /metrics and the dashboard")
-    max_concurrent: int | None = Field(None, ge=1, description="calls in flight at once")
-    requests_per_minute: int | None = Field(None, ge=1, description="calls per sliding minute")
-    tokens_per_minute: int | None = Field(
-        None, ge=1, description="prompt + completion tokens per sliding minute"
-    )
-    priority: int = Field(0, description="higher is served first from a model's queue")
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        if not _NAME_RE.match(name):
-            raise ValueError(f"{name!r} is not a valid key name (letters, digits and ._:/@+-)")
-        return name
-
-    @field_validator("key")
-    @classmethod
-    def _not_blank(cls, key: str | None) -> str | None:
-        if key is not None and not key.strip():
-            raise ValueError("a key must not be empty")
-        return key
-
-    @field_validator("key_sha256")
-    @classmethod
-    def _hex(cls, digest: str | None) -> str | None:
-        if digest is not None and not _SHA256_RE.match(digest):
-            raise ValueError("must be 64 hex digits (sha256sum of the key)")
-        if digest is not None and digest.lower() == _EMPTY_SHA256:
-            raise ValueError("is the SHA-256 of an empty key")
-        return None if digest is None else digest.lower()
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> KeyConfig:
-        if (self.key is None) == (self.key_sha256 is None):
-            raise ValueError("set exactly one of 'key' or 'key_sha256'")
-        return self
-
-
-class ClusterConfig(_Strict):
-    """``[cluster]``: this Corral as a node of a cluster, or as a front that routes to
-    nodes (docs/cluster.md). ``role = "none"`` (the default) is a single Corral."""
-
-    role: Literal["none", "node", "front"] = "none"
-    token: str = Field(
-        "", description="shared secret: fronts send it, nodes require it (node API and calls)"
-    )
-    nodes: tuple[str, ...] = Field((), description="front: node base URLs (their OpenAI port)")
-    discover: str | None = Field(
-        None, description="front: 'dns:NAME:PORT', a headless Service's A/AAAA records"
-    )
-    resolv_conf: Path = Field(
-        Path("/etc/resolv.conf"), description="front: resolver config for discover"
-    )
-    discover_interval: float = Field(5.0, gt=0, description="front: seconds between lookups")
-    poll_interval: float = Field(1.0, gt=0, description="front: seconds between node polls")
-    connect_timeout: float = Field(2.0, gt=0, description="front: seconds to connect to a node")
-    first_byte_timeout: float = Field(
-        600.0, gt=0, description="front: seconds from sending a call to its first byte"
-    )
-    stall_timeout: float = Field(
-        120.0, gt=0, description="front: seconds an answer may pause between two chunks"
-    )
-    drain_settle: float = Field(
-        3.0, ge=0, description="node: seconds a draining node keeps answering so that "
-        "every front sees it draining"
-    )
-
-    @field_validator("nodes")
-    @classmethod
-    def _node_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
-        for url in urls:
-            if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
-                raise ValueError(f"{url!r} is not an http(s) base URL")
-        return tuple(u.rstrip("/") for u in urls)
-
-    @field_validator("discover")
-    @classmethod
-    def _discover(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^dns:[A-Za-z0-9.-]+:\d{1,5}$", value):
-            raise ValueError(f"{value!r}: use 'dns:NAME:PORT'")
-        return value
-
-    @model_validator(mode="after")
-    def _roles(self) -> ClusterConfig:
-        if self.role != "none" and len(self.token) < 16:
-            raise ValueError(f"role {self.role!r} needs a token of at least 16 characters")
-        if self.role == "front" and not self.nodes and self.discover is None:
-            raise ValueError("role 'front' needs 'nodes' or 'discover'")
-        if self.role != "front" and (self.nodes or self.discover):
-            raise ValueError("'nodes' and 'discover' are for role 'front'")
-        return self
-
-
-class ScanDir(_Strict):
-    """A ``[[scan]]`` table: a directory to discover models in, and what its models get."""
-
-    path: Path
-    ctx_size: int | None = Field(None, ge=0)
-    parallel: int | None = Field(None, ge=1, le=256)
-    ttl: float | None = None
-    n_gpu_layers: int | None = None
-    threads: int | None = Field(None, ge=1)
-    args: tuple[str, ...] = ()
-
-    @field_validator("args")
-    @classmethod
-    def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
-        _check_reserved(args)
-        return args
-
-    def defaults(self) -> dict[str, object]:
-        """The ModelConfig keys this table sets for each model found under it."""
-        keys = ("ctx_size", "parallel", "ttl", "n_gpu_layers", "threads")
-        out: dict[str, object] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.args:
-            out["args"] = self.args
-        return out
 
 
 class _Env(EnvSettingsSource):
