@@ -5,7 +5,8 @@ translate with ``proxy.translate`` and send the result. Every generation goes to
 llama-server as a stream, whether or not the client asked for one: the same loop
 then feeds NDJSON lines or one aggregated object. ``keep_alive`` becomes the lease's
 idle TTL; without it the model's configured TTL applies again, as Ollama falls back
-to its default for a request that does not say.
+to its default for a request that does not say. The model endpoints (/api/tags, ps,
+show, pull, ...) and those request helpers are ``proxy.ollama_models``.
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import body as bodies
 from proxy import (
     jsonc,
+    ollama_models,
     ollama_request,
     openai,
     pulls,
@@ -36,15 +36,22 @@ from proxy import (
     vision,
 )
 from proxy.keys import SCHEDULER
-from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities, embedding
+from proxy.modelinfo import MODEL_INFO, ModelInfoCache, embedding
+from proxy.ollama_models import (
+    KeepAlive,
+    Target,
+    keep_alive,
+    model_field,
+    read_body,
+    resolve,
+    stream_flag,
+)
 from proxy.reqlog import note_model
 from proxy.stream_translate import OllamaStream
 from proxy.streaming import upstream_batches, upstream_data_batches, write_stream
-from proxy.translate import tagged, upstream_error_body
-from scheduler.config import ModelConfig
-from scheduler.errors import BadRequest, NotSupported, UnknownModel
-from scheduler.instance import State
-from scheduler.scheduler import LeaseHints, Scheduler, Upstream
+from proxy.translate import upstream_error_body
+from scheduler.errors import BadRequest
+from scheduler.scheduler import LeaseHints, Upstream
 
 VERSION = "0.12.6"
 
@@ -120,47 +127,6 @@ def cors_headers(allowed: Callable[[str], bool]) -> Callable[
 # --- helpers ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    cfg: ModelConfig
-    name: str  # the configured name or alias to lease
-    display: str  # the tagged name echoed to the client
-
-
-def resolve(scheduler: Scheduler, raw: str) -> Target:
-    for name in translate.name_candidates(raw):
-        try:
-            cfg = scheduler.resolve(name)
-        except UnknownModel:
-            continue
-        return Target(cfg, name, tagged(name))
-    raise UnknownModel(raw, scheduler.names())
-
-
-async def read_body(request: web.Request) -> dict[str, Any]:
-    return await bodies.read_json(request)
-
-
-def model_field(body: dict[str, Any]) -> str:
-    # Older clients send "name" (show, pull, push, delete).
-    name = body.get("model") or body.get("name")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("model is required")
-    return name
-
-
-@dataclass(frozen=True, slots=True)
-class KeepAlive:
-    hints: LeaseHints
-    unload: bool  # keep_alive 0 was asked for explicitly
-
-
-def keep_alive(scheduler: Scheduler, target: Target, value: object) -> KeepAlive:
-    keep = translate.keep_alive_seconds(value)
-    ttl = scheduler.config.ttl(target.cfg) if keep is None else keep
-    return KeepAlive(LeaseHints(keep_alive=ttl), keep == 0)
-
-
 def elapsed_ns(started: int) -> int:
     return time.monotonic_ns() - started
 
@@ -228,11 +194,6 @@ async def _generate(
     return await upstream.answer(request, "openai", spec, consume)
 
 
-def _stream_flag(body: dict[str, Any]) -> bool:
-    # Absent means true (a nil *bool in Ollama); only an explicit false turns it off.
-    return body.get("stream") is not False
-
-
 async def chat(request: web.Request) -> web.StreamResponse:
     started = time.monotonic_ns()
     body = await read_body(request)
@@ -251,7 +212,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         hints = dataclasses.replace(hints, affinity=jsonc.prefix_key_of(payload))
     return await _generate(request, target, hints, "/v1/chat/completions", payload,
                            lambda: OllamaStream("chat", target.display, show_thinking=think),
-                           _stream_flag(body), started)
+                           stream_flag(body), started)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -269,7 +230,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     think = body.get("think") is not False
     return await _generate(request, target, keep.hints, path, payload,
                            lambda: OllamaStream("generate", target.display, show_thinking=think),
-                           _stream_flag(body), started)
+                           stream_flag(body), started)
 
 
 # --- embeddings ------------------------------------------------------------------------
@@ -336,149 +297,6 @@ async def embeddings(request: web.Request) -> web.Response:
     return web.json_response({"embedding": vectors[0] if vectors else []})
 
 
-# --- models ----------------------------------------------------------------------------
-
-
-async def tags(request: web.Request) -> web.Response:
-    scheduler = request.app[SCHEDULER]
-    names = scheduler.names()
-    cfgs = {n: scheduler.resolve(n) for n in names}
-    facts = await request.app[MODEL_INFO].many(list(cfgs.values()))
-    models = []
-    for name in names:
-        f = facts[cfgs[name].name]
-        models.append({
-            "name": tagged(name),
-            "model": tagged(name),
-            "modified_at": translate.rfc3339(f.modified or None),
-            "size": f.size,
-            "digest": f.digest or translate.name_digest(cfgs[name].name),
-            "details": f.details(),
-        })
-    return web.json_response({"models": models})
-
-
-# Go's time.Duration tops out near 292 years; Ollama shows "forever" that far out.
-_FOREVER_S = 292 * 365 * 86400
-
-
-async def ps(request: web.Request) -> web.Response:
-    scheduler = request.app[SCHEDULER]
-    cache: ModelInfoCache = request.app[MODEL_INFO]
-    now = time.time()
-    entries: list[tuple[float, dict[str, Any]]] = []
-    for inst in scheduler.instances():
-        if inst.state not in (State.READY, State.DRAINING):
-            continue
-        cfg = scheduler.resolve(inst.model)
-        f = await cache.get(cfg)
-        ttl = scheduler.config.ttl(cfg) if inst.ttl_override is None else inst.ttl_override
-        idle_s = inst.describe()["idle_seconds"]
-        idle = 0.0 if inst.in_flight or not isinstance(idle_s, float) else idle_s
-        expires = now + _FOREVER_S if ttl < 0 else now + max(0.0, ttl - idle)
-        entries.append((expires, {
-            "name": tagged(inst.model),
-            "model": tagged(inst.model),
-            "size": f.size,
-            "digest": f.digest or translate.name_digest(cfg.name),
-            "details": f.details(),
-            "expires_at": translate.rfc3339(expires),
-            # Unknown without parsing llama-server's log; 0 is true for CPU builds, and a
-            # GPU offload is only claimed when the config asks for one.
-            "size_vram": f.size if cfg.n_gpu_layers else 0,
-            "context_length": cfg.ctx_size or f.context_length or 0,
-        }))
-    entries.sort(key=lambda e: e[0], reverse=True)
-    return web.json_response({"models": [e[1] for e in entries]})
-
-
-async def show(request: web.Request) -> web.Response:
-    body = await read_body(request)
-    target = resolve(request.app[SCHEDULER], model_field(body))
-    cfg = target.cfg
-    f = await request.app[MODEL_INFO].get(cfg)
-    source = f.path or cfg.path or cfg.package
-    params = [f"num_ctx {cfg.ctx_size}"] if cfg.ctx_size else []
-    return web.json_response({
-        "license": f.license,
-        "modelfile": f"# Modelfile generated by Corral\nFROM {source}\n",
-        "parameters": "\n".join(params),
-        "template": f.chat_template,
-        "system": "",
-        "details": f.details(),
-        # Always present: ollama-python declares it without a default.
-        "model_info": f.model_info,
-        "capabilities": capabilities(cfg, f),
-        "modified_at": translate.rfc3339(f.modified or None),
-    })
-
-
-async def pull(request: web.Request) -> web.StreamResponse:
-    """``hf.co/...`` and configured hf_repo models are downloaded (proxy/pulls.py);
-    another configured model is "pulled" by making sure it loads."""
-    body = await read_body(request)
-    scheduler = request.app[SCHEDULER]
-    download = pulls.downloadable(scheduler, model_field(body))
-    if download is not None:
-        return await pulls.respond(request, model_field(body), download, _stream_flag(body))
-    target = resolve(scheduler, model_field(body))
-    hints = keep_alive(scheduler, target, body.get("keep_alive")).hints
-
-    async def steps() -> AsyncGenerator[list[dict[str, Any]], None]:
-        yield [{"status": "pulling manifest"}]
-        async with scheduler.lease(target.name, hints) as up:
-            note_model(up.model)
-        yield [{"status": "verifying sha256 digest"}, {"status": "success"}]
-
-    if _stream_flag(body):
-        return await write_stream(request, steps(), ndjson=True)
-    async with contextlib.aclosing(steps()) as it:
-        async for _ in it:
-            pass
-    return web.json_response({"status": "success"})
-
-
-def _unsupported(what: str, instead: str) -> NotSupported:
-    return NotSupported(f"{what} is not supported by Corral: {instead}")
-
-
-async def push(request: web.Request) -> web.Response:
-    raise _unsupported("pushing models", "models come from corral.toml")
-
-
-async def create(request: web.Request) -> web.Response:
-    raise _unsupported("creating models", "add a [[models]] entry to corral.toml")
-
-
-async def copy(request: web.Request) -> web.Response:
-    body = await read_body(request)
-    source = body.get("source")
-    if not isinstance(source, str) or not source:
-        raise BadRequest("source is required")
-    resolve(request.app[SCHEDULER], source)
-    raise _unsupported("copying models", "add an alias to the model in corral.toml")
-
-
-async def delete(request: web.Request) -> web.Response:
-    body = await read_body(request)
-    target = resolve(request.app[SCHEDULER], model_field(body))
-    if target.cfg.origin == "pulled":
-        await pulls.delete(request.app[SCHEDULER], target.cfg)
-        return web.Response()
-    if target.cfg.origin.startswith("scan:"):
-        raise _unsupported("deleting scanned models", "remove its file from the scanned "
-                           "directory; it stops being offered within scan_interval")
-    raise _unsupported("deleting models", "remove the model from corral.toml")
-
-
-async def blob_head(request: web.Request) -> web.Response:
-    return web.Response(status=404)
-
-
-async def blob_post(request: web.Request) -> web.Response:
-    raise _unsupported("uploading blobs", "point a model's path at a GGUF file")
-
-
 # --- plain ------------------------------------------------------------------------------
 
 
@@ -501,18 +319,18 @@ def setup(app: web.Application) -> None:
     r = app.router
     r.add_get("/", root)
     r.add_get("/api/version", version)
-    r.add_get("/api/tags", tags)
-    r.add_get("/api/ps", ps)
-    r.add_post("/api/show", show)
+    r.add_get("/api/tags", ollama_models.tags)
+    r.add_get("/api/ps", ollama_models.ps)
+    r.add_post("/api/show", ollama_models.show)
     r.add_post("/api/chat", chat)
     r.add_post("/api/generate", generate)
     r.add_post("/api/embed", embed)
     r.add_post("/api/embeddings", embeddings)
-    r.add_post("/api/pull", pull)
-    r.add_post("/api/push", push)
-    r.add_post("/api/create", create)
-    r.add_post("/api/copy", copy)
-    r.add_delete("/api/delete", delete)
-    r.add_head("/api/blobs/{digest}", blob_head)
-    r.add_post("/api/blobs/{digest}", blob_post)
+    r.add_post("/api/pull", ollama_models.pull)
+    r.add_post("/api/push", ollama_models.push)
+    r.add_post("/api/create", ollama_models.create)
+    r.add_post("/api/copy", ollama_models.copy)
+    r.add_delete("/api/delete", ollama_models.delete)
+    r.add_head("/api/blobs/{digest}", ollama_models.blob_head)
+    r.add_post("/api/blobs/{digest}", ollama_models.blob_post)
     openai.add_routes(app, "ollama")

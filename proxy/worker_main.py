@@ -30,7 +30,7 @@ from proxy.keys import BODY_BUDGET, CONFIG, FAMILIES, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics
 from proxy.workers import ACCEPT_ERROR, PORT_KINDS, STATS_EVERY, Events, Forwarder, take_stats
-from scheduler import ipc, limits
+from scheduler import ipc, ipc_wire, limits
 from scheduler.config import CorralConfig
 from scheduler.secrets import ScrubFilter
 
@@ -63,7 +63,7 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     first = await line.next()
     if first is None or first.get("op") != "config":
         raise SystemExit(f"worker {index}: the owner sent no config")
-    cfg = ipc.config_of(first)
+    cfg = ipc_wire.config_of(first)
     from proxy.cli import setup_logging
 
     setup_logging(cfg.server.log_level, cfg.server.log_format)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy import ollama
+from proxy import ollama, ollama_models
 from proxy.errors import ROUTE_DIALECT
 from proxy.ops import catalog, config_edit, pin, timeseries
 from scheduler.config import CorralConfig
@@ -31,7 +31,7 @@ def _as_ollama(handle: Handler) -> Handler:
 
 OLLAMA_ROWS = (
     ("/admin/ollama/api/chat", ollama.chat),
-    ("/admin/ollama/api/pull", ollama.pull),
+    ("/admin/ollama/api/pull", ollama_models.pull),
 )
 
 

@@ -382,7 +382,7 @@ async def lease_cost(up: str, n: int) -> str:
 
     import aiohttp
 
-    from scheduler import ipc
+    from scheduler import ipc, ipc_wire
     from scheduler.config import CorralConfig, ModelConfig
     from scheduler.scheduler import Scheduler
 
@@ -402,7 +402,7 @@ async def lease_cost(up: str, n: int) -> str:
             a, b = socket.socketpair()
             owner = ipc.Owner(sched, 2, lambda i, fd: [])
             ra, wa = await asyncio.open_unix_connection(sock=a)
-            peer = ipc._Peer(1, ipc._Line(ra, wa))
+            peer = ipc._Peer(1, ipc_wire.Line(ra, wa))
             serving = asyncio.create_task(owner._serve(peer))
             line = await ipc.connect(b.detach())
             await line.next()  # the config frame

@@ -1,6 +1,7 @@
-"""Leases across processes (scheduler/ipc.py), both ends in one event loop: the owner's
-lease server and a WorkerScheduler over a real Unix socket pair, a real Scheduler
-whose model is a remote (an aiohttp app standing in for a health-checked server)."""
+"""Leases across processes (scheduler/ipc.py; its frames: scheduler/ipc_wire.py), both
+ends in one event loop: the owner's lease server and a WorkerScheduler over a real Unix
+socket pair, a real Scheduler whose model is a remote (an aiohttp app standing in for a
+health-checked server)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from scheduler import ipc
+from scheduler import ipc, ipc_wire
 from scheduler.config import CorralConfig
 from scheduler.errors import CorralError, Overloaded, ShuttingDown, UnknownModel
 from scheduler.scheduler import Scheduler
@@ -32,7 +33,7 @@ def test_resolve_workers() -> None:
     UnknownModel("x", ["a", "b"]), Overloaded("queue full", retry_after=2.5),
     CorralError("plain")])
 def test_errors_cross_with_their_class_and_fields(error: CorralError) -> None:
-    back = ipc.error_of(ipc.error_frame(7, error))
+    back = ipc_wire.error_of(ipc_wire.error_frame(7, error))
     assert type(back) is type(error)
     assert (back.message, back.status, back.code, str(back)) == (
         error.message, error.status, error.code, str(error))
@@ -60,12 +61,12 @@ async def pair(slots: int = 2, **remote: Any
         owner = ipc.Owner(sched, 1, lambda i, fd: [])
         a, b = socket.socketpair()
         ra, wa = await asyncio.open_unix_connection(sock=a)
-        peer = ipc._Peer(1, ipc._Line(ra, wa))
+        peer = ipc._Peer(1, ipc_wire.Line(ra, wa))
         serving = asyncio.create_task(owner._serve(peer))
         line = await ipc.connect(b.detach())
         first = await line.next()
         assert first is not None and first["op"] == "config"
-        worker = ipc.WorkerScheduler(ipc.config_of(first), session, line)
+        worker = ipc.WorkerScheduler(ipc_wire.config_of(first), session, line)
         reading = asyncio.create_task(worker.run())
         try:
             yield sched, worker, (serving, owner, peer)
@@ -168,7 +169,7 @@ def test_a_tls_context_crosses_as_its_ca_certificates(tmp_path: Any) -> None:
         pytest.skip("no system CA bundle here to load as a ca_file")
     ctx = ssl_mod.create_default_context(cafile=ca)
     up = Upstream("https://r", "r#1", "m", 0.0, None, Egress(ssl=ctx))
-    back = ipc.upstream_of(msgspec_roundtrip(ipc.upstream_frame(up)))
+    back = ipc_wire.upstream_of(msgspec_roundtrip(ipc_wire.upstream_frame(up)))
     assert isinstance(back.egress.ssl, ssl_mod.SSLContext)
     assert back.egress.ssl.get_ca_certs(True) == ctx.get_ca_certs(True)
 
