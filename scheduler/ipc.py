@@ -7,9 +7,10 @@ work; each asks the owner for a lease over its own Unix socket and gives it back
 the same way (see docs/design.md, "Workers", for the designs considered).
 
 The contract that matters (contract 1, across processes): a lease granted to a worker
-is held by a task in the owner, released when the worker says so *or when its socket
-closes* — a worker that dies, however it dies, gives back every lease it held, because
-the kernel closes its end of the socket.
+is held in the owner (in a table when a slot was free at once, by a task when the call
+had to wait), released when the worker says so *or when its socket closes* — a worker
+that dies, however it dies, gives back every lease it held, because the kernel closes
+its end of the socket.
 
 The frames on that socket, and how they are encoded: ``scheduler.ipc_wire``.
 
