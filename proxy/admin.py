@@ -22,7 +22,8 @@ from aiohttp import web
 from proxy import __version__
 from proxy.guard import Forbidden
 from proxy.keys import CONFIG, DISCOVERY, SCHEDULER
-from proxy.metrics import METRICS, resident_memory
+from proxy.metrics import METRICS
+from proxy.metrics_scrape import resident_memory
 from proxy.ops import config_edit
 from proxy.reload import RELOADER
 from proxy.reqlog import note_model

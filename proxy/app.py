@@ -32,7 +32,7 @@ from proxy import (
     guard,
     lmstudio,
     lmstudio_sdk,
-    metrics,
+    metrics_http,
     ollama,
     openai,
     pulls,
@@ -45,7 +45,8 @@ from proxy.errors import Dialect, error_middleware
 from proxy.families.learned import FamilyState
 from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, FAMILIES, PULL_LOCKS, SCHEDULER, SESSION
 from proxy.listener import GuardedRunner, Limits
-from proxy.metrics import METRICS, Metrics, request_middleware
+from proxy.metrics import METRICS, Metrics
+from proxy.metrics_http import request_middleware
 from proxy.ops.mount import add_dashboard_routes
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import ipc, limits
@@ -134,15 +135,15 @@ def build_openai_app(
     app[METRICS] = stats
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
     app[FAMILIES] = FamilyState()
-    metrics.install(app)
+    metrics_http.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     # In start order; torn down in reverse, so the scheduler stops last.
     app.cleanup_ctx.append(_core_ctx(cfg, opts or CoreOptions(), stats))
-    app.cleanup_ctx.append(metrics.metrics_ctx(stats))
+    app.cleanup_ctx.append(metrics_http.metrics_ctx(stats))
     app.cleanup_ctx.append(reload_ctx(config_path, stats))
     app.cleanup_ctx.append(pulls.discovery_ctx)
     app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics.handle_metrics)
+    app.router.add_get("/metrics", metrics_http.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
     cluster.setup(app, cfg)
@@ -159,7 +160,7 @@ def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
     stats = core.get(METRICS)
     app = web.Application(middlewares=middlewares(cfg, dialect, stats), client_max_size=64 << 20)
     if stats is not None:
-        metrics.install(app)
+        metrics_http.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     app[CONFIG] = cfg
     app[SCHEDULER] = core[SCHEDULER]

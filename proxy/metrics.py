@@ -1,4 +1,4 @@
-"""Prometheus metrics: one registry per core app, the request middleware, ``/metrics``.
+"""Prometheus metrics: one registry per core app, fed by the calls and the scheduler.
 
 Three sources, three costs (docs/metrics.md lists every series):
 
@@ -15,22 +15,25 @@ Three sources, three costs (docs/metrics.md lists every series):
   instance's own llama-server ``/metrics`` re-labelled as ``corral_llamacpp_*``.
   Prompt and completion token totals per model are derived from those llama-server
   counters instead of parsing every answer body on the hot path.
+
+This module holds the ``Metrics`` object (its registry, the per-call table, the
+Events sink, the recent-requests and events rings) and the collector it registers.
+The families that collector builds from call stats, keys and engines, and the
+llama-server metrics and memory read per instance, are in ``proxy.metrics_scrape``;
+the request middleware, the ``/metrics`` handler and the upstream poller in
+``proxy.metrics_http``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 from bisect import bisect_left
-from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import aiohttp
-import psutil
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -41,41 +44,31 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.reqlog import CURRENT, HEADER, RequestIds, RequestInfo
-from scheduler.instance import Instance, State
+from proxy.metrics_scrape import (
+    _DURATION_BUCKETS,
+    _TTFT_BUCKETS,
+    CallStats,
+    UpstreamMetrics,
+    call_families,
+    engine_families,
+    key_families,
+    resident_memory,
+)
+from proxy.reqlog import RequestIds, RequestInfo
+from scheduler.instance import State
 from scheduler.scheduler import Scheduler
-from scheduler.tenants import Tenants
 
-log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# The text format Prometheus 2.x parses; prometheus_client's own CONTENT_TYPE_LATEST
-# moved to version 1.0.0, which older scrapers do not announce they accept.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Set by the OpenAI relay on every answer: the configured name of the model that
 # served the call (a fallback's name when a fallback did).
 MODEL_HEADER = "X-Corral-Model"
 # Endpoints kept out of the recent-requests ring: the dashboard polls them every
 # second and would push every real call out.
 _QUIET_PREFIXES = ("/admin", "/metrics", "/dashboard", "/health")
-# How long a scrape waits for an instance's own /metrics before going without it.
-UPSTREAM_TIMEOUT = 1.0
-# Instance states whose llama-server answers HTTP.
-_SERVING = frozenset({State.READY, State.DRAINING})
 
-_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 _LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -92,25 +85,6 @@ def _recent_dict(r: Recent) -> dict[str, object]:
     return {"time": round(r[0], 3), "method": r[1], "dialect": r[2], "model": r[3],
             "endpoint": r[4], "status": r[5], "duration_seconds": round(r[6], 4),
             "request_id": r[7]}
-
-
-class CallStats:
-    """Count, duration and time-to-first-byte histograms of the calls with one label set.
-
-    Plain ints and floats instead of prometheus_client children: every call is
-    recorded on the event loop thread, so the library's per-observation lock (2-3 µs
-    for a histogram) buys nothing on the hot path. Exposed by the collector.
-    """
-
-    __slots__ = ("count", "dur", "dur_sum", "ttft", "ttft_count", "ttft_sum")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.dur = [0] * (len(_DURATION_BUCKETS) + 1)  # the last one is +Inf
-        self.dur_sum = 0.0
-        self.ttft = [0] * (len(_TTFT_BUCKETS) + 1)
-        self.ttft_sum = 0.0
-        self.ttft_count = 0
 
 
 class Metrics:
@@ -294,227 +268,6 @@ class _WithoutCreated:
             yield metric
 
 
-def resident_memory(pids: dict[str, int]) -> dict[str, int]:
-    """Resident bytes per instance id. Blocking (reads /proc): call via to_thread."""
-    out = {}
-    for iid, pid in pids.items():
-        with contextlib.suppress(psutil.Error):
-            out[iid] = int(psutil.Process(pid).memory_info().rss)
-    return out
-
-
-# -- the request middleware ---------------------------------------------------------
-
-
-def request_middleware(metrics: Metrics, dialect: str) -> Middleware:
-    """Outermost middleware: request id, call metrics, the recent-requests ring.
-
-    Sees the final status (after error rendering and auth). Keep it cheap: it runs
-    on every call of every port, and the main port's budget is a few µs per call.
-    """
-    ids = metrics.ids
-    record = metrics.record
-    clock = time.perf_counter
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        start = clock()
-        info = RequestInfo(ids.accept(request.headers.get(HEADER)), start)
-        request[REQUEST_INFO] = info
-        token = CURRENT.set(info)
-        status = 500
-        resp: web.StreamResponse | None = None
-        try:
-            resp = await handler(request)
-            status = resp.status
-            return resp
-        except web.HTTPException as e:
-            status = e.status
-            raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            # The client went away (nginx's code for it), unless it had the whole answer.
-            status = info.status if info.ended and info.status else 499
-            raise
-        finally:
-            CURRENT.reset(token)
-            record(request, info, dialect, status, clock() - start, resp)
-
-    return middleware
-
-
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Stamp the request id on every response just before its headers go out, and
-    time the first body byte of streamed ones.
-
-    Done here rather than in the middleware because a stream is sent from inside the
-    handler, and a middleware placed outside ours may answer with a response of its
-    own: both are prepared where only this hook sees them.
-    """
-    info = request.get(REQUEST_INFO)
-    if info is None:
-        return
-    response.headers[HEADER] = info.id
-    info.status = response.status
-    if type(response) is web.StreamResponse:
-        _time_first_write(response, info)
-
-
-def _time_first_write(response: web.StreamResponse, info: RequestInfo) -> None:
-    # A wrapper on this one response, removed by its first call: the later chunks of
-    # a stream go straight to aiohttp and cost nothing extra.
-    write = response.write
-
-    async def first_write(data: bytes | bytearray | memoryview) -> None:
-        info.first_byte = time.perf_counter()
-        del response.write
-        await write(data)
-
-    response.write = first_write  # type: ignore[method-assign]
-
-
-def install(app: web.Application) -> None:
-    """Per-app wiring the middleware cannot do alone (every port's app calls it)."""
-    app.on_response_prepare.append(on_response_prepare)
-
-
-async def handle_metrics(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    await metrics.refresh()
-    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
-
-
-def metrics_ctx(
-    metrics: Metrics, poll_interval: float = 2.0
-) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
-    """Binds the metrics to the core's scheduler and runs the upstream poller.
-
-    Goes after the core's cleanup_ctx (it needs the scheduler) and so stops first.
-    """
-
-    @contextlib.asynccontextmanager
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        from proxy.keys import SCHEDULER, SESSION
-
-        metrics.bind(app[SCHEDULER], app[SESSION])
-        poller = asyncio.create_task(_poll_upstreams(metrics, poll_interval),
-                                     name="corral-metrics-poller")
-        try:
-            yield
-        finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
-
-    return ctx
-
-
-async def _poll_upstreams(metrics: Metrics, interval: float) -> None:
-    # Token totals come from llama-server's counters, which die with the process:
-    # reading the instances that served calls since the last read keeps what an
-    # instance counted before it is stopped, even when nobody scrapes for a while.
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await metrics.refresh(only_active=True)
-        except Exception:  # a poller that dies silently loses every later token
-            log.exception("reading llama-server metrics failed")
-
-
-# -- llama-server's own metrics -------------------------------------------------------
-
-
-def corral_name(upstream: str) -> str:
-    """``llamacpp:tokens_predicted_total`` -> ``corral_llamacpp_tokens_predicted_total``"""
-    return "corral_" + upstream.replace(":", "_")
-
-
-class UpstreamMetrics:
-    """The last /metrics of every serving instance, re-labelled, and the prompt and
-    completion token totals per model accumulated from their counters.
-
-    A total only grows: each read adds what an instance's counter gained since the
-    previous read (all of it on the first read of an instance, which counted from 0).
-    """
-
-    PROMPT = "llamacpp:prompt_tokens_total"
-    COMPLETION = "llamacpp:tokens_predicted_total"
-
-    def __init__(self) -> None:
-        self.latest: dict[str, list[Metric]] = {}
-        self.prompt_tokens: dict[str, float] = defaultdict(float)
-        self.completion_tokens: dict[str, float] = defaultdict(float)
-        self._seen: dict[str, tuple[float, float]] = {}
-        self._served: dict[str, int] = {}
-        # Two reads of one instance applied out of order would count a "reset".
-        self._lock = asyncio.Lock()
-
-    async def refresh(self, session: aiohttp.ClientSession, instances: Sequence[Instance], *,
-                      only_active: bool = False, within: float = UPSTREAM_TIMEOUT) -> None:
-        async with self._lock:
-            targets = [i for i in instances if i.state in _SERVING and i.base_url]
-            if only_active:
-                targets = [i for i in targets
-                           if i.in_flight or self._served.get(i.id) != i.stats.served]
-            served = [i.stats.served for i in targets]
-            texts = await asyncio.gather(*(_fetch(session, i, within) for i in targets))
-            for inst, text, n in zip(targets, texts, served, strict=True):
-                if text is not None and self.ingest(inst.id, inst.model, text):
-                    self._served[inst.id] = n
-            live = {i.id for i in instances}
-            for table in (self.latest, self._seen, self._served):
-                for iid in [k for k in table if k not in live]:
-                    del table[iid]
-
-    def ingest(self, instance_id: str, model: str, text: str) -> bool:
-        try:
-            families = list(text_string_to_metric_families(text))
-        except ValueError as e:
-            log.debug("instance %s: unreadable /metrics: %s", instance_id, e)
-            return False
-        out = []
-        prompt = completion = 0.0
-        for fam in families:
-            m = Metric(corral_name(fam.name), fam.documentation, fam.type)
-            for s in fam.samples:
-                m.add_sample(corral_name(s.name),
-                             {**s.labels, "model": model, "instance_id": instance_id},
-                             s.value, s.timestamp)
-                if s.name == self.PROMPT:
-                    prompt = s.value
-                elif s.name == self.COMPLETION:
-                    completion = s.value
-            out.append(m)
-        self.latest[instance_id] = out
-        last_p, last_c = self._seen.get(instance_id, (0.0, 0.0))
-        self.prompt_tokens[model] += prompt - last_p if prompt >= last_p else prompt
-        self.completion_tokens[model] += completion - last_c if completion >= last_c else completion
-        self._seen[instance_id] = (prompt, completion)
-        return True
-
-    def families(self) -> Iterator[Metric]:
-        """One family per name, with the samples of every instance."""
-        merged: dict[str, Metric] = {}
-        for fams in self.latest.values():
-            for fam in fams:
-                into = merged.get(fam.name)
-                if into is None:
-                    into = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type)
-                into.samples.extend(fam.samples)
-        yield from merged.values()
-
-
-async def _fetch(session: aiohttp.ClientSession, inst: Instance, within: float) -> str | None:
-    try:
-        async with session.get(inst.base_url + "/metrics",
-                               timeout=aiohttp.ClientTimeout(total=within)) as resp:
-            if resp.status != 200:
-                return None
-            return await resp.text()
-    except (aiohttp.ClientError, TimeoutError) as e:
-        log.debug("instance %s: /metrics unavailable: %s", inst.id, e)
-        return None
-
-
 # -- scrape-time collector ---------------------------------------------------------------
 
 
@@ -529,7 +282,7 @@ class _SchedulerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         m = self._metrics
-        yield from _call_families(m.calls)
+        yield from call_families(m.calls)
         if m._scheduler is None:
             return
         status = m._scheduler.model_status()
@@ -588,7 +341,7 @@ class _SchedulerCollector(Collector):
         yield from (model_state, queue, footprint, by_state, in_flight, slots, served, rss,
                     prompt, completion)
         yield from m.upstream.families()
-        yield from _key_families(m._scheduler.tenants)
+        yield from key_families(m._scheduler.tenants)
         saver = m._scheduler.slots
         cache = CounterMetricFamily(
             "corral_slot_cache", "Slot cache actions: saves and restores of conversations' "
@@ -597,89 +350,7 @@ class _SchedulerCollector(Collector):
                           ("failed", saver.failed)):
             cache.add_metric([action], float(n))
         yield cache
-        yield from _engine_families(m._scheduler)
-
-
-def _engine_families(scheduler: Scheduler) -> Iterator[Metric]:
-    """Remotes and providers (docs/engines.md): in rotation or not, models listed."""
-    remote_up = GaugeMetricFamily(
-        "corral_remote_up", "1 while a remote upstream is in rotation (answering, not "
-        "cooling down).", labels=["model", "remote"])
-    for r in scheduler.remotes():
-        remote_up.add_metric([r.model, r.id], 1.0 if r.state is State.READY else 0.0)
-    provider_up = GaugeMetricFamily(
-        "corral_provider_up", "1 while a provider's last listing succeeded.",
-        labels=["provider"])
-    provider_models = GaugeMetricFamily(
-        "corral_provider_models", "Models a provider offers (its last known list).",
-        labels=["provider"])
-    for p in scheduler.providers.status():
-        name = str(p["name"])
-        provider_up.add_metric([name], 1.0 if p["ok"] else 0.0)
-        models = p["models"]
-        provider_models.add_metric([name], float(len(models) if isinstance(models, list)
-                                                 else 0))
-    yield from (remote_up, provider_up, provider_models)
-
-
-def _cumulative(counts: list[int], bounds: Sequence[float]) -> list[tuple[str, float]]:
-    out, total = [], 0
-    for le, n in zip((*(repr(float(b)) for b in bounds), "+Inf"), counts, strict=True):
-        total += n
-        out.append((le, float(total)))
-    return out
-
-
-def _call_families(calls: dict[tuple[str, str, str, int], CallStats]) -> Iterator[Metric]:
-    requests = CounterMetricFamily(
-        "corral_requests", "Calls answered, by configured model (\"\" when none was "
-        "resolved), dialect, route template and HTTP status (499: the client went away).",
-        labels=["model", "dialect", "endpoint", "status"])
-    # The histograms leave the status out: merge the series that differ only by it.
-    merged: dict[tuple[str, str, str], CallStats] = {}
-    for (model, dialect, endpoint, status), st in calls.items():
-        requests.add_metric([model, dialect, endpoint, str(status)], float(st.count))
-        into = merged.get((model, dialect, endpoint))
-        if into is None:
-            into = merged[(model, dialect, endpoint)] = CallStats()
-        into.count += st.count
-        into.dur = [a + b for a, b in zip(into.dur, st.dur, strict=True)]
-        into.dur_sum += st.dur_sum
-        into.ttft = [a + b for a, b in zip(into.ttft, st.ttft, strict=True)]
-        into.ttft_sum += st.ttft_sum
-        into.ttft_count += st.ttft_count
-    duration = HistogramMetricFamily(
-        "corral_request_duration_seconds", "Time from a call's arrival to its last byte.",
-        labels=["model", "dialect", "endpoint"])
-    ttft = HistogramMetricFamily(
-        "corral_time_to_first_token_seconds", "Streamed answers: time from the call's "
-        "arrival to the first body byte written (queueing and loading included).",
-        labels=["model", "dialect", "endpoint"])
-    for labels, st in merged.items():
-        duration.add_metric(list(labels), _cumulative(st.dur, _DURATION_BUCKETS), st.dur_sum)
-        if st.ttft_count:
-            ttft.add_metric(list(labels), _cumulative(st.ttft, _TTFT_BUCKETS), st.ttft_sum)
-    yield from (requests, duration, ttft)
-
-
-def _key_families(registry: Tenants) -> Iterator[Metric]:
-    """Per API key, by its configured ``name`` (never the key): bounded by the config."""
-    requests = CounterMetricFamily(
-        "corral_key_requests", "Calls admitted per API key.", labels=["key"])
-    tokens = CounterMetricFamily(
-        "corral_key_tokens", "Prompt + completion tokens per API key, from the answers.",
-        labels=["key"])
-    rejected = CounterMetricFamily(
-        "corral_key_rejected", "Calls refused with 429 per API key (over a limit).",
-        labels=["key"])
-    in_flight = GaugeMetricFamily(
-        "corral_key_in_flight", "Calls in flight per API key.", labels=["key"])
-    for name, u in registry.usage.items():
-        requests.add_metric([name], float(u.requests_total))
-        tokens.add_metric([name], float(u.tokens_total))
-        rejected.add_metric([name], float(u.rejected_total))
-        in_flight.add_metric([name], float(u.in_flight))
-    yield from (requests, tokens, rejected, in_flight)
+        yield from engine_families(m._scheduler)
 
 
 def _num(value: object) -> float:
@@ -687,4 +358,3 @@ def _num(value: object) -> float:
 
 
 METRICS = web.AppKey("metrics", Metrics)
-REQUEST_INFO = web.RequestKey("corral_request", RequestInfo)

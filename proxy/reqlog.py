@@ -1,6 +1,6 @@
 """Request ids: one per call, on every log line about it, returned in ``X-Request-Id``.
 
-The request middleware (``proxy.metrics``) opens a ``RequestInfo`` for each call and
+The request middleware (``proxy.metrics_http``) opens a ``RequestInfo`` for each call and
 puts it in a context variable. Everything that runs in the handler's task sees it,
 so a logging filter can stamp the id on every record logged while the call is
 handled, whichever module logs. Tasks inherit the context they were created in: a

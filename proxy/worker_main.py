@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy import admin, guard, metrics, openai, tuning
+from proxy import admin, guard, metrics_http, openai, tuning
 from proxy.app import health, middlewares, port_apps
 from proxy.body import BodyBudget
 from proxy.families.learned import FamilyState
@@ -49,10 +49,10 @@ def _worker_core(cfg: CorralConfig, sched: ipc.WorkerScheduler,
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
     # The families this worker learned an upstream lacks (each process learns once).
     app[FAMILIES] = FamilyState()
-    metrics.install(app)
+    metrics_http.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics.handle_metrics)
+    app.router.add_get("/metrics", metrics_http.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
     return app

@@ -33,7 +33,8 @@ from aiohttp import web
 
 from proxy import pulls, routes
 from proxy.keys import SCHEDULER
-from proxy.metrics import METRICS, CallStats, Metrics
+from proxy.metrics import METRICS, Metrics
+from proxy.metrics_scrape import CallStats
 from scheduler import ipc
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from proxy.metrics import _DURATION_BUCKETS, _TTFT_BUCKETS, CallStats
+from proxy.metrics_scrape import _DURATION_BUCKETS, _TTFT_BUCKETS, CallStats
 from scheduler.instance import State
 
 # Endpoints left out of the request charts: the dashboard itself polls them. The

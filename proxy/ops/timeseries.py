@@ -53,7 +53,7 @@ def probe_memory(
 ) -> tuple[dict[str, int], int, int, int, int, bool]:
     """RSS per instance, RAM used and total, VRAM used and total, and whether to look
     for GPUs again (not after a probe found no NVML). Blocking: reads /proc, NVML."""
-    from proxy.metrics import resident_memory
+    from proxy.metrics_scrape import resident_memory
     from scheduler.resources import probe_gpus
 
     vm = psutil.virtual_memory()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.metrics import _DURATION_BUCKETS, CallStats
+from proxy.metrics_scrape import _DURATION_BUCKETS, CallStats
 from proxy.ops.config_edit import PLACEHOLDER, locate, redact_text, restore_secrets
 from proxy.ops.pin import set_model_key
 from proxy.ops.samples import (

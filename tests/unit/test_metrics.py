@@ -6,7 +6,8 @@ import logging
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import Metrics, UpstreamMetrics, corral_name
+from proxy.metrics import Metrics
+from proxy.metrics_scrape import UpstreamMetrics, corral_name
 from proxy.reload import Outcome, backup_path, server_changes
 from proxy.reqlog import CURRENT, RequestIdFilter, RequestIds, RequestInfo, note_model
 from scheduler.config import CorralConfig

@@ -7,7 +7,8 @@ from collections import Counter
 
 import msgspec
 
-from proxy.metrics import CallStats, Metrics
+from proxy.metrics import Metrics
+from proxy.metrics_scrape import CallStats
 from proxy.workers import ACCEPT_ERROR, Events, merge_stats, take_stats
 
 
