@@ -65,6 +65,8 @@ from scheduler.scheduler import Scheduler
 # Set by the OpenAI relay on every answer: the configured name of the model that
 # served the call (a fallback's name when a fallback did).
 MODEL_HEADER = "X-Corral-Model"
+# On an answer translated to chat completions for an upstream that lacks its family.
+TRANSLATED_HEADER = "X-Corral-Translated"
 # Endpoints kept out of the recent-requests ring: the dashboard polls them every
 # second and would push every real call out.
 _QUIET_PREFIXES = ("/admin", "/metrics", "/dashboard", "/health")
@@ -194,6 +196,8 @@ class Metrics:
         if st is None:
             st = self.calls[key] = CallStats()
         st.count += 1
+        if resp is not None and TRANSLATED_HEADER in resp.headers:
+            st.translated += 1
         st.dur[bisect_left(_DURATION_BUCKETS, elapsed)] += 1
         st.dur_sum += elapsed
         if info.first_byte:

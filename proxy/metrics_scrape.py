@@ -48,10 +48,12 @@ class CallStats:
     for a histogram) buys nothing on the hot path. Exposed by the collector.
     """
 
-    __slots__ = ("count", "dur", "dur_sum", "ttft", "ttft_count", "ttft_sum")
+    __slots__ = ("count", "dur", "dur_sum", "translated", "ttft", "ttft_count", "ttft_sum")
 
     def __init__(self) -> None:
         self.count = 0
+        # Of them, answered by translating to chat completions (X-Corral-Translated).
+        self.translated = 0
         self.dur = [0] * (len(_DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.dur_sum = 0.0
         self.ttft = [0] * (len(_TTFT_BUCKETS) + 1)
@@ -80,6 +82,7 @@ def call_families(calls: dict[tuple[str, str, str, int], CallStats]) -> Iterator
         if into is None:
             into = merged[(model, dialect, endpoint)] = CallStats()
         into.count += st.count
+        into.translated += st.translated
         into.dur = [a + b for a, b in zip(into.dur, st.dur, strict=True)]
         into.dur_sum += st.dur_sum
         into.ttft = [a + b for a, b in zip(into.ttft, st.ttft, strict=True)]
@@ -92,11 +95,17 @@ def call_families(calls: dict[tuple[str, str, str, int], CallStats]) -> Iterator
         "corral_time_to_first_token_seconds", "Streamed answers: time from the call's "
         "arrival to the first body byte written (queueing and loading included).",
         labels=["model", "dialect", "endpoint"])
+    translated = CounterMetricFamily(
+        "corral_translated_requests", "Calls answered by translating them to chat "
+        "completions, for an upstream that does not speak their API family (Anthropic "
+        "Messages, Responses).", labels=["model", "dialect", "endpoint"])
     for labels, st in merged.items():
         duration.add_metric(list(labels), _cumulative(st.dur, _DURATION_BUCKETS), st.dur_sum)
         if st.ttft_count:
             ttft.add_metric(list(labels), _cumulative(st.ttft, _TTFT_BUCKETS), st.ttft_sum)
-    yield from (requests, duration, ttft)
+        if st.translated:
+            translated.add_metric(list(labels), float(st.translated))
+    yield from (requests, duration, ttft, translated)
 
 
 def key_families(registry: Tenants) -> Iterator[Metric]:

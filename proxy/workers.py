@@ -160,8 +160,8 @@ def take_stats(stats: Metrics, events: Events) -> dict[str, Any] | None:
     if not calls and not recent and not happened:
         return None
     return {
-        "calls": [[*key, s.count, s.dur, s.dur_sum, s.ttft, s.ttft_sum, s.ttft_count]
-                  for key, s in calls.items()],
+        "calls": [[*key, s.count, s.dur, s.dur_sum, s.ttft, s.ttft_sum, s.ttft_count,
+                   s.translated] for key, s in calls.items()],
         "recent": [list(r) for r in recent],
         "events": happened,
     }
@@ -171,14 +171,14 @@ def merge_stats(into: Metrics, data: Any) -> None:
     """Add a worker's ``take_stats`` to the owner's metrics."""
     if not isinstance(data, dict):
         return
-    for model, dialect, endpoint, status, count, dur, dur_sum, ttft, ttft_sum, ttft_count in (
-        data.get("calls") or ()
-    ):
+    for (model, dialect, endpoint, status, count, dur, dur_sum, ttft, ttft_sum, ttft_count,
+         translated) in data.get("calls") or ():
         key = (model, dialect, endpoint, int(status))
         st = into.calls.get(key)
         if st is None:
             st = into.calls[key] = CallStats()
         st.count += count
+        st.translated += translated
         st.dur = [a + b for a, b in zip(st.dur, dur, strict=False)]
         st.dur_sum += dur_sum
         st.ttft = [a + b for a, b in zip(st.ttft, ttft, strict=False)]

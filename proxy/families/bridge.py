@@ -37,7 +37,7 @@ from proxy.families import Event, anthropic_chat, responses_chat
 from proxy.families.chat import choice
 from proxy.families.learned import MISSING_ROUTE, FamilyState, route_missing
 from proxy.keys import SCHEDULER
-from proxy.metrics import MODEL_HEADER
+from proxy.metrics import MODEL_HEADER, TRANSLATED_HEADER
 from proxy.streaming import is_event_stream, relay, upstream_batches
 from proxy.translate import upstream_error_body
 from proxy.upstream import Client
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 # Tells a client (and a test) that its answer was translated from chat completions.
-TRANSLATED_HEADER = "X-Corral-Translated"
 
 # The upstream API (scheduler.config.UpstreamApi) a family needs, and its translator.
 _FAMILIES: dict[str, tuple[str, ModuleType, str]] = {

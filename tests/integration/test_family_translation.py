@@ -100,6 +100,13 @@ async def test_messages_translated_on_every_port(ports: Any, claude: Any) -> Non
         assert msg.content[0].type == "text" and msg.content[0].text == "a b c"
         assert msg.stop_reason == "max_tokens" and msg.model == "chat-only"
         assert msg.usage.output_tokens == 3 and msg.usage.input_tokens > 0
+    # Counted as translated: one series per port's dialect, one call each.
+    text = await (await ports.openai.get("/metrics")).text()
+    translated = [line for line in text.splitlines()
+                  if line.startswith("corral_translated_requests_total{")]
+    assert len(translated) == 3 and all(
+        'model="chat-only"' in line and 'endpoint="/v1/messages"' in line
+        and line.endswith(" 1.0") for line in translated), translated
     calls = await seen(ports, "chat-only")
     assert {c["path"] for c in calls} == {"/v1/chat/completions"}
     assert calls[-1]["body"]["messages"] == [{"role": "system", "content": "be brief"},

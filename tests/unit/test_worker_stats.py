@@ -27,6 +27,7 @@ def test_stats_cross_once_and_add_up() -> None:
         st.dur_sum = 0.5 * n
         st.ttft[1] = 1
         st.ttft_sum, st.ttft_count = 0.1, 1
+        st.translated = n - 1
     worker.recent.append((2.0, "POST", "openai", "m", "/v1/chat/completions", 200, 0.1, "w-1"))
     owner.recent.append((1.0, "POST", "openai", "m", "/v1/chat/completions", 200, 0.1, "o-1"))
     events: Events = Counter({("8080", "refused"): 2, ("", ACCEPT_ERROR): 1})
@@ -35,6 +36,7 @@ def test_stats_cross_once_and_add_up() -> None:
     merge_stats(owner, msgspec.json.decode(msgspec.json.encode(data)))
     st = owner.calls[key]
     assert (st.count, st.dur[0], st.dur_sum, st.ttft[1], st.ttft_count) == (5, 5, 2.5, 2, 2)
+    assert st.translated == 3
     assert [r[-1] for r in owner.recent] == ["o-1", "w-1"]  # in time order
     assert sample(owner, "corral_listener_events_total",
                   {"port": "8080", "event": "refused"}) == 2
