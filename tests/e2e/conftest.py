@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from scheduler.config import ModelConfig
 from scheduler.install import find_llama_server
 from scheduler.sources import resolve_model_file
+from tests.fakes import wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -129,17 +129,8 @@ def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., Cor
             )
         cp = CorralProc(proc, port, oport, lport, log_path)
         started.append(cp)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"corral exited at start:\n{cp.log()}")
-            try:
-                if httpx.get(cp.url + "/health", timeout=1).status_code == 200:
-                    return cp
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        pytest.fail(f"corral did not answer /health:\n{cp.log()}")
+        wait_healthy(cp.url, proc, log_path)
+        return cp
 
     yield start
     for cp in started:

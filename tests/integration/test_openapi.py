@@ -16,14 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.fakes import fake_binary, write_dummy_gguf
+from tests.fakes import fake_binary, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 EXCLUDED = r"^/admin|^/api/(push|create|blobs)"
@@ -55,15 +54,7 @@ def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{ports[0]}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "corral did not start"
-            time.sleep(0.05)
+        wait_healthy(f"http://127.0.0.1:{ports[0]}", proc, root / "corral.log")
         yield ports
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

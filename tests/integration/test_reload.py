@@ -26,7 +26,7 @@ from scheduler.config import load_config
 from scheduler.instance import State
 from tests.conftest import wait_for
 from tests.e2e.conftest import free_port
-from tests.fakes import write_dummy_gguf
+from tests.fakes import wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -248,16 +248,7 @@ def test_sighup_reloads(serve_proc: Callable[[Path], Any], tmp_path: Path) -> No
     def get(p: str) -> Any:
         return httpx.get(url + p, timeout=5).json()
 
-    deadline = time.monotonic() + 20
-    while True:
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "corral did not start"
-        time.sleep(0.05)
+    wait_healthy(url, proc, tmp_path / "serve.log")
 
     # Same size and mtime as before: only the signal can make Corral look again.
     st = path.stat()
