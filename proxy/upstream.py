@@ -141,11 +141,11 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
     if key is None:
         return await _attempts(scheduler, session, client, spec, consume, None)
     # Once per call, before it queues (a resend is the same call): RateLimited, a 429.
-    scheduler.tenants.admit(key)
+    await scheduler.admit(key)
     try:
         return await _attempts(scheduler, session, client, spec, consume, key)
     finally:
-        scheduler.tenants.release(key)
+        scheduler.release_key(key)
 
 
 async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client: Client,
@@ -169,7 +169,7 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
                 try:
                     result = await consume(up, resp, client)
                     if key is not None and tap is not None:
-                        scheduler.tenants.charge(key, tap.tokens())
+                        scheduler.charge(key, tap.tokens())
                     return result
                 except BaseException:
                     # An unread stream must end at the server, which then stops

@@ -28,11 +28,13 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
 
+from scheduler import tenants
 from scheduler.config import CorralConfig
 from scheduler.errors import CorralError, ShuttingDown
 from scheduler.instance import _PREEXEC
@@ -78,6 +80,8 @@ class _Peer:
         self.granted: dict[int, asyncio.Future[None]] = {}
         # Leases taken on the fast path (Scheduler.lease_now): released directly.
         self.held: dict[int, Servable] = {}
+        # Calls admitted per API key name and not yet ended (the key's in-flight count).
+        self.admitted: Counter[str] = Counter()
         self.config: CorralConfig | None = None
 
 
@@ -183,6 +187,11 @@ class Owner:
         held, peer.held = peer.held, {}
         for inst in held.values():
             inst.release()
+        admitted, peer.admitted = peer.admitted, Counter()
+        for name, n in admitted.items():
+            if (key := self._key(name)) is not None:
+                for _ in range(n):
+                    self._scheduler.release_key(key)
         for task in peer.tasks.values():
             task.cancel()
         self.peers.pop(peer.index, None)
@@ -204,13 +213,14 @@ class Owner:
             hints = LeaseHints(affinity=frame.get("affinity"),
                                keep_alive=frame.get("keep_alive"))
             model = str(frame["model"])
+            key = self._key(frame.get("key"))
             now = self._scheduler.lease_now(model, hints)
             if now is not None:
                 # A free slot now: held in a table, no task (most leases, under load).
                 up, peer.held[cid] = now
                 peer.line.send({"op": "leased", "id": cid, "up": upstream_frame(up)})
             else:
-                self._hold(peer, cid, self._lease(peer, cid, model, hints))
+                self._hold(peer, cid, self._lease(peer, cid, model, hints, key))
         elif op == "release":
             cid = int(frame["id"])
             if (held := peer.held.pop(cid, None)) is not None:
@@ -238,8 +248,36 @@ class Owner:
             self._answer(peer, int(frame["id"]), lambda: ensure(model))
         elif op == "stats":
             self._on_stats(peer.index, frame.get("data"))
+        elif op == "admit":
+            self._admit(peer, int(frame["id"]), self._key(frame.get("key")))
+        elif op == "unadmit":
+            if (key := self._key(frame.get("key"))) is not None and peer.admitted[key.name]:
+                peer.admitted[key.name] -= 1
+                self._scheduler.release_key(key)
+        elif op == "charge" and (key := self._key(frame.get("key"))) is not None:
+            self._scheduler.charge(key, int(frame["tokens"]))
 
-    async def _lease(self, peer: _Peer, cid: int, model: str, hints: LeaseHints) -> None:
+    # -- API keys: one count of every process's calls, so that limits hold -----------
+
+    def _key(self, name: object) -> tenants.Key | None:
+        return self._scheduler.tenants.named(name) if isinstance(name, str) else None
+
+    def _admit(self, peer: _Peer, cid: int, key: tenants.Key | None) -> None:
+        # A key a reload removed meanwhile has no limits left to hold.
+        if key is not None:
+            try:
+                self._scheduler.tenants.admit(key)
+            except CorralError as e:
+                peer.line.send(error_frame(cid, e))
+                return
+            peer.admitted[key.name] += 1
+        peer.line.send({"op": "done", "id": cid, "value": None})
+
+    async def _lease(self, peer: _Peer, cid: int, model: str, hints: LeaseHints,
+                     key: tenants.Key | None) -> None:
+        # The calling key places the waiter in the owner's one fair queue, by its
+        # priority, as it would in one process (this task has its own context).
+        tenants.CURRENT.set(key)
         try:
             async with self._scheduler.lease(model, hints) as up:
                 released = peer.granted[cid] = asyncio.get_running_loop().create_future()
@@ -324,6 +362,8 @@ class WorkerScheduler(Scheduler):
         self._cfg = self._configured = cfg
         self._models = {}
         self._apply_models(cfg)
+        # The keys this worker accepts follow every reload, as the owner's do.
+        self.tenants.configure(cfg)
 
     async def run(self, on_config: Callable[[CorralConfig], None] | None = None) -> None:
         """Read the owner's frames until its socket closes."""
@@ -367,9 +407,10 @@ class WorkerScheduler(Scheduler):
         cid = next(self._calls)
         hints = hints or LeaseHints()
         try:
+            key = tenants.current()
             up: Upstream = await self._ask(cid, {
                 "op": "lease", "id": cid, "model": name, "affinity": hints.affinity,
-                "keep_alive": hints.keep_alive})
+                "keep_alive": hints.keep_alive, "key": key.name if key is not None else None})
             yield up
         finally:
             # Also when the wait was cancelled: the owner may have granted it meanwhile.
@@ -377,6 +418,19 @@ class WorkerScheduler(Scheduler):
 
     async def suspect(self, instance_id: str, reason: str) -> None:
         self._line.send({"op": "suspect", "iid": instance_id, "reason": reason})
+
+    # A key's calls are counted in the owner, with every other worker's.
+
+    async def admit(self, key: tenants.Key) -> None:
+        cid = next(self._calls)
+        await self._ask(cid, {"op": "admit", "id": cid, "key": key.name})
+
+    def release_key(self, key: tenants.Key) -> None:
+        self._line.send({"op": "unadmit", "key": key.name})
+
+    def charge(self, key: tenants.Key, tokens: int) -> None:
+        if tokens > 0:
+            self._line.send({"op": "charge", "key": key.name, "tokens": tokens})
 
     async def upstream_failed(self, instance_id: str, reason: str, connect: bool) -> bool:
         self._line.send({"op": "failed", "iid": instance_id, "reason": reason,

@@ -4,13 +4,19 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
     worker -> owner                             owner -> worker
     {"op": "lease", "id", "model",              {"op": "config", "pickle"}   at start and
-     "affinity", "keep_alive"}                                               on every change
+     "affinity", "keep_alive", "key"}                                        on every change
     {"op": "release", "id"}                     {"op": "leased", "id", "up": [base_url,
     {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",
     {"op": "unload", "id", "model"}                          "attrs"}
     {"op": "ensure", "id", "model"} (auto_pull)
-    {"op": "stats", "data"}  (opaque: metrics)  {"op": "done", "id", "value"}
+    {"op": "admit", "id", "key"}                {"op": "done", "id", "value"}
+    {"op": "unadmit", "key"}
+    {"op": "charge", "key", "tokens"}
+    {"op": "stats", "data"}  (opaque: metrics)
+
+``key`` is an API key's configured name (never its secret), or null: ``admit``,
+``unadmit`` and ``charge`` are a key's limits counted in the owner for every process.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from scheduler import tenants
 from scheduler.config import CorralConfig, ModelConfig
 from scheduler.core import Core, default_finder
 from scheduler.dispatch import Dispatch
@@ -327,3 +328,20 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         for inst in insts:
             self._retire(inst, "unload")
         return len(insts)
+
+    # -- API keys' limits ---------------------------------------------------------
+    # What the proxy calls once per call with a key (scheduler/tenants.py). Here on the
+    # scheduler so that a worker process asks the owner, who counts every process's
+    # calls (scheduler/ipc.py): a key's limits hold across workers.
+
+    async def admit(self, key: tenants.Key) -> None:
+        """Count a call of ``key`` in, or raise RateLimited."""
+        self.tenants.admit(key)
+
+    def release_key(self, key: tenants.Key) -> None:
+        """The call admitted for ``key`` has ended."""
+        self.tenants.release(key)
+
+    def charge(self, key: tenants.Key, tokens: int) -> None:
+        """Tokens a finished call of ``key`` used."""
+        self.tenants.charge(key, tokens)

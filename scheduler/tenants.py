@@ -161,6 +161,10 @@ class Tenants:
     def keys(self) -> list[Key]:
         return [k for k, _ in self._keys]
 
+    def named(self, name: str) -> Key | None:
+        """The configured key called ``name`` (a worker names the key it admits)."""
+        return next((k for k, _ in self._keys if k.name == name), None)
+
     def lookup(self, given: bytes) -> Key | None:
         """The key whose secret is ``given``. Compares against every digest, always,
         so the time taken says nothing about which key (or how much of one) matched."""

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from scheduler import ipc, ipc_wire
 from scheduler.config import CorralConfig
-from scheduler.errors import CorralError, Overloaded, ShuttingDown, UnknownModel
+from scheduler.errors import CorralError, Overloaded, RateLimited, ShuttingDown, UnknownModel
 from scheduler.scheduler import Scheduler
 from tests.conftest import wait_for
 
@@ -42,7 +42,7 @@ def test_errors_cross_with_their_class_and_fields(error: CorralError) -> None:
 
 
 @contextlib.asynccontextmanager
-async def pair(slots: int = 2, **remote: Any
+async def pair(slots: int = 2, keys: list[dict[str, Any]] | None = None, **remote: Any
                ) -> AsyncIterator[tuple[Scheduler, ipc.WorkerScheduler, Any]]:
     async def ok(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -52,7 +52,7 @@ async def pair(slots: int = 2, **remote: Any
     server = TestServer(app)
     await server.start_server()
     url = str(server.make_url(""))
-    cfg = CorralConfig.model_validate({"models": [{
+    cfg = CorralConfig.model_validate({"keys": keys or [], "models": [{
         "name": "m", "remote_slots": slots,
         "remotes": [{"url": url, **remote} if remote else url]}]})
     async with aiohttp.ClientSession() as session:
@@ -197,3 +197,35 @@ async def test_a_free_slot_is_leased_without_a_task_and_a_full_one_waits_in_one(
         assert not peer.held and in_flight(sched) == 1
         await second.__aexit__(None, None, None)
         await wait_for(lambda: in_flight(sched) == 0 and not peer.tasks, within=2)
+
+
+async def test_a_key_s_limits_are_counted_in_the_owner_for_every_worker() -> None:
+    keys = [{"name": "k", "key": "sk-test-k", "max_concurrent": 1}]
+    async with pair(keys=keys) as (sched, worker, (serving, owner, peer)):
+        key = worker.tenants.named("k")
+        assert key is not None
+        await worker.admit(key)
+        assert sched.tenants.usage["k"].in_flight == 1  # counted where every worker's is
+        with pytest.raises(RateLimited) as info:
+            await worker.admit(key)  # over max_concurrent, whichever process asks
+        assert info.value.status == 429 and "max_concurrent" in info.value.message
+        worker.charge(key, 7)
+        worker.release_key(key)
+        await wait_for(lambda: sched.tenants.usage["k"].in_flight == 0, within=2)
+        assert sched.tenants.usage["k"].tokens_total == 7
+        await worker.admit(key)
+        # A worker that dies gives back what it had admitted, as it does its leases.
+        worker._line.writer.transport.abort()
+        await asyncio.wait_for(serving, 2)
+        owner._drop(peer)
+        assert sched.tenants.usage["k"].in_flight == 0 and not peer.admitted
+
+
+async def test_a_reloaded_config_changes_the_keys_a_worker_accepts() -> None:
+    async with pair(keys=[{"name": "old", "key": "sk-old-key"}]) as (_, worker, _peer):
+        assert worker.tenants.lookup(b"sk-old-key") is not None
+        worker.set_config(CorralConfig.model_validate({
+            "keys": [{"name": "new", "key": "sk-new-key"}],
+            "models": [m.model_dump() for m in worker.config.models]}))
+        assert worker.tenants.lookup(b"sk-old-key") is None
+        assert worker.tenants.lookup(b"sk-new-key") is not None

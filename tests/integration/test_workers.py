@@ -344,3 +344,57 @@ def test_api_keys_hold_in_workers_and_no_key_reaches_the_log(
         proc.wait(timeout=20)
     text = log_path.read_text()
     assert key not in text and "Traceback" not in text
+
+
+def test_a_key_s_limit_holds_across_workers_and_a_reload_reaches_their_keys(
+    tmp_path: Path, fake_llama: Path
+) -> None:
+    port = free_port()
+    cfg = tmp_path / "corral.toml"
+    head = (f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
+            f'workers = 2\n[llama_server]\nbinary = "{fake_llama}"\n'
+            f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n')
+    cfg.write_text(head + '[[keys]]\nname = "ops"\nkey = "sk-ops-0123456789"\nadmin = true\n'
+                   '[[keys]]\nname = "app"\nkey = "sk-app-0123456789"\n'
+                   "requests_per_minute = 4\n")
+    log_path = tmp_path / "corral.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    ops = {"Authorization": "Bearer sk-ops-0123456789"}
+    app = {"Authorization": "Bearer sk-app-0123456789"}
+    try:
+        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
+             "the workers")
+        statuses = []
+        for _ in range(8):
+            # A new connection per call: the kernel spreads them over both workers.
+            with httpx.Client(timeout=20) as c:
+                statuses.append(c.post(url + "/v1/chat/completions", json=CHAT,
+                                       headers=app).status_code)
+        # Four a minute in all, not four per process.
+        assert sorted(statuses) == [200] * 4 + [429] * 4, statuses
+        keys = {k["name"]: k for k in httpx.get(url + "/admin/keys", headers=ops,
+                                                timeout=5).json()["keys"]}
+        assert keys["app"]["usage"]["requests_last_minute"] == 4
+        assert keys["app"]["usage"]["in_flight"] == 0
+        # A reload that drops the key: no worker accepts it any more.
+        cfg.write_text(head + '[[keys]]\nname = "ops"\nkey = "sk-ops-0123456789"\n'
+                       "admin = true\n")
+        httpx.post(url + "/admin/config/reload", headers=ops, timeout=10).raise_for_status()
+
+        def refused_everywhere() -> bool:
+            codes = set()
+            for _ in range(6):
+                with httpx.Client(timeout=20) as c:
+                    codes.add(c.post(url + "/v1/chat/completions", json=CHAT,
+                                     headers=app).status_code)
+            return codes == {401}
+
+        wait(refused_everywhere, "the removed key to be refused by every worker", within=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    text = log_path.read_text()
+    assert "sk-app-0123456789" not in text and "Traceback" not in text, text[-3000:]
