@@ -44,7 +44,6 @@ from scheduler import tenants
 from scheduler.config import ModelConfig
 from scheduler.engines.remote import COOLDOWN_STATUSES
 from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
-from scheduler.instance import State
 from scheduler.scheduler import LeaseHints, Scheduler, Upstream
 
 log = logging.getLogger(__name__)
@@ -339,7 +338,7 @@ class _Feedback:
 
     def _what(self) -> str:
         model = self._spec.model
-        loading = any(i.state is State.STARTING for i in self._scheduler.loaded(model))
+        loading = model in self._scheduler.loading()
         waited = time.monotonic() - self._started
         doing = "loading" if loading else "waiting for a free slot on"
         return f"{doing} {model} {waited:.1f} s"

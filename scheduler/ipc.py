@@ -83,6 +83,7 @@ class _Peer:
         # Calls admitted per API key name and not yet ended (the key's in-flight count).
         self.admitted: Counter[str] = Counter()
         self.config: CorralConfig | None = None
+        self.loading: frozenset[str] = frozenset()
 
 
 class Owner:
@@ -330,12 +331,17 @@ class Owner:
 
     async def _push_config(self) -> None:
         # The scheduler replaces its config object on every reload and dynamic-model
-        # change; a poll finds that without a hook in the scheduler.
+        # change; a poll finds that without a hook in the scheduler. The models loading
+        # now go along, for the loading feedback of a worker's waiting calls.
         while True:
             await asyncio.sleep(self._config_poll)
+            loading = self._scheduler.loading()
             for peer in list(self.peers.values()):
                 if peer.config is not self._scheduler.config:
                     self._send_config(peer)
+                if peer.loading != loading:
+                    peer.loading = loading
+                    peer.line.send({"op": "loading", "models": sorted(loading)})
 
 
 _ids = itertools.count(1)
@@ -356,6 +362,7 @@ class WorkerScheduler(Scheduler):
         self._line = line
         self._calls = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._loading: frozenset[str] = frozenset()
         self.lost = asyncio.Event()
 
     def set_config(self, cfg: CorralConfig) -> None:
@@ -375,6 +382,9 @@ class WorkerScheduler(Scheduler):
                     self.set_config(cfg)
                     if on_config is not None:
                         on_config(cfg)
+                    continue
+                if op == "loading":
+                    self._loading = frozenset(map(str, frame.get("models") or ()))
                     continue
                 fut = self._pending.get(int(frame.get("id", 0)))
                 if fut is None or fut.done():
@@ -418,6 +428,10 @@ class WorkerScheduler(Scheduler):
 
     async def suspect(self, instance_id: str, reason: str) -> None:
         self._line.send({"op": "suspect", "iid": instance_id, "reason": reason})
+
+    def loading(self) -> frozenset[str]:
+        """The owner's, as it last said (within its config poll, 0.25 s)."""
+        return self._loading
 
     # A key's calls are counted in the owner, with every other worker's.
 

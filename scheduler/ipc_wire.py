@@ -13,7 +13,7 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
     {"op": "admit", "id", "key"}                {"op": "done", "id", "value"}
     {"op": "unadmit", "key"}
     {"op": "charge", "key", "tokens"}
-    {"op": "stats", "data"}  (opaque: metrics)
+    {"op": "stats", "data"}  (opaque: metrics)  {"op": "loading", "models"}   on change
 
 ``key`` is an API key's configured name (never its secret), or null: ``admit``,
 ``unadmit`` and ``charge`` are a key's limits counted in the owner for every process.

@@ -273,6 +273,13 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         m = self._names.get(name)
         return [] if m is None else [i for i in m.instances if i.state in ALIVE]
 
+    def loading(self) -> frozenset[str]:
+        """The names and aliases of the models with an instance starting now (the
+        loading feedback of a waiting call says "loading")."""
+        return frozenset(name for m in self._models.values()
+                         if any(i.state is State.STARTING for i in m.instances)
+                         for name in (m.cfg.name, *m.cfg.aliases))
+
     def model_status(self) -> list[dict[str, object]]:
         out = []
         for m in self._models.values():

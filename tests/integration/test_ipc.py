@@ -229,3 +229,20 @@ async def test_a_reloaded_config_changes_the_keys_a_worker_accepts() -> None:
             "models": [m.model_dump() for m in worker.config.models]}))
         assert worker.tenants.lookup(b"sk-old-key") is None
         assert worker.tenants.lookup(b"sk-new-key") is not None
+
+
+async def test_the_models_loading_in_the_owner_reach_the_worker() -> None:
+    async with pair() as (sched, worker, (_serving, owner, peer)):
+        owner.peers[peer.index] = peer
+        owner._config_poll = 0.02
+        now: frozenset[str] = frozenset({"m", "m-alias"})
+        sched.loading = lambda: now  # type: ignore[method-assign]
+        pushing = asyncio.create_task(owner._push_config())
+        try:
+            await wait_for(lambda: worker.loading() == {"m", "m-alias"}, within=2)
+            now = frozenset()
+            await wait_for(lambda: not worker.loading(), within=2)
+        finally:
+            pushing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pushing

@@ -398,3 +398,34 @@ def test_a_key_s_limit_holds_across_workers_and_a_reload_reaches_their_keys(
         proc.wait(timeout=20)
     text = log_path.read_text()
     assert "sk-app-0123456789" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_a_stream_waiting_in_a_worker_for_a_model_that_loads_says_loading(
+    tmp_path: Path, fake_llama: Path
+) -> None:
+    port = free_port()
+    cfg = tmp_path / "corral.toml"
+    cfg.write_text(
+        f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
+        f'workers = 2\n[llama_server]\nbinary = "{fake_llama}"\n'
+        f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n'
+        'env = { FAKE_LOAD_DELAY = "2.5" }\n')
+    log_path = tmp_path / "corral.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
+             "the workers")
+        with httpx.Client(timeout=30) as c, c.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={**CHAT, "stream": True, "max_tokens": 3}) as r:
+            text = "".join(r.iter_text())
+        # The SSE comments sent while the instance starts (the fake answers /health
+        # with 503 "Loading model" for 2.5 s) name what the call waits for.
+        comments = [line for line in text.splitlines() if line.startswith(": ")]
+        assert comments and comments[0].startswith(": loading m "), text[:500]
+        assert "data: [DONE]" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
