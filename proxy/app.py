@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -284,9 +285,10 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
-        if cfg.server.gc_freeze:
-            # Everything built so far lives as long as the process (proxy.tuning).
-            log.debug("gc: %d long-lived objects frozen", tuning.freeze_long_lived())
+        # Everything built so far lives as long as the process (proxy.tuning).
+        frozen = tuning.tune_gc(cfg)
+        log.debug("gc: %d long-lived objects frozen, young threshold %d", frozen,
+                  gc.get_threshold()[0])
         await stop.wait()
         await cluster.drain(root, sc.drain_timeout)
         log.info("shutting down: draining running calls (up to %g s)", sc.drain_timeout)

@@ -260,9 +260,8 @@ class Reloader:
             self._metrics.config_loaded(True)
         summary = ", ".join(f"{k}: {', '.join(v)}" for k, v in changes.items()
                             if v and k != "unchanged") or "no model changed"
-        if new.server.gc_freeze:
-            # The new config's objects are long-lived too (proxy.tuning).
-            tuning.freeze_long_lived()
+        # The new config's objects are long-lived too (proxy.tuning).
+        tuning.tune_gc(new)
         log.info("config reloaded (%s): %s", source, summary)
         if restart:
             log.warning("config keys that take effect only after a restart changed: %s",

@@ -112,8 +112,7 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
             await r.setup()
             runners.append(r)
             await tuning.tcp_site(r, cfg, ports[kind], reuse_port=True).start()
-        if cfg.server.gc_freeze:
-            tuning.freeze_long_lived()
+        tuning.tune_gc(cfg)
         log.info("worker %d (pid %d) relaying on %s", index, os.getpid(),
                  ", ".join(f"{k}:{ports[k]}" for _, k in sites))
         lost = asyncio.create_task(sched.lost.wait())

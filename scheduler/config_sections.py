@@ -61,6 +61,10 @@ class ServerConfig(_Strict):
     gc_freeze: bool = Field(
         True, description="freeze long-lived objects out of the garbage collector"
     )
+    gc_threshold: int = Field(
+        50_000, ge=0, description="young-generation collection threshold after start-up "
+        "(Python's own: 700; 0 keeps it)"
+    )
     workers: int | Literal["auto"] = Field(
         1, description='processes relaying calls ("auto": one per core); one owns the state'
     )

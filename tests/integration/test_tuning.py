@@ -76,6 +76,7 @@ def test_long_lived_objects_are_frozen_after_start(served: tuple[dict[str, int],
     line = next(ln for ln in log_path.read_text().splitlines() if "objects frozen" in ln)
     # Tens of thousands of objects after start-up (the issue counted ~70,000).
     assert int(line.split("gc: ")[1].split()[0]) > 10_000, line
+    assert line.endswith("young threshold 50000"), line  # [server] gc_threshold
 
 
 async def test_a_reload_freezes_the_new_config(
@@ -114,6 +115,22 @@ def test_freeze_moves_survivors_out_of_the_collector() -> None:
         assert len(keep) == 1000
     finally:
         gc.unfreeze()
+
+
+def test_the_young_threshold_is_raised_and_the_older_ones_kept() -> None:
+    from scheduler.config import CorralConfig
+
+    before = gc.get_threshold()
+    try:
+        cfg = CorralConfig.model_validate({"server": {"gc_freeze": False, "gc_threshold": 12345}})
+        assert tuning.tune_gc(cfg) == 0  # nothing frozen when gc_freeze is off
+        assert gc.get_threshold() == (12345, *before[1:])
+        gc.set_threshold(*before)
+        cfg = CorralConfig.model_validate({"server": {"gc_freeze": False, "gc_threshold": 0}})
+        tuning.tune_gc(cfg)
+        assert gc.get_threshold() == before  # 0 keeps Python's
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_backlog_is_capped_by_somaxconn() -> None:
