@@ -306,12 +306,12 @@ REPEAT = 1  # --repeat: runs per row; the least disturbed one is kept
 
 
 def load(target: Target, base: str, path: str, script: Path, conns: int, secs: int,
-         threads: int = 2) -> Load:
+         threads: int = 2, repeat: int | None = None) -> Load:
     """One wrk run, or the best of REPEAT: the most requests per second of Corral's
     CPU. Anything else on the machine only ever makes a run slower and costlier."""
     case = bp.Case("x", path, script, conns)
     runs = []
-    for _ in range(REPEAT):
+    for _ in range(REPEAT if repeat is None else repeat):
         before, others, wall = target.cpu(), _others_cpu(), time.perf_counter()
         r = bp.run_wrk(base, case, secs, threads)
         runs.append(Load(r.rps, r.p50_us, r.p99_us, r.errors, target.cpu() - before,
@@ -332,12 +332,18 @@ def body(kind: str, model: str, tokens: int) -> tuple[str, dict[str, object]]:
                                     "max_tokens": tokens}
 
 
-def stream_row(tmp: Path, t: Target, kind: str, model: str, tokens: int, conns: int,
-               secs: int) -> str:
+def stream_load(tmp: Path, t: Target, kind: str, model: str, tokens: int, conns: int,
+                secs: int, repeat: int | None = None) -> Load:
     path, b = body(kind, model, tokens)
     base = t.ollama if kind == "ollama" else t.url
     assert base is not None
-    r = load(t, base, path, lua(tmp, b), conns, secs)
+    return load(t, base, path, lua(tmp, b), conns, secs, repeat=repeat)
+
+
+def stream_row(tmp: Path, t: Target, kind: str, model: str, tokens: int, conns: int,
+               secs: int, r: Load | None = None) -> str:
+    if r is None:
+        r = stream_load(tmp, t, kind, model, tokens, conns, secs)
     chunks = r.requests * tokens
     cps = r.rps * tokens
     cpu = r.cpu_s / chunks * 1e6 if chunks else 0.0
@@ -575,8 +581,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             with corral(tmp, models, "corral") as t:
                 for kind in ("openai", "ollama", "anthropic"):
                     print(stream_row(tmp, t, kind, "flood", 200, 32, secs), flush=True)
-                for kind in ("openai", "ollama", "anthropic"):
-                    print(stream_row(tmp, t, kind, "paced", 50, 32, secs), flush=True)
+                # Paced relay is light (~0.1 core), so a slow minute of the host shows
+                # in whichever row it hits: the dialects take turns, each repeat.
+                kinds = ("openai", "ollama", "anthropic")
+                runs: dict[str, list[Load]] = {k: [] for k in kinds}
+                for _ in range(REPEAT):
+                    for kind in kinds:
+                        runs[kind].append(stream_load(tmp, t, kind, "paced", 50, 32, secs,
+                                                      repeat=1))
+                for kind in kinds:
+                    best = max(runs[kind], key=lambda r: r.requests / max(r.cpu_s, 1e-9))
+                    print(stream_row(tmp, t, kind, "paced", 50, 32, secs, best), flush=True)
         if "workers" in only:
             workers_section(tmp, models, max(secs, 10))
         if "lease" in only:
