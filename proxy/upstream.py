@@ -140,11 +140,8 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
     if key is None:
         return await _attempts(scheduler, session, client, spec, consume, None)
     # Once per call, before it queues (a resend is the same call): RateLimited, a 429.
-    await scheduler.admit(key)
-    try:
+    async with scheduler.admitted(key):
         return await _attempts(scheduler, session, client, spec, consume, key)
-    finally:
-        scheduler.release_key(key)
 
 
 async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client: Client,

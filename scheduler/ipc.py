@@ -28,7 +28,6 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -80,8 +79,8 @@ class _Peer:
         self.granted: dict[int, asyncio.Future[None]] = {}
         # Leases taken on the fast path (Scheduler.lease_now): released directly.
         self.held: dict[int, Servable] = {}
-        # Calls admitted per API key name and not yet ended (the key's in-flight count).
-        self.admitted: Counter[str] = Counter()
+        # Calls admitted for an API key and not yet ended, by the worker's call id.
+        self.admitted: dict[int, tenants.Key] = {}
         self.config: CorralConfig | None = None
         self.loading: frozenset[str] = frozenset()
 
@@ -188,11 +187,9 @@ class Owner:
         held, peer.held = peer.held, {}
         for inst in held.values():
             inst.release()
-        admitted, peer.admitted = peer.admitted, Counter()
-        for name, n in admitted.items():
-            if (key := self._key(name)) is not None:
-                for _ in range(n):
-                    self._scheduler.release_key(key)
+        admitted, peer.admitted = peer.admitted, {}
+        for key in admitted.values():
+            self._scheduler.tenants.release(key)
         for task in peer.tasks.values():
             task.cancel()
         self.peers.pop(peer.index, None)
@@ -252,9 +249,10 @@ class Owner:
         elif op == "admit":
             self._admit(peer, int(frame["id"]), self._key(frame.get("key")))
         elif op == "unadmit":
-            if (key := self._key(frame.get("key"))) is not None and peer.admitted[key.name]:
-                peer.admitted[key.name] -= 1
-                self._scheduler.release_key(key)
+            # Also sent for an admission refused or still unanswered when the call was
+            # cancelled: only one granted is released.
+            if (key := peer.admitted.pop(int(frame["id"]), None)) is not None:
+                self._scheduler.tenants.release(key)
         elif op == "charge" and (key := self._key(frame.get("key"))) is not None:
             self._scheduler.charge(key, int(frame["tokens"]))
 
@@ -271,7 +269,7 @@ class Owner:
             except CorralError as e:
                 peer.line.send(error_frame(cid, e))
                 return
-            peer.admitted[key.name] += 1
+            peer.admitted[cid] = key
         peer.line.send({"op": "done", "id": cid, "value": None})
 
     async def _lease(self, peer: _Peer, cid: int, model: str, hints: LeaseHints,
@@ -435,12 +433,16 @@ class WorkerScheduler(Scheduler):
 
     # A key's calls are counted in the owner, with every other worker's.
 
-    async def admit(self, key: tenants.Key) -> None:
+    @contextlib.asynccontextmanager
+    async def admitted(self, key: tenants.Key) -> AsyncIterator[None]:
         cid = next(self._calls)
-        await self._ask(cid, {"op": "admit", "id": cid, "key": key.name})
-
-    def release_key(self, key: tenants.Key) -> None:
-        self._line.send({"op": "unadmit", "key": key.name})
+        try:
+            await self._ask(cid, {"op": "admit", "id": cid, "key": key.name})
+            yield
+        finally:
+            # Also when refused or cancelled while waiting: the owner may have admitted
+            # it meanwhile, and it releases only what it granted.
+            self._line.send({"op": "unadmit", "id": cid})
 
     def charge(self, key: tenants.Key, tokens: int) -> None:
         if tokens > 0:

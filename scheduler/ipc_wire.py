@@ -11,7 +11,7 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
     {"op": "unload", "id", "model"}                          "attrs"}
     {"op": "ensure", "id", "model"} (auto_pull)
     {"op": "admit", "id", "key"}                {"op": "done", "id", "value"}
-    {"op": "unadmit", "key"}
+    {"op": "unadmit", "id"}
     {"op": "charge", "key", "tokens"}
     {"op": "stats", "data"}  (opaque: metrics)  {"op": "loading", "models"}   on change
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from scheduler import tenants
@@ -341,13 +341,14 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
     # scheduler so that a worker process asks the owner, who counts every process's
     # calls (scheduler/ipc.py): a key's limits hold across workers.
 
-    async def admit(self, key: tenants.Key) -> None:
-        """Count a call of ``key`` in, or raise RateLimited."""
+    @contextlib.asynccontextmanager
+    async def admitted(self, key: tenants.Key) -> AsyncIterator[None]:
+        """A call of ``key`` counted in while it runs; RateLimited over a limit."""
         self.tenants.admit(key)
-
-    def release_key(self, key: tenants.Key) -> None:
-        """The call admitted for ``key`` has ended."""
-        self.tenants.release(key)
+        try:
+            yield
+        finally:
+            self.tenants.release(key)
 
     def charge(self, key: tenants.Key, tokens: int) -> None:
         """Tokens a finished call of ``key`` used."""

@@ -204,21 +204,34 @@ async def test_a_key_s_limits_are_counted_in_the_owner_for_every_worker() -> Non
     async with pair(keys=keys) as (sched, worker, (serving, owner, peer)):
         key = worker.tenants.named("k")
         assert key is not None
-        await worker.admit(key)
-        assert sched.tenants.usage["k"].in_flight == 1  # counted where every worker's is
-        with pytest.raises(RateLimited) as info:
-            await worker.admit(key)  # over max_concurrent, whichever process asks
-        assert info.value.status == 429 and "max_concurrent" in info.value.message
-        worker.charge(key, 7)
-        worker.release_key(key)
-        await wait_for(lambda: sched.tenants.usage["k"].in_flight == 0, within=2)
-        assert sched.tenants.usage["k"].tokens_total == 7
-        await worker.admit(key)
+        usage = sched.tenants.usage["k"]
+        async with worker.admitted(key):
+            assert usage.in_flight == 1  # counted where every worker's calls are
+            with pytest.raises(RateLimited) as info:
+                async with worker.admitted(key):  # over max_concurrent, from any process
+                    pass
+            assert info.value.status == 429 and "max_concurrent" in info.value.message
+            # The refused one's unadmit (sent on every exit) releases nothing.
+            await asyncio.sleep(0.05)
+            assert usage.in_flight == 1 and len(peer.admitted) == 1
+            worker.charge(key, 7)
+        await wait_for(lambda: usage.in_flight == 0 and not peer.admitted, within=2)
+        assert usage.tokens_total == 7 and usage.rejected_total == 1
+        # A call cancelled while its admission is on the way gives it back all the same.
+        waiting = asyncio.create_task(worker.admitted(key).__aenter__())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await wait_for(lambda: usage.in_flight == 0 and not peer.admitted, within=2)
         # A worker that dies gives back what it had admitted, as it does its leases.
+        held = worker.admitted(key)
+        await held.__aenter__()
+        assert usage.in_flight == 1
         worker._line.writer.transport.abort()
         await asyncio.wait_for(serving, 2)
         owner._drop(peer)
-        assert sched.tenants.usage["k"].in_flight == 0 and not peer.admitted
+        assert usage.in_flight == 0 and not peer.admitted
 
 
 async def test_a_reloaded_config_changes_the_keys_a_worker_accepts() -> None:
