@@ -1,7 +1,9 @@
 """Network namespaces for cluster tests: each node Corral on its own link.
 
-``Netns.create(i)`` makes namespace ``corral-<pid>-<i>`` joined to the root namespace
-by a veth pair: 10.77.<i>.1 on the root side, 10.77.<i>.2 inside. Cutting the root
+``Netns.create(i)`` makes namespace ``corral-<pid><i>`` joined to the root namespace
+by a veth pair: 10.77.<n>.1 on the root side, 10.77.<n>.2 inside, where n is the
+test process's own block of three (n = 3 * (pid % 80) + i): two suites running at
+once on one machine get different links. Cutting the root
 side (``cut()``, ``ip link set ... down``) is a cable pulled at the front's end: the
 route goes with the link, new connections fail at once (network unreachable) and
 open ones hear nothing more. ``cut(inside=True)`` pulls it at the node's end: the
@@ -38,8 +40,10 @@ class Netns:
 
     @classmethod
     def create(cls, i: int) -> Netns:
+        assert 0 <= i < 3, "three links per test process"
         tag = f"{os.getpid() % 100000}{i}"
-        ns = cls(f"corral-{tag}", f"cvh{tag}", f"10.77.{i}.2", f"10.77.{i}.1")
+        n = 3 * (os.getpid() % 80) + i
+        ns = cls(f"corral-{tag}", f"cvh{tag}", f"10.77.{n}.2", f"10.77.{n}.1")
         inner = ns.inner_if
         _ip("netns", "add", ns.name)
         try:
