@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _WHOLE_BODY_LIMIT = 1 << 20
 
 _UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+_B = TypeVar("_B")  # a batch of whatever a stream reader yields
 
 
 def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
@@ -279,18 +280,26 @@ async def sse_data_batches(
         yield [data]
 
 
-async def upstream_data_batches(
-    resp: aiohttp.ClientResponse, instance_id: str
-) -> AsyncGenerator[list[bytes], None]:
-    """``sse_data_batches``, with a broken upstream connection raised as UpstreamFailed."""
+async def _upstream_failures(
+    batches: AsyncGenerator[_B, None], instance_id: str
+) -> AsyncGenerator[_B, None]:
+    """``batches``, with a broken upstream connection raised as UpstreamFailed (or
+    UpstreamStalled for silence)."""
     try:
-        async for batch in sse_data_batches(resp):
+        async for batch in batches:
             yield batch
     except _UPSTREAM_BROKE as e:
         kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
         raise kind(
             f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
         ) from None
+
+
+def upstream_data_batches(
+    resp: aiohttp.ClientResponse, instance_id: str
+) -> AsyncGenerator[list[bytes], None]:
+    """``sse_data_batches``, with a broken upstream connection raised as UpstreamFailed."""
+    return _upstream_failures(sse_data_batches(resp), instance_id)
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -300,18 +309,11 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
             yield event
 
 
-async def upstream_batches(
+def upstream_batches(
     resp: aiohttp.ClientResponse, instance_id: str
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """``sse_event_batches``, with a broken upstream connection raised as UpstreamFailed."""
-    try:
-        async for batch in sse_event_batches(resp):
-            yield batch
-    except _UPSTREAM_BROKE as e:
-        kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
-        raise kind(
-            f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
-        ) from None
+    return _upstream_failures(sse_event_batches(resp), instance_id)
 
 
 NDJSON = "application/x-ndjson"

@@ -89,25 +89,25 @@ class Leasing(Core):
         call would wait, fall back, fail or restore a slot: then ``lease()`` decides.
         """
         m = self._names.get(name)
-        if m is None or self._closing or m.queue:
+        if m is None or self._closing or (hints.affinity and self.slots.enabled(m.cfg)):
             return None
-        if hints.affinity and self.slots.enabled(m.cfg):
+        inst = self._take_free(m, hints)
+        return None if inst is None else (self._granted(m, inst, hints, self._clock()), inst)
+
+    def _take_free(self, m: ModelState, hints: LeaseHints) -> Servable | None:
+        """The fast path: a free slot now when nobody queues (no future, no task, no
+        snapshot); the affinity's upstream preferred."""
+        if m.queue:
             return None
         preferred = m.affinity.get(hints.affinity) if hints.affinity else None
         inst = self.pick(m.servables(), preferred)
-        if inst is None or not inst.try_acquire():
-            return None
-        return self._granted(m, inst, hints, self._clock()), inst
+        return inst if inst is not None and inst.try_acquire() else None
 
     async def _acquire(
         self, m: ModelState, hints: LeaseHints, start: float, key: tenants.Key | None = None
     ) -> Servable:
-        if not m.queue:
-            # The fast path: no future, no task, no snapshot.
-            preferred = m.affinity.get(hints.affinity) if hints.affinity else None
-            inst = self.pick(m.servables(), preferred)
-            if inst is not None and inst.try_acquire():
-                return inst
+        if (inst := self._take_free(m, hints)) is not None:
+            return inst
         if m.unavailable and not any(r.state is State.READY for r in m.remotes):
             raise m.last_error or LoadFailed(m.cfg.name, "unavailable")
         return await self._wait(m, hints, start, key)

@@ -5,6 +5,7 @@ every process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -68,6 +69,37 @@ def wait(pred: Callable[[], bool], what: str, within: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def serving(cfg: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``corral serve --config cfg`` (with 2 workers) started, its workers relaying;
+    stopped after, killed if it will not stop. Its log: ``corral.log`` beside ``cfg``."""
+    log_path = cfg.parent / "corral.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
+             "the workers")
+        assert proc.poll() is None, log_path.read_text()
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def one_model(tmp_path: Path, fake_llama: Path, port: int, server: str = "",
+              model: str = "") -> str:
+    """A config of two workers on the main port only, serving one fake model "m"."""
+    return (f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
+            f'workers = 2\n{server}[llama_server]\nbinary = "{fake_llama}"\n'
+            f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n'
+            f"{model}")
+
+
 @pytest.fixture
 def served(tmp_path: Path, fake_llama: Path) -> Iterator[Served]:
     ports = {"main": free_port(), "ollama": free_port(), "lmstudio": free_port()}
@@ -82,22 +114,8 @@ def served(tmp_path: Path, fake_llama: Path) -> Iterator[Served]:
         f'[[models]]\nname = "slow"\npath = "{write_dummy_gguf(tmp_path / "s.gguf")}"\n'
         'parallel = 16\nenv = { FAKE_TOKEN_DELAY = "0.2" }\n')
     log_path = tmp_path / "corral.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    s = Served(proc, ports, log_path)
-    try:
-        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
-             "the workers")
-        assert proc.poll() is None, log_path.read_text()
-        yield s
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serving(cfg) as proc:
+        yield Served(proc, ports, log_path)
     text = log_path.read_text()
     assert "Traceback" not in text, text[-3000:]
 
@@ -318,18 +336,9 @@ def test_api_keys_hold_in_workers_and_no_key_reaches_the_log(
     key = "sk-workers-secret-1234567890"
     port = free_port()
     cfg = tmp_path / "corral.toml"
-    cfg.write_text(
-        f'[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n'
-        f'workers = 2\nlog_level = "debug"\napi_keys = ["{key}"]\n'
-        f'[llama_server]\nbinary = "{fake_llama}"\n'
-        f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n')
-    log_path = tmp_path / "corral.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
-             "the workers")
+    cfg.write_text(one_model(tmp_path, fake_llama, port,
+                             server=f'log_level = "debug"\napi_keys = ["{key}"]\n'))
+    with serving(cfg):
         url = f"http://127.0.0.1:{port}"
         auth = {"Authorization": f"Bearer {key}"}
         for _ in range(6):
@@ -339,10 +348,7 @@ def test_api_keys_hold_in_workers_and_no_key_reaches_the_log(
                 r = c.post(url + "/v1/chat/completions", json=CHAT, headers=auth)
                 assert r.status_code == 200, r.text
                 assert c.get(url + "/admin/workers", headers=auth).status_code == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-    text = log_path.read_text()
+    text = (tmp_path / "corral.log").read_text()
     assert key not in text and "Traceback" not in text
 
 
@@ -351,22 +357,14 @@ def test_a_key_s_limit_holds_across_workers_and_a_reload_reaches_their_keys(
 ) -> None:
     port = free_port()
     cfg = tmp_path / "corral.toml"
-    head = (f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
-            f'workers = 2\n[llama_server]\nbinary = "{fake_llama}"\n'
-            f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n')
+    head = one_model(tmp_path, fake_llama, port)
     cfg.write_text(head + '[[keys]]\nname = "ops"\nkey = "sk-ops-0123456789"\nadmin = true\n'
                    '[[keys]]\nname = "app"\nkey = "sk-app-0123456789"\n'
                    "requests_per_minute = 4\n")
-    log_path = tmp_path / "corral.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     ops = {"Authorization": "Bearer sk-ops-0123456789"}
     app = {"Authorization": "Bearer sk-app-0123456789"}
-    try:
-        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
-             "the workers")
+    with serving(cfg):
         statuses = []
         for _ in range(8):
             # A new connection per call: the kernel spreads them over both workers.
@@ -393,10 +391,7 @@ def test_a_key_s_limit_holds_across_workers_and_a_reload_reaches_their_keys(
             return codes == {401}
 
         wait(refused_everywhere, "the removed key to be refused by every worker", within=10)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
-    text = log_path.read_text()
+    text = (tmp_path / "corral.log").read_text()
     assert "sk-app-0123456789" not in text and "Traceback" not in text, text[-3000:]
 
 
@@ -405,27 +400,14 @@ def test_a_stream_waiting_in_a_worker_for_a_model_that_loads_says_loading(
 ) -> None:
     port = free_port()
     cfg = tmp_path / "corral.toml"
-    cfg.write_text(
-        f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
-        f'workers = 2\n[llama_server]\nbinary = "{fake_llama}"\n'
-        f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n'
-        'env = { FAKE_LOAD_DELAY = "2.5" }\n')
-    log_path = tmp_path / "corral.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait(lambda: log_path.read_text().count("relaying on") == 2 or proc.poll() is not None,
-             "the workers")
-        with httpx.Client(timeout=30) as c, c.stream(
-                "POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                json={**CHAT, "stream": True, "max_tokens": 3}) as r:
-            text = "".join(r.iter_text())
-        # The SSE comments sent while the instance starts (the fake answers /health
-        # with 503 "Loading model" for 2.5 s) name what the call waits for.
-        comments = [line for line in text.splitlines() if line.startswith(": ")]
-        assert comments and comments[0].startswith(": loading m "), text[:500]
-        assert "data: [DONE]" in text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+    cfg.write_text(one_model(tmp_path, fake_llama, port,
+                             model='env = { FAKE_LOAD_DELAY = "2.5" }\n'))
+    with serving(cfg), httpx.Client(timeout=30) as c, c.stream(
+            "POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={**CHAT, "stream": True, "max_tokens": 3}) as r:
+        text = "".join(r.iter_text())
+    # The SSE comments sent while the instance starts (the fake answers /health with
+    # 503 "Loading model" for 2.5 s) name what the call waits for.
+    comments = [line for line in text.splitlines() if line.startswith(": ")]
+    assert comments and comments[0].startswith(": loading m "), text[:500]
+    assert "data: [DONE]" in text
