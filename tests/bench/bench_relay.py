@@ -491,23 +491,18 @@ def workers_section(tmp: Path, models: dict[str, str], secs: int) -> None:
           "and non-streaming req/s (64 connections) ==", flush=True)
     for n in (1, 2):
         with corral(tmp, models, f"workers={n}", workers=n) as t:
-            path, b = body("openai", "paced", 40)
-            r = load(t, t.url, path, lua(tmp, b), 768, secs)
-            wall, others = r.wall_s, r.others_s
-            cps = r.rps * 40
-            print(f"{t.name:10} openai    paced  c=768  {cps:10.0f} chunks/s  "
-                  f"{r.cpu_s / max(1, r.requests * 40) * 1e6:6.1f} µs CPU/chunk  "
-                  f"cores: corral {r.cpu_s / wall:4.2f}, wrk+upstream {others / wall:4.2f}  "
-                  f"per corral core {cps * wall / max(r.cpu_s, 1e-9):7.0f}/s  "
-                  f"errors {r.errors}", flush=True)
-            path, b = body("chat", "flood", 0)
-            r = load(t, t.url, path, lua(tmp, b), 64, secs)
-            wall, others = r.wall_s, r.others_s
-            print(f"{t.name:10} chat      flood  c=64   {r.rps:10.0f} req/s    "
-                  f"{r.cpu_s / max(1, r.requests) * 1e6:6.1f} µs CPU/req    "
-                  f"cores: corral {r.cpu_s / wall:4.2f}, wrk+upstream {others / wall:4.2f}  "
-                  f"per corral core {r.rps * wall / max(r.cpu_s, 1e-9):7.0f}/s  "
-                  f"errors {r.errors}", flush=True)
+            # (what, model, events per call, connections, unit)
+            for kind, model, per, conns, unit in (("openai", "paced", 40, 768, "chunk"),
+                                                  ("chat", "flood", 1, 64, "req")):
+                path, b = body(kind, model, per)  # a chat call ignores the count
+                r = load(t, t.url, path, lua(tmp, b), conns, secs)
+                rate = r.rps * per
+                print(f"{t.name:10} {kind:9} {model:6} c={conns:<4} {rate:10.0f} {unit}s/s  "
+                      f"{r.cpu_s / max(1, r.requests * per) * 1e6:6.1f} µs CPU/{unit}  "
+                      f"cores: corral {r.cpu_s / r.wall_s:4.2f}, "
+                      f"wrk+upstream {r.others_s / r.wall_s:4.2f}  "
+                      f"per corral core {rate * r.wall_s / max(r.cpu_s, 1e-9):7.0f}/s  "
+                      f"errors {r.errors}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
