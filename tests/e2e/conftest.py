@@ -4,7 +4,6 @@ real `corral serve` process reached over loopback."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from scheduler.config import ModelConfig
 from scheduler.install import find_llama_server
 from scheduler.sources import resolve_model_file
-from tests.fakes import wait_healthy
+from tests.fakes import stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,13 +133,7 @@ def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., Cor
 
     yield start
     for cp in started:
-        if cp.proc.poll() is None:
-            cp.proc.send_signal(signal.SIGTERM)
-            try:
-                cp.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                cp.proc.kill()
-                cp.proc.wait()
+        stop(cp.proc, 30)
 
 
 def reaped(pid: int) -> bool:

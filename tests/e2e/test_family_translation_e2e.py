@@ -7,7 +7,6 @@ and token counts compared with llama-server's own."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import CorralProc, free_port, model_toml, wait_until
+from tests.fakes import stop
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +52,7 @@ def remote(llama_server_bin: Path, gemma: Path) -> Iterator[str]:
         wait_until(ready, timeout=60)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture

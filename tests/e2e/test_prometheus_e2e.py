@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import REPO, CorralProc, free_port, model_toml
+from tests.fakes import stop
 
 pytestmark = pytest.mark.e2e
 
@@ -83,12 +83,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[int], str]]:
 
     yield start
     for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
 
 
 def query(url: str, promql: str) -> list[dict[str, object]]:

@@ -9,6 +9,7 @@ for its command line, its routes and the ``FAKE_*`` fault-injection variables.
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -74,3 +75,15 @@ def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path,
             pass
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-4000:]
         time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM ``proc`` if it still runs and wait for it; kill it if it will not stop."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -27,7 +27,7 @@ import dns.message
 import dns.rrset
 import pytest
 
-from tests.fakes import fake_binary, write_dummy_gguf
+from tests.fakes import fake_binary, stop, write_dummy_gguf
 from tests.integration.netns import Netns, require_netns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,13 +47,7 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ from scheduler.config import load_config
 from scheduler.instance import State
 from tests.conftest import wait_for
 from tests.e2e.conftest import free_port
-from tests.fakes import wait_healthy, write_dummy_gguf
+from tests.fakes import stop, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -229,13 +229,7 @@ def serve_proc(tmp_path: Path, fake_llama: Path) -> Iterator[Callable[[Path], An
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, 15)
 
 
 def test_sighup_reloads(serve_proc: Callable[[Path], Any], tmp_path: Path) -> None:

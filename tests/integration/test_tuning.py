@@ -7,7 +7,6 @@ the freeze is logged with the number of objects taken out of the collector.
 from __future__ import annotations
 
 import gc
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from proxy import tuning
 from proxy.reload import Reloader
 from scheduler import limits
 from tests.e2e.conftest import free_ports
-from tests.fakes import wait_healthy, write_dummy_gguf
+from tests.fakes import stop, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,12 +50,7 @@ def served(tmp_path: Path, fake_llama: Path) -> Iterator[tuple[dict[str, int], P
         wait_healthy(f"http://127.0.0.1:{ports['lmstudio']}", proc, log_path)
         yield ports, log_path
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 15)
 
 
 def test_every_listener_gets_the_configured_backlog(served: tuple[dict[str, int], Path]) -> None:

@@ -24,7 +24,7 @@ import pytest
 
 from scheduler import limits
 from tests.e2e.conftest import free_port
-from tests.fakes import write_dummy_gguf
+from tests.fakes import stop, write_dummy_gguf
 from tests.integration import test_pull
 
 # The fake Hugging Face Hub's fixtures, for auto_pull through a worker.
@@ -83,12 +83,7 @@ def serving(cfg: Path) -> Iterator[subprocess.Popen[bytes]]:
         assert proc.poll() is None, log_path.read_text()
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def one_model(tmp_path: Path, fake_llama: Path, port: int, server: str = "",
