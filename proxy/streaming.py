@@ -109,7 +109,8 @@ async def _relay_into(
     if info is not None:
         # Time to first token is the answer's, not the loading feedback's.
         info.first_byte = time.perf_counter()
-        info.ended = first.endswith(_LAST_EVENTS)
+    if first.endswith(_LAST_EVENTS):
+        reqlog.mark_ended()
     await out.write(first)
     await _pump(out, up, resp, client, True)
     return out
@@ -361,10 +362,8 @@ async def write_stream(
                     continue
                 if out is None:
                     out = await start()
-                data = batch if isinstance(batch, bytes) else b"".join(map(encode, batch))
-                if ndjson and b'"done":true' in data:
-                    reqlog.mark_ended()  # Ollama's last line
-                await out.write(data)
+                await out.write(batch if isinstance(batch, bytes)
+                                else b"".join(map(encode, batch)))
         except CorralError as e:
             if out is None:
                 raise
@@ -373,6 +372,7 @@ async def write_stream(
             failed = True
     if out is None:
         out = await start()
+    # The last item (Ollama's done line) is written and nothing waited since.
     reqlog.mark_ended()
     if not ndjson and not failed:
         await out.write(sse_event("[DONE]"))
