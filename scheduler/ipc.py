@@ -211,13 +211,13 @@ class Owner:
             hints = LeaseHints(affinity=frame.get("affinity"),
                                keep_alive=frame.get("keep_alive"))
             model = str(frame["model"])
-            key = self._key(frame.get("key"))
             now = self._scheduler.lease_now(model, hints)
             if now is not None:
                 # A free slot now: held in a table, no task (most leases, under load).
                 up, peer.held[cid] = now
                 peer.line.send({"op": "leased", "id": cid, "up": upstream_frame(up)})
             else:
+                key = self._key(frame.get("key"))  # its place in the queue
                 self._hold(peer, cid, self._lease(peer, cid, model, hints, key))
         elif op == "release":
             cid = int(frame["id"])
