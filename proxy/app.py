@@ -51,6 +51,7 @@ from proxy.metrics_http import request_middleware
 from proxy.ops.mount import add_dashboard_routes
 from proxy.reload import RELOADER, reload_ctx
 from scheduler import ipc, limits
+from scheduler.aio import cancel_and_wait
 from scheduler.config import CorralConfig
 from scheduler.scheduler import BinaryFinder, Scheduler, default_finder
 from scheduler.secrets import ScrubFilter
@@ -302,9 +303,7 @@ async def serve(
             for r in reversed(runners):
                 await r.cleanup()
         finally:
-            fd_watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fd_watch
+            await cancel_and_wait(fd_watch)
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             for h in handlers:

@@ -17,6 +17,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy.metrics import METRICS, Metrics
 from proxy.reqlog import CURRENT, HEADER, RequestInfo
+from scheduler.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,7 @@ def metrics_ctx(
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            await cancel_and_wait(poller)
 
     return ctx
 

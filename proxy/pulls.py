@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy.keys import DISCOVERY, PULL_LOCKS, SCHEDULER
 from proxy.streaming import write_stream
 from scheduler import pull
+from scheduler.aio import cancel_and_wait
 from scheduler.config import ModelConfig
 from scheduler.discovery.watch import Discovery
 from scheduler.errors import UnknownModel
@@ -39,9 +40,7 @@ async def _discovery(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 def discovery_ctx(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:

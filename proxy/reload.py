@@ -35,6 +35,7 @@ from aiohttp import web
 
 from proxy import tuning
 from proxy.metrics import Metrics
+from scheduler.aio import cancel_and_wait
 from scheduler.config import CorralConfig, load_config
 from scheduler.engines.settings import keyed_remote_changes
 from scheduler.errors import ConfigError, CorralError
@@ -342,8 +343,6 @@ def reload_ctx(
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await cancel_and_wait(watcher)
 
     return ctx

@@ -41,6 +41,7 @@ from proxy.errors import Family, stream_error_event
 from proxy.keys import SCHEDULER, SESSION
 from proxy.reqlog import note_model
 from scheduler import tenants
+from scheduler.aio import cancel_and_wait
 from scheduler.config import ModelConfig
 from scheduler.engines.remote import COOLDOWN_STATUSES
 from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
@@ -329,9 +330,7 @@ class _Feedback:
             self._timer = None
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     def _what(self) -> str:
         model = self._spec.model

@@ -31,6 +31,7 @@ from proxy.listener import GuardedRunner, Limits
 from proxy.metrics import METRICS, Metrics
 from proxy.workers import ACCEPT_ERROR, PORT_KINDS, STATS_EVERY, Events, Forwarder, take_stats
 from scheduler import ipc, ipc_wire, limits
+from scheduler.aio import cancel_and_wait
 from scheduler.config import CorralConfig
 from scheduler.secrets import ScrubFilter
 
@@ -124,18 +125,14 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
         for done in reversed(runners):
             await done.cleanup()
         for task in (pusher, fd_watch):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         data = take_stats(stats, events)
         if data is not None:
             sched.send_stats(data)
         with contextlib.suppress(Exception):
             await line.writer.drain()
         await sched.close()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await cancel_and_wait(reader)
         for f in forwarders:
             await f.close()
         await session.close()

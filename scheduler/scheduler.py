@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from scheduler import tenants
+from scheduler.aio import cancel_and_wait
 from scheduler.config import CorralConfig, ModelConfig
 from scheduler.core import Core, default_finder
 from scheduler.dispatch import Dispatch
@@ -249,9 +250,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
             self._fail_waiters(m, ShuttingDown("Corral is shutting down"))
         for loop_task in (self._reaper, self._watcher):
             if loop_task is not None:
-                loop_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await loop_task
+                await cancel_and_wait(loop_task)
         for m in self._models.values():
             self._stop_all(m, "shutdown")
         while self._tasks:

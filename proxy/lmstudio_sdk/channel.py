@@ -18,6 +18,8 @@ from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
+from scheduler.aio import cancel_and_wait
+
 T = TypeVar("T")
 
 # Seconds of silence on a channel before a progress packet is sent. Well inside the
@@ -62,9 +64,7 @@ class Channel:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def unless_cancelled(self, work: Coroutine[Any, Any, T]) -> tuple[T | None, bool]:
         """Run ``work`` until it ends or the client cancels: (result, cancelled).

@@ -9,7 +9,6 @@ llama-server stop the slot at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from proxy import jsonc
 from proxy.streaming import upstream_batches
 from proxy.translate import upstream_error_body
 from proxy.upstream import Call, Client, call_app
+from scheduler.aio import cancel_and_wait
 from scheduler.scheduler import LeaseHints, Upstream
 
 
@@ -84,6 +84,4 @@ async def event_batches(
                 raise item
             yield item
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)

@@ -26,6 +26,7 @@ from aiohttp import web
 from proxy.keys import SCHEDULER, SESSION
 from proxy.metrics import METRICS, Metrics
 from proxy.ops.samples import NO_MODEL, InstanceSecond, Memory, Ring, Sample, series, totals
+from scheduler.aio import cancel_and_wait
 from scheduler.errors import BadRequest
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,7 @@ def timeseries_ctx(
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     return ctx
 

@@ -17,7 +17,6 @@ discovery drops it, so a short outage does not make models vanish for clients.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from scheduler import policy as instance_policy
+from scheduler.aio import cancel_and_wait
 from scheduler.cluster.policy import LaunchKind, NodeOption, pick_node
 from scheduler.cluster.state import VERSION
 from scheduler.config import Capability, ClusterConfig, ModelConfig
@@ -281,6 +281,4 @@ def _parse(report: Any) -> dict[str, dict[str, Any]]:
 
 async def cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import aiohttp
 from pydantic import ValidationError
 
+from scheduler.aio import cancel_and_wait
 from scheduler.config import ModelConfig
 from scheduler.engines.egress import Egress
 from scheduler.engines.remote import Remote, build_egress, shown_url
@@ -139,9 +140,7 @@ class Providers:
     async def _forget(self, name: str, drop_models: bool) -> None:
         task = self._tasks.pop(name, None)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         p = self._configs.pop(name)
         self._status.pop(name, None)
         self._egress.pop(name, None)
@@ -151,9 +150,7 @@ class Providers:
     async def close(self) -> None:
         for name in list(self._tasks):
             task = self._tasks.pop(name)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _loop(self, p: ProviderConfig) -> None:
         while True:

@@ -22,7 +22,6 @@ from what they show.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -31,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from scheduler.aio import cancel_and_wait
 from scheduler.engines.egress import Egress
 from scheduler.engines.settings import RemoteConfig
 from scheduler.instance import State
@@ -225,9 +225,7 @@ class Remote:
             self._cooldown.cancel()
             self._cooldown = None
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         self._set(State.STOPPED)
 
     def _probe_url(self, probe: str) -> str:
