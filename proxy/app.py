@@ -27,34 +27,26 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy import (
-    admin,
-    cluster,
-    guard,
-    lmstudio,
-    lmstudio_sdk,
-    metrics_http,
-    ollama,
-    openai,
-    pulls,
-    reqlog,
-    tuning,
-    workers,
-)
-from proxy.body import BodyBudget
-from proxy.errors import Dialect, error_middleware
-from proxy.families.learned import FamilyState
+from proxy.dialects import lmstudio, lmstudio_sdk, ollama, openai
+from proxy.dialects.families.learned import FamilyState
+from proxy.edge import guard, reqlog, tuning
+from proxy.edge.body import BodyBudget
+from proxy.edge.errors import Dialect, error_middleware
+from proxy.edge.listener import GuardedRunner, Limits
 from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, FAMILIES, PULL_LOCKS, SCHEDULER, SESSION
-from proxy.listener import GuardedRunner, Limits
-from proxy.metrics import METRICS, Metrics
-from proxy.metrics_http import request_middleware
+from proxy.metrics import web as metrics_http
+from proxy.metrics.registry import METRICS, Metrics
+from proxy.metrics.web import request_middleware
+from proxy.ops import admin, cluster, pulls
 from proxy.ops.mount import add_dashboard_routes
-from proxy.reload import RELOADER, reload_ctx
-from scheduler import ipc, limits
+from proxy.ops.reload import RELOADER, reload_ctx
+from proxy.workers import owner as workers
 from scheduler.aio import cancel_and_wait
-from scheduler.config import CorralConfig
-from scheduler.scheduler import BinaryFinder, Scheduler, default_finder
-from scheduler.secrets import ScrubFilter
+from scheduler.config.root import CorralConfig
+from scheduler.config.secrets import ScrubFilter
+from scheduler.ipc import leases as ipc
+from scheduler.process import limits
+from scheduler.scheduling.scheduler import BinaryFinder, Scheduler, default_finder
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +56,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # and "/dashboard" only redirect, and the dashboard's static files hold no data (the
 # page asks for the key and sends it with every admin call).
 # The LM Studio SDKs never send Authorization: their key is checked in the websocket's
-# auth packet (proxy/lmstudio_sdk/socket.py).
+# auth packet (proxy/dialects/lmstudio_sdk/socket.py).
 _OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS,
                          *lmstudio_sdk.OPEN_PATHS})
 
@@ -240,7 +232,7 @@ async def serve(
                              keepalive_timeout=cfg.server.keepalive_timeout)
 
     root = build_openai_app(cfg, opts, config_path=config_path)
-    # No secret of the running config reaches a log line (scheduler/secrets.py).
+    # No secret of the running config reaches a log line (scheduler/config/secrets.py).
     scrubber = ScrubFilter(lambda: sched.config if (sched := root.get(SCHEDULER)) else cfg)
     handlers = list(logging.getLogger().handlers)
     for h in handlers:
@@ -248,7 +240,7 @@ async def serve(
     refused = limits.AcceptErrors(root[METRICS].accept_errors.inc)
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
-    # workers > 1: worker processes listen on the ports (proxy/workers.py).
+    # workers > 1: worker processes listen on the ports (proxy/workers/owner.py).
     count = ipc.resolve_workers(cfg.server.workers)
     if count > 1 and cfg.cluster.role != "none":
         # A front's node token and a node's drain live in this process; workers do not
@@ -286,7 +278,7 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, root[RELOADER].request, "SIGHUP")
-        # Everything built so far lives as long as the process (proxy.tuning).
+        # Everything built so far lives as long as the process (proxy.edge.tuning).
         frozen = tuning.tune_gc(cfg)
         log.debug("gc: %d long-lived objects frozen, young threshold %d", frozen,
                   gc.get_threshold()[0])

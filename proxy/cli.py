@@ -18,8 +18,9 @@ import tomli_w
 from pydantic import BaseModel
 
 from proxy import __version__
-from proxy.pull_cli import scan_report
-from scheduler.config import (
+from proxy.ops.pull_cli import scan_report
+from scheduler.config.checks import check_problems
+from scheduler.config.root import (
     CorralConfig,
     LlamaServerConfig,
     ModelConfig,
@@ -27,7 +28,7 @@ from scheduler.config import (
     ServerConfig,
     load_config,
 )
-from scheduler.engines.runtime import describe_source, engine_problems
+from scheduler.engines.runtime import describe_source
 from scheduler.errors import ConfigError, CorralError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
@@ -57,7 +58,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str) -> None:
-    from proxy.reqlog import TEXT_FORMAT, RequestIdFilter
+    from proxy.edge.reqlog import TEXT_FORMAT, RequestIdFilter
 
     handler = logging.StreamHandler(sys.stderr)
     # Every record logged while a call is handled carries its request id.
@@ -109,20 +110,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
-    """What `corral check` finds beyond the schema, one line each; the dashboard's dry
-    run of a config edit (proxy/ops/config_edit.py) reports the same."""
-    problems = []
-    for m in cfg.models:
-        if m.path is not None and not m.path.is_file():
-            problems.append(f"{path}: model {m.name!r}: path: {m.path} does not exist")
-    if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
-        problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
-    problems += _memory_problems(path, cfg)
-    problems += [f"{path}: {p}" for p in engine_problems(cfg)]
-    return problems
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
     cfg = _load(path)
@@ -134,59 +121,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 2
     print(f"{path}: OK, {len(cfg.models)} model(s): " + ", ".join(m.name for m in cfg.models))
     return 0
-
-
-def _memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
-    """Models whose RAM or VRAM need can never fit its budget, whatever is evicted."""
-    from scheduler.resources import probe_system
-    from scheduler.sources import materialised_file, model_placement
-
-    sc = cfg.scheduler
-    info = probe_system()
-    ram = max(0, info.ram_total - sc.memory_headroom) if sc.memory_budget == "auto" else (
-        sc.memory_budget
-    )
-    vram = (
-        sum(max(0, g.vram_total - sc.vram_headroom) for g in info.gpus) or None
-        if sc.vram_budget == "auto"
-        else sc.vram_budget
-    )
-    out = []
-    pinned: dict[str, tuple[int, int]] = {}
-    for m in cfg.models:
-        if not m.local:
-            continue
-        need_ram, need_vram = model_placement(m, vram is not None, materialised_file(m))
-        if not m.evictable:
-            n = max(1, m.replicas.min)
-            pinned[m.name] = (need_ram * n, need_vram * n)
-        for need, budget, what, key in (
-            (need_ram, ram, "memory", "memory_budget"),
-            (need_vram, vram, "VRAM", "vram_budget"),
-        ):
-            if budget is not None and need > budget:
-                out.append(
-                    f"{path}: model {m.name!r}: needs {need / 2**20:.0f} MiB but the {what} "
-                    f"budget is {budget / 2**20:.0f} MiB (scheduler.{key})"
-                )
-    out += pinned_problems(path, pinned, ram, vram)
-    return out
-
-
-def pinned_problems(path: Path, pinned: dict[str, tuple[int, int]], ram: int | None,
-                    vram: int | None) -> list[str]:
-    """Pinned models (evictable = false) are all loaded at once: they must fit
-    together, or one of them could never start."""
-    out = []
-    names = ", ".join(pinned)
-    for i, (budget, what, key) in enumerate(((ram, "memory", "memory_budget"),
-                                             (vram, "VRAM", "vram_budget"))):
-        need = sum(p[i] for p in pinned.values())
-        if budget is not None and len(pinned) > 1 and need > budget:
-            out.append(f"{path}: pinned models ({names}, evictable = false) need "
-                       f"{need / 2**20:.0f} MiB together but the {what} budget is "
-                       f"{budget / 2**20:.0f} MiB (scheduler.{key})")
-    return out
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -271,7 +205,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from scheduler.install import install_llama_server
+    from scheduler.installing.install import install_llama_server
 
     t0 = time.monotonic()
     try:
@@ -286,7 +220,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from scheduler.doctor import doctor_report
+    from scheduler.installing.doctor import doctor_report
 
     configured = None
     path = _config_path(args.config)
@@ -300,7 +234,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from proxy.pull_cli import cmd_pull as pull
+    from proxy.ops.pull_cli import cmd_pull as pull
 
     return pull(args, _load(_config_path(args.config)))
 

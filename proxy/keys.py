@@ -7,12 +7,12 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from proxy.body import BodyBudget
-from proxy.chat_store import ChatStore
-from proxy.families.learned import FamilyState
-from scheduler.config import CorralConfig
+from proxy.dialects.chat_store import ChatStore
+from proxy.dialects.families.learned import FamilyState
+from proxy.edge.body import BodyBudget
+from scheduler.config.root import CorralConfig
 from scheduler.discovery.watch import Discovery
-from scheduler.scheduler import Scheduler
+from scheduler.scheduling.scheduler import Scheduler
 
 CONFIG = web.AppKey("config", CorralConfig)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -22,7 +22,7 @@ BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
 # Stateful LM Studio REST v1 chats (previous_response_id), per LM Studio port app.
 CHAT_STORE = web.AppKey("lmstudio_chats", ChatStore)
 
-# What family translation learns and keeps (proxy.families), shared by every port app.
+# What family translation learns and keeps (proxy.dialects.families), shared by every port app.
 FAMILIES = web.AppKey("families", FamilyState)
 
 # Models found on disk (the scanner) and pulls in progress, shared by every port.

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import CorralConfig
+from scheduler.config.root import CorralConfig
 from tests.fakes import fake_binary, write_dummy_gguf
 
 

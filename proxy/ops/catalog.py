@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.calls.modelinfo import MODEL_INFO, ModelInfoCache, capabilities
 from proxy.keys import SCHEDULER
-from proxy.modelinfo import MODEL_INFO, ModelInfoCache, capabilities
-from scheduler.config import ModelConfig
+from scheduler.config.root import ModelConfig
 from scheduler.engines.remote import shown_url
 
 

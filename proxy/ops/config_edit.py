@@ -3,12 +3,12 @@
 ``POST /admin/config/validate`` takes the edited file (TOML) and answers what
 ``PUT /admin/config`` would do, without writing or applying anything: the errors
 ``corral check`` would print (schema, missing files, budgets), the protected keys
-an HTTP write may not change (``proxy.reload.PROTECTED_KEYS``), each with the line
+an HTTP write may not change (``proxy.ops.reload.PROTECTED_KEYS``), each with the line
 of the text it points at; which models would be added, removed or restarted; which
 ``[server]`` keys need a restart; a unified diff against the file on disk.
 
 Secrets: the page only ever sees the file with its secrets redacted
-(``GET /admin/config/file``, scheduler/secrets.py's rule). ``restore_secrets`` puts
+(``GET /admin/config/file``, scheduler/config/secrets.py's rule). ``restore_secrets`` puts
 the file's secrets back where the placeholders stand, so an edit that leaves them
 alone does not "change" them, and refuses a placeholder anywhere else (which would
 copy a secret into a value some other endpoint shows).
@@ -26,13 +26,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy.keys import CONFIG
+from proxy.ops.reload import RELOADER, NoConfigFile, protected_changes, server_changes
+from scheduler.config import secrets
+
 # The same checks as the command line's `corral check` (the CLI imports the web app
 # only inside `serve`, so this is no import cycle at load time).
-from proxy.cli import check_problems
-from proxy.keys import CONFIG
-from proxy.reload import RELOADER, NoConfigFile, protected_changes, server_changes
-from scheduler import secrets
-from scheduler.config import CorralConfig, load_config
+from scheduler.config.checks import check_problems
+from scheduler.config.root import CorralConfig, load_config
 from scheduler.errors import BadRequest, ConfigError
 
 PLACEHOLDER = secrets.REDACTED
@@ -43,7 +44,7 @@ MAX_TEXT = 1 << 20
 
 
 def secret_values(text: str, cfg: CorralConfig) -> set[str]:
-    """Every secret of the running config and of ``text`` (scheduler/secrets.py's rule)."""
+    """Every secret of the running config and of ``text`` (scheduler/config/secrets.py's rule)."""
     # credentials(): upstream keys a dump shows as ********** and api_key_env values.
     found = secrets.values(cfg.model_dump(mode="json")) | cfg.credentials()
     with contextlib.suppress(tomllib.TOMLDecodeError):

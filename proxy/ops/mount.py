@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from proxy import ollama, ollama_models
-from proxy.errors import ROUTE_DIALECT
+from proxy.dialects import ollama, ollama_models
+from proxy.edge.errors import ROUTE_DIALECT
 from proxy.ops import catalog, config_edit, pin, timeseries
-from scheduler.config import CorralConfig
+from scheduler.config.root import CorralConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -16,10 +16,10 @@ import re
 
 from aiohttp import web
 
-from proxy.guard import Forbidden
+from proxy.edge.guard import Forbidden
 from proxy.keys import CONFIG, SCHEDULER
 from proxy.ops.config_edit import read_original
-from proxy.reload import RELOADER, NoConfigFile
+from proxy.ops.reload import RELOADER, NoConfigFile
 from scheduler.errors import BadRequest, ConfigError
 
 PIN_KEY = "evictable"

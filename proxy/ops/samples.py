@@ -10,8 +10,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from proxy.metrics_scrape import _DURATION_BUCKETS, _TTFT_BUCKETS, CallStats
-from scheduler.instance import State
+from proxy.metrics.scrape import _DURATION_BUCKETS, _TTFT_BUCKETS, CallStats
+from scheduler.process.instance import State
 
 # Endpoints left out of the request charts: the dashboard itself polls them. The
 # playground's Ollama calls (/admin/ollama/...) are model calls and count.

@@ -24,7 +24,7 @@ import psutil
 from aiohttp import web
 
 from proxy.keys import SCHEDULER, SESSION
-from proxy.metrics import METRICS, Metrics
+from proxy.metrics.registry import METRICS, Metrics
 from proxy.ops.samples import NO_MODEL, InstanceSecond, Memory, Ring, Sample, series, totals
 from scheduler.aio import cancel_and_wait
 from scheduler.errors import BadRequest
@@ -54,8 +54,8 @@ def probe_memory(
 ) -> tuple[dict[str, int], int, int, int, int, bool]:
     """RSS per instance, RAM used and total, VRAM used and total, and whether to look
     for GPUs again (not after a probe found no NVML). Blocking: reads /proc, NVML."""
-    from proxy.metrics_scrape import resident_memory
-    from scheduler.resources import probe_gpus
+    from proxy.metrics.scrape import resident_memory
+    from scheduler.models.resources import probe_gpus
 
     vm = psutil.virtual_memory()
     found, note = probe_gpus() if gpus else ([], "")

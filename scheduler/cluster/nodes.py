@@ -26,14 +26,14 @@ from typing import Any, get_args
 import aiohttp
 from pydantic import ValidationError
 
-from scheduler import policy as instance_policy
 from scheduler.aio import cancel_and_wait
 from scheduler.cluster.policy import LaunchKind, NodeOption, pick_node
 from scheduler.cluster.state import VERSION
-from scheduler.config import Capability, ClusterConfig, ModelConfig
+from scheduler.config.root import Capability, ClusterConfig, ModelConfig
 from scheduler.engines.remote import Remote
-from scheduler.instance import State
-from scheduler.scheduler import Scheduler, Servable
+from scheduler.process.instance import State
+from scheduler.scheduling import policy as instance_policy
+from scheduler.scheduling.scheduler import Scheduler, Servable
 
 log = logging.getLogger(__name__)
 

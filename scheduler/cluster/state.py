@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler import policy
-from scheduler.capabilities import capabilities
-from scheduler.instance import ALIVE, State
-from scheduler.scheduler import Scheduler
+from scheduler.models.capabilities import capabilities
+from scheduler.process.instance import ALIVE, State
+from scheduler.scheduling import policy
+from scheduler.scheduling.scheduler import Scheduler
 
 # Version of the report's shape; a front refuses a node whose version it lacks.
 VERSION = 1

@@ -20,11 +20,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.config import ModelConfig, ScanDir
+from scheduler.config.root import ModelConfig, ScanDir
 from scheduler.discovery import hf_cache, lmstudio, ollama_store
 from scheduler.discovery.found import Found, Walk, group_dir, model_name, quant_of
 from scheduler.errors import CorralError
-from scheduler.resources import GgufInfo, read_gguf_info
+from scheduler.models.resources import GgufInfo, read_gguf_info
 
 log = logging.getLogger(__name__)
 

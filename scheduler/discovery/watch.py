@@ -14,7 +14,7 @@ import asyncio
 import logging
 
 from scheduler.discovery.scanner import HeaderCache, ScanResult, scan, signature
-from scheduler.scheduler import Scheduler
+from scheduler.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

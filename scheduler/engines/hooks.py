@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from scheduler.config import CorralConfig, ModelConfig
+from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines.remote import Remote, shown_url
 from scheduler.engines.runtime import build_runtime_spec, with_runtime
 from scheduler.engines.settings import RemoteConfig, env_key
 from scheduler.engines.templates import Runtime, resolve_runtime
 from scheduler.errors import RemotesDown
-from scheduler.instance import LaunchSpec
+from scheduler.process.instance import LaunchSpec
 
 # (table, slots, key as read now) per remote of a model.
 Wanted = list[tuple[RemoteConfig, int, str | None]]

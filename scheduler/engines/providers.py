@@ -31,7 +31,7 @@ import aiohttp
 from pydantic import ValidationError
 
 from scheduler.aio import cancel_and_wait
-from scheduler.config import ModelConfig
+from scheduler.config.root import ModelConfig
 from scheduler.engines.egress import Egress
 from scheduler.engines.remote import Remote, build_egress, shown_url
 from scheduler.engines.settings import ProviderConfig, RemoteConfig, env_key

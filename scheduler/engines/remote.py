@@ -33,7 +33,7 @@ import aiohttp
 from scheduler.aio import cancel_and_wait
 from scheduler.engines.egress import Egress
 from scheduler.engines.settings import RemoteConfig
-from scheduler.instance import State
+from scheduler.process.instance import State
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from scheduler.config import CorralConfig, ModelConfig
+from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines.remote import shown_url
 from scheduler.engines.settings import PLACEHOLDER_RE
 from scheduler.engines.templates import Runtime, resolve_runtime
 from scheduler.errors import LoadFailed
-from scheduler.instance import LaunchSpec
-from scheduler.launcher import LOOPBACK, child_environ, free_port
+from scheduler.process.instance import LaunchSpec
+from scheduler.process.launcher import LOOPBACK, child_environ, free_port
 
 ALL_LAYERS = "999"
 

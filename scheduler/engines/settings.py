@@ -1,6 +1,6 @@
 """The config tables of engines: ``[runtimes.NAME]``, remote tables, ``[[providers]]``.
 
-They live apart from ``scheduler/config.py`` (which imports them) so that the engine
+They live apart from ``scheduler/config/root.py`` (which imports them) so that the engine
 keys and their checks read in one place. Secrets (``api_key``) are ``SecretStr``:
 their ``repr`` and every JSON dump (``/admin/config``) show ``**********``, so a key
 cannot reach a log or an answer by a stray format string. ``api_key_env`` names a
@@ -27,12 +27,12 @@ from pydantic import (
     model_validator,
 )
 
-from scheduler.secrets import SECRET_HEADER
+from scheduler.config.secrets import SECRET_HEADER
 
 # The API families an upstream speaks natively (a model's, a runtime's, a remote's
 # `api`). A client's family that its upstream lacks is translated to chat completions
-# and back (proxy/families/). None means "all that llama-server speaks". Re-exported by
-# scheduler.config.
+# and back (proxy/dialects/families/). None means "all that llama-server speaks". Re-exported by
+# scheduler.config.root.
 UpstreamApi = Literal[
     "chat", "completions", "embeddings", "responses", "messages", "rerank",
     "transcriptions", "native",

@@ -136,9 +136,9 @@ async def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from scheduler.config import ModelConfig
-    from scheduler.install import find_llama_server
-    from scheduler.sources import resolve_model_file
+    from scheduler.config.root import ModelConfig
+    from scheduler.installing.install import find_llama_server
+    from scheduler.models.sources import resolve_model_file
 
     binary = find_llama_server(None)
     if binary is None:

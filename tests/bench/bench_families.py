@@ -29,8 +29,8 @@ from typing import Any
 
 import aiohttp
 
-from proxy import jsonc
-from proxy.families import anthropic_chat, bridge, responses_chat
+from proxy.dialects.families import anthropic_chat, bridge, responses_chat
+from proxy.edge import jsonc
 from tests.fakes import fake_binary, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]

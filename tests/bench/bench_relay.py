@@ -407,9 +407,10 @@ async def lease_cost(up: str, n: int) -> str:
 
     import aiohttp
 
-    from scheduler import ipc, ipc_wire
-    from scheduler.config import CorralConfig, ModelConfig
-    from scheduler.scheduler import Scheduler
+    from scheduler.config.root import CorralConfig, ModelConfig
+    from scheduler.ipc import leases as ipc
+    from scheduler.ipc import wire as ipc_wire
+    from scheduler.scheduling.scheduler import Scheduler
 
     cfg = CorralConfig(models=(ModelConfig(name="m", remotes=(up,), remote_slots=1000),))
     async with aiohttp.ClientSession() as session:

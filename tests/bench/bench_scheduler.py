@@ -56,10 +56,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scheduler.config import ModelConfig  # noqa: E402
-from scheduler.install import find_llama_server  # noqa: E402
-from scheduler.launcher import build_argv  # noqa: E402
-from scheduler.sources import resolve_model_file  # noqa: E402
+from scheduler.config.root import ModelConfig  # noqa: E402
+from scheduler.installing.install import find_llama_server  # noqa: E402
+from scheduler.models.sources import resolve_model_file  # noqa: E402
+from scheduler.process.launcher import build_argv  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 CTX_SIZE = 1024  # per slot

@@ -47,9 +47,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scheduler.config import ModelConfig  # noqa: E402
-from scheduler.install import find_llama_server  # noqa: E402
-from scheduler.sources import resolve_model_file  # noqa: E402
+from scheduler.config.root import ModelConfig  # noqa: E402
+from scheduler.installing.install import find_llama_server  # noqa: E402
+from scheduler.models.sources import resolve_model_file  # noqa: E402
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import random
 import time
 import tracemalloc
 
-from proxy.metrics_scrape import CallStats
+from proxy.metrics.scrape import CallStats
 from proxy.ops.samples import InstanceSecond, Memory, ModelTotals, Ring, series, totals
 
 MODELS = [f"m{i}" for i in range(10)]

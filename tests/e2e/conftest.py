@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.config import ModelConfig
-from scheduler.install import find_llama_server
-from scheduler.sources import resolve_model_file
+from scheduler.config.root import ModelConfig
+from scheduler.installing.install import find_llama_server
+from scheduler.models.sources import resolve_model_file
 from tests.fakes import stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from scheduler.config import ModelConfig
+from scheduler.config.root import ModelConfig
 from tests.e2e.conftest import REPO, CorralProc, model_toml, wait_until
 from tests.e2e.test_dashboard_e2e import browser, open_dashboard
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from scheduler.resources import read_gguf_info
+from scheduler.models.resources import read_gguf_info
 from tests.e2e.conftest import REPO, CorralProc, wait_until
 from tests.e2e.gguf_split import split_in_two
 from tests.fakes.hf_hub import FakeHub

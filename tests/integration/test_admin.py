@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from proxy.admin import LogCursor
 from proxy.keys import SCHEDULER
+from proxy.ops.admin import LogCursor
 from tests.conftest import make_config, wait_for
 
 

@@ -1,7 +1,7 @@
 """Chaos over every dialect: children SIGKILLed at random under concurrent load.
 
 Seeded and bounded (about 15 s of load, a fixed number of kills). The contract under
-test (``proxy/upstream.py``): a call whose client has received nothing is resent, so
+test (``proxy/calls/upstream.py``): a call whose client has received nothing is resent, so
 no non-streaming call fails in any dialect and no stream fails before its first
 token; a stream that had begun may end with a clean error event in its dialect. And
 the scheduler never runs more than ``max_instances`` children.
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from proxy.keys import SCHEDULER
-from scheduler.instance import State
+from scheduler.process.instance import State
 from tests.conftest import make_config
 
 SEED = 20261202

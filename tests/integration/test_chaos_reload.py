@@ -25,9 +25,9 @@ import tomli_w
 
 from proxy.app import CoreOptions, build_openai_app, port_app
 from proxy.keys import SCHEDULER
-from proxy.reload import RELOADER
-from scheduler.config import load_config
-from scheduler.instance import State
+from proxy.ops.reload import RELOADER
+from scheduler.config.root import load_config
+from scheduler.process.instance import State
 from tests.conftest import Ports
 from tests.fakes import write_dummy_gguf
 from tests.integration.test_chaos import CALLS, Outcome, watch_alive

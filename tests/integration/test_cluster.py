@@ -1,5 +1,5 @@
 """A cluster in one process: node Corrals around fake llama-servers on real sockets,
-and a front routing to them (scheduler/cluster, proxy/cluster.py).
+and a front routing to them (scheduler/cluster, proxy/ops/cluster.py).
 
 The network-namespace tests (test_cluster_netns.py) run the same roles as separate
 processes on separate links; these check the routing rules quickly."""
@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.app import CoreOptions, build_openai_app, port_app
 from proxy.keys import SCHEDULER
-from scheduler.config import CorralConfig
+from scheduler.config.root import CorralConfig
 from tests.conftest import make_config, wait_for
 
 TOKEN = "t0ken-for-the-cluster-tests"
@@ -256,7 +256,7 @@ async def test_a_node_that_cannot_be_reached_loses_no_call(cluster: Any) -> None
 
 
 async def test_a_draining_node_gets_no_new_calls_and_finishes_its_own(cluster: Any) -> None:
-    from proxy import cluster as cluster_mod
+    from proxy.ops import cluster as cluster_mod
 
     model = {"name": "m", "parallel": 2, "env": SLOW, "replicas": {"min": 1, "max": 1}}
     c = await cluster([[model], [model]])

@@ -227,7 +227,7 @@ async def test_three_nodes_spread_stick_prefer_warm_and_survive_a_cut(
 
         # A conversation sticks to one node.
         base = [await node_served(s, n) for n in c.nodes]
-        # The prefix key is the system prompt and first turn (proxy/jsonc.py).
+        # The prefix key is the system prompt and first turn (proxy/edge/jsonc.py).
         history = [{"role": "system", "content": "You are terse."},
                    {"role": "user", "content": "one long conversation starts here"}]
         for turn in range(4):

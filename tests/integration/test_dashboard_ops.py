@@ -19,7 +19,7 @@ from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
 from proxy.ops.samples import Memory, ModelTotals
 from proxy.ops.timeseries import RING
-from scheduler.config import ModelConfig, load_config
+from scheduler.config.root import ModelConfig, load_config
 from tests.conftest import make_config, wait_for
 from tests.fakes import write_dummy_gguf
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
-from proxy.reload import RELOADER
+from proxy.ops.reload import RELOADER
 from tests.conftest import make_config, wait_for
 from tests.unit.test_discovery import ollama_store, write_gguf
 

@@ -23,8 +23,8 @@ from aiohttp.test_utils import TestClient
 from proxy.keys import SCHEDULER
 from scheduler.engines.remote import Remote
 from scheduler.engines.settings import ProviderConfig
-from scheduler.instance import Instance, State
-from scheduler.scheduler import Scheduler
+from scheduler.process.instance import Instance, State
+from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
 from tests.fakes import HERE
 from tests.fakes.fake_cloud import STATE, build_app

@@ -339,7 +339,7 @@ async def test_an_undeclared_upstream_is_probed_once(
 ) -> None:
     """No ``api`` in its config: the first call finds the route missing (404), learns
     it and is sent again translated; the next ones go translated at once."""
-    caplog.set_level(logging.INFO, logger="proxy.upstream")
+    caplog.set_level(logging.INFO, logger="proxy.calls.upstream")
     client = claude(ports.openai)
     for _ in range(2):
         msg = await client.messages.create(model="undeclared", max_tokens=2,
@@ -480,7 +480,7 @@ async def test_send_again_is_bounded_and_not_a_failure(ports: Any) -> None:
     """A consumer that keeps asking to be sent again (a replica after replica lacking a
     family) is answered UpstreamFailed after SEND_AGAIN resends; the upstream is not
     reported failing for it."""
-    from proxy import upstream
+    from proxy.calls import upstream
     from proxy.keys import SCHEDULER
     from scheduler.errors import UpstreamFailed
 

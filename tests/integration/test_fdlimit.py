@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from scheduler import limits
+from scheduler.process import limits
 from tests.fakes import wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import tomli_w
 from aiohttp.test_utils import TestClient
 
 from proxy.app import CoreOptions, build_openai_app
-from scheduler.config import load_config
+from scheduler.config.root import load_config
 from tests.conftest import make_config
 from tests.fakes import write_dummy_gguf
 

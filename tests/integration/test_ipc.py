@@ -1,4 +1,4 @@
-"""Leases across processes (scheduler/ipc.py; its frames: scheduler/ipc_wire.py), both
+"""Leases across processes (scheduler/ipc/leases.py; its frames: scheduler/ipc/wire.py), both
 ends in one event loop: the owner's lease server and a WorkerScheduler over a real Unix
 socket pair, a real Scheduler whose model is a remote (an aiohttp app standing in for a
 health-checked server)."""
@@ -16,10 +16,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from scheduler import ipc, ipc_wire
-from scheduler.config import CorralConfig
+from scheduler.config.root import CorralConfig
 from scheduler.errors import CorralError, Overloaded, RateLimited, ShuttingDown, UnknownModel
-from scheduler.scheduler import Scheduler
+from scheduler.ipc import leases as ipc
+from scheduler.ipc import wire as ipc_wire
+from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import wait_for
 
 
@@ -162,7 +163,7 @@ def test_a_tls_context_crosses_as_its_ca_certificates(tmp_path: Any) -> None:
     import ssl as ssl_mod
 
     from scheduler.engines.egress import Egress
-    from scheduler.scheduler import Upstream
+    from scheduler.scheduling.scheduler import Upstream
 
     ca = ssl_mod.get_default_verify_paths().cafile
     if ca is None:

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.app import build_openai_app, port_app
-from proxy.listener import GuardedRunner, Limits
+from proxy.edge.listener import GuardedRunner, Limits
 from tests.conftest import make_config
 
 HEAD, BODY = 0.4, 0.4

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.keys import SCHEDULER
-from scheduler.instance import State
+from scheduler.process.instance import State
 from tests.conftest import make_config, wait_for
 from tests.integration.test_ollama import write_gguf
 

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.chat_store import ChatStore
+from proxy.dialects.chat_store import ChatStore
 from proxy.keys import CHAT_STORE, SCHEDULER
 from tests.conftest import make_config
 

@@ -13,9 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.edge.reqlog import RequestIdFilter
 from proxy.keys import SCHEDULER
-from proxy.metrics import METRICS
-from proxy.reqlog import RequestIdFilter
+from proxy.metrics.registry import METRICS
 from tests.conftest import make_config, wait_for
 
 
@@ -173,7 +173,7 @@ async def test_log_lines_about_a_call_carry_its_request_id(
     mine = [r for r in caplog.records if getattr(r, "request_id", None) == "req-42"]
     # The launch it caused and the error rendered for it are both tagged.
     assert any("failed to load" in r.getMessage() for r in mine), caplog.text
-    assert any(r.name == "proxy.errors" for r in mine)
+    assert any(r.name == "proxy.edge.errors" for r in mine)
 
 
 async def test_llama_server_metrics_are_relabelled_and_tokens_counted(

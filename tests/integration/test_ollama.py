@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from proxy.keys import SCHEDULER
-from scheduler.instance import State
+from scheduler.process.instance import State
 from tests.conftest import make_config, wait_for
 
 TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}tools{% endif %}"

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
-from scheduler.instance import State
+from scheduler.process.instance import State
 from tests.conftest import make_config, wait_for
 
 

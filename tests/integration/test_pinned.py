@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.keys import SCHEDULER
-from scheduler.instance import State
+from scheduler.process.instance import State
 from tests.conftest import make_config, wait_for
 
 

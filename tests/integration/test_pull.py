@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from proxy.keys import SCHEDULER
-from scheduler import pull
-from scheduler.config import ModelConfig
+from scheduler.config.root import ModelConfig
+from scheduler.models import pull
 from tests.conftest import make_config, wait_for
 from tests.fakes.hf_hub import FakeHub
 from tests.unit.test_discovery import write_gguf

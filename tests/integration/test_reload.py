@@ -20,10 +20,10 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
-from proxy.metrics import METRICS
-from proxy.reload import RELOADER
-from scheduler.config import load_config
-from scheduler.instance import State
+from proxy.metrics.registry import METRICS
+from proxy.ops.reload import RELOADER
+from scheduler.config.root import load_config
+from scheduler.process.instance import State
 from tests.conftest import wait_for
 from tests.e2e.conftest import free_port
 from tests.fakes import stop, wait_healthy, write_dummy_gguf
@@ -211,7 +211,7 @@ def serve_proc(tmp_path: Path, fake_llama: Path) -> Iterator[Callable[[Path], An
             "import asyncio, sys\nfrom pathlib import Path\n"
             "from proxy.app import CoreOptions, serve\n"
             "from proxy.cli import setup_logging\n"
-            "from scheduler.config import load_config\n"
+            "from scheduler.config.root import load_config\n"
             "setup_logging('info', 'text')\n"
             "p, fake = Path(sys.argv[1]), Path(sys.argv[2])\n"
             "asyncio.run(serve(load_config(p), CoreOptions(find_binary=lambda _: fake),"

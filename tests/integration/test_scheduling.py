@@ -20,8 +20,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.keys import SCHEDULER
-from scheduler.instance import ALIVE, State
-from scheduler.scheduler import Scheduler
+from scheduler.process.instance import ALIVE, State
+from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
 from tests.fakes import FAKE_SERVER
 
@@ -192,7 +192,7 @@ async def test_repeated_launch_failures_make_a_model_unavailable(corral,
 
 
 async def test_launch_backoff_grows(corral, tmp_path: Path) -> None:
-    from scheduler.scheduler import launch_backoff
+    from scheduler.scheduling.scheduler import launch_backoff
 
     assert [launch_backoff(n) for n in range(6)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
     assert launch_backoff(50) == 30.0
@@ -324,7 +324,7 @@ async def test_vram_budget_places_gpu_models(corral, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """With a (simulated) 4 GiB GPU, two 2 GiB GPU models cannot run together, while a
     CPU-only model (n_gpu_layers = 0) runs beside them."""
-    from scheduler import resources
+    from scheduler.models import resources
 
     real = resources.probe_system()
     gpu = resources.GpuInfo(index=0, name="Fake GPU", vram_total=4 * 2**30,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from scheduler import secrets
+from scheduler.config import secrets
 from tests.e2e.conftest import free_port
 from tests.fakes import fake_binary, wait_healthy, write_dummy_gguf
 

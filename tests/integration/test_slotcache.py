@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from proxy import jsonc
+from proxy.edge import jsonc
 from proxy.keys import SCHEDULER
-from scheduler.scheduler import Scheduler
+from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
 from tests.fakes import write_dummy_gguf
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import ModelConfig
+from scheduler.config.root import ModelConfig
 from scheduler.errors import LoadFailed
-from scheduler.sources import ModelFiles, materialised_file
+from scheduler.models.sources import ModelFiles, materialised_file
 from tests.fakes.hf_hub import FakeHub
 
 

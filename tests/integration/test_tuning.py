@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy import tuning
-from proxy.reload import Reloader
-from scheduler import limits
+from proxy.edge import tuning
+from proxy.ops.reload import Reloader
+from scheduler.process import limits
 from tests.e2e.conftest import free_ports
 from tests.fakes import stop, wait_healthy, write_dummy_gguf
 
@@ -78,7 +78,7 @@ async def test_a_reload_freezes_the_new_config(
 ) -> None:
     from proxy.app import CoreOptions, build_openai_app
     from proxy.keys import SCHEDULER
-    from scheduler.config import load_config
+    from scheduler.config.root import load_config
 
     path = tmp_path / "corral.toml"
     gguf = write_dummy_gguf(tmp_path / "m.gguf")
@@ -112,7 +112,7 @@ def test_freeze_moves_survivors_out_of_the_collector() -> None:
 
 
 def test_the_young_threshold_is_raised_and_the_older_ones_kept() -> None:
-    from scheduler.config import CorralConfig
+    from scheduler.config.root import CorralConfig
 
     before = gc.get_threshold()
     try:

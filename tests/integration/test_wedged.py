@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from proxy.keys import SCHEDULER
-from scheduler.instance import Instance, State
+from scheduler.process.instance import Instance, State
 from tests.conftest import make_config, wait_for
 
 CHAT = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "a b"}]}

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from scheduler import limits
+from scheduler.process import limits
 from tests.e2e.conftest import free_port
 from tests.fakes import stop, write_dummy_gguf
 from tests.integration import test_pull

@@ -45,7 +45,7 @@ def test_init_can_generate_an_lmstudio_sdk_key(tmp_path: Path,
     import re
     import tomllib
 
-    from proxy.lmstudio_sdk.socket import authenticate
+    from proxy.dialects.lmstudio_sdk.socket import authenticate
 
     out = tmp_path / "corral.toml"
     assert main(["init", str(out), "--api-key"]) == 0

@@ -8,7 +8,7 @@ import pytest
 
 from scheduler.cluster.discovery import node_url, parse_target
 from scheduler.cluster.policy import NodeOption, pick_node
-from scheduler.config import ClusterConfig, CorralConfig
+from scheduler.config.root import ClusterConfig, CorralConfig
 from scheduler.errors import ConfigError
 
 
@@ -105,7 +105,7 @@ def test_discover_target_and_urls() -> None:
 ])
 def test_cluster_config_is_validated(tmp_path: Any, section: dict[str, Any],
                                      message: str) -> None:
-    from scheduler.config import load_config
+    from scheduler.config.root import load_config
 
     lines = ["[cluster]"]
     for k, v in section.items():
@@ -123,9 +123,9 @@ def test_cluster_defaults() -> None:
 
 
 def test_a_nodes_launch_verdict_is_its_own_launch_policy() -> None:
-    from scheduler import policy
     from scheduler.cluster.state import _launch
-    from scheduler.instance import State
+    from scheduler.process.instance import State
+    from scheduler.scheduling import policy
 
     def view(id: str, model: str, in_flight: int) -> policy.InstanceView:
         return policy.InstanceView(id=id, model=model, state=State.READY,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main, render_init
-from scheduler.config import CorralConfig, Replicas, load_config, parse_size
+from scheduler.config.root import CorralConfig, Replicas, load_config, parse_size
 from scheduler.errors import ConfigError
 
 GiB = 2**30

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.metrics_scrape import _DURATION_BUCKETS, CallStats
+from proxy.metrics.scrape import _DURATION_BUCKETS, CallStats
 from proxy.ops.config_edit import PLACEHOLDER, locate, redact_text, restore_secrets
 from proxy.ops.pin import set_model_key
 from proxy.ops.samples import (
@@ -19,7 +19,7 @@ from proxy.ops.samples import (
     series,
     totals,
 )
-from scheduler.config import CorralConfig
+from scheduler.config.root import CorralConfig
 from scheduler.errors import BadRequest
 
 
@@ -202,7 +202,7 @@ def test_probe_memory_sums_vram_and_stops_looking_without_nvml(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from proxy.ops import timeseries
-    from scheduler import resources
+    from scheduler.models import resources
 
     gpus = [resources.GpuInfo(index=0, name="a", vram_total=100, vram_free=40),
             resources.GpuInfo(index=1, name="b", vram_total=50, vram_free=50)]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from scheduler.config import load_config
+from scheduler.config.root import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

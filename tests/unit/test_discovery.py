@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from scheduler.config import ScanDir
+from scheduler.config.root import ScanDir
 from scheduler.discovery.found import model_name, quant_of
 from scheduler.discovery.ollama_store import ollama_name
 from scheduler.discovery.scanner import HeaderCache, scan
@@ -195,7 +195,7 @@ def test_thousands_of_files_scan_fast_the_second_time(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", ["x", "~/models"])
 def test_scan_dirs_merge_both_forms(tmp_path: Path, path: str) -> None:
-    from scheduler.config import load_config
+    from scheduler.config.root import load_config
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[scheduler]\nscan = ["{path}"]\n[[scan]]\npath = "y"\nctx_size = 512\n')
@@ -232,9 +232,9 @@ def test_every_layout_under_one_directory(tmp_path: Path) -> None:
 
 
 def test_brief_header_read_stops_at_the_vocabulary(tmp_path: Path) -> None:
-    from scheduler.config import ModelConfig
-    from scheduler.resources import read_gguf_info
-    from scheduler.sources import model_footprint
+    from scheduler.config.root import ModelConfig
+    from scheduler.models.resources import read_gguf_info
+    from scheduler.models.sources import model_footprint
 
     def write(path: Path, arch_first: bool) -> Path:
         w = gguf.GGUFWriter(str(path), "llama")

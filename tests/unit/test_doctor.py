@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import doctor, install, resources
+from scheduler.installing import doctor, install
+from scheduler.models import resources
 
 
 @pytest.fixture(autouse=True)
@@ -97,8 +98,8 @@ def test_gpu_rows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_backlog_row_reports_somaxconn(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scheduler import limits
-    from scheduler.config import CorralConfig, ServerConfig
+    from scheduler.config.root import CorralConfig, ServerConfig
+    from scheduler.process import limits
 
     monkeypatch.setattr(limits, "somaxconn", lambda: 128)
     name, text = doctor._backlog_row(CorralConfig(server=ServerConfig(backlog=4096)))

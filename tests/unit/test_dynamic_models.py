@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 
-from scheduler.config import CorralConfig, ModelConfig
-from scheduler.scheduler import Scheduler
+from scheduler.config.root import CorralConfig, ModelConfig
+from scheduler.scheduling.scheduler import Scheduler
 
 
 def _remote(name: str, *aliases: str) -> ModelConfig:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from proxy import egress as proxy_egress
-from proxy import jsonc
-from scheduler import secrets
-from scheduler.config import CorralConfig, ModelConfig
+from proxy.calls import egress as proxy_egress
+from proxy.edge import jsonc
+from scheduler.config import secrets
+from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines.egress import Egress
 from scheduler.engines.providers import listed_ids, model_configs
 from scheduler.engines.remote import build_egress, shown_url

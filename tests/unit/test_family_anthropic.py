@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.families import anthropic_chat as ac
+from proxy.dialects.families import anthropic_chat as ac
 from scheduler.errors import BadRequest
 
 BASE = {"model": "m", "max_tokens": 16}

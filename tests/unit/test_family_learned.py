@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.families.bridge import route_api
-from proxy.families.learned import Learned, route_missing
+from proxy.dialects.families.bridge import route_api
+from proxy.dialects.families.learned import Learned, route_missing
 
 
 @pytest.mark.parametrize(("status", "body", "missing"), [

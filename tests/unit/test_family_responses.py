@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from proxy.families import responses_chat as rc
+from proxy.dialects.families import responses_chat as rc
 from scheduler.errors import BadRequest
 
 FN = {"type": "function", "name": "add", "description": "Add", "strict": True,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from proxy import stream_translate as st
-from proxy.streaming import ndjson_line, sse_data_batches, sse_event_batches
+from proxy.calls.streaming import ndjson_line, sse_data_batches, sse_event_batches
+from proxy.dialects import stream_translate as st
 from scheduler.errors import CorralError
 from tests.unit.test_translate import _Resp
 

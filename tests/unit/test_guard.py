@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy import lmstudio, translate
-from proxy.guard import host_matcher, host_name
-from proxy.reload import protected_changes
-from scheduler.config import CorralConfig, ServerConfig
+from proxy.dialects import lmstudio, translate
+from proxy.edge.guard import host_matcher, host_name
+from proxy.ops.reload import protected_changes
+from scheduler.config.root import CorralConfig, ServerConfig
 from scheduler.errors import BadRequest
-from scheduler.launcher import child_environ
+from scheduler.process.launcher import child_environ
 
 
 @pytest.mark.parametrize(("host", "ok"), [
@@ -51,7 +51,7 @@ def test_child_environ_drops_corral_and_secret_names() -> None:
 def test_build_spec_env_keeps_what_the_config_sets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scheduler.launcher import build_spec
+    from scheduler.process.launcher import build_spec
 
     monkeypatch.setenv("CORRAL_SERVER__API_KEYS", '["k"]')
     monkeypatch.setenv("FOO_TOKEN", "secret")
@@ -125,7 +125,7 @@ def test_rfc3339_never_overflows() -> None:
 ])
 @pytest.mark.parametrize("where", ["model", "llama_server"])
 def test_reserved_flags_are_refused_in_any_args(args: list[str], where: str) -> None:
-    from scheduler.config import CorralConfig
+    from scheduler.config.root import CorralConfig
 
     data: dict[str, object] = {"models": [{"name": "m", "path": "/m.gguf"}]}
     if where == "model":

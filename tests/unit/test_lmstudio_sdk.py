@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from proxy.lmstudio_sdk import codec, config, history
-from proxy.lmstudio_sdk.codec import SdkError
-from proxy.lmstudio_sdk.socket import authenticate
+from proxy.dialects.lmstudio_sdk import codec, config, history
+from proxy.dialects.lmstudio_sdk.codec import SdkError
+from proxy.dialects.lmstudio_sdk.socket import authenticate
 
 # --- codec ------------------------------------------------------------------------------
 

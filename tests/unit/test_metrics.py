@@ -6,11 +6,11 @@ import logging
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import Metrics
-from proxy.metrics_scrape import UpstreamMetrics, corral_name
-from proxy.reload import Outcome, backup_path, server_changes
-from proxy.reqlog import CURRENT, RequestIdFilter, RequestIds, RequestInfo, note_model
-from scheduler.config import CorralConfig
+from proxy.edge.reqlog import CURRENT, RequestIdFilter, RequestIds, RequestInfo, note_model
+from proxy.metrics.registry import Metrics
+from proxy.metrics.scrape import UpstreamMetrics, corral_name
+from proxy.ops.reload import Outcome, backup_path, server_changes
+from scheduler.config.root import CorralConfig
 
 LLAMA = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
 # TYPE llamacpp:prompt_tokens_total counter

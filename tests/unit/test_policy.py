@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.instance import ALIVE, State
-from scheduler.policy import (
+from scheduler.process.instance import ALIVE, State
+from scheduler.scheduling.policy import (
     InstanceView,
     Launch,
     Snapshot,
@@ -498,7 +498,7 @@ def test_alive_states_are_the_ones_limits_count() -> None:
 
 
 def test_vram_budget_limits_gpu_instances_and_evicts_for_room() -> None:
-    from scheduler.policy import InstanceView, Launch, Snapshot, Wait, plan_launch
+    from scheduler.scheduling.policy import InstanceView, Launch, Snapshot, Wait, plan_launch
 
     gib = 2**30
     a = InstanceView("a#1", "a", State.READY, 0, 1, last_used=1.0, footprint=1, vram=3 * gib)
@@ -531,6 +531,6 @@ def test_vram_budget_limits_gpu_instances_and_evicts_for_room() -> None:
 )
 def test_split_footprint(total: int, ngl: int | None, layers: int,
                          want: tuple[int, int]) -> None:
-    from scheduler.sources import split_footprint
+    from scheduler.models.sources import split_footprint
 
     assert split_footprint(total, ngl, layers) == want

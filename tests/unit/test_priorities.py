@@ -9,9 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.config import CorralConfig
-from scheduler.instance import State
-from scheduler.policy import InstanceView, Launch, Snapshot, expired, plan_launch, preempt
+from scheduler.config.root import CorralConfig
+from scheduler.process.instance import State
+from scheduler.scheduling.policy import (
+    InstanceView,
+    Launch,
+    Snapshot,
+    expired,
+    plan_launch,
+    preempt,
+)
 
 NOW = 100.0
 
@@ -122,7 +129,7 @@ def test_unfittable_pinned_count_is_a_config_error() -> None:
 def test_pinned_models_that_cannot_fit_together_are_a_check_error() -> None:
     from pathlib import Path
 
-    from proxy.cli import pinned_problems
+    from scheduler.config.checks import pinned_problems
 
     pinned = {"a": (600, 0), "b": (500, 0)}
     [problem] = pinned_problems(Path("c.toml"), pinned, ram=1000, vram=None)

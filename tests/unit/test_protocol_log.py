@@ -7,7 +7,7 @@ import sys
 
 from aiohttp.http_exceptions import BadHttpMessage
 
-from proxy.reqlog import ProtocolErrorFilter
+from proxy.edge.reqlog import ProtocolErrorFilter
 
 
 def _record(exc: BaseException) -> logging.LogRecord:

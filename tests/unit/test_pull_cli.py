@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.pull_cli import cmd_pull, draw, render
-from scheduler.config import CorralConfig
+from proxy.ops.pull_cli import cmd_pull, draw, render
+from scheduler.config.root import CorralConfig
 from tests.fakes.hf_hub import FakeHub
 
 LINES = [

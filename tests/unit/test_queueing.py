@@ -1,4 +1,4 @@
-"""The fair queue (scheduler/queueing.py): round robin across keys, priorities,
+"""The fair queue (scheduler/scheduling/queueing.py): round robin across keys, priorities,
 push-out when full. Table-driven and property-based."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.queueing import FairQueue
+from scheduler.scheduling.queueing import FairQueue
 
 _seq = itertools.count()
 

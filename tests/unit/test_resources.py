@@ -10,9 +10,9 @@ import gguf
 import numpy as np
 import pytest
 
-from scheduler import resources
 from scheduler.errors import CorralError
-from scheduler.resources import (
+from scheduler.models import resources
+from scheduler.models.resources import (
     COMPUTE_ALLOWANCE_FIXED,
     GgufInfo,
     estimate_footprint,

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
-from proxy import jsonc
-from proxy.errors import anthropic_body, anthropic_status, render, stream_error_event
-from proxy.routes import ROUTES, Route
-from scheduler.capabilities import capabilities
-from scheduler.config import ModelConfig
+from proxy.calls.routes import ROUTES, Route
+from proxy.edge import jsonc
+from proxy.edge.errors import anthropic_body, anthropic_status, render, stream_error_event
+from scheduler.config.root import ModelConfig
 from scheduler.errors import (
     BadRequest,
     CannotServe,
@@ -24,6 +23,7 @@ from scheduler.errors import (
     UnknownModel,
     UpstreamFailed,
 )
+from scheduler.models.capabilities import capabilities
 
 
 def _paths(port: str) -> list[tuple[str, str]]:
@@ -196,7 +196,7 @@ def test_stream_error_events(family: Any, event: str | None, check: Any) -> None
 def test_launch_flags_follow_the_capability_keys(kw: dict[str, Any], flag: str) -> None:
     from pathlib import Path
 
-    from scheduler.launcher import build_argv
+    from scheduler.process.launcher import build_argv
 
     argv = build_argv(Path("/bin/llama-server"), _cfg(**kw), Path("/m.gguf"), 1, ())
     assert flag in argv
@@ -206,7 +206,7 @@ def test_launch_flags_follow_the_capability_keys(kw: dict[str, Any], flag: str) 
 def test_a_shipped_chat_template_is_passed_as_a_file() -> None:
     from pathlib import Path
 
-    from scheduler.launcher import build_argv
+    from scheduler.process.launcher import build_argv
 
     argv = build_argv(Path("/b"), _cfg(chat_template="gemma3"), Path("/m.gguf"), 1, ())
     path = Path(argv[argv.index("--chat-template-file") + 1])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.usage import tokens_in
-from scheduler.config import CorralConfig, ModelConfig
-from scheduler.slotcache import (
+from proxy.calls.usage import tokens_in
+from scheduler.config.root import CorralConfig, ModelConfig
+from scheduler.process.slotcache import (
     config_digest,
     enforce_bound,
     model_prefix,

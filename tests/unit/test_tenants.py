@@ -1,4 +1,4 @@
-"""Key policy (scheduler/tenants.py): lookup, scopes, sliding-window limits, usage."""
+"""Key policy (scheduler/keys/tenants.py): lookup, scopes, sliding-window limits, usage."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.config import CorralConfig, KeyConfig
+from scheduler.config.root import CorralConfig, KeyConfig
 from scheduler.errors import ConfigError, RateLimited
-from scheduler.tenants import WINDOW, Key, Tenants, Usage, may_use, retry_after
+from scheduler.keys.tenants import WINDOW, Key, Tenants, Usage, may_use, retry_after
 
 
 class Clock:
@@ -162,7 +162,7 @@ def test_usage_survives_a_reload_of_the_same_name() -> None:
 def test_invalid_keys_are_config_errors(tmp_path: object, keys: list[dict[str, object]]) -> None:
     from pathlib import Path
 
-    from scheduler.config import load_config
+    from scheduler.config.root import load_config
 
     assert isinstance(tmp_path, Path)
     lines = []

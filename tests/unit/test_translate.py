@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from proxy import ollama_request as rq
-from proxy import stream_translate as st
-from proxy import translate as t
-from proxy.streaming import ndjson_line, sse_event_batches, sse_events
+from proxy.calls.streaming import ndjson_line, sse_event_batches, sse_events
+from proxy.dialects import ollama_request as rq
+from proxy.dialects import stream_translate as st
+from proxy.dialects import translate as t
 from scheduler.errors import BadRequest, CorralError, UpstreamFailed
 
 # --- options -> sampler fields -----------------------------------------------------------

@@ -1,5 +1,5 @@
 """A worker's call counts, recent requests and listener events reach the owner's
-metrics once each (proxy/workers.py take_stats / merge_stats)."""
+metrics once each (proxy/workers/owner.py take_stats / merge_stats)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections import Counter
 
 import msgspec
 
-from proxy.metrics import Metrics
-from proxy.metrics_scrape import CallStats
-from proxy.workers import ACCEPT_ERROR, Events, merge_stats, take_stats
+from proxy.metrics.registry import Metrics
+from proxy.metrics.scrape import CallStats
+from proxy.workers.owner import ACCEPT_ERROR, Events, merge_stats, take_stats
 
 
 def sample(m: Metrics, name: str, labels: dict[str, str]) -> float:

@@ -1,0 +1,186 @@
+"""Every model-routed endpoint, as rows of one table.
+
+A row names its path(s), where the model's name is found (JSON body ``model``,
+multipart form field ``model``, ``?model=``), the capability the model needs, the
+API family (which decides the error envelope) and the ports that mount it. The
+OpenAI, Ollama and LM Studio apps call ``mount()``; adding an endpoint is one row.
+Each row is a pass-through (contract 9): the body goes upstream as it came, the
+answer comes back chunk by chunk, through the one call path (``proxy.calls.upstream``).
+Anthropic Messages and Responses rows go translated to chat completions for an
+upstream that lacks their family (``proxy.dialects.families.bridge``).
+Dialects with a translation of their own (Ollama's /api, LM Studio's /api/v0) keep
+their handlers and send through the same call path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from aiohttp import web
+
+from proxy.calls import multipart, upstream, vision
+from proxy.calls.streaming import relay
+from proxy.dialects.families import bridge as families_bridge
+from proxy.edge import body as bodies
+from proxy.edge import jsonc
+from proxy.edge.errors import ROUTE_DIALECT, Family, family_dialect
+from proxy.keys import BODY_BUDGET, FAMILIES, SCHEDULER
+from proxy.ops import pulls
+from scheduler.config.root import Capability, ModelConfig
+from scheduler.errors import BadRequest, CannotServe
+from scheduler.models.capabilities import capabilities
+from scheduler.scheduling.scheduler import LeaseHints, Scheduler
+
+Port = Literal["main", "ollama", "lmstudio"]
+ModelIn = Literal["body", "form", "query"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MiB = 1 << 20
+EVERY_PORT: frozenset[Port] = frozenset({"main", "ollama", "lmstudio"})
+MAIN: frozenset[Port] = frozenset({"main"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    paths: tuple[str, ...]
+    # What the model must be able to do; None: any model (tokenizing, props).
+    capability: Capability | None
+    family: Family = "openai"
+    model_in: ModelIn = "body"
+    method: Literal["GET", "POST"] = "POST"
+    # The path sent upstream; None: the path that was called.
+    upstream: str | None = None
+    max_body: int = 64 * MiB
+    ports: frozenset[Port] = EVERY_PORT
+
+    @property
+    def native(self) -> bool:
+        """llama-server's own API: the model may be left out (``default_model``)."""
+        return self.family == "native"
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(("/v1/chat/completions",), "chat"),
+    Route(("/v1/completions",), "completion"),
+    Route(("/v1/embeddings",), "embedding", max_body=256 * MiB),
+    Route(("/v1/chat/completions/input_tokens",), "chat"),
+    Route(("/v1/responses",), "chat", "responses"),
+    Route(("/v1/responses/input_tokens",), "chat", "responses"),
+    Route(("/v1/messages",), "chat", "anthropic"),
+    Route(("/v1/messages/count_tokens",), "chat", "anthropic"),
+    Route(("/v1/rerank", "/v1/reranking"), "rerank"),
+    Route(("/v1/audio/transcriptions",), "audio", model_in="form", max_body=1024 * MiB),
+    # LM Studio's embeddings under its REST prefix.
+    Route(("/api/v0/embeddings",), "embedding", upstream="/v1/embeddings",
+          max_body=256 * MiB, ports=frozenset({"lmstudio"})),
+    # llama-server's native API, on the main port.
+    Route(("/rerank", "/reranking"), "rerank", "native", ports=MAIN),
+    Route(("/completion", "/completions"), "completion", "native", ports=MAIN),
+    Route(("/infill",), "infill", "native", ports=MAIN),
+    Route(("/embedding", "/embeddings"), "embedding", "native", max_body=256 * MiB,
+          ports=MAIN),
+    Route(("/tokenize",), None, "native", ports=MAIN),
+    Route(("/detokenize",), None, "native", ports=MAIN),
+    Route(("/apply-template",), "chat", "native", ports=MAIN),
+    Route(("/props",), None, "native", model_in="query", method="GET", ports=MAIN),
+)
+
+
+HintsFor = Callable[[Scheduler, str, jsonc.Head], LeaseHints | None]
+
+
+def default_hints(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHints | None:
+    return LeaseHints(affinity=head.prefix_key()) if scheduler.balanced(model) else None
+
+
+def mount(app: web.Application, port: Port, hints_for: HintsFor = default_hints) -> None:
+    for route in ROUTES:
+        if port in route.ports:
+            handle = handler(route, hints_for)
+            for path in route.paths:
+                app.router.add_route(route.method, path, handle)
+
+
+def handler(route: Route, hints_for: HintsFor) -> Handler:
+    if route.model_in == "form":
+        return multipart.handler(route.family, route.capability, route.max_body, check)
+    dialect = family_dialect(route.family)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        request[ROUTE_DIALECT] = dialect
+        scheduler = request.app[SCHEDULER]
+        async with request.app[BODY_BUDGET].hold(request.content_length or 0):
+            if route.model_in == "query":
+                body = None
+                head = jsonc.Head(model=request.query.get("model") or None)
+            else:
+                body = await bodies.read(request, route.max_body)
+                head = jsonc.head(body)
+            model = head.model or _default_model(request, route)
+            await pulls.ensure(request.app, model)
+            cfg = check(scheduler, model, route.capability)
+            if route.capability == "chat" and vision.body_has_images(body):
+                vision.require_vision(scheduler, model, cfg)
+            spec = upstream.Call(
+                model=model,
+                path=route.upstream or request.path,
+                body=body,
+                headers=_headers(request, route.family),
+                hints=hints_for(scheduler, model, head),
+                method=route.method,
+                query=request.query_string,
+                feedback=feedback(request, cfg, route.family, head.streaming),
+            )
+            bridge = families_bridge.of(route.family, request.path, spec.path, body,
+                                        request.app[FAMILIES], cfg)
+            if bridge is not None:
+                # Translated to chat for an upstream that lacks the family.
+                spec, consume = bridge.wrap(spec)
+                return await upstream.answer(request, route.family, spec, consume)
+            return await upstream.answer(request, route.family, spec, relay)
+
+    return handle
+
+
+# Request headers that belong to an API family and go upstream with its body.
+_FAMILY_HEADERS = {"anthropic": ("anthropic-version", "anthropic-beta")}
+
+
+def _headers(request: web.Request, family: Family) -> Mapping[str, str]:
+    names = _FAMILY_HEADERS.get(family)
+    if not names or not any(n in request.headers for n in names):
+        return upstream.JSON_HEADERS
+    return {**upstream.JSON_HEADERS,
+            **{n: request.headers[n] for n in names if n in request.headers}}
+
+
+def _default_model(request: web.Request, route: Route) -> str:
+    default = request.app[SCHEDULER].config.server.default_model
+    if route.native and default:
+        return default
+    where = "the '?model=' query parameter" if route.model_in == "query" else "'model'"
+    hint = " (or set [server] default_model)" if route.native else ""
+    raise BadRequest(f"{where} is required and must name a model{hint}")
+
+
+def check(scheduler: Scheduler, model: str, capability: Capability | None) -> ModelConfig:
+    """The model's config, if it can serve ``capability``; else a 400 naming those
+    that can (UnknownModel, a 404, for a name nobody configured)."""
+    cfg = scheduler.resolve(model)
+    if capability is None or capability in capabilities(cfg):
+        return cfg
+    able = [n for n in scheduler.names() if capability in capabilities(scheduler.resolve(n))]
+    raise CannotServe(model, capability, able)
+
+
+def feedback(
+    request: web.Request, cfg: ModelConfig, family: Family, streaming: bool
+) -> Literal["comments", "visible"] | None:
+    """What a stream shows while it waits for its model (None: nothing)."""
+    if not streaming or family == "native":
+        return None
+    asked = request.headers.get("X-Corral-Loading", "").lower()
+    mode = asked if asked in ("visible", "comments", "off") else cfg.loading_feedback
+    return None if mode == "off" else "visible" if mode == "visible" else "comments"

@@ -1,0 +1,380 @@
+"""The one relay, SSE reader, SSE writer and NDJSON writer.
+
+The OpenAI path relays upstream bytes as they arrive (contract 9). A small
+non-streaming answer with a known length is read whole and sent in one write,
+which costs nothing in latency and saves a chunked-encoding round per call; a
+stream, or a body of unknown or large size, is relayed chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from proxy.calls.upstream import Client
+from proxy.dialects.translate import upstream_error_body
+from proxy.edge import reqlog
+from proxy.edge.errors import render, stream_error_event
+from proxy.keys import SCHEDULER
+from proxy.metrics.registry import MODEL_HEADER
+from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
+from scheduler.scheduling.scheduler import Upstream
+
+log = logging.getLogger(__name__)
+
+# Bodies up to this size with a Content-Length are read whole before answering.
+_WHOLE_BODY_LIMIT = 1 << 20
+
+_UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+_B = TypeVar("_B")  # a batch of whatever a stream reader yields
+
+
+def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+    return resp.content_type == "text/event-stream"
+
+
+async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> web.StreamResponse:
+    """Send an upstream response to the client as it comes (a ``upstream.call``
+    consumer).
+
+    Nothing is sent before the answer's first byte has arrived, so an upstream that
+    fails before it can be replaced. ``X-Corral-Model`` names the model that
+    answered, which differs from the one asked for when a fallback served the call.
+    """
+    if client.response is not None:
+        # Loading feedback has sent the headers: the answer joins that stream.
+        return await _relay_into(client.response, up, resp, client)
+    length = resp.content_length
+    sse = is_event_stream(resp)
+    if resp.status >= 400 and client.family == "anthropic":
+        # llama-server answers errors in OpenAI's envelope on every route; an Anthropic
+        # client reads its own (type, error.type) and would see none of the message.
+        err = upstream_error_body(resp.status, await resp.read())
+        client.answered = True
+        answer = render(err, "anthropic")
+        answer.headers[MODEL_HEADER] = up.model
+        del answer.headers["X-Corral-Error"]  # the upstream's error, not Corral's
+        return answer
+    if not sse and length is not None and length <= _WHOLE_BODY_LIMIT:
+        body = await resp.read()
+        client.answered = True
+        return web.Response(
+            status=resp.status,
+            body=body,
+            headers={
+                "Content-Type": resp.headers.get("Content-Type", "application/json"),
+                MODEL_HEADER: up.model,
+            },
+        )
+    first = await resp.content.readany()
+    out = web.StreamResponse(status=resp.status, headers={MODEL_HEADER: up.model})
+    out.content_type = resp.content_type
+    if resp.charset:
+        out.charset = resp.charset
+    if sse:
+        out.headers["Cache-Control"] = "no-cache"
+        # Tell nginx & co. in front of us not to buffer the stream either.
+        out.headers["X-Accel-Buffering"] = "no"
+    elif length is not None:
+        out.content_length = length
+    client.answered = True
+    assert client.request is not None, "relay answers an HTTP request"
+    await out.prepare(client.request)
+    if sse and first.endswith(_LAST_EVENTS):
+        reqlog.mark_ended()
+    await out.write(first)
+    await _pump(out, up, resp, client, sse)
+    return out
+
+
+async def _relay_into(
+    out: web.StreamResponse, up: Upstream, resp: aiohttp.ClientResponse, client: Client
+) -> web.StreamResponse:
+    if resp.status != 200:
+        err = upstream_error_body(resp.status, await resp.read())
+        client.answered = True
+        await out.write(stream_error_event(err, client.family))
+        await out.write_eof()
+        return out
+    first = await resp.content.readany()
+    client.answered = True
+    info = reqlog.current()
+    if info is not None:
+        # Time to first token is the answer's, not the loading feedback's.
+        info.first_byte = time.perf_counter()
+    if first.endswith(_LAST_EVENTS):
+        reqlog.mark_ended()
+    await out.write(first)
+    await _pump(out, up, resp, client, True)
+    return out
+
+
+async def _pump(
+    out: web.StreamResponse, up: Upstream, resp: aiohttp.ClientResponse, client: Client,
+    sse: bool,
+) -> None:
+    try:
+        async for chunk in resp.content.iter_any():
+            if sse and chunk.endswith(_LAST_EVENTS):
+                reqlog.mark_ended()
+            await out.write(chunk)
+    except _UPSTREAM_BROKE as e:
+        log.warning("instance %s broke mid-stream: %s", up.instance_id, e or type(e).__name__)
+        if isinstance(e, TimeoutError) and client.request is not None:
+            await client.request.app[SCHEDULER].suspect(up.instance_id, "stalled mid-stream")
+        if sse:
+            err = UpstreamFailed(f"upstream instance {up.instance_id} failed mid-stream: "
+                                 f"{'timed out' if isinstance(e, TimeoutError) else e}")
+            await out.write(stream_error_event(err, client.family))
+        return
+    reqlog.mark_ended()
+    await out.write_eof()
+
+
+# How the last event of a stream passed through ends: OpenAI's chat and completions
+# (also llama-server's), Anthropic Messages. Checked on the tail of each read.
+_LAST_EVENTS = (b"data: [DONE]\n\n", b'"type":"message_stop"}\n\n')
+
+
+def stream_error(message: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": "upstream_error",
+            "code": "upstream_failed",
+            "src": "corral",
+        }
+    }
+
+
+# The translating paths parse every upstream event and write every line: with the
+# standard json module that was 52 % of the Ollama path's CPU. msgspec (proxy/edge/jsonc.py
+# chose it; orjson measured within a few percent) parses and writes several times
+# faster, and writes UTF-8 as it is (no \u escapes; every client reads UTF-8 JSON).
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+def sse_event(payload: dict[str, Any] | str) -> bytes:
+    if isinstance(payload, str):
+        return b"data: " + payload.encode() + b"\n\n"
+    return b"data: " + _encode(payload) + b"\n\n"
+
+
+def ndjson_line(payload: dict[str, Any]) -> bytes:
+    return _encode(payload) + b"\n"
+
+
+# What one SSE line means: an event, the end of the stream, or nothing.
+_DONE: dict[str, Any] = {}
+
+
+def _sse_line(raw: bytes) -> dict[str, Any] | None:
+    line = raw.strip()
+    if not line or line.startswith(b":"):
+        return None
+    if line.startswith(b"data:"):
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return _DONE
+    elif line.startswith(b"error:"):
+        data = line[6:].strip()
+        try:
+            obj = _decode(data)
+        except msgspec.DecodeError:
+            obj = {"message": data.decode("utf-8", "replace")}
+        return {"error": obj}
+    else:
+        return None
+    try:
+        event = _decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        log.warning("unparseable SSE data from upstream: %.200r", data)
+        return None
+    return event if isinstance(event, dict) else None
+
+
+async def sse_event_batches(
+    resp: aiohttp.ClientResponse,
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """Parse llama-server's SSE stream into JSON objects, a batch per network read.
+
+    Skips blank lines and ':' comments (pings), stops at ``[DONE]``, and turns both
+    error shapes (``data: {"error": ...}`` and the older bare ``error: {...}`` line)
+    into ``{"error": {...}}`` objects for the caller to render; nothing follows one.
+    A batch holds the events that arrived together, so a translating writer can
+    answer them with one write: no event waits for a later one.
+    """
+    rest = b""
+    async for chunk in resp.content.iter_any():
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        batch: list[dict[str, Any]] = []
+        for line in lines:
+            event = _sse_line(line)
+            if event is _DONE:
+                if batch:
+                    yield batch
+                return
+            if event is not None:
+                batch.append(event)
+                if "error" in event:
+                    yield batch
+                    return
+        if batch:
+            yield batch
+    event = _sse_line(rest)  # a last line without its newline
+    if event is not None and event is not _DONE:
+        yield [event]
+
+
+_DONE_DATA = b"[DONE]"
+
+
+def _sse_data(raw: bytes) -> bytes | None:
+    """The JSON text of one SSE line (``[DONE]`` as it is), or None for nothing; the
+    old bare ``error: {...}`` line comes back as ``{"error": ...}``."""
+    line = raw.strip()
+    if line.startswith(b"data:"):
+        return line[5:].strip()
+    if line.startswith(b"error:"):
+        event = _sse_line(line)
+        return _encode(event) if event is not None else None
+    return None
+
+
+async def sse_data_batches(
+    resp: aiohttp.ClientResponse,
+) -> AsyncGenerator[list[bytes], None]:
+    """``sse_event_batches`` without the parsing: each event's JSON text, a batch per
+    network read, for a consumer with a faster decoder of its own (the Ollama lines).
+    Stops at ``[DONE]``; the consumer finds errors in what it decodes."""
+    rest = b""
+    async for chunk in resp.content.iter_any():
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        batch: list[bytes] = []
+        for line in lines:
+            # Inline for the common line: this loop runs once per event.
+            if line.startswith(b"data: ") and line.endswith(b"}"):
+                batch.append(line[6:])
+                continue
+            data = _sse_data(line)
+            if data is None:
+                continue
+            if data == _DONE_DATA:
+                if batch:
+                    yield batch
+                return
+            batch.append(data)
+        if batch:
+            yield batch
+    data = _sse_data(rest)
+    if data is not None and data != _DONE_DATA:
+        yield [data]
+
+
+async def _upstream_failures(
+    batches: AsyncGenerator[_B, None], instance_id: str
+) -> AsyncGenerator[_B, None]:
+    """``batches``, with a broken upstream connection raised as UpstreamFailed (or
+    UpstreamStalled for silence)."""
+    try:
+        async for batch in batches:
+            yield batch
+    except _UPSTREAM_BROKE as e:
+        kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
+        raise kind(
+            f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
+        ) from None
+
+
+def upstream_data_batches(
+    resp: aiohttp.ClientResponse, instance_id: str
+) -> AsyncGenerator[list[bytes], None]:
+    """``sse_data_batches``, with a broken upstream connection raised as UpstreamFailed."""
+    return _upstream_failures(sse_data_batches(resp), instance_id)
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """``sse_event_batches`` one event at a time."""
+    async for batch in sse_event_batches(resp):
+        for event in batch:
+            yield event
+
+
+def upstream_batches(
+    resp: aiohttp.ClientResponse, instance_id: str
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """``sse_event_batches``, with a broken upstream connection raised as UpstreamFailed."""
+    return _upstream_failures(sse_event_batches(resp), instance_id)
+
+
+NDJSON = "application/x-ndjson"
+
+
+async def write_stream(
+    request: web.Request,
+    batches: AsyncGenerator[list[dict[str, Any]] | bytes, None],
+    *,
+    ndjson: bool,
+    client: Client | None = None,
+) -> web.StreamResponse:
+    """Send translated items as NDJSON lines (Ollama) or SSE events (LM Studio).
+
+    Each batch goes out in one write; a batch may come already encoded (bytes). The
+    response is prepared at the first item, so a CorralError raised before it still
+    reaches the error middleware and gets its real status. One raised later becomes the
+    last item, ``{"error": ...}`` (Ollama) or an OpenAI-shaped error event (LM Studio),
+    because the status line is already sent (and ``client``, given, is marked answered
+    then: from that point on a failure can no longer be resent). ``batches`` is closed
+    on every path, so whatever upstream response it reads is released, also when the
+    client goes away.
+    """
+    out: web.StreamResponse | None = None
+    encode = ndjson_line if ndjson else sse_event
+
+    async def start() -> web.StreamResponse:
+        if client is not None:
+            client.answered = True
+        resp = web.StreamResponse()
+        if ndjson:
+            resp.content_type = NDJSON
+        else:
+            resp.content_type = "text/event-stream"
+            resp.headers["Cache-Control"] = "no-cache"
+            resp.headers["X-Accel-Buffering"] = "no"
+        await resp.prepare(request)
+        return resp
+
+    failed = False
+    async with contextlib.aclosing(batches):
+        try:
+            async for batch in batches:
+                if not batch:
+                    continue
+                if out is None:
+                    out = await start()
+                await out.write(batch if isinstance(batch, bytes)
+                                else b"".join(map(encode, batch)))
+        except CorralError as e:
+            if out is None:
+                raise
+            log.warning("%s %s failed mid-stream: %s", request.method, request.path, e.message)
+            await out.write(encode({"error": e.message} if ndjson else stream_error(e.message)))
+            failed = True
+    if out is None:
+        out = await start()
+    # The last item (Ollama's done line) is written and nothing waited since.
+    reqlog.mark_ended()
+    if not ndjson and not failed:
+        await out.write(sse_event("[DONE]"))
+    await out.write_eof()
+    return out

@@ -1,0 +1,382 @@
+"""The one upstream call path: every dialect sends upstream through ``call()``.
+
+``call()`` owns what every path must get right in the same way: the lease (queue,
+launch, fallbacks, affinity), the time limits, what happens when an upstream fails,
+and the loading feedback of a stream that waits. The dialect supplies a *consumer*,
+which turns the upstream response into the client's answer (a relay, a translation).
+
+The rule for failures is one for every family: while the client has received no
+byte of the answer, a call whose upstream failed (refused, reset, died, timed out) is
+sent again, to another replica or a relaunch, up to ``ATTEMPTS`` times: generation
+has no side effects on the server. Once the client has bytes, the consumer ends the
+answer with a clean error in its dialect. A consumer says when it commits by setting
+``Client.answered`` just before its first write.
+
+Time limits, per model: ``connect_timeout``; ``first_byte_timeout`` from sending the
+call to the first byte of the answer (a launch or a queue wait is not counted: the
+lease is granted only once an instance is ready); ``stall_timeout`` between two reads
+once the answer flows. Both read limits are aiohttp's own per-socket read timer, set
+once per call, so a chunk costs nothing extra. An upstream that trips one is reported
+to the scheduler, which checks its health at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+from proxy.calls import egress, usage
+from proxy.edge import jsonc
+from proxy.edge.errors import Family, stream_error_event
+from proxy.edge.reqlog import note_model
+from proxy.keys import SCHEDULER, SESSION
+from scheduler.aio import cancel_and_wait
+from scheduler.config.root import ModelConfig
+from scheduler.engines.remote import COOLDOWN_STATUSES
+from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
+from scheduler.keys import tenants
+from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Upstream
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A call is sent at most this many times (the first try included).
+ATTEMPTS = 3
+# ... plus this many times when a consumer asks (SendAgain).
+SEND_AGAIN = 8
+# The first loading-feedback line goes out after this long without a lease.
+FEEDBACK_AFTER = 1.0
+FEEDBACK_EVERY = 1.0
+
+# What a failed upstream looks like from here: no answer, a broken one, or silence.
+BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+
+JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
+
+
+@dataclass(slots=True)
+class Client:
+    """The client side of one call, across its attempts."""
+
+    # None for a caller that answers over something else (the LM Studio SDK's
+    # websocket): it has no HTTP response to prepare.
+    request: web.Request | None
+    family: Family
+    # Headers sent: by loading feedback, or by the answer itself.
+    response: web.StreamResponse | None = None
+    # Bytes of the answer have gone out: a failure can no longer be resent.
+    answered: bool = False
+
+
+Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
+
+
+class FormData(Protocol):
+    """A body built per attempt (a multipart form), with its ``model`` field set to
+    ``rename`` for an upstream that names the model differently."""
+
+    def __call__(self, rename: str | None = None) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call to send upstream. Exactly one body: ``body`` (bytes as they came),
+    ``payload`` (a translated body to encode), or ``data`` (built per attempt)."""
+
+    model: str
+    path: str
+    body: bytes | bytearray | None = None
+    payload: Any = None
+    data: FormData | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
+    hints: LeaseHints | None = None
+    method: Literal["GET", "POST"] = "POST"
+    query: str = ""
+    # False for a body that is streamed through and cannot be sent twice.
+    replayable: bool = True
+    # Loading feedback for a stream that waits: None, "comments" or "visible".
+    feedback: Literal["comments", "visible"] | None = None
+    # The call to send instead to the upstream leased for an attempt (None: this one):
+    # a family the upstream lacks goes as a translated chat call (proxy.dialects.families).
+    via: Callable[[Upstream], Call | None] | None = None
+
+
+class SendAgain(Exception):
+    """Raised by a consumer that has learned, before answering, that the call must be
+    sent differently (a family its upstream lacks goes translated): sent again at once,
+    up to ``SEND_AGAIN`` times besides ``ATTEMPTS``; the upstream is not reported as
+    failing."""
+
+
+@functools.lru_cache(maxsize=64)
+def _timeout(connect: float, first_byte: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=first_byte)
+
+
+async def call(request: web.Request, family: Family, spec: Call, consume: Consume[T]) -> T:
+    """Send ``spec`` upstream and let ``consume`` answer the client; see the module."""
+    return await _call(request.app, Client(request, family), spec, consume)
+
+
+async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
+    """``call()`` for a caller that is not answering an HTTP request of its own."""
+    return await _call(app, Client(None, "openai"), spec, consume)
+
+
+async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
+    scheduler = app[SCHEDULER]
+    session = app[SESSION]
+    key = tenants.current()
+    if key is None:
+        return await _attempts(scheduler, session, client, spec, consume, None)
+    # Once per call, before it queues (a resend is the same call): RateLimited, a 429.
+    async with scheduler.admitted(key):
+        return await _attempts(scheduler, session, client, spec, consume, key)
+
+
+async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client: Client,
+                    spec: Call, consume: Consume[T], key: tenants.Key | None) -> T:
+    attempt = again = 0
+    while True:
+        attempt += 1
+        async with _leased(scheduler, spec, client) as up:
+            note_model(up.model)
+            cfg = scheduler.resolve(up.model)
+            try:
+                sent = spec.via(up) if spec.via is not None else None
+                resp = await _send(session, up, sent or spec, cfg)
+                if resp.status in COOLDOWN_STATUSES:
+                    # A cloud that rate-limits or fails sits out its cooldown.
+                    scheduler.upstream_answered(up.instance_id, resp.status,
+                                                resp.headers.get("Retry-After"))
+                # A counted key's tokens are read off the answer's end as the consumer
+                # reads it, whatever the dialect (proxy/calls/usage.py).
+                tap = usage.Tap(resp) if key is not None else None
+                try:
+                    result = await consume(up, resp, client)
+                    if key is not None and tap is not None:
+                        scheduler.charge(key, tap.tokens())
+                    return result
+                except BaseException:
+                    # An unread stream must end at the server, which then stops
+                    # generating: close the connection, don't pool it.
+                    resp.close()
+                    raise
+                finally:
+                    if tap is not None:
+                        tap.untap()
+                    resp.release()
+            except SendAgain as e:
+                # Not a failure of the upstream: nothing to report, and no attempt spent
+                # (each replica of a model may have to learn once), within a bound.
+                again += 1
+                if again > SEND_AGAIN:
+                    raise UpstreamFailed(f"model '{up.model}': {e}") from None
+                attempt -= 1
+                log.info("model '%s': %s; sending again", up.model, e)
+            except (*BROKE, UpstreamFailed) as e:
+                reason = _describe(e)
+                if client.answered:
+                    # The consumer had begun the answer and ended it in its dialect.
+                    raise UpstreamFailed(
+                        f"model '{up.model}': upstream {up.instance_id} failed: {reason}"
+                    ) from None
+                await _report(scheduler, up, e, reason)
+                if attempt >= ATTEMPTS or not spec.replayable:
+                    raise UpstreamFailed(
+                        f"model '{up.model}': upstream {up.instance_id} failed: {reason}"
+                    ) from None
+                log.info("model '%s': upstream %s failed before answering (%s); sending "
+                         "again", up.model, up.instance_id, reason)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, CorralError):
+        return e.message
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__
+
+
+async def _report(scheduler: Scheduler, up: Upstream, e: BaseException, reason: str) -> None:
+    """Tell the scheduler; it retires a wedged child or sidelines a failing remote."""
+    if isinstance(e, TimeoutError | UpstreamStalled):
+        await scheduler.suspect(up.instance_id, reason)
+        return
+    await scheduler.upstream_failed(
+        up.instance_id, reason, connect=isinstance(e, aiohttp.ClientConnectorError)
+    )
+
+
+async def _send(
+    session: aiohttp.ClientSession, up: Upstream, spec: Call, cfg: ModelConfig
+) -> aiohttp.ClientResponse:
+    out = up.egress
+    url = up.base_url + out.path(spec.path) + (f"?{spec.query}" if spec.query else "")
+    if spec.data is not None:
+        data: Any = spec.data(out.rename)
+    elif spec.payload is not None:
+        data = jsonc.dumps(egress.renamed_payload(spec.payload, out))
+    else:
+        data = _payload(egress.renamed_body(spec.body, out))
+    resp = await session.request(
+        spec.method, url, data=data, headers=egress.headers(spec.headers, out), ssl=out.ssl,
+        timeout=_timeout(cfg.connect_timeout, out.first_byte_timeout or cfg.first_byte_timeout),
+    )
+    conn = resp.connection
+    if conn is not None and conn.protocol is not None:
+        # From the first byte on, the read timer means "no chunk for this long".
+        conn.protocol.read_timeout = cfg.stall_timeout
+        conn.protocol.start_timeout()
+    return resp
+
+
+_SLICE = 1 << 20
+
+
+class _Slices(aiohttp.BytesPayload):
+    """A large body written a slice at a time, waiting for the socket in between: one
+    big write would be copied whole into the transport's buffer."""
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        view = memoryview(self._value)
+        if content_length is not None:
+            view = view[:content_length]
+        for i in range(0, len(view), _SLICE):
+            await writer.write(view[i:i + _SLICE])
+
+
+def _payload(body: bytes | bytearray | None) -> Any:
+    if body is None or len(body) <= _SLICE:
+        return body
+    # aiohttp warns on bytes bodies over 1 MiB, against exactly what _Slices avoids.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        return _Slices(body)
+
+
+# --- leases and loading feedback -------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _leased(scheduler: Scheduler, spec: Call, client: Client) -> AsyncIterator[Upstream]:
+    if spec.feedback is None:
+        async with scheduler.lease(spec.model, spec.hints) as up:
+            yield up
+        return
+    feedback = _Feedback(scheduler, spec, client)
+    try:
+        async with scheduler.lease(spec.model, spec.hints) as up:
+            await feedback.stop()
+            yield up
+    except CorralError as e:
+        await feedback.stop()
+        if client.response is None or client.answered:
+            raise
+        # The status line is gone: the failure is the stream's last event.
+        await client.response.write(stream_error_event(e, client.family))
+        client.answered = True
+        raise _Ended(e, client.response) from None
+    finally:
+        await feedback.stop()
+
+
+class _Ended(Exception):
+    """A failure already written to the client as a stream event."""
+
+    def __init__(self, err: CorralError, response: web.StreamResponse) -> None:
+        super().__init__(err.message)
+        self.err = err
+        self.response = response
+
+
+class _Feedback:
+    """SSE lines for a stream that waits for its lease: started by a timer only when
+    the wait lasts, so a call that gets a slot at once costs one timer handle."""
+
+    def __init__(self, scheduler: Scheduler, spec: Call, client: Client) -> None:
+        self._scheduler = scheduler
+        self._spec = spec
+        self._client = client
+        self._started = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            FEEDBACK_AFTER, self._start
+        )
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
+
+    def _what(self) -> str:
+        model = self._spec.model
+        loading = model in self._scheduler.loading()
+        waited = time.monotonic() - self._started
+        doing = "loading" if loading else "waiting for a free slot on"
+        return f"{doing} {model} {waited:.1f} s"
+
+    async def _run(self) -> None:
+        client = self._client
+        assert client.request is not None, "feedback needs an HTTP response"
+        if client.response is None:
+            out = web.StreamResponse(headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+            out.content_type = "text/event-stream"
+            await out.prepare(client.request)
+            client.response = out
+        out = client.response
+        visible = self._spec.feedback == "visible" and client.family == "openai"
+        while True:
+            what = self._what()
+            if visible:
+                await out.write(_reasoning_chunk(self._spec.model, what))
+            else:
+                await out.write(f": {what}\n\n".encode())
+            await asyncio.sleep(FEEDBACK_EVERY)
+
+
+def _reasoning_chunk(model: str, text: str) -> bytes:
+    chunk = {
+        "id": "corral-loading", "object": "chat.completion.chunk", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": {"reasoning_content": text + "\n"},
+                     "finish_reason": None}],
+    }
+    return b"data: " + jsonc.dumps(chunk) + b"\n\n"
+
+
+async def answer(request: web.Request, family: Family, spec: Call,
+                 consume: Consume[web.StreamResponse]) -> web.StreamResponse:
+    """``call()`` for a handler: a failure already written into a stream ends it."""
+    try:
+        return await call(request, family, spec, consume)
+    except _Ended as e:
+        log.warning("%s %s failed while waiting: %s", request.method, request.path,
+                    e.err.message.splitlines()[0])
+        await e.response.write_eof()
+        return e.response

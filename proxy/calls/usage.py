@@ -1,0 +1,91 @@
+"""Tokens a call used, read from the tail of its answer, for per-key token limits.
+
+One tap on the upstream response (``Tap``), set by ``proxy.calls.upstream`` for calls of a
+counted key, so every dialect is covered the same way whatever reads the answer (the
+relay, the SSE parsers, a whole-body read): the tap keeps the last two chunks read,
+and the count is taken from them once the consumer is done.
+
+Only that tail is searched, with one regular expression and no JSON parse:
+llama-server writes ``usage`` and ``timings`` last (its JSON keys are sorted, and in
+a stream they ride on the last event), so the cost is flat whatever the answer's
+size. OpenAI's ``prompt_tokens``/``completion_tokens`` win, then llama-server's
+``timings`` (``prompt_n + cache_n + predicted_n``), then the Anthropic and Responses
+``input_tokens``/``output_tokens``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+
+import aiohttp
+from aiohttp.streams import AsyncStreamIterator
+
+# Bytes of an answer's end that are searched.
+TAIL = 4096
+
+_FIELD = re.compile(
+    rb'"(prompt_tokens|completion_tokens|prompt_n|cache_n|predicted_n|input_tokens|'
+    rb'output_tokens)"\s*:\s*(\d+)'
+)
+
+
+def tokens_in(tail: bytes | bytearray | memoryview) -> int:
+    """Prompt + completion tokens named in the end of an answer; 0 if none."""
+    found: dict[bytes, int] = {}
+    for m in _FIELD.finditer(bytes(tail[-TAIL:])):
+        found[m.group(1)] = int(m.group(2))  # the last one of a name wins
+    for names in ((b"prompt_tokens", b"completion_tokens"),
+                  (b"prompt_n", b"cache_n", b"predicted_n"),
+                  (b"input_tokens", b"output_tokens")):
+        if any(n in found for n in names):
+            return sum(found.get(n, 0) for n in names)
+    return 0
+
+
+class Tap:
+    """Stands in for ``resp.content`` while a consumer reads it: every read passes
+    through, the last two chunks are kept. ``untap()`` puts the stream back before
+    the response is released (aiohttp's own cleanup then sees its own object)."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self._inner = resp.content
+        self._prev = self._last = b""
+        resp.content = cast(aiohttp.StreamReader, self)
+
+    def _keep(self, data: bytes) -> bytes:
+        if data:
+            self._prev, self._last = self._last, data
+        return data
+
+    async def readany(self) -> bytes:
+        return self._keep(await self._inner.readany())
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._keep(await self._inner.read(n))
+
+    async def readline(self) -> bytes:
+        return self._keep(await self._inner.readline())
+
+    async def readchunk(self) -> tuple[bytes, bool]:
+        data, end = await self._inner.readchunk()
+        return self._keep(data), end
+
+    def iter_any(self) -> AsyncStreamIterator[bytes]:
+        return AsyncStreamIterator(self.readany)
+
+    def iter_chunked(self, n: int) -> AsyncStreamIterator[bytes]:
+        return AsyncStreamIterator(lambda: self.read(n))
+
+    def __aiter__(self) -> AsyncStreamIterator[bytes]:
+        return AsyncStreamIterator(self.readline)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def tokens(self) -> int:
+        return tokens_in(self._prev[-TAIL:] + self._last)
+
+    def untap(self) -> None:
+        self._resp.content = self._inner

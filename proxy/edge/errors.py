@@ -1,0 +1,133 @@
+"""One middleware that renders Corral's errors in the caller's dialect.
+
+Handlers raise ``scheduler.errors.CorralError`` (the tree is drawn there, proxy
+errors such as ``BadRequest`` included); this module owns every error body.
+OpenAI callers get ``{"error": {...}}`` with the error's origin in ``src``, so a
+client can tell a gateway error from one that the model server produced (those are
+relayed untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from proxy.edge import reqlog
+from scheduler.errors import CorralError, Overloaded, RateLimited, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+# The envelope of an error body: the port's own, or the API family of the route.
+Dialect = Literal["openai", "ollama", "lmstudio", "anthropic"]
+# The API families of model-routed endpoints (proxy.calls.routes); each implies a dialect.
+Family = Literal["openai", "responses", "anthropic", "native"]
+# Set by a model-routed handler: its family's envelope wins over the port's.
+ROUTE_DIALECT = web.RequestKey("corral_route_dialect", str)
+
+
+def family_dialect(family: Family) -> Dialect:
+    return "anthropic" if family == "anthropic" else "openai"
+
+
+# Anthropic's error types by status (docs: errors); 529 is its "overloaded".
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_status(err: CorralError) -> int:
+    return 529 if isinstance(err, Overloaded | ShuttingDown) else err.status
+
+
+def anthropic_body(err: CorralError) -> dict[str, object]:
+    kind = _ANTHROPIC_TYPES.get(anthropic_status(err), "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def stream_error_event(err: CorralError, family: Family) -> bytes:
+    """The last event of a stream that fails after its status line was sent."""
+    if family == "anthropic":
+        return b"event: error\ndata: " + json.dumps(anthropic_body(err)).encode() + b"\n\n"
+    if family == "responses":
+        body = {"type": "error", "code": err.code, "message": err.message, "param": None}
+        return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    return b"data: " + json.dumps(openai_body(err)).encode() + b"\n\n"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def openai_body(err: CorralError) -> dict[str, object]:
+    return {
+        "error": {
+            "message": err.message,
+            "type": err.type,
+            "code": err.code,
+            "param": None,
+            "src": "corral",
+        }
+    }
+
+
+def render(err: CorralError, dialect: Dialect) -> web.Response:
+    headers = {"X-Corral-Error": err.code}
+    if isinstance(err, Overloaded | RateLimited):
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    status = err.status
+    if dialect == "ollama":
+        body: dict[str, object] = {"error": err.message}
+    elif dialect == "anthropic":
+        body = anthropic_body(err)
+        status = anthropic_status(err)
+    else:
+        body = openai_body(err)
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_middleware(dialect: Dialect) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CorralError as e:
+            if e.status >= 500:
+                log.warning("%s %s: %s", request.method, request.path, e.message.splitlines()[0])
+            return render(e, request.get(ROUTE_DIALECT, dialect))
+        except web.HTTPException as e:
+            if e.status < 400 or dialect == "ollama":
+                raise
+            # aiohttp's own 404/405 arrive as text; an OpenAI client expects JSON.
+            err = CorralError(e.reason if e.status != 404 else f"no route for {request.path}")
+            err.status = e.status
+            err.code = _HTTP_CODES.get(e.status, "invalid_request")
+            err.type = "invalid_request_error"
+            return render(err, request.get(ROUTE_DIALECT, dialect))
+        except ConnectionResetError:
+            raise  # the client went away: nothing to answer
+        except Exception:
+            # A bug, not bad input: the traceback stays in the log, the caller gets
+            # the request id to quote.
+            info = reqlog.current()
+            rid = info.id if info is not None else "-"
+            log.exception("%s %s: unexpected error", request.method, request.path)
+            return render(CorralError(f"internal error (request id {rid})"),
+                          request.get(ROUTE_DIALECT, dialect))
+
+    return middleware

@@ -1,0 +1,2 @@
+"""Prometheus: the registry and collectors, what a scrape reads, the request middleware
+and GET /metrics."""

@@ -1,0 +1,208 @@
+"""The per-model config: ``[[models]]`` (``ModelConfig``: sources, slots, replicas,
+remotes, LoRA adapters, engines) and ``[llama_server]``, with the llama-server flags
+Corral sets itself and refuses in ``args``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from scheduler.config.base import _NAME_RE, _Strict, parse_size
+from scheduler.engines.settings import RemoteConfig, UpstreamApi
+
+Capability = Literal[
+    "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
+]
+
+
+class Replicas(_Strict):
+    min: int = Field(0, ge=0, description="instances kept loaded even when idle")
+    max: int = Field(1, ge=1, description="instances launched at most under load")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+# llama-server flags Corral sets itself, and the key to use instead. A second --port
+# would silently win; --host 0.0.0.0 would expose a keyless child on every interface.
+RESERVED_FLAGS = {
+    "--host": "[server] host (children always bind to loopback)",
+    "--port": "nothing (Corral picks a free port)",
+    "-m": "path, package or hf_repo", "--model": "path, package or hf_repo",
+    "-c": "ctx_size", "--ctx-size": "ctx_size",
+    "-np": "parallel", "--parallel": "parallel",
+    "-a": "the model's name and aliases", "--alias": "the model's name and aliases",
+    "--api-key": "nothing (children are reached on loopback only)",
+    "--api-key-file": "nothing (children are reached on loopback only)",
+    "--slot-save-path": "nothing (Corral owns the slot cache)",
+}
+
+
+def _check_reserved(args: tuple[str, ...]) -> None:
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in RESERVED_FLAGS:
+            raise ValueError(f"args: {arg!r} is set by Corral; use {RESERVED_FLAGS[flag]}")
+
+
+class LlamaServerConfig(_Strict):
+    binary: Path | None = Field(None, description="llama-server to run; else PATH, else cache")
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("args")
+    @classmethod
+    def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
+        _check_reserved(args)
+        return args
+
+
+class LoraAdapter(_Strict):
+    path: Path = Field(description="a LoRA adapter GGUF")
+    scale: float = Field(1.0, description="how strongly it applies (llama-server --lora-scaled)")
+
+
+class ModelConfig(_Strict):
+    name: str
+    aliases: tuple[str, ...] = ()
+    path: Path | None = Field(None, description="a local GGUF file")
+    package: str | None = Field(
+        None, description="a Python package that ships a GGUF and an assemble(path) function"
+    )
+    hf_repo: str | None = Field(
+        None, description="a Hugging Face repo to download hf_file from on first use"
+    )
+    hf_file: str | None = Field(None, description="the GGUF file in hf_repo")
+    hf_revision: str | None = Field(None, description="branch, tag or commit of hf_repo")
+    ctx_size: int = Field(4096, ge=0, description="context per slot; 0 = the model's own")
+    parallel: int = Field(1, ge=1, le=256, description="slots (llama-server --parallel)")
+    n_gpu_layers: int | None = None
+    threads: int | None = Field(None, ge=1)
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    ttl: float | None = Field(None, description="idle seconds before unload; <0 never")
+    embedding: bool = False
+    load_timeout: float | None = Field(None, gt=0)
+    replicas: Replicas = Replicas()
+    footprint: int | None = Field(
+        None, ge=0, description="bytes one instance needs; default: GGUF size + KV cache estimate"
+    )
+    remotes: tuple[str | RemoteConfig, ...] = Field(
+        (), description="OpenAI-compatible servers that also serve this model: base URLs "
+        "or tables (url, api_key, model, headers ...; docs/engines.md)"
+    )
+    remote_slots: int = Field(8, ge=1, description="concurrent calls sent to each remote")
+    fallbacks: tuple[str, ...] = Field(
+        (), description="models to use, in order, when this one cannot be served"
+    )
+    # Upstream time limits (a call that trips one may be resent while its client has
+    # received nothing; the instance is health-checked at once).
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect upstream")
+    first_byte_timeout: float = Field(
+        600.0, gt=0, description="seconds from sending a call to its first answer byte"
+    )
+    stall_timeout: float = Field(
+        120.0, gt=0, description="seconds an answer may pause between two chunks"
+    )
+    rerank: bool = Field(False, description="a reranking model (llama-server --rerank)")
+    capabilities: tuple[Capability, ...] | None = Field(
+        None, description="what the model serves; default: derived from its GGUF and flags"
+    )
+    api: tuple[UpstreamApi, ...] | None = Field(
+        None, description="API families its upstreams speak natively (others are translated "
+        "to chat); default: everything llama-server speaks"
+    )
+    loading_feedback: Literal["comments", "visible", "off"] = Field(
+        "comments", description="what a stream shows while its model loads or queues"
+    )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template file, or the name of one Corral ships "
+        "(gemma3) for a GGUF that has none"
+    )
+    evictable: bool = Field(
+        True, description="false: pinned, one instance kept loaded from start, never "
+        "evicted, preempted or expired"
+    )
+    priority: int = Field(
+        0, description="higher runs first when models wait for room; preemption takes the "
+        "lowest first"
+    )
+    slot_cache: bool = Field(
+        True, description="save conversations' slots before an idle stop, restore them on "
+        "the next launch (needs scheduler.slot_cache_size > 0)"
+    )
+    mmproj: str | None = Field(
+        None, description="a vision/audio projector GGUF: a path, or a file in hf_repo"
+    )
+    lora: tuple[LoraAdapter, ...] = Field((), description="LoRA adapters: [{path, scale}]")
+    origin: str = Field(
+        "config", description="set by Corral, shown in listings: config, scan:<layout>, "
+        "pulled, provider:<name>"
+    )
+    # Engines (docs/engines.md).
+    runtime: str | None = Field(
+        None, description="what launches it: llama-server (default), a built-in template "
+        "(vllm, sglang, whisper-server, ollama) or a [runtimes.NAME] table"
+    )
+    upstream_model: str | None = Field(
+        None, description="the name its runtime knows it by (${MODEL}, and the 'model' "
+        "sent upstream); default: the model's name"
+    )
+
+    @field_validator("footprint", mode="before")
+    @classmethod
+    def _footprint_size(cls, value: object) -> object:
+        return None if value is None else parse_size(value)
+
+    @field_validator("remotes")
+    @classmethod
+    def _urls(cls, urls: tuple[str | RemoteConfig, ...]) -> tuple[str | RemoteConfig, ...]:
+        for url in urls:
+            if isinstance(url, str) and not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+                raise ValueError(f"{url!r} is not an http(s) base URL")
+        return tuple(u.rstrip("/") if isinstance(u, str) else u for u in urls)
+
+    @property
+    def local(self) -> bool:
+        """Whether Corral launches this model itself (it has a file or a runtime)."""
+        return (self.path is not None or self.package is not None or self.hf_repo is not None
+                or self.runtime is not None)
+
+    @property
+    def has_file(self) -> bool:
+        return self.path is not None or self.package is not None or self.hf_repo is not None
+
+    def remote_configs(self) -> tuple[RemoteConfig, ...]:
+        """``remotes`` with bare URLs as tables of defaults."""
+        return tuple(RemoteConfig(url=u) if isinstance(u, str) else u for u in self.remotes)
+
+    @field_validator("name", "aliases")
+    @classmethod
+    def _valid_names(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        for name in (value,) if isinstance(value, str) else value:
+            if not _NAME_RE.match(name):
+                raise ValueError(
+                    f"{name!r} is not a valid model name (letters, digits and ._:/@+- only)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.hf_repo is None) != (self.hf_file is None):
+            raise ValueError("'hf_repo' and 'hf_file' go together")
+        sources = [k for k in ("path", "package", "hf_repo") if getattr(self, k) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"set only one of 'path', 'package' or 'hf_repo' (got {sources})")
+        if not sources and not self.remotes and self.runtime is None:
+            raise ValueError(
+                "set 'path', 'package' or 'hf_repo' (a local model), 'runtime' or 'remotes'"
+            )
+        _check_reserved(self.args)
+        return self

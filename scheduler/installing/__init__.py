@@ -1,0 +1,2 @@
+"""Obtaining llama-server: configured, on PATH, cached, or built from the pinned llama.cpp
+source; and what ``corral doctor`` reports."""

@@ -1,0 +1,1 @@
+"""API keys: lookup, model scopes, sliding-window limits and usage."""

@@ -1,0 +1,157 @@
+"""The state every part of the scheduler shares, set up in one place.
+
+scheduler.Scheduler is put together from parts, one concern each (all in
+scheduler/scheduling/): leases (leasing.py), the dispatcher that hands out slots and
+decides launches and evictions (dispatch.py), launching and retiring instances
+(launching.py), and configuration, lifecycle and status (scheduler.py).
+They share the state that ``Core.__init__`` sets up; what one part calls on another is
+declared here for the type checker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from scheduler.config.root import CorralConfig, ModelConfig
+from scheduler.engines.providers import Providers
+from scheduler.engines.remote import Remote
+from scheduler.errors import CorralError, UnknownModel
+from scheduler.keys import tenants
+from scheduler.models.sources import ModelFiles
+from scheduler.process.health import HealthWatch
+from scheduler.process.instance import Instance
+from scheduler.process.slotcache import SlotCache
+from scheduler.scheduling import policy
+from scheduler.scheduling.state import BinaryFinder, Events, ModelState, NoEvents, Picker
+
+log = logging.getLogger("scheduler.scheduling.scheduler")
+
+
+def default_finder(configured: Path | None) -> Path | None:
+    from scheduler.installing.install import find_llama_server
+
+    return find_llama_server(configured)
+
+
+class Core:
+    """The scheduler's shared state; the parts that act on it are its subclasses."""
+
+    def __init__(
+        self,
+        cfg: CorralConfig,
+        session: aiohttp.ClientSession,
+        *,
+        find_binary: BinaryFinder = default_finder,
+        clock: Callable[[], float] = time.monotonic,
+        reap_interval: float = 0.5,
+        events: Events | None = None,
+    ) -> None:
+        self._cfg = cfg
+        # What the config file says; _cfg adds the dynamic models (set_dynamic_models).
+        self._configured = cfg
+        self._dynamic: dict[str, tuple[ModelConfig, ...]] = {}
+        self.events: Events = events or NoEvents()
+        self._session = session
+        self._find_binary = find_binary
+        self._clock = clock
+        self._reap_interval = reap_interval
+        self._models: dict[str, ModelState] = {}
+        self._names: dict[str, ModelState] = {}
+        self._files = ModelFiles()
+        self._binary: Path | None = None
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._kicking = False
+        self._rekick = False
+        self._reaper: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._health = HealthWatch(session, cfg.scheduler.ready_check_interval,
+                                   self.instances, self._unhealthy)
+        # Bytes model footprints may use; None = not enforced. Set by start().
+        self.memory_budget: int | None = None
+        self.vram_budget: int | None = None
+        # The model another was drained for: the room that frees up is its to take,
+        # otherwise the drained model (whose callers queued earlier) takes it back.
+        self._reserved_for: str | None = None
+        # Chooses among a model's upstreams; a cluster front puts node choice here
+        # (scheduler/cluster/nodes.py). Called on the event loop, must not block.
+        self.pick: Picker = policy.pick_instance
+        # [[providers]]: their listings become dynamic models (engines/providers.py).
+        self.providers = Providers(self, session)
+        # API keys: scopes, limits, usage (scheduler/keys/tenants.py).
+        self.tenants = tenants.Tenants(cfg, clock)
+        self.slots = SlotCache(cfg, session)
+        self._apply_models(cfg)
+
+    def _apply_models(self, cfg: CorralConfig) -> None:
+        for mc in cfg.models:
+            self._models[mc.name] = ModelState(mc)
+        self._index()
+
+    def _index(self) -> None:
+        self._names = {}
+        for m in self._models.values():
+            for name in (m.cfg.name, *m.cfg.aliases):
+                self._names[name] = m
+
+    def _visible(self, name: str) -> ModelState:
+        m = self._names.get(name)
+        key = tenants.current()
+        if m is None or (key is not None and not key.may_use((m.cfg.name, *m.cfg.aliases))):
+            raise UnknownModel(name, self.names())
+        return m
+
+    def _instance(self, iid: str) -> Instance | None:
+        for m in self._models.values():
+            for i in m.instances:
+                if i.id == iid:
+                    return i
+        return None
+
+    def instances(self) -> list[Instance]:
+        """Every local instance; those of the calling key's scope only."""
+        key = tenants.current()
+        return [i for m in self._models.values()
+                if key is None or key.may_use((m.cfg.name, *m.cfg.aliases))
+                for i in m.instances]
+
+    def remotes(self) -> list[Remote]:
+        return [r for m in self._models.values() for r in m.remotes]
+
+    def names(self) -> list[str]:
+        """Every model name and alias, in config order; those of the calling key's
+        scope only."""
+        key = tenants.current()
+        if key is None or key.unscoped:
+            return list(self._names)
+        return [n for n, m in self._names.items()
+                if key.may_use((m.cfg.name, *m.cfg.aliases))]
+
+    # What the parts call on each other (the type checker's view; Scheduler has them).
+    if TYPE_CHECKING:
+        def _kick(self) -> None: ...
+
+        def _snapshot(self) -> policy.Snapshot: ...
+
+        def _launch(self, m: ModelState) -> Instance: ...
+
+        def _retire(self, inst: Instance, reason: str, *, drain: bool = True) -> None: ...
+
+        def _fail_waiters(self, m: ModelState, error: CorralError) -> None: ...
+
+        def _unhealthy(self, inst: Instance, reason: str) -> None: ...
+
+        async def _size(self, m: ModelState, path: Path | None = None) -> None: ...
+
+        async def set_dynamic_models(
+            self, source: str, models: Iterable[ModelConfig]
+        ) -> dict[str, list[str]]: ...

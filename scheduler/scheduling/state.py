@@ -1,0 +1,169 @@
+"""What the scheduler keeps per model and what a lease hands out.
+
+The data of scheduler.Scheduler, apart from its behaviour: a model's state (its
+instances, remotes, fair queue, affinity table, launch failures), a queued call, the
+hints a call brings and the Upstream it gets, and the events the scheduler reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from scheduler.config.root import ModelConfig
+from scheduler.engines.egress import PLAIN, Egress
+from scheduler.engines.remote import Remote
+from scheduler.errors import (
+    LoadFailed,
+)
+from scheduler.keys import tenants
+from scheduler.process.instance import ALIVE, Instance
+from scheduler.scheduling.queueing import FairQueue
+
+# What a lease hands out: a local child or a remote endpoint; both keep their own state.
+Servable = Instance | Remote
+
+# How many conversation prefixes to remember per model for cache affinity.
+AFFINITY_ENTRIES = 1024
+# After this many launches in a row fail, a model is unavailable until its config
+# changes or an operator resets it: a crash loop helps nobody and hides the cause.
+MAX_LAUNCH_FAILURES = 5
+
+
+def oldest_wait(m: ModelState) -> float:
+    """When the longest-waiting call of a model's queue joined it."""
+    w = m.queue.oldest()
+    return w.enqueued if w is not None else 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def api_set(api: tuple[str, ...] | None) -> frozenset[str] | None:
+    # Cached: lease() is the hot path and configs repeat the same few tuples.
+    return None if api is None else frozenset(api)
+
+
+def launch_backoff(failures: int) -> float:
+    """Seconds to wait before launch number ``failures + 1``: 0.5, 1, 2, 4 ... ≤ 30."""
+    return 0.0 if failures <= 0 else min(30.0, 0.5 * 2 ** (failures - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHints:
+    # A hash of the conversation's leading messages: calls that share it prefer the
+    # replica that served it before, whose prompt cache holds that prefix.
+    affinity: str | None = None
+    # Seconds this instance should stay loaded after the call (Ollama keep_alive,
+    # LM Studio ttl); < 0 forever; None: the model's ttl.
+    keep_alive: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """What the proxy needs to forward one call."""
+
+    base_url: str
+    instance_id: str
+    # The model that serves the call: the requested one, or one of its fallbacks.
+    model: str
+    # Seconds the call waited for a slot or a launch (Ollama's load_duration).
+    waited: float
+    # The API families the upstream speaks natively: the servable's own (a runtime's
+    # or a remote's `api`), else ModelConfig.api; None: all that llama-server speaks.
+    # The proxy translates a family missing here to chat.
+    apis: frozenset[str] | None = None
+    # How the call leaves for this upstream: a remote's key and headers, the model
+    # name it expects, TLS (scheduler/engines/egress.py).
+    egress: Egress = PLAIN
+
+
+class Waiter:
+    __slots__ = ("enqueued", "fut", "hints", "priority", "tenant")
+
+    def __init__(self, fut: asyncio.Future[Servable], enqueued: float, hints: LeaseHints,
+                 key: tenants.Key | None = None):
+        self.fut = fut
+        self.enqueued = enqueued
+        self.hints = hints
+        # The fair queue's grouping: one FIFO per key, keys of higher priority first.
+        self.tenant = key.name if key is not None else ""
+        self.priority = key.priority if key is not None else 0
+
+
+class ModelState:
+    __slots__ = ("affinity", "cfg", "failures", "footprint", "instances", "last_error", "queue",
+                 "remotes", "retry_at", "retry_handle", "sized", "vram")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.queue: FairQueue[Waiter] = FairQueue()
+        self.instances: list[Instance] = []
+        self.remotes: list[Remote] = []
+        # Bytes of RAM and VRAM one instance needs: from the configured footprint or
+        # the GGUF header, placed on the GPU where there is one; 0 until known.
+        self.footprint = cfg.footprint or 0
+        self.vram = 0
+        self.sized = False
+        self.affinity: OrderedDict[str, str] = OrderedDict()
+        self.last_error: LoadFailed | None = None
+        # Consecutive failed launches; reset by a successful one or by reset().
+        self.failures = 0
+        self.retry_at = 0.0
+        self.retry_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def unavailable(self) -> bool:
+        return self.failures >= MAX_LAUNCH_FAILURES
+
+    def servables(self) -> list[Servable]:
+        return [*self.instances, *self.remotes]
+
+    def alive(self) -> int:
+        return sum(1 for i in self.instances if i.state in ALIVE)
+
+    @property
+    def min_replicas(self) -> int:
+        # A pinned model keeps one instance loaded from the start.
+        return max(self.cfg.replicas.min, 0 if self.cfg.evictable else 1)
+
+
+BinaryFinder = Callable[[Path | None], Path | None]
+# (a model's upstreams, the preferred one's id) -> the one to take the call, or None.
+Picker = Callable[[list[Servable], str | None], Servable | None]
+
+
+class Events(Protocol):
+    """What the scheduler reports as it works (metrics, logs, the dashboard).
+
+    Called synchronously on the event loop; implementations must be quick and must
+    not raise.
+    """
+
+    def launched(self, model: str, seconds: float, ok: bool) -> None: ...
+
+    def stopped(self, model: str, reason: str) -> None:
+        """reason: idle | evicted | preempted | unload | shutdown | config | reload"""
+
+    def crashed(self, model: str) -> None: ...
+
+    def waited(self, model: str, seconds: float, outcome: str) -> None:
+        """A queued call left the queue. outcome: granted | timeout | full |
+        cancelled | failed"""
+
+
+class NoEvents:
+    def launched(self, model: str, seconds: float, ok: bool) -> None:
+        pass
+
+    def stopped(self, model: str, reason: str) -> None:
+        pass
+
+    def crashed(self, model: str) -> None:
+        pass
+
+    def waited(self, model: str, seconds: float, outcome: str) -> None:
+        pass
