@@ -93,6 +93,10 @@ class NodeWatch:
         self._headers = {"Authorization": f"Bearer {cfg.token}"}
         self._origins = frozenset(_origin(u) for u in self._nodes)
         self._refused: set[str] = set()
+        # Nodes discovery dropped. Their models stay in the scheduler as remotes until
+        # the next poll syncs the model list; pick() must not hand them calls meanwhile
+        # (it did: a call went to a node that had left the Service).
+        self._left: set[str] = set()
 
     # -- membership --------------------------------------------------------------
 
@@ -108,6 +112,7 @@ class NodeWatch:
             log.info("cluster: node %s left", u)
         for u in set(wanted) - set(self._nodes):
             log.info("cluster: node %s joined", u)
+        self._left = (self._left | set(self._nodes)) - set(wanted)
         self._nodes = {u: self._nodes.get(u) or Node(u) for u in wanted}
         self._origins = frozenset(_origin(u) for u in self._nodes)
 
@@ -228,6 +233,8 @@ class NodeWatch:
         by_id: dict[str, Servable] = {}
         for c in candidates:
             node = self._nodes.get(c.base_url) if isinstance(c, Remote) else None
+            if node is None and c.base_url in self._left:
+                continue
             if node is None:
                 # The front's own local models (or plain remotes) keep the usual choice.
                 return instance_policy.pick_instance(candidates, preferred)
