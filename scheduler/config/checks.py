@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scheduler.config.models import chat_template_file, shipped_templates
 from scheduler.config.root import CorralConfig
 from scheduler.engines.runtime import engine_problems
 
@@ -17,6 +18,10 @@ def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
     for m in cfg.models:
         if m.path is not None and not m.path.is_file():
             problems.append(f"{path}: model {m.name!r}: path: {m.path} does not exist")
+        if m.chat_template and not chat_template_file(m.chat_template).is_file():
+            problems.append(
+                f"{path}: model {m.name!r}: chat_template: {m.chat_template!r} is neither a "
+                f"file nor a template Corral ships ({', '.join(shipped_templates())})")
     if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
         problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
     problems += memory_problems(path, cfg)

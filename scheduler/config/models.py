@@ -6,7 +6,9 @@ Corral sets itself and refuses in ``args``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -52,6 +54,72 @@ def _check_reserved(args: tuple[str, ...]) -> None:
             raise ValueError(f"args: {arg!r} is set by Corral; use {RESERVED_FLAGS[flag]}")
 
 
+# Chat templates Corral ships, by name (chat_template = "gemma3"): for GGUF files that
+# carry none.
+TEMPLATES = Path(__file__).resolve().parent.parent / "data"
+
+
+def shipped_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
+
+
+def chat_template_file(value: str) -> Path:
+    """The file a ``chat_template`` value names: a template Corral ships, else a path."""
+    shipped = TEMPLATES / f"{value}.jinja"
+    return shipped if "/" not in value and shipped.is_file() else Path(value).expanduser()
+
+
+_FALSE = {"0", "false", "off", "no", "disabled"}
+
+
+def jinja_problem(args: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """What in ``args`` (or ``env``, llama-server's LLAMA_ARG_* variables) means
+    something else since --jinja became llama-server's default, and what to write
+    instead; None when nothing does.
+
+    Known: ``--chat-template NAME``. Without --jinja it picks a built-in template by
+    name; with it the value is the template text itself, so every prompt becomes that
+    one word ("gemma" arrived as 3 tokens). Only "chatml" is still a name. Read from
+    llama.cpp's common/arg.cpp and common/chat.cpp (the build Corral installs):
+    --chat-template-file reads its file either way, and the reasoning flags exist only
+    under --jinja, so no other flag changed meaning."""
+    jinja = env.get("LLAMA_ARG_JINJA", "1").strip().lower() not in _FALSE
+    found: tuple[str, str] | None = None
+    if "LLAMA_ARG_CHAT_TEMPLATE" in env:
+        found = ("env LLAMA_ARG_CHAT_TEMPLATE", env["LLAMA_ARG_CHAT_TEMPLATE"])
+    for i, arg in enumerate(args):
+        # llama-server reads the command line after the environment: the last word wins.
+        if arg in ("--jinja", "--no-jinja"):
+            jinja = arg == "--jinja"
+        elif arg == "--chat-template" and i + 1 < len(args):
+            found = (f"args: '--chat-template', {args[i + 1]!r}", args[i + 1])
+        elif arg.startswith("--chat-template="):
+            found = (f"args: {arg!r}", arg.partition("=")[2])
+    if found is None or not jinja:
+        return None
+    where, value = found
+    if value.strip() == "chatml" or "{{" in value or "{%" in value:
+        return None
+    shipped = shipped_templates()
+    if value in shipped or "/" in value or value.endswith(".jinja"):
+        fix = f'chat_template = "{value}" instead'
+    else:
+        fix = (f'chat_template = "FILE" (a Jinja file, or a template Corral ships: '
+               f'{", ".join(shipped)}) or args "--chat-template-file", "FILE" instead; a '
+               "GGUF that carries its own template needs neither")
+    return (f"{where}: llama-server takes this value as the chat template's text (under "
+            f"--jinja, its default), so every prompt would become the words {value!r}; "
+            f"use {fix}")
+
+
+def check_args(args: Sequence[str], env: Mapping[str, str] = MappingProxyType({})) -> None:
+    """Refuse flags Corral sets itself and flags that would break every answer."""
+    _check_reserved(tuple(args))
+    problem = jinja_problem(args, env)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 class LlamaServerConfig(_Strict):
     binary: Path | None = Field(None, description="llama-server to run; else PATH, else cache")
     args: tuple[str, ...] = ()
@@ -62,6 +130,13 @@ class LlamaServerConfig(_Strict):
     def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
         _check_reserved(args)
         return args
+
+    @model_validator(mode="after")
+    def _no_broken_flags(self) -> LlamaServerConfig:
+        problem = jinja_problem(self.args, self.env)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
 
 class LoraAdapter(_Strict):
@@ -204,5 +279,10 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "set 'path', 'package' or 'hf_repo' (a local model), 'runtime' or 'remotes'"
             )
-        _check_reserved(self.args)
+        # Another runtime's flags are its own; a [runtimes] table that runs llama-server
+        # is checked where runtimes are known (CorralConfig).
+        if self.runtime is None:
+            check_args(self.args, self.env)
+        else:
+            _check_reserved(self.args)
         return self

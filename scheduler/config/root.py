@@ -39,6 +39,7 @@ from scheduler.config.models import (
     LoraAdapter,
     ModelConfig,
     Replicas,
+    jinja_problem,
 )
 from scheduler.config.sections import (
     ClusterConfig,
@@ -151,6 +152,13 @@ class CorralConfig(BaseSettings):
             if resolved.llama_server and m.runtime is not None and not m.has_file:
                 raise ValueError(f"model {m.name!r}: runtime {m.runtime!r} runs llama-server, "
                                  "which needs 'path', 'package' or 'hf_repo'")
+            program = resolved.binary or Path((resolved.command or ("",))[0])
+            if m.runtime is not None and (resolved.llama_server
+                                          or program.name.startswith("llama-server")):
+                problem = jinja_problem((*(resolved.command or ()), *m.args),
+                                        {**resolved.env, **m.env})
+                if problem is not None:
+                    raise ValueError(f"model {m.name!r}: runtime {m.runtime!r}: {problem}")
         names = [p.name for p in self.providers]
         if len(set(names)) != len(names):
             raise ValueError(f"providers: names must be unique (got {names})")

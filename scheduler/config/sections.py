@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from scheduler.config.base import _NAME_RE, _Strict, parse_size
-from scheduler.config.models import _check_reserved
+from scheduler.config.models import check_args
 
 
 class ServerConfig(_Strict):
@@ -269,7 +269,7 @@ class ScanDir(_Strict):
     @field_validator("args")
     @classmethod
     def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
-        _check_reserved(args)
+        check_args(args)
         return args
 
     def defaults(self) -> dict[str, object]:

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+from scheduler.config.models import chat_template_file
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.process.instance import LaunchSpec
 
@@ -25,17 +26,6 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-# Chat templates Corral ships, by name: for GGUF files that carry none. (llama-server's
-# --chat-template NAME is no substitute: with --jinja, its default, the name is taken as
-# the template text itself, and every prompt becomes that one word.)
-TEMPLATES = Path(__file__).resolve().parent.parent / "data"
-
-
-def chat_template_file(value: str) -> Path:
-    shipped = TEMPLATES / f"{value}.jinja"
-    return shipped if "/" not in value and shipped.is_file() else Path(value).expanduser()
 
 
 def build_argv(
@@ -59,6 +49,8 @@ def build_argv(
     if model.rerank:
         argv.append("--rerank")
     if model.chat_template:
+        # Always the file flag: --chat-template NAME is template text under --jinja
+        # (config validation refuses it in args: scheduler/config/models.py).
         argv += ["--chat-template-file", str(chat_template_file(model.chat_template))]
     if model.n_gpu_layers is not None:
         argv += ["-ngl", str(model.n_gpu_layers)]

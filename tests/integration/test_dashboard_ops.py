@@ -203,6 +203,26 @@ async def test_validate_reports_errors_at_their_line_and_writes_nothing(
     assert resp.status == 400
 
 
+async def test_validate_refuses_a_chat_template_name_in_args(
+    from_file: Any, tmp_path: Path
+) -> None:
+    """`--chat-template gemma` would make every prompt the word "gemma": the dry run
+    says so at the model's table, with the fix, as `corral check` does."""
+    path = tmp_path / "corral.toml"
+    old = config_text(tmp_path, {"a": {}}, admin_config_write=True)
+    path.write_text(old)
+    client = await from_file(path)
+    bad = old.replace('name = "a"', 'name = "a"\nargs = ["--chat-template", "gemma"]')
+    report = await validate(client, bad)
+    assert not report["ok"]
+    (err,) = report["errors"]
+    assert "model 'a'" in err["message"] and "'--chat-template', 'gemma'" in err["message"]
+    assert "--chat-template-file" in err["message"]
+    assert bad.splitlines()[err["line"] - 1] == "[[models]]"
+    fixed = old.replace('name = "a"', 'name = "a"\nchat_template = "gemma3"')
+    assert (await validate(client, fixed))["ok"]
+
+
 async def test_redacted_keys_survive_an_edit_and_never_leak(
     from_file: Any, tmp_path: Path
 ) -> None:
