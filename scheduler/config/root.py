@@ -272,8 +272,10 @@ def _resolve_paths(model: dict[str, Any], base: Path) -> None:
 
 
 def _resolve_scan(data: dict[str, Any], base: Path) -> None:
+    # Absolute, links kept: a scanned directory reached through a link is named by the
+    # link (discovery/tree.py), an LM Studio tree by its folder's name.
     def where(p: object) -> object:
-        return str((base / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+        return os.path.abspath(base / Path(p).expanduser()) if isinstance(p, str) else p
 
     sched = data.get("scheduler")
     if isinstance(sched, dict) and isinstance(sched.get("scan"), list):

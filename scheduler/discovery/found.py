@@ -7,9 +7,7 @@ a file is named the same whichever layout found it.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +37,13 @@ class Found:
 
 @dataclass
 class Walk:
+    """What the walk of one scanned directory found, and what it cost (tree.walk
+    bounds it)."""
+
     found: list[Found] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    entries: int = 0
+    stopped: bool = False
 
 
 def model_name(text: str, *, lower: bool = True) -> str:
@@ -59,39 +62,12 @@ def is_projector(filename: str) -> bool:
     return "mmproj" in filename.lower()
 
 
-def inside(path: Path, root: Path) -> Path | None:
-    """The real file behind ``path`` if it stays under ``root`` (itself resolved):
-    a symlink that leaves the scanned directory is not followed.
-
-    ``path`` lies in a directory reached without following links, so a regular
-    file is its own real path (one lstat instead of realpath's one per component)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    if stat.S_ISREG(st.st_mode):
-        return path
-    if not stat.S_ISLNK(st.st_mode):
-        return None
-    try:
-        real = Path(os.path.realpath(path))
-    except OSError:
-        return None
-    if not real.is_relative_to(root) or not real.is_file():
-        return None
-    return real
-
-
 def group_dir(directory: Path, files: list[str], root: Path, layout: str, w: Walk) -> list[Found]:
-    """The models among one directory's GGUF files: split files as one model (by their
-    first shard), projectors paired with every model of the folder, not listed."""
+    """The models among one directory's GGUF files (``files``: files, or links to
+    files, as tree.walk lists them): split files as one model (by their first shard),
+    projectors paired with every model of the folder, not listed."""
     ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
-    projectors = [f for f in ggufs if is_projector(f)]
-    projector: Path | None = None
-    for p in projectors:
-        if inside(directory / p, root) is not None:
-            projector = directory / p
-            break
+    projector = next((directory / f for f in ggufs if is_projector(f)), None)
     out: list[Found] = []
     shards: dict[str, list[tuple[int, int, str]]] = {}
     for f in ggufs:
@@ -118,9 +94,6 @@ def group_dir(directory: Path, files: list[str], root: Path, layout: str, w: Wal
 def _one(directory: Path, fname: str, stem: str, root: Path, layout: str,
          projector: Path | None, w: Walk) -> Found:
     path = directory / fname
-    if inside(path, root) is None:
-        w.problems.append(f"{path}: a link that leaves {root} (or is broken); not followed")
-        return Found("", path, layout)
     rel = directory.relative_to(root).as_posix() if directory != root else ""
     name = model_name(stem)
     if not name:

@@ -9,10 +9,11 @@ offered again after a restart, under the names they were pulled as.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from scheduler.discovery import tree
 from scheduler.discovery.found import Found, Walk, group_dir, quant_of
+from scheduler.discovery.tree import Chain
 
 PREFIX = "models--"
 
@@ -35,22 +36,21 @@ def snapshot(repo_dir: Path) -> Path | None:
     if commit and (snaps / commit).is_dir():
         return snaps / commit
     try:
-        dirs = [d for d in snaps.iterdir() if d.is_dir() and not d.is_symlink()]
+        dirs = [(d.stat().st_mtime_ns, d) for d in snaps.iterdir() if d.is_dir()]
     except OSError:
         return None
-    return max(dirs, key=lambda d: d.stat().st_mtime_ns, default=None)
+    return max(dirs, default=(0, None))[1]
 
 
-def walk_repo(repo_dir: Path, root: Path, w: Walk) -> None:
-    """The models of one cached repo."""
+def walk_repo(repo_dir: Path, root: Path, w: Walk, above: Chain = ()) -> None:
+    """The models of one cached repo; ``above``: the folders the walk came through."""
     snap = snapshot(repo_dir)
     if snap is None:
         return
     repo = repo_id(repo_dir.name)
     found: list[Found] = []
-    for dirpath, dirnames, files in os.walk(snap, followlinks=False):
-        dirnames.sort()
-        found += group_dir(Path(dirpath), files, root, "hf", w)
+    for d in tree.walk(snap, w, above):
+        found += group_dir(d.path, d.files, root, "hf", w)
     quants = [quant_of(f.path.name) for f in found]
     for f, q in zip(found, quants, strict=True):
         aliases = (f"hf.co/{repo}:{q}",) if q is not None and quants.count(q) == 1 else ()

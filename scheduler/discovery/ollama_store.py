@@ -11,11 +11,12 @@ a GGUF; a projector layer becomes ``mmproj``, adapter layers ``lora``.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
-from scheduler.discovery.found import Found, Walk, inside, model_name
+from scheduler.discovery import tree
+from scheduler.discovery.found import Found, Walk, model_name
+from scheduler.discovery.tree import Chain
 
 DEFAULT_HOST = "registry.ollama.ai"
 _MEDIA = "application/vnd.ollama.image."
@@ -37,28 +38,22 @@ def ollama_name(parts: tuple[str, ...]) -> str:
     return base if tag == "latest" else f"{base}:{tag}"
 
 
-def walk_store(store: Path, w: Walk, root: Path | None = None) -> None:
-    """The models of a store; ``root``: the scanned directory it lies in (links may
-    point anywhere inside that)."""
-    root = root or store
+def walk_store(store: Path, w: Walk, above: Chain = ()) -> None:
+    """The models of a store; ``above``: the folders the walk came through. Its
+    manifests and blobs may be links, to anywhere."""
     manifests = store / "manifests"
-    for dirpath, dirnames, files in os.walk(manifests, followlinks=False):
-        dirnames.sort()
-        for fname in sorted(files):
-            path = Path(dirpath) / fname
+    for d in tree.walk(manifests, w, above):
+        for fname in d.files:
+            path = d.path / fname
             parts = path.relative_to(manifests).parts
             if len(parts) != 4:
                 continue
-            found = _from_manifest(path, parts, store, root, w)
+            found = _from_manifest(path, parts, store, w)
             if found is not None:
                 w.found.append(found)
 
 
-def _from_manifest(path: Path, parts: tuple[str, ...], store: Path, root: Path, w: Walk
-                   ) -> Found | None:
-    if inside(path, root) is None:
-        w.problems.append(f"{path}: a link that leaves {root}; not followed")
-        return None
+def _from_manifest(path: Path, parts: tuple[str, ...], store: Path, w: Walk) -> Found | None:
     try:
         layers = json.loads(path.read_text())["layers"]
         by_type: dict[str, list[str]] = {}
@@ -69,16 +64,26 @@ def _from_manifest(path: Path, parts: tuple[str, ...], store: Path, root: Path, 
         return None
     name = model_name(ollama_name(parts), lower=False)
 
-    def blob(digest: str) -> Path | None:
+    def blob(digest: str, kind: str) -> Path | None:
         m = _DIGEST_RE.match(digest)
-        return inside(store / "blobs" / f"sha256-{m.group(1)}", root) if m else None
+        path_ = store / "blobs" / f"sha256-{m.group(1) if m else digest}"
+        got = tree.target(path_) if m else "not a sha256 digest"
+        if isinstance(got, Path):
+            return got
+        # Named with what is wrong: a linked blob that leads nowhere says where it points.
+        what = f"its {kind} blob is missing" if got == "missing" else (
+            f"its {kind} blob {path_} is {got}")
+        w.problems.append(f"{path}: model {name!r}: {what}; skipped" if kind == "model"
+                          else f"{path}: model {name!r}: {what}; served without it")
+        return None
 
     models = by_type.get(_MEDIA + "model", [])
-    model = blob(models[0]) if models else None
+    model = blob(models[0], "model") if models else None
     if model is None:
-        w.problems.append(f"{path}: model {name!r}: its model blob is missing; skipped")
+        if not models:
+            w.problems.append(f"{path}: model {name!r}: it has no model layer; skipped")
         return None
-    projectors = [p for d in by_type.get(_MEDIA + "projector", []) if (p := blob(d))]
-    adapters = [p for d in by_type.get(_MEDIA + "adapter", []) if (p := blob(d))]
+    projectors = [p for d in by_type.get(_MEDIA + "projector", []) if (p := blob(d, "projector"))]
+    adapters = [p for d in by_type.get(_MEDIA + "adapter", []) if (p := blob(d, "adapter"))]
     return Found(name, model, "ollama", mmproj=projectors[0] if projectors else None,
                  lora=tuple(adapters), qualifier="/".join(parts[:-1]))

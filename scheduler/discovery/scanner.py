@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scheduler.config.root import ModelConfig, ScanDir
-from scheduler.discovery import hf_cache, lmstudio, ollama_store
+from scheduler.discovery import hf_cache, lmstudio, ollama_store, tree
 from scheduler.discovery.found import Found, Walk, group_dir, model_name, quant_of
 from scheduler.errors import CorralError
 from scheduler.models.resources import GgufInfo, read_gguf_info
@@ -67,40 +67,37 @@ class ScanResult:
 
 
 def walk_dir(root: Path, w: Walk) -> None:
-    """Every model under one scanned directory, whatever its layout."""
+    """Every model under one scanned directory, whatever its layout, links followed
+    (tree.walk)."""
     if ollama_store.is_store(root):
         ollama_store.walk_store(root, w)
         return
-    # followlinks=False: a linked folder may lead anywhere; linked files are checked
-    # one by one (found.inside) and followed only when they stay under root.
-    for dirpath, dirnames, files in os.walk(root, followlinks=False):
-        here = Path(dirpath)
-        for d in [d for d in dirnames if hf_cache.is_repo_dir(d)]:
-            dirnames.remove(d)
-            hf_cache.walk_repo(here / d, root, w)
-        for d in [d for d in dirnames if ollama_store.is_store(here / d)]:
-            dirnames.remove(d)
-            ollama_store.walk_store(here / d, w, root)
-        dirnames.sort()
-        found = group_dir(here, files, root, "plain", w)
-        key = lmstudio.repo_key(here, root) if found else None
+    for here in tree.walk(root, w):
+        for d in [d for d in here.dirs if hf_cache.is_repo_dir(d)]:
+            here.dirs.remove(d)
+            hf_cache.walk_repo(here.path / d, root, w, here.chain)
+        for d in [d for d in here.dirs if ollama_store.is_store(here.path / d)]:
+            here.dirs.remove(d)
+            ollama_store.walk_store(here.path / d, w, here.chain)
+        found = group_dir(here.path, here.files, root, "plain", w)
+        key = lmstudio.repo_key(here.path, root) if found else None
         if key is not None:
             found = lmstudio.with_repo_alias(found, *key)
         w.found += found
 
 
-def signature(dirs: Sequence[ScanDir]) -> tuple[tuple[str, int], ...]:
-    """Blocking: every directory under ``dirs`` with its mtime. Adding, removing or
-    renaming a file changes its directory's mtime, so an equal signature means no
-    rescan is needed (a file rewritten in place is caught by the periodic full scan)."""
-    out: list[tuple[str, int]] = []
+def signature(dirs: Sequence[ScanDir]) -> tuple[tuple[str, int, int], ...]:
+    """Blocking: every directory under ``dirs`` with its mtime, and every linked file
+    with its target's size and mtime, reached as the scan reaches them. Adding,
+    removing or renaming a file changes its directory's mtime, swapping a link
+    changes its folder's, and a linked file rewritten elsewhere changes its own: an
+    equal signature means no rescan is needed (a plain file rewritten in place is
+    caught by the periodic full scan)."""
+    out: list[tuple[str, int, int]] = []
     for d in dirs:
-        for dirpath, dirnames, _ in os.walk(d.path.expanduser(), followlinks=False):
-            dirnames.sort()
-            try:
-                out.append((dirpath, os.stat(dirpath).st_mtime_ns))
-            except OSError:
-                continue
+        for here in tree.walk(Path(os.path.abspath(d.path.expanduser())), Walk()):
+            out.append((str(here.path), here.mtime_ns, -1))
+            out += [(str(here.path / name), size, mtime) for name, size, mtime in here.links]
     return tuple(out)
 
 
@@ -109,7 +106,9 @@ def scan(dirs: Sequence[ScanDir], cache: HeaderCache) -> ScanResult:
     problems: list[str] = []
     entries: list[tuple[Found, ScanDir]] = []
     for d in dirs:
-        root = Path(os.path.realpath(d.path.expanduser()))
+        # Not resolved: a scanned directory reached through a link keeps its path (an
+        # LM Studio tree is known by its folder's name).
+        root = Path(os.path.abspath(d.path.expanduser()))
         if not root.is_dir():
             problems.append(f"scan: {d.path} is not a directory")
             continue

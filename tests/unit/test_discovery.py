@@ -1,5 +1,5 @@
 """The scanner over temporary trees of each layout: names, aliases, split files,
-projectors, invalid files, links that leave the tree."""
+projectors, invalid files (links: test_discovery_links.py)."""
 
 from __future__ import annotations
 
@@ -78,19 +78,6 @@ def test_incomplete_split_and_invalid_files_are_reported_and_skipped(tmp_path: P
     assert "empty.gguf: not a valid GGUF" in problems
     assert "vision-encoder.gguf: a projector, not a model" in problems
     assert "(!).gguf: no model name can be made" in problems
-
-
-def test_links_that_leave_the_directory_are_not_followed(tmp_path: Path) -> None:
-    outside = write_gguf(tmp_path / "outside" / "secret.gguf")
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "escape.gguf").symlink_to(outside)
-    (root / "dir").symlink_to(outside.parent, target_is_directory=True)
-    inner = write_gguf(root / "real.gguf")
-    (root / "same.gguf").symlink_to(inner)
-    out = found(root)
-    assert sorted(out["models"]) == ["real", "same"]  # type: ignore[call-overload]
-    assert any("escape.gguf: a link that leaves" in p for p in out["problems"])  # type: ignore[attr-defined]
 
 
 def test_same_file_name_in_two_folders_is_named_by_folder(tmp_path: Path) -> None:
