@@ -127,6 +127,35 @@ async def test_reload_with_a_new_scan_directory(tmp_path: Path) -> None:
         assert (second.ctx_size, second.parallel) == (256, 2)
 
 
+async def test_a_folder_of_links_is_served_and_watched_through_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Links to another disk: served, a file added there picked up, a link that breaks
+    is one warning (however many scans see it) and its model drains away."""
+    disk = tmp_path / "disk2"
+    write_gguf(disk / "blob.gguf", "Qwen")
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "Qwen-Q4_K_M.gguf").symlink_to(disk / "blob.gguf")
+    (root / "more").symlink_to(disk / "more", target_is_directory=True)
+    (disk / "more").mkdir()
+    app = build_openai_app(make_config(tmp_path, [], scheduler={
+        "scan": [str(root)], "scan_interval": 0.05}), CoreOptions())
+    async with TestClient(TestServer(app)) as c:
+        sched = c.app[SCHEDULER]
+        await wait_for(lambda: "qwen-q4_k_m" in sched.names())
+        write_gguf(disk / "more" / "Added-Q8_0.gguf")
+        await wait_for(lambda: "added-q8_0" in sched.names())
+        (disk / "blob.gguf").unlink()
+        await wait_for(lambda: "qwen-q4_k_m" not in sched.names())
+        for i in range(3):  # later scans see the same broken link: no new warning
+            write_gguf(disk / "more" / f"x{i}.gguf")
+            await wait_for(lambda n=i: f"x{n}" in sched.names())
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelname == "WARNING" and "Qwen-Q4_K_M.gguf" in r.getMessage()]
+    assert warned == [f"model scan: {root / 'Qwen-Q4_K_M.gguf'}: a broken link (to "
+                      f"{disk / 'blob.gguf'}: No such file or directory); skipped"]
+
+
 def test_ollama_manifest_digest_helper(tmp_path: Path) -> None:
     g = write_gguf(tmp_path / "g.gguf")
     ollama_store(tmp_path / "store", ("registry.ollama.ai", "library", "x", "1b"), g)
