@@ -3,7 +3,8 @@
 reaches the scheduler, which drains and stops the models whose files vanished.
 
 Polling, not inotify, for the reason the config reloader gives (bind mounts, NFS,
-swapped symlinks). Each interval compares directory mtimes only; a change (or every
+swapped symlinks). Each interval compares directory mtimes and linked files' targets
+(scanner.signature, links followed as the scan follows them); a change (or every
 ``FULL_SCAN_EVERY`` intervals) runs the scan, which with the header cache costs a walk
 and a stat per file.
 """
