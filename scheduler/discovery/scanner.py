@@ -96,8 +96,10 @@ def signature(dirs: Sequence[ScanDir]) -> tuple[tuple[str, int, int], ...]:
     out: list[tuple[str, int, int]] = []
     for d in dirs:
         for here in tree.walk(Path(os.path.abspath(d.path.expanduser())), Walk()):
-            out.append((str(here.path), here.mtime_ns, -1))
-            out += [(str(here.path / name), size, mtime) for name, size, mtime in here.links]
+            base = str(here.path)
+            out.append((base, here.mtime_ns, -1))
+            # Strings, not Paths: pathlib's joins cost more than the stats here.
+            out += [(os.path.join(base, name), size, mtime) for name, size, mtime in here.links]
     return tuple(out)
 
 

@@ -1,8 +1,9 @@
-"""How much does `scan` cost? Start `corral serve` over N hard links of a GGUF and
+"""How much does `scan` cost? Start `corral serve` over N hard links of a GGUF (or
+symbolic links, `--links`: the watcher then also stats every link's target) and
 report when it listens, when all N models are listed, and its idle CPU; then the
 same without `scan`. Run by hand; figures are reported, never asserted.
 
-    .venv/bin/python tests/bench/bench_scan.py [--files 2000] [--gguf PATH]
+    .venv/bin/python tests/bench/bench_scan.py [--files 2000] [--gguf PATH] [--links]
 """
 
 from __future__ import annotations
@@ -59,13 +60,15 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each case, alternating")
     ap.add_argument("--gguf", type=Path,
                     default=Path.home() / ".cache/corral/models/gemma-3-270m-q4_k_m.gguf")
+    ap.add_argument("--links", action="store_true", help="symbolic links, not hard links")
     args = ap.parse_args()
+    place = os.symlink if args.links else os.link
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "DIR"
         for i in range(args.files):
             d = root / f"d{i % 40}"
             d.mkdir(parents=True, exist_ok=True)
-            os.link(args.gguf, d / f"m{i}-Q4_K_M.gguf")
+            place(args.gguf, d / f"m{i}-Q4_K_M.gguf")
         base = '[server]\nport = 0\nollama_port = 0\nlmstudio_port = 0\n'
         cases = [("without scan", "", 0),
                  (f"scan of {args.files} files", f'scan = ["{root}"]', args.files)]
