@@ -66,8 +66,8 @@ def _from_manifest(path: Path, parts: tuple[str, ...], store: Path, w: Walk) -> 
 
     def blob(digest: str, kind: str) -> Path | None:
         m = _DIGEST_RE.match(digest)
-        path_ = store / "blobs" / f"sha256-{m.group(1) if m else digest}"
-        got = tree.target(path_) if m else "not a sha256 digest"
+        path_ = store / "blobs" / f"sha256-{m.group(1)}" if m else None
+        got = tree.target(path_) if path_ is not None else "missing"
         if isinstance(got, Path):
             return got
         # Named with what is wrong: a linked blob that leads nowhere says where it points.

@@ -55,7 +55,9 @@ def _why(path: Path, err: OSError) -> str:
         to = os.readlink(path)
     except OSError:
         to = "?"
-    return f"a broken link (to {to}: {err.strerror})"
+    if err.errno == errno.ENOENT:
+        return f"a broken link (to {to}: {err.strerror})"
+    return f"a link to {to} that cannot be followed ({err.strerror})"
 
 
 def link_problem(path: Path, err: OSError) -> str:
