@@ -45,8 +45,6 @@ DASHBOARD_FILES = {
     "uplot.min.css": ("uplot.min.css", "text/css"),
     "favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
-# Paths the auth middleware lets through: static files, no data.
-OPEN_PATHS = frozenset(f"/dashboard/{n}" for n in DASHBOARD_FILES)
 
 # How often a followed log is checked for new lines, and how often an idle stream
 # sends a comment so that proxies in between do not time it out.
