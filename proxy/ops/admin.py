@@ -357,7 +357,7 @@ async def put_config(request: web.Request) -> web.Response:
     kept as .bak) and reload it."""
     reloader = request.app[RELOADER]
     # The listeners' [server] section, not the file's: turning writes on takes a
-    # restart, and a write can never turn them on (reload.PROTECTED_KEYS).
+    # restart, and a write can never turn them on (scheduler/config/writable.py).
     if not request.app[CONFIG].server.admin_config_write:
         raise Forbidden(
             "writing the config over HTTP is off; set [server] admin_config_write = true "

@@ -2,8 +2,8 @@
 
 ``POST /admin/config/validate`` takes the edited file (TOML) and answers what
 ``PUT /admin/config`` would do, without writing or applying anything: the errors
-``corral check`` would print (schema, missing files, budgets), the protected keys
-an HTTP write may not change (``proxy.ops.reload.PROTECTED_KEYS``), each with the line
+``corral check`` would print (schema, missing files, budgets), the keys an HTTP write
+may not change (outside scheduler/config/writable.py's allow-list), each with the line
 of the text it points at; which models would be added, removed or restarted; which
 ``[server]`` keys need a restart; a unified diff against the file on disk.
 
@@ -27,13 +27,14 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.keys import CONFIG
-from proxy.ops.reload import RELOADER, NoConfigFile, protected_changes, server_changes
+from proxy.ops.reload import RELOADER, NoConfigFile, server_changes
 from scheduler.config import secrets
 
 # The same checks as the command line's `corral check` (the CLI imports the web app
 # only inside `serve`, so this is no import cycle at load time).
 from scheduler.config.checks import check_problems
 from scheduler.config.root import CorralConfig, load_config
+from scheduler.config.writable import Refusal, refused_changes
 from scheduler.errors import BadRequest, ConfigError
 
 PLACEHOLDER = secrets.REDACTED
@@ -142,9 +143,9 @@ def _key_line(lines: list[str], start: int, end: int, key: str) -> int | None:
 def locate(text: str, problem: str, path: Path | str | None = None) -> int | None:
     """The 1-based line of ``text`` a problem message points at, when it can be told.
 
-    Messages look like ``corral check``'s: ``<file>: [model 'name': ]<key>: <what>``,
-    ``<file>: invalid TOML: ... (at line N, column M)`` or, for protected keys,
-    ``models.<name>.<key>`` / ``server.<key>``.
+    Messages look like ``corral check``'s (refused keys are phrased the same):
+    ``<file>: [model 'name': ]<key>: <what>`` or
+    ``<file>: invalid TOML: ... (at line N, column M)``.
     """
     rest = problem
     if path is not None:
@@ -198,16 +199,15 @@ def _named(lines: list[str], models: list[tuple[int, int]], name: str) -> tuple[
     return None
 
 
-def _protected_message(path: Path, key: str) -> str:
+def _refused_message(path: Path, refusal: Refusal) -> str:
     # Phrased like a check problem so that locate() finds the line.
-    section, _, rest = key.partition(".")
-    if section == "models":
-        name, _, sub = rest.partition(".")
-        where = f"model {name!r}: {sub}"
+    section, *rest = refusal.key
+    if section == "models" and len(rest) > 1:
+        where = f"model {rest[0]!r}: {'.'.join(rest[1:])}"
     else:
-        where = key
-    return (f"{path}: {where}: protected: changes only in the file on disk, never over "
-            "HTTP")
+        where = refusal.dotted
+    return (f"{path}: {where}: refused over HTTP ({refusal.why}): changes only in the file "
+            "on disk")
 
 
 # -- the dry run ----------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def dry_run(path: Path, text: str, original: str, current: CorralConfig) -> dict
         problems = [p for p in e.message.splitlines() if p.strip()]
     else:
         problems = check_problems(path, new)
-        problems += [_protected_message(path, k) for k in protected_changes(current, new)]
+        problems += [_refused_message(path, r) for r in refused_changes(current, new)]
         changes = model_changes(current, new)
         restart = server_changes(current, new)
     diff = "".join(difflib.unified_diff(
