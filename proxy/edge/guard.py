@@ -18,7 +18,7 @@ import fnmatch
 import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -221,8 +221,7 @@ ADMIN_PREFIXES = ("/admin/", "/metrics", "/api/pull", "/api/push", "/api/create"
                   "/api/copy", "/api/delete", "/api/blobs/")
 
 
-@dataclass(frozen=True)
-class OpenRoute:
+class OpenRoute(NamedTuple):
     """A route any caller may use without a key, on the one port whose table names it.
 
     ``path`` is the route as mounted (its canonical form, ``/dashboard/{name}``), so an
@@ -250,12 +249,12 @@ def _upgrade(request: web.Request) -> bool:
             and "upgrade" in request.headers.get("Connection", "").lower())
 
 
-def _open(request: web.Request, routes: Collection[OpenRoute]) -> bool:
+def _open(request: web.Request, routes: Collection[OpenRoute], paths: frozenset[str]) -> bool:
     # The route the router matched, not the path as sent: a 404 or 405 has no resource
     # and is never open (it answers 401 like any other keyless call).
     resource = request.match_info.route.resource
-    if resource is None:
-        return False
+    if resource is None or resource.canonical not in paths:
+        return False  # a call to any other route ends here, after one set lookup
     return is_open(routes, request.method, resource.canonical, _upgrade(request))
 
 
@@ -272,10 +271,12 @@ def auth_middleware(dialect: Dialect, open_routes: Collection[OpenRoute]) -> Mid
     ``origin_middleware``, and carries no data).
     """
 
+    paths = frozenset(r.path for r in open_routes)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         registry = request.app[SCHEDULER].tenants
-        if not registry.enabled or _open(request, open_routes):
+        if not registry.enabled or _open(request, open_routes, paths):
             return await handler(request)
         given = presented_key(request)
         # No key at all is never a match, whatever digest is configured.
