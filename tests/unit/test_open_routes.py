@@ -86,3 +86,14 @@ def test_the_reported_holes_are_closed() -> None:
         for method in ("OPTIONS", "POST", "PUT", "DELETE", "PATCH"):
             assert not is_open(routes, method, "/health", False)
             assert not is_open(routes, method, "/health", True)
+
+
+def test_cluster_routes_need_a_key_or_the_token(tmp_path: Path) -> None:
+    """A node's state API and a front's node view are mounted only with [cluster]:
+    none of them is open (the node API checks the cluster token itself)."""
+    for cluster in ({"role": "node", "token": "t" * 16},
+                    {"role": "front", "token": "t" * 16, "nodes": ["http://127.0.0.1:9"]}):
+        app = build_openai_app(make_config(tmp_path, [], cluster=cluster))
+        mounted = _mounted(app)
+        assert any(p.startswith("/corral/") for _m, p in mounted)
+        assert _open("main", mounted) == {x for x in EXPECTED if x[0] == "main"}
