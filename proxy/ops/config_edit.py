@@ -33,7 +33,7 @@ from scheduler.config import secrets
 # only inside `serve`, so this is no import cycle at load time).
 from scheduler.config.checks import check_problems
 from scheduler.config.root import CorralConfig, load_config, parse_toml
-from scheduler.config.writable import Refusal, refused_changes
+from scheduler.config.writable import Refusal, moved_models_dir, refused_changes
 from scheduler.errors import BadRequest, ConfigError
 
 PLACEHOLDER = secrets.REDACTED
@@ -232,20 +232,6 @@ def _scrub(message: str, text: str, cfg: CorralConfig) -> str:
     return message
 
 
-def _models_dir_moved(path: Path, text: str, current: CorralConfig) -> str | None:
-    """The edit's ``models_dir`` when it names another directory than the running one:
-    loading the edit would read the files there, and the write would refuse it anyway."""
-    try:
-        wanted = parse_toml(text).get("models_dir")
-    except ValueError:
-        return None  # load_config reports the TOML error
-    if not isinstance(wanted, str):
-        return None
-    if current.models_dir is not None and path.parent / wanted == current.models_dir:
-        return None
-    return wanted
-
-
 def _checked_view(current: CorralConfig, new: CorralConfig,
                   refused: list[Refusal]) -> CorralConfig:
     """``new`` without what the write would refuse, so that the checks look only at
@@ -267,10 +253,9 @@ def dry_run(path: Path, text: str, original: str, current: CorralConfig) -> dict
     problems: list[str] = []
     changes: dict[str, list[str]] = {}
     restart: list[str] = []
-    moved = _models_dir_moved(path, text, current)
+    moved = moved_models_dir(path, text, current)
     if moved is not None:
-        problems = [f"{path}: models_dir: refused over HTTP (what Corral reads or writes "
-                    "on disk): changes only in the file on disk; the edit was not loaded"]
+        problems = [_refused_message(path, moved)]
     else:
         try:
             new = load_config(path, text=text)

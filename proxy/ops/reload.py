@@ -37,7 +37,7 @@ from proxy.edge import tuning
 from proxy.metrics.registry import Metrics
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CorralConfig, load_config
-from scheduler.config.writable import refused_changes
+from scheduler.config.writable import Refusal, moved_models_dir, refused_changes
 from scheduler.errors import ConfigError, CorralError
 from scheduler.scheduling.scheduler import Scheduler
 
@@ -83,6 +83,14 @@ class ProtectedChange(CorralError):
     status = 403
     code = "protected_config_key"
     type = "permission_error"
+
+
+def _refuse(path: Path, refused: list[Refusal]) -> None:
+    if refused:
+        raise ProtectedChange(
+            f"refused, nothing written: {'; '.join(map(str, refused))}: these keys change "
+            f"only in the file on disk ({path}), never over HTTP (docs/security.md)"
+        )
 
 
 class Reloader:
@@ -216,6 +224,9 @@ class Reloader:
         return tuple(out)
 
     def _validate_and_replace(self, path: Path, text: str) -> None:
+        # Before loading: the load would read another models_dir's files.
+        moved = moved_models_dir(path, text, self.current)
+        _refuse(path, [moved] if moved is not None else [])
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with tmp.open("w", encoding="utf-8") as f:
@@ -226,13 +237,7 @@ class Reloader:
                 new = self._loader(tmp)
             except ConfigError as e:
                 raise ConfigError(e.message.replace(str(tmp), str(path))) from None
-            refused = refused_changes(self.current, new)
-            if refused:
-                raise ProtectedChange(
-                    f"refused, nothing written: {'; '.join(map(str, refused))}: these keys "
-                    f"change only in the file on disk ({path}), never over HTTP "
-                    "(docs/security.md)"
-                )
+            _refuse(path, refused_changes(self.current, new))
             if path.exists():
                 # The file may hold API keys: the new one keeps the old one's mode.
                 shutil.copymode(path, tmp)

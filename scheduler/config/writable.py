@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from scheduler.config.root import CorralConfig, ModelConfig
+from scheduler.config.root import CorralConfig, ModelConfig, parse_toml
 
 # A key as a path from the top of the config; "*" stands for any model (by name).
 Key = tuple[str, ...]
@@ -206,3 +207,18 @@ def refused_changes(old: CorralConfig, new: CorralConfig) -> list[Refusal]:
         out += [Refusal(("models", name, *k), reason(("models", "*", *k)) or UNLISTED)
                 for k in keys]
     return out
+
+
+def moved_models_dir(path: Path, text: str, current: CorralConfig) -> Refusal | None:
+    """The refusal of an edit whose ``models_dir`` names another directory than the
+    running one, told from the text alone: loading the edit would read the files
+    there before ``refused_changes`` could refuse it."""
+    try:
+        wanted = parse_toml(text).get("models_dir")
+    except ValueError:
+        return None  # loading reports the TOML error, and reads nothing
+    if not isinstance(wanted, str):
+        return None
+    if current.models_dir is not None and path.parent / wanted == current.models_dir:
+        return None
+    return Refusal(("models_dir",), DISK)

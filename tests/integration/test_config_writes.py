@@ -182,3 +182,21 @@ async def test_bad_bodies_get_the_problem_never_a_500(
     resp = await client.put("/admin/config", data=body, headers=TOML)
     assert 400 <= resp.status < 500
     assert path.read_text() == old
+
+
+async def test_another_models_dir_is_refused_before_it_is_read(
+    served: Any, tmp_path: Path
+) -> None:
+    client, path = await served()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "secret.toml").write_text("this is [not toml\n")  # any read would say so
+    text = f'models_dir = "{other}"\n' + path.read_text()
+    resp = await client.put("/admin/config", data=text, headers=TOML)
+    assert resp.status == 403
+    message = (await resp.json())["error"]["message"]
+    assert "models_dir" in message and "secret.toml" not in message
+    status, report = await _validate(client, text)
+    assert status == 200 and [e["message"] for e in report["errors"]] == [
+        f"{path}: models_dir: refused over HTTP (what Corral reads or writes on disk): "
+        "changes only in the file on disk"]
