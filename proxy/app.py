@@ -71,7 +71,7 @@ _SDK = (_route("GET", "/lmstudio-greeting"),
 # (proxy/dialects/lmstudio_sdk/socket.py), and they find the server by its greeting.
 OPEN_ROUTES: dict[Port, frozenset[guard.OpenRoute]] = {
     "main": frozenset({*_PROBES, _route("GET", "/"), _route("GET", "/dashboard"),
-                       _route("GET", "/dashboard/"), _route("GET", "/dashboard/{name}")}),
+                       *(_route("GET", p) for p in admin.DASHBOARD_PATHS)}),
     "ollama": frozenset({*_PROBES, _route("GET", "/")}),
     "lmstudio": frozenset({*_PROBES, *_SDK}),
     "lmstudio_sdk": frozenset({*_PROBES, *_SDK}),

@@ -24,7 +24,10 @@ def _both(port: str, path: str) -> set[tuple[str, str, str, str]]:
 
 EXPECTED = {
     *_both("main", "/health"), *_both("main", "/"), *_both("main", "/dashboard"),
-    *_both("main", "/dashboard/"), *_both("main", "/dashboard/{name}"),
+    *(x for name in ("", "index.html", "app.js", "style.css", "charts.js", "playground.js",
+                     "config.js", "models.js", "keys.js", "util.js", "uplot.min.js",
+                     "uplot.min.css", "favicon.svg")
+      for x in _both("main", f"/dashboard/{name}")),
     *_both("ollama", "/health"), *_both("ollama", "/"),
     *(x for port in ("lmstudio", "lmstudio_sdk") for x in (
         *_both(port, "/health"), *_both(port, "/lmstudio-greeting"),
