@@ -52,24 +52,46 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Paths that never need an API key: liveness probes must work without secrets; "/"
-# and "/dashboard" only redirect, and the dashboard's static files hold no data (the
-# page asks for the key and sends it with every admin call).
-# The LM Studio SDKs never send Authorization: their key is checked in the websocket's
-# auth packet (proxy/dialects/lmstudio_sdk/socket.py).
-_OPEN_PATHS = frozenset({"/health", "/", "/dashboard", *admin.OPEN_PATHS,
-                         *lmstudio_sdk.OPEN_PATHS})
+Port = Literal["main", "ollama", "lmstudio", "lmstudio_sdk"]
+PortKind = Literal["ollama", "lmstudio", "lmstudio_sdk"]
+
+_route = guard.OpenRoute
+_PROBES = (_route("GET", "/health"),)
+_SDK = (_route("GET", "/lmstudio-greeting"),
+        *(_route("GET", f"/{ns}", websocket=True) for ns in lmstudio_sdk.NAMESPACES))
+
+# What each port serves without an API key; everything else (other methods, OPTIONS,
+# a websocket namespace fetched as plain HTTP, any other port) needs one. Keep it
+# short and keep docs/security.md ("Open routes") and tests/unit/test_open_routes.py,
+# which enumerates every mounted route, in step with it. Why each is open: liveness
+# probes work without secrets; "/" and "/dashboard" only redirect and the dashboard's
+# static files hold no data (the page asks for the key and sends it with every admin
+# call); Ollama's "/" is its "Ollama is running" probe; the LM Studio SDKs never send
+# Authorization: their key is checked in the websocket's auth packet
+# (proxy/dialects/lmstudio_sdk/socket.py), and they find the server by its greeting.
+OPEN_ROUTES: dict[Port, frozenset[guard.OpenRoute]] = {
+    "main": frozenset({*_PROBES, _route("GET", "/"), _route("GET", "/dashboard"),
+                       *(_route("GET", p) for p in admin.DASHBOARD_PATHS)}),
+    "ollama": frozenset({*_PROBES, _route("GET", "/")}),
+    "lmstudio": frozenset({*_PROBES, *_SDK}),
+    "lmstudio_sdk": frozenset({*_PROBES, *_SDK}),
+}
+_PORT_OF: dict[Dialect, Port] = {"openai": "main", "anthropic": "main", "ollama": "ollama",
+                                  "lmstudio": "lmstudio"}
 
 
 def middlewares(
-    cfg: CorralConfig, dialect: Dialect, stats: Metrics | None = None
+    cfg: CorralConfig, dialect: Dialect, stats: Metrics | None = None,
+    port: Port | None = None,
 ) -> list[Middleware]:
+    """A port's middlewares; ``port`` (default: the dialect's own port) picks the routes
+    open without a key (``OPEN_ROUTES``)."""
     # Guards before the error middleware: their refusals are plain answers.
     mws = [*guard.guard_middlewares(cfg.server, dialect), error_middleware(dialect)]
     if stats is not None:
         # Outermost: sees the final status, auth failures and rendered errors included.
         mws.insert(0, request_middleware(stats, dialect))
-    mws.append(guard.auth_middleware(dialect, _OPEN_PATHS))
+    mws.append(guard.auth_middleware(dialect, OPEN_ROUTES[port or _PORT_OF[dialect]]))
     return mws
 
 
@@ -145,14 +167,17 @@ def build_openai_app(
     return app
 
 
-def build_port_app(core: web.Application, dialect: Dialect) -> web.Application:
+def build_port_app(
+    core: web.Application, dialect: Dialect, port: Port | None = None
+) -> web.Application:
     """An app for another port, sharing the core's scheduler and session.
 
     Call after the core app has started (its cleanup_ctx made those objects).
     """
     cfg = core[CONFIG]
     stats = core.get(METRICS)
-    app = web.Application(middlewares=middlewares(cfg, dialect, stats), client_max_size=64 << 20)
+    app = web.Application(middlewares=middlewares(cfg, dialect, stats, port),
+                          client_max_size=64 << 20)
     if stats is not None:
         metrics_http.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
@@ -187,12 +212,9 @@ def port_apps(core: web.Application) -> list[tuple[str, int, web.Application]]:
     return out
 
 
-PortKind = Literal["ollama", "lmstudio", "lmstudio_sdk"]
-
-
 def port_app(core: web.Application, kind: PortKind) -> web.Application:
     """The Ollama, LM Studio or LM Studio SDK listener's app, its routes mounted."""
-    app = build_port_app(core, "ollama" if kind == "ollama" else "lmstudio")
+    app = build_port_app(core, "ollama" if kind == "ollama" else "lmstudio", kind)
     {"ollama": ollama.setup, "lmstudio": lmstudio.setup, "lmstudio_sdk": lmstudio.setup_sdk}[
         kind](app)
     return app

@@ -1,6 +1,6 @@
 // Config view: the config file as on disk (API keys redacted: GET /admin/config/file),
 // edited in place. Every edit is checked by a dry run (POST /admin/config/validate:
-// `corral check` semantics, protected keys, errors at their line, a diff against the
+// `corral check` semantics, keys HTTP may not change, errors at their line, a diff against the
 // running file); Apply writes it (PUT /admin/config: backup kept, then the usual
 // reload, which restarts only the models whose config changed). A refused or failed
 // apply leaves the running config as it was and says why.

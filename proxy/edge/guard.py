@@ -17,7 +17,8 @@ from __future__ import annotations
 import fnmatch
 import functools
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -220,19 +221,62 @@ ADMIN_PREFIXES = ("/admin/", "/metrics", "/api/pull", "/api/push", "/api/create"
                   "/api/copy", "/api/delete", "/api/blobs/")
 
 
-def auth_middleware(dialect: Dialect, open_paths: frozenset[str]) -> Middleware:
+class OpenRoute(NamedTuple):
+    """A route any caller may use without a key, on the one port whose table names it.
+
+    ``path`` is the route as mounted (its canonical form, ``/dashboard/{name}``), so an
+    encoded or odd spelling of a path cannot reach another handler as an open one.
+    ``method`` GET covers HEAD (the same answer without its body). ``websocket``: open
+    only as a websocket upgrade (the LM Studio SDK namespaces check their key in the
+    socket's auth packet instead).
+    """
+
+    method: str
+    path: str
+    websocket: bool = False
+
+
+def is_open(routes: Collection[OpenRoute], method: str, path: str, websocket: bool) -> bool:
+    """Whether a call (``method`` on the mounted ``path``; ``websocket``: an upgrade)
+    needs no key on a port whose open routes are ``routes``."""
+    if websocket and method == "GET" and OpenRoute(method, path, True) in routes:
+        return True
+    return OpenRoute("GET" if method == "HEAD" else method, path) in routes
+
+
+def _upgrade(request: web.Request) -> bool:
+    return (request.headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in request.headers.get("Connection", "").lower())
+
+
+def _open(request: web.Request, routes: Collection[OpenRoute], paths: frozenset[str]) -> bool:
+    # The route the router matched, not the path as sent: a 404 or 405 has no resource
+    # and is never open (it answers 401 like any other keyless call).
+    resource = request.match_info.route.resource
+    if resource is None or resource.canonical not in paths:
+        return False  # a call to any other route ends here, after one set lookup
+    return is_open(routes, request.method, resource.canonical, _upgrade(request))
+
+
+def auth_middleware(dialect: Dialect, open_routes: Collection[OpenRoute]) -> Middleware:
     """API keys (``[[keys]]`` and ``[server] api_keys``; scheduler/keys/tenants.py).
 
     Installed on every port whether keys are configured or not, so that a reload
     that adds the first key protects every port at once; without keys it costs one
     attribute read. A known key is set as ``tenants.CURRENT`` for the rest of the
-    request: the scheduler reads it for scopes and fair queueing, proxy.calls.upstream for limits.
+    request: the scheduler reads it for scopes and fair queueing, proxy.calls.upstream
+    for limits. ``open_routes``: this port's routes that need no key (proxy/app.py
+    ``OPEN_ROUTES``; every other method, path and protocol needs one, OPTIONS
+    included: a CORS preflight from a listed origin is answered before this, by
+    ``origin_middleware``, and carries no data).
     """
+
+    paths = frozenset(r.path for r in open_routes)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         registry = request.app[SCHEDULER].tenants
-        if not registry.enabled or request.path in open_paths or request.method == "OPTIONS":
+        if not registry.enabled or _open(request, open_routes, paths):
             return await handler(request)
         given = presented_key(request)
         # No key at all is never a match, whatever digest is configured.

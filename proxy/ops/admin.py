@@ -45,8 +45,7 @@ DASHBOARD_FILES = {
     "uplot.min.css": ("uplot.min.css", "text/css"),
     "favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
-# Paths the auth middleware lets through: static files, no data.
-OPEN_PATHS = frozenset(f"/dashboard/{n}" for n in DASHBOARD_FILES)
+DASHBOARD_PATHS = tuple(f"/dashboard/{n}" for n in DASHBOARD_FILES)
 
 # How often a followed log is checked for new lines, and how often an idle stream
 # sends a comment so that proxies in between do not time it out.
@@ -359,7 +358,7 @@ async def put_config(request: web.Request) -> web.Response:
     kept as .bak) and reload it."""
     reloader = request.app[RELOADER]
     # The listeners' [server] section, not the file's: turning writes on takes a
-    # restart, and a write can never turn them on (reload.PROTECTED_KEYS).
+    # restart, and a write can never turn them on (scheduler/config/writable.py).
     if not request.app[CONFIG].server.admin_config_write:
         raise Forbidden(
             "writing the config over HTTP is off; set [server] admin_config_write = true "
@@ -388,7 +387,7 @@ async def reload_config(request: web.Request) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
-    entry = DASHBOARD_FILES.get(request.match_info.get("name", ""))
+    entry = DASHBOARD_FILES.get(request.path.removeprefix("/dashboard/"))
     if entry is None:
         raise NotFound(f"no dashboard file {request.path!r}")
     name, content_type = entry
@@ -429,7 +428,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/config/file", get_config_file)
     r.add_post("/admin/config/reload", reload_config)
     r.add_get("/admin/keys", api_keys)
-    r.add_get("/dashboard/", dashboard)
-    r.add_get("/dashboard/{name}", dashboard)
+    # One plain route per file (no "/dashboard/{name}"): proxy/app.py opens exactly
+    # these to keyless callers, and any other name is a 401 without a key.
+    for path in DASHBOARD_PATHS:
+        r.add_get(path, dashboard)
     r.add_get("/dashboard", root)
     r.add_get("/", root)

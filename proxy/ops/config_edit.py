@@ -2,8 +2,8 @@
 
 ``POST /admin/config/validate`` takes the edited file (TOML) and answers what
 ``PUT /admin/config`` would do, without writing or applying anything: the errors
-``corral check`` would print (schema, missing files, budgets), the protected keys
-an HTTP write may not change (``proxy.ops.reload.PROTECTED_KEYS``), each with the line
+``corral check`` would print (schema, missing files, budgets), the keys an HTTP write
+may not change (outside scheduler/config/writable.py's allow-list), each with the line
 of the text it points at; which models would be added, removed or restarted; which
 ``[server]`` keys need a restart; a unified diff against the file on disk.
 
@@ -20,24 +20,25 @@ import asyncio
 import contextlib
 import difflib
 import re
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
 
 from proxy.keys import CONFIG
-from proxy.ops.reload import RELOADER, NoConfigFile, protected_changes, server_changes
+from proxy.ops.reload import RELOADER, NoConfigFile, server_changes
 from scheduler.config import secrets
 
 # The same checks as the command line's `corral check` (the CLI imports the web app
 # only inside `serve`, so this is no import cycle at load time).
 from scheduler.config.checks import check_problems
-from scheduler.config.root import CorralConfig, load_config
+from scheduler.config.root import CorralConfig, load_config, parse_toml
+from scheduler.config.writable import Refusal, moved_models_dir, refused_changes
 from scheduler.errors import BadRequest, ConfigError
 
 PLACEHOLDER = secrets.REDACTED
 MAX_TEXT = 1 << 20
+MAX_ERRORS = 100
 
 
 # -- secrets ------------------------------------------------------------------------------
@@ -47,8 +48,8 @@ def secret_values(text: str, cfg: CorralConfig) -> set[str]:
     """Every secret of the running config and of ``text`` (scheduler/config/secrets.py's rule)."""
     # credentials(): upstream keys a dump shows as ********** and api_key_env values.
     found = secrets.values(cfg.model_dump(mode="json")) | cfg.credentials()
-    with contextlib.suppress(tomllib.TOMLDecodeError):
-        found |= secrets.values(tomllib.loads(text))
+    with contextlib.suppress(ValueError):
+        found |= secrets.values(parse_toml(text))
     return found
 
 
@@ -87,10 +88,10 @@ def restore_secrets(text: str, original: str, cfg: CorralConfig) -> str:
         )
     parts = text.split(PLACEHOLDER)
     out = parts[0] + "".join(v + p for v, p in zip(order, parts[1:], strict=True))
-    with contextlib.suppress(tomllib.TOMLDecodeError):
+    with contextlib.suppress(ValueError):
         # Redacted by the rule, the data must hold none of them: else one was moved
         # into a value that is shown (a model name, an alias).
-        if _holds(secrets.redact(tomllib.loads(out)), set(order)):
+        if _holds(secrets.redact(parse_toml(out)), set(order)):
             raise BadRequest(f"{PLACEHOLDER!r} may stand only where a secret stood")
     return out
 
@@ -142,9 +143,9 @@ def _key_line(lines: list[str], start: int, end: int, key: str) -> int | None:
 def locate(text: str, problem: str, path: Path | str | None = None) -> int | None:
     """The 1-based line of ``text`` a problem message points at, when it can be told.
 
-    Messages look like ``corral check``'s: ``<file>: [model 'name': ]<key>: <what>``,
-    ``<file>: invalid TOML: ... (at line N, column M)`` or, for protected keys,
-    ``models.<name>.<key>`` / ``server.<key>``.
+    Messages look like ``corral check``'s (refused keys are phrased the same):
+    ``<file>: [model 'name': ]<key>: <what>`` or
+    ``<file>: invalid TOML: ... (at line N, column M)``.
     """
     rest = problem
     if path is not None:
@@ -198,16 +199,15 @@ def _named(lines: list[str], models: list[tuple[int, int]], name: str) -> tuple[
     return None
 
 
-def _protected_message(path: Path, key: str) -> str:
+def _refused_message(path: Path, refusal: Refusal) -> str:
     # Phrased like a check problem so that locate() finds the line.
-    section, _, rest = key.partition(".")
-    if section == "models":
-        name, _, sub = rest.partition(".")
-        where = f"model {name!r}: {sub}"
+    section, *rest = refusal.key
+    if section == "models" and len(rest) > 1:
+        where = f"model {rest[0]!r}: {'.'.join(rest[1:])}"
     else:
-        where = key
-    return (f"{path}: {where}: protected: changes only in the file on disk, never over "
-            "HTTP")
+        where = refusal.dotted
+    return (f"{path}: {where}: refused over HTTP ({refusal.why}): changes only in the file "
+            "on disk")
 
 
 # -- the dry run ----------------------------------------------------------------------------
@@ -232,21 +232,46 @@ def _scrub(message: str, text: str, cfg: CorralConfig) -> str:
     return message
 
 
+def _checked_view(current: CorralConfig, new: CorralConfig,
+                  refused: list[Refusal]) -> CorralConfig:
+    """``new`` without what the write would refuse, so that the checks look only at
+    files and programs the running config already names: a dry run reads, runs and
+    fetches nothing the edit names (a refused model is reported as refused instead)."""
+    models = {r.key[1] for r in refused if r.key[0] == "models" and len(r.key) > 1}
+    sections = {r.key[0] for r in refused}
+    update: dict[str, object] = {
+        "models": tuple(m for m in new.models if m.name not in models)}
+    for section in ("llama_server", "runtimes", "providers"):
+        if section in sections:
+            update[section] = getattr(current, section)
+    return new.model_copy(update=update)
+
+
 def dry_run(path: Path, text: str, original: str, current: CorralConfig) -> dict[str, object]:
     """What writing ``text`` to ``path`` would do. Blocking (reads files, probes
     memory): call through ``asyncio.to_thread``."""
     problems: list[str] = []
     changes: dict[str, list[str]] = {}
     restart: list[str] = []
-    try:
-        new = load_config(path, text=text)
-    except ConfigError as e:
-        problems = [p for p in e.message.splitlines() if p.strip()]
+    moved = moved_models_dir(path, text, current)
+    if moved is not None:
+        problems = [_refused_message(path, moved)]
     else:
-        problems = check_problems(path, new)
-        problems += [_protected_message(path, k) for k in protected_changes(current, new)]
-        changes = model_changes(current, new)
-        restart = server_changes(current, new)
+        try:
+            new = load_config(path, text=text)
+        except ConfigError as e:
+            problems = [p for p in e.message.splitlines() if p.strip()]
+        else:
+            refused = refused_changes(current, new)
+            problems = check_problems(path, _checked_view(current, new, refused))
+            problems += [_refused_message(path, r) for r in refused]
+            changes = model_changes(current, new)
+            restart = server_changes(current, new)
+    if len(problems) > MAX_ERRORS:
+        # Each is located by a scan of the text: a body of thousands of bad tables
+        # must not cost thousands of scans.
+        problems = [*problems[:MAX_ERRORS],
+                    f"{path}: {len(problems) - MAX_ERRORS} more problems not shown"]
     diff = "".join(difflib.unified_diff(
         redact_text(original, current).splitlines(keepends=True),
         redact_text(text, current).splitlines(keepends=True),
@@ -276,7 +301,15 @@ async def edited_text(request: web.Request) -> tuple[Path, str, str]:
         raise NoConfigFile("Corral was started without a config file to edit")
     if (request.content_length or 0) > MAX_TEXT:
         raise BadRequest(f"a config file over {MAX_TEXT} bytes is not accepted")
-    text = await request.text()
+    raw = bytearray()
+    async for chunk in request.content.iter_any():
+        raw += chunk
+        if len(raw) > MAX_TEXT:  # a chunked body declares no length
+            raise BadRequest(f"a config file over {MAX_TEXT} bytes is not accepted")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"the config file must be UTF-8 text (byte {e.start} is not)") from None
     if not text.strip():
         raise BadRequest("the body must be the new config file (TOML)")
     original = await read_original(reloader.path)

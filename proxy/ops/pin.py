@@ -4,7 +4,7 @@
 Pinning is a config setting (``evictable = false`` on the model: one instance kept
 loaded from start, never evicted, preempted or expired), so it survives a restart.
 The action edits that one key of the model's ``[[models]]`` table in the file on disk
-and goes through the same write as ``PUT /admin/config``: validated (protected keys
+and goes through the same write as ``PUT /admin/config``: validated (the allow-list
 included), the previous file kept as ``.bak``, reloaded. It therefore needs
 ``[server] admin_config_write = true``, and works for models defined in the main
 file (not ``models.d/`` or discovered ones, which say so).

@@ -37,7 +37,7 @@ from proxy.edge import tuning
 from proxy.metrics.registry import Metrics
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CorralConfig, load_config
-from scheduler.engines.settings import keyed_remote_changes
+from scheduler.config.writable import Refusal, moved_models_dir, refused_changes
 from scheduler.errors import ConfigError, CorralError
 from scheduler.scheduling.scheduler import Scheduler
 
@@ -79,84 +79,18 @@ def server_changes(old: CorralConfig, new: CorralConfig) -> list[str]:
     return [f"server.{k}" for k in before if before[k] != after.get(k)]
 
 
-# What an HTTP write may never change: everything Corral executes or hands to a child
-# (binary, flags, environment, model files and where they come from), and the keys
-# that guard the HTTP side itself. "*" walks every model, matched by name; a model
-# that is new must leave these keys unset. Future sections ("runtimes", "scan") are
-# listed already so that they are protected the day they exist.
-PROTECTED_KEYS: tuple[tuple[str, ...], ...] = (
-    ("llama_server",),
-    ("models_dir",),
-    ("runtimes",),
-    ("scan",),
-    ("scheduler", "scan"),
-    # Where calls (and the keys of api_key_env) are sent.
-    ("providers",),
-    *(("models", "*", k) for k in (
-        "args", "env", "path", "package", "hf_repo", "hf_file", "hf_revision", "runtime",
-        "binary", "mmproj", "lora", "upstream_model",
-    )),
-    ("scheduler", "auto_pull"),
-    ("server", "admin_config_write"),
-    ("server", "api_keys"),
-    ("keys",),
-    ("server", "allowed_hosts"),
-    ("server", "cors_origins"),
-    # A node's token and a front's nodes decide who may call what across machines.
-    ("cluster",),
-)
-
-_UNSET = None
-
-
-def _walk(data: object, path: tuple[str, ...], prefix: str = "") -> dict[str, object]:
-    """The values at ``path`` in a config dump, by dotted key ("models.a.path")."""
-    if not path:
-        return {prefix: data}
-    head, rest = path[0], path[1:]
-    where = f"{prefix}.{head}" if prefix else head
-    if head == "*":
-        out: dict[str, object] = {}
-        for item in data if isinstance(data, list) else []:
-            name = item.get("name") if isinstance(item, dict) else None
-            out.update(_walk(item, rest, f"{prefix}.{name}"))
-        return out
-    value = data.get(head, _UNSET) if isinstance(data, dict) else _UNSET
-    if rest and isinstance(value, list | dict):
-        return _walk(value, rest, where)
-    return {where: value} if not rest else {}
-
-
-def _empty(value: object) -> bool:
-    return value is None or value == [] or value == {} or value == ()
-
-
-def protected_changes(old: CorralConfig, new: CorralConfig) -> list[str]:
-    """Protected keys (``PROTECTED_KEYS``) whose value differs between two configs."""
-    before, after = old.model_dump(mode="json"), new.model_dump(mode="json")
-    changed = []
-    for path in PROTECTED_KEYS:
-        was, now = _walk(before, path), _walk(after, path)
-        for key, value in now.items():
-            if key in was:
-                if was[key] != value:
-                    changed.append(key)
-            elif not _empty(value) and value not in was.values():
-                # A new model that names a file or flags no model had. Reusing what a
-                # model already runs with (another alias or context size for the same
-                # file) executes and reads nothing new, so it stays allowed.
-                changed.append(key)
-    # Remotes that carry a key: compared whole, secrets included (a dump shows
-    # SecretStr as ********** either way).
-    changed += keyed_remote_changes({m.name: m.remote_configs() for m in old.models},
-                                    {m.name: m.remote_configs() for m in new.models})
-    return changed
-
-
 class ProtectedChange(CorralError):
     status = 403
     code = "protected_config_key"
     type = "permission_error"
+
+
+def _refuse(path: Path, refused: list[Refusal]) -> None:
+    if refused:
+        raise ProtectedChange(
+            f"refused, nothing written: {'; '.join(map(str, refused))}: these keys change "
+            f"only in the file on disk ({path}), never over HTTP (docs/security.md)"
+        )
 
 
 class Reloader:
@@ -228,7 +162,8 @@ class Reloader:
     async def write(self, text: str) -> Outcome:
         """Validate ``text`` as the new config file, back up the old file, replace it,
         reload. Raises ConfigError (file untouched) when ``text`` is not valid, and
-        ProtectedChange when it changes a key in ``PROTECTED_KEYS``."""
+        ProtectedChange when it changes a key outside the allow-list
+        (scheduler/config/writable.py)."""
         if self.path is None:
             raise NoConfigFile("Corral was started without a config file to write")
         path = self.path
@@ -289,6 +224,9 @@ class Reloader:
         return tuple(out)
 
     def _validate_and_replace(self, path: Path, text: str) -> None:
+        # Before loading: the load would read another models_dir's files.
+        moved = moved_models_dir(path, text, self.current)
+        _refuse(path, [moved] if moved is not None else [])
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with tmp.open("w", encoding="utf-8") as f:
@@ -299,12 +237,7 @@ class Reloader:
                 new = self._loader(tmp)
             except ConfigError as e:
                 raise ConfigError(e.message.replace(str(tmp), str(path))) from None
-            changed = protected_changes(self.current, new)
-            if changed:
-                raise ProtectedChange(
-                    f"refused: {', '.join(changed)} change only in the file on disk "
-                    f"({path}), never over HTTP; nothing written"
-                )
+            _refuse(path, refused_changes(self.current, new))
             if path.exists():
                 # The file may hold API keys: the new one keeps the old one's mode.
                 shutil.copymode(path, tmp)

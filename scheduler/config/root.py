@@ -74,6 +74,7 @@ __all__ = [
     "UpstreamApi",
     "load_config",
     "parse_size",
+    "parse_toml",
 ]
 
 
@@ -241,20 +242,49 @@ def _as_models_entry(err: ValidationError) -> ValidationError:
     return ValidationError.from_exception_data(err.title, errors)  # type: ignore[arg-type]
 
 
+# Deeper than any config needs (models.*.remotes.*.headers is 5 levels): tomllib
+# recurses once per level and, past Python's recursion limit, raised RecursionError
+# out of every caller (a 500 from the dashboard's dry run).
+MAX_TOML_DEPTH = 32
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads``, bounded in depth. Raises ValueError (``TOMLDecodeError`` is
+    one) saying what is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_TOML_DEPTH} levels") from None
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else (
+            value if isinstance(value, list) else ())
+        if children and depth > MAX_TOML_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_TOML_DEPTH} levels")
+        stack += [(c, depth + 1) for c in children]
+    return data
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
+    try:
+        return parse_toml(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
 def _parse_toml(path: Path, text: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        return parse_toml(text)
+    except ValueError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import urlsplit, urlunsplit
@@ -263,26 +262,4 @@ def secrets_of(remotes: list[RemoteConfig], providers: tuple[ProviderConfig, ...
         for name, value in rc.headers.items():
             if SECRET_HEADER.search(name) and value:
                 out.add(value)
-    return out
-
-
-
-def _keyed(rc: RemoteConfig) -> bool:
-    return (rc.api_key is not None or rc.api_key_env is not None
-            or any(SECRET_HEADER.search(h) for h in rc.headers))
-
-
-def keyed_remote_changes(
-    old: Mapping[str, tuple[RemoteConfig, ...]], new: Mapping[str, tuple[RemoteConfig, ...]]
-) -> list[str]:
-    """Models whose remotes carry a key (``api_key``, ``api_key_env``, a credential
-    header) before or after, and differ: where a key is sent is not for a config
-    writer over HTTP to change (``api_key_env`` may name any variable of Corral's
-    environment; a keyed remote's ``url`` pointed elsewhere takes its key along).
-    Keyless remotes may change."""
-    out = []
-    for name, remotes in new.items():
-        before = old.get(name, ())
-        if remotes != before and any(_keyed(rc) for rc in (*remotes, *before)):
-            out.append(f"models.{name}.remotes")
     return out

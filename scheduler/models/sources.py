@@ -7,9 +7,12 @@ result is remembered per model for the life of the process.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import importlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -90,12 +93,96 @@ def materialised_file(model: ModelConfig) -> Path | None:
             return None
     if model.package is None:
         return None
-    try:
-        mod: Any = importlib.import_module(model.package)
-    except ImportError:
+    # Never imported here: this runs for `corral check` and the dashboard's dry run,
+    # where importing a named module ran its code ("venv.__main__" exited Corral).
+    source = package_source(model.package)
+    if source is None:
         return None
-    target = models_cache_dir() / getattr(mod, "MODEL_NAME", f"{model.package}.gguf")
+    name = _model_name(source) or f"{model.package}.gguf"
+    target = models_cache_dir() / name
     return target if target.is_file() else None
+
+
+# -- packages, looked at without importing them ------------------------------------------
+
+_MAX_SOURCE = 1 << 20
+
+
+def package_source(package: str) -> Path | None:
+    """The source file of module ``package`` (a dotted name), found without importing
+    anything: ``find_spec`` of its first name only (a dotted ``find_spec`` imports the
+    parents), then each further name looked up as a file under the one before."""
+    top, *rest = package.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    for name in rest:
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(
+            f"{spec.name}.{name}", list(spec.submodule_search_locations))
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _parsed(source: Path) -> ast.Module | None:
+    """A module's syntax tree, read from its file and never run; None when it cannot
+    be (too large, not Python, not readable)."""
+    try:
+        if source.stat().st_size > _MAX_SOURCE:
+            return None
+        return ast.parse(source.read_bytes(), str(source))
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _bound(tree: ast.Module) -> dict[str, ast.expr | None]:
+    """Names a module binds at its top level: assignments (with their value),
+    functions, classes and imports (value None)."""
+    out: dict[str, ast.expr | None] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            out.update({t.id: node.value for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out[node.target.id] = node.value
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out[node.name] = None
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            out.update({(a.asname or a.name).split(".")[0]: None for a in node.names})
+    return out
+
+
+def _model_name(source: Path) -> str | None:
+    """``MODEL_NAME`` when the module sets it to a plain file name literally."""
+    tree = _parsed(source)
+    value = _bound(tree).get("MODEL_NAME") if tree is not None else None
+    if (isinstance(value, ast.Constant) and isinstance(value.value, str)
+            and value.value == Path(value.value).name and value.value not in ("", ".", "..")):
+        return value.value
+    return None
+
+
+def package_problem(package: str) -> str | None:
+    """Why ``package`` cannot serve a model, judged without importing it: not
+    installed, or a module with no ``assemble`` of its own. None when it looks right."""
+    source = package_source(package)
+    if source is None:
+        top = package.split(".")[0]
+        if package_source(top) is None:
+            return (f"Python package {top!r} is not installed "
+                    f"(pip install {top.replace('_', '-')})")
+        return f"Python package {package!r}: no such module in {top!r}"
+    tree = _parsed(source)
+    if tree is not None:
+        names = _bound(tree)
+        # A module-level __getattr__ may provide it: only a module that has neither is
+        # known not to be a model package.
+        if "assemble" not in names and "__getattr__" not in names:
+            return (f"Python package {package!r} is not a model package (it has no "
+                    "assemble(path) function)")
+    return None
 
 
 def resolve_model_file(model: ModelConfig) -> Path:

@@ -221,17 +221,19 @@ def test_config_edit_refused_with_the_error_shown_then_applied(
     expect(page.locator("#cfg-message")).to_contain_text("Not applied")
     shot(page, "config-error", phone=True)
 
-    # A new local model that names a file no model serves: protected over HTTP, said
-    # at the line. (Reusing the served Gemma file would be allowed: nothing new runs.)
+    # A new local model that names a file no model serves: refused over HTTP, said
+    # at the line. (Reusing the served Gemma file is allowed: nothing new runs.)
     local = original + '\n[[models]]\nname = "friend"\npath = "/etc/passwd"\n'
     editor.fill(local)
-    expect(page.locator("#cfg-errors li")).to_contain_text("protected")
+    expect(page.locator("#cfg-errors li")).to_contain_text("refused over HTTP")
     page.locator("#cfg-apply").click()
     expect(page.locator("#cfg-message")).to_contain_text("Not applied")
     assert "friend" not in [m["id"] for m in httpx.get(c.url + "/v1/models").json()["data"]]
 
-    # A valid edit: a model served by a remote (Corral itself will do) is added.
-    good = original + f'\n[[models]]\nname = "friend"\nremotes = ["{c.url}"]\n'
+    # A valid edit: a variant of the served model (its file and template, a smaller
+    # context) is added. A remote would not be: a URL is where Corral connects.
+    good = original + (f'\n[[models]]\nname = "friend"\npath = "{gemma.resolve()}"\n'
+                       'chat_template = "gemma3"\nctx_size = 512\n')
     editor.fill(good)
     expect(page.locator("#cfg-message")).to_contain_text("adds friend")
     expect(page.locator("#cfg-diff")).to_contain_text('+name = "friend"')
@@ -244,7 +246,7 @@ def test_config_edit_refused_with_the_error_shown_then_applied(
     # ...and shows in the models view with its source, next to Gemma's facts.
     page.locator("#tab-models").click()
     friend = page.locator('#catalog tr[data-model="friend"]')
-    expect(friend).to_contain_text("remote")
+    expect(friend).to_contain_text("path")
     g = page.locator('#catalog tr[data-model="gemma"]')
     expect(g).to_contain_text("Q4_K_M")
     expect(g).to_contain_text("MiB")

@@ -87,3 +87,42 @@ def test_npm_sdk(served: CorralProc) -> None:
     assert out["warnings"] == [] and out["contextLength"] == 1024
     assert "rejected a message" not in served.log()
     wait_until(lambda: bool(served.children()))
+
+
+KEY = "sk-lm-Abcd1234:abcdefghij0123456789"
+
+
+class _KeyedClient(lms.AsyncClient):
+    """lmstudio-python 1.5.0 sends a guest identity; this one sends an sk-lm- key."""
+
+    def __init__(self, api_host: str) -> None:
+        self._ident, self._passkey = KEY.removeprefix("sk-lm-").split(":")
+        super().__init__(api_host)
+
+    def _create_auth_message(self) -> dict[str, object]:
+        return self._format_auth_message(self._ident, self._passkey)
+
+
+def test_keys_open_only_the_sdk_sockets(corral, gemma: Path) -> None:
+    """With api_keys set: the SDK's websocket authenticates with its key in the auth
+    packet, keyless; llama-server's own POST /embedding on the main port needs a key
+    (issue 25: it answered embeddings to anyone, the SDK namespace of the same name
+    being open on every port)."""
+    import httpx
+
+    served = corral(models(gemma), server=f'api_keys = ["{KEY}"]')
+    body = {"model": "gemma-embed", "content": "hello"}
+    assert httpx.post(served.url + "/embedding", json=body, timeout=60).status_code == 401
+    assert httpx.options(served.url + "/v1/models", timeout=10).status_code == 401
+    keyed = httpx.post(served.url + "/embedding", json=body, timeout=120,
+                       headers={"Authorization": f"Bearer {KEY}"})
+    assert keyed.status_code == 200, keyed.text
+
+    async def run() -> int:
+        async with _KeyedClient(host(served)) as client:
+            return len(await (await client.embedding.model("gemma-embed")).embed("hello"))
+
+    assert asyncio.run(run()) == 640
+    # A guest (no key) is refused in the auth packet.
+    with pytest.raises((lms.LMStudioError, ValueError)), lms.Client(host(served)) as client:
+        client.list_downloaded_models()

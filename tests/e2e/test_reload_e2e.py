@@ -77,3 +77,32 @@ def test_broken_config_during_a_load_keeps_serving_the_old_one(
     assert get(c, "/admin/config")["last_reload"]["changes"]["changed"] == []
     time.sleep(0.2)
     assert inst["pid"] in [i["pid"] for i in get(c, "/admin/instances")["instances"]]
+
+
+def test_a_dry_run_and_a_write_run_nothing_the_edit_names(
+    corral: Callable[..., CorralProc], gemma: Path, tmp_path: Path
+) -> None:
+    """Issue 25's reproducers against a real `corral serve`: a dry run naming
+    ``venv.__main__`` made Corral exit with every port and child, ``this`` printed the
+    Zen of Python into its log; a new model reusing the served file with
+    ``chat_template = "/etc/passwd"`` served the file back through /props."""
+    c = corral(model_toml("gemma", gemma, chat_template="gemma3"),
+               server="admin_config_write = true")
+    toml = {"Content-Type": "application/toml"}
+    original = httpx.get(c.url + "/admin/config/file", timeout=10).text
+    for package in ("venv.__main__", "this", ".."):
+        edit = original + f'\n[[models]]\nname = "p"\npackage = "{package}"\n'
+        r = httpx.post(c.url + "/admin/config/validate", content=edit, headers=toml,
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        assert not r.json()["ok"] and "package" in r.json()["errors"][0]["message"]
+    assert c.proc.poll() is None
+    assert httpx.get(c.url + "/health", timeout=10).status_code == 200
+    passwd = original + (f'\n[[models]]\nname = "leak"\npath = "{gemma.resolve()}"\n'
+                         'ctx_size = 1024\nparallel = 1\nthreads = 1\n'
+                         'chat_template = "/etc/passwd"\n')
+    r = httpx.put(c.url + "/admin/config", content=passwd, headers=toml, timeout=30)
+    assert r.status_code == 403 and "models.leak.chat_template" in r.text
+    assert "leak" not in [m["id"] for m in get(c, "/v1/models")["data"]]
+    log = c.log()
+    assert "Beautiful is better than ugly" not in log and "Traceback" not in log

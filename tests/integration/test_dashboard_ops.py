@@ -157,7 +157,7 @@ async def test_validate_reports_errors_at_their_line_and_writes_nothing(
     path.write_text(old)
     client = await from_file(path)
 
-    bad = old + '\n[[models]]\nname = "b"\nremotes = ["http://127.0.0.1:9"]\nparallel = 0\n'
+    bad = old + f'\n[[models]]\nname = "b"\npath = "{tmp_path / "a.gguf"}"\nparallel = 0\n'
     report = await validate(client, bad)
     assert not report["ok"] and report["writable"]
     (err,) = report["errors"]
@@ -172,14 +172,14 @@ async def test_validate_reports_errors_at_their_line_and_writes_nothing(
     # A new local model that reuses a served model's file runs nothing new: allowed.
     variant = old + f'\n[[models]]\nname = "c"\npath = "{tmp_path / "a.gguf"}"\nctx_size = 512\n'
     assert (await validate(client, variant))["ok"]
-    # One that names another file: protected, shown at the line of its path.
+    # One that names another file: refused, shown at the line of its path.
     other = tmp_path / "other.gguf"
     other.write_bytes((tmp_path / "a.gguf").read_bytes())
     local = old + f'\n[[models]]\nname = "c"\npath = "{other}"\n'
     report = await validate(client, local)
     assert not report["ok"]
     (err,) = report["errors"]
-    assert "protected" in err["message"] and "model 'c': path" in err["message"]
+    assert "refused over HTTP" in err["message"] and "model 'c': path" in err["message"]
     assert local.splitlines()[err["line"] - 1].startswith("path = ")
 
     # A missing file is caught like `corral check` catches it (the schema allows it).
@@ -189,9 +189,13 @@ async def test_validate_reports_errors_at_their_line_and_writes_nothing(
     assert report["changes"]["changed"] == ["a"] and report["changes"]["added"] == []
     assert "+ttl = 9" in report["diff"] and "(running)" in report["diff"]
 
+    # A URL is where Corral connects: a new remote is refused over HTTP.
     remote = old + '\n[[models]]\nname = "r"\nremotes = ["http://127.0.0.1:9"]\n'
     report = await validate(client, remote)
-    assert report["ok"] and report["changes"]["added"] == ["r"]
+    assert not report["ok"] and report["changes"]["added"] == ["r"]
+    assert [e["message"] for e in report["errors"]] == [
+        f"{path}: model 'r': remotes: refused over HTTP (where Corral listens or connects): "
+        "changes only in the file on disk"]
     assert report["changes"]["unchanged"] == ["a"]
 
     assert path.read_text() == old  # a dry run: nothing written, nothing applied
@@ -219,8 +223,13 @@ async def test_validate_refuses_a_chat_template_name_in_args(
     assert "model 'a'" in err["message"] and "'--chat-template', 'gemma'" in err["message"]
     assert "--chat-template-file" in err["message"]
     assert bad.splitlines()[err["line"] - 1] == "[[models]]"
+    # The fix is the operator's to write in the file: chat_template names a file Corral
+    # reads, so it is not on the HTTP write allow-list.
     fixed = old.replace('name = "a"', 'name = "a"\nchat_template = "gemma3"')
-    assert (await validate(client, fixed))["ok"]
+    report = await validate(client, fixed)
+    assert not report["ok"]
+    assert any("chat_template" in e["message"] for e in report["errors"]), report
+    assert not any("--chat-template" in e["message"] for e in report["errors"]), report
 
 
 async def test_redacted_keys_survive_an_edit_and_never_leak(

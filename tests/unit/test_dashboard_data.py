@@ -135,7 +135,7 @@ parallel = 0
     [
         ("/c.toml: model 'b': parallel: Input should be greater than or equal to 1", 15),
         ("/c.toml: model 'b': (top level): Value error, set only one of", 12),
-        ("/c.toml: model 'a': ttl: protected", 8),  # not there: the model's header
+        ("/c.toml: model 'a': ttl: refused over HTTP", 8),  # not there: the model's header
         ("/c.toml: models[1]: parallel: bad", 15),
         ("/c.toml: server.port: Input should be a valid integer", 2),
         ("/c.toml: scheduler.memory_budget: bad", 5),

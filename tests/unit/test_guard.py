@@ -1,5 +1,5 @@
 """Pure parts of the edge guards: Host matching, key decoding, child environment,
-protected config keys, keep_alive/ttl ranges."""
+keep_alive/ttl ranges (the config keys HTTP may write: test_writable.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from proxy.dialects import lmstudio, translate
 from proxy.edge.guard import host_matcher, host_name
-from proxy.ops.reload import protected_changes
 from scheduler.config.root import CorralConfig, ServerConfig
 from scheduler.errors import BadRequest
 from scheduler.process.launcher import child_environ
@@ -62,43 +61,6 @@ def test_build_spec_env_keeps_what_the_config_sets(
     assert spec.env["HF_TOKEN"] == "mine" and "PATH" in spec.env
 
 
-def _cfg(tmp_path: Path, **kw: object) -> CorralConfig:
-    model = {"name": "a", "path": str(tmp_path / "a.gguf"), **kw.pop("model", {})}  # type: ignore[dict-item]
-    return CorralConfig(models=[model], **kw)  # type: ignore[arg-type]
-
-
-def test_protected_changes(tmp_path: Path) -> None:
-    old = _cfg(tmp_path)
-    assert protected_changes(old, _cfg(tmp_path, model={"ttl": 5, "parallel": 2})) == []
-    assert protected_changes(old, _cfg(tmp_path, llama_server={"binary": "/bin/sh"})) == [
-        "llama_server"]
-    assert protected_changes(old, _cfg(tmp_path, model={"args": ["--foo"]})) == ["models.a.args"]
-    assert protected_changes(old, _cfg(tmp_path, model={"env": {"X": "1"}})) == ["models.a.env"]
-    assert protected_changes(old, _cfg(tmp_path, model={"path": "/etc/x"})) == ["models.a.path"]
-    assert protected_changes(old, _cfg(tmp_path, server={"admin_config_write": True})) == [
-        "server.admin_config_write"]
-    assert protected_changes(old, _cfg(tmp_path, server={"api_keys": ["k"]})) == [
-        "server.api_keys"]
-    assert protected_changes(old, _cfg(tmp_path, models_dir=str(tmp_path))) == ["models_dir"]
-    two = CorralConfig(models=[*old.model_dump()["models"],
-                               {"name": "b", "remotes": ["http://x:1"]}])
-    assert protected_changes(old, two) == []  # a remote model runs nothing here
-    # ... but one that carries a key decides where the key goes (an api_key_env may
-    # name any variable of Corral's environment): not writable over HTTP.
-    keyed = CorralConfig(models=[*old.model_dump()["models"], {"name": "b", "remotes": [
-        {"url": "http://x:1", "api_key_env": "PATH"}]}])
-    assert protected_changes(old, keyed) == ["models.b.remotes"]
-    moved = CorralConfig(models=[*old.model_dump()["models"], {"name": "b", "remotes": [
-        {"url": "http://elsewhere:1", "api_key_env": "PATH"}]}])
-    assert protected_changes(keyed, moved) == ["models.b.remotes"]
-    rekeyed = CorralConfig(models=[*old.model_dump()["models"], {"name": "b", "remotes": [
-        {"url": "http://x:1", "api_key": "new-key"}]}])
-    assert protected_changes(keyed, rekeyed) == ["models.b.remotes"]
-    three = CorralConfig(models=[*old.model_dump()["models"],
-                                 {"name": "b", "path": "/etc/passwd"}])
-    assert protected_changes(old, three) == ["models.b.path"]
-
-
 @pytest.mark.parametrize("value", [1e18, "99999999h", math.inf, "1e400", -5, "-1m"])
 def test_huge_or_negative_keep_alive_is_forever(value: object) -> None:
     assert translate.keep_alive_seconds(value) == -1.0
@@ -134,13 +96,3 @@ def test_reserved_flags_are_refused_in_any_args(args: list[str], where: str) -> 
         data["llama_server"] = {"args": args}
     with pytest.raises(ValueError, match="is set by Corral"):
         CorralConfig(**data)
-
-
-def test_a_new_model_may_reuse_what_a_model_already_runs_with(tmp_path: Path) -> None:
-    old = _cfg(tmp_path, model={"args": ["--mlock"]})
-    same_file = CorralConfig(models=[*old.model_dump()["models"], {
-        "name": "b", "path": str(tmp_path / "a.gguf"), "args": ["--mlock"], "ctx_size": 8192}])
-    assert protected_changes(old, same_file) == []  # same file, same flags: nothing new
-    new_flags = CorralConfig(models=[*old.model_dump()["models"], {
-        "name": "b", "path": str(tmp_path / "a.gguf"), "args": ["--no-mmap"]}])
-    assert protected_changes(old, new_flags) == ["models.b.args"]

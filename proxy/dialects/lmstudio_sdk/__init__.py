@@ -6,6 +6,6 @@ config → llama-server fields; history: chat history → messages; upstream: th
 llama-server call.
 """
 
-from proxy.dialects.lmstudio_sdk.socket import OPEN_PATHS, add_routes, greeting
+from proxy.dialects.lmstudio_sdk.socket import NAMESPACES, add_routes, greeting
 
-__all__ = ["OPEN_PATHS", "add_routes", "greeting"]
+__all__ = ["NAMESPACES", "add_routes", "greeting"]

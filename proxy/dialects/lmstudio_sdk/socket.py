@@ -248,9 +248,9 @@ async def greeting(request: web.Request) -> web.Response:
     return web.json_response({"lmstudio": True})
 
 
-# Paths the SDKs reach without an Authorization header (their key is in the auth packet).
+# The SDKs reach these without an Authorization header (their key is in the auth
+# packet): proxy/app.py OPEN_ROUTES opens them as websocket upgrades only.
 NAMESPACES = ("system", "llm", "embedding", *UNSUPPORTED)
-OPEN_PATHS = frozenset({"/lmstudio-greeting", *(f"/{ns}" for ns in NAMESPACES)})
 
 
 def add_routes(app: web.Application) -> None:
