@@ -4,7 +4,7 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
     worker -> owner                             owner -> worker
     {"op": "lease", "id", "model",              {"op": "config", "pickle"}   at start and
-     "affinity", "keep_alive", "key"}                                        on every change
+     "chain", "keep_alive", "key"}                                           on every change
     {"op": "release", "id"}                     {"op": "leased", "id", "up": [base_url,
     {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",
@@ -35,6 +35,7 @@ from scheduler import errors
 from scheduler.config.root import CorralConfig
 from scheduler.engines.egress import PLAIN, Egress
 from scheduler.errors import CorralError
+from scheduler.scheduling.prefixes import Chain
 from scheduler.scheduling.scheduler import Upstream
 
 # A config with hundreds of models is a few hundred KB; a frame is never larger.
@@ -54,6 +55,13 @@ def config_of(frame: dict[str, Any]) -> CorralConfig:
     cfg = pickle.loads(base64.b64decode(frame["pickle"]))
     assert isinstance(cfg, CorralConfig)
     return cfg
+
+
+def chain_of_frame(links: Any) -> Chain:
+    """A lease frame's prefix chain ([[hash, bytes], ...]) as LeaseHints holds it."""
+    if not isinstance(links, list):
+        return ()
+    return tuple((int(h), int(n)) for h, n in links)
 
 
 def upstream_frame(up: Upstream) -> list[Any]:

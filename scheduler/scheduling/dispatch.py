@@ -46,8 +46,7 @@ class Dispatch(Core):
                 if w.fut.done():
                     m.queue.popleft()
                     continue
-                preferred = m.affinity.get(w.hints.affinity) if w.hints.affinity else None
-                inst = self.pick(m.servables(), preferred)
+                inst = self._choose(m, w.hints)
                 if inst is None or not inst.try_acquire():
                     break
                 m.queue.popleft()
