@@ -2,13 +2,15 @@
 in one place.
 
 ``head()`` is what the pass-through needs from a body: the model, the stream flag and
-the prompt's parts for its chain of prefixes (replica choice and the slot cache). It decodes into a typed struct, which makes
-msgspec skip every other field without building it: a 50 MB embeddings body is read
+the prompt's parts for its chain of prefixes (replica choice and the slot cache). It
+decodes into a typed struct, which makes msgspec skip every other field without
+building it: a 50 MB embeddings body is read
 in tens of milliseconds and leaves no parsed copy behind.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -84,7 +86,7 @@ class Head(msgspec.Struct):
             return prefixes.prompt_chain(self.prompt) if self.prompt else ()
         b = prefixes.ChainBuilder()
         b.add(self.tools)
-        b.add(self.system)
+        b.add(_unstamped(self.system))
         b.add(self.instructions)
         b.cut()
         items = self.messages or _items(self.input)
@@ -92,6 +94,22 @@ class Head(msgspec.Struct):
             b.add(m)
             b.cut()
         return b.chain()
+
+
+# Claude Code's system prompt starts with "x-anthropic-billing-header: ...; cch=a5145;",
+# a stamp that changes on every call; llama-server edits it out of the prompt
+# (llama.cpp#21793), and so must the hash, or no two calls of a session would share
+# their system prompt.
+_BILLING = b"x-anthropic-billing-header:"
+_STAMP = re.compile(rb"cch=[0-9A-Za-z]+")
+
+
+def _unstamped(system: msgspec.Raw) -> bytes | msgspec.Raw:
+    view = memoryview(system)
+    head = bytes(view[:512])
+    if _BILLING not in head:
+        return system
+    return _STAMP.sub(b"cch=", head, count=1) + bytes(view[512:])
 
 
 _input_decoder = msgspec.json.Decoder(str | list[msgspec.Raw])

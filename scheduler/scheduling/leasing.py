@@ -66,20 +66,41 @@ class Leasing(Core):
                 log.warning("model '%s' cannot serve (%s); falling back to '%s'",
                             serving.cfg.name, e.message.splitlines()[0], chain[i + 1].cfg.name)
         assert inst is not None
+        slot: int | None = None
         try:
             if hints.chain and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
-                await self.slots.restore(inst, hints.chain)
-            yield self._granted(serving, inst, hints, start)
+                slot = await self._slot(serving, inst, hints.chain)
+            yield self._granted(serving, inst, hints, start, slot)
         finally:
+            if slot is not None and isinstance(inst, Instance):
+                self.slots.release(inst, slot)
             inst.release()
 
-    def _granted(self, m: ModelState, inst: Servable, hints: LeaseHints, start: float) -> Upstream:
+    async def _slot(self, m: ModelState, inst: Instance, chain: Chain) -> int | None:
+        """The slot of ``inst`` the call runs in, with the longest saved prefix of the
+        call restored into it when the instance holds less (scheduler/process/slotcache.py)."""
+        got = self.slots.assign(inst, chain)
+        if got is None:
+            return None
+        slot, held = got
+        try:
+            index = m.prefixes.get(inst.id)
+            have = max(held, index.match(chain) if index is not None else 0)
+            await self.slots.restore(inst, slot, chain, have)
+        except BaseException:
+            self.slots.release(inst, slot)
+            raise
+        return slot
+
+    def _granted(self, m: ModelState, inst: Servable, hints: LeaseHints, start: float,
+                 slot: int | None = None) -> Upstream:
         if hints.chain:
             self._remember(m, hints.chain, inst.id)
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         return Upstream(inst.base_url, inst.id, m.cfg.name, self._clock() - start,
-                        api_set(m.cfg.api) if inst.apis is None else inst.apis, inst.egress)
+                        api_set(m.cfg.api) if inst.apis is None else inst.apis, inst.egress,
+                        slot)
 
     def lease_now(self, name: str, hints: LeaseHints) -> tuple[Upstream, Servable] | None:
         """``lease()``'s fast path as a plain call, for a lease held across processes.

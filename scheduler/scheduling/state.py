@@ -78,6 +78,9 @@ class Upstream:
     # How the call leaves for this upstream: a remote's key and headers, the model
     # name it expects, TLS (scheduler/engines/egress.py).
     egress: Egress = PLAIN
+    # The llama-server slot the call must run in (``id_slot``), chosen by the slot
+    # cache so that it knows which conversation each slot holds; None: any.
+    slot: int | None = None
 
 
 class Waiter:
