@@ -52,7 +52,7 @@ import aiohttp
 
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.process.instance import Instance, LaunchSpec
-from scheduler.scheduling.prefixes import MIN_MATCH, Chain, common
+from scheduler.scheduling.prefixes import Chain, common
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ SAVE_REASONS = frozenset({"idle", "evicted", "preempted", "unload", "reload"})
 # Seconds one save or restore may take (a 2,000-token slot of a small model takes
 # milliseconds; a large model's can take a second or two).
 ACTION_TIMEOUT = 30.0
-_HEX = re.compile(r"^[0-9a-f]{8,64}$")
+# Bytes of prompt (about 64 tokens) a restore must add to what the call's slot holds
+# to be worth reading a file that holds the whole saved slot.
+MIN_GAIN = 256
 # Keys of a model's config that change what a saved slot means or whether it fits.
 _LAUNCH_KEYS = frozenset({
     "path", "package", "hf_repo", "hf_file", "hf_revision", "ctx_size", "parallel",
@@ -117,29 +119,38 @@ class Held:
     """Which conversation each slot of one instance holds, and which slots a call runs
     in now. Corral assigns every slot (``id_slot``), so this is exact."""
 
-    __slots__ = ("busy", "chains")
+    __slots__ = ("_clock", "busy", "chains", "used")
 
     def __init__(self, slots: int) -> None:
         self.chains: list[Chain] = [()] * slots
         self.busy = [False] * slots
+        self.used = [0] * slots
+        self._clock = 0
 
     def assign(self, chain: Chain) -> tuple[int, int] | None:
-        """(slot, bytes of ``chain`` it already holds) for a call, marked busy: the free
-        slot holding the longest prefix, else a fresh one, else the lowest id. None
-        when every slot is busy (a call without a chain took one)."""
-        best: tuple[int, bool, int] | None = None
+        """(slot, bytes of ``chain`` it already holds) for a call, marked busy. Among
+        free slots: one whose conversation the call continues; else a fresh one (a
+        new conversation does not push another out of its slot for a shared system
+        prompt: the restore or the prompt cache gives that back); else the one that
+        holds the longest prefix, the least recently used first. None when every slot
+        is busy (a call without a chain took one)."""
+        best: tuple[int, int, int, int] | None = None
         for k, held in enumerate(self.chains):
             if self.busy[k]:
                 continue
-            rank = (common(held, chain), not held, -k)
+            n = common(held, chain)
+            tier = 2 if held and n == held[-1][1] else 1 if not held else 0
+            rank = (tier, n, -self.used[k], -k)
             if best is None or rank > best:
                 best = rank
         if best is None:
             return None
-        slot = -best[2]
+        slot = -best[3]
+        self._clock += 1
         self.busy[slot] = True
         self.chains[slot] = chain
-        return slot, best[0]
+        self.used[slot] = self._clock
+        return slot, best[1]
 
     def release(self, slot: int) -> None:
         if 0 <= slot < len(self.busy):
@@ -315,14 +326,14 @@ class SlotCache:
 
     async def restore(self, inst: Instance, slot: int, chain: Chain, have: int) -> bool:
         """Before a call of ``chain`` is sent to ``slot`` of ``inst``: restore the saved
-        slot holding the longest prefix of it, if that is worth ``MIN_MATCH`` more than
+        slot holding the longest prefix of it, if that holds ``MIN_GAIN`` more than
         ``have`` (what the slot or the instance's prompt cache may already hold)."""
         where = save_dir(inst)
         if where is None:
             return False
         index = await self._index(where)
         size, name = index.longest(chain)
-        if name is None or size < have + MIN_MATCH:
+        if name is None or size < have + MIN_GAIN:
             return False
         if not await asyncio.to_thread(_touch, where / name):
             index.drop(name)

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.edge import jsonc
 from proxy.keys import SCHEDULER
+from scheduler.process.slotcache import file_of
 from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
 from tests.fakes import write_dummy_gguf
@@ -27,10 +28,9 @@ def turn(first: str, *more: str) -> dict[str, Any]:
 
 
 def prefix(body: dict[str, Any]) -> str:
-    # Hashed as the client sent it: aiohttp's json= is json.dumps.
-    key = jsonc.head(json.dumps(body).encode()).prefix_key()
-    assert key is not None
-    return key
+    """The name a slot holding this call is saved under, without ``.bin``. Hashed as
+    the client sent it: aiohttp's json= is json.dumps."""
+    return file_of(jsonc.head(json.dumps(body).encode()).chain()).removesuffix(".bin")
 
 
 def sched(client: TestClient) -> Scheduler:
