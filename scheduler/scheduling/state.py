@@ -84,7 +84,7 @@ class Upstream:
 
 
 class Waiter:
-    __slots__ = ("enqueued", "fut", "hints", "priority", "tenant")
+    __slots__ = ("enqueued", "fut", "hints", "passed", "priority", "tenant")
 
     def __init__(self, fut: asyncio.Future[Servable], enqueued: float, hints: LeaseHints,
                  key: tenants.Key | None = None):
@@ -94,6 +94,9 @@ class Waiter:
         # The fair queue's grouping: one FIFO per key, keys of higher priority first.
         self.tenant = key.name if key is not None else ""
         self.priority = key.priority if key is not None else 0
+        # Times a later call of its key was served first, for holding a longer prefix
+        # on the upstream that came free (dispatch.py); bounded by LOOKAHEAD.
+        self.passed = 0
 
 
 class ModelState:

@@ -21,7 +21,6 @@ from scheduler.process.slotcache import (
     model_prefix,
 )
 
-
 SYS = ((11, 4000),)  # a shared system prompt: one link of 4,000 bytes
 A = (*SYS, (21, 5000), (22, 6000))  # a conversation on top of it
 B = (*SYS, (31, 4500))  # another session with the same system prompt
