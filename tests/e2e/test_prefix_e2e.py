@@ -145,7 +145,7 @@ def test_an_agents_growing_tool_transcript_reuses_each_step(
     before = 0
     for step in range(3):
         answer = client.messages.create(model="a", system=SYSTEM, tools=tools,
-                                        messages=messages, max_tokens=4, temperature=0)
+                                        messages=messages, max_tokens=4)
         raw = answer.model_dump()
         prompt = raw["usage"]["input_tokens"] + raw["usage"].get(
             "cache_read_input_tokens", 0)
