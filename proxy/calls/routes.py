@@ -92,8 +92,10 @@ HintsFor = Callable[[Scheduler, str, jsonc.Head], LeaseHints | None]
 
 
 # Capabilities whose calls have a prompt that llama-server's prompt cache can reuse:
-# only their bodies are hashed into a chain of prefixes (an embeddings batch is not).
+# only their bodies are hashed into a chain of prefixes (an embeddings batch is not),
+# except on paths that render a prompt without running it in a slot.
 PROMPTED: frozenset[Capability | None] = frozenset({"chat", "completion", "infill"})
+_UNRUN = frozenset({"/apply-template"})
 
 
 def default_hints(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHints | None:
@@ -123,7 +125,7 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
             else:
                 body = await bodies.read(request, route.max_body)
                 head = jsonc.head(body)
-                if route.capability not in PROMPTED:
+                if route.capability not in PROMPTED or request.path in _UNRUN:
                     head = jsonc.Head(model=head.model, stream=head.stream, ttl=head.ttl)
             model = head.model or _default_model(request, route)
             await pulls.ensure(request.app, model)

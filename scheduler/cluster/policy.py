@@ -7,8 +7,8 @@ since. The choice, in order:
 
 1. a node with a ready instance below ``max_load``: the one this front sent the
    longest prefix of the call (its prompt caches hold it; matches under
-   ``prefixes.MIN_MATCH`` count as none), then the least loaded, then the node with
-   the fewest calls overall;
+   ``prefixes.MIN_MATCH`` count as none), then the least loaded, then the longest
+   short match, then the node with the fewest calls overall;
 2. a node whose instance of the model is starting (or that this front already sent
    a cold call to) with room in it: the launch on its way is the soonest one;
 3. a node that can launch the model without evicting a busy instance: one with free
@@ -68,7 +68,7 @@ def pick_node(
     """The node that should take the call, or None to queue it; see the module.
     ``matched``: bytes of the call's prefix each node holds, by option id."""
     matched = matched or {}
-    ready: list[tuple[tuple[int, float, int], str]] = []
+    ready: list[tuple[tuple[int, float, int, int], str]] = []
     starting: list[tuple[tuple[float, int, int], str]] = []
     launch: list[tuple[tuple[int, int, int], str]] = []
     for o in options:
@@ -76,14 +76,14 @@ def pick_node(
         match = matched.get(o.id, 0)
         worth = match if match >= MIN_MATCH else 0
         if o.ready_slots and calls < o.ready_slots * max_load:
-            ready.append(((-worth, calls / o.ready_slots, o.node_calls), o.id))
+            ready.append(((-worth, calls / o.ready_slots, -match, o.node_calls), o.id))
             continue
         coming = o.starting_slots
         if not o.ready_slots and not coming and o.own and o.launch in ("now", "evict"):
             # This front's cold calls started a launch the report does not show yet.
             coming = o.slots_per_instance
         if coming and calls < (o.ready_slots + coming) * max_load:
-            starting.append(((calls / (o.ready_slots + coming), -worth, o.node_calls), o.id))
+            starting.append(((calls / (o.ready_slots + coming), -match, o.node_calls), o.id))
             continue
         if o.launch in ("now", "evict") and not (o.own and not o.ready_slots):
             rank = 0 if o.launch == "now" else 1

@@ -119,13 +119,13 @@ def pick_instance(
     (scheduler/scheduling/prefixes.py). Among candidates below ``max_load``, the
     longest match wins, matches under ``MIN_MATCH`` counting as none (a hot replica
     is not made hotter for a prefix cheaper to re-process than to wait for); then the
-    lowest load, then a local instance, then the remote furthest below its weighted
+    lowest load, then the longest short match, then a local instance, then the remote furthest below its weighted
     share, then the most recently used one, which keeps the other replicas idle so
     they can expire. Candidates at or above ``max_load`` come after all of those.
     """
     matched = matched or {}
     best: C | None = None
-    best_key: tuple[int, int, float, float, float] | None = None
+    best_key: tuple[int, int, float, int, float, float] | None = None
     for inst in candidates:
         if inst.state is not State.READY or inst.in_flight >= inst.slots:
             continue
@@ -137,7 +137,8 @@ def pick_instance(
         # furthest below its weighted share goes next, so weights split the calls;
         # local instances have none (0), which also puts them before remotes.
         share: float = getattr(inst, "share", 0.0)
-        key = (int(hot), -worth, load, share, -inst.last_used)
+        # A short match still breaks a tie of load: the cache it holds is free.
+        key = (int(hot), -worth, load, -match, share, -inst.last_used)
         if best_key is None or key < best_key:
             best, best_key = inst, key
     return best

@@ -91,6 +91,10 @@ def snap(
             id="short-match-loses-to-lower-load",
         ),
         pytest.param(
+            [inst("a", slots=2, used=50), inst("b", slots=2, used=10)], {"b": 10}, "b",
+            id="short-match-breaks-a-tie-of-load",
+        ),
+        pytest.param(
             [inst("a", busy=0, slots=2), inst("b", busy=1, slots=2), inst("c", busy=1, slots=2)],
             {"b": LONG, "c": LONG + 1}, "c",
             id="longest-match-wins",
