@@ -119,9 +119,10 @@ def pick_instance(
     (scheduler/scheduling/prefixes.py). Among candidates below ``max_load``, the
     longest match wins, matches under ``MIN_MATCH`` counting as none (a hot replica
     is not made hotter for a prefix cheaper to re-process than to wait for); then the
-    lowest load, then the longest short match, then a local instance, then the remote furthest below its weighted
-    share, then the most recently used one, which keeps the other replicas idle so
-    they can expire. Candidates at or above ``max_load`` come after all of those.
+    lowest load, then the longest short match, then a local instance, then the remote
+    furthest below its weighted share, then the most recently used one, which keeps
+    the other replicas idle so they can expire. Candidates at or above ``max_load``
+    come after all of those.
     """
     matched = matched or {}
     best: C | None = None
