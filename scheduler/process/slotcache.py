@@ -127,8 +127,9 @@ class Held:
         self.used = [0] * slots
         self._clock = 0
 
-    def assign(self, chain: Chain) -> tuple[int, int] | None:
-        """(slot, bytes of ``chain`` it already holds) for a call, marked busy. Among
+    def assign(self, chain: Chain) -> tuple[int, int, Chain] | None:
+        """(slot, bytes of ``chain`` it already holds, the chain it held) for a call,
+        marked busy. Among
         free slots: one whose conversation the call continues; else a fresh one (a
         new conversation does not push another out of its slot for a shared system
         prompt: the restore or the prompt cache gives that back); else the one that
@@ -146,11 +147,12 @@ class Held:
         if best is None:
             return None
         slot = -best[3]
+        displaced = self.chains[slot]
         self._clock += 1
         self.busy[slot] = True
         self.chains[slot] = chain
         self.used[slot] = self._clock
-        return slot, best[1]
+        return slot, best[1], displaced
 
     def release(self, slot: int) -> None:
         if 0 <= slot < len(self.busy):
@@ -311,9 +313,9 @@ class SlotCache:
 
     # -- per call ----------------------------------------------------------------------
 
-    def assign(self, inst: Instance, chain: Chain) -> tuple[int, int] | None:
-        """The slot a call of ``chain`` runs in on ``inst`` (sent as ``id_slot``) and
-        the bytes of it that slot holds; give it back with ``release``."""
+    def assign(self, inst: Instance, chain: Chain) -> tuple[int, int, Chain] | None:
+        """The slot a call of ``chain`` runs in on ``inst`` (sent as ``id_slot``), the
+        bytes of the call it holds, and the chain it held; ``release`` it after."""
         held = self._held.get(inst.id)
         if held is None:
             held = self._held[inst.id] = Held(inst.slots)
@@ -324,26 +326,39 @@ class SlotCache:
         if held is not None:
             held.release(slot)
 
-    async def restore(self, inst: Instance, slot: int, chain: Chain, have: int) -> bool:
-        """Before a call of ``chain`` is sent to ``slot`` of ``inst``: restore the saved
-        slot holding the longest prefix of it, if that holds ``MIN_GAIN`` more than
-        ``have`` (what the slot or the instance's prompt cache may already hold)."""
+    async def prepare(self, inst: Instance, slot: int, chain: Chain, have: int,
+                      displaced: Chain) -> None:
+        """Before a call of ``chain`` is sent to ``slot`` of ``inst``, which holds
+        ``have`` bytes of it and the conversation ``displaced``:
+
+        * save ``displaced`` first when the call would silently cut its tail off:
+          llama-server keeps a slot whose prompt shares at least half of what it holds
+          with the new one (a shared system prompt) and saves it to its RAM prompt cache
+          only otherwise, so without this an agent whose replica served another agent
+          in between re-processes its whole transcript;
+        * then restore the saved slot holding the longest prefix of the call, if it
+          holds ``MIN_GAIN`` more than the slot does (another session's too)."""
         where = save_dir(inst)
         if where is None:
-            return False
+            return
         index = await self._index(where)
+        # ``have`` is what the call shares with ``displaced``: llama-server keeps that
+        # and drops the rest.
+        cut = displaced[-1][1] - have if displaced else 0
+        if (cut >= MIN_GAIN and have >= cut
+                and await self._save_one(inst, where, index, slot, displaced)):
+            self.saved += 1
+            await self._bound()
         size, name = index.longest(chain)
         if name is None or size < have + MIN_GAIN:
-            return False
+            return
         if not await asyncio.to_thread(_touch, where / name):
             index.drop(name)
-            return False
-        ok = await self._action(inst, slot, "restore", name)
-        if ok:
+            return
+        if await self._action(inst, slot, "restore", name):
             self.restored += 1
             log.info("instance %s: restored %s (%d bytes of the prompt) into slot %d",
                      inst.id, name, size, slot)
-        return ok
 
     async def save(self, inst: Instance) -> None:
         """Save each slot that holds a conversation, on its own (the instance has
@@ -367,32 +382,40 @@ class SlotCache:
         started = time.monotonic()
         done = 0
         for slot, chain in enumerate(held.chains):
-            if not chain or slot not in filled:
-                continue
-            name = file_of(chain)
-            if not await self._action(inst, slot, "save", name):
-                continue
-            done += 1
-            # Older saves of this conversation (its earlier turns) are all in this one.
-            subsumed = [n for h, _ in chain[:-1] if (n := f"{h:016x}.bin") != name]
-            try:
-                await asyncio.to_thread(_write_chain, where, chain, subsumed)
-            except OSError as e:
-                log.info("instance %s: cannot index saved slot %s: %s", inst.id, name, e)
-                continue
-            for n in subsumed:
-                index.drop(n)
-            index.add(chain, name)
+            if chain and slot in filled and await self._save_one(inst, where, index, slot,
+                                                                  chain):
+                done += 1
         self.saved += done
         if done:
             # The stop waits for this: the figure tells what the cache adds to a swap.
             log.info("instance %s: saved %d slot(s) in %.0f ms", inst.id, done,
                      (time.monotonic() - started) * 1e3)
-            gone = await asyncio.to_thread(
-                enforce_bound, self.root, self._cfg.scheduler.slot_cache_size)
-            if gone:
-                log.info("slot cache: dropped %d least recently used file(s)", len(gone))
-                self._indexes.clear()  # rebuilt from what is left, on next use
+            await self._bound()
+
+    async def _save_one(self, inst: Instance, where: Path, index: SavedIndex, slot: int,
+                        chain: Chain) -> bool:
+        """Saves ``slot``, which holds ``chain``, and files it in the index."""
+        name = file_of(chain)
+        if not await self._action(inst, slot, "save", name):
+            return False
+        # Older saves of this conversation (its earlier turns) are all in this one.
+        subsumed = [n for h, _ in chain[:-1] if (n := f"{h:016x}.bin") != name]
+        try:
+            await asyncio.to_thread(_write_chain, where, chain, subsumed)
+        except OSError as e:
+            log.info("instance %s: cannot index saved slot %s: %s", inst.id, name, e)
+            return False
+        for n in subsumed:
+            index.drop(n)
+        index.add(chain, name)
+        return True
+
+    async def _bound(self) -> None:
+        gone = await asyncio.to_thread(
+            enforce_bound, self.root, self._cfg.scheduler.slot_cache_size)
+        if gone:
+            log.info("slot cache: dropped %d least recently used file(s)", len(gone))
+            self._indexes.clear()  # rebuilt from what is left, on next use
 
     def forget(self, instance_id: str) -> None:
         self._held.pop(instance_id, None)

@@ -69,24 +69,23 @@ class Leasing(Core):
         slot: int | None = None
         try:
             if hints.chain and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
-                slot = await self._slot(serving, inst, hints.chain)
+                slot = await self._slot(inst, hints.chain)
             yield self._granted(serving, inst, hints, start, slot)
         finally:
             if slot is not None and isinstance(inst, Instance):
                 self.slots.release(inst, slot)
             inst.release()
 
-    async def _slot(self, m: ModelState, inst: Instance, chain: Chain) -> int | None:
-        """The slot of ``inst`` the call runs in, with the longest saved prefix of the
-        call restored into it when the instance holds less (scheduler/process/slotcache.py)."""
+    async def _slot(self, inst: Instance, chain: Chain) -> int | None:
+        """The slot of ``inst`` the call runs in, made ready for it: the conversation
+        it would cut short saved, the longest saved prefix of the call restored
+        (scheduler/process/slotcache.py)."""
         got = self.slots.assign(inst, chain)
         if got is None:
             return None
-        slot, held = got
+        slot, have, displaced = got
         try:
-            index = m.prefixes.get(inst.id)
-            have = max(held, index.match(chain) if index is not None else 0)
-            await self.slots.restore(inst, slot, chain, have)
+            await self.slots.prepare(inst, slot, chain, have, displaced)
         except BaseException:
             self.slots.release(inst, slot)
             raise

@@ -215,3 +215,31 @@ async def test_with_two_slots_each_conversation_is_saved_under_its_own_name(
     assert set(files) == {f"{prefix(rivers)}.bin", f"{prefix(stars)}.bin"}
     assert "rivers" in files[f"{prefix(rivers)}.bin"]
     assert "stars" in files[f"{prefix(stars)}.bin"]
+
+
+async def test_an_agent_displaced_by_another_sharing_its_system_prompt_comes_back(
+    corral: Any, tmp_path: Path
+) -> None:
+    """One slot, two agents with one system prompt: the second keeps the first's
+    system prompt in the slot and would cut off the rest of its transcript (llama-server
+    saves a slot to its RAM cache only when it keeps less than half), so the slot is
+    saved first and restored when the first agent comes back."""
+    client = await corral(make_config(tmp_path, [{"name": "m"}]))
+    system = {"role": "system", "content": "the rules of the workshop " * 80}
+
+    def agent(task: str, *more: str) -> dict[str, Any]:
+        messages = [system, {"role": "user", "content": task}]
+        for text in more:
+            messages += [{"role": "assistant", "content": "done"},
+                         {"role": "user", "content": text}]
+        return {"model": "m", "messages": messages, "max_tokens": 2}
+
+    a = agent("sort every box in the north hall by colour " * 8)
+    await ask(client, a)
+    b = await ask(client, agent("count the boxes"))
+    assert b["timings"]["cache_n"] > 0  # the system prompt, kept in the slot
+    assert sched(client).slots.saved == 1
+    back = await ask(client, agent("sort every box in the north hall by colour " * 8,
+                                   "and the south hall?"))
+    assert back["timings"]["cache_n"] >= await ask_prompt_tokens(a)
+    assert sched(client).slots.restored == 1

@@ -28,19 +28,26 @@ B = (*SYS, (31, 4500))  # another session with the same system prompt
 
 def test_held_assigns_the_free_slot_with_the_longest_prefix() -> None:
     held = Held(3)
-    assert held.assign(A) == (0, 0)  # all fresh: the lowest id
-    assert held.assign(B) == (1, 0)  # slot 0 is busy
+    assert held.assign(A) == (0, 0, ())  # all fresh: the lowest id
+    assert held.assign(B) == (1, 0, ())  # slot 0 is busy
     held.release(0)
     held.release(1)
     # A's next turn goes where A is; B's where B is; a third session to a fresh slot.
     a2 = (*A, (23, 7000))
-    assert held.assign(a2) == (0, 6000)
-    assert held.assign((*B, (32, 5000))) == (1, 4500)
-    assert held.assign(((99, 100),)) == (2, 0)
+    assert held.assign(a2) == (0, 6000, A)
+    b2 = (*B, (32, 5000))
+    assert held.assign(b2) == (1, 4500, B)
+    assert held.assign(((99, 100),)) == (2, 0, ())
     assert held.assign(A) is None  # every slot busy
     held.release(2)
-    # Only slot 2 is free: a call goes there whatever it holds.
-    assert held.assign((*SYS, (41, 4100))) == (2, 0)
+    # Only slot 2 is free: a call goes there whatever it holds, and says what it held.
+    assert held.assign((*SYS, (41, 4100))) == (2, 0, ((99, 100),))
+    held.release(2)
+    held.release(0)
+    held.release(1)
+    # No free slot continues this session: not the fresh-less slots with the longest
+    # prefix (0 and 1 hold the system prompt), the least recently used of them.
+    assert held.assign((*SYS, (42, 4200))) == (0, 4000, a2)
     held.release(7)  # out of range: ignored
 
 
