@@ -19,9 +19,11 @@ processing for a long chat on a CPU. With it:
   (``POST /slots/{id}?action=save``) as ``<hash of its chain's last link>.bin``,
   beside a ``.chain`` file listing its links; a saved file whose whole chain is a
   prefix of the new one is deleted (the new one holds it all);
+* a slot whose conversation a call would cut short (it keeps their shared system
+  prompt and drops the rest, which llama-server then keeps nowhere) is saved the same
+  way before the call is sent;
 * saved slots are indexed by their links: when a call's slot holds less of it than a
-  saved file (and its instance has served less of it: llama-server's RAM prompt cache
-  may hold it), ``action=restore`` loads the file with the longest prefix of the call
+  saved file, ``action=restore`` loads the file with the longest prefix of the call
   into that slot before the call is sent, another session's included (a shared
   system prompt), and llama-server re-processes only the rest (``timings.cache_n``);
 * the directory tree is bounded by ``slot_cache_size``: least recently used files
