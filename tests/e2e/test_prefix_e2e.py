@@ -161,3 +161,22 @@ def test_an_agents_growing_tool_transcript_reuses_each_step(
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{step}",
                                           "content": FIRST[:400 * (step + 1)]}]},
         ]
+
+
+def test_a_raw_prompt_that_grows_gets_its_blocks_back_after_a_swap(
+    corral: Callable[..., CorralProc], gemma: Path, tmp_path: Path
+) -> None:
+    # /v1/completions (and Ollama's /api/generate): a chain of 1 KiB blocks.
+    cp = two_models(corral, gemma, tmp_path / "s")
+
+    def complete(prompt: str) -> dict[str, Any]:
+        resp = httpx.post(cp.url + "/v1/completions", timeout=180, json={
+            "model": "a", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        out: dict[str, Any] = resp.json()
+        return out
+
+    first = complete(FIRST)
+    swap_to_b(cp, tmp_path / "s")
+    grown = complete(FIRST + " " + SECOND)
+    assert grown["timings"]["cache_n"] >= first["usage"]["prompt_tokens"] - 10, cp.log()
