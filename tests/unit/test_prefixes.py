@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.edge import jsonc
+from scheduler.process.instance import State
 from scheduler.scheduling import prefixes
+from scheduler.scheduling.policy import InstanceView, pick_instance
 from scheduler.scheduling.prefixes import PrefixIndex, common, matches
 
 LONG_SYSTEM = "You are a coding agent. Follow the rules. " * 100
@@ -127,3 +129,40 @@ def test_common_is_the_longest_shared_message_prefix(turns: list[str], cut: int)
     if turns[shared - 1:shared] == ["a different turn"]:
         return
     assert common(a, b) == (a[shared - 1][1] if shared <= len(a) else 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    served=st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(0, 3), min_size=1,
+                                                          max_size=5)), max_size=12),
+    query=st.lists(st.integers(0, 3), min_size=1, max_size=6),
+    busy=st.lists(st.integers(0, 2), min_size=3, max_size=3),
+)
+def test_the_chosen_replica_holds_the_longest_prefix_served_under_max_load(
+    served: list[tuple[int, list[int]]], query: list[int], busy: list[int]
+) -> None:
+    """The index and the policy together: conversations (lists of message ids, each
+    message long enough to count) served to three replicas of 2 slots; a call goes to
+    the replica, among those below max_load, that was served the longest prefix of it."""
+    def chain_of(ids: list[int]) -> prefixes.Chain:
+        return prefixes.chain_of([f"message {i} ".encode() * 200 for i in ids])
+
+    indexes = {f"r{r}": PrefixIndex() for r in range(3)}
+    for r, ids in served:
+        indexes[f"r{r}"].add(chain_of(ids))
+    call = chain_of(query)
+    views = [InstanceView(id=f"r{r}", model="m", state=State.READY, in_flight=busy[r],
+                          slots=2, last_used=0.0) for r in range(3)]
+    got = pick_instance(views, matches(indexes, call), max_load=0.75)
+    # Brute force: the longest prefix of the call each replica was served.
+    held = {f"r{r}": 0 for r in range(3)}
+    for r, ids in served:
+        held[f"r{r}"] = max(held[f"r{r}"], common(chain_of(ids), call))
+    free = [v for v in views if v.in_flight < v.slots]
+    under = [v for v in free if v.load < 0.75]
+    if not free:
+        assert got is None
+    elif under:
+        assert got is not None and held[got.id] == max(held[v.id] for v in under)
+    else:
+        assert got is not None and got in free
