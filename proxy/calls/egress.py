@@ -35,3 +35,23 @@ def renamed_payload(payload: Any, egress: Egress) -> Any:
     if egress.rename is None or not isinstance(payload, dict) or "model" not in payload:
         return payload
     return {**payload, "model": egress.rename}
+
+
+def in_slot(body: bytes | bytearray | None, slot: int | None) -> bytes | bytearray | None:
+    """A JSON object body with ``id_slot`` first: the llama-server slot the scheduler
+    chose for it (scheduler/process/slotcache.py). Spliced in, not parsed: the body
+    may be megabytes. A later ``id_slot`` of the client's own wins in llama-server."""
+    if slot is None or not body:
+        return body
+    start = len(body) - len(body.lstrip())
+    if body[start:start + 1] != b"{":
+        return body
+    rest = body[start + 1:]
+    sep = b"" if rest.lstrip().startswith(b"}") else b","
+    return b'{"id_slot":%d%s' % (slot, sep) + rest
+
+
+def payload_in_slot(payload: Any, slot: int | None) -> Any:
+    if slot is None or not isinstance(payload, dict):
+        return payload
+    return {"id_slot": slot, **payload}

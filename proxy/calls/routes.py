@@ -14,8 +14,8 @@ their handlers and send through the same call path.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Literal
 
 from aiohttp import web
@@ -42,7 +42,7 @@ EVERY_PORT: frozenset[Port] = frozenset({"main", "ollama", "lmstudio"})
 MAIN: frozenset[Port] = frozenset({"main"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Route:
     paths: tuple[str, ...]
     # What the model must be able to do; None: any model (tokenizing, props).
@@ -91,8 +91,15 @@ ROUTES: tuple[Route, ...] = (
 HintsFor = Callable[[Scheduler, str, jsonc.Head], LeaseHints | None]
 
 
+# Capabilities whose calls have a prompt that llama-server's prompt cache can reuse:
+# only their bodies are hashed into a chain of prefixes (an embeddings batch is not),
+# except on paths that render a prompt without running it in a slot.
+PROMPTED: frozenset[Capability | None] = frozenset({"chat", "completion", "infill"})
+_UNRUN = frozenset({"/apply-template"})
+
+
 def default_hints(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHints | None:
-    return LeaseHints(affinity=head.prefix_key()) if scheduler.balanced(model) else None
+    return LeaseHints(chain=head.chain()) if scheduler.balanced(model) else None
 
 
 def mount(app: web.Application, port: Port, hints_for: HintsFor = default_hints) -> None:
@@ -118,6 +125,8 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
             else:
                 body = await bodies.read(request, route.max_body)
                 head = jsonc.head(body)
+                if route.capability not in PROMPTED or request.path in _UNRUN:
+                    head = jsonc.Head(model=head.model, stream=head.stream, ttl=head.ttl)
             model = head.model or _default_model(request, route)
             await pulls.ensure(request.app, model)
             cfg = check(scheduler, model, route.capability)
@@ -136,6 +145,12 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
             bridge = families_bridge.of(route.family, request.path, spec.path, body,
                                         request.app[FAMILIES], cfg)
             if bridge is not None:
+                if bridge.translated_now and spec.hints is not None and spec.hints.chain:
+                    # Always translated (the model's api lacks the family): its chain is
+                    # the chat's, which holds a Responses conversation's history too
+                    # (previous_response_id), so follow-ups share their past's prefixes.
+                    spec = dataclasses.replace(spec, hints=dataclasses.replace(
+                        spec.hints, chain=jsonc.chain_of(bridge.translated())))
                 # Translated to chat for an upstream that lacks the family.
                 spec, consume = bridge.wrap(spec)
                 return await upstream.answer(request, route.family, spec, consume)

@@ -228,9 +228,10 @@ async def _send(
     if spec.data is not None:
         data: Any = spec.data(out.rename)
     elif spec.payload is not None:
-        data = jsonc.dumps(egress.renamed_payload(spec.payload, out))
+        data = jsonc.dumps(egress.payload_in_slot(egress.renamed_payload(spec.payload, out),
+                                                  up.slot))
     else:
-        data = _payload(egress.renamed_body(spec.body, out))
+        data = _payload(egress.in_slot(egress.renamed_body(spec.body, out), up.slot))
     resp = await session.request(
         spec.method, url, data=data, headers=egress.headers(spec.headers, out), ssl=out.ssl,
         timeout=_timeout(cfg.connect_timeout, out.first_byte_timeout or cfg.first_byte_timeout),

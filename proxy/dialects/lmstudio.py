@@ -59,12 +59,12 @@ def ttl_of(ttl: object) -> float | None:
 
 
 def hints_for(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHints | None:
-    """The lease hints of an LM Studio call: its ``ttl`` and prefix affinity."""
+    """The lease hints of an LM Studio call: its ``ttl`` and its chain of prefixes."""
     ttl = ttl_of(head.ttl)
-    affinity = head.prefix_key() if scheduler.balanced(model) else None
-    if ttl is None and affinity is None:
+    chain = head.chain() if scheduler.balanced(model) else ()
+    if ttl is None and not chain:
         return None
-    return LeaseHints(affinity=affinity, keep_alive=ttl)
+    return LeaseHints(chain=chain, keep_alive=ttl)
 
 
 # --- /api/v0 ------------------------------------------------------------------------------

@@ -201,8 +201,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     payload = ollama_request.chat_body(body, target.name)
     think = body.get("think") is not False
     hints = keep.hints
-    if scheduler.balanced(target.name):  # replica affinity and the slot cache
-        hints = dataclasses.replace(hints, affinity=jsonc.prefix_key_of(payload))
+    if scheduler.balanced(target.name):  # replica choice and the slot cache
+        hints = dataclasses.replace(hints, chain=jsonc.chain_of(payload))
     return await _generate(request, target, hints, "/v1/chat/completions", payload,
                            lambda: OllamaStream("chat", target.display, show_thinking=think),
                            stream_flag(body), started)
@@ -221,7 +221,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return await _probe(request, target, keep, "generate")
     path, payload = ollama_request.generate_call(body, target.name)
     think = body.get("think") is not False
-    return await _generate(request, target, keep.hints, path, payload,
+    hints = keep.hints
+    if scheduler.balanced(target.name):
+        hints = dataclasses.replace(hints, chain=jsonc.chain_of(payload))
+    return await _generate(request, target, hints, path, payload,
                            lambda: OllamaStream("generate", target.display, show_thinking=think),
                            stream_flag(body), started)
 

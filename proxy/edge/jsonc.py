@@ -2,19 +2,22 @@
 in one place.
 
 ``head()`` is what the pass-through needs from a body: the model, the stream flag and
-the leading messages for prefix affinity. It decodes into a typed struct, which makes
-msgspec skip every other field without building it: a 50 MB embeddings body is read
+the prompt's parts for its chain of prefixes (replica choice and the slot cache). It
+decodes into a typed struct, which makes msgspec skip every other field without
+building it: a 50 MB embeddings body is read
 in tens of milliseconds and leaves no parsed copy behind.
 """
 
 from __future__ import annotations
 
-import hashlib
+import re
 from typing import Any
 
 import msgspec
 
 from scheduler.errors import BadRequest
+from scheduler.scheduling import prefixes
+from scheduler.scheduling.prefixes import Chain
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -62,9 +65,11 @@ class Head(msgspec.Struct):
     stream: Any = None
     # LM Studio's idle TTL, read on its port.
     ttl: Any = None
-    # The conversation's start, kept as raw bytes: it is only hashed.
+    # The prompt's parts, kept as raw bytes: they are only hashed (chain()).
     messages: list[msgspec.Raw] | None = None
+    tools: msgspec.Raw = msgspec.Raw()
     system: msgspec.Raw = msgspec.Raw()
+    instructions: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
     input: msgspec.Raw = msgspec.Raw()
 
@@ -72,30 +77,63 @@ class Head(msgspec.Struct):
     def streaming(self) -> bool:
         return self.stream is True
 
-    def prefix_key(self) -> str | None:
-        """A hash of what a follow-up call shares with this one: the system prompt
-        and first turn of a chat, or the start of a prompt or a Responses input."""
-        h = hashlib.blake2b(digest_size=8)
-        if self.messages:
-            h.update(self.system)
-            for m in self.messages[:2]:
-                h.update(m)
-        elif self.prompt:
-            h.update(memoryview(self.prompt)[:256])
-        elif self.input:
-            h.update(memoryview(self.input)[:512])
-        else:
-            return None
-        return h.hexdigest()
+    def chain(self) -> Chain:
+        """The call's prompt as a chain of prefixes (scheduler/scheduling/prefixes.py):
+        a link after the tools and system prompt (Anthropic's ``system``, Responses'
+        ``instructions``), then one after each message or Responses input item; a raw
+        prompt, one every ``prefixes.BLOCK`` bytes."""
+        if not self.messages and not self.input:
+            return prefixes.prompt_chain(self.prompt) if self.prompt else ()
+        b = prefixes.ChainBuilder()
+        b.add(self.tools)
+        b.add(_unstamped(self.system))
+        b.add(self.instructions)
+        b.cut()
+        items = self.messages or _items(self.input)
+        for m in items:
+            b.add(m)
+            b.cut()
+        return b.chain()
 
 
-def prefix_key_of(payload: dict[str, Any]) -> str | None:
-    """``Head.prefix_key()`` for a body Corral built itself (a translated chat): the
-    hash of its first two messages as encoded here, stable across a conversation."""
+# Claude Code's system prompt starts with "x-anthropic-billing-header: ...; cch=a5145;",
+# a stamp that changes on every call; llama-server edits it out of the prompt
+# (llama.cpp#21793), and so must the hash, or no two calls of a session would share
+# their system prompt.
+_BILLING = b"x-anthropic-billing-header:"
+_STAMP = re.compile(rb"cch=[0-9A-Za-z]+")
+
+
+def _unstamped(system: msgspec.Raw) -> bytes | msgspec.Raw:
+    view = memoryview(system)
+    head = bytes(view[:512])
+    if _BILLING not in head:
+        return system
+    return _STAMP.sub(b"cch=", head, count=1) + bytes(view[512:])
+
+
+_input_decoder = msgspec.json.Decoder(str | list[msgspec.Raw])
+
+
+def _items(raw: msgspec.Raw) -> list[msgspec.Raw] | tuple[msgspec.Raw]:
+    """A Responses ``input``: its items, or the one string."""
+    try:
+        decoded = _input_decoder.decode(raw)
+    except msgspec.DecodeError:  # a ValidationError too: anything else is one block
+        return (raw,)
+    return (raw,) if isinstance(decoded, str) else decoded
+
+
+def chain_of(payload: dict[str, Any]) -> Chain:
+    """``Head.chain()`` of a body Corral built itself (a translated chat or prompt):
+    each message as encoded here, the same across a conversation's calls."""
     messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return None
-    return hashlib.blake2b(dumps(messages[:2]), digest_size=8).hexdigest()
+    if isinstance(messages, list) and messages:
+        return prefixes.chain_of([dumps(payload.get("tools")), *map(dumps, messages)])
+    prompt = payload.get("prompt")
+    if prompt:
+        return prefixes.prompt_chain(dumps(prompt))
+    return ()
 
 
 _head_decoder = msgspec.json.Decoder(Head)

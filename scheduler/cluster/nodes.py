@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -227,8 +227,11 @@ class NodeWatch:
 
     # -- choice ------------------------------------------------------------------
 
-    def pick(self, candidates: list[Servable], preferred: str | None) -> Servable | None:
-        """The scheduler's instance choice, for a front: see cluster.policy."""
+    def pick(self, candidates: list[Servable], matched: Mapping[str, int],
+             max_load: float) -> Servable | None:
+        """The scheduler's instance choice, for a front: see cluster.policy. ``matched``
+        is what this front remembers sending each node (the scheduler's prefix index
+        of each node's remote): bytes of the call's prefix it holds."""
         options: list[NodeOption] = []
         by_id: dict[str, Servable] = {}
         for c in candidates:
@@ -237,7 +240,7 @@ class NodeWatch:
                 continue
             if node is None:
                 # The front's own local models (or plain remotes) keep the usual choice.
-                return instance_policy.pick_instance(candidates, preferred)
+                return instance_policy.pick_instance(candidates, matched, max_load)
             m = node.models.get(c.model)
             if c.state is not State.READY or not node.usable or m is None:
                 continue
@@ -251,7 +254,7 @@ class NodeWatch:
                 free_memory=int((report.get("memory") or {}).get("free") or 0),
             ))
             by_id[c.id] = c
-        chosen = pick_node(options, preferred, self._max_load)
+        chosen = pick_node(options, matched, self._max_load)
         return None if chosen is None else by_id[chosen]
 
 

@@ -5,9 +5,10 @@ reported (its ready and starting instances of the model, their in-flight calls a
 queue, whether it could launch another) and what the front itself has sent there
 since. The choice, in order:
 
-1. a node with a ready instance below ``max_load``: the least loaded; at equal load
-   the node that served this conversation's prefix (its prompt cache holds it), then
-   the node with the fewest calls overall;
+1. a node with a ready instance below ``max_load``: the one this front sent the
+   longest prefix of the call (its prompt caches hold it; matches under
+   ``prefixes.MIN_MATCH`` count as none), then the least loaded, then the longest
+   short match, then the node with the fewest calls overall;
 2. a node whose instance of the model is starting (or that this front already sent
    a cold call to) with room in it: the launch on its way is the soonest one;
 3. a node that can launch the model without evicting a busy instance: one with free
@@ -25,9 +26,11 @@ the others' calls in the reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from scheduler.scheduling.prefixes import MIN_MATCH
 
 # What a node can do to bring up another instance of a model, from its own policy.
 LaunchKind = Literal["now", "evict", "wait", "never"]
@@ -60,31 +63,35 @@ class NodeOption:
 
 
 def pick_node(
-    options: Iterable[NodeOption], preferred: str | None, max_load: float
+    options: Iterable[NodeOption], matched: Mapping[str, int] | None, max_load: float
 ) -> str | None:
-    """The node that should take the call, or None to queue it; see the module."""
-    ready: list[tuple[tuple[float, int, int], str]] = []
+    """The node that should take the call, or None to queue it; see the module.
+    ``matched``: bytes of the call's prefix each node holds, by option id."""
+    matched = matched or {}
+    ready: list[tuple[tuple[int, float, int, int], str]] = []
     starting: list[tuple[tuple[float, int, int], str]] = []
     launch: list[tuple[tuple[int, int, int], str]] = []
     for o in options:
         calls = o.calls
-        affine = 0 if o.id == preferred else 1
+        match = matched.get(o.id, 0)
+        worth = match if match >= MIN_MATCH else 0
         if o.ready_slots and calls < o.ready_slots * max_load:
-            ready.append(((calls / o.ready_slots, affine, o.node_calls), o.id))
+            ready.append(((-worth, calls / o.ready_slots, -match, o.node_calls), o.id))
             continue
         coming = o.starting_slots
         if not o.ready_slots and not coming and o.own and o.launch in ("now", "evict"):
             # This front's cold calls started a launch the report does not show yet.
             coming = o.slots_per_instance
         if coming and calls < (o.ready_slots + coming) * max_load:
-            starting.append(((calls / (o.ready_slots + coming), affine, o.node_calls), o.id))
+            starting.append(((calls / (o.ready_slots + coming), -match, o.node_calls), o.id))
             continue
         if o.launch in ("now", "evict") and not (o.own and not o.ready_slots):
             rank = 0 if o.launch == "now" else 1
             launch.append(((rank, o.node_calls, -o.free_memory), o.id))
-    for tier in (ready, starting):
-        if tier:
-            return min(tier)[1]
+    if ready:
+        return min(ready)[1]
+    if starting:
+        return min(starting)[1]
     if launch:
         return min(launch)[1]
     return None

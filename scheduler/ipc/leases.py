@@ -38,6 +38,7 @@ from scheduler.errors import CorralError, ShuttingDown
 from scheduler.ipc.wire import (
     FRAME_LIMIT,
     Line,
+    chain_of_frame,
     config_frame,
     config_of,
     error_frame,
@@ -208,7 +209,7 @@ class Owner:
         op = frame.get("op")
         if op == "lease":
             cid = int(frame["id"])
-            hints = LeaseHints(affinity=frame.get("affinity"),
+            hints = LeaseHints(chain=chain_of_frame(frame.get("chain")),
                                keep_alive=frame.get("keep_alive"))
             model = str(frame["model"])
             now = self._scheduler.lease_now(model, hints)
@@ -417,7 +418,7 @@ class WorkerScheduler(Scheduler):
         try:
             key = tenants.current()
             up: Upstream = await self._ask(cid, {
-                "op": "lease", "id": cid, "model": name, "affinity": hints.affinity,
+                "op": "lease", "id": cid, "model": name, "chain": hints.chain,
                 "keep_alive": hints.keep_alive, "key": key.name if key is not None else None})
             yield up
         finally:

@@ -4,9 +4,9 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
     worker -> owner                             owner -> worker
     {"op": "lease", "id", "model",              {"op": "config", "pickle"}   at start and
-     "affinity", "keep_alive", "key"}                                        on every change
+     "chain", "keep_alive", "key"}                                           on every change
     {"op": "release", "id"}                     {"op": "leased", "id", "up": [base_url,
-    {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress]}
+    {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress, slot]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",
     {"op": "unload", "id", "model"}                          "attrs"}
     {"op": "ensure", "id", "model"} (auto_pull)
@@ -35,6 +35,7 @@ from scheduler import errors
 from scheduler.config.root import CorralConfig
 from scheduler.engines.egress import PLAIN, Egress
 from scheduler.errors import CorralError
+from scheduler.scheduling.prefixes import Chain
 from scheduler.scheduling.scheduler import Upstream
 
 # A config with hundreds of models is a few hundred KB; a frame is never larger.
@@ -56,6 +57,13 @@ def config_of(frame: dict[str, Any]) -> CorralConfig:
     return cfg
 
 
+def chain_of_frame(links: Any) -> Chain:
+    """A lease frame's prefix chain ([[hash, bytes], ...]) as LeaseHints holds it."""
+    if not isinstance(links, list):
+        return ()
+    return tuple((int(h), int(n)) for h, n in links)
+
+
 def upstream_frame(up: Upstream) -> list[Any]:
     """An Upstream as JSON: with its egress (a remote's key and headers travel over
     the private socket, never to a log) and the CA certificates of its TLS context."""
@@ -69,7 +77,7 @@ def upstream_frame(up: Upstream) -> list[Any]:
         egress = {"headers": dict(e.headers), "rename": e.rename, "api_base": e.api_base,
                   "ssl": tls, "first_byte_timeout": e.first_byte_timeout}
     apis = sorted(up.apis) if up.apis is not None else None
-    return [up.base_url, up.instance_id, up.model, up.waited, apis, egress]
+    return [up.base_url, up.instance_id, up.model, up.waited, apis, egress, up.slot]
 
 
 @functools.lru_cache(maxsize=32)
@@ -78,7 +86,7 @@ def _tls(cadata: str) -> ssl.SSLContext:
 
 
 def upstream_of(data: list[Any]) -> Upstream:
-    base_url, iid, model, waited, apis, egress = data
+    base_url, iid, model, waited, apis, egress, slot = data
     out = PLAIN
     if egress is not None:
         tls = egress["ssl"]
@@ -87,7 +95,7 @@ def upstream_of(data: list[Any]) -> Upstream:
                      ssl=_tls(tls["cadata"]) if isinstance(tls, dict) else bool(tls),
                      first_byte_timeout=egress["first_byte_timeout"])
     return Upstream(base_url, iid, model, float(waited),
-                    frozenset(apis) if apis is not None else None, out)
+                    frozenset(apis) if apis is not None else None, out, slot)
 
 
 def error_frame(call_id: int, e: CorralError) -> dict[str, Any]:

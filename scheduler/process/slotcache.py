@@ -10,17 +10,22 @@ processing for a long chat on a CPU. With it:
   its own model *and config* (``<name>.<hash>~<config digest>``): a config change
   or a new model file means a new directory, and the old one is deleted at the
   next launch of that model, since its slots would not fit the new context;
-* each instance remembers the conversations it served, by the prefix hash that
-  affinity computes (``LeaseHints.affinity``), newest last;
+* a call with a chain of prefixes (scheduler/scheduling/prefixes.py) is given a slot
+  of its instance by Corral, not by llama-server: the free slot holding the longest
+  prefix of the call (``id_slot`` in the body), so Corral knows exactly which
+  conversation each slot holds, with any ``parallel``;
 * before an instance that is stopped for a reason in ``SAVE_REASONS`` terminates
-  (it has drained: no call runs), ``GET /slots`` tells which slots hold tokens, and
-  each is saved with ``POST /slots/{id}?action=save`` as ``<prefix hash>.bin``.
-  With one slot (``parallel = 1``, the default) the pairing of slot and
-  conversation is exact; with more, slots are paired with conversations by recency
-  (llama-server's task ids), a best effort: a wrong pairing costs only the cache;
-* when a call whose prefix hash has a file is leased a fresh slot of a new
-  instance, ``action=restore`` loads it into that slot before the call is sent, and
-  llama-server's own prefix matching then reuses it (``timings.cache_n``);
+  (it has drained: no call runs), each slot that holds tokens is saved on its own
+  (``POST /slots/{id}?action=save``) as ``<hash of its chain's last link>.bin``,
+  beside a ``.chain`` file listing its links; a saved file whose whole chain is a
+  prefix of the new one is deleted (the new one holds it all);
+* a slot whose conversation a call would cut short (it keeps their shared system
+  prompt and drops the rest, which llama-server then keeps nowhere) is saved the same
+  way before the call is sent;
+* saved slots are indexed by their links: when a call's slot holds less of it than a
+  saved file, ``action=restore`` loads the file with the longest prefix of the call
+  into that slot before the call is sent, another session's included (a shared
+  system prompt), and llama-server re-processes only the rest (``timings.cache_n``);
 * the directory tree is bounded by ``slot_cache_size``: least recently used files
   (a restore touches its file) are deleted after every save.
 
@@ -40,7 +45,6 @@ import os
 import re
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +54,7 @@ import aiohttp
 
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.process.instance import Instance, LaunchSpec
+from scheduler.scheduling.prefixes import Chain, common
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +70,9 @@ SAVE_REASONS = frozenset({"idle", "evicted", "preempted", "unload", "reload"})
 # Seconds one save or restore may take (a 2,000-token slot of a small model takes
 # milliseconds; a large model's can take a second or two).
 ACTION_TIMEOUT = 30.0
-_HEX = re.compile(r"^[0-9a-f]{8,64}$")
-# Conversations remembered per instance: past this many, the oldest are forgotten
-# (an instance with that many behind it has no fresh slot left to restore into).
-_SERVED_ENTRIES = 1024
+# Bytes of prompt (about 64 tokens) a restore must add to what the call's slot holds
+# to be worth reading a file that holds the whole saved slot.
+MIN_GAIN = 256
 # Keys of a model's config that change what a saved slot means or whether it fits.
 _LAUNCH_KEYS = frozenset({
     "path", "package", "hf_repo", "hf_file", "hf_revision", "ctx_size", "parallel",
@@ -99,10 +103,9 @@ def model_prefix(name: str) -> str:
     return f"{safe}.{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}~"
 
 
-def slot_file(affinity: str) -> str | None:
-    """The file name for a conversation's prefix hash; None for anything that is not
-    a plain hex digest (llama-server refuses path separators; so do we)."""
-    return f"{affinity}.bin" if _HEX.match(affinity) else None
+def file_of(chain: Chain) -> str:
+    """The file a slot holding ``chain`` is saved as: its last link's hash in hex."""
+    return f"{chain[-1][0]:016x}.bin"
 
 
 def save_dir(inst: Instance) -> Path | None:
@@ -114,13 +117,109 @@ def save_dir(inst: Instance) -> Path | None:
     return None
 
 
-def pair_slots(slots: Iterable[dict[str, Any]], recent: list[str]) -> list[tuple[int, str]]:
-    """Pure: (slot id, prefix hash) to save. Slots holding tokens, latest task first,
-    paired with the conversations served, newest first."""
-    held = [s for s in slots if isinstance(s, dict) and isinstance(s.get("id"), int)
-            and int(s.get("n_prompt_tokens") or 0) > 0]
-    held.sort(key=lambda s: int(s.get("id_task") or -1), reverse=True)
-    return [(int(s["id"]), key) for s, key in zip(held, reversed(recent), strict=False)]
+class Held:
+    """Which conversation each slot of one instance holds, and which slots a call runs
+    in now. Corral assigns every slot (``id_slot``), so this is exact."""
+
+    __slots__ = ("_clock", "busy", "chains", "used")
+
+    def __init__(self, slots: int) -> None:
+        self.chains: list[Chain] = [()] * slots
+        self.busy = [False] * slots
+        self.used = [0] * slots
+        self._clock = 0
+
+    def assign(self, chain: Chain) -> tuple[int, int, Chain] | None:
+        """(slot, bytes of ``chain`` it already holds, the chain it held) for a call,
+        marked busy. Among
+        free slots: one whose conversation the call continues; else a fresh one (a
+        new conversation does not push another out of its slot for a shared system
+        prompt: the restore or the prompt cache gives that back); else the one that
+        holds the longest prefix, the least recently used first. None when every slot
+        is busy (a call without a chain took one)."""
+        best: tuple[int, int, int, int] | None = None
+        for k, held in enumerate(self.chains):
+            if self.busy[k]:
+                continue
+            n = common(held, chain)
+            tier = 2 if held and n == held[-1][1] else 1 if not held else 0
+            rank = (tier, n, -self.used[k], -k)
+            if best is None or rank > best:
+                best = rank
+        if best is None:
+            return None
+        slot = -best[3]
+        displaced = self.chains[slot]
+        self._clock += 1
+        self.busy[slot] = True
+        self.chains[slot] = chain
+        self.used[slot] = self._clock
+        return slot, best[1], displaced
+
+    def release(self, slot: int) -> None:
+        if 0 <= slot < len(self.busy):
+            self.busy[slot] = False
+
+
+class SavedIndex:
+    """The saved slots of one directory by the links of their chains: link hash ->
+    (bytes, file name), the most recently saved file winning a shared link."""
+
+    __slots__ = ("_links",)
+
+    def __init__(self) -> None:
+        self._links: dict[int, tuple[int, str]] = {}
+
+    def add(self, chain: Chain, name: str) -> None:
+        for h, size in chain:
+            self._links[h] = (size, name)
+
+    def drop(self, name: str) -> None:
+        for h in [h for h, (_, n) in self._links.items() if n == name]:
+            del self._links[h]
+
+    def longest(self, chain: Chain) -> tuple[int, str | None]:
+        """(bytes, file) of the saved slot holding the longest prefix of ``chain``."""
+        for h, size in reversed(chain):
+            got = self._links.get(h)
+            if got is not None and got[0] == size:
+                return got
+        return 0, None
+
+
+def load_index(where: Path) -> SavedIndex:
+    """Blocking: the index of a directory's saved slots, from their ``.chain`` files
+    (a slot file without one, or a malformed one, is left out)."""
+    index = SavedIndex()
+    for f in sorted(where.glob("*.chain"), key=_mtime):
+        try:
+            links = json.loads(f.read_text())
+            chain = tuple((int(h), int(n)) for h, n in links)
+        except (OSError, ValueError, TypeError):
+            continue
+        if chain and (where / file_of(chain)).exists():
+            index.add(chain, file_of(chain))
+    return index
+
+
+def _mtime(f: Path) -> float:
+    try:
+        return f.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _write_chain(where: Path, chain: Chain, subsumed: list[str]) -> None:
+    """Blocking: the ``.chain`` file beside a saved slot; the files it subsumes go."""
+    (where / file_of(chain)).with_suffix(".chain").write_text(json.dumps(chain))
+    for name in subsumed:
+        _unlink(where / name)
+
+
+def _unlink(slot: Path) -> None:
+    for f in (slot, slot.with_suffix(".chain")):
+        with contextlib.suppress(OSError):
+            f.unlink()
 
 
 def enforce_bound(root: Path, limit: int) -> list[Path]:
@@ -136,10 +235,9 @@ def enforce_bound(root: Path, limit: int) -> list[Path]:
     for _, size, f in sorted(files):
         if total <= limit:
             break
-        with contextlib.suppress(OSError):
-            f.unlink()
-            gone.append(f)
-            total -= size
+        _unlink(f)
+        gone.append(f)
+        total -= size
     return gone
 
 
@@ -163,8 +261,10 @@ class SlotCache:
     def __init__(self, cfg: CorralConfig, session: aiohttp.ClientSession) -> None:
         self._session = session
         self._cfg = cfg
-        # Instance id -> prefix hashes of the conversations it served, newest last.
-        self._served: dict[str, OrderedDict[str, None]] = {}
+        # Instance id -> what its slots hold (exact: Corral assigns them).
+        self._held: dict[str, Held] = {}
+        # Slot directory -> its saved slots by link, loaded on first use.
+        self._indexes: dict[Path, SavedIndex] = {}
         # Counts, for /admin and tests.
         self.saved = 0
         self.restored = 0
@@ -215,39 +315,59 @@ class SlotCache:
 
     # -- per call ----------------------------------------------------------------------
 
-    async def restore(self, inst: Instance, affinity: str) -> bool:
-        """Before a call of conversation ``affinity`` is sent to ``inst``: restore its
-        saved slot if the instance has not seen it and still has a fresh slot."""
-        served = self._served.setdefault(inst.id, OrderedDict())
-        if affinity in served:
-            served.move_to_end(affinity)
-            return False
-        fresh = len(served) < inst.slots
-        slot = len(served)
-        # Noted before any await: a second call of the same conversation arriving
-        # meanwhile must not restore it again into another slot.
-        served[affinity] = None
-        if len(served) > _SERVED_ENTRIES:
-            served.popitem(last=False)
-        name = slot_file(affinity)
+    def assign(self, inst: Instance, chain: Chain) -> tuple[int, int, Chain] | None:
+        """The slot a call of ``chain`` runs in on ``inst`` (sent as ``id_slot``), the
+        bytes of the call it holds, and the chain it held; ``release`` it after."""
+        held = self._held.get(inst.id)
+        if held is None:
+            held = self._held[inst.id] = Held(inst.slots)
+        return held.assign(chain)
+
+    def release(self, inst: Instance, slot: int) -> None:
+        held = self._held.get(inst.id)
+        if held is not None:
+            held.release(slot)
+
+    async def prepare(self, inst: Instance, slot: int, chain: Chain, have: int,
+                      displaced: Chain) -> None:
+        """Before a call of ``chain`` is sent to ``slot`` of ``inst``, which holds
+        ``have`` bytes of it and the conversation ``displaced``:
+
+        * save ``displaced`` first when the call would silently cut its tail off:
+          llama-server keeps a slot whose prompt shares at least half of what it holds
+          with the new one (a shared system prompt) and saves it to its RAM prompt cache
+          only otherwise, so without this an agent whose replica served another agent
+          in between re-processes its whole transcript;
+        * then restore the saved slot holding the longest prefix of the call, if it
+          holds ``MIN_GAIN`` more than the slot does (another session's too)."""
         where = save_dir(inst)
-        if not fresh or name is None or where is None:
-            return False
-        path = where / name
-        if not await asyncio.to_thread(_touch, path):
-            return False
-        ok = await self._action(inst, slot, "restore", name)
-        if ok:
+        if where is None:
+            return
+        index = await self._index(where)
+        # ``have`` is what the call shares with ``displaced``: llama-server keeps that
+        # and drops the rest.
+        cut = displaced[-1][1] - have if displaced else 0
+        if (cut >= MIN_GAIN and have >= cut
+                and await self._save_one(inst, where, index, slot, displaced)):
+            self.saved += 1
+            await self._bound()
+        size, name = index.longest(chain)
+        if name is None or size < have + MIN_GAIN:
+            return
+        if not await asyncio.to_thread(_touch, where / name):
+            index.drop(name)
+            return
+        if await self._action(inst, slot, "restore", name):
             self.restored += 1
-            log.info("instance %s: restored conversation %s into slot %d", inst.id,
-                     affinity, slot)
-        return ok
+            log.info("instance %s: restored %s (%d bytes of the prompt) into slot %d",
+                     inst.id, name, size, slot)
 
     async def save(self, inst: Instance) -> None:
-        """Save the slots that hold conversations (the instance has drained)."""
-        recent = list(self._served.get(inst.id, ()))
+        """Save each slot that holds a conversation, on its own (the instance has
+        drained)."""
+        held = self._held.get(inst.id)
         where = save_dir(inst)
-        if not recent or where is None or not inst.base_url:
+        if held is None or where is None or not inst.base_url or not any(held.chains):
             return
         try:
             async with self._session.get(
@@ -258,26 +378,56 @@ class SlotCache:
             self.failed += 1
             log.info("instance %s: cannot list slots to save them: %s", inst.id, e)
             return
-        pairs = pair_slots(slots if isinstance(slots, list) else [], recent)
+        filled = {s["id"] for s in slots if isinstance(s, dict) and isinstance(s.get("id"), int)
+                  and int(s.get("n_prompt_tokens") or 0) > 0} if isinstance(slots, list) else set()
+        index = await self._index(where)
         started = time.monotonic()
         done = 0
-        for slot, affinity in pairs:
-            name = slot_file(affinity)
-            if name is not None and await self._action(inst, slot, "save", name):
+        for slot, chain in enumerate(held.chains):
+            if chain and slot in filled and await self._save_one(inst, where, index, slot,
+                                                                  chain):
                 done += 1
         self.saved += done
         if done:
             # The stop waits for this: the figure tells what the cache adds to a swap.
-            log.info("instance %s: saved %d conversation slot(s) in %.0f ms", inst.id, done,
+            log.info("instance %s: saved %d slot(s) in %.0f ms", inst.id, done,
                      (time.monotonic() - started) * 1e3)
-        if pairs:
-            gone = await asyncio.to_thread(
-                enforce_bound, self.root, self._cfg.scheduler.slot_cache_size)
-            if gone:
-                log.info("slot cache: dropped %d least recently used file(s)", len(gone))
+            await self._bound()
+
+    async def _save_one(self, inst: Instance, where: Path, index: SavedIndex, slot: int,
+                        chain: Chain) -> bool:
+        """Saves ``slot``, which holds ``chain``, and files it in the index."""
+        name = file_of(chain)
+        if not await self._action(inst, slot, "save", name):
+            return False
+        # Older saves of this conversation (its earlier turns) are all in this one.
+        subsumed = [n for h, _ in chain[:-1] if (n := f"{h:016x}.bin") != name]
+        try:
+            await asyncio.to_thread(_write_chain, where, chain, subsumed)
+        except OSError as e:
+            log.info("instance %s: cannot index saved slot %s: %s", inst.id, name, e)
+            return False
+        for n in subsumed:
+            index.drop(n)
+        index.add(chain, name)
+        return True
+
+    async def _bound(self) -> None:
+        gone = await asyncio.to_thread(
+            enforce_bound, self.root, self._cfg.scheduler.slot_cache_size)
+        if gone:
+            log.info("slot cache: dropped %d least recently used file(s)", len(gone))
+            self._indexes.clear()  # rebuilt from what is left, on next use
 
     def forget(self, instance_id: str) -> None:
-        self._served.pop(instance_id, None)
+        self._held.pop(instance_id, None)
+
+    async def _index(self, where: Path) -> SavedIndex:
+        index = self._indexes.get(where)
+        if index is None:
+            index = await asyncio.to_thread(load_index, where)
+            self._indexes.setdefault(where, index)
+        return self._indexes[where]
 
     async def _action(self, inst: Instance, slot: int, action: str, name: str) -> bool:
         url = f"{inst.base_url}/slots/{slot}?action={action}"

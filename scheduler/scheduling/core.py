@@ -29,8 +29,16 @@ from scheduler.models.sources import ModelFiles
 from scheduler.process.health import HealthWatch
 from scheduler.process.instance import Instance
 from scheduler.process.slotcache import SlotCache
-from scheduler.scheduling import policy
-from scheduler.scheduling.state import BinaryFinder, Events, ModelState, NoEvents, Picker
+from scheduler.scheduling import policy, prefixes
+from scheduler.scheduling.state import (
+    BinaryFinder,
+    Events,
+    LeaseHints,
+    ModelState,
+    NoEvents,
+    Picker,
+    Servable,
+)
 
 log = logging.getLogger("scheduler.scheduling.scheduler")
 
@@ -116,6 +124,12 @@ class Core:
                 if i.id == iid:
                     return i
         return None
+
+    def _choose(self, m: ModelState, hints: LeaseHints) -> Servable | None:
+        """The upstream of ``m`` to take a call now (policy.pick_instance, or a cluster
+        front's node choice), by the prefixes of the call each holds."""
+        return self.pick(m.servables(), prefixes.matches(m.prefixes, hints.chain),
+                         self._cfg.scheduler.max_load)
 
     def instances(self) -> list[Instance]:
         """Every local instance; those of the calling key's scope only."""

@@ -14,7 +14,11 @@ from scheduler.errors import (
 from scheduler.process.instance import State
 from scheduler.scheduling import policy
 from scheduler.scheduling.core import Core, log
-from scheduler.scheduling.state import ModelState, oldest_wait
+from scheduler.scheduling.prefixes import MIN_MATCH
+from scheduler.scheduling.state import ModelState, Servable, Waiter, oldest_wait
+
+# Calls of a key a free slot may go to ahead of its head, for a longer prefix there.
+LOOKAHEAD = 8
 
 
 class Dispatch(Core):
@@ -46,11 +50,11 @@ class Dispatch(Core):
                 if w.fut.done():
                     m.queue.popleft()
                     continue
-                preferred = m.affinity.get(w.hints.affinity) if w.hints.affinity else None
-                inst = self.pick(m.servables(), preferred)
+                inst = self._choose(m, w.hints)
                 if inst is None or not inst.try_acquire():
                     break
-                m.queue.popleft()
+                w = self._closest(m, w, inst)
+                m.queue.take(w)
                 w.fut.set_result(inst)
             if m.queue and not self._closing:
                 self._grow(m)
@@ -59,6 +63,26 @@ class Dispatch(Core):
         for m in self._models.values():
             if not m.queue and m.cfg.local:
                 self._keep_warm(m)
+
+    def _closest(self, m: ModelState, head: Waiter, inst: Servable) -> Waiter:
+        """The call that a free slot of ``inst`` goes to: among the next few calls of
+        the head's key, the one whose prefix ``inst`` holds longest (at least
+        ``MIN_MATCH``), so that under load a follow-up goes where its history is
+        rather than wherever a slot frees first. The head is passed over at most
+        ``LOOKAHEAD`` times, and other keys' turns do not change."""
+        index = m.prefixes.get(inst.id)
+        if index is None or head.passed >= LOOKAHEAD:
+            return head
+        best, best_n = head, index.match(head.hints.chain)
+        for w in m.queue.head_run(LOOKAHEAD):
+            if w is head or w.fut.done():
+                continue
+            n = index.match(w.hints.chain)
+            if n >= MIN_MATCH and n > best_n:
+                best, best_n = w, n
+        if best is not head:
+            head.passed += 1
+        return best
 
     def _keep_warm(self, m: ModelState) -> None:
         """Launch toward the minimum replicas (all at once), or add one when every

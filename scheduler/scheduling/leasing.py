@@ -18,8 +18,8 @@ from scheduler.errors import (
 from scheduler.keys import tenants
 from scheduler.process.instance import Instance, State
 from scheduler.scheduling.core import Core, log
+from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.state import (
-    AFFINITY_ENTRIES,
     LeaseHints,
     ModelState,
     Servable,
@@ -66,20 +66,40 @@ class Leasing(Core):
                 log.warning("model '%s' cannot serve (%s); falling back to '%s'",
                             serving.cfg.name, e.message.splitlines()[0], chain[i + 1].cfg.name)
         assert inst is not None
+        slot: int | None = None
         try:
-            if hints.affinity and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
-                await self.slots.restore(inst, hints.affinity)
-            yield self._granted(serving, inst, hints, start)
+            if hints.chain and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
+                slot = await self._slot(inst, hints.chain)
+            yield self._granted(serving, inst, hints, start, slot)
         finally:
+            if slot is not None and isinstance(inst, Instance):
+                self.slots.release(inst, slot)
             inst.release()
 
-    def _granted(self, m: ModelState, inst: Servable, hints: LeaseHints, start: float) -> Upstream:
-        if hints.affinity:
-            self._remember(m, hints.affinity, inst.id)
+    async def _slot(self, inst: Instance, chain: Chain) -> int | None:
+        """The slot of ``inst`` the call runs in, made ready for it: the conversation
+        it would cut short saved, the longest saved prefix of the call restored
+        (scheduler/process/slotcache.py)."""
+        got = self.slots.assign(inst, chain)
+        if got is None:
+            return None
+        slot, have, displaced = got
+        try:
+            await self.slots.prepare(inst, slot, chain, have, displaced)
+        except BaseException:
+            self.slots.release(inst, slot)
+            raise
+        return slot
+
+    def _granted(self, m: ModelState, inst: Servable, hints: LeaseHints, start: float,
+                 slot: int | None = None) -> Upstream:
+        if hints.chain:
+            self._remember(m, hints.chain, inst.id)
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         return Upstream(inst.base_url, inst.id, m.cfg.name, self._clock() - start,
-                        api_set(m.cfg.api) if inst.apis is None else inst.apis, inst.egress)
+                        api_set(m.cfg.api) if inst.apis is None else inst.apis, inst.egress,
+                        slot)
 
     def lease_now(self, name: str, hints: LeaseHints) -> tuple[Upstream, Servable] | None:
         """``lease()``'s fast path as a plain call, for a lease held across processes.
@@ -89,18 +109,17 @@ class Leasing(Core):
         call would wait, fall back, fail or restore a slot: then ``lease()`` decides.
         """
         m = self._names.get(name)
-        if m is None or self._closing or (hints.affinity and self.slots.enabled(m.cfg)):
+        if m is None or self._closing or (hints.chain and self.slots.enabled(m.cfg)):
             return None
         inst = self._take_free(m, hints)
         return None if inst is None else (self._granted(m, inst, hints, self._clock()), inst)
 
     def _take_free(self, m: ModelState, hints: LeaseHints) -> Servable | None:
         """The fast path: a free slot now when nobody queues (no future, no task, no
-        snapshot); the affinity's upstream preferred."""
+        snapshot); the upstream holding the longest prefix of the call preferred."""
         if m.queue:
             return None
-        preferred = m.affinity.get(hints.affinity) if hints.affinity else None
-        inst = self.pick(m.servables(), preferred)
+        inst = self._choose(m, hints)
         return inst if inst is not None and inst.try_acquire() else None
 
     async def _acquire(
@@ -221,8 +240,12 @@ class Leasing(Core):
         loading = any(i.state is State.STARTING for i in m.instances)
         return 5.0 if loading or not m.instances else 1.0
 
-    def _remember(self, m: ModelState, key: str, instance_id: str) -> None:
-        m.affinity[key] = instance_id
-        m.affinity.move_to_end(key)
-        if len(m.affinity) > AFFINITY_ENTRIES:
-            m.affinity.popitem(last=False)
+    def _remember(self, m: ModelState, chain: Chain, upstream_id: str) -> None:
+        index = m.prefixes.get(upstream_id)
+        if index is None:
+            # A new upstream: forget those that are gone (ids are never reused).
+            live = {s.id for s in m.servables()}
+            for gone in [i for i in m.prefixes if i not in live]:
+                del m.prefixes[gone]
+            index = m.prefixes[upstream_id] = PrefixIndex()
+        index.add(chain)

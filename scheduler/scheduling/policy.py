@@ -20,11 +20,12 @@ the stop to finish instead of overlapping it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from scheduler.process.instance import ALIVE, State
+from scheduler.scheduling.prefixes import MIN_MATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,25 +110,36 @@ class Candidate(Protocol):
 C = TypeVar("C", bound=Candidate)
 
 
-def pick_instance(candidates: Iterable[C], preferred: str | None = None) -> C | None:
-    """The ready instance with a free slot and the lowest load.
+def pick_instance(
+    candidates: Iterable[C], matched: Mapping[str, int] | None = None, max_load: float = 1.0
+) -> C | None:
+    """The ready instance with a free slot that holds the longest prefix of the call.
 
-    At equal load the ``preferred`` instance (the one that served this conversation
-    before, so its prompt cache holds the prefix) wins, then a local instance, then the
-    remote furthest below its weighted share, then the most recently used one, which
-    keeps the other replicas idle so they can expire.
+    ``matched`` gives, per candidate id, the bytes of the call's prefix it holds
+    (scheduler/scheduling/prefixes.py). Among candidates below ``max_load``, the
+    longest match wins, matches under ``MIN_MATCH`` counting as none (a hot replica
+    is not made hotter for a prefix cheaper to re-process than to wait for); then the
+    lowest load, then the longest short match, then a local instance, then the remote
+    furthest below its weighted share, then the most recently used one, which keeps
+    the other replicas idle so they can expire. Candidates at or above ``max_load``
+    come after all of those.
     """
+    matched = matched or {}
     best: C | None = None
-    best_key: tuple[float, int, float, float] | None = None
+    best_key: tuple[int, int, float, int, float, float] | None = None
     for inst in candidates:
         if inst.state is not State.READY or inst.in_flight >= inst.slots:
             continue
+        load = inst.in_flight / inst.slots
+        hot = load >= max_load
+        match = matched.get(inst.id, 0)
+        worth = 0 if hot or match < MIN_MATCH else match
         # Remotes have a ``share`` (calls served ÷ weight): at equal load the one
         # furthest below its weighted share goes next, so weights split the calls;
         # local instances have none (0), which also puts them before remotes.
         share: float = getattr(inst, "share", 0.0)
-        key = (inst.in_flight / inst.slots, 0 if inst.id == preferred else 1, share,
-               -inst.last_used)
+        # A short match still breaks a tie of load: the cache it holds is free.
+        key = (int(hot), -worth, load, -match, share, -inst.last_used)
         if best_key is None or key < best_key:
             best, best_key = inst, key
     return best

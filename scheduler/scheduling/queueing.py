@@ -17,6 +17,7 @@ Pure data structure: no clock, no I/O; the scheduler calls it on the event loop.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
@@ -90,6 +91,23 @@ class FairQueue(Generic[W]):
         self._drop_empty(w.priority)
         self._n -= 1
         return w
+
+    def head_run(self, n: int) -> list[W]:
+        """The first ``n`` calls of the head's key, oldest first: serving one of them
+        before the head changes no other key's turn."""
+        return list(itertools.islice(next(iter(self._top().values())), n))
+
+    def take(self, w: W) -> None:
+        """``popleft()`` for a call of ``head_run()``: served, its key's turn passes."""
+        level = self._top()
+        tenant, calls = next(iter(level.items()))
+        calls.remove(w)
+        if calls:
+            level.move_to_end(tenant)
+        else:
+            del level[tenant]
+        self._drop_empty(w.priority)
+        self._n -= 1
 
     def remove(self, w: W) -> None:
         level = self._levels.get(w.priority)

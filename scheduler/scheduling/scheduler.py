@@ -81,9 +81,9 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
 
     def balanced(self, name: str) -> bool:
         """Whether calls for this model may be spread over several upstreams (so
-        prefix-affinity hints are worth computing)."""
+        a call's chain of prefixes is worth computing)."""
         m = self._names.get(name)
-        # The slot cache files conversations by the same prefix hash.
+        # The slot cache files conversations by the same chain.
         return m is not None and (
             (m.cfg.replicas.max + len(m.cfg.remotes)) > 1 or self.slots.enabled(m.cfg))
 

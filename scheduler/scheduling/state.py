@@ -1,7 +1,7 @@
 """What the scheduler keeps per model and what a lease hands out.
 
 The data of scheduler.Scheduler, apart from its behaviour: a model's state (its
-instances, remotes, fair queue, affinity table, launch failures), a queued call, the
+instances, remotes, fair queue, prefix indexes, launch failures), a queued call, the
 hints a call brings and the Upstream it gets, and the events the scheduler reports.
 """
 
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,13 +22,12 @@ from scheduler.errors import (
 )
 from scheduler.keys import tenants
 from scheduler.process.instance import ALIVE, Instance
+from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.queueing import FairQueue
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
 
-# How many conversation prefixes to remember per model for cache affinity.
-AFFINITY_ENTRIES = 1024
 # After this many launches in a row fail, a model is unavailable until its config
 # changes or an operator resets it: a crash loop helps nobody and hides the cause.
 MAX_LAUNCH_FAILURES = 5
@@ -54,9 +52,10 @@ def launch_backoff(failures: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class LeaseHints:
-    # A hash of the conversation's leading messages: calls that share it prefer the
-    # replica that served it before, whose prompt cache holds that prefix.
-    affinity: str | None = None
+    # The call's prompt as a chain of prefixes (scheduler/scheduling/prefixes.py): it
+    # goes to the upstream that holds the longest of them, and a fresh slot gets the
+    # saved slot that holds the longest.
+    chain: Chain = ()
     # Seconds this instance should stay loaded after the call (Ollama keep_alive,
     # LM Studio ttl); < 0 forever; None: the model's ttl.
     keep_alive: float | None = None
@@ -79,10 +78,13 @@ class Upstream:
     # How the call leaves for this upstream: a remote's key and headers, the model
     # name it expects, TLS (scheduler/engines/egress.py).
     egress: Egress = PLAIN
+    # The llama-server slot the call must run in (``id_slot``), chosen by the slot
+    # cache so that it knows which conversation each slot holds; None: any.
+    slot: int | None = None
 
 
 class Waiter:
-    __slots__ = ("enqueued", "fut", "hints", "priority", "tenant")
+    __slots__ = ("enqueued", "fut", "hints", "passed", "priority", "tenant")
 
     def __init__(self, fut: asyncio.Future[Servable], enqueued: float, hints: LeaseHints,
                  key: tenants.Key | None = None):
@@ -92,10 +94,13 @@ class Waiter:
         # The fair queue's grouping: one FIFO per key, keys of higher priority first.
         self.tenant = key.name if key is not None else ""
         self.priority = key.priority if key is not None else 0
+        # Times a later call of its key was served first, for holding a longer prefix
+        # on the upstream that came free (dispatch.py); bounded by LOOKAHEAD.
+        self.passed = 0
 
 
 class ModelState:
-    __slots__ = ("affinity", "cfg", "failures", "footprint", "instances", "last_error", "queue",
+    __slots__ = ("cfg", "failures", "footprint", "instances", "last_error", "prefixes", "queue",
                  "remotes", "retry_at", "retry_handle", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -108,7 +113,8 @@ class ModelState:
         self.footprint = cfg.footprint or 0
         self.vram = 0
         self.sized = False
-        self.affinity: OrderedDict[str, str] = OrderedDict()
+        # Upstream id -> the prefixes it served (bounded each; dropped with it).
+        self.prefixes: dict[str, PrefixIndex] = {}
         self.last_error: LoadFailed | None = None
         # Consecutive failed launches; reset by a successful one or by reset().
         self.failures = 0
@@ -132,8 +138,9 @@ class ModelState:
 
 
 BinaryFinder = Callable[[Path | None], Path | None]
-# (a model's upstreams, the preferred one's id) -> the one to take the call, or None.
-Picker = Callable[[list[Servable], str | None], Servable | None]
+# (a model's upstreams, bytes of the call's prefix each holds by id, max_load) -> the
+# one to take the call, or None.
+Picker = Callable[[list[Servable], Mapping[str, int], float], Servable | None]
 
 
 class Events(Protocol):

@@ -148,7 +148,7 @@ def run(label: str, where: Path, binary: Path, gguf: Path, cache_size: int,
 def save_ms(where: Path, cache_size: int) -> float | None:
     """What saving a's slot added to its eviction, from Corral's log."""
     text = (where / f"corral-{cache_size}.log").read_text(errors="replace")
-    found = re.findall(r"saved \d+ conversation slot\(s\) in (\d+) ms", text)
+    found = re.findall(r"saved \d+ (?:conversation )?slot\(s\) in (\d+) ms", text)
     return float(found[0]) if found else None
 
 

@@ -324,14 +324,18 @@ class Server:
     def model_id(self) -> str:
         return self.opts.alias or self.opts.model
 
-    async def acquire_slot(self) -> Slot:
-        """Wait for an idle slot, as llama-server defers a task when all are busy."""
+    async def acquire_slot(self, want: int | None = None) -> Slot:
+        """Wait for an idle slot (the one asked for with ``id_slot``), as llama-server
+        defers a task when all are busy."""
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         if self.free.empty():
             self.stats.deferred += 1
         try:
-            slot = self.slots[await self.free.get()]
+            if want is not None and 0 <= want < len(self.slots):
+                slot = await self._take(want)
+            else:
+                slot = self.slots[await self.free.get()]
         except BaseException:
             self.stats.in_flight -= 1
             raise
@@ -340,6 +344,19 @@ class Server:
         self.stats.processing += 1
         self.stats.max_concurrent = max(self.stats.max_concurrent, self.stats.processing)
         return slot
+
+    async def _take(self, want: int) -> Slot:
+        idle = self.free._queue  # type: ignore[attr-defined]  # asyncio.Queue's deque
+        if want not in idle:
+            self.stats.deferred += 1
+        # Polled: a fake's stand-in for llama-server's deferred task queue (a task for
+        # a busy slot waits until that slot is released).
+        for _ in range(6000):
+            if want in idle:
+                idle.remove(want)
+                return self.slots[want]
+            await asyncio.sleep(0.005)
+        raise TimeoutError(f"slot {want} never became idle")
 
     def release_slot(self, slot: Slot) -> None:
         slot.task = -1
@@ -439,6 +456,8 @@ class Generation:
     # The prompt's tokens (chat only) and how many of them the slot had cached.
     prompt_words: list[str] = field(default_factory=list)
     cache_n: int = 0
+    # The slot asked for (``id_slot``); None: any idle one.
+    id_slot: int | None = None
 
     @classmethod
     def build(
@@ -462,6 +481,7 @@ class Generation:
             prompt_tokens=prompt_tokens,
             stream=bool(body.get("stream", False)),
             include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+            id_slot=body["id_slot"] if isinstance(body.get("id_slot"), int) else None,
         )
 
     @property
@@ -576,7 +596,7 @@ async def generate(request: web.Request, gen: Generation, kind: str) -> web.Stre
     created = int(time.time())
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     ident = f"{prefix}-{hashlib.blake2b(os.urandom(8), digest_size=12).hexdigest()}"
-    slot = await srv.acquire_slot()
+    slot = await srv.acquire_slot(gen.id_slot)
     gen.started = time.perf_counter()
     if gen.prompt_words:
         gen.cache_n = common_prefix(slot.prompt, gen.prompt_words)

@@ -93,8 +93,9 @@ async def test_anthropic_headers_are_passed_on(ports: Any) -> None:
     r = await c.post("/v1/messages", json=MESSAGE, headers=headers)
     assert r.status == 200
     seen = await fake_requests(ports, "/v1/messages")
-    # The body goes upstream byte for byte, with Anthropic's own headers.
-    assert seen[-1]["body"] == MESSAGE
+    # The body goes upstream byte for byte, with Anthropic's own headers (and the slot
+    # the slot cache chose for it first).
+    assert seen[-1]["body"] == {"id_slot": 0, **MESSAGE}
     assert seen[-1]["headers"]["anthropic-version"] == "2023-06-01"
     assert seen[-1]["headers"]["anthropic-beta"] == "tools-2024"
 

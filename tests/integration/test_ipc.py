@@ -175,6 +175,17 @@ def test_a_tls_context_crosses_as_its_ca_certificates(tmp_path: Any) -> None:
     assert back.egress.ssl.get_ca_certs(True) == ctx.get_ca_certs(True)
 
 
+def test_a_chain_and_a_slot_cross_the_frames() -> None:
+    from scheduler.scheduling.scheduler import Upstream
+
+    chain = ((1, 100), ((1 << 63) - 1, 5000))
+    frame = msgspec_roundtrip({"op": "lease", "chain": chain})
+    assert ipc_wire.chain_of_frame(frame["chain"]) == chain
+    assert ipc_wire.chain_of_frame(None) == ()
+    up = Upstream("http://i", "m#1", "m", 0.0, None, slot=3)
+    assert ipc_wire.upstream_of(msgspec_roundtrip(ipc_wire.upstream_frame(up))).slot == 3
+
+
 def msgspec_roundtrip(value: Any) -> Any:
     import msgspec
 

@@ -258,18 +258,21 @@ async def test_fallback_when_the_model_cannot_load(corral, tmp_path: Path) -> No
     assert (await r.json())["model"] == "a"  # the body is relayed as the upstream wrote it
 
 
-async def test_conversation_affinity_prefers_the_same_replica(corral, tmp_path: Path) -> None:
+async def test_a_conversation_follows_its_prefix_to_the_same_replica(
+    corral, tmp_path: Path
+) -> None:
     cfg = make_config(tmp_path, [{"name": "m", "parallel": 4, "replicas": {"min": 2, "max": 2}}])
     client = await corral(cfg)
     s = sched(client)
     await wait_for(lambda: sum(i.state is State.READY for i in s.instances()) == 2)
-    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"}]
+    # No system message: its first turn is the prefix its follow-ups share.
+    convo = [{"role": "user", "content": "a long first question " * 60}]
     first = await client.post("/v1/chat/completions", json={"model": "m", "messages": convo})
     assert first.status == 200
     served_by = {i.id: i.stats.served for i in s.instances()}
     first_id = next(iid for iid, n in served_by.items() if n == 1)
-    # Make the other replica the most recently used: without affinity, the tie-break
-    # would now send the conversation there.
+    # Make the other replica the most recently used: without the prefix index, the
+    # tie-break would now send the conversation there.
     other = next(i for i in s.instances() if i.id != first_id)
     other.last_used = asyncio.get_running_loop().time() + 60
     for _ in range(3):

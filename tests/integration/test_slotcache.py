@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.edge import jsonc
 from proxy.keys import SCHEDULER
+from scheduler.process.slotcache import file_of
 from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
 from tests.fakes import write_dummy_gguf
@@ -27,10 +28,9 @@ def turn(first: str, *more: str) -> dict[str, Any]:
 
 
 def prefix(body: dict[str, Any]) -> str:
-    # Hashed as the client sent it: aiohttp's json= is json.dumps.
-    key = jsonc.head(json.dumps(body).encode()).prefix_key()
-    assert key is not None
-    return key
+    """The name a slot holding this call is saved under, without ``.bin``. Hashed as
+    the client sent it: aiohttp's json= is json.dumps."""
+    return file_of(jsonc.head(json.dumps(body).encode()).chain()).removesuffix(".bin")
 
 
 def sched(client: TestClient) -> Scheduler:
@@ -215,3 +215,31 @@ async def test_with_two_slots_each_conversation_is_saved_under_its_own_name(
     assert set(files) == {f"{prefix(rivers)}.bin", f"{prefix(stars)}.bin"}
     assert "rivers" in files[f"{prefix(rivers)}.bin"]
     assert "stars" in files[f"{prefix(stars)}.bin"]
+
+
+async def test_an_agent_displaced_by_another_sharing_its_system_prompt_comes_back(
+    corral: Any, tmp_path: Path
+) -> None:
+    """One slot, two agents with one system prompt: the second keeps the first's
+    system prompt in the slot and would cut off the rest of its transcript (llama-server
+    saves a slot to its RAM cache only when it keeps less than half), so the slot is
+    saved first and restored when the first agent comes back."""
+    client = await corral(make_config(tmp_path, [{"name": "m"}]))
+    system = {"role": "system", "content": "the rules of the workshop " * 80}
+
+    def agent(task: str, *more: str) -> dict[str, Any]:
+        messages = [system, {"role": "user", "content": task}]
+        for text in more:
+            messages += [{"role": "assistant", "content": "done"},
+                         {"role": "user", "content": text}]
+        return {"model": "m", "messages": messages, "max_tokens": 2}
+
+    a = agent("sort every box in the north hall by colour " * 8)
+    await ask(client, a)
+    b = await ask(client, agent("count the boxes"))
+    assert b["timings"]["cache_n"] > 0  # the system prompt, kept in the slot
+    assert sched(client).slots.saved == 1
+    back = await ask(client, agent("sort every box in the north hall by colour " * 8,
+                                   "and the south hall?"))
+    assert back["timings"]["cache_n"] >= await ask_prompt_tokens(a)
+    assert sched(client).slots.restored == 1

@@ -34,13 +34,13 @@ def test_a_node_that_left_gets_no_calls_before_the_models_are_synced() -> None:
     until the next poll. Seen: 1 call in 3 went to the node that had left."""
     nodes = _nodes(A, B)
     ra, rb = _remote(A), _remote(B)
-    assert {nodes.pick([ra, rb], preferred=rb.id).base_url} == {B}  # type: ignore[union-attr]
+    assert {nodes.pick([ra, rb], {rb.id: 1 << 20}, 1.0).base_url} == {B}  # type: ignore[union-attr]
     nodes.set_urls([A])
     for _ in range(5):
-        chosen = nodes.pick([ra, rb], preferred=rb.id)
+        chosen = nodes.pick([ra, rb], {rb.id: 1 << 20}, 1.0)
         assert chosen is not None and chosen.base_url == A
-    assert nodes.pick([rb], preferred=None) is None
+    assert nodes.pick([rb], {}, 1.0) is None
     nodes.set_urls([A, B])  # back: it takes calls again once polled
     for n in nodes.nodes():
         n.healthy, n.failure, n.report, n.models = True, None, {}, {"m": dict(REPORT)}
-    assert nodes.pick([rb], preferred=None) is rb
+    assert nodes.pick([rb], {}, 1.0) is rb

@@ -10,6 +10,9 @@ from scheduler.cluster.discovery import node_url, parse_target
 from scheduler.cluster.policy import NodeOption, pick_node
 from scheduler.config.root import ClusterConfig, CorralConfig
 from scheduler.errors import ConfigError
+from scheduler.scheduling.prefixes import MIN_MATCH
+
+LONG = 4 * MIN_MATCH
 
 
 def opt(id: str, **kw: Any) -> NodeOption:
@@ -25,13 +28,16 @@ def test_least_loaded_ready_node_wins() -> None:
     assert pick_node(nodes, None, 1.0) == "b"
 
 
-def test_equal_load_prefers_the_node_that_served_the_prefix() -> None:
+def test_the_node_sent_the_longest_prefix_wins_below_max_load() -> None:
     nodes = [opt("a", ready_slots=2, reported=1), opt("b", ready_slots=2, reported=1)]
-    assert pick_node(nodes, "b", 1.0) == "b"
-    assert pick_node(nodes, "a", 1.0) == "a"
-    # ...but not over a less loaded node: load first, cache second.
+    assert pick_node(nodes, {"b": LONG}, 1.0) == "b"
+    assert pick_node(nodes, {"a": LONG, "b": LONG - 1}, 1.0) == "a"
+    # Over a less loaded node too, while it is below max_load...
     nodes = [opt("a", ready_slots=2, reported=0), opt("b", ready_slots=2, reported=1)]
-    assert pick_node(nodes, "b", 1.0) == "a"
+    assert pick_node(nodes, {"b": LONG}, 1.0) == "b"
+    # ...but not at it, nor for a short match: load first then.
+    assert pick_node(nodes, {"b": LONG}, 0.5) == "a"
+    assert pick_node(nodes, {"b": MIN_MATCH - 1}, 1.0) == "a"
 
 
 def test_ready_instance_beats_a_cold_launch_elsewhere() -> None:

@@ -203,6 +203,17 @@ def test_body_renamed_only_where_the_upstream_names_the_model_differently() -> N
     assert proxy_egress.renamed_body(b"", Egress(rename="b")) == b""
 
 
+def test_the_slot_is_spliced_into_a_body_without_parsing_it() -> None:
+    body = b'  {"model":"m","messages":[]}'
+    assert proxy_egress.in_slot(body, None) is body
+    assert jsonc.loads(proxy_egress.in_slot(body, 2) or b"") == {
+        "id_slot": 2, "model": "m", "messages": []}
+    assert proxy_egress.in_slot(b"{ }", 0) == b'{"id_slot":0 }'
+    assert proxy_egress.in_slot(b"[1]", 1) == b"[1]"  # not an object: as it came
+    assert proxy_egress.payload_in_slot({"model": "m"}, 1) == {"id_slot": 1, "model": "m"}
+    assert proxy_egress.payload_in_slot({"model": "m"}, None) == {"model": "m"}
+
+
 def test_shown_url_drops_credentials() -> None:
     assert shown_url("https://user:pw@host:8/v1") == "https://host:8/v1"
     assert shown_url("http://h:1") == "http://h:1"

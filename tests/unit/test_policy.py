@@ -21,9 +21,12 @@ from scheduler.scheduling.policy import (
     plan_launch,
     preempt,
 )
+from scheduler.scheduling.prefixes import MIN_MATCH
 
 R, S, D, X = State.READY, State.STARTING, State.DRAINING, State.STOPPING
 NOW = 100.0
+# A prefix long enough to steer a call (policy.pick_instance).
+LONG = 4 * MIN_MATCH
 
 
 def inst(
@@ -58,66 +61,88 @@ def snap(
 # -- pick_instance ---------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    ("candidates", "preferred", "expected"),
+    ("candidates", "matched", "expected"),
     [
-        pytest.param([], None, None, id="nothing"),
+        pytest.param([], {}, None, id="nothing"),
         pytest.param(
-            [inst("a", busy=1, slots=2), inst("b", busy=0, slots=2)], None, "b",
+            [inst("a", busy=1, slots=2), inst("b", busy=0, slots=2)], {}, "b",
             id="lowest-load",
         ),
         pytest.param(
-            [inst("a", busy=2, slots=8), inst("b", busy=1, slots=2)], None, "a",
+            [inst("a", busy=2, slots=8), inst("b", busy=1, slots=2)], {}, "a",
             id="load-is-a-fraction-of-slots",
         ),
         pytest.param(
-            [inst("a", slots=2, used=50), inst("b", slots=2, used=10)], "b", "b",
-            id="preferred-wins-at-equal-load",
+            [inst("a", slots=2, used=50), inst("b", slots=2, used=10)], {"b": LONG}, "b",
+            id="match-wins-at-equal-load",
         ),
         pytest.param(
-            [inst("a", busy=1, slots=2, used=10), inst("b", busy=2, slots=4, used=50)], "a", "a",
-            id="preferred-wins-at-equal-load-different-slots",
+            [inst("a", busy=1, slots=2, used=10), inst("b", busy=2, slots=4, used=50)],
+            {"a": LONG}, "a",
+            id="match-wins-at-equal-load-different-slots",
         ),
         pytest.param(
-            [inst("a", busy=0, slots=2), inst("b", busy=1, slots=2, used=50)], "b", "a",
-            id="preferred-loses-to-lower-load",
+            [inst("a", busy=0, slots=2), inst("b", busy=1, slots=2, used=50)], {"b": LONG}, "b",
+            id="match-wins-over-lower-load-below-max-load",
+        ),
+        pytest.param(
+            [inst("a", busy=0, slots=2), inst("b", busy=1, slots=2, used=50)],
+            {"b": MIN_MATCH - 1}, "a",
+            id="short-match-loses-to-lower-load",
+        ),
+        pytest.param(
+            [inst("a", slots=2, used=50), inst("b", slots=2, used=10)], {"b": 10}, "b",
+            id="short-match-breaks-a-tie-of-load",
+        ),
+        pytest.param(
+            [inst("a", busy=0, slots=2), inst("b", busy=1, slots=2), inst("c", busy=1, slots=2)],
+            {"b": LONG, "c": LONG + 1}, "c",
+            id="longest-match-wins",
         ),
         pytest.param(
             [inst("a", slots=2, used=10), inst("b", slots=2, used=50), inst("c", slots=2, used=30)],
-            None, "b",
+            {}, "b",
             id="most-recently-used-at-equal-load",
         ),
         pytest.param(
-            [inst("a", used=10), inst("b", used=50)], "gone", "b",
-            id="unknown-preferred-falls-back-to-mru",
+            [inst("a", used=10), inst("b", used=50)], {"gone": LONG}, "b",
+            id="unknown-match-falls-back-to-mru",
         ),
         pytest.param(
-            [inst("a", busy=1, used=10), inst("b", used=5)], "a", "b",
-            id="full-preferred-skipped",
+            [inst("a", busy=1, used=10), inst("b", used=5)], {"a": LONG}, "b",
+            id="full-match-skipped",
         ),
         pytest.param(
-            [inst("a", busy=2, slots=2), inst("b", busy=1, slots=2)], None, "b",
+            [inst("a", busy=2, slots=2), inst("b", busy=1, slots=2)], {}, "b",
             id="full-skipped",
         ),
         pytest.param(
-            [inst("a", busy=1), inst("b", busy=3, slots=3)], None, None, id="all-full",
+            [inst("a", busy=1), inst("b", busy=3, slots=3)], {}, None, id="all-full",
         ),
         pytest.param(
             [inst(s.value, state=s, used=99) for s in State if s is not State.READY]
             + [inst("ready", busy=1, slots=2, used=1)],
-            None, "ready",
+            {}, "ready",
             id="skips-non-ready-even-when-idle",
         ),
         pytest.param(
-            [inst(s.value, state=s) for s in State if s is not State.READY], "starting", None,
+            [inst(s.value, state=s) for s in State if s is not State.READY], {"starting": LONG},
+            None,
             id="only-non-ready",
         ),
     ],
 )
 def test_pick_instance(
-    candidates: list[InstanceView], preferred: str | None, expected: str | None
+    candidates: list[InstanceView], matched: dict[str, int] | None, expected: str | None
 ) -> None:
-    got = pick_instance(candidates, preferred)
+    got = pick_instance(candidates, matched)
     assert (got.id if got else None) == expected
+
+
+def test_a_hot_replica_is_not_made_hotter_for_a_match() -> None:
+    a, b = inst("a", busy=0, slots=4), inst("b", busy=2, slots=4)
+    assert pick_instance([a, b], {"b": LONG}, max_load=1.0) is b
+    assert pick_instance([a, b], {"b": LONG}, max_load=0.5) is a
 
 
 # -- plan_launch -----------------------------------------------------------------------
@@ -471,15 +496,33 @@ def test_expired_invariants(s: Snapshot) -> None:
 
 
 @PROPS
-@given(s=snapshots(), model=st.sampled_from(MODELS), preferred=st.sampled_from([None, "i0"]))
-def test_pick_and_preempt_invariants(s: Snapshot, model: str, preferred: str | None) -> None:
-    got = pick_instance(s.instances, preferred)
+@given(s=snapshots(), model=st.sampled_from(MODELS),
+       sizes=st.lists(st.integers(0, 4 * MIN_MATCH), min_size=8, max_size=8),
+       max_load=st.sampled_from([0.5, 0.75, 1.0]))
+def test_pick_and_preempt_invariants(
+    s: Snapshot, model: str, sizes: list[int], max_load: float
+) -> None:
+    # The prefix index's contract: the chosen replica holds the longest prefix worth
+    # steering for among the free replicas under max_load; without one, the lowest load.
+    matched = {v.id: n for v, n in zip(s.instances, sizes, strict=False)}
+    got = pick_instance(s.instances, matched, max_load)
     free = [v for v in s.instances if v.state is R and v.in_flight < v.slots]
-    if free:
-        assert got is not None and got in free
-        assert got.load == min(v.load for v in free)
-    else:
+    under = [v for v in free if v.load < max_load]
+
+    def worth(v: InstanceView) -> int:
+        n = matched.get(v.id, 0)
+        return n if n >= MIN_MATCH else 0
+
+    if not free:
         assert got is None
+    elif under:
+        assert got in under
+        longest = max(worth(v) for v in under)
+        assert worth(got) == longest
+        if longest == 0:
+            assert got.load == min(v.load for v in under)
+    else:
+        assert got in free and got.load == min(v.load for v in free)
 
     victim = preempt(s, model)
     others = [v for v in s.instances if v.state is R and v.model != model]

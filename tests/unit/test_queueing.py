@@ -134,3 +134,14 @@ def test_every_call_is_served_once_in_priority_order(
             same = [w.enqueued for w in order if w.tenant == t and w.priority == p]
             assert same == sorted(same)
         assert len(mine) == len(set(mine))
+
+
+def test_a_call_behind_the_head_of_its_key_can_be_taken_first() -> None:
+    q: FairQueue[W] = FairQueue()
+    a1, a2, a3, b1 = W("a"), W("a"), W("a"), W("b")
+    for w in (a1, a2, a3, b1):
+        q.append(w)
+    assert q.head_run(2) == [a1, a2]  # only the head's key, oldest first
+    q.take(a3)
+    # Key a had its turn: b goes next, then a's older calls in order.
+    assert drain(q) == [b1, a1, a2]

@@ -119,15 +119,16 @@ def test_deep_nesting_in_a_full_parse_is_a_400() -> None:
         jsonc.loads_object(b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}")
 
 
-def test_prefix_key_follows_the_conversation_start() -> None:
-    def key(messages: list[dict[str, Any]]) -> str | None:
-        return jsonc.head(json.dumps({"model": "m", "messages": messages}).encode()).prefix_key()
+def test_the_chain_follows_the_conversation() -> None:
+    def chain(messages: list[dict[str, Any]]) -> tuple[tuple[int, int], ...]:
+        return jsonc.head(json.dumps({"model": "m", "messages": messages}).encode()).chain()
 
     first = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     later = [*first, {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
     other = [{"role": "system", "content": "s"}, {"role": "user", "content": "w"}]
-    assert key(first) == key(later) != key(other)
-    assert jsonc.head(b'{"model": "m"}').prefix_key() is None
+    assert chain(later)[:len(chain(first))] == chain(first)
+    assert chain(other)[0] == chain(first)[0] and chain(other)[1] != chain(first)[1]
+    assert jsonc.head(b'{"model": "m"}').chain() == ()
 
 
 # --- capabilities ----------------------------------------------------------------------

@@ -3,6 +3,7 @@ disk bound, what a config digest depends on, token counts read off an answer."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,45 +12,76 @@ import pytest
 from proxy.calls.usage import tokens_in
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.process.slotcache import (
+    Held,
+    SavedIndex,
     config_digest,
     enforce_bound,
+    file_of,
+    load_index,
     model_prefix,
-    pair_slots,
-    slot_file,
 )
 
-
-@pytest.mark.parametrize(
-    ("slots", "recent", "pairs"),
-    [
-        # One slot: the newest conversation is the one it holds.
-        ([{"id": 0, "id_task": 7, "n_prompt_tokens": 40}], ["a", "b"], [(0, "b")]),
-        # Empty slots are skipped.
-        ([{"id": 0, "id_task": 3, "n_prompt_tokens": 0}], ["a"], []),
-        # Several: latest task first, paired with the newest conversations.
-        ([{"id": 0, "id_task": 5, "n_prompt_tokens": 9},
-          {"id": 1, "id_task": 9, "n_prompt_tokens": 9},
-          {"id": 2, "id_task": 1, "n_prompt_tokens": 9}],
-         ["x", "y", "z"], [(1, "z"), (0, "y"), (2, "x")]),
-        # More slots with tokens than conversations served: only the newest ones.
-        ([{"id": 0, "id_task": 5, "n_prompt_tokens": 9},
-          {"id": 1, "id_task": 9, "n_prompt_tokens": 9}], ["only"], [(1, "only")]),
-        # Junk from a server is ignored.
-        (["junk", {"id": "0", "n_prompt_tokens": 3}], ["a"], []),
-    ],
-)
-def test_pair_slots(slots: list[object], recent: list[str],
-                    pairs: list[tuple[int, str]]) -> None:
-    assert pair_slots(slots, recent) == pairs  # type: ignore[arg-type]
+SYS = ((11, 4000),)  # a shared system prompt: one link of 4,000 bytes
+A = (*SYS, (21, 5000), (22, 6000))  # a conversation on top of it
+B = (*SYS, (31, 4500))  # another session with the same system prompt
 
 
-@pytest.mark.parametrize(
-    ("affinity", "name"),
-    [("0123abcd0123abcd", "0123abcd0123abcd.bin"), ("../etc/passwd", None), ("", None),
-     ("ABCDEF0123456789", None), ("abc", None)],
-)
-def test_slot_file_names_are_plain_hex(affinity: str, name: str | None) -> None:
-    assert slot_file(affinity) == name
+def test_held_assigns_the_free_slot_with_the_longest_prefix() -> None:
+    held = Held(3)
+    assert held.assign(A) == (0, 0, ())  # all fresh: the lowest id
+    assert held.assign(B) == (1, 0, ())  # slot 0 is busy
+    held.release(0)
+    held.release(1)
+    # A's next turn goes where A is; B's where B is; a third session to a fresh slot.
+    a2 = (*A, (23, 7000))
+    assert held.assign(a2) == (0, 6000, A)
+    b2 = (*B, (32, 5000))
+    assert held.assign(b2) == (1, 4500, B)
+    assert held.assign(((99, 100),)) == (2, 0, ())
+    assert held.assign(A) is None  # every slot busy
+    held.release(2)
+    # Only slot 2 is free: a call goes there whatever it holds, and says what it held.
+    assert held.assign((*SYS, (41, 4100))) == (2, 0, ((99, 100),))
+    held.release(2)
+    held.release(0)
+    held.release(1)
+    # No free slot continues this session: not the fresh-less slots with the longest
+    # prefix (0 and 1 hold the system prompt), the least recently used of them.
+    assert held.assign((*SYS, (42, 4200))) == (0, 4000, a2)
+    held.release(7)  # out of range: ignored
+
+
+def test_saved_index_finds_the_longest_saved_prefix() -> None:
+    index = SavedIndex()
+    assert index.longest(A) == (0, None)
+    index.add(A, file_of(A))
+    # Another session sharing only the system prompt gets A's file (4,000 bytes of it).
+    assert index.longest((*SYS, (51, 4400))) == (4000, file_of(A))
+    assert index.longest((*A, (23, 7000))) == (6000, file_of(A))
+    # A hash with another size is another prefix.
+    assert index.longest(((11, 3999),)) == (0, None)
+    index.add(B, file_of(B))
+    assert index.longest((*SYS, (51, 4400))) == (4000, file_of(B))  # the newest wins
+    index.drop(file_of(B))
+    assert index.longest(B) == (0, None)
+    assert index.longest(A) == (6000, file_of(A))
+
+
+def test_file_names_are_plain_hex() -> None:
+    assert file_of(((1, 2), (255, 9))) == "00000000000000ff.bin"
+    assert file_of((((1 << 63) - 1, 9),)) == "7fffffffffffffff.bin"
+
+
+def test_load_index_reads_chain_files_of_existing_slots(tmp_path: Path) -> None:
+    (tmp_path / file_of(A)).write_bytes(b"slot")
+    (tmp_path / file_of(A)).with_suffix(".chain").write_text(json.dumps(A))
+    # A chain without its slot file, and a malformed one: left out.
+    (tmp_path / file_of(B)).with_suffix(".chain").write_text(json.dumps(B))
+    (tmp_path / "0000000000000001.chain").write_text("[[1,")
+    (tmp_path / "0000000000000001.bin").write_bytes(b"slot")
+    index = load_index(tmp_path)
+    assert index.longest((*A, (23, 7000))) == (6000, file_of(A))
+    assert index.longest((*B, (31, 4500))) == (4000, file_of(A))
 
 
 def test_enforce_bound_drops_least_recently_used(tmp_path: Path) -> None:
@@ -60,9 +92,11 @@ def test_enforce_bound_drops_least_recently_used(tmp_path: Path) -> None:
         f.write_bytes(b"x" * 100)
         t = 1_000_000 - age
         os.utime(f, (t, t))
+        f.with_suffix(".chain").write_text("[]")
     gone = enforce_bound(tmp_path, 200)
     assert [f.name for f in gone] == ["0.bin"]
-    assert sorted(f.name for f in d.iterdir()) == ["1.bin", "2.bin"]
+    # A slot's chain goes with it.
+    assert sorted(f.name for f in d.iterdir()) == ["1.bin", "1.chain", "2.bin", "2.chain"]
     assert enforce_bound(tmp_path, 200) == []
     assert [f.name for f in enforce_bound(tmp_path, 0)] == ["2.bin", "1.bin"]
 

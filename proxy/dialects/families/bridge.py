@@ -78,6 +78,8 @@ class Bridge:
         self._body = body
         self._chat: dict[str, Any] | None = None
         self._ask: Any = None
+        # Translated before any lease: the model's api lacks the family.
+        self.translated_now = False
 
     def wrap(self, spec: upstream.Call) -> tuple[upstream.Call, upstream.Consume[
             web.StreamResponse]]:
@@ -295,6 +297,7 @@ def of(family: Family, path: str, upstream_path: str, body: bytes | bytearray | 
     if declared is not None and bridge.api not in declared:
         bridge._need_chat(cfg.name, declared)
         bridge.translated()
+        bridge.translated_now = True
     return bridge
 
 

@@ -19,6 +19,7 @@ from proxy.calls.streaming import upstream_batches
 from proxy.calls.upstream import Call, Client, call_app
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import jsonc
+from proxy.keys import SCHEDULER
 from scheduler.aio import cancel_and_wait
 from scheduler.scheduling.scheduler import LeaseHints, Upstream
 
@@ -30,7 +31,9 @@ async def stream_events(
 ) -> None:
     """POST ``payload`` (a stream) to an instance of ``model`` through the one upstream
     call path; ``on_batch`` gets llama-server's events as they arrive. A call that
-    fails before its first event is resent; after it, the failure is raised."""
+    fails before its first event is resent; after it, the failure is raised. Without
+    ``hints``, the call's chain of prefixes is the payload's (replica choice, slot
+    cache)."""
 
     async def consume(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> None:
         if resp.status != 200:
@@ -39,6 +42,8 @@ async def stream_events(
             client.answered = True
             await on_batch(batch)
 
+    if hints is None and app[SCHEDULER].balanced(model):
+        hints = LeaseHints(chain=jsonc.chain_of(payload))
     await call_app(app, Call(model=model, path=path, payload=payload, hints=hints), consume)
 
 
