@@ -436,9 +436,12 @@ async def test_client_disconnect_stops_the_upstream(corral_ports: Any, tmp_path:
     ports = await corral_ports(cfg)
     resp = await ports.ollama.post("/api/chat", json=chat(options={"num_predict": 200}))
     await resp.content.readline()
+    sched = ports.ollama.app[SCHEDULER]
+    # The first lines may be loading feedback, sent before the lease while the fake
+    # starts on a loaded machine: close once the call holds the slot.
+    await wait_for(lambda: [i.in_flight for i in sched.instances()] == [1], within=30)
     await resp.content.readline()
     resp.close()
-    sched = ports.ollama.app[SCHEDULER]
     await wait_for(lambda: sched.instances()[0].in_flight == 0)
     stats: dict[str, Any] = {}
 
