@@ -256,29 +256,48 @@ async def responses_call(client: httpx.AsyncClient, s: Session, started_at: floa
 
 
 async def run_session_turns(client: httpx.AsyncClient, s: Session, turns: int,
-                            responses_api: bool, t0: float, log: list[Call]) -> None:
-    for n in range(turns):
-        if n:
-            await asyncio.sleep(s.shape.pause)
-        s.prepare()
-        sent = time.perf_counter()
-        call = Call(session=s.name, kind=s.kind, model=s.model, turn=s.turn, sent=sent - t0,
-                    ttft=0.0, done=0.0, cache_n=0, prompt_n=0,
-                    messages=[dict(m) for m in s.messages])
-        log.append(call)  # in sending order: the perfect cache looks back from here
+                            responses_api: bool, t0: float, log: list[Call],
+                            answered: asyncio.Event) -> None:
+    """``turns`` turns of ``s``, one after the other; ``answered`` is set once the first
+    has its answer (or failed)."""
+    try:
+        for n in range(turns):
+            if n:
+                await asyncio.sleep(s.shape.pause)
+            await one_turn(client, s, responses_api, t0, log)
+            answered.set()
+    finally:
+        answered.set()
+
+
+async def one_turn(client: httpx.AsyncClient, s: Session, responses_api: bool, t0: float,
+                   log: list[Call]) -> None:
+    s.prepare()
+    sent = time.perf_counter()
+    call = Call(session=s.name, kind=s.kind, model=s.model, turn=s.turn, sent=sent - t0,
+                ttft=0.0, done=0.0, cache_n=0, prompt_n=0,
+                messages=[dict(m) for m in s.messages])
+    log.append(call)  # in sending order: the perfect cache looks back from here
+    via = responses_call if s.kind == "responses" and responses_api else chat_call
+    try:
         try:
-            via = responses_call if s.kind == "responses" and responses_api else chat_call
             reply = await via(client, s, sent)
-        except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as e:
-            call.error = f"{type(e).__name__}: {e}"
-            print(f"  {s.name} turn {s.turn}: {call.error}", file=sys.stderr)
-            s.answered("", s.response_id)
-            continue
-        done = time.perf_counter()
-        call.ttft = reply.ttft if reply.ttft is not None else done - sent
-        call.cache_n, call.prompt_n = reply.cache_n, reply.prompt_n
-        call.done = done - t0
-        s.answered(reply.text, reply.response_id)
+        except httpx.RemoteProtocolError:
+            # A kept-alive connection the server had closed while the session
+            # paused: sent again once, as the OpenAI SDKs do. Counted, so that a
+            # server that drops live calls still shows.
+            call.resent = True
+            reply = await via(client, s, sent)
+    except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as e:
+        call.error = f"{type(e).__name__}: {e}"
+        print(f"  {s.name} turn {s.turn}: {call.error}", file=sys.stderr)
+        s.answered("", s.response_id)
+        return
+    done = time.perf_counter()
+    call.ttft = reply.ttft if reply.ttft is not None else done - sent
+    call.cache_n, call.prompt_n = reply.cache_n, reply.prompt_n
+    call.done = done - t0
+    s.answered(reply.text, reply.response_id)
 
 
 async def workload(url: str, shape: Shape, responses_api: bool,
@@ -306,10 +325,14 @@ async def workload(url: str, shape: Shape, responses_api: bool,
                 print(f"  phase {number}: {' + '.join(kinds)}", flush=True)
                 tasks = []
                 for kind in kinds:
+                    before: asyncio.Event | None = None
                     for i, s in enumerate(groups[kind]):
-                        tasks.append(asyncio.create_task(
-                            _later(i * shape.stagger, run_session_turns(
-                                client, s, shape.turns_per_phase, responses_api, t0, log))))
+                        answered = asyncio.Event()
+                        tasks.append(asyncio.create_task(_session_in_phase(
+                            i * shape.stagger, before if s.turn == 0 else None,
+                            run_session_turns(client, s, shape.turns_per_phase,
+                                              responses_api, t0, log, answered))))
+                        before = answered
                 await asyncio.gather(*tasks)
         finally:
             stop.set()
@@ -320,8 +343,14 @@ async def workload(url: str, shape: Shape, responses_api: bool,
     return log, wall
 
 
-async def _later(delay: float, work: Awaitable[None]) -> None:
+async def _session_in_phase(delay: float, after: asyncio.Event | None,
+                            work: Awaitable[None]) -> None:
+    """A new session opens once the one opened before it has its first answer (an
+    agent started while another works: the shared prompt can be there by then); a
+    session already open goes on after ``delay``."""
     await asyncio.sleep(delay)
+    if after is not None:
+        await after.wait()
     await work
 
 

@@ -33,6 +33,7 @@ class Call:
     tokens: Sequence[int] = ()
     instance: str | None = None  # which process served it (a swap changes it)
     error: str | None = None
+    resent: bool = False  # its connection dropped before an answer; sent again
     ideal: int = 0  # filled by fill_ideal()
     after_swap: bool = False  # filled by mark_swaps()
     messages: list[dict[str, object]] = field(default_factory=list)
@@ -113,6 +114,7 @@ class Figures:
     system_processed: int  # agent calls that processed (part of) the shared system prompt
     agent_instances: int  # processes that served agent calls
     token_mismatches: int  # calls whose tokenized length != cache_n + prompt_n
+    resent: int = 0
     wall: float = 0.0
 
     @property
@@ -157,6 +159,7 @@ def figures(calls: Sequence[Call], wall: float = 0.0) -> Figures:
         agent_instances=len({c.instance for c in agents if c.instance is not None}),
         token_mismatches=sum(1 for c in ok if c.tokens
                              and len(c.tokens) != c.cache_n + c.prompt_n),
+        resent=sum(1 for c in calls if c.resent),
         wall=wall,
     )
 
@@ -168,7 +171,8 @@ def table(columns: dict[str, Figures]) -> str:
 
     kinds = sorted({k for f in columns.values() for k in f.reuse_by_kind})
     rows: list[tuple[str, list[str]]] = [
-        ("calls (failed)", [f"{f.calls} ({f.errors})" for f in columns.values()]),
+        ("calls (failed, resent)", [f"{f.calls} ({f.errors}, {f.resent})"
+                                    for f in columns.values()]),
         ("prompt tokens", [f"{f.prompt_tokens:,}" for f in columns.values()]),
         ("tokens a perfect cache reuses", [f"{f.ideal:,}" for f in columns.values()]),
         ("tokens reused (cache_n)", [f"{f.reused:,}" for f in columns.values()]),
