@@ -20,10 +20,13 @@ at a time, so that serving the third swaps one out. Three kinds of sessions:
 * **Responses** on ``c``: ``/v1/responses`` with shared ``instructions`` and
   ``previous_response_id`` (the server keeps the conversation).
 
-Sessions run in four phases, each a set of sessions advanced concurrently (staggered
-starts, a short pause between a session's turns): ``a+b``, ``c+b``, ``a+c``, ``b+c``, so
-that each kind comes back to its model after it was swapped out (for chats that is the
-``a -> b -> a`` of a plain chat). Every call streams and asks for ``max_tokens`` (8).
+Sessions run in four phases, each advancing two kinds' sessions concurrently by two
+turns (one with --quick), a short pause between a session's turns: ``a+b``, ``c+b``,
+``a+c``, ``b+c``, so that each kind comes back to its model after it was swapped out
+(for chats that is the ``a -> b -> a`` of a plain chat). A new session opens once the
+one of its kind opened before it has its first answer (an agent started while another
+works: the shared prompt is there to reuse by then). Every call streams and asks for
+``max_tokens`` (8).
 
 The configurations, one after the other, each from a clean start:
 
