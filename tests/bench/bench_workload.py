@@ -93,7 +93,7 @@ MODEL_OF = {"agent": "a", "chat": "b", "responses": "c"}
 
 @dataclass(frozen=True)
 class Shape:
-    agents: int = 4
+    agents: int = 3
     chats: int = 3
     responses: int = 3
     system_tokens: int = 4000
@@ -391,6 +391,9 @@ def corral_config(where: Path, binary: Path, gguf: Path, shape: Shape, cache: bo
     cfg.write_text(
         f'[server]\nhost = "{LOOPBACK}"\nport = {port}\nollama_enabled = false\n'
         f'lmstudio_enabled = false\n[scheduler]\nmemory_budget = "2560MiB"\n'
+        # Router mode lets a call wait as long as it takes; so does Corral here (on 2
+        # busy cores an agent's turn can wait minutes behind the others).
+        f"queue_timeout = {CALL_TIMEOUT:g}\n"
         f'slot_cache_size = {4 * 2**30 if cache else 0}\n'
         f'slot_cache_dir = "{where / "slots"}"\n'
         f'[llama_server]\nbinary = "{binary}"\n\n{models}')
