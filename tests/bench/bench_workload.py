@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -121,9 +122,9 @@ WORDS = ("river", "lake", "file", "branch", "commit", "parser", "buffer", "socke
 
 
 def filler(tokens: int, seed: int, head: str) -> str:
-    """About ``tokens`` tokens of varied text (~12 tokens a sentence on Gemma)."""
+    """About ``tokens`` tokens of varied text (~19 tokens a sentence on Gemma)."""
     lines = []
-    for i in range(max(1, tokens // 12)):
+    for i in range(max(1, tokens // 19)):
         w = [WORDS[(seed * 7 + i * k) % len(WORDS)] for k in (1, 3, 5)]
         lines.append(f"{head} {i}: the {w[0]} {seed}-{i} feeds the {w[1]} and the {w[2]}.")
     return " ".join(lines)
@@ -476,6 +477,9 @@ def main() -> int:
     ap.add_argument("--logs", type=Path, help="keep logs and configs here")
     ap.add_argument("--json", type=Path, help="also write the figures and call logs here")
     args = ap.parse_args()
+    # Run in the background, a process ignores SIGINT: SIGTERM must unwind too, so that
+    # started() stops what this started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = [n for n in args.configs.split(",") if n]
     if unknown := set(names) - set(CONFIGS):
         ap.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")

@@ -111,6 +111,7 @@ class Figures:
     swapped_calls: int
     reprocessed_after_swaps: int  # tokens a perfect cache held but these calls processed
     chat_swap_shortfall: int | None  # worst (ideal - reused) of a chat follow-up after a swap
+    system_tokens: int  # the agents' shared system prompt, as tokenized
     system_processed: int  # agent calls that processed (part of) the shared system prompt
     agent_instances: int  # processes that served agent calls
     token_mismatches: int  # calls whose tokenized length != cache_n + prompt_n
@@ -155,6 +156,7 @@ def figures(calls: Sequence[Call], wall: float = 0.0) -> Figures:
         swapped_calls=len(swapped),
         reprocessed_after_swaps=sum(max(0, c.ideal - c.cache_n) for c in swapped),
         chat_swap_shortfall=max(chats) if chats else None,
+        system_tokens=system,
         system_processed=sum(1 for c in agents if system and c.cache_n < system),
         agent_instances=len({c.instance for c in agents if c.instance is not None}),
         token_mismatches=sum(1 for c in ok if c.tokens
@@ -187,7 +189,8 @@ def table(columns: dict[str, Figures]) -> str:
         ("chat follow-up after a swap: worst shortfall",
          ["n/a" if f.chat_swap_shortfall is None else f"{f.chat_swap_shortfall} tokens"
           for f in columns.values()]),
-        ("agents' system prompt processed / processes",
+        ("agents' system prompt (tokens)", [f"{f.system_tokens:,}" for f in columns.values()]),
+        ("... processed / processes",
          [f"{f.system_processed} / {f.agent_instances}" for f in columns.values()]),
         ("wall time", [f"{f.wall:.0f} s" for f in columns.values()]),
     ]

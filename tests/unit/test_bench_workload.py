@@ -80,7 +80,7 @@ def test_figures_compare_reuse_with_the_perfect_cache() -> None:
     assert f.reuse_by_kind == {"agent": pytest.approx(0.6), "chat": pytest.approx(1 / 3)}
     assert (f.swapped_calls, f.reprocessed_after_swaps, f.chat_swap_shortfall) == (1, 2, 2)
     # agent0 and agent2 processed the shared 50 tokens, on two processes between them.
-    assert (f.system_processed, f.agent_instances) == (2, 2)
+    assert (f.system_tokens, f.system_processed, f.agent_instances) == (50, 2, 2)
     assert f.token_mismatches == 0
     out = table({"x": f, "y": f})
     assert "| **reused / perfect** | **59 %** | **59 %** |" in out
