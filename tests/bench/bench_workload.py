@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -334,8 +335,9 @@ async def workload(url: str, shape: Shape, responses_api: bool,
                         answered = asyncio.Event()
                         tasks.append(asyncio.create_task(_session_in_phase(
                             i * shape.stagger, before if s.turn == 0 else None,
-                            run_session_turns(client, s, shape.turns_per_phase,
-                                              responses_api, t0, log, answered))))
+                            functools.partial(run_session_turns, client, s,
+                                              shape.turns_per_phase, responses_api, t0,
+                                              log, answered))))
                         before = answered
                 await asyncio.gather(*tasks)
         finally:
@@ -348,14 +350,14 @@ async def workload(url: str, shape: Shape, responses_api: bool,
 
 
 async def _session_in_phase(delay: float, after: asyncio.Event | None,
-                            work: Awaitable[None]) -> None:
+                            work: Callable[[], Awaitable[None]]) -> None:
     """A new session opens once the one opened before it has its first answer (an
     agent started while another works: the shared prompt can be there by then); a
     session already open goes on after ``delay``."""
     await asyncio.sleep(delay)
     if after is not None:
         await after.wait()
-    await work
+    await work()
 
 
 def _instance_at(samples: list[tuple[float, dict[str, str]]], call: Call) -> str | None:
