@@ -221,6 +221,8 @@ class Owner:
                 self._hold(peer, cid, self._lease(peer, cid, model, hints, key))
         elif op == "release":
             cid = int(frame["id"])
+            if (early := frame.get("early")) is not None:
+                self._scheduler.hush(str(early))  # the worker's call ended early
             if (held := peer.held.pop(cid, None)) is not None:
                 held.release()
                 return
@@ -414,15 +416,22 @@ class WorkerScheduler(Scheduler):
     async def lease(self, name: str, hints: LeaseHints | None = None) -> AsyncIterator[Upstream]:
         cid = next(self._calls)
         hints = hints or LeaseHints()
+        release: dict[str, Any] = {"op": "release", "id": cid}
         try:
             key = tenants.current()
             up: Upstream = await self._ask(cid, {
                 "op": "lease", "id": cid, "model": name, "affinity": hints.affinity,
                 "keep_alive": hints.keep_alive, "key": key.name if key is not None else None})
-            yield up
+            try:
+                yield up
+            except BaseException:
+                # Ended early (a hang-up, a failure): the owner leaves it alone a while
+                # (Scheduler.quiet), as for a call of its own.
+                release["early"] = up.instance_id
+                raise
         finally:
             # Also when the wait was cancelled: the owner may have granted it meanwhile.
-            self._line.send({"op": "release", "id": cid})
+            self._line.send(release)
 
     async def suspect(self, instance_id: str, reason: str) -> None:
         self._line.send({"op": "suspect", "iid": instance_id, "reason": reason})

@@ -85,6 +85,9 @@ class Core:
         # Chooses among a model's upstreams; a cluster front puts node choice here
         # (scheduler/cluster/nodes.py). Called on the event loop, must not block.
         self.pick: Picker = policy.pick_instance
+        # Instances whose caller went away mid-call, until when Corral leaves them
+        # alone (Leasing.quiet).
+        self._quiet: dict[str, float] = {}
         # [[providers]]: their listings become dynamic models (engines/providers.py).
         self.providers = Providers(self, session)
         # API keys: scopes, limits, usage (scheduler/keys/tenants.py).

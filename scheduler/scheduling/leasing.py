@@ -28,6 +28,10 @@ from scheduler.scheduling.state import (
     api_set,
 )
 
+# Seconds an upstream is left alone after a call on it ended early (Leasing.quiet):
+# llama-server's one second of quiet, and a margin.
+QUIET_AFTER_ABANDON = 1.5
+
 
 class Leasing(Core):
     @contextlib.asynccontextmanager
@@ -70,6 +74,11 @@ class Leasing(Core):
             if hints.affinity and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
                 await self.slots.restore(inst, hints.affinity)
             yield self._granted(serving, inst, hints, start)
+        except BaseException:
+            # The call ended early (the client hung up, the upstream failed) and the
+            # proxy closed its upstream connection.
+            self.hush(inst.id)
+            raise
         finally:
             inst.release()
 
@@ -189,6 +198,30 @@ class Leasing(Core):
             log.warning("instance %s unreachable (%s): replacing it", inst.id, reason)
             self._retire(inst, "unreachable")
         return connect
+
+    def quiet(self, instance_id: str) -> bool:
+        """Whether Corral should leave this upstream alone for now (no /metrics read):
+        a call on it ended early within the last ``QUIET_AFTER_ABANDON`` seconds.
+
+        llama-server notices that the client of a non-streaming call has gone only
+        when it has waited a whole second for results without any (any task's: a
+        /metrics or /slots read is a task too); Corral's own reads, once a second
+        for the dashboard, kept it generating for nobody until ``max_tokens``.
+        """
+        until = self._quiet.get(instance_id)
+        if until is None:
+            return False
+        if until > self._clock():
+            return True
+        del self._quiet[instance_id]
+        return False
+
+    def hush(self, instance_id: str) -> None:
+        """A call on this upstream ended early: leave it alone for a while (``quiet``)."""
+        now = self._clock()
+        if len(self._quiet) > 64:  # entries of instances long gone
+            self._quiet = {k: t for k, t in self._quiet.items() if t > now}
+        self._quiet[instance_id] = now + QUIET_AFTER_ABANDON
 
     def upstream_answered(self, instance_id: str, status: int, retry_after: str | None) -> None:
         """An upstream answered a rate limit or a server error: a remote that is never
