@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,9 @@ def hang_ups(metrics: Any, path: str) -> int:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-async def test_a_client_that_hangs_up_closes_the_upstream_call(served: Any, case: Case) -> None:
+async def test_a_client_that_hangs_up_closes_the_upstream_call(
+    served: Any, case: Case, caplog: pytest.LogCaptureFixture
+) -> None:
     ports, calls = served
     client = getattr(ports, case.port)
     sched = client.app[SCHEDULER]
@@ -162,6 +165,8 @@ async def test_a_client_that_hangs_up_closes_the_upstream_call(served: Any, case
     await asyncio.wait_for(calls[0].closed.wait(), 5)
     await wait_for(lambda: all(r.in_flight == 0 for r in sched.remotes()), within=5)
     await wait_for(lambda: hang_ups(ports.openai.app[METRICS], case.path) == 1, within=5)
+    # A hang-up is no error of Corral's nor of the upstream's.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 async def test_a_hang_up_leaves_the_upstream_alone_for_a_moment(
