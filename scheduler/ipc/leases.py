@@ -209,7 +209,8 @@ class Owner:
         if op == "lease":
             cid = int(frame["id"])
             hints = LeaseHints(affinity=frame.get("affinity"),
-                               keep_alive=frame.get("keep_alive"))
+                               keep_alive=frame.get("keep_alive"),
+                               avoid=frozenset(map(str, frame.get("avoid") or ())))
             model = str(frame["model"])
             now = self._scheduler.lease_now(model, hints)
             if now is not None:
@@ -421,7 +422,8 @@ class WorkerScheduler(Scheduler):
             key = tenants.current()
             up: Upstream = await self._ask(cid, {
                 "op": "lease", "id": cid, "model": name, "affinity": hints.affinity,
-                "keep_alive": hints.keep_alive, "key": key.name if key is not None else None})
+                "keep_alive": hints.keep_alive, "key": key.name if key is not None else None,
+                "avoid": sorted(hints.avoid)})
             try:
                 yield up
             except BaseException:

@@ -4,7 +4,7 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
     worker -> owner                             owner -> worker
     {"op": "lease", "id", "model",              {"op": "config", "pickle"}   at start and
-     "affinity", "keep_alive", "key"}                                        on every change
+     "affinity", "keep_alive", "key", "avoid"}                               on every change
     {"op": "release", "id", "early"?}           {"op": "leased", "id", "up": [base_url,
     {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",

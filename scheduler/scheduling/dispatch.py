@@ -47,7 +47,7 @@ class Dispatch(Core):
                     m.queue.popleft()
                     continue
                 preferred = m.affinity.get(w.hints.affinity) if w.hints.affinity else None
-                inst = self.pick(m.servables(), preferred)
+                inst = self.pick(policy.avoiding(m.servables(), w.hints.avoid), preferred)
                 if inst is None or not inst.try_acquire():
                     break
                 m.queue.popleft()

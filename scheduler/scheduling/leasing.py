@@ -17,6 +17,7 @@ from scheduler.errors import (
 )
 from scheduler.keys import tenants
 from scheduler.process.instance import Instance, State
+from scheduler.scheduling import policy
 from scheduler.scheduling.core import Core, log
 from scheduler.scheduling.state import (
     AFFINITY_ENTRIES,
@@ -109,7 +110,7 @@ class Leasing(Core):
         if m.queue:
             return None
         preferred = m.affinity.get(hints.affinity) if hints.affinity else None
-        inst = self.pick(m.servables(), preferred)
+        inst = self.pick(policy.avoiding(m.servables(), hints.avoid), preferred)
         return inst if inst is not None and inst.try_acquire() else None
 
     async def _acquire(
@@ -174,21 +175,21 @@ class Leasing(Core):
                     fut.cancel()
 
     async def upstream_failed(self, instance_id: str, reason: str, connect: bool) -> bool:
-        """The proxy got no answer from an upstream it was leased. May the call be
-        sent again?
+        """The proxy got no answer from an upstream it was leased (it resends the call
+        elsewhere, ``LeaseHints.avoid``). Is the upstream replaced or out of rotation?
 
         A local child that exited (noticed within a second) is already being
         replaced: yes. One that refuses connections but lives is wedged: it is
-        retired and relaunched, and yes. A remote that refuses connections leaves the
-        rotation until its next good check: yes. A remote that reset an open
-        connection may have done the work: no.
+        retired and relaunched, and yes. One that reset a connection and lives is
+        checked now (retired if /health is silent). A remote that refused or reset a
+        connection, or broke its answer, leaves the rotation until its next good check
+        (a node killed under load resets its calls before it refuses new ones): yes.
         """
         for m in self._models.values():
             for r in m.remotes:
                 if r.id == instance_id:
-                    if connect:
-                        r.mark_failed(reason)
-                    return connect
+                    r.mark_failed(reason)
+                    return True
         inst = self._instance(instance_id)
         if inst is None:
             return True  # already failed or stopped and gone from the books
@@ -197,7 +198,9 @@ class Leasing(Core):
         if connect:
             log.warning("instance %s unreachable (%s): replacing it", inst.id, reason)
             self._retire(inst, "unreachable")
-        return connect
+            return True
+        await self._health.suspect(inst, reason)
+        return inst.state is not State.READY
 
     def quiet(self, instance_id: str) -> bool:
         """Whether Corral should leave this upstream alone for now (no /metrics read):
