@@ -70,7 +70,7 @@ async def test_a_resent_call_goes_to_the_other_remote(
     good_seen: Counter[str] = Counter()
     bad = await resetting_server(reset_seen)
     good = await aiohttp_server(good_upstream(good_seen))
-    bad_url = "http://127.0.0.1:%d" % bad.sockets[0].getsockname()[1]
+    bad_url = f"http://127.0.0.1:{bad.sockets[0].getsockname()[1]}"
     try:
         cfg = make_config(tmp_path, [{"name": "m", "remotes": [
             # The resetting one first: at equal load the first listed goes first.
