@@ -17,6 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,8 @@ from aiohttp import web
 
 from proxy.keys import SCHEDULER
 from proxy.metrics.registry import METRICS
+from proxy.metrics.scrape import UpstreamMetrics
+from scheduler.process.instance import State
 from tests.conftest import make_config, wait_for
 
 # How long the fake holds a call at most: far past any bound the test waits for.
@@ -190,3 +193,30 @@ async def test_a_hang_up_leaves_the_upstream_alone_for_a_moment(
     await wait_for(lambda: inst.in_flight == 0, within=5)
     assert sched.quiet(inst.id)
     await wait_for(lambda: not sched.quiet(inst.id), within=5)  # and then no longer
+
+
+async def test_a_quiet_instance_is_not_read(aiohttp_server: Any) -> None:
+    """The reader of llama-server's /metrics skips an instance the scheduler keeps quiet,
+    and keeps what it read of it before."""
+    reads: list[str] = []
+
+    async def metrics(_: web.Request) -> web.Response:
+        reads.append("read")
+        return web.Response(text="llamacpp:prompt_tokens_total 5\n"
+                                  "llamacpp:tokens_predicted_total 7\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    server = await aiohttp_server(app)
+    inst: Any = SimpleNamespace(id="m#1", model="m", state=State.READY, in_flight=1,
+                                base_url=str(server.make_url("")).rstrip("/"),
+                                stats=SimpleNamespace(served=0))
+    upstream = UpstreamMetrics()
+    async with aiohttp.ClientSession() as session:
+        await upstream.refresh(session, [inst], only_active=True)
+        assert reads == ["read"] and upstream.completion_tokens["m"] == 7
+        await upstream.refresh(session, [inst], only_active=True, quiet=lambda _: True)
+        await upstream.refresh(session, [inst], quiet=lambda _: True)  # a scrape too
+        assert reads == ["read"] and "m#1" in upstream.latest
+        await upstream.refresh(session, [inst], quiet=lambda _: False)
+        assert reads == ["read", "read"] and upstream.completion_tokens["m"] == 7
