@@ -125,6 +125,8 @@ async def _pump(
             if sse and chunk.endswith(_LAST_EVENTS):
                 reqlog.mark_ended()
             await out.write(chunk)
+    except ConnectionResetError:
+        raise  # a write to a client that went away (aiohttp's is also a ClientError)
     except _UPSTREAM_BROKE as e:
         log.warning("instance %s broke mid-stream: %s", up.instance_id, e or type(e).__name__)
         if isinstance(e, TimeoutError) and client.request is not None:

@@ -8,9 +8,12 @@ which turns the upstream response into the client's answer (a relay, a translati
 The rule for failures is one for every family: while the client has received no
 byte of the answer, a call whose upstream failed (refused, reset, died, timed out) is
 sent again, to another replica or a relaunch, up to ``ATTEMPTS`` times: generation
-has no side effects on the server. Once the client has bytes, the consumer ends the
-answer with a clean error in its dialect. A consumer says when it commits by setting
-``Client.answered`` just before its first write.
+has no side effects on the server. The resend avoids the upstreams the call failed on
+while another is ready or starting (``LeaseHints.avoid``), and the failure is reported
+first, so a remote that reset or refused leaves the rotation until a good check. Once
+the client has bytes, the consumer ends the answer with a clean error in its dialect.
+A consumer says when it commits by setting ``Client.answered`` just before its first
+write.
 
 Time limits, per model: ``connect_timeout``; ``first_byte_timeout`` from sending the
 call to the first byte of the answer (a launch or a queue wait is not counted: the
@@ -29,7 +32,7 @@ import logging
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
@@ -149,9 +152,10 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
 async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client: Client,
                     spec: Call, consume: Consume[T], key: tenants.Key | None) -> T:
     attempt = again = 0
+    hints = spec.hints
     while True:
         attempt += 1
-        async with _leased(scheduler, spec, client) as up:
+        async with _leased(scheduler, spec, hints, client) as up:
             note_model(up.model)
             cfg = scheduler.resolve(up.model)
             try:
@@ -194,6 +198,9 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
                         f"model '{up.model}': upstream {up.instance_id} failed: {reason}"
                     ) from None
                 await _report(scheduler, up, e, reason)
+                # The resend goes to another upstream while one is ready or starting.
+                sent_with = hints or LeaseHints()
+                hints = replace(sent_with, avoid=sent_with.avoid | {up.instance_id})
                 if attempt >= ATTEMPTS or not spec.replayable:
                     raise UpstreamFailed(
                         f"model '{up.model}': upstream {up.instance_id} failed: {reason}"
@@ -277,14 +284,15 @@ def _payload(body: bytes | bytearray | None) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _leased(scheduler: Scheduler, spec: Call, client: Client) -> AsyncIterator[Upstream]:
+async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
+                  client: Client) -> AsyncIterator[Upstream]:
     if spec.feedback is None:
-        async with scheduler.lease(spec.model, spec.hints) as up:
+        async with scheduler.lease(spec.model, hints) as up:
             yield up
         return
     feedback = _Feedback(scheduler, spec, client)
     try:
-        async with scheduler.lease(spec.model, spec.hints) as up:
+        async with scheduler.lease(spec.model, hints) as up:
             await feedback.stop()
             yield up
     except CorralError as e:

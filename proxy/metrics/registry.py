@@ -248,7 +248,8 @@ class Metrics:
         if self._scheduler is None or self._session is None:
             return
         instances = self._scheduler.instances()
-        await self.upstream.refresh(self._session, instances, only_active=only_active)
+        await self.upstream.refresh(self._session, instances, only_active=only_active,
+                                    quiet=self._scheduler.quiet)
         if not only_active:
             pids = {i.id: i.pid for i in instances if i.pid is not None}
             self.memory = await asyncio.to_thread(resident_memory, pids)

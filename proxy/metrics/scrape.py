@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import aiohttp
 import psutil
@@ -188,9 +188,14 @@ class UpstreamMetrics:
         self._lock = asyncio.Lock()
 
     async def refresh(self, session: aiohttp.ClientSession, instances: Sequence[Instance], *,
-                      only_active: bool = False, within: float = UPSTREAM_TIMEOUT) -> None:
+                      only_active: bool = False, within: float = UPSTREAM_TIMEOUT,
+                      quiet: Callable[[str], bool] | None = None) -> None:
+        """Read the serving instances' /metrics; not those ``quiet`` names (a call on
+        it ended early: a read now would keep llama-server from noticing, see
+        ``Scheduler.quiet``), whose last figures stand until the next read."""
         async with self._lock:
-            targets = [i for i in instances if i.state in _SERVING and i.base_url]
+            targets = [i for i in instances if i.state in _SERVING and i.base_url
+                       and (quiet is None or not quiet(i.id))]
             if only_active:
                 targets = [i for i in targets
                            if i.in_flight or self._served.get(i.id) != i.stats.served]

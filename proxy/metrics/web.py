@@ -58,10 +58,15 @@ def request_middleware(metrics: Metrics, dialect: str) -> Middleware:
         except web.HTTPException as e:
             status = e.status
             raise
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             # The client went away (nginx's code for it), unless it had the whole answer.
             status = info.status if info.ended and info.status else 499
             raise
+        except ConnectionResetError:
+            # The same, noticed by a write: aiohttp would log it with a traceback at
+            # ERROR; an answer to a closed connection it drops quietly.
+            status = info.status if info.ended and info.status else 499
+            return web.Response(status=499)
         finally:
             CURRENT.reset(token)
             record(request, info, dialect, status, clock() - start, resp)

@@ -85,7 +85,7 @@ class Sampler:
         # served since the last read (idle instances cost nothing).
         try:
             await metrics.upstream.refresh(app[SESSION], instances, only_active=True,
-                                           within=0.5)
+                                           within=0.5, quiet=scheduler.quiet)
         except Exception:  # the rest of the sample is still worth taking
             log.debug("reading llama-server token counters failed", exc_info=True)
         pids = {i.id: i.pid for i in instances if i.pid is not None}

@@ -8,8 +8,9 @@ node) work unchanged. Only the choice among a model's upstreams is replaced
 (``Scheduler.pick``) by the pure ``cluster.policy.pick_node`` over what the nodes
 last reported plus this front's own calls since.
 
-A node leaves the rotation when a poll fails (or a call cannot connect: the
-scheduler marks its remote failed) or when it reports draining; it comes back with
+A node leaves the rotation when a poll fails (or a call cannot connect or is reset:
+the scheduler marks its remote failed, and the call's resend avoids it) or when it
+reports draining; it comes back with
 its next good poll. A node that is gone keeps its models in the front's list until
 discovery drops it, so a short outage does not make models vanish for clients.
 """

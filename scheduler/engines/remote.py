@@ -10,8 +10,8 @@ Health, per the remote's ``health``:
 * ``auto``: ``/health``, then ``/v1/models``; the first 200 marks it healthy.
 * ``/health`` or ``/v1/models``: that probe only (``/v1/models`` carries the key).
 * ``none``: never probed (a cloud API where calls cost money or count against a
-  quota). It starts READY; a call that cannot connect or times out takes it out of
-  rotation (FAILED) for ``cooldown`` seconds, then it is tried again.
+  quota). It starts READY; a call that cannot connect, is reset or times out takes
+  it out of rotation (FAILED) for ``cooldown`` seconds, then it is tried again.
 
 A probed remote leaves the rotation while its probe fails and comes back at the
 first good one. Its key rides in ``egress.headers`` only: ``describe()``, log lines

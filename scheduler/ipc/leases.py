@@ -210,7 +210,8 @@ class Owner:
         if op == "lease":
             cid = int(frame["id"])
             hints = LeaseHints(chain=chain_of_frame(frame.get("chain")),
-                               keep_alive=frame.get("keep_alive"))
+                               keep_alive=frame.get("keep_alive"),
+                               avoid=frozenset(map(str, frame.get("avoid") or ())))
             model = str(frame["model"])
             now = self._scheduler.lease_now(model, hints)
             if now is not None:
@@ -222,6 +223,8 @@ class Owner:
                 self._hold(peer, cid, self._lease(peer, cid, model, hints, key))
         elif op == "release":
             cid = int(frame["id"])
+            if (early := frame.get("early")) is not None:
+                self._scheduler.hush(str(early))  # the worker's call ended early
             if (held := peer.held.pop(cid, None)) is not None:
                 held.release()
                 return
@@ -415,15 +418,23 @@ class WorkerScheduler(Scheduler):
     async def lease(self, name: str, hints: LeaseHints | None = None) -> AsyncIterator[Upstream]:
         cid = next(self._calls)
         hints = hints or LeaseHints()
+        release: dict[str, Any] = {"op": "release", "id": cid}
         try:
             key = tenants.current()
             up: Upstream = await self._ask(cid, {
                 "op": "lease", "id": cid, "model": name, "chain": hints.chain,
-                "keep_alive": hints.keep_alive, "key": key.name if key is not None else None})
-            yield up
+                "keep_alive": hints.keep_alive, "key": key.name if key is not None else None,
+                "avoid": sorted(hints.avoid)})
+            try:
+                yield up
+            except BaseException:
+                # Ended early (a hang-up, a failure): the owner leaves it alone a while
+                # (Scheduler.quiet), as for a call of its own.
+                release["early"] = up.instance_id
+                raise
         finally:
             # Also when the wait was cancelled: the owner may have granted it meanwhile.
-            self._line.send({"op": "release", "id": cid})
+            self._line.send(release)
 
     async def suspect(self, instance_id: str, reason: str) -> None:
         self._line.send({"op": "suspect", "iid": instance_id, "reason": reason})

@@ -4,8 +4,8 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
     worker -> owner                             owner -> worker
     {"op": "lease", "id", "model",              {"op": "config", "pickle"}   at start and
-     "chain", "keep_alive", "key"}                                           on every change
-    {"op": "release", "id"}                     {"op": "leased", "id", "up": [base_url,
+     "chain", "keep_alive", "key", "avoid"}                                  on every change
+    {"op": "release", "id", "early"?}           {"op": "leased", "id", "up": [base_url,
     {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress, slot]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",
     {"op": "unload", "id", "model"}                          "attrs"}
@@ -17,6 +17,7 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
 ``key`` is an API key's configured name (never its secret), or null: ``admit``,
 ``unadmit`` and ``charge`` are a key's limits counted in the owner for every process.
+``early`` names the instance of a call that ended early (``Scheduler.hush``).
 """
 
 from __future__ import annotations

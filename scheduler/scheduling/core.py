@@ -93,6 +93,9 @@ class Core:
         # Chooses among a model's upstreams; a cluster front puts node choice here
         # (scheduler/cluster/nodes.py). Called on the event loop, must not block.
         self.pick: Picker = policy.pick_instance
+        # Instances whose caller went away mid-call, until when Corral leaves them
+        # alone (Leasing.quiet).
+        self._quiet: dict[str, float] = {}
         # [[providers]]: their listings become dynamic models (engines/providers.py).
         self.providers = Providers(self, session)
         # API keys: scopes, limits, usage (scheduler/keys/tenants.py).
@@ -127,8 +130,10 @@ class Core:
 
     def _choose(self, m: ModelState, hints: LeaseHints) -> Servable | None:
         """The upstream of ``m`` to take a call now (policy.pick_instance, or a cluster
-        front's node choice), by the prefixes of the call each holds."""
-        return self.pick(m.servables(), prefixes.matches(m.prefixes, hints.chain),
+        front's node choice), by the prefixes of the call each holds, leaving out those
+        the call already failed on while another is ready or starting."""
+        return self.pick(policy.avoiding(m.servables(), hints.avoid),
+                         prefixes.matches(m.prefixes, hints.chain),
                          self._cfg.scheduler.max_load)
 
     def instances(self) -> list[Instance]:

@@ -28,6 +28,10 @@ from scheduler.scheduling.state import (
     api_set,
 )
 
+# Seconds an upstream is left alone after a call on it ended early (Leasing.quiet):
+# llama-server's one second of quiet, and a margin.
+QUIET_AFTER_ABANDON = 1.5
+
 
 class Leasing(Core):
     @contextlib.asynccontextmanager
@@ -71,6 +75,11 @@ class Leasing(Core):
             if hints.chain and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
                 slot = await self._slot(inst, hints.chain)
             yield self._granted(serving, inst, hints, start, slot)
+        except BaseException:
+            # The call ended early (the client hung up, the upstream failed) and the
+            # proxy closed its upstream connection.
+            self.hush(inst.id)
+            raise
         finally:
             if slot is not None and isinstance(inst, Instance):
                 self.slots.release(inst, slot)
@@ -184,21 +193,21 @@ class Leasing(Core):
                     fut.cancel()
 
     async def upstream_failed(self, instance_id: str, reason: str, connect: bool) -> bool:
-        """The proxy got no answer from an upstream it was leased. May the call be
-        sent again?
+        """The proxy got no answer from an upstream it was leased (it resends the call
+        elsewhere, ``LeaseHints.avoid``). Is the upstream replaced or out of rotation?
 
         A local child that exited (noticed within a second) is already being
         replaced: yes. One that refuses connections but lives is wedged: it is
-        retired and relaunched, and yes. A remote that refuses connections leaves the
-        rotation until its next good check: yes. A remote that reset an open
-        connection may have done the work: no.
+        retired and relaunched, and yes. One that reset a connection and lives is
+        checked now (retired if /health is silent). A remote that refused or reset a
+        connection, or broke its answer, leaves the rotation until its next good check
+        (a node killed under load resets its calls before it refuses new ones): yes.
         """
         for m in self._models.values():
             for r in m.remotes:
                 if r.id == instance_id:
-                    if connect:
-                        r.mark_failed(reason)
-                    return connect
+                    r.mark_failed(reason)
+                    return True
         inst = self._instance(instance_id)
         if inst is None:
             return True  # already failed or stopped and gone from the books
@@ -207,7 +216,33 @@ class Leasing(Core):
         if connect:
             log.warning("instance %s unreachable (%s): replacing it", inst.id, reason)
             self._retire(inst, "unreachable")
-        return connect
+            return True
+        await self._health.suspect(inst, reason)
+        return inst.state is not State.READY
+
+    def quiet(self, instance_id: str) -> bool:
+        """Whether Corral should leave this upstream alone for now (no /metrics read):
+        a call on it ended early within the last ``QUIET_AFTER_ABANDON`` seconds.
+
+        llama-server notices that the client of a non-streaming call has gone only
+        when it has waited a whole second for results without any (any task's: a
+        /metrics or /slots read is a task too); Corral's own reads, once a second
+        for the dashboard, kept it generating for nobody until ``max_tokens``.
+        """
+        until = self._quiet.get(instance_id)
+        if until is None:
+            return False
+        if until > self._clock():
+            return True
+        del self._quiet[instance_id]
+        return False
+
+    def hush(self, instance_id: str) -> None:
+        """A call on this upstream ended early: leave it alone for a while (``quiet``)."""
+        now = self._clock()
+        if len(self._quiet) > 64:  # entries of instances long gone
+            self._quiet = {k: t for k, t in self._quiet.items() if t > now}
+        self._quiet[instance_id] = now + QUIET_AFTER_ABANDON
 
     def upstream_answered(self, instance_id: str, status: int, retry_after: str | None) -> None:
         """An upstream answered a rate limit or a server error: a remote that is never

@@ -145,6 +145,23 @@ def pick_instance(
     return best
 
 
+def avoiding(candidates: list[C], avoid: frozenset[str]) -> list[C]:
+    """The candidates for a call resent after failing on the ``avoid`` upstreams:
+    the others, as long as one of them is ready or starting (the call waits for it, or
+    for a launch, rather than going back); else all of them.
+
+    Going back is safe only because a failure is reported first: a remote that failed
+    is out of rotation (not READY) until a good check, a local child that exited is
+    gone, one that lives has answered /health since.
+    """
+    if not avoid:
+        return candidates
+    others = [c for c in candidates if c.id not in avoid]
+    if any(c.state in (State.READY, State.STARTING) for c in others):
+        return others
+    return candidates
+
+
 def plan_launch(snap: Snapshot, model: str, footprint: int = 0, vram: int = 0) -> Launch | Wait:
     """Can another instance of ``model`` start, and what must stop first?
 

@@ -59,6 +59,9 @@ class LeaseHints:
     # Seconds this instance should stay loaded after the call (Ollama keep_alive,
     # LM Studio ttl); < 0 forever; None: the model's ttl.
     keep_alive: float | None = None
+    # Upstreams (instance ids) this call already failed on: a resend goes elsewhere
+    # while another is ready or starting (policy.avoiding).
+    avoid: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

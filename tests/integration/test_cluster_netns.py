@@ -393,3 +393,53 @@ async def test_dns_discovery_follows_the_headless_service(
             assert await node_served(s, c.nodes[0]) - base == 3
     finally:
         stub.close()
+
+
+CLIENTS = 8
+
+
+async def test_a_node_killed_under_load_loses_no_call(netns_cluster: Cluster) -> None:
+    """Issue 25: one of two nodes is SIGKILLed while calls flow. Its open connections
+    reset and new ones are refused; each call that failed there is resent to the other
+    node (never back to the dead one), so every call is answered."""
+    c = netns_cluster
+    for i in range(2):
+        c.start_node(i)
+    urls = ", ".join(f'"{n.url}"' for n in c.nodes)
+    front = c.start_front(f"nodes = [{urls}]")
+    async with aiohttp.ClientSession() as s:
+        async def both_ready() -> bool:
+            async with s.get(front.url + "/corral/nodes") as resp:
+                nodes = (await resp.json())["nodes"]
+            return len(nodes) == 2 and all(n["healthy"] for n in nodes)
+
+        await wait_until(both_ready, 30, "both nodes in rotation")
+        done: list[float] = []
+        failed: list[str] = []
+        stop_load = asyncio.Event()
+
+        async def client(k: int) -> None:
+            n = 0
+            while not stop_load.is_set() and n < 400:
+                try:
+                    await call(s, front, f"load {k} {n}", tokens=8)
+                    done.append(time.monotonic())
+                except (AssertionError, aiohttp.ClientError) as e:
+                    failed.append(f"{k}/{n}: {e}")
+                n += 1
+
+        clients = [asyncio.ensure_future(client(k)) for k in range(CLIENTS)]
+        await asyncio.sleep(2.0)
+        served_before = await node_served(s, c.nodes[1], settled=False)
+        c.nodes[0].proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.sleep(4.0)
+        stop_load.set()
+        await asyncio.gather(*clients)
+        served_after = await node_served(s, c.nodes[1])
+    assert not failed, failed[:5]
+    after_kill = [t for t in done if t > killed_at]
+    assert len(after_kill) >= 12, len(after_kill)
+    assert served_after > served_before
+    print(f"kill: {len(done)} calls answered, {len(after_kill)} after the kill, "
+          f"none lost; node 1 served {served_before} -> {served_after}")

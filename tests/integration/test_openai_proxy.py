@@ -231,7 +231,10 @@ async def test_disconnect_mid_stream_frees_the_slot(corral, tmp_path: Path) -> N
     cfg = make_config(tmp_path, [{"name": "m", "env": {"FAKE_TOKEN_DELAY": "0.05"}}])
     client = await corral(cfg)
     sched = client.app[SCHEDULER]
-    resp = await client.post("/v1/chat/completions", json=chat("m", True, max_tokens=200))
+    # No loading feedback: on a busy machine the first line read would be its comment,
+    # sent before the instance is ready.
+    resp = await client.post("/v1/chat/completions", json=chat("m", True, max_tokens=200),
+                             headers={"X-Corral-Loading": "off"})
     await resp.content.readline()
     # The first line may be loading feedback, sent before the lease while the fake
     # starts (seen on a loaded machine): the call is mid-stream once it holds the slot.

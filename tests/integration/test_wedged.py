@@ -89,7 +89,10 @@ async def test_a_stalled_stream_ends_cleanly(corral: Any, tmp_path: Path,
         scheduler={"ready_check_interval": 60, "stop_timeout": 0.5},
     )
     c = await corral(cfg)
-    r = await c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 40, "stream": True})
+    # No loading feedback: its headers would come before the child is ready on a busy
+    # machine, and there would be no ready instance to look at yet.
+    r = await c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 40, "stream": True},
+                     headers={"X-Corral-Loading": "off"})
     first = ready(c)[0]
     got = b""
     first_pid_stopped = False
