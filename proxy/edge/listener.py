@@ -25,7 +25,8 @@ timer once upgraded: their frames are not request heads.
 
 This hooks aiohttp's ``RequestHandler`` (a protocol) and ``Server`` (its factory)
 through a few private attributes (``_request_count``, ``_messages``,
-``_payload_parser``, ``_upgraded``, ``_kwargs``); ``tests/integration/
+``_payload_parser``, ``_upgraded``, ``_lingering_time``, ``_current_request``,
+``_kwargs``); ``tests/integration/
 test_listener.py`` exercises every one, so an aiohttp upgrade that moves them fails
 there, not in production.
 """
@@ -214,12 +215,24 @@ class _Handler(RequestHandler):
     def _body_expired(self, payload: Any) -> None:
         self._body_timer = None
         self._in_body = False
-        self._guard.counts.add("body_timeout")
-        # The handler reading the body gets the error and answers 408 in its
-        # dialect; close() ends the connection once that answer is written.
-        payload.set_exception(BodyTimeout(
-            f"request body took over {self._guard.limits.body_timeout:g} s to send "
-            "(server.body_timeout)"))
+        n = self._guard.counts.add("body_timeout")
+        if _worth_a_line(n):
+            log.warning("request body from %s took over %g s (server.body_timeout): 408, "
+                        "closed (%d so far on this port)", self._peer,
+                        self._guard.limits.body_timeout, n)
+        if self._current_request is None:
+            # The handler answered without reading the body, and aiohttp is draining
+            # it ("lingering close"): that loop logged any other error with a
+            # traceback, once per timeout; a TimeoutError just ends it.
+            payload.set_exception(TimeoutError())
+        else:
+            # The handler reading the body gets the error and answers 408 in its
+            # dialect. Nothing is drained after that answer (the same traceback).
+            self._lingering_time = 0.0
+            payload.set_exception(BodyTimeout(
+                f"request body took over {self._guard.limits.body_timeout:g} s to send "
+                "(server.body_timeout)"))
+        # The connection ends once the answer is written.
         self.close()
 
 

@@ -18,7 +18,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from proxy.edge.listener import GuardedRunner, Limits
+from proxy.edge.listener import BodyTimeout, GuardedRunner, Limits
 from scheduler.config.sections import ServerConfig
 
 HEAD, BODY = 0.3, 0.3
@@ -43,8 +43,16 @@ async def _serving(limits: Limits) -> tuple[GuardedRunner, int]:
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def echo(request: web.Request) -> web.Response:
+        try:
+            return web.Response(body=await request.read())
+        except BodyTimeout:
+            return web.Response(status=408, text="body timeout")
+
     app = web.Application()
     app.router.add_get("/health", health)
+    app.router.add_post("/echo", echo)
+    app.router.add_post("/ignore", health)  # answers without reading the body
     runner = GuardedRunner(app, limits, shutdown_timeout=2)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -74,6 +82,19 @@ async def _head_timeout() -> bytes:
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ")
+        got = await _read_all(reader)
+        writer.close()
+        return got
+    finally:
+        await runner.cleanup()
+
+
+async def _body_timeout(path: str) -> bytes:
+    runner, port = await _serving(Limits(HEAD, BODY, 10, None))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     "Content-Length: 100\r\n\r\nonly a part".encode())
         got = await _read_all(reader)
         writer.close()
         return got
@@ -141,3 +162,22 @@ def test_max_connections_is_capped_by_the_open_file_limit() -> None:
     assert capped.max_connections == (1024 - 128) // 2 // 3
     assert Limits.of(sc, soft_nofile=1 << 20).max_connections == 4096
     assert Limits.of(sc, soft_nofile=16).max_connections == 1  # still answers, with 503s
+
+
+def test_body_timeout_is_a_408_without_traceback(run: Run,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    got = run(_body_timeout("/echo"))
+    assert got.startswith(b"HTTP/1.1 408"), got
+    _one_warning_no_traceback(caplog, "server.body_timeout")
+
+
+def test_an_unread_body_that_stalls_logs_no_traceback(
+    run: Run, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The handler answers at once; aiohttp then drains the rest of the body, which
+    # never comes: the timer ends that drain (it logged "Unhandled exception").
+    caplog.set_level(logging.DEBUG)
+    got = run(_body_timeout("/ignore"))
+    assert got.startswith(b"HTTP/1.1 200"), got
+    _one_warning_no_traceback(caplog, "server.body_timeout")
