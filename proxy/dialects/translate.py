@@ -125,7 +125,11 @@ def keep_alive_seconds(value: object) -> float | None:
         return None
     if isinstance(value, bool):
         raise BadRequest("keep_alive must be a number or a duration string")
-    if isinstance(value, int | float):
+    if isinstance(value, int) and abs(value) > MAX_KEEP_ALIVE:
+        # float() of a 400-digit integer raises OverflowError (it was a 500 on every
+        # Ollama route); beyond the limit it is forever whatever its size.
+        seconds = math.inf if value > 0 else -math.inf
+    elif isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         try:
@@ -234,14 +238,23 @@ IGNORED_OPTIONS = frozenset({
 })
 
 
+# Ollama's integer options are Go int64s.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _number(key: str, value: object, kind: type) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"option {key!r} must be a number, not {json.dumps(value)}")
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise BadRequest(f"option {key!r} must be an integer, not {value}")
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise BadRequest(f"option {key!r} is out of range (a 64-bit integer)")
         return int(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        raise BadRequest(f"option {key!r} is out of range") from None
 
 
 def sampler_params(options: object) -> dict[str, Any]:
