@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -192,10 +191,7 @@ async def _auth(ws: web.WebSocketResponse, registry: Tenants) -> tuple[bool, Key
     if msg.type is not WSMsgType.TEXT:
         await ws.close()
         return False, None
-    try:
-        packet = json.loads(msg.data)
-    except ValueError:
-        packet = None
+    packet = codec.parse(msg.data)
     problem = authenticate(packet, ())  # its shape; the key is looked up below
     key = None
     if problem is None and registry.enabled:
