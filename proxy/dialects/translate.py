@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
+from proxy.edge.errors import UPSTREAM_CODE
 from scheduler.errors import BadRequest, CorralError, UpstreamFailed
 
 # --- names and times ------------------------------------------------------------------
@@ -344,7 +345,7 @@ def upstream_error(payload: object, status: int = 502) -> CorralError:
         status = 502
     out = CorralError(message)
     out.status = status
-    out.code = "upstream_error"
+    out.code = UPSTREAM_CODE
     out.type = "invalid_request_error" if status < 500 else "upstream_error"
     return out
 
@@ -352,7 +353,7 @@ def upstream_error(payload: object, status: int = 502) -> CorralError:
 def upstream_error_body(status: int, raw: bytes) -> CorralError:
     try:
         payload: object = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         payload = raw.decode("utf-8", "replace").strip() or f"llama-server answered {status}"
     return upstream_error(payload, status)
 

@@ -62,20 +62,31 @@ def stream_error_event(err: CorralError, family: Family) -> bytes:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def openai_body(err: CorralError) -> dict[str, object]:
+Source = Literal["corral", "upstream"]
+
+
+def openai_body(err: CorralError, src: Source = "corral") -> dict[str, object]:
     return {
         "error": {
             "message": err.message,
             "type": err.type,
             "code": err.code,
             "param": None,
-            "src": "corral",
+            "src": src,
         }
     }
 
 
+# The code of an error the model server produced and Corral only carried
+# (proxy.dialects.translate.upstream_error).
+UPSTREAM_CODE = "upstream_error"
+
+
 def render(err: CorralError, dialect: Dialect) -> web.Response:
-    headers = {"X-Corral-Error": err.code}
+    """``err`` in ``dialect``'s envelope; an upstream's own error says so in ``src``
+    and carries no ``X-Corral-Error``."""
+    src: Source = "upstream" if err.code == UPSTREAM_CODE else "corral"
+    headers = {"X-Corral-Error": err.code} if src == "corral" else {}
     if isinstance(err, Overloaded | RateLimited):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     status = err.status
@@ -85,7 +96,7 @@ def render(err: CorralError, dialect: Dialect) -> web.Response:
         body = anthropic_body(err)
         status = anthropic_status(err)
     else:
-        body = openai_body(err)
+        body = openai_body(err, src)
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),
