@@ -21,7 +21,13 @@ from aiohttp import web
 from proxy.calls.upstream import Client
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import reqlog
-from proxy.edge.errors import Family, family_dialect, render, stream_error_event
+from proxy.edge.errors import (
+    Family,
+    family_dialect,
+    public_message,
+    render,
+    stream_error_event,
+)
 from proxy.keys import SCHEDULER
 from proxy.metrics.registry import MODEL_HEADER
 from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
@@ -389,7 +395,8 @@ async def write_stream(
             if out is None:
                 raise
             log.warning("%s %s failed mid-stream: %s", request.method, request.path, e.message)
-            await out.write(encode({"error": e.message} if ndjson else stream_error(e.message)))
+            shown = public_message(e)
+            await out.write(encode({"error": shown} if ndjson else stream_error(shown)))
             failed = True
     if out is None:
         out = await start()

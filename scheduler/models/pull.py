@@ -161,8 +161,7 @@ def _reach() -> None:
     huggingface_hub lists a repository with five retries and 15 s of backoff on a
     transport error: a non-streamed /api/pull of an unreachable name held its caller
     23 s. Through the Hub client's own session, so proxy settings hold."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
+    from huggingface_hub import constants, get_session
 
     get_session().head(_endpoint() or constants.ENDPOINT, timeout=10)
 

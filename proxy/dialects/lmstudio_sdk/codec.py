@@ -121,7 +121,7 @@ def parse(text: str | bytes) -> Any:
     RecursionError out of the handler before the key was checked)."""
     try:
         return _decode(text)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
         return None
 
 
