@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,11 @@ SEED = 20261207
 MUTATIONS = 2  # random bodies per route, after the seeds
 BIG = int("9" * 400)
 
-# Not supported on purpose: Ollama's model uploads (501).
-NOT_SUPPORTED = {"/api/push", "/api/create", "/api/blobs/{digest}"}
+# Not supported on purpose: Ollama's model uploads, and deleting a configured model
+# (501).
+NOT_SUPPORTED = {"/api/push", "/api/create", "/api/blobs/{digest}", "/api/delete"}
+# The config dry run: issue 25 item 2 (another branch) makes its bad bodies 400s.
+DRY_RUN = ("POST", "/admin/config/validate")
 
 JSON_SEEDS: list[Any] = [
     {"model": "m", "keep_alive": BIG, "messages": [{"role": "user", "content": "x"}],
@@ -145,25 +147,21 @@ def _last(path: str) -> bool:
     return "drain" in path
 
 
-async def test_every_route_of_every_port_survives_hostile_input(
-    aiohttp_client: Any, fake_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO)
-    path = _config(tmp_path, fake_llama)
-    opts = CoreOptions(find_binary=lambda _: fake_llama, reap_interval=0.05)
+async def _ports(aiohttp_client: Any, fake: Path, tmp: Path) -> dict[str, Any]:
+    path = _config(tmp, fake)
+    opts = CoreOptions(find_binary=lambda _: fake, reap_interval=0.05)
     core = build_openai_app(load_config(path), opts, config_path=path)
     clients = {"main": await aiohttp_client(core)}
     for kind in ("ollama", "lmstudio", "lmstudio_sdk"):
         clients[kind] = await aiohttp_client(port_app(core, kind))  # type: ignore[arg-type]
-    plan = [(port, method, route) for port, client in clients.items()
-            for method, route in _routes(client.app)]
-    assert len(plan) > 100  # every port's routes, admin and SDK ones included
-    assert {("main", "POST", "/admin/config/validate"), ("lmstudio_sdk", "GET", "/llm"),
-            ("ollama", "POST", "/api/pull")} <= {p[:3] for p in plan}
-    plan.sort(key=lambda p: _last(p[2]))
+    return clients
+
+
+async def _fuzz(clients: dict[str, Any], plan: list[tuple[str, str, str]]) -> int:
+    """Send every route its bodies and check the answers; how many were sent."""
     rng = random.Random(SEED)
     failures: list[str] = []
-    sent = 0
+    sent = upstream = 0
     for port, method, route in plan:
         client = clients[port]
         bodies = list(_bodies(rng, route)) if method in ("POST", "PUT", "DELETE", "PATCH") else [
@@ -171,15 +169,41 @@ async def test_every_route_of_every_port_survives_hostile_input(
         for body, ctype in bodies:
             url = _fill(route, rng)
             headers = {"Content-Type": ctype} if ctype else {}
-            t0 = time.monotonic()
             resp = await client.request(method, url, data=body, headers=headers)
-            await resp.read()
-            if time.monotonic() - t0 > 0.5:
-                print("SLOW", time.monotonic() - t0, port, method, url, body[:80])
+            answer = await resp.read()
             sent += 1
-            allowed = resp.status < 500 or (resp.status == 501 and route in NOT_SUPPORTED)
-            if not allowed:
-                failures.append(f"{port} {method} {url} [{body[:60]!r}] -> {resp.status}")
+            if resp.status < 500 or (resp.status == 501 and route in NOT_SUPPORTED):
+                continue
+            if "X-Corral-Error" not in resp.headers:
+                # The upstream's own failure (here the fake llama-server's), relayed or
+                # wrapped in the caller's envelope: every error Corral makes carries
+                # X-Corral-Error (proxy/edge/errors.py).
+                upstream += 1
+                continue
+            failures.append(f"{port} {method} {url} [{body[:60]!r}] -> {resp.status} "
+                            f"{answer[:200]!r}")
+    assert not failures, "\n".join(failures[:40])
+    print(f"fuzz: {sent} requests, {upstream} 5xx from the upstream itself")
+    return sent
+
+
+def _clean_log(caplog: pytest.LogCaptureFixture) -> None:
+    assert "Traceback" not in caplog.text, caplog.text[-4000:]
+    assert not [r for r in caplog.records if r.exc_info], caplog.text[-4000:]
+
+
+async def test_every_route_of_every_port_survives_hostile_input(
+    aiohttp_client: Any, fake_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    clients = await _ports(aiohttp_client, fake_llama, tmp_path)
+    plan = [(port, method, route) for port, client in clients.items()
+            for method, route in _routes(client.app) if (method, route) != DRY_RUN]
+    assert len(plan) > 100  # every port's routes, admin and SDK ones included
+    assert {("main", "PUT", "/admin/config"), ("lmstudio_sdk", "GET", "/llm"),
+            ("ollama", "POST", "/api/pull"), ("main", "POST", "/admin/drain")} <= set(plan)
+    plan.sort(key=lambda p: _last(p[2]))
+    sent = await _fuzz(clients, plan)
     # The SDK namespaces are websockets: their auth packet is fuzzed too.
     for port in ("lmstudio", "lmstudio_sdk"):
         for packet in AUTH_SEEDS:
@@ -189,7 +213,17 @@ async def test_every_route_of_every_port_survives_hostile_input(
                 assert msg.type is aiohttp.WSMsgType.TEXT, (port, packet[:40], msg)
                 assert json.loads(msg.data)["success"] is False
             sent += 1
-    assert not failures, "\n".join(failures[:40])
-    assert "Traceback" not in caplog.text, caplog.text[-4000:]
-    assert not [r for r in caplog.records if r.exc_info], caplog.text[-4000:]
+    _clean_log(caplog)
     assert sent > 1000
+
+
+@pytest.mark.xfail(strict=True, reason="issue 25 item 2, on another branch, makes the dry "
+                   "run's bad bodies 400s: remove this mark when both are merged")
+async def test_the_config_dry_run_survives_hostile_input(
+    aiohttp_client: Any, fake_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    clients = await _ports(aiohttp_client, fake_llama, tmp_path)
+    assert DRY_RUN in _routes(clients["main"].app)
+    await _fuzz(clients, [("main", *DRY_RUN)])
+    _clean_log(caplog)
