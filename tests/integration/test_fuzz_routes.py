@@ -49,6 +49,7 @@ JSON_SEEDS: list[Any] = [
     {"model": "m", "options": {"temperature": BIG, "seed": BIG, "num_predict": -BIG},
      "prompt": "x", "stream": False},
     {"model": "m", "ttl": BIG, "messages": [{"role": "user", "content": "x"}]},
+    {"model": "m", "max_tokens": BIG, "messages": [{"role": "user", "content": "x"}]},
     {"model": "hf.co/../../etc", "stream": False},
     {"model": 1, "messages": "x"},
     {"name": "../../../etc/passwd", "model": "m"},
@@ -108,7 +109,7 @@ def _fill(path: str, rng: random.Random) -> str:
 def _random_json(rng: random.Random, depth: int = 0) -> Any:
     kind = rng.randrange(8 if depth < 3 else 5)
     if kind == 0:
-        return rng.choice([0, -1, 2**31, -0.0, 0.5])
+        return rng.choice([0, -1, 2**63, BIG, -0.0, 0.5])
     if kind == 1:
         return rng.choice(["", "m", "emb", "\u0000", "é" * 50, "../" * 10, "5m", "-1"])
     if kind == 2:
@@ -117,10 +118,8 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
         return rng.choice(["m", 3, None, [], {}])
     if kind == 5:
         return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
-    # Not max_tokens: the pass-through routes hand it to llama-server as it came
-    # (see the report of issue 25: a 400-digit one is not refused yet).
     keys = ["model", "messages", "prompt", "input", "stream", "keep_alive", "options",
-            "tools", "name", "content", "format", "images", "ttl", "think"]
+            "tools", "max_tokens", "name", "content", "format", "images", "ttl", "think"]
     return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randrange(6))}
 
 
@@ -161,7 +160,7 @@ async def _fuzz(clients: dict[str, Any], plan: list[tuple[str, str, str]]) -> in
     """Send every route its bodies and check the answers; how many were sent."""
     rng = random.Random(SEED)
     failures: list[str] = []
-    sent = upstream = 0
+    sent = 0
     for port, method, route in plan:
         client = clients[port]
         bodies = list(_bodies(rng, route)) if method in ("POST", "PUT", "DELETE", "PATCH") else [
@@ -174,16 +173,9 @@ async def _fuzz(clients: dict[str, Any], plan: list[tuple[str, str, str]]) -> in
             sent += 1
             if resp.status < 500 or (resp.status == 501 and route in NOT_SUPPORTED):
                 continue
-            if "X-Corral-Error" not in resp.headers:
-                # The upstream's own failure (here the fake llama-server's), relayed or
-                # wrapped in the caller's envelope: every error Corral makes carries
-                # X-Corral-Error (proxy/edge/errors.py).
-                upstream += 1
-                continue
             failures.append(f"{port} {method} {url} [{body[:60]!r}] -> {resp.status} "
                             f"{answer[:200]!r}")
     assert not failures, "\n".join(failures[:40])
-    print(f"fuzz: {sent} requests, {upstream} 5xx from the upstream itself")
     return sent
 
 
