@@ -16,9 +16,14 @@ The rules, per connection:
   ``body_timeout`` seconds; past it the body stream fails with ``BodyTimeout`` (a
   CorralError), so the handler reading it answers 408 in the caller's dialect
   through the error middleware, and the connection is closed after.
-- **Caps**: a connection over ``max_connections`` on this listener, or over
+- **Caps**: a connection over ``max_connections`` on this listener (at most its
+  share of the open-file limit, ``Limits.of``), or over
   ``max_connections_per_client`` from one address, gets ``503`` with
   ``Retry-After`` and is closed before any request is read.
+
+Each refusal and timeout is counted; the 1st, 10th, 100th and every 1,000th of a
+kind on a listener also get one WARNING line (never a traceback), so that clients
+that need no key cannot flood the log.
 
 Upgraded connections (the LM Studio SDK's websockets) are exempt from the head
 timer once upgraded: their frames are not request heads.
@@ -26,9 +31,9 @@ timer once upgraded: their frames are not request heads.
 This hooks aiohttp's ``RequestHandler`` (a protocol) and ``Server`` (its factory)
 through a few private attributes (``_request_count``, ``_messages``,
 ``_payload_parser``, ``_upgraded``, ``_lingering_time``, ``_current_request``,
-``_kwargs``); ``tests/integration/
-test_listener.py`` exercises every one, so an aiohttp upgrade that moves them fails
-there, not in production.
+``_kwargs``); ``tests/integration/test_listener.py`` and ``test_listener_loops.py``
+(under asyncio's loop and uvloop's) exercise every one, so an aiohttp upgrade that
+moves them fails there, not in production.
 """
 
 from __future__ import annotations
