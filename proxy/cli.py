@@ -102,12 +102,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info(
         "corral %s: %d model(s) from %s", __version__, len(cfg.models), _config_path(args.config)
     )
+    _warn_nofile(cfg)
     try:
         _run(serve(cfg, config_path=_config_path(args.config)))
     except OSError as e:
         print(f"corral: cannot serve: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_nofile(cfg: CorralConfig) -> None:
+    """Say at start, not at the first flood, that the open-file limit is short: the
+    listeners then refuse past their share of it (proxy/edge/listener.py)."""
+    from scheduler.process import limits
+
+    soft = limits.raise_nofile()
+    warning = limits.shortfall(soft, cfg.scheduler.max_instances, cfg.server.max_connections,
+                               limits.ports_of(cfg.server))
+    if warning is not None:
+        logging.getLogger(__name__).warning("%s", warning)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -21,7 +21,13 @@ from aiohttp import web
 from proxy.calls.upstream import Client
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import reqlog
-from proxy.edge.errors import render, stream_error_event
+from proxy.edge.errors import (
+    Family,
+    family_dialect,
+    public_message,
+    render,
+    stream_error_event,
+)
 from proxy.keys import SCHEDULER
 from proxy.metrics.registry import MODEL_HEADER
 from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
@@ -53,15 +59,10 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
         return await _relay_into(client.response, up, resp, client)
     length = resp.content_length
     sse = is_event_stream(resp)
-    if resp.status >= 400 and client.family == "anthropic":
-        # llama-server answers errors in OpenAI's envelope on every route; an Anthropic
-        # client reads its own (type, error.type) and would see none of the message.
-        err = upstream_error_body(resp.status, await resp.read())
+    if resp.status >= 400:
+        raw = await resp.read()
         client.answered = True
-        answer = render(err, "anthropic")
-        answer.headers[MODEL_HEADER] = up.model
-        del answer.headers["X-Corral-Error"]  # the upstream's error, not Corral's
-        return answer
+        return error_answer(up, resp, raw, client.family)
     if not sse and length is not None and length <= _WHOLE_BODY_LIMIT:
         body = await resp.read()
         client.answered = True
@@ -92,6 +93,32 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     await out.write(first)
     await _pump(out, up, resp, client, sse)
     return out
+
+
+def error_answer(up: Upstream, resp: aiohttp.ClientResponse, raw: bytes,
+                 family: Family) -> web.Response:
+    """An upstream's error answer for a relaying route: a JSON one as it came; anything
+    else (llama-server's text/plain 500, an HTML page from a proxy) wrapped in the
+    caller's envelope with the upstream's status, as is every error for an Anthropic
+    client (llama-server answers in OpenAI's envelope, of which it would read nothing).
+    """
+    if family != "anthropic" and _is_json(resp, raw):
+        return web.Response(status=resp.status, body=raw, headers={
+            "Content-Type": resp.headers.get("Content-Type", "application/json"),
+            MODEL_HEADER: up.model})
+    answer = render(upstream_error_body(resp.status, raw), family_dialect(family))
+    answer.headers[MODEL_HEADER] = up.model
+    return answer
+
+
+def _is_json(resp: aiohttp.ClientResponse, raw: bytes) -> bool:
+    if resp.content_type != "application/json" and not resp.content_type.endswith("+json"):
+        return False
+    try:
+        msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
 
 
 async def _relay_into(
@@ -370,7 +397,8 @@ async def write_stream(
             if out is None:
                 raise
             log.warning("%s %s failed mid-stream: %s", request.method, request.path, e.message)
-            await out.write(encode({"error": e.message} if ndjson else stream_error(e.message)))
+            shown = public_message(e)
+            await out.write(encode({"error": shown} if ndjson else stream_error(shown)))
             failed = True
     if out is None:
         out = await start()

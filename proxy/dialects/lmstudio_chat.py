@@ -25,6 +25,7 @@ from proxy.dialects.lmstudio_sdk.models import ready
 from proxy.dialects.lmstudio_sdk.upstream import event_batches
 from proxy.edge import body as bodies
 from proxy.edge import jsonc, reqlog
+from proxy.edge.errors import public_message
 from proxy.keys import CHAT_STORE, SCHEDULER
 from scheduler.errors import BadRequest, CorralError
 from scheduler.scheduling.scheduler import LeaseHints
@@ -162,7 +163,7 @@ async def events(app: web.Application, model: str, body: dict[str, Any], store: 
                         else:
                             reasoning += piece
     except CorralError as e:
-        error = e.message
+        error = public_message(e)
     if ttft is None and error is None:
         yield "prompt_processing.end", {}
     if state:

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
+from proxy.edge.errors import UPSTREAM_CODE
 from scheduler.errors import BadRequest, CorralError, UpstreamFailed
 
 # --- names and times ------------------------------------------------------------------
@@ -125,7 +126,11 @@ def keep_alive_seconds(value: object) -> float | None:
         return None
     if isinstance(value, bool):
         raise BadRequest("keep_alive must be a number or a duration string")
-    if isinstance(value, int | float):
+    if isinstance(value, int) and abs(value) > MAX_KEEP_ALIVE:
+        # float() of a 400-digit integer raises OverflowError (it was a 500 on every
+        # Ollama route); beyond the limit it is forever whatever its size.
+        seconds = math.inf if value > 0 else -math.inf
+    elif isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
         try:
@@ -234,14 +239,23 @@ IGNORED_OPTIONS = frozenset({
 })
 
 
+# Ollama's integer options are Go int64s.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _number(key: str, value: object, kind: type) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"option {key!r} must be a number, not {json.dumps(value)}")
     if kind is int:
         if isinstance(value, float) and not value.is_integer():
             raise BadRequest(f"option {key!r} must be an integer, not {value}")
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise BadRequest(f"option {key!r} is out of range (a 64-bit integer)")
         return int(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        raise BadRequest(f"option {key!r} is out of range") from None
 
 
 def sampler_params(options: object) -> dict[str, Any]:
@@ -331,7 +345,7 @@ def upstream_error(payload: object, status: int = 502) -> CorralError:
         status = 502
     out = CorralError(message)
     out.status = status
-    out.code = "upstream_error"
+    out.code = UPSTREAM_CODE
     out.type = "invalid_request_error" if status < 500 else "upstream_error"
     return out
 
@@ -339,7 +353,7 @@ def upstream_error(payload: object, status: int = 502) -> CorralError:
 def upstream_error_body(status: int, raw: bytes) -> CorralError:
     try:
         payload: object = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         payload = raw.decode("utf-8", "replace").strip() or f"llama-server answered {status}"
     return upstream_error(payload, status)
 

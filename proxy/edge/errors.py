@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -18,7 +19,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.edge import reqlog
-from scheduler.errors import CorralError, Overloaded, RateLimited, ShuttingDown
+from scheduler.errors import (
+    CorralError,
+    Overloaded,
+    RateLimited,
+    RemotesDown,
+    ShuttingDown,
+    UpstreamFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,7 @@ def anthropic_status(err: CorralError) -> int:
 
 def anthropic_body(err: CorralError) -> dict[str, object]:
     kind = _ANTHROPIC_TYPES.get(anthropic_status(err), "api_error")
-    return {"type": "error", "error": {"type": kind, "message": err.message}}
+    return {"type": "error", "error": {"type": kind, "message": public_message(err)}}
 
 
 def stream_error_event(err: CorralError, family: Family) -> bytes:
@@ -56,36 +64,69 @@ def stream_error_event(err: CorralError, family: Family) -> bytes:
     if family == "anthropic":
         return b"event: error\ndata: " + json.dumps(anthropic_body(err)).encode() + b"\n\n"
     if family == "responses":
-        body = {"type": "error", "code": err.code, "message": err.message, "param": None}
+        body = {"type": "error", "code": err.code, "message": public_message(err),
+                "param": None}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
     return b"data: " + json.dumps(openai_body(err)).encode() + b"\n\n"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def openai_body(err: CorralError) -> dict[str, object]:
+Source = Literal["corral", "upstream"]
+
+
+# Addresses in Corral's messages about its upstreams: socket tuples, URLs, IPv4 and
+# bracketed IPv6 with or without a port, and host:port. A cluster front's nodes and
+# a remote's address are the operator's business, not the caller's (issue 25).
+_ADDRESS = re.compile(
+    r"\('[^']*', \d+(?:, \d+, \d+)?\)"  # a socket address as Python prints it
+    r"|\b[a-z][a-z0-9+.-]*://[^\s;,()'\"]+"
+    r"|\[[0-9a-f:.]+\](?::\d+)?"
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"
+    r"|\b[a-z0-9][a-z0-9.-]*:\d{2,5}\b",
+    re.IGNORECASE,
+)
+
+
+def public_message(err: CorralError) -> str:
+    """``err``'s message as a caller sees it: a failure of an upstream names no
+    address (the server log has the whole message)."""
+    if isinstance(err, UpstreamFailed | RemotesDown):
+        return _ADDRESS.sub("<upstream>", err.message)
+    return err.message
+
+
+def openai_body(err: CorralError, src: Source = "corral") -> dict[str, object]:
     return {
         "error": {
-            "message": err.message,
+            "message": public_message(err),
             "type": err.type,
             "code": err.code,
             "param": None,
-            "src": "corral",
+            "src": src,
         }
     }
 
 
+# The code of an error the model server produced and Corral only carried
+# (proxy.dialects.translate.upstream_error).
+UPSTREAM_CODE = "upstream_error"
+
+
 def render(err: CorralError, dialect: Dialect) -> web.Response:
-    headers = {"X-Corral-Error": err.code}
+    """``err`` in ``dialect``'s envelope; an upstream's own error says so in ``src``
+    and carries no ``X-Corral-Error``."""
+    src: Source = "upstream" if err.code == UPSTREAM_CODE else "corral"
+    headers = {"X-Corral-Error": err.code} if src == "corral" else {}
     if isinstance(err, Overloaded | RateLimited):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     status = err.status
     if dialect == "ollama":
-        body: dict[str, object] = {"error": err.message}
+        body: dict[str, object] = {"error": public_message(err)}
     elif dialect == "anthropic":
         body = anthropic_body(err)
         status = anthropic_status(err)
     else:
-        body = openai_body(err)
+        body = openai_body(err, src)
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),

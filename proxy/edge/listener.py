@@ -16,18 +16,24 @@ The rules, per connection:
   ``body_timeout`` seconds; past it the body stream fails with ``BodyTimeout`` (a
   CorralError), so the handler reading it answers 408 in the caller's dialect
   through the error middleware, and the connection is closed after.
-- **Caps**: a connection over ``max_connections`` on this listener, or over
+- **Caps**: a connection over ``max_connections`` on this listener (at most its
+  share of the open-file limit, ``Limits.of``), or over
   ``max_connections_per_client`` from one address, gets ``503`` with
   ``Retry-After`` and is closed before any request is read.
+
+Each refusal and timeout is counted; the 1st, 10th, 100th and every 1,000th of a
+kind on a listener also get one WARNING line (never a traceback), so that clients
+that need no key cannot flood the log.
 
 Upgraded connections (the LM Studio SDK's websockets) are exempt from the head
 timer once upgraded: their frames are not request heads.
 
 This hooks aiohttp's ``RequestHandler`` (a protocol) and ``Server`` (its factory)
 through a few private attributes (``_request_count``, ``_messages``,
-``_payload_parser``, ``_upgraded``, ``_kwargs``); ``tests/integration/
-test_listener.py`` exercises every one, so an aiohttp upgrade that moves them fails
-there, not in production.
+``_payload_parser``, ``_upgraded``, ``_lingering_time``, ``_current_request``,
+``_kwargs``); ``tests/integration/test_listener.py`` and ``test_listener_loops.py``
+(under asyncio's loop and uvloop's) exercise every one, so an aiohttp upgrade that
+moves them fails there, not in production.
 """
 
 from __future__ import annotations
@@ -37,16 +43,16 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from scheduler.config.root import ServerConfig
 from scheduler.errors import CorralError
+from scheduler.process import limits as fds
 
 log = logging.getLogger(__name__)
-
 
 
 def _answer(status: str, text: str, *headers: str) -> bytes:
@@ -74,9 +80,23 @@ class Limits:
     max_per_client: int | None
 
     @classmethod
-    def of(cls, sc: ServerConfig) -> Limits:
-        return cls(sc.header_timeout, sc.body_timeout, sc.max_connections,
+    def of(cls, sc: ServerConfig, soft_nofile: int | None = None) -> Limits:
+        """The configured limits, with ``max_connections`` lowered to this port's share
+        of the open-file limit (``fds.port_share``): past it a client gets a clean
+        503 instead of the accept failing with EMFILE on every port."""
+        soft = fds.nofile()[0] if soft_nofile is None else soft_nofile
+        share = fds.port_share(soft, fds.ports_of(sc))
+        return cls(sc.header_timeout, sc.body_timeout, min(sc.max_connections, share),
                    sc.max_connections_per_client)
+
+
+Event = Literal["refused", "head_timeout", "body_timeout"]
+
+
+def _worth_a_line(n: int) -> bool:
+    """The 1st, 10th, 100th and every 1,000th of an event get a log line: an
+    unauthenticated client must not be able to flood the log."""
+    return n in (1, 10, 100) or n % 1000 == 0
 
 
 class Counts:
@@ -88,15 +108,20 @@ class Counts:
         self.body_timeouts = 0
         self._on_event = on_event
 
-    def add(self, event: Literal["refused", "head_timeout", "body_timeout"]) -> None:
+    def add(self, event: Event) -> int:
+        """Count one event; the number of its kind so far."""
         if event == "refused":
             self.refused += 1
+            n = self.refused
         elif event == "head_timeout":
             self.head_timeouts += 1
+            n = self.head_timeouts
         else:
             self.body_timeouts += 1
+            n = self.body_timeouts
         if self._on_event is not None:
             self._on_event(event)
+        return n
 
 
 class _Handler(RequestHandler):
@@ -117,9 +142,12 @@ class _Handler(RequestHandler):
         self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else None
         if not self._guard.admit(self, self._peer):
             # Refused before aiohttp sees it: no handler task, no keep-alive timer.
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(_REFUSED)
-            transport.close()
+            # uvloop's transports are not asyncio.Transport subclasses (an isinstance
+            # assert here reset every refused client under uvloop, with a traceback);
+            # both loops' TCP transports can write and close.
+            writer = cast(asyncio.WriteTransport, transport)
+            writer.write(_REFUSED)
+            writer.close()
             return
         super().connection_made(transport)
         self._arm_head()
@@ -178,23 +206,38 @@ class _Handler(RequestHandler):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        self._guard.counts.add("head_timeout")
-        log.debug("request head from %s took over %g s: closed", self._peer,
-                  self._guard.limits.header_timeout)
-        if isinstance(transport, asyncio.Transport):
-            transport.write(_HEAD_TIMEOUT)
+        n = self._guard.counts.add("head_timeout")
+        if _worth_a_line(n):
+            log.warning("request head from %s took over %g s (server.header_timeout): "
+                        "408, closed (%d so far on this port)", self._peer,
+                        self._guard.limits.header_timeout, n)
+        # Not an isinstance check: uvloop's transport is no asyncio.Transport, and
+        # skipping the write there sent no 408 at all.
+        cast(asyncio.WriteTransport, transport).write(_HEAD_TIMEOUT)
         self.force_close()
         transport.close()
 
     def _body_expired(self, payload: Any) -> None:
         self._body_timer = None
         self._in_body = False
-        self._guard.counts.add("body_timeout")
-        # The handler reading the body gets the error and answers 408 in its
-        # dialect; close() ends the connection once that answer is written.
-        payload.set_exception(BodyTimeout(
-            f"request body took over {self._guard.limits.body_timeout:g} s to send "
-            "(server.body_timeout)"))
+        n = self._guard.counts.add("body_timeout")
+        if _worth_a_line(n):
+            log.warning("request body from %s took over %g s (server.body_timeout): 408, "
+                        "closed (%d so far on this port)", self._peer,
+                        self._guard.limits.body_timeout, n)
+        if self._current_request is None:
+            # The handler answered without reading the body, and aiohttp is draining
+            # it ("lingering close"): that loop logged any other error with a
+            # traceback, once per timeout; a TimeoutError just ends it.
+            payload.set_exception(TimeoutError())
+        else:
+            # The handler reading the body gets the error and answers 408 in its
+            # dialect. Nothing is drained after that answer (the same traceback).
+            self._lingering_time = 0.0
+            payload.set_exception(BodyTimeout(
+                f"request body took over {self._guard.limits.body_timeout:g} s to send "
+                "(server.body_timeout)"))
+        # The connection ends once the answer is written.
         self.close()
 
 
@@ -222,12 +265,13 @@ class GuardedServer:
         if len(self._open) >= self.limits.max_connections or (
             cap is not None and peer is not None and self._per_client[peer] >= cap
         ):
-            self.counts.add("refused")
-            if self.counts.refused in (1, 10, 100) or self.counts.refused % 1000 == 0:
-                log.warning("connection from %s refused: over max_connections%s "
-                            "(%d refused so far)", peer,
-                            "_per_client" if len(self._open) < self.limits.max_connections
-                            else "", self.counts.refused)
+            n = self.counts.add("refused")
+            if _worth_a_line(n):
+                per_client = len(self._open) < self.limits.max_connections
+                log.warning("connection from %s refused with 503: over %s "
+                            "(%d refused so far on this port)", peer,
+                            f"max_connections_per_client ({cap})" if per_client else
+                            f"{self.limits.max_connections} connections", n)
             return False
         self._open.add(handler)
         if peer is not None:

@@ -56,11 +56,13 @@ def remote_id(model: str, rc: RemoteConfig) -> str:
 
 
 def remotes_down(model: str, remotes: Sequence[Remote]) -> RemotesDown:
-    reasons = "; ".join(f"{r.shown_url}: {r.failure}" for r in remotes)
+    """What a caller is told: how many and when to retry, never which addresses (a
+    cluster front's nodes, a provider's URL) or why; each remote's failure is logged
+    as it happens and shown in /admin/models."""
     retry = min(r.retry_after() for r in remotes)
     return RemotesDown(
-        f"model '{model}': no remote upstream answers ({reasons}); try again in "
-        f"{retry:.0f} s", retry_after=retry,
+        f"model '{model}': no remote upstream answers ({len(remotes)} out of rotation); "
+        f"try again in {retry:.0f} s", retry_after=retry,
     )
 
 

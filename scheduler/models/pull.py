@@ -156,6 +156,16 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT")
 
 
+def _reach() -> None:
+    """Blocking: one request to the Hub, failing at once when it is unreachable.
+    huggingface_hub lists a repository with five retries and 15 s of backoff on a
+    transport error: a non-streamed /api/pull of an unreachable name held its caller
+    23 s. Through the Hub client's own session, so proxy settings hold."""
+    from huggingface_hub import constants, get_session
+
+    get_session().head(_endpoint() or constants.ENDPOINT, timeout=10)
+
+
 def _repo_dir(repo: str) -> Path:
     return cache_dir() / ("models--" + repo.replace("/", "--"))
 
@@ -172,6 +182,7 @@ def plan(repo: str, tag: str | None, *, revision: str | None = None,
         if hf_file is not None:
             choice = Choice((hf_file,), mmproj, quant_of(Path(hf_file).name) or hf_file)
         else:
+            _reach()
             files = HfApi(endpoint=_endpoint()).list_repo_files(repo, revision=rev)
             choice = choose(files, tag)
         out = Plan(f"hf.co/{repo}:{choice.tag}", repo, rev)

@@ -2,7 +2,11 @@
 descriptor, and systemd's default soft limit (1,024) is reached by a thousand idle
 clients, after which every accept fails with EMFILE and every port goes dark.
 
-``raise_nofile()`` lifts the soft limit to the hard one at start. Running out is then
+``raise_nofile()`` lifts the soft limit to the hard one at start; ``shortfall()`` is the
+warning ``corral serve`` logs when even that cannot hold ``max_connections`` on every
+port plus the children, and ``port_share()`` the cap each listener then applies, so
+that a flood of clients is refused with 503 on one port while accepts still succeed
+(at the limit itself every accept on every port fails). Running out is then
 reported, counted and logged at most once per ``every`` seconds, by whichever way the
 event loop allows: asyncio's loop reports each failed accept to its exception handler
 (``AcceptErrors``); uvloop's libuv instead accepts and closes the excess connections
@@ -19,7 +23,10 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scheduler.config.sections import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,39 @@ def needed(max_instances: int, max_connections: int, ports: int) -> int:
     """A rough need: client connections on every port, plus per instance its pipes,
     pooled upstream connections and health probes, plus Corral's own files."""
     return max_connections * ports + 64 * max_instances + 64
+
+
+# Descriptors kept out of the client share: Corral's own files, listeners, log, the
+# scheduler's sockets.
+_FIXED = 128
+
+
+def ports_of(sc: ServerConfig) -> int:
+    """The ports one process listens on (the main one always)."""
+    return (1 + sc.ollama_enabled + sc.lmstudio_enabled
+            + (sc.lmstudio_sdk_port is not None))
+
+
+def port_share(soft: int, ports: int) -> int:
+    """The most client connections one port may hold under a soft limit of ``soft``.
+
+    Half of what is left after the fixed reserve goes to clients: every client call
+    may hold an upstream connection too, and children's pipes come out of the other
+    half. At least 1, so that a port still answers (with 503s) under any limit."""
+    return max(1, (soft - _FIXED) // 2 // max(1, ports))
+
+
+def shortfall(soft: int, max_instances: int, max_connections: int, ports: int) -> str | None:
+    """A warning when the open-file limit cannot hold every port's ``max_connections``
+    plus the children; None when it can."""
+    need = needed(max_instances, max_connections, ports)
+    share = port_share(soft, ports)
+    if soft >= need and share >= max_connections:
+        return None
+    return (f"the open-file limit ({soft}) cannot hold max_connections ({max_connections}) "
+            f"× {ports} port(s) plus {max_instances} instance(s) (about {need} needed): "
+            f"each port refuses connections past {min(share, max_connections)} with 503; "
+            "raise LimitNOFILE (systemd) or ulimit -n")
 
 
 SOMAXCONN = "/proc/sys/net/core/somaxconn"

@@ -561,15 +561,31 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+def _overflows(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return not -(2**63) <= value < 2**64
+    if isinstance(value, dict):
+        return any(_overflows(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_overflows(v) for v in value)
+    return False
+
+
 async def read_json(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
+        # ValueError: also an integer of more digits than Python converts (llama-server
+        # answers "number overflow", a 400).
         return error_response(400, f"Failed to parse JSON: {e}", "invalid_request_error")
     if not isinstance(body, dict):
         return error_response(
             400, "the request body must be a JSON object", "invalid_request_error"
         )
+    if _overflows(body):
+        # As llama-server's JSON parser (nlohmann) answers an integer past 64 bits.
+        return error_response(400, "[json.exception.out_of_range.406] number overflow",
+                              "invalid_request_error")
     srv = request.app[SERVER]
     srv.recent.append(
         {

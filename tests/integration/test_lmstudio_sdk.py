@@ -334,3 +334,21 @@ async def test_socket_close_cancels_its_predictions(ports: Any) -> None:
             break
         await asyncio.sleep(0.05)
     assert stats["cancelled"] == 1
+
+
+async def test_a_deeply_nested_auth_packet_is_refused(
+    corral_ports: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 25: stdlib json raised RecursionError out of the handler, before the key
+    # check. Now it is an auth packet of the wrong shape, like any other.
+    cfg = make_config(tmp_path, [{"name": "m"}], server={"api_keys": [KEY]})
+    ports = await corral_ports(cfg)
+    deep = '{"authVersion": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for packet in (deep, "[" * 100_000, '{"a":' * 50_000):
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"ws://{host(ports)}/llm") as ws:
+            await ws.send_str(packet)
+            answer = json.loads((await ws.receive(timeout=5)).data)
+            assert answer["success"] is False and "auth packet" in answer["error"]
+            assert (await ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
+                                                          aiohttp.WSMsgType.CLOSED)
+    assert "Traceback" not in caplog.text and "RecursionError" not in caplog.text

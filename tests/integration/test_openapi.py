@@ -5,7 +5,8 @@ schemathesis CLI (seeded, 5 examples per operation and phase, 10 s per request,
 bounded by a timeout) checks that nothing answers a 5xx and every answer matches the
 schema its route declares. Excluded: the admin API (it drains and reloads Corral,
 which the fuzzer would do between its own calls) and Ollama's push/create/blob
-uploads, which answer 501 Not Supported on purpose.
+uploads, which answer 501 Not Supported on purpose. Every route, the admin API
+included, is fuzzed from the routers in ``test_fuzz_routes.py``.
 """
 
 from __future__ import annotations

@@ -368,3 +368,38 @@ async def test_missing_adapter_fails_the_launch_clearly(corral_ports: Any, tmp_p
         "model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status >= 500
     assert "lora file" in (await r.json())["error"]["message"]
+
+
+async def test_an_unreachable_hub_fails_a_pull_at_once(
+    corral_ports: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25: huggingface_hub lists a repository with five retries and backoff, so a
+    non-streamed pull of an unreachable name held its caller 23 s. The Hub here is a
+    port that hangs up on every connection: one try, then the error."""
+    tries = 0
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal tries
+        tries += 1
+        writer.close()
+
+    hub = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = hub.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    try:
+        ports = await corral_ports(make_config(tmp_path, [{"name": "m"}]))
+        for stream in (False, True):
+            r = await ports.ollama.post("/api/pull", json={"model": f"hf.co/{REPO}",
+                                                           "stream": stream})
+            if stream:
+                lines = await ndjson(r)
+                assert r.status == 200 and "cannot reach the Hub" in lines[-1]["error"]
+            else:
+                assert r.status == 502, await r.text()
+                assert "cannot reach the Hub" in (await r.json())["error"]
+        assert tries == 2  # one connection per pull: no retries
+    finally:
+        hub.close()
+        await hub.wait_closed()

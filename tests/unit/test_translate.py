@@ -80,6 +80,11 @@ def test_sampler_params(options: Any, changed: dict[str, Any]) -> None:
         {"top_k": [1]},
         {"stop": 3},
         {"stop": ["a", 1]},
+        # Integers past a float or an int64 (issue 25: OverflowError, a 500).
+        {"temperature": 10**400},
+        {"seed": 10**400},
+        {"num_predict": 2**63},
+        {"top_k": -(10**30)},
     ],
 )
 def test_sampler_params_rejects_wrong_types(options: Any) -> None:
@@ -116,6 +121,11 @@ def test_defaults_differ_from_llama_server_where_it_matters() -> None:
         ("-1", -1.0),
         (-5, -1.0),
         (-1, -1.0),
+        # Beyond ~292 years is forever, however many digits (a 500 in issue 25).
+        (10**400, -1.0),
+        (-(10**400), -1.0),
+        ("9" * 400, -1.0),
+        ("9" * 400 + "s", -1.0),
     ],
 )
 def test_keep_alive_seconds(value: Any, seconds: float | None) -> None:

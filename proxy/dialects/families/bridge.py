@@ -32,7 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.calls import upstream
-from proxy.calls.streaming import is_event_stream, relay, upstream_batches
+from proxy.calls.streaming import error_answer, is_event_stream, relay, upstream_batches
 from proxy.calls.upstream import Client
 from proxy.dialects.families import Event, anthropic_chat, responses_chat
 from proxy.dialects.families.chat import choice
@@ -155,13 +155,8 @@ class Bridge:
             self._learned.learn(_key(up), self.api)
             raise upstream.SendAgain(f"upstream {up.instance_id} has no {self._name} route "
                                      f"({resp.status}); translating to chat completions")
-        if self.family == "anthropic":
-            # relay() renders it in Anthropic's envelope from the bytes aiohttp kept.
-            return await relay(up, resp, client)
         client.answered = True
-        return web.Response(status=resp.status, body=raw, headers={
-            "Content-Type": resp.headers.get("Content-Type", "application/json"),
-            MODEL_HEADER: up.model})
+        return error_answer(up, resp, raw, self.family)
 
     async def _error(self, up: Upstream, err: CorralError,
                      client: Client) -> web.StreamResponse:
@@ -173,8 +168,7 @@ class Bridge:
             return client.response
         headers = {MODEL_HEADER: up.model, TRANSLATED_HEADER: "chat"}
         if self.family == "anthropic":
-            answer = render(err, "anthropic")
-            del answer.headers["X-Corral-Error"]  # the upstream's error, not Corral's
+            answer = render(err, "anthropic")  # the upstream's: no X-Corral-Error
             answer.headers.update(headers)
             return answer
         # OpenAI's envelope, without Corral's "src": the upstream said it.

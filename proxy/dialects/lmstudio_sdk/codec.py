@@ -115,6 +115,16 @@ def _int(frame: dict[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def parse(text: str | bytes) -> Any:
+    """Any JSON value, or None for text that is not JSON or is nested past the
+    decoder's depth (the auth packet: stdlib ``json`` let a deeply nested one raise
+    RecursionError out of the handler before the key was checked)."""
+    try:
+        return _decode(text)
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
+        return None
+
+
 def decode(text: str | bytes) -> Frame:
     """One client frame; FrameError for anything malformed."""
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +21,7 @@ from aiohttp import WSMsgType, web
 from proxy.dialects.lmstudio_sdk import codec, llm, models
 from proxy.dialects.lmstudio_sdk.channel import Channel, Ctx
 from proxy.dialects.lmstudio_sdk.codec import SdkError
+from proxy.edge.errors import public_message
 from proxy.keys import SCHEDULER
 from scheduler.errors import CorralError
 from scheduler.keys import tenants
@@ -83,7 +83,7 @@ def _error(e: BaseException) -> dict[str, Any]:
     if isinstance(e, SdkError):
         return e.serialized()
     if isinstance(e, CorralError):
-        return codec.error_payload(e.message)
+        return codec.error_payload(public_message(e))
     log.exception("LM Studio SDK call failed", exc_info=e)
     return codec.error_payload(f"internal error in Corral: {type(e).__name__}")
 
@@ -192,10 +192,7 @@ async def _auth(ws: web.WebSocketResponse, registry: Tenants) -> tuple[bool, Key
     if msg.type is not WSMsgType.TEXT:
         await ws.close()
         return False, None
-    try:
-        packet = json.loads(msg.data)
-    except ValueError:
-        packet = None
+    packet = codec.parse(msg.data)
     problem = authenticate(packet, ())  # its shape; the key is looked up below
     key = None
     if problem is None and registry.enabled:
