@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,6 +17,11 @@ from scheduler.engines.settings import RemoteConfig, UpstreamApi
 Capability = Literal[
     "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
 ]
+
+
+# ctx_size = "auto" never shrinks a context below this (or the model's own, when smaller)
+# to fit memory; it is also the context assumed for a model whose header says nothing.
+AUTO_CTX_FLOOR = 4096
 
 
 class Replicas(_Strict):
@@ -81,7 +86,11 @@ class ModelConfig(_Strict):
     )
     hf_file: str | None = Field(None, description="the GGUF file in hf_repo")
     hf_revision: str | None = Field(None, description="branch, tag or commit of hf_repo")
-    ctx_size: int = Field(4096, ge=0, description="context per slot; 0 = the model's own")
+    ctx_size: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="context per slot: 'auto' = the model's training context, "
+        "capped by scheduler.max_ctx and by what fits in memory (docs/scheduling.md); N "
+        "tokens; 0 = the model's own"
+    )
     parallel: int = Field(1, ge=1, le=256, description="slots (llama-server --parallel)")
     n_gpu_layers: int | None = None
     threads: int | None = Field(None, ge=1)
@@ -174,6 +183,12 @@ class ModelConfig(_Strict):
         """Whether Corral launches this model itself (it has a file or a runtime)."""
         return (self.path is not None or self.package is not None or self.hf_repo is not None
                 or self.runtime is not None)
+
+    @property
+    def fixed_ctx(self) -> int | None:
+        """The context per slot the config sets (``ctx_size = N``); None for "auto" and
+        for 0 (the model's own), which only its GGUF header tells."""
+        return self.ctx_size if isinstance(self.ctx_size, int) and self.ctx_size > 0 else None
 
     @property
     def has_file(self) -> bool:

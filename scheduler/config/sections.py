@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -97,6 +97,10 @@ class SchedulerConfig(_Strict):
     stop_timeout: float = Field(5.0, ge=0, description="SIGTERM → SIGKILL grace")
     health_interval: float = Field(0.02, gt=0, description="readiness poll interval, seconds")
     log_lines: int = Field(500, ge=10, description="lines kept per instance log")
+    max_ctx: int = Field(
+        32768, ge=256, description="the most context per slot that ctx_size = 'auto' gives "
+        "a model (its training context and the memory budget cap it further)"
+    )
     memory_budget: int | Literal["auto"] | None = Field(
         "auto",
         description="bytes model footprints may use: 'auto' = RAM (or cgroup limit) minus "
@@ -259,7 +263,7 @@ class ScanDir(_Strict):
     """A ``[[scan]]`` table: a directory to discover models in, and what its models get."""
 
     path: Path
-    ctx_size: int | None = Field(None, ge=0)
+    ctx_size: Annotated[int, Field(ge=0)] | Literal["auto"] | None = None
     parallel: int | None = Field(None, ge=1, le=256)
     ttl: float | None = None
     n_gpu_layers: int | None = None

@@ -209,7 +209,9 @@ class Owner:
         if op == "lease":
             cid = int(frame["id"])
             hints = LeaseHints(affinity=frame.get("affinity"),
-                               keep_alive=frame.get("keep_alive"))
+                               keep_alive=frame.get("keep_alive"),
+                               need_ctx=int(frame.get("need_ctx") or 0),
+                               want_ctx=int(frame.get("want_ctx") or 0))
             model = str(frame["model"])
             now = self._scheduler.lease_now(model, hints)
             if now is not None:
@@ -418,7 +420,8 @@ class WorkerScheduler(Scheduler):
             key = tenants.current()
             up: Upstream = await self._ask(cid, {
                 "op": "lease", "id": cid, "model": name, "affinity": hints.affinity,
-                "keep_alive": hints.keep_alive, "key": key.name if key is not None else None})
+                "keep_alive": hints.keep_alive, "need_ctx": hints.need_ctx,
+                "want_ctx": hints.want_ctx, "key": key.name if key is not None else None})
             yield up
         finally:
             # Also when the wait was cancelled: the owner may have granted it meanwhile.

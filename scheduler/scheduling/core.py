@@ -23,14 +23,21 @@ import aiohttp
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines.providers import Providers
 from scheduler.engines.remote import Remote
-from scheduler.errors import CorralError, UnknownModel
+from scheduler.errors import ContextTooLong, CorralError, UnknownModel
 from scheduler.keys import tenants
-from scheduler.models.sources import ModelFiles
+from scheduler.models.sources import ModelFiles, placement_at
 from scheduler.process.health import HealthWatch
 from scheduler.process.instance import Instance
 from scheduler.process.slotcache import SlotCache
-from scheduler.scheduling import policy
-from scheduler.scheduling.state import BinaryFinder, Events, ModelState, NoEvents, Picker
+from scheduler.scheduling import contexts, policy
+from scheduler.scheduling.state import (
+    BinaryFinder,
+    Events,
+    LeaseHints,
+    ModelState,
+    NoEvents,
+    Picker,
+)
 
 log = logging.getLogger("scheduler.scheduling.scheduler")
 
@@ -136,13 +143,34 @@ class Core:
         return [n for n, m in self._names.items()
                 if key.may_use((m.cfg.name, *m.cfg.aliases))]
 
+    # -- context (scheduler/scheduling/contexts.py) --------------------------------
+
+    def _need(self, m: ModelState, hints: LeaseHints) -> int:
+        """Tokens per slot a call must get; 0: any instance will do."""
+        if not (hints.need_ctx or hints.want_ctx):
+            return 0
+        return contexts.requirement(hints.need_ctx, hints.want_ctx, m.ctx)
+
+    def _too_long(self, m: ModelState, need: int) -> ContextTooLong | None:
+        """The error for a need no instance of ``m`` can meet (None: it can be met, or
+        the model's contexts are not known yet)."""
+        if m.ctx is None or need <= m.ctx.maximum:
+            return None
+        return ContextTooLong(m.cfg.name, need, m.ctx.maximum)
+
+    def _placement(self, m: ModelState, ctx: int) -> tuple[int, int]:
+        """(RAM, VRAM) an instance of ``m`` launched with ``ctx`` tokens per slot needs."""
+        if ctx <= 0 or not m.sized:
+            return m.footprint, m.vram
+        return placement_at(m.cfg, m.size, self.vram_budget is not None, ctx)
+
     # What the parts call on each other (the type checker's view; Scheduler has them).
     if TYPE_CHECKING:
         def _kick(self) -> None: ...
 
         def _snapshot(self) -> policy.Snapshot: ...
 
-        def _launch(self, m: ModelState) -> Instance: ...
+        def _launch(self, m: ModelState, ctx: int = 0) -> Instance: ...
 
         def _retire(self, inst: Instance, reason: str, *, drain: bool = True) -> None: ...
 
@@ -150,7 +178,8 @@ class Core:
 
         def _unhealthy(self, inst: Instance, reason: str) -> None: ...
 
-        async def _size(self, m: ModelState, path: Path | None = None) -> None: ...
+        async def _size(self, m: ModelState, path: Path | None = None,
+                        plan: bool = True) -> None: ...
 
         async def set_dynamic_models(
             self, source: str, models: Iterable[ModelConfig]

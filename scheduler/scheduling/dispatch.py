@@ -11,8 +11,8 @@ from scheduler.engines import hooks
 from scheduler.errors import (
     LoadFailed,
 )
-from scheduler.process.instance import State
-from scheduler.scheduling import policy
+from scheduler.process.instance import ALIVE, State
+from scheduler.scheduling import contexts, policy
 from scheduler.scheduling.core import Core, log
 from scheduler.scheduling.state import ModelState, oldest_wait
 
@@ -47,7 +47,13 @@ class Dispatch(Core):
                     m.queue.popleft()
                     continue
                 preferred = m.affinity.get(w.hints.affinity) if w.hints.affinity else None
-                inst = self.pick(m.servables(), preferred)
+                need = self._need(m, w.hints)
+                # Its model's file was read while it waited: it may fit nothing.
+                if (err := self._too_long(m, need)) is not None:
+                    m.queue.popleft()
+                    w.fut.set_exception(err)
+                    continue
+                inst = self.pick(contexts.fitting(m.servables(), need), preferred)
                 if inst is None or not inst.try_acquire():
                     break
                 m.queue.popleft()
@@ -91,7 +97,8 @@ class Dispatch(Core):
             if m.remotes and all(r.state is State.FAILED for r in m.remotes):
                 self._fail_waiters(m, hooks.remotes_down(m.cfg.name, m.remotes))
             return
-        if any(i.state is State.STARTING for i in m.instances):
+        need = self._need(m, m.queue[0].hints) if m.queue else 0
+        if any(i.state is State.STARTING and contexts.fitting([i], need) for i in m.instances):
             return  # join the launch in progress
         reserved = self._reserved_for
         if reserved is not None and reserved != m.cfg.name:
@@ -108,7 +115,10 @@ class Dispatch(Core):
                 loop = asyncio.get_running_loop()
                 m.retry_handle = loop.call_later(m.retry_at - now, self._retry, m)
             return
-        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint, m.vram)
+        size = contexts.launch_size(need, m.ctx) if need and m.ctx else 0
+        if size and self._resize(m, need):
+            return
+        decision = policy.plan_launch(self._snapshot(), m.cfg.name, *self._placement(m, size))
         if isinstance(decision, policy.Wait):
             if decision.never:
                 self._fail_waiters(m, LoadFailed(m.cfg.name, decision.reason))
@@ -124,7 +134,25 @@ class Dispatch(Core):
             return  # launch once they have stopped; their stop kicks us again
         if self._reserved_for == m.cfg.name:
             self._reserved_for = None
-        self._launch(m)
+        self._launch(m, size)
+
+    def _resize(self, m: ModelState, need: int) -> bool:
+        """A call needs more context than every instance of ``m`` has, and the model
+        has its maximum of replicas: an idle one makes way (it is retired and the larger
+        one launched once it has stopped), or the call waits for one to be idle. Never
+        a reload under running calls. True: nothing to launch now."""
+        alive = [i for i in m.instances if i.state in ALIVE]
+        if len(alive) < m.cfg.replicas.max or contexts.fitting(alive, need):
+            return False
+        if any(i.state in (State.DRAINING, State.STOPPING) for i in alive):
+            return True  # one is already making way
+        idle = [i for i in alive if i.state is State.READY and i.in_flight == 0]
+        if idle:
+            victim = min(idle, key=lambda i: i.last_used)
+            log.info("retiring %s (context %d) for a call that needs %d tokens",
+                     victim.id, victim.ctx, need)
+            self._retire(victim, "evicted")
+        return True
 
     def _retry(self, m: ModelState) -> None:
         m.retry_handle = None

@@ -17,6 +17,7 @@ from scheduler.errors import (
 )
 from scheduler.keys import tenants
 from scheduler.process.instance import Instance, State
+from scheduler.scheduling import contexts
 from scheduler.scheduling.core import Core, log
 from scheduler.scheduling.state import (
     AFFINITY_ENTRIES,
@@ -79,7 +80,8 @@ class Leasing(Core):
         if hints.keep_alive is not None:
             inst.ttl_override = hints.keep_alive
         return Upstream(inst.base_url, inst.id, m.cfg.name, self._clock() - start,
-                        api_set(m.cfg.api) if inst.apis is None else inst.apis, inst.egress)
+                        api_set(m.cfg.api) if inst.apis is None else inst.apis, inst.egress,
+                        contexts.context_of(inst))
 
     def lease_now(self, name: str, hints: LeaseHints) -> tuple[Upstream, Servable] | None:
         """``lease()``'s fast path as a plain call, for a lease held across processes.
@@ -100,12 +102,17 @@ class Leasing(Core):
         if m.queue:
             return None
         preferred = m.affinity.get(hints.affinity) if hints.affinity else None
-        inst = self.pick(m.servables(), preferred)
+        servables = m.servables()
+        if hints.need_ctx or hints.want_ctx:
+            servables = contexts.fitting(servables, self._need(m, hints))
+        inst = self.pick(servables, preferred)
         return inst if inst is not None and inst.try_acquire() else None
 
     async def _acquire(
         self, m: ModelState, hints: LeaseHints, start: float, key: tenants.Key | None = None
     ) -> Servable:
+        if (err := self._too_long(m, self._need(m, hints))) is not None:
+            raise err
         if (inst := self._take_free(m, hints)) is not None:
             return inst
         if m.unavailable and not any(r.state is State.READY for r in m.remotes):

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from scheduler.config.root import ModelConfig
 from scheduler.engines.egress import PLAIN, Egress
@@ -23,7 +23,11 @@ from scheduler.errors import (
 )
 from scheduler.keys import tenants
 from scheduler.process.instance import ALIVE, Instance
+from scheduler.scheduling.contexts import Contexts
 from scheduler.scheduling.queueing import FairQueue
+
+if TYPE_CHECKING:
+    from scheduler.models.resources import ModelSize
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
@@ -60,6 +64,12 @@ class LeaseHints:
     # Seconds this instance should stay loaded after the call (Ollama keep_alive,
     # LM Studio ttl); < 0 forever; None: the model's ttl.
     keep_alive: float | None = None
+    # Tokens per slot the call must have (its prompt, counted): only an instance with
+    # that much context serves it; more than the model can have is ContextTooLong.
+    need_ctx: int = 0
+    # Tokens per slot the caller asked for (Ollama num_ctx, LM Studio context_length),
+    # given as far as the model can (scheduler/scheduling/contexts.py).
+    want_ctx: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +89,8 @@ class Upstream:
     # How the call leaves for this upstream: a remote's key and headers, the model
     # name it expects, TLS (scheduler/engines/egress.py).
     egress: Egress = PLAIN
+    # Tokens of context per slot of the instance; 0: unknown (a remote, a runtime).
+    ctx: int = 0
 
 
 class Waiter:
@@ -95,8 +107,8 @@ class Waiter:
 
 
 class ModelState:
-    __slots__ = ("affinity", "cfg", "failures", "footprint", "instances", "last_error", "queue",
-                 "remotes", "retry_at", "retry_handle", "sized", "vram")
+    __slots__ = ("affinity", "cfg", "ctx", "failures", "footprint", "instances", "last_error",
+                 "queue", "remotes", "retry_at", "retry_handle", "size", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -108,6 +120,10 @@ class ModelState:
         self.footprint = cfg.footprint or 0
         self.vram = 0
         self.sized = False
+        # What the footprint depends on (GGUF header), and the contexts planned from
+        # it (contexts.plan); None until the model's file has been read.
+        self.size: ModelSize | None = None
+        self.ctx: Contexts | None = None
         self.affinity: OrderedDict[str, str] = OrderedDict()
         self.last_error: LoadFailed | None = None
         # Consecutive failed launches; reset by a successful one or by reset().
