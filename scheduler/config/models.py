@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -86,7 +86,7 @@ class ModelConfig(_Strict):
     )
     hf_file: str | None = Field(None, description="the GGUF file in hf_repo")
     hf_revision: str | None = Field(None, description="branch, tag or commit of hf_repo")
-    ctx_size: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+    ctx_size: int | Literal["auto"] = Field(
         "auto", description="context per slot: 'auto' = the model's training context, "
         "capped by scheduler.max_ctx and by what fits in memory (docs/scheduling.md); N "
         "tokens; 0 = the model's own"
@@ -164,6 +164,16 @@ class ModelConfig(_Strict):
         None, description="the name its runtime knows it by (${MODEL}, and the 'model' "
         "sent upstream); default: the model's name"
     )
+
+    @field_validator("ctx_size", mode="before")
+    @classmethod
+    def _ctx(cls, value: object) -> object:
+        # One message instead of one per branch of the union.
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 0):
+            return value
+        raise ValueError(f"must be \"auto\" or a number of tokens (0 = the model's own), "
+                         f"not {value!r}")
 
     @field_validator("footprint", mode="before")
     @classmethod
