@@ -29,6 +29,7 @@ import aiohttp
 import msgspec
 
 from proxy.edge import jsonc
+from scheduler.config.models import AUTO_CTX_FLOOR as FLOOR
 from scheduler.config.root import ModelConfig
 from scheduler.errors import ContextTooLong, CorralError
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Upstream
@@ -104,6 +105,17 @@ def of(path: str, body: bytes | bytearray | None = None, payload: Any = None,
     if path not in COUNT_PATHS and path != "/v1/completions":
         return None
     return Fit(path, body, payload, strict=family in ("openai", "responses"))
+
+
+def quiet(scheduler: Scheduler, model: str, fit: Fit | None) -> bool:
+    """Whether a stream that waits for its lease must not send loading feedback: its
+    prompt may be longer than the model's default context, and once feedback has sent
+    the status line a refusal could only be an event inside a 200 stream, where clients
+    miss it (Claude Code compacts on Anthropic's 400, not on an event)."""
+    if fit is None:
+        return False
+    planned = scheduler.contexts(model)
+    return len(fit.raw()) > (planned.default if planned is not None else FLOOR)
 
 
 def explained(err: ContextTooLong, fit: Fit | None) -> ContextTooLong:

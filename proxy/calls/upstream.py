@@ -298,7 +298,7 @@ def _payload(body: bytes | bytearray | None) -> Any:
 
 @contextlib.asynccontextmanager
 async def _leased(scheduler: Scheduler, spec: Call, client: Client) -> AsyncIterator[Upstream]:
-    if spec.feedback is None:
+    if spec.feedback is None or context.quiet(scheduler, spec.model, spec.fit):
         try:
             async with scheduler.lease(spec.model, spec.hints) as up:
                 yield up
