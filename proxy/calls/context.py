@@ -132,6 +132,8 @@ async def check(session: aiohttp.ClientSession, up: Upstream, fit: Fit,
     if not fit.strict or not up.ctx:
         return
     raw = fit.raw()
+    if b'"max_' not in raw:
+        return  # no max_tokens of any kind: nothing to decode (the common call)
     output = _output(fit.body, fit.payload)
     if not output or len(raw) + output <= up.ctx:
         return  # llama-server refuses a prompt that alone does not fit (refused())
