@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import gguf
+import lmstudio as lms
 import numpy as np
 import openai
 import pytest
@@ -175,3 +176,15 @@ async def test_lm_studio_load_with_a_context_length(ports: Any) -> None:
     r = await ports.lmstudio.get("/api/v0/models/a")
     info = await r.json()
     assert (info["loaded_context_length"], info["max_context_length"]) == (8192, 8192)
+
+
+@pytest.mark.timeout(60)
+async def test_lm_studio_sdk_load_with_a_context_and_too_long(ports: Any) -> None:
+    async with lms.AsyncClient(f"127.0.0.1:{ports.lmstudio.server.port}") as client:
+        model = await client.llm.load_new_instance("a", config={"contextLength": 6000})
+        (inst,) = instances(ports)
+        assert inst.ctx == 8192
+        assert await model.get_context_length() == 8192
+        with pytest.raises(lms.LMStudioError) as refused:
+            await model.respond(words(9000), config={"maxTokens": 4})
+    assert "Try to load the model with a larger context length" in str(refused.value)
