@@ -5,18 +5,17 @@ that needs more is served by an instance whose context fits, or refused in its f
 words (proxy/edge/errors.py) when none can have that much. What a call needs is counted
 with llama-server's own tokenizer, and only when it could matter:
 
-* A body of ``n`` bytes holds at most ``n`` prompt tokens (a token covers at least a
-  byte, and the JSON around the text outweighs what a chat template adds). A call whose
-  bytes fit the instance's context is sent as it is: nothing to count.
-* Otherwise the call is still sent, and llama-server, which tokenizes it anyway, refuses
-  a prompt longer than its context (``exceed_context_size_error``, with the exact
-  count): the call is then leased again with that need, which the scheduler meets with
+* A call is sent as it is. llama-server tokenizes it anyway and refuses a prompt longer
+  than its slot before any work (``exceed_context_size_error``, with the exact count):
+  the call is then leased again needing that many tokens, which the scheduler meets with
   a larger instance, or refuses with ``ContextTooLong``. The client has received
-  nothing yet, so it never sees the first try.
+  nothing yet, so it never sees the first try; a prompt that fits costs nothing.
 * Where ``max_tokens`` counts too (OpenAI's families refuse prompt + max_tokens over the
   context), llama-server would not refuse, so the prompt is counted first through its
-  count endpoint (``/v1/chat/completions/input_tokens``, ``/v1/messages/count_tokens``
-  ...), only when bytes + max_tokens exceed the context.
+  count endpoint (``/v1/chat/completions/input_tokens``, ``/tokenize`` ...), and only
+  when the body's bytes (a bound on its tokens: a token covers at least a byte, and the
+  JSON around the text outweighs what a chat template adds) + max_tokens exceed the
+  instance's context.
 """
 
 from __future__ import annotations
