@@ -24,6 +24,15 @@ Capability = Literal[
 AUTO_CTX_FLOOR = 4096
 
 
+def check_ctx(value: object) -> object:
+    """A ctx_size: one message instead of one per branch of its union type."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and value >= 0):
+        return value
+    raise ValueError(f"must be \"auto\" or a number of tokens (0 = the model's own), "
+                     f"not {value!r}")
+
+
 class Replicas(_Strict):
     min: int = Field(0, ge=0, description="instances kept loaded even when idle")
     max: int = Field(1, ge=1, description="instances launched at most under load")
@@ -168,12 +177,7 @@ class ModelConfig(_Strict):
     @field_validator("ctx_size", mode="before")
     @classmethod
     def _ctx(cls, value: object) -> object:
-        # One message instead of one per branch of the union.
-        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
-                               and value >= 0):
-            return value
-        raise ValueError(f"must be \"auto\" or a number of tokens (0 = the model's own), "
-                         f"not {value!r}")
+        return check_ctx(value)
 
     @field_validator("footprint", mode="before")
     @classmethod

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from scheduler.config.base import _NAME_RE, _Strict, parse_size
-from scheduler.config.models import _check_reserved
+from scheduler.config.models import _check_reserved, check_ctx
 
 
 class ServerConfig(_Strict):
@@ -263,7 +263,7 @@ class ScanDir(_Strict):
     """A ``[[scan]]`` table: a directory to discover models in, and what its models get."""
 
     path: Path
-    ctx_size: Annotated[int, Field(ge=0)] | Literal["auto"] | None = None
+    ctx_size: int | Literal["auto"] | None = None
     parallel: int | None = Field(None, ge=1, le=256)
     ttl: float | None = None
     n_gpu_layers: int | None = None
@@ -275,6 +275,11 @@ class ScanDir(_Strict):
     def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
         _check_reserved(args)
         return args
+
+    @field_validator("ctx_size", mode="before")
+    @classmethod
+    def _ctx(cls, value: object) -> object:
+        return None if value is None else check_ctx(value)
 
     def defaults(self) -> dict[str, object]:
         """The ModelConfig keys this table sets for each model found under it."""
