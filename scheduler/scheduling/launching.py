@@ -67,7 +67,7 @@ class Launching(Core):
         if not runtime.llama_server:
             # Another server command: a file only if the model names one.
             model_file = await self._files.get(m.cfg) if m.cfg.has_file else None
-            if model_file is not None and not m.sized:
+            if model_file is not None and m.size is None:
                 await self._size(m, model_file)
             return hooks.runtime_spec(self._cfg, self._sized_launch(m, inst), runtime,
                                       model_file)
@@ -88,7 +88,7 @@ class Launching(Core):
         binary = runtime.binary or self._binary
         assert binary is not None
         model_file = await self._files.get(m.cfg)
-        if not m.sized:
+        if m.size is None:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
