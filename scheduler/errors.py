@@ -4,7 +4,9 @@
 
     CorralError                    every error Corral itself produces (src="corral")
     ├── BadRequest                 the caller's request is malformed         400
-    │   └── CannotServe            the model lacks what the endpoint needs   400
+    │   ├── CannotServe            the model lacks what the endpoint needs   400
+    │   └── ContextTooLong         the prompt (+ max_tokens) fits no context 400
+    │                              the model can have; rendered in each family's words
     ├── TooLarge                   a body over its route's limit             413
     ├── Unauthorized               missing or wrong API key                  401
     ├── NotSupported               an endpoint or option Corral does not do  501
@@ -54,6 +56,26 @@ class CannotServe(BadRequest):
         super().__init__(
             f"model '{model}' cannot serve {capability} calls; models that can: {names}"
         )
+
+
+class ContextTooLong(BadRequest):
+    """A call needs more context than any instance of its model can have.
+
+    ``tokens`` is the prompt's length (or, where the scheduler found it, the context
+    asked for), ``output`` the max_tokens counted with it (0: not counted), ``maximum``
+    the most context per slot the model can get. proxy/edge/errors.py words it as each
+    API family does."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, model: str, tokens: int, maximum: int, output: int = 0) -> None:
+        asked = f"{tokens} + {output}" if output else f"{tokens}"
+        super().__init__(f"model '{model}': the call needs {asked} tokens of context, "
+                         f"more than the {maximum} it can have")
+        self.model = model
+        self.tokens = tokens
+        self.maximum = maximum
+        self.output = output
 
 
 class TooLarge(CorralError):

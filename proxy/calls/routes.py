@@ -20,7 +20,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from proxy.calls import multipart, upstream, vision
+from proxy.calls import context, multipart, upstream, vision
 from proxy.calls.streaming import relay
 from proxy.dialects.families import bridge as families_bridge
 from proxy.edge import body as bodies
@@ -141,6 +141,7 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 method=route.method,
                 query=request.query_string,
                 feedback=feedback(request, cfg, route.family, head.streaming),
+                fit=context.of(route.upstream or request.path, body, family=route.family),
             )
             bridge = families_bridge.of(route.family, request.path, spec.path, body,
                                         request.app[FAMILIES], cfg)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -39,7 +40,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.calls import egress, usage
+from proxy.calls import context, egress, usage
 from proxy.edge import jsonc
 from proxy.edge.errors import Family, stream_error_event
 from proxy.edge.reqlog import note_model
@@ -47,7 +48,7 @@ from proxy.keys import SCHEDULER, SESSION
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import ModelConfig
 from scheduler.engines.remote import COOLDOWN_STATUSES
-from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
+from scheduler.errors import ContextTooLong, CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.keys import tenants
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Upstream
 
@@ -114,6 +115,9 @@ class Call:
     # The call to send instead to the upstream leased for an attempt (None: this one):
     # a family the upstream lacks goes as a translated chat call (proxy.dialects.families).
     via: Callable[[Upstream], Call | None] | None = None
+    # Whether the prompt fits the leased instance's context (proxy/calls/context.py);
+    # None: a call that generates nothing.
+    fit: context.Fit | None = None
 
 
 class SendAgain(Exception):
@@ -160,7 +164,15 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
             cfg = scheduler.resolve(up.model)
             try:
                 sent = spec.via(up) if spec.via is not None else None
+                if spec.fit is not None and sent is None:
+                    await context.check(session, up, spec.fit, spec.hints)
                 resp = await _send(session, up, sent or spec, cfg)
+                if resp.status == 400 and spec.fit is not None and sent is None:
+                    try:
+                        await context.refused(resp, up, spec.fit, spec.hints, up.model)
+                    except BaseException:
+                        resp.release()
+                        raise
                 if resp.status in COOLDOWN_STATUSES:
                     # A cloud that rate-limits or fails sits out its cooldown.
                     scheduler.upstream_answered(up.instance_id, resp.status,
@@ -182,6 +194,18 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
                     if tap is not None:
                         tap.untap()
                     resp.release()
+            except context.Larger as e:
+                # The instance's context is too small: another, or a larger one launched
+                # (the scheduler's choice), takes the call; no attempt spent, within a bound.
+                again += 1
+                if again > SEND_AGAIN:
+                    raise UpstreamFailed(f"model '{up.model}': {e}") from None
+                attempt -= 1
+                spec = dataclasses.replace(spec, hints=e.hints, fit=e.fit)
+                # What the call failed on before still holds for the larger lease.
+                hints = e.hints if hints is None or e.hints is None else replace(
+                    e.hints, avoid=hints.avoid)
+                log.info("model '%s': %s; leasing a larger context", up.model, e)
             except SendAgain as e:
                 # Not a failure of the upstream: nothing to report, and no attempt spent
                 # (each replica of a model may have to learn once), within a bound.
@@ -286,9 +310,12 @@ def _payload(body: bytes | bytearray | None) -> Any:
 @contextlib.asynccontextmanager
 async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
                   client: Client) -> AsyncIterator[Upstream]:
-    if spec.feedback is None:
-        async with scheduler.lease(spec.model, hints) as up:
-            yield up
+    if spec.feedback is None or context.quiet(scheduler, spec.model, spec.fit):
+        try:
+            async with scheduler.lease(spec.model, hints) as up:
+                yield up
+        except ContextTooLong as e:
+            raise context.explained(e, spec.fit) from None
         return
     feedback = _Feedback(scheduler, spec, client)
     try:
@@ -296,6 +323,8 @@ async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
             await feedback.stop()
             yield up
     except CorralError as e:
+        if isinstance(e, ContextTooLong):
+            e = context.explained(e, spec.fit)
         await feedback.stop()
         if client.response is None or client.answered:
             raise

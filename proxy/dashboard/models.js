@@ -39,7 +39,11 @@ function row(m) {
   const where = el("td", { title: src.where },
     el("span", { class: "tag" }, src.configured ? src.kind : `${src.origin || "discovered"} · ${src.kind}`), " ",
     el("span", { class: "muted ellipsis" }, src.where));
-  const ctx = m.context_length ? `${m.ctx_size || m.context_length} of ${m.context_length}` : String(m.ctx_size || "–");
+  // What a launch gets (ctx_size "auto": the training context capped by max_ctx and
+  // memory), of the most a call can get, of the model's training context.
+  const given = m.context || m.ctx_size || m.context_length;
+  const most = m.max_context && m.max_context !== given ? ` (up to ${m.max_context})` : "";
+  const ctx = m.context_length ? `${given}${most} of ${m.context_length}` : String(given || "–");
   const busy = [...state.busy].some((t) => t.startsWith(m.name + "/"));
   // Pinning is the model's evictable = false in the config file (written for you
   // when admin_config_write is on): kept loaded, never evicted.
@@ -56,7 +60,7 @@ function row(m) {
     where,
     el("td", { class: "num" }, bytes(m.size_bytes)),
     el("td", {}, m.quantization || "–", m.parameters ? el("div", { class: "muted" }, m.parameters) : null),
-    el("td", { class: "num", title: "configured context per slot of the model's training context" }, ctx),
+    el("td", { class: "num", title: `context per slot (ctx_size = ${m.ctx_size}) of the model's training context` }, ctx),
     el("td", {}, m.capabilities.join(", ")),
     actions);
 }

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.calls import routes, upstream
+from proxy.calls import context, routes, upstream
 from proxy.calls import vision as images
 from proxy.calls.modelinfo import (
     MODEL_INFO,
@@ -70,12 +70,12 @@ def hints_for(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHints 
 # --- /api/v0 ------------------------------------------------------------------------------
 
 
-def model_info(cfg: ModelConfig, facts: ModelFacts) -> dict[str, Any]:
+def model_info(cfg: ModelConfig, facts: ModelFacts, ctx: int) -> dict[str, Any]:
     return {
         "arch": facts.architecture or "unknown",
         "quant": facts.quantization or "unknown",
         "format": "gguf",
-        "context_length": cfg.ctx_size or facts.context_length or 0,
+        "context_length": ctx,
     }
 
 
@@ -135,7 +135,8 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
     cfg = routes.check(scheduler, model, capability)
     if capability == "chat" and images.body_has_images(raw):
         images.require_vision(scheduler, model, cfg)
-    info = model_info(cfg, await request.app[MODEL_INFO].get(cfg))
+    facts = await request.app[MODEL_INFO].get(cfg)
+    info = model_info(cfg, facts, context.shown(scheduler, cfg, facts.context_length))
     stream = payload.get("stream") is True
 
     async def consume(
@@ -155,7 +156,8 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
         return web.json_response(body)
 
     spec = upstream.Call(model=model, path=path, body=raw,
-                         hints=hints_for(scheduler, model, jsonc.head(raw)))
+                         hints=hints_for(scheduler, model, jsonc.head(raw)),
+                         fit=context.of(path, raw, family="lmstudio"))
     return await upstream.answer(request, "openai", spec, consume)
 
 
@@ -176,7 +178,9 @@ def _publisher(facts: ModelFacts) -> str:
     return org if isinstance(org, str) and org else "corral"
 
 
-def v0_model(name: str, cfg: ModelConfig, facts: ModelFacts, loaded: bool) -> dict[str, Any]:
+def v0_model(name: str, cfg: ModelConfig, facts: ModelFacts, loaded: bool,
+             ctx: tuple[int, int]) -> dict[str, Any]:
+    """``ctx``: (the context an instance has, the most it can have)."""
     kind = "embeddings" if embedding(cfg) else "vlm" if vision(cfg) else "llm"
     out: dict[str, Any] = {
         "id": name,
@@ -187,10 +191,10 @@ def v0_model(name: str, cfg: ModelConfig, facts: ModelFacts, loaded: bool) -> di
         "compatibility_type": "gguf",
         "quantization": facts.quantization or "unknown",
         "state": "loaded" if loaded else "not-loaded",
-        "max_context_length": facts.context_length or cfg.ctx_size,
+        "max_context_length": ctx[1],
     }
     if loaded:
-        out["loaded_context_length"] = cfg.ctx_size or facts.context_length or 0
+        out["loaded_context_length"] = ctx[0]
     if facts.native_tools:
         out["capabilities"] = ["tool_use"]
     return out
@@ -207,7 +211,8 @@ async def _catalogue(request: web.Request) -> list[tuple[str, ModelConfig, Model
 
 async def v0_models(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
-    data = [v0_model(n, c, f, _ready(scheduler, n) > 0) for n, c, f in await _catalogue(request)]
+    data = [v0_model(n, c, f, _ready(scheduler, n) > 0, _contexts(scheduler, c, f))
+            for n, c, f in await _catalogue(request)]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -216,15 +221,22 @@ async def v0_model_one(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
     cfg = scheduler.resolve(name)
     facts = await request.app[MODEL_INFO].get(cfg)
-    return web.json_response(v0_model(name, cfg, facts, _ready(scheduler, name) > 0))
+    return web.json_response(v0_model(name, cfg, facts, _ready(scheduler, name) > 0,
+                                      _contexts(scheduler, cfg, facts)))
+
+
+def _contexts(scheduler: Scheduler, cfg: ModelConfig, facts: ModelFacts) -> tuple[int, int]:
+    return (context.shown(scheduler, cfg, facts.context_length),
+            context.most(scheduler, cfg, facts.context_length))
 
 
 # --- /api/v1 ------------------------------------------------------------------------------
 
 
-def v1_model(name: str, cfg: ModelConfig, facts: ModelFacts, ready: int) -> dict[str, Any]:
+def v1_model(name: str, cfg: ModelConfig, facts: ModelFacts, ready: int,
+             contexts: tuple[int, int]) -> dict[str, Any]:
     emb = embedding(cfg)
-    ctx = cfg.ctx_size or facts.context_length or 0
+    ctx = contexts[0]
     # LM Studio names an instance by its model key; a second one gets ":2".
     instances = [
         {"id": name if k == 0 else f"{name}:{k + 1}",
@@ -245,7 +257,7 @@ def v1_model(name: str, cfg: ModelConfig, facts: ModelFacts, ready: int) -> dict
         "params_string": (facts.info.size_label if facts.info else None) or facts.parameter_size
         or None,
         "loaded_instances": instances,
-        "max_context_length": facts.context_length or cfg.ctx_size,
+        "max_context_length": contexts[1],
         "format": "gguf",
     }
     if not emb:
@@ -255,18 +267,23 @@ def v1_model(name: str, cfg: ModelConfig, facts: ModelFacts, ready: int) -> dict
 
 async def v1_models(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
-    models = [v1_model(n, c, f, _ready(scheduler, n)) for n, c, f in await _catalogue(request)]
+    models = [v1_model(n, c, f, _ready(scheduler, n), _contexts(scheduler, c, f))
+              for n, c, f in await _catalogue(request)]
     return web.json_response({"models": models})
 
 
 async def v1_load(request: web.Request) -> web.Response:
-    """Load a model now. Load-time options (context_length, flash_attention, ...) are
-    the model config's business and are ignored here."""
+    """Load a model now: with at least ``context_length`` tokens of context, as far as
+    the model can have (a replica of that size if the running one has less). Other
+    load-time options (flash_attention, ...) are the model config's business."""
     payload = await bodies.read_json(request)
     model = jsonc.model_of(payload)
     scheduler = request.app[SCHEDULER]
     cfg = scheduler.resolve(model)
-    async with scheduler.lease(model, LeaseHints(keep_alive=ttl_of(payload.get("ttl")))) as up:
+    asked = payload.get("context_length")
+    want = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
+    hints = LeaseHints(keep_alive=ttl_of(payload.get("ttl")), want_ctx=want)
+    async with scheduler.lease(model, hints) as up:
         note_model(up.model)
         waited = up.waited
     return web.json_response({

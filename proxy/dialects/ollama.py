@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy.calls import upstream, vision
+from proxy.calls import context, upstream, vision
 from proxy.calls.modelinfo import MODEL_INFO, ModelInfoCache, embedding
 from proxy.calls.streaming import upstream_batches, upstream_data_batches, write_stream
 from proxy.dialects import ollama_models, ollama_request, openai, stream_translate, translate
@@ -183,7 +183,8 @@ async def _generate(
         client.answered = True
         return web.json_response(state.whole(elapsed_ns(started), load_ns))
 
-    spec = upstream.Call(model=target.name, path=path, payload=payload, hints=hints)
+    spec = upstream.Call(model=target.name, path=path, payload=payload, hints=hints,
+                         fit=context.of(path, payload=payload, family="ollama"))
     return await upstream.answer(request, "openai", spec, consume)
 
 
@@ -195,7 +196,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     target = resolve(scheduler, model_field(body))
     if vision.ollama_has_images(body):
         vision.require_vision(scheduler, target.name, target.cfg)
-    keep = keep_alive(scheduler, target, body.get("keep_alive"))
+    keep = keep_alive(scheduler, target, body.get("keep_alive"), body.get("options"))
     if not body.get("messages"):
         return await _probe(request, target, keep, "chat")
     payload = ollama_request.chat_body(body, target.name)
@@ -216,7 +217,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     target = resolve(scheduler, model_field(body))
     if vision.ollama_has_images(body):
         vision.require_vision(scheduler, target.name, target.cfg)
-    keep = keep_alive(scheduler, target, body.get("keep_alive"))
+    keep = keep_alive(scheduler, target, body.get("keep_alive"), body.get("options"))
     if not (body.get("prompt") or body.get("suffix") or body.get("system")):
         return await _probe(request, target, keep, "generate")
     path, payload = ollama_request.generate_call(body, target.name)

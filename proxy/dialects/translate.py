@@ -229,9 +229,10 @@ SAMPLER_FIELDS: Mapping[str, tuple[str, type]] = {
     "mirostat_eta": ("mirostat_eta", float),
 }
 
-# Accepted and ignored. Load-time options would need a restart with other flags; a
-# shared instance cannot change per call (set ctx_size, n_gpu_layers, threads in the
-# model's config instead). The rest are legacy keys old clients still send.
+# Accepted and ignored here. num_ctx is a lease hint (num_ctx() below): a call gets an
+# instance with that much context. Other load-time options would need a restart with
+# other flags, and a shared instance cannot change per call (set n_gpu_layers, threads
+# in the model's config instead). The rest are legacy keys old clients still send.
 IGNORED_OPTIONS = frozenset({
     "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread",
     "draft_num_predict", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only",
@@ -256,6 +257,14 @@ def _number(key: str, value: object, kind: type) -> int | float:
         return float(value)
     except OverflowError:  # an integer with hundreds of digits
         raise BadRequest(f"option {key!r} is out of range") from None
+
+
+def num_ctx(options: object) -> int:
+    """The context an Ollama call asks for (``options.num_ctx``); 0: none."""
+    value = options.get("num_ctx") if isinstance(options, dict) else None
+    if value is None:
+        return 0
+    return max(0, int(_number("num_ctx", value, int)))
 
 
 def sampler_params(options: object) -> dict[str, Any]:

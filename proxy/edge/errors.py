@@ -20,6 +20,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy.edge import reqlog
 from scheduler.errors import (
+    ContextTooLong,
     CorralError,
     Overloaded,
     RateLimited,
@@ -56,7 +57,30 @@ def anthropic_status(err: CorralError) -> int:
 
 def anthropic_body(err: CorralError) -> dict[str, object]:
     kind = _ANTHROPIC_TYPES.get(anthropic_status(err), "api_error")
-    return {"type": "error", "error": {"type": kind, "message": public_message(err)}}
+    return {"type": "error", "error": {"type": kind, "message": message(err, "anthropic")}}
+
+
+def message(err: CorralError, dialect: Dialect) -> str:
+    """The error's message as the dialect words it: a prompt too long for any context
+    reads as each family's own error does, which clients recognise (Claude Code compacts
+    the conversation on Anthropic's, OpenAI clients look for context_length_exceeded)."""
+    if not isinstance(err, ContextTooLong):
+        return public_message(err)
+    n, most, out = err.tokens, err.maximum, err.output
+    if dialect == "anthropic":
+        return f"prompt is too long: {n} tokens > {most} maximum"
+    if dialect == "ollama":
+        return f"the input length exceeds the context length ({n} tokens > {most} maximum)"
+    if dialect == "lmstudio":
+        return (f"The number of tokens to keep from the initial prompt is greater than the "
+                f"context length (n_keep: {n}>= n_ctx: {most}). Try to load the model with a "
+                "larger context length, or provide a shorter input.")
+    if out:
+        return (f"This model's maximum context length is {most} tokens. However, you "
+                f"requested {n + out} tokens ({n} in the messages, {out} in the "
+                "completion). Please reduce the length of the messages or completion.")
+    return (f"This model's maximum context length is {most} tokens. However, your messages "
+            f"resulted in {n} tokens. Please reduce the length of the messages.")
 
 
 def stream_error_event(err: CorralError, family: Family) -> bytes:
@@ -64,7 +88,7 @@ def stream_error_event(err: CorralError, family: Family) -> bytes:
     if family == "anthropic":
         return b"event: error\ndata: " + json.dumps(anthropic_body(err)).encode() + b"\n\n"
     if family == "responses":
-        body = {"type": "error", "code": err.code, "message": public_message(err),
+        body = {"type": "error", "code": err.code, "message": message(err, "openai"),
                 "param": None}
         return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
     return b"data: " + json.dumps(openai_body(err)).encode() + b"\n\n"
@@ -95,13 +119,14 @@ def public_message(err: CorralError) -> str:
     return err.message
 
 
-def openai_body(err: CorralError, src: Source = "corral") -> dict[str, object]:
+def openai_body(err: CorralError, wording: Dialect = "openai",
+                src: Source = "corral") -> dict[str, object]:
     return {
         "error": {
-            "message": public_message(err),
+            "message": message(err, wording),
             "type": err.type,
             "code": err.code,
-            "param": None,
+            "param": "messages" if isinstance(err, ContextTooLong) else None,
             "src": src,
         }
     }
@@ -112,21 +137,23 @@ def openai_body(err: CorralError, src: Source = "corral") -> dict[str, object]:
 UPSTREAM_CODE = "upstream_error"
 
 
-def render(err: CorralError, dialect: Dialect) -> web.Response:
+def render(err: CorralError, dialect: Dialect, port: Dialect | None = None) -> web.Response:
     """``err`` in ``dialect``'s envelope; an upstream's own error says so in ``src``
-    and carries no ``X-Corral-Error``."""
+    and carries no ``X-Corral-Error``. ``port``: the dialect of the port the call came
+    in on, when the route's family sets the envelope (LM Studio's /v1 answers in
+    OpenAI's, with LM Studio's words)."""
     src: Source = "upstream" if err.code == UPSTREAM_CODE else "corral"
     headers = {"X-Corral-Error": err.code} if src == "corral" else {}
     if isinstance(err, Overloaded | RateLimited):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     status = err.status
     if dialect == "ollama":
-        body: dict[str, object] = {"error": public_message(err)}
+        body: dict[str, object] = {"error": message(err, "ollama")}
     elif dialect == "anthropic":
         body = anthropic_body(err)
         status = anthropic_status(err)
     else:
-        body = openai_body(err, src)
+        body = openai_body(err, "lmstudio" if "lmstudio" in (dialect, port) else "openai", src)
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),
@@ -150,7 +177,7 @@ def error_middleware(dialect: Dialect) -> Middleware:
         except CorralError as e:
             if e.status >= 500:
                 log.warning("%s %s: %s", request.method, request.path, e.message.splitlines()[0])
-            return render(e, request.get(ROUTE_DIALECT, dialect))
+            return render(e, request.get(ROUTE_DIALECT, dialect), dialect)
         except web.HTTPException as e:
             if e.status < 400 or dialect == "ollama":
                 raise

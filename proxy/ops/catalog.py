@@ -54,6 +54,9 @@ async def catalog(request: web.Request) -> web.Response:
             "architecture": f.architecture or None,
             "context_length": f.context_length,
             "ctx_size": cfg.ctx_size,
+            # Planned by the scheduler once the model's file was read (docs/scheduling.md).
+            "context": st.get("context"),
+            "max_context": st.get("max_context"),
             "parallel": cfg.parallel,
             "capabilities": capabilities(cfg, f),
             "state": st.get("state"),

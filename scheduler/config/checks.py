@@ -11,6 +11,8 @@ from pathlib import Path
 from scheduler.config.models import chat_template_file, shipped_templates
 from scheduler.config.root import CorralConfig
 from scheduler.engines.runtime import engine_problems
+from scheduler.scheduling import contexts
+from scheduler.scheduling.contexts import Contexts
 
 
 def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
@@ -36,10 +38,8 @@ def check_problems(path: Path, cfg: CorralConfig) -> list[str]:
     return problems
 
 
-def memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
-    """Models whose RAM or VRAM need can never fit its budget, whatever is evicted."""
+def _budgets(cfg: CorralConfig) -> tuple[int | None, int | None]:
     from scheduler.models.resources import probe_system
-    from scheduler.models.sources import materialised_file, model_placement
 
     sc = cfg.scheduler
     info = probe_system()
@@ -51,6 +51,30 @@ def memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
         if sc.vram_budget == "auto"
         else sc.vram_budget
     )
+    return ram, vram
+
+
+def planned_contexts(cfg: CorralConfig) -> dict[str, Contexts]:
+    """Blocking: the context each local model whose file is on disk would get, as the
+    scheduler plans it at start (``corral models``)."""
+    from scheduler.models.sources import materialised_file, model_size
+
+    ram, vram = _budgets(cfg)
+    sizers = []
+    for m in cfg.models:
+        size = model_size(m, materialised_file(m)) if m.local else None
+        if size is not None or (m.local and m.footprint):
+            resident = max(m.replicas.min, 0 if m.evictable else 1)
+            sizers.append(contexts.sizer(m, size, vram is not None, cfg.scheduler.max_ctx,
+                                         resident))
+    return contexts.plan(sizers, ram, vram)
+
+
+def memory_problems(path: Path, cfg: CorralConfig) -> list[str]:
+    """Models whose RAM or VRAM need can never fit its budget, whatever is evicted."""
+    from scheduler.models.sources import materialised_file, model_placement
+
+    ram, vram = _budgets(cfg)
     out = []
     pinned: dict[str, tuple[int, int]] = {}
     for m in cfg.models:

@@ -21,6 +21,20 @@ Capability = Literal[
 ]
 
 
+# ctx_size = "auto" never shrinks a context below this (or the model's own, when smaller)
+# to fit memory; it is also the context assumed for a model whose header says nothing.
+AUTO_CTX_FLOOR = 4096
+
+
+def check_ctx(value: object) -> object:
+    """A ctx_size: one message instead of one per branch of its union type."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and value >= 0):
+        return value
+    raise ValueError(f"must be \"auto\" or a number of tokens (0 = the model's own), "
+                     f"not {value!r}")
+
+
 class Replicas(_Strict):
     min: int = Field(0, ge=0, description="instances kept loaded even when idle")
     max: int = Field(1, ge=1, description="instances launched at most under load")
@@ -172,7 +186,11 @@ class ModelConfig(_Strict):
     )
     hf_file: str | None = Field(None, description="the GGUF file in hf_repo")
     hf_revision: str | None = Field(None, description="branch, tag or commit of hf_repo")
-    ctx_size: int = Field(4096, ge=0, description="context per slot; 0 = the model's own")
+    ctx_size: int | Literal["auto"] = Field(
+        "auto", description="context per slot: 'auto' = the model's training context, "
+        "capped by scheduler.max_ctx and by what fits in memory (docs/scheduling.md); N "
+        "tokens; 0 = the model's own"
+    )
     parallel: int = Field(1, ge=1, le=256, description="slots (llama-server --parallel)")
     n_gpu_layers: int | None = None
     threads: int | None = Field(None, ge=1)
@@ -247,6 +265,11 @@ class ModelConfig(_Strict):
         "sent upstream); default: the model's name"
     )
 
+    @field_validator("ctx_size", mode="before")
+    @classmethod
+    def _ctx(cls, value: object) -> object:
+        return check_ctx(value)
+
     @field_validator("footprint", mode="before")
     @classmethod
     def _footprint_size(cls, value: object) -> object:
@@ -294,6 +317,12 @@ class ModelConfig(_Strict):
         """Whether Corral launches this model itself (it has a file or a runtime)."""
         return (self.path is not None or self.package is not None or self.hf_repo is not None
                 or self.runtime is not None)
+
+    @property
+    def fixed_ctx(self) -> int | None:
+        """The context per slot the config sets (``ctx_size = N``); None for "auto" and
+        for 0 (the model's own), which only its GGUF header tells."""
+        return self.ctx_size if isinstance(self.ctx_size, int) and self.ctx_size > 0 else None
 
     @property
     def has_file(self) -> bool:

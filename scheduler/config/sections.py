@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from scheduler.config.base import _NAME_RE, _Strict, parse_size
-from scheduler.config.models import check_args
+from scheduler.config.models import check_args, check_ctx
 
 
 class ServerConfig(_Strict):
@@ -97,6 +97,10 @@ class SchedulerConfig(_Strict):
     stop_timeout: float = Field(5.0, ge=0, description="SIGTERM → SIGKILL grace")
     health_interval: float = Field(0.02, gt=0, description="readiness poll interval, seconds")
     log_lines: int = Field(500, ge=10, description="lines kept per instance log")
+    max_ctx: int = Field(
+        32768, ge=256, description="the most context per slot that ctx_size = 'auto' gives "
+        "a model (its training context and the memory budget cap it further)"
+    )
     memory_budget: int | Literal["auto"] | None = Field(
         "auto",
         description="bytes model footprints may use: 'auto' = RAM (or cgroup limit) minus "
@@ -259,7 +263,7 @@ class ScanDir(_Strict):
     """A ``[[scan]]`` table: a directory to discover models in, and what its models get."""
 
     path: Path
-    ctx_size: int | None = Field(None, ge=0)
+    ctx_size: int | Literal["auto"] | None = None
     parallel: int | None = Field(None, ge=1, le=256)
     ttl: float | None = None
     n_gpu_layers: int | None = None
@@ -271,6 +275,11 @@ class ScanDir(_Strict):
     def _no_reserved(cls, args: tuple[str, ...]) -> tuple[str, ...]:
         check_args(args)
         return args
+
+    @field_validator("ctx_size", mode="before")
+    @classmethod
+    def _ctx(cls, value: object) -> object:
+        return None if value is None else check_ctx(value)
 
     def defaults(self) -> dict[str, object]:
         """The ModelConfig keys this table sets for each model found under it."""

@@ -49,7 +49,7 @@ _SCHEDULER_WRITABLE = (
     "max_instances", "max_load", "queue_size", "queue_timeout", "load_timeout",
     "default_ttl", "drain_timeout", "stop_timeout", "health_interval", "log_lines",
     "memory_budget", "memory_headroom", "vram_budget", "vram_headroom",
-    "remote_check_interval", "ready_check_interval", "scan_interval",
+    "remote_check_interval", "ready_check_interval", "scan_interval", "max_ctx",
 )
 # Corral's own typed knobs: each becomes a fixed flag or a scheduling decision.
 _MODEL_WRITABLE = (

@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from scheduler.config.models import AUTO_CTX_FLOOR
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines.remote import shown_url
 from scheduler.engines.settings import PLACEHOLDER_RE
@@ -42,7 +43,8 @@ def variables(model: ModelConfig, port: int, model_file: Path | None) -> dict[st
         "MODEL_PATH": str(model_file) if model_file is not None else "",
         "MODEL": model.upstream_model or model.name,
         "SLOTS": str(model.parallel),
-        "CTX_SIZE": str(model.ctx_size),
+        # A number by now: the scheduler launches with the context it planned.
+        "CTX_SIZE": str(model.ctx_size if isinstance(model.ctx_size, int) else AUTO_CTX_FLOOR),
         "GPU_LAYERS": str(model.n_gpu_layers) if model.n_gpu_layers is not None else ALL_LAYERS,
     }
 

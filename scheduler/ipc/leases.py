@@ -211,7 +211,9 @@ class Owner:
             cid = int(frame["id"])
             hints = LeaseHints(chain=chain_of_frame(frame.get("chain")),
                                keep_alive=frame.get("keep_alive"),
-                               avoid=frozenset(map(str, frame.get("avoid") or ())))
+                               avoid=frozenset(map(str, frame.get("avoid") or ())),
+                               need_ctx=int(frame.get("need_ctx") or 0),
+                               want_ctx=int(frame.get("want_ctx") or 0))
             model = str(frame["model"])
             now = self._scheduler.lease_now(model, hints)
             if now is not None:
@@ -424,7 +426,8 @@ class WorkerScheduler(Scheduler):
             up: Upstream = await self._ask(cid, {
                 "op": "lease", "id": cid, "model": name, "chain": hints.chain,
                 "keep_alive": hints.keep_alive, "key": key.name if key is not None else None,
-                "avoid": sorted(hints.avoid)})
+                "avoid": sorted(hints.avoid), "need_ctx": hints.need_ctx,
+                "want_ctx": hints.want_ctx})
             try:
                 yield up
             except BaseException:

@@ -4,9 +4,11 @@ Frames are single-line JSON objects (msgspec never writes a raw newline)::
 
     worker -> owner                             owner -> worker
     {"op": "lease", "id", "model",              {"op": "config", "pickle"}   at start and
-     "chain", "keep_alive", "key", "avoid"}                                  on every change
+     "chain", "keep_alive", "key", "avoid",                                  on every change
+     "need_ctx", "want_ctx"}
     {"op": "release", "id", "early"?}           {"op": "leased", "id", "up": [base_url,
-    {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress, slot]}
+    {"op": "suspect", "iid", "reason"}            instance_id, model, waited, apis, egress,
+                                                  slot, ctx]}
     {"op": "failed", "iid", "reason", "connect"} {"op": "error", "id", "kind", "message",
     {"op": "unload", "id", "model"}                          "attrs"}
     {"op": "ensure", "id", "model"} (auto_pull)
@@ -78,7 +80,7 @@ def upstream_frame(up: Upstream) -> list[Any]:
         egress = {"headers": dict(e.headers), "rename": e.rename, "api_base": e.api_base,
                   "ssl": tls, "first_byte_timeout": e.first_byte_timeout}
     apis = sorted(up.apis) if up.apis is not None else None
-    return [up.base_url, up.instance_id, up.model, up.waited, apis, egress, up.slot]
+    return [up.base_url, up.instance_id, up.model, up.waited, apis, egress, up.slot, up.ctx]
 
 
 @functools.lru_cache(maxsize=32)
@@ -87,7 +89,7 @@ def _tls(cadata: str) -> ssl.SSLContext:
 
 
 def upstream_of(data: list[Any]) -> Upstream:
-    base_url, iid, model, waited, apis, egress, slot = data
+    base_url, iid, model, waited, apis, egress, slot, ctx = data
     out = PLAIN
     if egress is not None:
         tls = egress["ssl"]
@@ -96,7 +98,7 @@ def upstream_of(data: list[Any]) -> Upstream:
                      ssl=_tls(tls["cadata"]) if isinstance(tls, dict) else bool(tls),
                      first_byte_timeout=egress["first_byte_timeout"])
     return Upstream(base_url, iid, model, float(waited),
-                    frozenset(apis) if apis is not None else None, out, slot)
+                    frozenset(apis) if apis is not None else None, out, slot, int(ctx))
 
 
 def error_frame(call_id: int, e: CorralError) -> dict[str, Any]:

@@ -462,29 +462,56 @@ COMPUTE_ALLOWANCE_FIXED = 64 * MiB
 COMPUTE_ALLOWANCE_FRACTION = 0.05
 
 
-def kv_cache_bytes(info: GgufInfo, ctx_total: int, kv_bytes_per_elem: int = 2) -> int:
-    """K and V for ``ctx_total`` tokens over all layers (f16 by default).
+def kv_bytes_per_token(info: GgufInfo, kv_bytes_per_elem: int = 2) -> int:
+    """K and V of one token over all layers (f16 by default); 0 without attention
+    metadata (e.g. recurrent models): nothing we can size.
 
-    ``ctx_total`` is llama-server's ``--ctx-size``, which its ``--parallel`` slots share.
     Sliding-window layers are counted at full context: an overestimate for models like
-    Gemma 3, and a safe one.
+    Gemma 3, and a safe one (the slot cache launches them with --swa-full anyway).
     """
     if not (info.block_count and info.head_count_kv):
-        return 0  # no attention metadata (e.g. recurrent models): nothing we can size
+        return 0
     fallback_dim = (
         info.embedding_length // info.head_count if info.embedding_length and info.head_count else 0
     )
     key_dim = info.key_length or fallback_dim
     value_dim = info.value_length or key_dim
-    per_token = info.block_count * info.head_count_kv * (key_dim + value_dim)
-    return per_token * ctx_total * kv_bytes_per_elem
+    return info.block_count * info.head_count_kv * (key_dim + value_dim) * kv_bytes_per_elem
+
+
+def kv_cache_bytes(info: GgufInfo, ctx_total: int, kv_bytes_per_elem: int = 2) -> int:
+    """K and V for ``ctx_total`` tokens over all layers. ``ctx_total`` is llama-server's
+    ``--ctx-size``, which its ``--parallel`` slots share."""
+    return kv_bytes_per_token(info, kv_bytes_per_elem) * ctx_total
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSize:
+    """What a model's memory need depends on, read once from its GGUF header: the need
+    itself is a function of the context an instance is launched with (``bytes``)."""
+
+    file_size: int
+    kv_per_token: int  # bytes of KV cache per token of total context (all slots)
+    training_ctx: int | None
+    layers: int
+    extra: int = 0  # projector and adapters, mapped whole beside the weights
+
+    @classmethod
+    def of(cls, info: GgufInfo) -> ModelSize:
+        return cls(info.file_size, kv_bytes_per_token(info), info.context_length,
+                   info.block_count or 0)
+
+    def bytes(self, ctx_total: int) -> int:
+        """Bytes a llama-server holding the model with ``ctx_total`` context needs: file
+        + KV cache + compute allowance (``COMPUTE_ALLOWANCE_FIXED`` +
+        ``COMPUTE_ALLOWANCE_FRACTION`` of the two) + extras."""
+        base = self.file_size + self.kv_per_token * ctx_total
+        return base + COMPUTE_ALLOWANCE_FIXED + int(base * COMPUTE_ALLOWANCE_FRACTION) + self.extra
 
 
 def estimate_footprint(info: GgufInfo, ctx_total: int, kv_bytes_per_elem: int = 2) -> int:
-    """Bytes a llama-server holding this model with ``ctx_total`` context will need.
-
-    File size (weights are mapped whole) + KV cache + compute allowance of
-    ``COMPUTE_ALLOWANCE_FIXED`` + ``COMPUTE_ALLOWANCE_FRACTION`` of the two.
-    """
-    base = info.file_size + kv_cache_bytes(info, ctx_total, kv_bytes_per_elem)
-    return base + COMPUTE_ALLOWANCE_FIXED + int(base * COMPUTE_ALLOWANCE_FRACTION)
+    """Bytes a llama-server holding this model with ``ctx_total`` context will need
+    (``ModelSize.bytes``)."""
+    size = ModelSize(info.file_size, kv_bytes_per_token(info, kv_bytes_per_elem),
+                     info.context_length, info.block_count or 0)
+    return size.bytes(ctx_total)

@@ -10,16 +10,21 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import importlib.machinery
 import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from scheduler.config.models import AUTO_CTX_FLOOR as FLOOR
 from scheduler.config.root import ModelConfig
 from scheduler.errors import LoadFailed
+
+if TYPE_CHECKING:
+    from scheduler.models.resources import ModelSize
 
 log = logging.getLogger(__name__)
 
@@ -260,22 +265,46 @@ def model_footprint(model: ModelConfig, path: Path | None = None) -> int:
 
 
 def _sized(model: ModelConfig, path: Path | None) -> tuple[int, int]:
-    """(footprint bytes, layers) from the GGUF header; (0, 0) when unreadable."""
-    from scheduler.models.resources import estimate_footprint, read_gguf_info
+    """(footprint bytes, layers) from the GGUF header at the least context the model
+    may be launched with; (0, 0) when unreadable."""
+    size = model_size(model, path)
+    if size is None:
+        return 0, 0
+    training = size.training_ctx or FLOOR
+    ctx = model.fixed_ctx or (training if model.ctx_size == 0 else min(training, FLOOR))
+    return size.bytes(ctx * model.parallel), size.layers
+
+
+def model_size(model: ModelConfig, path: Path | None = None) -> ModelSize | None:
+    """Blocking: what the model's memory need depends on, from its GGUF header; None
+    when there is no file yet or it cannot be read as GGUF (logged)."""
+    from scheduler.models.resources import ModelSize, read_gguf_info
 
     path = path or model.path
     if path is None or not path.is_file():
-        return 0, 0
+        return None
     try:
         info = read_gguf_info(path, brief=True)
         if info.block_count is None:  # architecture keys after the vocabulary: read all
             info = read_gguf_info(path)
     except Exception as e:  # a foreign or truncated file: any parser error
         log.warning("model '%s': cannot size %s (%s); footprint unknown", model.name, path, e)
+        return None
+    return dataclasses.replace(ModelSize.of(info), extra=_extras_size(model))
+
+
+def placement_at(model: ModelConfig, size: ModelSize | None, gpu: bool, ctx: int
+                 ) -> tuple[int, int]:
+    """Pure: (RAM, VRAM) one instance launched with ``ctx`` tokens per slot needs. A
+    configured ``footprint`` is the whole need at any context; without it or a
+    readable header, (0, 0): unknown."""
+    if model.footprint:
+        total, layers = model.footprint, 0
+    elif size is None:
         return 0, 0
-    ctx = model.ctx_size or (info.context_length or 4096)
-    return (estimate_footprint(info, ctx * model.parallel) + _extras_size(model),
-            info.block_count or 0)
+    else:
+        total, layers = size.bytes(ctx * model.parallel), size.layers
+    return split_footprint(total, model.n_gpu_layers, layers) if gpu else (total, 0)
 
 
 # Host memory a fully offloaded instance still holds (its process, host-side

@@ -125,12 +125,16 @@ class Instance:
         vram: int = 0,
         log_lines: int = 500,
         clock: Callable[[], float] = time.monotonic,
+        ctx: int = 0,
     ) -> None:
         self.id = instance_id
         self.model = model
         self.slots = slots
         self.footprint = footprint
         self.vram = vram
+        # Tokens of context per slot it is launched with; 0 until known (the scheduler
+        # sets it before the launch, once the model's file has been sized).
+        self.ctx = ctx
         # Known once start() has prepared the launch (port, argv).
         self.spec: LaunchSpec | None = None
         self.base_url = ""
@@ -451,6 +455,7 @@ class Instance:
             "port": self.spec.port if self.spec else None,
             "base_url": self.base_url,
             "slots": self.slots,
+            "ctx_size": self.ctx,
             "in_flight": self.in_flight,
             "load": self.load,
             "footprint_bytes": self.footprint,

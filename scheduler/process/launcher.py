@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
-from scheduler.config.models import chat_template_file
+from scheduler.config.models import AUTO_CTX_FLOOR, chat_template_file
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.process.instance import LaunchSpec
 
@@ -28,10 +28,19 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
+def ctx_per_slot(model: ModelConfig) -> int:
+    """The context per slot a model's config names; "auto" before the scheduler has
+    planned it (scheduler/scheduling/contexts.py) is the floor it never goes below."""
+    return model.ctx_size if isinstance(model.ctx_size, int) else AUTO_CTX_FLOOR
+
+
 def build_argv(
-    binary: Path, model: ModelConfig, model_file: Path, port: int, common_args: tuple[str, ...]
+    binary: Path, model: ModelConfig, model_file: Path, port: int,
+    common_args: tuple[str, ...], ctx: int | None = None,
 ) -> list[str]:
-    # -c is the total context across slots; ctx_size is per slot, as Ollama's num_ctx.
+    """``ctx``: tokens per slot this instance gets (default: the config's)."""
+    ctx = ctx_per_slot(model) if ctx is None else ctx
+    # -c is the total context across slots; ctx is per slot, as Ollama's num_ctx.
     argv = [
         str(binary),
         "-m", str(model_file),
@@ -40,7 +49,7 @@ def build_argv(
         "--parallel", str(model.parallel),
         # Otherwise llama-server names the model by its file path in every answer.
         "--alias", model.name,
-        "-c", str(model.ctx_size * model.parallel),
+        "-c", str(ctx * model.parallel),
         "--no-webui",
         "--metrics",
     ]
@@ -95,12 +104,13 @@ def build_spec(
     binary: Path,
     model_file: Path,
     port: int | None = None,
+    ctx: int | None = None,
 ) -> LaunchSpec:
     port = free_port() if port is None else port
     env = {**child_environ(os.environ), **cfg.llama_server.env, **model.env}
     return LaunchSpec(
         model=model.name,
-        argv=build_argv(binary, model, model_file, port, cfg.llama_server.args),
+        argv=build_argv(binary, model, model_file, port, cfg.llama_server.args, ctx),
         env=env,
         host=LOOPBACK,
         port=port,

@@ -23,13 +23,13 @@ import aiohttp
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines.providers import Providers
 from scheduler.engines.remote import Remote
-from scheduler.errors import CorralError, UnknownModel
+from scheduler.errors import ContextTooLong, CorralError, UnknownModel
 from scheduler.keys import tenants
-from scheduler.models.sources import ModelFiles
+from scheduler.models.sources import ModelFiles, placement_at
 from scheduler.process.health import HealthWatch
 from scheduler.process.instance import Instance
 from scheduler.process.slotcache import SlotCache
-from scheduler.scheduling import policy, prefixes
+from scheduler.scheduling import contexts, policy, prefixes
 from scheduler.scheduling.state import (
     BinaryFinder,
     Events,
@@ -131,9 +131,12 @@ class Core:
     def _choose(self, m: ModelState, hints: LeaseHints) -> Servable | None:
         """The upstream of ``m`` to take a call now (policy.pick_instance, or a cluster
         front's node choice), by the prefixes of the call each holds, leaving out those
-        the call already failed on while another is ready or starting."""
-        return self.pick(policy.avoiding(m.servables(), hints.avoid),
-                         prefixes.matches(m.prefixes, hints.chain),
+        the call already failed on while another is ready or starting, and those whose
+        context is too small for it."""
+        servables = policy.avoiding(m.servables(), hints.avoid)
+        if hints.need_ctx or hints.want_ctx:
+            servables = contexts.fitting(servables, self._need(m, hints))
+        return self.pick(servables, prefixes.matches(m.prefixes, hints.chain),
                          self._cfg.scheduler.max_load)
 
     def instances(self) -> list[Instance]:
@@ -155,13 +158,34 @@ class Core:
         return [n for n, m in self._names.items()
                 if key.may_use((m.cfg.name, *m.cfg.aliases))]
 
+    # -- context (scheduler/scheduling/contexts.py) --------------------------------
+
+    def _need(self, m: ModelState, hints: LeaseHints) -> int:
+        """Tokens per slot a call must get; 0: any instance will do."""
+        if not (hints.need_ctx or hints.want_ctx):
+            return 0
+        return contexts.requirement(hints.need_ctx, hints.want_ctx, m.ctx)
+
+    def _too_long(self, m: ModelState, need: int) -> ContextTooLong | None:
+        """The error for a need no instance of ``m`` can meet (None: it can be met, or
+        the model's contexts are not known yet)."""
+        if m.ctx is None or need <= m.ctx.maximum:
+            return None
+        return ContextTooLong(m.cfg.name, need, m.ctx.maximum)
+
+    def _placement(self, m: ModelState, ctx: int) -> tuple[int, int]:
+        """(RAM, VRAM) an instance of ``m`` launched with ``ctx`` tokens per slot needs."""
+        if ctx <= 0 or not m.sized:
+            return m.footprint, m.vram
+        return placement_at(m.cfg, m.size, self.vram_budget is not None, ctx)
+
     # What the parts call on each other (the type checker's view; Scheduler has them).
     if TYPE_CHECKING:
         def _kick(self) -> None: ...
 
         def _snapshot(self) -> policy.Snapshot: ...
 
-        def _launch(self, m: ModelState) -> Instance: ...
+        def _launch(self, m: ModelState, ctx: int = 0) -> Instance: ...
 
         def _retire(self, inst: Instance, reason: str, *, drain: bool = True) -> None: ...
 
@@ -169,7 +193,8 @@ class Core:
 
         def _unhealthy(self, inst: Instance, reason: str) -> None: ...
 
-        async def _size(self, m: ModelState, path: Path | None = None) -> None: ...
+        async def _size(self, m: ModelState, path: Path | None = None,
+                        plan: bool = True) -> None: ...
 
         async def set_dynamic_models(
             self, source: str, models: Iterable[ModelConfig]

@@ -11,8 +11,8 @@ from scheduler.engines import hooks
 from scheduler.errors import (
     LoadFailed,
 )
-from scheduler.process.instance import State
-from scheduler.scheduling import policy
+from scheduler.process.instance import ALIVE, State
+from scheduler.scheduling import contexts, policy
 from scheduler.scheduling.core import Core, log
 from scheduler.scheduling.prefixes import MIN_MATCH
 from scheduler.scheduling.state import ModelState, Servable, Waiter, oldest_wait
@@ -50,6 +50,12 @@ class Dispatch(Core):
                 if w.fut.done():
                     m.queue.popleft()
                     continue
+                need = self._need(m, w.hints)
+                # Its model's file was read while it waited: it may fit nothing.
+                if (err := self._too_long(m, need)) is not None:
+                    m.queue.popleft()
+                    w.fut.set_exception(err)
+                    continue
                 inst = self._choose(m, w.hints)
                 if inst is None or not inst.try_acquire():
                     break
@@ -74,8 +80,12 @@ class Dispatch(Core):
         if index is None or head.passed >= LOOKAHEAD:
             return head
         best, best_n = head, index.match(head.hints.chain)
+        room = contexts.context_of(inst)
         for w in m.queue.head_run(LOOKAHEAD):
             if w is head or w.fut.done():
+                continue
+            # The slot was chosen for the head's context; another call must fit it too.
+            if room and self._need(m, w.hints) > room:
                 continue
             n = index.match(w.hints.chain)
             if n >= MIN_MATCH and n > best_n:
@@ -115,7 +125,8 @@ class Dispatch(Core):
             if m.remotes and all(r.state is State.FAILED for r in m.remotes):
                 self._fail_waiters(m, hooks.remotes_down(m.cfg.name, m.remotes))
             return
-        if any(i.state is State.STARTING for i in m.instances):
+        need = self._need(m, m.queue[0].hints) if m.queue else 0
+        if any(i.state is State.STARTING and contexts.fitting([i], need) for i in m.instances):
             return  # join the launch in progress
         reserved = self._reserved_for
         if reserved is not None and reserved != m.cfg.name:
@@ -132,7 +143,10 @@ class Dispatch(Core):
                 loop = asyncio.get_running_loop()
                 m.retry_handle = loop.call_later(m.retry_at - now, self._retry, m)
             return
-        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint, m.vram)
+        size = contexts.launch_size(need, m.ctx) if need and m.ctx else 0
+        if size and self._resize(m, need):
+            return
+        decision = policy.plan_launch(self._snapshot(), m.cfg.name, *self._placement(m, size))
         if isinstance(decision, policy.Wait):
             if decision.never:
                 self._fail_waiters(m, LoadFailed(m.cfg.name, decision.reason))
@@ -148,7 +162,25 @@ class Dispatch(Core):
             return  # launch once they have stopped; their stop kicks us again
         if self._reserved_for == m.cfg.name:
             self._reserved_for = None
-        self._launch(m)
+        self._launch(m, size)
+
+    def _resize(self, m: ModelState, need: int) -> bool:
+        """A call needs more context than every instance of ``m`` has, and the model
+        has its maximum of replicas: an idle one makes way (it is retired and the larger
+        one launched once it has stopped), or the call waits for one to be idle. Never
+        a reload under running calls. True: nothing to launch now."""
+        alive = [i for i in m.instances if i.state in ALIVE]
+        if len(alive) < m.cfg.replicas.max or contexts.fitting(alive, need):
+            return False
+        if any(i.state in (State.DRAINING, State.STOPPING) for i in alive):
+            return True  # one is already making way
+        idle = [i for i in alive if i.state is State.READY and i.in_flight == 0]
+        if idle:
+            victim = min(idle, key=lambda i: i.last_used)
+            log.info("retiring %s (context %d) for a call that needs %d tokens",
+                     victim.id, victim.ctx, need)
+            self._retire(victim, "evicted")
+        return True
 
     def _retry(self, m: ModelState) -> None:
         m.retry_handle = None

@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
+from scheduler.config.root import ModelConfig
 from scheduler.engines import hooks
 from scheduler.engines.remote import Remote
 from scheduler.errors import (
@@ -31,31 +32,45 @@ class Launching(Core):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _launch(self, m: ModelState) -> Instance:
+    def _launch(self, m: ModelState, ctx: int = 0) -> Instance:
+        """A new instance of ``m`` with ``ctx`` tokens per slot (0: the model's default,
+        known once its file has been read)."""
         iid = f"{m.cfg.name}#{next(self._ids)}"
+        ctx = ctx or (m.ctx.default if m.ctx else 0)
+        footprint, vram = self._placement(m, ctx)
         inst = Instance(
             iid,
             m.cfg.name,
             m.cfg.parallel,
             self._on_change,
             on_release=self._on_release,
-            footprint=m.footprint,
-            vram=m.vram,
+            footprint=footprint,
+            vram=vram,
             log_lines=self._cfg.scheduler.log_lines,
             clock=self._clock,
+            ctx=ctx,
         )
         m.instances.append(inst)
         self._spawn(self._run_launch(m, inst), f"launch {iid}")
         return inst
 
-    async def _prepare(self, m: ModelState) -> LaunchSpec:
+    def _sized_launch(self, m: ModelState, inst: Instance) -> ModelConfig:
+        """The model's config as this instance is launched: with the context planned for
+        it, known by now (a packaged model's file has just been read)."""
+        if inst.ctx == 0 and m.ctx is not None:
+            inst.ctx = m.ctx.default
+            inst.footprint, inst.vram = self._placement(m, inst.ctx)
+        return m.cfg.model_copy(update={"ctx_size": inst.ctx}) if inst.ctx else m.cfg
+
+    async def _prepare(self, m: ModelState, inst: Instance) -> LaunchSpec:
         runtime = hooks.runtime_of(self._cfg, m.cfg)
         if not runtime.llama_server:
             # Another server command: a file only if the model names one.
             model_file = await self._files.get(m.cfg) if m.cfg.has_file else None
-            if model_file is not None and not m.sized:
+            if model_file is not None and m.size is None:
                 await self._size(m, model_file)
-            return hooks.runtime_spec(self._cfg, m.cfg, runtime, model_file)
+            return hooks.runtime_spec(self._cfg, self._sized_launch(m, inst), runtime,
+                                      model_file)
         if runtime.binary is None and self._binary is None:
             configured = self._cfg.llama_server.binary
             try:
@@ -73,19 +88,19 @@ class Launching(Core):
         binary = runtime.binary or self._binary
         assert binary is not None
         model_file = await self._files.get(m.cfg)
-        if not m.sized:
+        if m.size is None:
             # A packaged or downloaded model's file exists only now: size it for the
             # next decisions.
             await self._size(m, model_file)
         # A projector named in the model's Hugging Face repo is downloaded here.
-        launch_cfg = await asyncio.to_thread(with_local_files, m.cfg)
+        launch_cfg = await asyncio.to_thread(with_local_files, self._sized_launch(m, inst))
         spec = build_spec(self._cfg, launch_cfg, binary, model_file)
         spec = hooks.llama_server_spec(spec, self._cfg, m.cfg, runtime)
         return await self.slots.launch_spec(spec, m.cfg, model_file)
 
     async def _run_launch(self, m: ModelState, inst: Instance) -> None:
         try:
-            await inst.start(self._session, lambda: self._prepare(m))
+            await inst.start(self._session, lambda: self._prepare(m, inst))
         except CorralError as e:
             err = e if isinstance(e, LoadFailed) else LoadFailed(m.cfg.name, e.message)
             if m.unavailable:

@@ -17,6 +17,7 @@ from scheduler.errors import (
 )
 from scheduler.keys import tenants
 from scheduler.process.instance import Instance, State
+from scheduler.scheduling import contexts
 from scheduler.scheduling.core import Core, log
 from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.state import (
@@ -108,7 +109,7 @@ class Leasing(Core):
             inst.ttl_override = hints.keep_alive
         return Upstream(inst.base_url, inst.id, m.cfg.name, self._clock() - start,
                         api_set(m.cfg.api) if inst.apis is None else inst.apis, inst.egress,
-                        slot)
+                        slot=slot, ctx=contexts.context_of(inst))
 
     def lease_now(self, name: str, hints: LeaseHints) -> tuple[Upstream, Servable] | None:
         """``lease()``'s fast path as a plain call, for a lease held across processes.
@@ -134,6 +135,8 @@ class Leasing(Core):
     async def _acquire(
         self, m: ModelState, hints: LeaseHints, start: float, key: tenants.Key | None = None
     ) -> Servable:
+        if (err := self._too_long(m, self._need(m, hints))) is not None:
+            raise err
         if (inst := self._take_free(m, hints)) is not None:
             return inst
         if m.unavailable and not any(r.state is State.READY for r in m.remotes):

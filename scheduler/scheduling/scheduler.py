@@ -36,8 +36,9 @@ from scheduler.errors import (
     UnknownModel,
 )
 from scheduler.keys import tenants
-from scheduler.models.sources import model_placement
+from scheduler.models.sources import model_size
 from scheduler.process.instance import ALIVE, Instance, State
+from scheduler.scheduling import contexts
 from scheduler.scheduling.core import Core, default_finder
 from scheduler.scheduling.dispatch import Dispatch
 from scheduler.scheduling.launching import Launching
@@ -168,6 +169,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                 reason = "reload" if m.cfg == mc else "config"
                 m.cfg = mc
                 m.footprint, m.vram, m.sized = mc.footprint or 0, 0, False
+                m.size, m.ctx = None, None
                 m.failures, m.retry_at, m.last_error = 0, 0.0, None
                 self._stop_all(m, reason)
         if binary_changed:
@@ -204,12 +206,33 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
             self.vram_budget = sc.vram_budget
         for m in self._models.values():
             if m.cfg.local and not m.sized and (m.cfg.footprint or m.cfg.path is not None):
-                await self._size(m)
+                await self._size(m, plan=False)
+        self._plan_contexts()
 
-    async def _size(self, m: ModelState, path: Path | None = None) -> None:
+    async def _size(self, m: ModelState, path: Path | None = None, plan: bool = True) -> None:
+        m.size = await asyncio.to_thread(model_size, m.cfg, path)
+        m.sized = m.size is not None or bool(m.cfg.footprint)
+        if plan:
+            self._plan_contexts()
+
+    def _plan_contexts(self) -> None:
+        """Each sized model's default and maximum context (contexts.plan), and its
+        footprint at the default."""
         gpu = self.vram_budget is not None
-        m.footprint, m.vram = await asyncio.to_thread(model_placement, m.cfg, gpu, path)
-        m.sized = bool(m.footprint or m.vram)
+        max_ctx = self._cfg.scheduler.max_ctx
+        sizers = [contexts.sizer(m.cfg, m.size, gpu, max_ctx, m.min_replicas)
+                  for m in self._models.values() if m.cfg.local and m.sized]
+        planned = contexts.plan(sizers, self.memory_budget, self.vram_budget)
+        for name, ctx in planned.items():
+            m = self._models[name]
+            m.ctx = ctx
+            m.footprint, m.vram = self._placement(m, ctx.default)
+
+    def contexts(self, name: str) -> contexts.Contexts | None:
+        """A model's default and maximum context per slot; None until its file has
+        been read (a packaged model's, at its first launch) or for a remote."""
+        m = self._names.get(name)
+        return None if m is None else m.ctx
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -303,6 +326,10 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                     "instances": [i.describe() for i in m.servables()],
                     "footprint_bytes": m.footprint,
                     "vram_bytes": m.vram,
+                    # The config's ctx_size, what a launch gets, the most a call can.
+                    "ctx_size": m.cfg.ctx_size,
+                    "context": m.ctx.default if m.ctx else None,
+                    "max_context": m.ctx.maximum if m.ctx else None,
                     "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max},
                     "fallbacks": list(m.cfg.fallbacks),
                     "last_error": m.last_error.detail if m.last_error else None,

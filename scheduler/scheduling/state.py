@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from scheduler.config.root import ModelConfig
 from scheduler.engines.egress import PLAIN, Egress
@@ -22,8 +22,12 @@ from scheduler.errors import (
 )
 from scheduler.keys import tenants
 from scheduler.process.instance import ALIVE, Instance
+from scheduler.scheduling.contexts import Contexts
 from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.queueing import FairQueue
+
+if TYPE_CHECKING:
+    from scheduler.models.resources import ModelSize
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote
@@ -62,6 +66,12 @@ class LeaseHints:
     # Upstreams (instance ids) this call already failed on: a resend goes elsewhere
     # while another is ready or starting (policy.avoiding).
     avoid: frozenset[str] = frozenset()
+    # Tokens per slot the call must have (its prompt, counted): only an instance with
+    # that much context serves it; more than the model can have is ContextTooLong.
+    need_ctx: int = 0
+    # Tokens per slot the caller asked for (Ollama num_ctx, LM Studio context_length),
+    # given as far as the model can (scheduler/scheduling/contexts.py).
+    want_ctx: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,8 @@ class Upstream:
     # The llama-server slot the call must run in (``id_slot``), chosen by the slot
     # cache so that it knows which conversation each slot holds; None: any.
     slot: int | None = None
+    # Tokens of context per slot of the instance; 0: unknown (a remote, a runtime).
+    ctx: int = 0
 
 
 class Waiter:
@@ -103,8 +115,8 @@ class Waiter:
 
 
 class ModelState:
-    __slots__ = ("cfg", "failures", "footprint", "instances", "last_error", "prefixes", "queue",
-                 "remotes", "retry_at", "retry_handle", "sized", "vram")
+    __slots__ = ("cfg", "ctx", "failures", "footprint", "instances", "last_error", "prefixes",
+                 "queue", "remotes", "retry_at", "retry_handle", "size", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -118,6 +130,10 @@ class ModelState:
         self.sized = False
         # Upstream id -> the prefixes it served (bounded each; dropped with it).
         self.prefixes: dict[str, PrefixIndex] = {}
+        # What the footprint depends on (GGUF header), and the contexts planned from
+        # it (contexts.plan); None until the model's file has been read.
+        self.size: ModelSize | None = None
+        self.ctx: Contexts | None = None
         self.last_error: LoadFailed | None = None
         # Consecutive failed launches; reset by a successful one or by reset().
         self.failures = 0

@@ -21,6 +21,8 @@ import aiohttp
 from aiohttp import web
 
 ReadJson = Callable[[web.Request], Awaitable[dict[str, Any] | web.Response]]
+# llama-server's refusal of a prompt longer than the slot's context (None: it fits).
+Exceeded = Callable[[web.Request, int], web.Response | None] | None
 
 
 def _words(text: str) -> list[str]:
@@ -89,7 +91,8 @@ def _last_user(messages: Any) -> tuple[str, int]:
     return last, tokens
 
 
-def messages_handler(read_json: ReadJson) -> Callable[[web.Request], Awaitable[Any]]:
+def messages_handler(read_json: ReadJson, exceeded: Exceeded = None
+                     ) -> Callable[[web.Request], Awaitable[Any]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         if isinstance(body, web.Response):
@@ -97,6 +100,8 @@ def messages_handler(read_json: ReadJson) -> Callable[[web.Request], Awaitable[A
         if not isinstance(body.get("messages"), list):
             return _error(400, "'messages' is required")
         source, prompt_tokens = _last_user(body["messages"])
+        if exceeded is not None and (refused := exceeded(request, prompt_tokens)) is not None:
+            return refused
         pieces, limited = _pieces(source, body.get("max_tokens"))
         stop = "max_tokens" if limited else "end_turn"
         model = str(body.get("model") or "fake")
@@ -257,7 +262,7 @@ _FAMILY_PATHS = {
 }
 
 
-def add_routes(app: web.Application, read_json: ReadJson) -> None:
+def add_routes(app: web.Application, read_json: ReadJson, exceeded: Exceeded = None) -> None:
     r = app.router
     refused = {p for f in os.environ.get("FAKE_REFUSE", "").split(",")
                for p in _FAMILY_PATHS.get(f.strip(), ())}
@@ -267,7 +272,7 @@ def add_routes(app: web.Application, read_json: ReadJson) -> None:
             r.add_post(path, handler)
 
     for path in ("/v1/messages",):
-        post(path, messages_handler(read_json))
+        post(path, messages_handler(read_json, exceeded))
     for path in ("/v1/messages/count_tokens", "/v1/responses/input_tokens",
                  "/v1/chat/completions/input_tokens"):
         post(path, count_tokens_handler(read_json))

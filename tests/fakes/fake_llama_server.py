@@ -399,6 +399,17 @@ def error_response(code: int, message: str, kind: str) -> web.Response:
     return json_response(error_body(code, message, kind), status=code)
 
 
+def exceeded(request: web.Request, tokens: int) -> web.Response | None:
+    """llama-server's refusal of a prompt longer than a slot's context, with its counts."""
+    n_ctx = request.app[SERVER].n_ctx_slot
+    if tokens < n_ctx:
+        return None
+    body = error_body(400, f"request ({tokens} tokens) exceeds the available context size "
+                      f"({n_ctx} tokens), try increasing it", "exceed_context_size_error")
+    body["error"] |= {"n_prompt_tokens": tokens, "n_ctx": n_ctx}
+    return json_response(body, status=400)
+
+
 def loading_response() -> web.Response:
     return error_response(503, "Loading model", "unavailable_error")
 
@@ -743,6 +754,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
             : count_tokens(text) + 4]
         if m.get("role") == "user":
             last_user = text
+    if (refused := exceeded(request, prompt_tokens)) is not None:
+        return refused
     tool_reply = tool_call_reply(body, srv.model_id)
     if tool_reply is not None:
         return tool_reply
@@ -800,6 +813,8 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         return error_response(400, "'prompt' is required", "invalid_request_error")
     srv.stats.requests += 1
     text = prompt_text(body["prompt"])
+    if (refused := exceeded(request, count_tokens(text))) is not None:
+        return refused
     gen = Generation.build(body, srv.model_id, text, count_tokens(text))
     return await generate(request, gen, "completion")
 
@@ -1125,7 +1140,7 @@ def build_app(srv: Server) -> web.Application:
         app.router.add_post(f"{prefix}/embeddings", handle_embeddings)
     app.router.add_post("/completion", handle_completions)
     app.router.add_post("/tokenize", handle_tokenize)
-    fake_families.add_routes(app, read_json)
+    fake_families.add_routes(app, read_json, exceeded)
     app.router.add_post("/apply-template", handle_apply_template)
     app.router.add_get("/fake/stats", handle_fake_stats)
     app.router.add_get("/fake/requests", handle_fake_requests)

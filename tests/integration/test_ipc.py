@@ -17,10 +17,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from scheduler.config.root import CorralConfig
-from scheduler.errors import CorralError, Overloaded, RateLimited, ShuttingDown, UnknownModel
+from scheduler.errors import (
+    ContextTooLong,
+    CorralError,
+    Overloaded,
+    RateLimited,
+    ShuttingDown,
+    UnknownModel,
+)
 from scheduler.ipc import leases as ipc
 from scheduler.ipc import wire as ipc_wire
-from scheduler.scheduling.scheduler import Scheduler
+from scheduler.scheduling.scheduler import LeaseHints, Scheduler
 from tests.conftest import wait_for
 
 
@@ -32,7 +39,7 @@ def test_resolve_workers() -> None:
 
 @pytest.mark.parametrize("error", [
     UnknownModel("x", ["a", "b"]), Overloaded("queue full", retry_after=2.5),
-    CorralError("plain")])
+    CorralError("plain"), ContextTooLong("m", 9004, 8192, 100)])
 def test_errors_cross_with_their_class_and_fields(error: CorralError) -> None:
     back = ipc_wire.error_of(ipc_wire.error_frame(7, error))
     assert type(back) is type(error)
@@ -40,6 +47,10 @@ def test_errors_cross_with_their_class_and_fields(error: CorralError) -> None:
         error.message, error.status, error.code, str(error))
     if isinstance(error, Overloaded):
         assert isinstance(back, Overloaded) and back.retry_after == 2.5
+    if isinstance(error, ContextTooLong):
+        # The worker words it in its caller's family from these.
+        assert isinstance(back, ContextTooLong)
+        assert (back.tokens, back.maximum, back.output) == (9004, 8192, 100)
 
 
 @contextlib.asynccontextmanager
@@ -97,6 +108,21 @@ async def test_a_lease_from_a_worker_is_held_and_released() -> None:
             async with worker.lease("nope"):
                 pass
         assert info.value.status == 404 and "available models: m" in info.value.message
+
+
+async def test_a_worker_s_lease_carries_the_context_it_needs() -> None:
+    async with pair() as (sched, worker, _):
+        seen: list[LeaseHints] = []
+        lease_now = sched.lease_now
+
+        def recording(name: str, hints: LeaseHints) -> Any:
+            seen.append(hints)
+            return lease_now(name, hints)
+
+        sched.lease_now = recording  # type: ignore[method-assign]
+        async with worker.lease("m", LeaseHints(need_ctx=5000, want_ctx=8192)) as up:
+            assert up.ctx == 0  # a remote: its context is its own business
+        assert [(h.need_ctx, h.want_ctx) for h in seen] == [(5000, 8192)]
 
 
 async def test_a_closed_socket_releases_every_lease() -> None:

@@ -108,7 +108,7 @@ async def test_v0_models(ports: Any) -> None:
     await c.post("/api/v1/models/load", json={"model": "m"})
     one = await (await c.get("/api/v0/models/alias")).json()
     assert one["state"] == "loaded"
-    assert one["loaded_context_length"] == 4096
+    assert one["loaded_context_length"] == 2048
 
 
 async def test_v0_chat_adds_stats_model_info_and_runtime(ports: Any) -> None:
@@ -121,7 +121,7 @@ async def test_v0_chat_adds_stats_model_info_and_runtime(ports: Any) -> None:
     assert stats["tokens_per_second"] > 0
     assert stats["time_to_first_token"] > 0 and stats["generation_time"] > 0
     assert body["model_info"] == {"arch": "llama", "quant": "Q4_K_M", "format": "gguf",
-                                  "context_length": 4096}
+                                  "context_length": 2048}
     assert body["runtime"]["supported_formats"] == ["gguf"]
     assert body["runtime"]["version"].startswith("b")
     r = await ports.lmstudio.post("/api/v0/completions",
@@ -179,7 +179,7 @@ async def test_v1_models_load_and_unload(ports: Any) -> None:
     assert sched.instances()[0].ttl_override == 60
     models = (await (await c.get("/api/v1/models")).json())["models"]
     assert models[0]["loaded_instances"] == [
-        {"id": "m", "config": {"context_length": 4096, "parallel": 1}}]
+        {"id": "m", "config": {"context_length": 2048, "parallel": 1}}]
 
     r = await c.post("/api/v1/models/unload", json={"instance_id": "m"})
     assert await r.json() == {"instance_id": "m"}

@@ -255,7 +255,8 @@ async def test_ps_lists_loaded_models(ports: Any) -> None:
     m = models[0]
     expires = datetime.fromisoformat(m["expires_at"].replace("Z", "+00:00"))
     assert 3500 < expires.timestamp() - datetime.now().timestamp() <= 3600
-    assert m["context_length"] == 4096
+    # ctx_size "auto": the GGUF's 2,048-token training context.
+    assert m["context_length"] == 2048
     assert m["details"]["family"] == "llama"
     assert isinstance(m["size_vram"], int)
 

@@ -168,7 +168,7 @@ def test_defaults(tmp_path: Path) -> None:
 def test_model_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path / "corral.toml", '[[models]]\nname = "m"\npath = "/m.gguf"\n'))
     (m,) = cfg.models
-    assert (m.ctx_size, m.parallel, m.aliases, m.ttl, m.footprint) == (4096, 1, (), None, None)
+    assert (m.ctx_size, m.parallel, m.aliases, m.ttl, m.footprint) == ("auto", 1, (), None, None)
     assert m.replicas == Replicas(min=0, max=1)
     assert cfg.ttl(m) == cfg.scheduler.default_ttl
 

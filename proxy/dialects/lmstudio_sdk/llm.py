@@ -163,7 +163,8 @@ async def _predict(ctx: Ctx, chan: Channel, name: str, body: dict[str, Any], cha
         "stats": pred.stats("userStopped" if cancelled else None),
         "modelInfo": await info_of(ctx, name),
         "loadModelConfig": {"fields": [{"key": "llm.load.contextLength",
-                                        "value": context_length(cfg, await facts_of(ctx, cfg))}]},
+                                        "value": context_length(ctx.app[SCHEDULER], cfg,
+                                                               await facts_of(ctx, cfg))}]},
         "predictionConfig": config.kv(fields),
     })
 

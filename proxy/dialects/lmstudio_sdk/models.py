@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.calls import context
 from proxy.calls.modelinfo import MODEL_INFO, ModelFacts, embedding, vision
 from proxy.dialects.lmstudio_sdk.channel import Channel, Ctx
 from proxy.dialects.lmstudio_sdk.codec import VOID, SdkError
@@ -39,11 +40,28 @@ def _publisher(facts: ModelFacts) -> str:
     return org if isinstance(org, str) and org else "corral"
 
 
-def context_length(cfg: ModelConfig, facts: ModelFacts) -> int:
-    return int(cfg.ctx_size or facts.context_length or 0)
+def context_length(scheduler: Scheduler, cfg: ModelConfig, facts: ModelFacts) -> int:
+    return context.shown(scheduler, cfg, facts.context_length)
 
 
-def model_info(name: str, cfg: ModelConfig, facts: ModelFacts) -> dict[str, Any]:
+def asked_context(p: Mapping[str, Any]) -> int:
+    """The contextLength a load's config stack asks for (``llm.load({contextLength})``);
+    0: none. The last layer that sets it wins, as in LM Studio's stacks."""
+    stack = p.get("loadConfigStack")
+    layers = stack.get("layers") if isinstance(stack, dict) else None
+    asked = 0
+    for layer in layers if isinstance(layers, list) else []:
+        cfg = layer.get("config") if isinstance(layer, dict) else None
+        fields = cfg.get("fields") if isinstance(cfg, dict) else None
+        for f in fields if isinstance(fields, list) else []:
+            if (isinstance(f, dict) and str(f.get("key", "")).endswith("load.contextLength")
+                    and isinstance(f.get("value"), int) and f["value"] > 0):
+                asked = int(f["value"])
+    return asked
+
+
+def model_info(name: str, cfg: ModelConfig, facts: ModelFacts,
+               most: int | None = None) -> dict[str, Any]:
     """A downloaded model (LlmInfo / EmbeddingModelInfo)."""
     out: dict[str, Any] = {
         "type": domain(cfg),
@@ -55,7 +73,7 @@ def model_info(name: str, cfg: ModelConfig, facts: ModelFacts) -> dict[str, Any]
         "sizeBytes": int(facts.size or 0),
         "indexedModelIdentifier": PATH_PREFIX + name,
         "deviceIdentifier": None,
-        "maxContextLength": int(facts.context_length or cfg.ctx_size or 0),
+        "maxContextLength": most if most is not None else int(facts.context_length or 0),
     }
     if facts.architecture:
         out["architecture"] = facts.architecture
@@ -73,12 +91,12 @@ def instance_info(scheduler: Scheduler, name: str, cfg: ModelConfig,
     ttls = [i.ttl_override for i in scheduler.loaded(name) if i.ttl_override is not None]
     ttl = ttls[0] if ttls else scheduler.config.ttl(cfg)
     return {
-        **model_info(name, cfg, facts),
+        **model_info(name, cfg, facts, context.most(scheduler, cfg, facts.context_length)),
         "identifier": name,
         "instanceReference": REF_PREFIX + name,
         "ttlMs": None if ttl < 0 else int(ttl * 1000),
         "lastUsedTime": None,
-        "contextLength": context_length(cfg, facts),
+        "contextLength": context_length(scheduler, cfg, facts),
     }
 
 
@@ -196,9 +214,10 @@ async def get_model_info(ctx: Ctx, value: object) -> Any:
 async def get_load_config(ctx: Ctx, value: object) -> dict[str, Any]:
     # JS getContextLength() reads the context length from here (2048 if absent).
     name = specified(ctx, param(value).get("specifier"))
-    cfg = ctx.app[SCHEDULER].resolve(name)
+    scheduler = ctx.app[SCHEDULER]
+    cfg = scheduler.resolve(name)
     return {"fields": [{"key": f"{ctx.namespace}.load.contextLength",
-                        "value": context_length(cfg, await facts_of(ctx, cfg))}]}
+                        "value": context_length(scheduler, cfg, await facts_of(ctx, cfg))}]}
 
 
 async def get_base_prediction_config(ctx: Ctx, value: object) -> dict[str, Any]:
@@ -238,10 +257,13 @@ def _progress(elapsed: float) -> float:
     return round(min(0.99, 1.0 - float(0.5 ** (elapsed / 5.0))), 4)
 
 
-async def _load(ctx: Ctx, chan: Channel, name: str, ttl: float | None, packet: str) -> bool:
-    """Lease ``name`` until an instance is ready; False if the client cancelled."""
+async def _load(ctx: Ctx, chan: Channel, name: str, ttl: float | None, packet: str,
+                want_ctx: int = 0) -> bool:
+    """Lease ``name`` until an instance (with ``want_ctx`` tokens of context, as far as
+    the model can have) is ready; False if the client cancelled."""
     async def lease() -> None:
-        async with ctx.app[SCHEDULER].lease(name, LeaseHints(keep_alive=ttl)):
+        async with ctx.app[SCHEDULER].lease(name, LeaseHints(keep_alive=ttl,
+                                                             want_ctx=want_ctx)):
             pass
 
     async with chan.heartbeat(lambda t: {"type": packet, "progress": _progress(t)}):
@@ -279,6 +301,6 @@ async def load_model(ctx: Ctx, chan: Channel, value: object) -> None:
     name = lookup(ctx, key)
     cfg = ctx.app[SCHEDULER].resolve(name)
     await chan.send({"type": "resolved", "info": model_info(name, cfg, await facts_of(ctx, cfg))})
-    if not await _load(ctx, chan, name, _ttl(p.get("ttlMs")), "progress"):
+    if not await _load(ctx, chan, name, _ttl(p.get("ttlMs")), "progress", asked_context(p)):
         raise SdkError(f"Loading '{name}' was cancelled")
     await chan.send({"type": "success", "info": await info_of(ctx, name)})

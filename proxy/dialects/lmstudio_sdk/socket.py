@@ -21,7 +21,7 @@ from aiohttp import WSMsgType, web
 from proxy.dialects.lmstudio_sdk import codec, llm, models
 from proxy.dialects.lmstudio_sdk.channel import Channel, Ctx
 from proxy.dialects.lmstudio_sdk.codec import SdkError
-from proxy.edge.errors import public_message
+from proxy.edge import errors
 from proxy.keys import SCHEDULER
 from scheduler.errors import CorralError
 from scheduler.keys import tenants
@@ -83,7 +83,8 @@ def _error(e: BaseException) -> dict[str, Any]:
     if isinstance(e, SdkError):
         return e.serialized()
     if isinstance(e, CorralError):
-        return codec.error_payload(public_message(e))
+        # A prompt too long for any context reads as LM Studio words it.
+        return codec.error_payload(errors.message(e, "lmstudio"))
     log.exception("LM Studio SDK call failed", exc_info=e)
     return codec.error_payload(f"internal error in Corral: {type(e).__name__}")
 

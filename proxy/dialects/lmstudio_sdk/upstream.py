@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.calls import context
 from proxy.calls.streaming import upstream_batches
 from proxy.calls.upstream import Call, Client, call_app
 from proxy.dialects.translate import upstream_error_body
@@ -44,7 +45,10 @@ async def stream_events(
 
     if hints is None and app[SCHEDULER].balanced(model):
         hints = LeaseHints(chain=jsonc.chain_of(payload))
-    await call_app(app, Call(model=model, path=path, payload=payload, hints=hints), consume)
+    # A prompt longer than the instance's context gets a larger one (proxy/calls/context.py).
+    fit = context.of(path, payload=payload, family="lmstudio")
+    await call_app(app, Call(model=model, path=path, payload=payload, hints=hints, fit=fit),
+                   consume)
 
 
 async def call_json(
