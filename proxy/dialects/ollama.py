@@ -324,4 +324,4 @@ def setup(app: web.Application) -> None:
     r.add_delete("/api/delete", ollama_models.delete)
     r.add_head("/api/blobs/{digest}", ollama_models.blob_head)
     r.add_post("/api/blobs/{digest}", ollama_models.blob_post)
-    openai.add_routes(app, "ollama")
+    openai.add_routes(app, "ollama", name_for=ollama_models.configured_name)
