@@ -51,7 +51,10 @@ GRAMMAR = "root ::= [a-zA-Z0-9 ,.!?]{1,80}"
 PROMPT = "Say hello."
 
 # Paths each agent calls (Corral's route, as its metrics name it) on the port it uses.
-CLAUDE_PATHS = {"/", "/v1/messages"}
+CLAUDE_PATHS = {"/v1/messages"}
+# Claude Code may probe the base URL first (HEAD /); 2.1.332 with nonessential
+# traffic off did not here, but it is no error if it does.
+CLAUDE_MAYBE = {"/"}
 CODEX_PATHS = {"/v1/responses"}
 CODEX_OLLAMA_PATHS = {"/v1/models", "/api/version", "/api/tags", "/v1/responses"}
 CODEX_LMSTUDIO_PATHS = {"/v1/models", "/v1/responses"}
@@ -141,11 +144,12 @@ def run_agent(c: CorralProc, argv: list[str], env: dict[str, str], cwd: Path) ->
     return done.stdout, during
 
 
-def check(out: str, during: Calls, dialect: str, paths: set[str]) -> None:
+def check(out: str, during: Calls, dialect: str, paths: set[str],
+          maybe: frozenset[str] | set[str] = frozenset()) -> None:
     failed = {k: n for k, n in during.items() if k[2] >= 400}
     assert not failed, f"calls that answered >= 400: {failed}"
     assert {d for d, _, _ in during} == {dialect}, during
-    assert {p for _, p, _ in during} == paths, during
+    assert paths <= {p for _, p, _ in during} <= paths | maybe, during
     # The run ends with the model's text: the grammar's characters, nothing else.
     assert TEXT.fullmatch(out.strip()), f"not the model's text: {out!r}"
 
@@ -171,12 +175,12 @@ def claude(c: CorralProc, port: int, tmp: Path) -> tuple[str, Calls]:
 
 def test_claude_code_on_the_main_port(served: CorralProc, tmp_path: Path) -> None:
     out, during = claude(served, served.port, tmp_path)
-    check(out, during, "openai", CLAUDE_PATHS)
+    check(out, during, "openai", CLAUDE_PATHS, CLAUDE_MAYBE)
 
 
 def test_claude_code_on_the_ollama_port(served: CorralProc, tmp_path: Path) -> None:
     out, during = claude(served, served.ollama_port, tmp_path)
-    check(out, during, "ollama", CLAUDE_PATHS)
+    check(out, during, "ollama", CLAUDE_PATHS, CLAUDE_MAYBE)
 
 
 # --- Codex --------------------------------------------------------------------------------
