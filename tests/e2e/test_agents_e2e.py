@@ -185,25 +185,29 @@ def test_claude_code_on_the_ollama_port(served: CorralProc, tmp_path: Path) -> N
 
 # --- Codex --------------------------------------------------------------------------------
 
-CODEX_QUIET = 'check_for_update_on_startup = false\n\n[analytics]\nenabled = false\n'
 
-
-def codex_env(tmp: Path, config: str, **extra: str) -> dict[str, str]:
+def codex_env(tmp: Path, top: str = "", tables: str = "", **extra: str) -> dict[str, str]:
+    """CODEX_HOME with a config.toml: update checks and analytics off. Top-level keys
+    come before any [table] header, or they would belong to that table (a
+    model_provider under [analytics] left Codex on OpenAI's, through the dead proxy)."""
     home = tmp / "codex-home"
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(CODEX_QUIET + config)
+    (home / "config.toml").write_text(
+        f"check_for_update_on_startup = false\n{top}\n[analytics]\nenabled = false\n\n{tables}"
+    )
     return base_env(tmp / "home") | {"CODEX_HOME": str(home)} | extra
 
 
 def test_codex_with_a_responses_provider_on_the_main_port(served: CorralProc,
                                                           tmp_path: Path) -> None:
+    top = 'model = "gemma"\nmodel_provider = "corral"\n'
     provider = (
-        'model = "gemma"\nmodel_provider = "corral"\n\n[model_providers.corral]\n'
-        f'name = "corral"\nbase_url = "{served.url}/v1"\nwire_api = "responses"\n'
-        "request_max_retries = 0\nstream_max_retries = 0\n"
+        f'[model_providers.corral]\nname = "corral"\nbase_url = "{served.url}/v1"\n'
+        'wire_api = "responses"\nrequest_max_retries = 0\nstream_max_retries = 0\n'
     )
+    env = codex_env(tmp_path, top, provider)
     argv = [str(agent("codex")), "exec", "--skip-git-repo-check", PROMPT]
-    out, during = run_agent(served, argv, codex_env(tmp_path, provider), tmp_path / "work")
+    out, during = run_agent(served, argv, env, tmp_path / "work")
     check(out, during, "openai", CODEX_PATHS)
 
 
@@ -216,7 +220,7 @@ def test_codex_oss_on_the_local_ports(served: CorralProc, tmp_path: Path, provid
     port = served.ollama_port if provider == "ollama" else served.lmstudio_port
     # Codex's built-in local providers default to ports 11434 and 1234;
     # CODEX_OSS_BASE_URL points either at Corral's port.
-    env = codex_env(tmp_path, "", CODEX_OSS_BASE_URL=f"http://127.0.0.1:{port}/v1")
+    env = codex_env(tmp_path, CODEX_OSS_BASE_URL=f"http://127.0.0.1:{port}/v1")
     model = "gemma:latest" if provider == "ollama" else "gemma"
     argv = [str(agent("codex")), "exec", "--skip-git-repo-check", "--oss",
             "--local-provider", provider, "-m", model, PROMPT]
