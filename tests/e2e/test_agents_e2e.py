@@ -81,7 +81,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, llama_server_bin: Path,
     tmp = tmp_path_factory.mktemp("agents")
     port, oport, lport = free_ports(3)
     # ctx_size: Claude Code's prompt is ~4,000 Gemma tokens, Codex's ~4,500; 4096 is short.
-    models = model_toml("gemma", gemma, ctx_size=16384, threads=2, args=["--grammar", GRAMMAR])
+    # ttl -1: the instance, and the prompt cached in its slot, outlive the idle time.
+    models = model_toml("gemma", gemma, ctx_size=16384, threads=2, ttl=-1,
+                        args=["--grammar", GRAMMAR])
     cfg = tmp / "corral.toml"
     cfg.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nollama_port = {oport}\n'
