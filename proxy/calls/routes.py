@@ -89,6 +89,8 @@ ROUTES: tuple[Route, ...] = (
 
 
 HintsFor = Callable[[Scheduler, str, jsonc.Head], LeaseHints | None]
+# The configured name a client's model name stands for on a port (Ollama's "x:latest").
+NameFor = Callable[[Scheduler, str], str]
 
 
 # Capabilities whose calls have a prompt that llama-server's prompt cache can reuse:
@@ -102,15 +104,20 @@ def default_hints(scheduler: Scheduler, model: str, head: jsonc.Head) -> LeaseHi
     return LeaseHints(chain=head.chain()) if scheduler.balanced(model) else None
 
 
-def mount(app: web.Application, port: Port, hints_for: HintsFor = default_hints) -> None:
+def same_name(scheduler: Scheduler, model: str) -> str:
+    return model
+
+
+def mount(app: web.Application, port: Port, hints_for: HintsFor = default_hints,
+          name_for: NameFor = same_name) -> None:
     for route in ROUTES:
         if port in route.ports:
-            handle = handler(route, hints_for)
+            handle = handler(route, hints_for, name_for)
             for path in route.paths:
                 app.router.add_route(route.method, path, handle)
 
 
-def handler(route: Route, hints_for: HintsFor) -> Handler:
+def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) -> Handler:
     if route.model_in == "form":
         return multipart.handler(route.family, route.capability, route.max_body, check)
     dialect = family_dialect(route.family)
@@ -127,7 +134,7 @@ def handler(route: Route, hints_for: HintsFor) -> Handler:
                 head = jsonc.head(body)
                 if route.capability not in PROMPTED or request.path in _UNRUN:
                     head = jsonc.Head(model=head.model, stream=head.stream, ttl=head.ttl)
-            model = head.model or _default_model(request, route)
+            model = name_for(scheduler, head.model or _default_model(request, route))
             await pulls.ensure(request.app, model)
             cfg = check(scheduler, model, route.capability)
             if route.capability == "chat" and vision.body_has_images(body):

@@ -88,7 +88,7 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     client.answered = True
     assert client.request is not None, "relay answers an HTTP request"
     await out.prepare(client.request)
-    if sse and first.endswith(_LAST_EVENTS):
+    if sse and _ends(first):
         reqlog.mark_ended()
     await out.write(first)
     await _pump(out, up, resp, client, sse)
@@ -136,7 +136,7 @@ async def _relay_into(
     if info is not None:
         # Time to first token is the answer's, not the loading feedback's.
         info.first_byte = time.perf_counter()
-    if first.endswith(_LAST_EVENTS):
+    if _ends(first):
         reqlog.mark_ended()
     await out.write(first)
     await _pump(out, up, resp, client, True)
@@ -149,7 +149,7 @@ async def _pump(
 ) -> None:
     try:
         async for chunk in resp.content.iter_any():
-            if sse and chunk.endswith(_LAST_EVENTS):
+            if sse and _ends(chunk):
                 reqlog.mark_ended()
             await out.write(chunk)
     except ConnectionResetError:
@@ -170,6 +170,21 @@ async def _pump(
 # How the last event of a stream passed through ends: OpenAI's chat and completions
 # (also llama-server's), Anthropic Messages. Checked on the tail of each read.
 _LAST_EVENTS = (b"data: [DONE]\n\n", b'"type":"message_stop"}\n\n')
+# How the Responses API's last event begins: it has no [DONE], and its data (the whole
+# response, llama-server's timings) ends in no fixed way. Codex hangs up on reading it.
+_RESPONSES_LAST = (b"event: response.completed\n", b"event: response.incomplete\n",
+                   b"event: response.failed\n")
+
+
+def _ends(chunk: bytes) -> bool:
+    """Whether a read ends with a stream's last event. A Responses end event split
+    over two reads is missed (the call then counts 499 if the client leaves early)."""
+    if chunk.endswith(_LAST_EVENTS):
+        return True
+    if not chunk.endswith(b"\n\n"):
+        return False
+    start = chunk.rfind(b"\n\n", 0, len(chunk) - 2)
+    return chunk.startswith(_RESPONSES_LAST, start + 2 if start >= 0 else 0)
 
 
 def stream_error(message: str) -> dict[str, Any]:

@@ -39,14 +39,13 @@ from proxy.dialects.ollama_models import (
 )
 from proxy.dialects.stream_translate import OllamaStream
 from proxy.dialects.translate import upstream_error_body
+from proxy.dialects.versions import OLLAMA_VERSION
 from proxy.edge import jsonc
 from proxy.edge.reqlog import note_model
 from proxy.keys import SCHEDULER
 from proxy.ops import pulls
 from scheduler.errors import BadRequest
 from scheduler.scheduling.scheduler import LeaseHints, Upstream
-
-VERSION = "0.12.6"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -302,8 +301,7 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    # Purely numeric: Open WebUI parses it with map(int, ...).
-    return web.json_response({"version": VERSION})
+    return web.json_response({"version": OLLAMA_VERSION})
 
 
 def setup(app: web.Application) -> None:
@@ -330,4 +328,4 @@ def setup(app: web.Application) -> None:
     r.add_delete("/api/delete", ollama_models.delete)
     r.add_head("/api/blobs/{digest}", ollama_models.blob_head)
     r.add_post("/api/blobs/{digest}", ollama_models.blob_post)
-    openai.add_routes(app, "ollama")
+    openai.add_routes(app, "ollama", name_for=ollama_models.configured_name)

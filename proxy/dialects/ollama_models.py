@@ -49,6 +49,20 @@ def resolve(scheduler: Scheduler, raw: str) -> Target:
     raise UnknownModel(raw, scheduler.names())
 
 
+def configured_name(scheduler: Scheduler, raw: str) -> str:
+    """The configured name an Ollama name stands for on the port's OpenAI-compatible
+    routes: ``/api/tags`` lists ``x:latest``, and clients send back what it listed
+    (Codex ``--oss`` checks its ``-m`` against that list, then calls ``/v1/responses``
+    with it). An unknown name stays as sent, for the 404 to name it."""
+    for name in translate.name_candidates(raw):
+        try:
+            scheduler.resolve(name)
+        except UnknownModel:
+            continue
+        return name
+    return raw
+
+
 async def read_body(request: web.Request) -> dict[str, Any]:
     return await bodies.read_json(request)
 

@@ -37,10 +37,12 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def add_routes(
-    app: web.Application, port: routes.Port, hints_for: routes.HintsFor = routes.default_hints
+    app: web.Application, port: routes.Port, hints_for: routes.HintsFor = routes.default_hints,
+    name_for: routes.NameFor = routes.same_name,
 ) -> None:
-    """The OpenAI surface of a port; other dialects mount it with their lease hints."""
-    routes.mount(app, port, hints_for)
+    """The OpenAI surface of a port; other dialects mount it with their lease hints and
+    their reading of model names."""
+    routes.mount(app, port, hints_for, name_for)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_get("/openapi.json", openapi.handler(port))

@@ -19,6 +19,7 @@ import openai
 import pydantic
 import pytest
 
+from proxy.dialects.versions import OLLAMA_VERSION
 from tests.e2e.conftest import CorralProc, model_toml, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -168,7 +169,7 @@ def test_ollama_js_stream_and_version(served: CorralProc) -> None:
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"node failed:\n{run.stdout}\n{run.stderr}"
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["version"] == "0.12.6"
+    assert out["version"] == OLLAMA_VERSION
     assert out["models"] == ["gemma:latest", "gemma-embed:latest"]
     assert out["done"] is True and out["done_reason"] in ("stop", "length")
     assert out["text"] and out["eval_count"] > 0

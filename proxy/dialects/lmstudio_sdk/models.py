@@ -17,6 +17,7 @@ from proxy.calls import context
 from proxy.calls.modelinfo import MODEL_INFO, ModelFacts, embedding, vision
 from proxy.dialects.lmstudio_sdk.channel import Channel, Ctx
 from proxy.dialects.lmstudio_sdk.codec import VOID, SdkError
+from proxy.dialects.versions import LMSTUDIO_BUILD, LMSTUDIO_VERSION
 from proxy.keys import SCHEDULER
 from scheduler.config.root import ModelConfig
 from scheduler.errors import UnknownModel
@@ -239,7 +240,7 @@ async def unload_model(ctx: Ctx, value: object) -> object:
 
 
 async def version(ctx: Ctx, _: object) -> dict[str, Any]:
-    return {"version": "0.3.30", "build": 1}
+    return {"version": LMSTUDIO_VERSION, "build": LMSTUDIO_BUILD}
 
 
 # --- load channels ----------------------------------------------------------------------
