@@ -337,17 +337,21 @@ async def test_a_50mb_body_leaves_health_answering(ports: Any) -> None:
             gaps.append(loop.time() - t)
 
     poller = asyncio.create_task(poll())
+    t0 = loop.time()
     try:
         r = await ports.openai.post("/v1/embeddings", data=io.BytesIO(body),
                                     headers={"Content-Type": "application/json"})
         answer = await r.json()
     finally:
+        took = loop.time() - t0
         done.set()
         await poller
     assert r.status == 200 and len(answer["data"]) == 4400
     assert len(gaps) > 5
-    # A loose guard against a whole-body stall (2.4 s before this work), not a figure.
-    assert max(gaps) < 1.0, max(gaps)
+    # A guard against a whole-body stall (before this work the loop stopped for the whole
+    # parse: one gap as long as the call), as a ratio within the run: an absolute bound
+    # (1 s) failed on a loaded machine where everything was slower (issue 23).
+    assert max(gaps) < took / 2, (max(gaps), took)
 
 
 async def test_a_transcription_for_an_upstream_that_does_not_speak_it_is_refused(
