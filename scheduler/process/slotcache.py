@@ -19,9 +19,10 @@ processing for a long chat on a CPU. With it:
   (``POST /slots/{id}?action=save``) as ``<hash of its chain's last link>.bin``,
   beside a ``.chain`` file listing its links; a saved file whose whole chain is a
   prefix of the new one is deleted (the new one holds it all);
-* a slot whose conversation a call would cut short (it keeps their shared system
-  prompt and drops the rest, which llama-server then keeps nowhere) is saved the same
-  way before the call is sent;
+* a slot whose conversation a call would cut short (it keeps what they share, a
+  system prompt or nothing, and drops the rest) is saved the same way before the call
+  is sent: llama-server's RAM prompt cache keeps nothing a restore overwrites or a
+  stop ends;
 * saved slots are indexed by their links: when a call's slot holds less of it than a
   saved file, ``action=restore`` loads the file with the longest prefix of the call
   into that slot before the call is sent, another session's included (a shared
@@ -333,11 +334,11 @@ class SlotCache:
         """Before a call of ``chain`` is sent to ``slot`` of ``inst``, which holds
         ``have`` bytes of it and the conversation ``displaced``:
 
-        * save ``displaced`` first when the call would silently cut its tail off:
-          llama-server keeps a slot whose prompt shares at least half of what it holds
-          with the new one (a shared system prompt) and saves it to its RAM prompt cache
-          only otherwise, so without this an agent whose replica served another agent
-          in between re-processes its whole transcript;
+        * save ``displaced`` first when the call would cut it short (by ``MIN_GAIN``
+          or more), whatever the call shares with it: llama-server keeps only the
+          shared part, so without this an agent whose replica served another agent in
+          between, or one of three chats on two slots, re-processes its whole
+          transcript;
         * then restore the saved slot holding the longest prefix of the call, if it
           holds ``MIN_GAIN`` more than the slot does (another session's too)."""
         where = save_dir(inst)
@@ -345,9 +346,11 @@ class SlotCache:
             return
         index = await self._index(where)
         # ``have`` is what the call shares with ``displaced``: llama-server keeps that
-        # and drops the rest.
+        # and drops the rest. Its RAM prompt cache, which takes a slot it keeps less
+        # than half of, is no substitute: a restore into the slot overwrites it before
+        # llama-server sees the call, and it dies with the process.
         cut = displaced[-1][1] - have if displaced else 0
-        if (cut >= MIN_GAIN and have >= cut
+        if (cut >= MIN_GAIN
                 and await self._save_one(inst, where, index, slot, displaced)):
             self.saved += 1
             await self._bound()

@@ -6,7 +6,9 @@ real conversations (``timings.cache_n`` of each answer).
   saved slot, and with two replicas is sent to the one that holds it;
 * an agent's growing tool transcript reuses each call's predecessor (Anthropic
   Messages, through the real ``anthropic`` client);
-* with two slots, each conversation is saved and restored on its own.
+* with two slots, each conversation is saved and restored on its own;
+* three chats on two slots each get their conversation back at every turn, swap or
+  not (a displaced conversation is saved, and restored into whichever slot it gets).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ FIRST = " ".join(f"Fact {i}: the river number {i} flows into lake {i * 5 % 11}."
                  for i in range(55))
 SECOND = " ".join(f"Note {i}: the mountain number {i} stands in range {i * 3 % 7}."
                   for i in range(55))
+THIRD = " ".join(f"Item {i}: the forest number {i} lies in county {i * 4 % 9}."
+                 for i in range(55))
 
 
 def chat(cp: CorralProc, model: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -180,3 +184,23 @@ def test_a_raw_prompt_that_grows_gets_its_blocks_back_after_a_swap(
     swap_to_b(cp, tmp_path / "s")
     grown = complete(FIRST + " " + SECOND)
     assert grown["timings"]["cache_n"] >= first["usage"]["prompt_tokens"] - 10, cp.log()
+
+
+def test_three_chats_on_two_slots_each_get_their_conversation_back(
+    corral: Callable[..., CorralProc], gemma: Path, tmp_path: Path
+) -> None:
+    """The workload benchmark's chats: every call displaces another chat's whole
+    conversation (no system prompt shared), and a swap comes between turns 1 and 2."""
+    cp = two_models(corral, gemma, tmp_path / "s", parallel=2)
+    history = [[user(doc)] for doc in (FIRST, SECOND, THIRD)]
+    prompts = [0] * len(history)  # each chat's last prompt, in tokens
+    for n in range(4):
+        if n == 2:
+            swap_to_b(cp, tmp_path / "s")
+        for k, messages in enumerate(history):
+            answer = chat(cp, "a", messages)
+            if n:
+                assert answer["timings"]["cache_n"] >= prompts[k] - 10, (
+                    n, k, answer["timings"], cp.log())
+            prompts[k] = answer["usage"]["prompt_tokens"]
+            messages += [said(answer), user(f"And number {n + 6}?")]

@@ -243,3 +243,26 @@ async def test_an_agent_displaced_by_another_sharing_its_system_prompt_comes_bac
                                    "and the south hall?"))
     assert back["timings"]["cache_n"] >= await ask_prompt_tokens(a)
     assert sched(client).slots.restored == 1
+
+
+async def test_three_chats_on_two_slots_each_find_their_conversation(
+    corral: Any, tmp_path: Path
+) -> None:
+    """Three system-less chats take turns on two slots: each call displaces another
+    chat's whole conversation, which is saved first and restored into whichever slot
+    that chat's next call gets, across a stop too (the workload benchmark's chats)."""
+    client = await corral(make_config(tmp_path, [{"name": "m", "parallel": 2}]))
+    docs = [f"document {k} says " + f"fact{k} " * 150 for k in range(3)]
+    history: list[list[dict[str, Any]]] = [[{"role": "user", "content": d}] for d in docs]
+    for n in range(4):
+        if n == 2:
+            await stop_all(client)  # a swap: the slots are saved, the instance stops
+        for k, messages in enumerate(history):
+            body = {"model": "m", "messages": messages, "max_tokens": 2}
+            answer = await ask(client, body)
+            if n:
+                # All but the last user message (and the template's few tokens).
+                before = await ask_prompt_tokens({"messages": messages[:-2]})
+                assert answer["timings"]["cache_n"] >= before, (n, k)
+            messages += [{"role": "assistant", "content": "ok"},
+                         {"role": "user", "content": f"question {n} about {k}"}]
