@@ -201,10 +201,13 @@ def test_model_downloaded_from_hugging_face_on_first_use(
 
 def test_second_signal_forces_exit_and_children_still_die(corral, gemma: Path) -> None:
     c = corral(model_toml("gemma", gemma))
-    body = {"model": "gemma", "messages": HELLO, "max_tokens": 2000, "stream": True,
+    # 900 tokens fit the 1,024-token context (OpenAI's family refuses what cannot) and
+    # take seconds: the call is still running when the signals come.
+    body = {"model": "gemma", "messages": HELLO, "max_tokens": 900, "stream": True,
             "ignore_eos": True}
     with httpx.Client(timeout=60) as hc, hc.stream("POST", c.url + "/v1/chat/completions",
                                                    json=body) as r:
+        assert r.status_code == 200
         lines = r.iter_lines()
         next(line for line in lines if line.startswith("data: {"))
         children = c.children()

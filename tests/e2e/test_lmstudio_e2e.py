@@ -53,7 +53,9 @@ def test_rest_v0(served: CorralProc) -> None:
             ("gemma", "llm", "not-loaded"), ("gemma-embed", "embeddings", "not-loaded")]
         assert (data[0]["arch"], data[0]["quantization"], data[0]["compatibility_type"]) == (
             "gemma3", "Q4_K_M", "gguf")
-        assert data[0]["max_context_length"] == 32768
+        # The most context a call can get from Corral: this model's fixed ctx_size (an
+        # "auto" one lists its training context capped by max_ctx and memory).
+        assert data[0]["max_context_length"] == 1024
 
         body = h.post("/api/v0/chat/completions", json={
             "model": "gemma", "messages": HELLO, "max_tokens": 8}).json()
