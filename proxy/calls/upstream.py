@@ -70,6 +70,10 @@ BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError
 JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
 
 
+class ClientLeft(ConnectionResetError):
+    """The client went away while its answer was written (counted 499)."""
+
+
 @dataclass(slots=True)
 class Client:
     """The client side of one call, across its attempts."""
@@ -185,6 +189,15 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
                     if key is not None and tap is not None:
                         scheduler.charge(key, tap.tokens())
                     return result
+                except ConnectionResetError as e:
+                    # A write to a client that went away: a consumer only reads the
+                    # upstream (which fails as a payload error or a disconnect), so this
+                    # is the client's end. aiohttp's "Cannot write to closing
+                    # transport" is also a ClientConnectionError, and was taken for the
+                    # upstream failing: a 502, a WARNING, the instance reported (seen
+                    # when Codex hung up as its first chunk was written).
+                    resp.close()
+                    raise ClientLeft(str(e) or type(e).__name__) from None
                 except BaseException:
                     # An unread stream must end at the server, which then stops
                     # generating: close the connection, don't pool it.

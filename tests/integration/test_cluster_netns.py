@@ -336,9 +336,16 @@ class StubDns:
         self.name = name
         self.addrs = addrs
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        # resolv.conf has no port: the stub takes port 53 on an address of its own.
-        self.addr = "127.77.0.53"
-        self.sock.bind((self.addr, 53))
+        # resolv.conf has no port: the stub takes port 53 on an address of its own, one
+        # per test process (as netns.py's links are): a fixed 127.77.0.53 made a second
+        # suite running at once fail with "Address already in use".
+        pid = os.getpid()
+        self.addr = f"127.77.{(pid >> 8) % 256}.{pid % 256 or 1}"
+        try:
+            self.sock.bind((self.addr, 53))
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.settimeout(0.2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)

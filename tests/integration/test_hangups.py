@@ -220,3 +220,34 @@ async def test_a_quiet_instance_is_not_read(aiohttp_server: Any) -> None:
         assert reads == ["read"] and "m#1" in upstream.latest
         await upstream.refresh(session, [inst], quiet=lambda _: False)
         assert reads == ["read", "read"] and upstream.completion_tokens["m"] == 7
+
+
+async def test_a_write_to_a_client_gone_is_not_the_upstreams_failure(
+    served: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's "Cannot write to closing transport" (a client that hung up as its
+    answer's first chunk went out) is also a ClientConnectionError: it was taken for
+    the upstream failing, a 502 with a WARNING, the call resent and the upstream
+    reported (seen when Codex hung up). It is the client's end: 499, no resend, the
+    upstream left in rotation."""
+    ports, calls = served
+    from proxy.calls import routes
+
+    async def writes_to_a_closed_client(up: Any, resp: aiohttp.ClientResponse,
+                                        client: Any) -> web.StreamResponse:
+        await resp.content.readany()
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+
+    monkeypatch.setattr(routes, "relay", writes_to_a_closed_client)
+    caplog.set_level(logging.INFO)
+    metrics = ports.openai.app[METRICS]
+    before = hang_ups(metrics, "/v1/chat/completions")
+    r = await ports.openai.post("/v1/chat/completions",
+                                json={"model": "m", "messages": USER, "stream": True})
+    r.release()
+    assert hang_ups(metrics, "/v1/chat/completions") == before + 1
+    assert len(calls) == 1  # not sent again
+    remote = ports.openai.app[SCHEDULER].remotes()[0]
+    assert remote.state is State.READY
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING], [
+        rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
