@@ -45,7 +45,7 @@ from proxy.edge.reqlog import note_model
 from proxy.keys import SCHEDULER
 from proxy.ops import pulls
 from scheduler.errors import BadRequest
-from scheduler.scheduling.scheduler import LeaseHints, Upstream
+from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Upstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -187,15 +187,23 @@ async def _generate(
     return await upstream.answer(request, "openai", spec, consume)
 
 
-async def chat(request: web.Request) -> web.StreamResponse:
-    started = time.monotonic_ns()
-    body = await read_body(request)
+async def _prelude(request: web.Request,
+                   body: dict[str, Any]) -> tuple[Scheduler, Target, KeepAlive]:
+    """What chat and generate do first: the model (pulled if it must be), the vision
+    check, the keep-alive asked for."""
     scheduler = request.app[SCHEDULER]
     await pulls.ensure(request.app, model_field(body))
     target = resolve(scheduler, model_field(body))
     if vision.ollama_has_images(body):
         vision.require_vision(scheduler, target.name, target.cfg)
     keep = keep_alive(scheduler, target, body.get("keep_alive"), body.get("options"))
+    return scheduler, target, keep
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic_ns()
+    body = await read_body(request)
+    scheduler, target, keep = await _prelude(request, body)
     if not body.get("messages"):
         return await _probe(request, target, keep, "chat")
     payload = ollama_request.chat_body(body, target.name)
@@ -211,12 +219,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def generate(request: web.Request) -> web.StreamResponse:
     started = time.monotonic_ns()
     body = await read_body(request)
-    scheduler = request.app[SCHEDULER]
-    await pulls.ensure(request.app, model_field(body))
-    target = resolve(scheduler, model_field(body))
-    if vision.ollama_has_images(body):
-        vision.require_vision(scheduler, target.name, target.cfg)
-    keep = keep_alive(scheduler, target, body.get("keep_alive"), body.get("options"))
+    scheduler, target, keep = await _prelude(request, body)
     if not (body.get("prompt") or body.get("suffix") or body.get("system")):
         return await _probe(request, target, keep, "generate")
     path, payload = ollama_request.generate_call(body, target.name)
