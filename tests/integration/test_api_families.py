@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -325,35 +326,34 @@ async def test_a_50mb_body_leaves_health_answering(ports: Any) -> None:
     body = json.dumps({"model": "emb", "input": ["lorem ipsum " * 1000] * 4400}).encode()
     assert len(body) > 50_000_000
     await ports.openai.post("/v1/embeddings", json={"model": "emb", "input": "warm"})
-    loop = asyncio.get_running_loop()
-    gaps: list[float] = []
     done = asyncio.Event()
+    # The loop's own CPU time between two answers, not the wall clock's: on a loaded
+    # machine the process waits for a core for a second at a time (a wall bound failed
+    # so under a load of 11), which no code of Corral's can change; a stall is the loop
+    # busy with one call's body while the others wait, and that is CPU time spent on
+    # this thread. Corral, the test client and the poller all share this one thread.
+    cpu_gaps: list[float] = []
 
     async def poll() -> None:
         while not done.is_set():
-            t = loop.time()
+            t = time.thread_time()
             r = await ports.ollama.get("/health")
             assert r.status == 200
-            gaps.append(loop.time() - t)
+            cpu_gaps.append(time.thread_time() - t)
 
     poller = asyncio.create_task(poll())
-    t0 = loop.time()
     try:
         r = await ports.openai.post("/v1/embeddings", data=io.BytesIO(body),
                                     headers={"Content-Type": "application/json"})
         answer = await r.json()
     finally:
-        took = loop.time() - t0
         done.set()
         await poller
     assert r.status == 200 and len(answer["data"]) == 4400
-    assert len(gaps) > 5
-    # A loose guard against a whole-body stall (2.4 s before that work), not a figure.
-    # Known weakness (issue 23): the body is still parsed on the loop, a 0.6-0.7 s gap
-    # of a 1 s call with two suites running at once and 1.18 s once under a load of 11;
-    # a ratio bound failed on the first, this one on the second. The fix is to parse a
-    # large body off the loop; until then this bound stands as it was.
-    assert max(gaps) < 1.0, (max(gaps), took)
+    assert len(cpu_gaps) > 5
+    # The whole-body stall this guards against was 2.4 s of CPU; read in pieces, a
+    # health answer waits for ~15 ms of other work on a quiet machine.
+    assert max(cpu_gaps) < 0.4, sorted(cpu_gaps)[-5:]
 
 
 async def test_a_transcription_for_an_upstream_that_does_not_speak_it_is_refused(
