@@ -17,7 +17,7 @@ import pytest
 from scheduler.config.root import ModelConfig
 from scheduler.installing.install import find_llama_server
 from scheduler.models.sources import resolve_model_file
-from tests.fakes import stop, wait_healthy
+from tests.fakes import PortTaken, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,6 +111,15 @@ def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., Cor
     started: list[CorralProc] = []
 
     def start(models: str, scheduler: str = "", server: str = "") -> CorralProc:
+        for attempt in range(3):
+            try:
+                return launch(models, scheduler, server)
+            except PortTaken:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def launch(models: str, scheduler: str, server: str) -> CorralProc:
         port, oport, lport = free_ports(3)
         cfg = tmp_path / f"corral-{len(started)}.toml"
         cfg.write_text(
@@ -128,7 +137,7 @@ def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., Cor
             )
         cp = CorralProc(proc, port, oport, lport, log_path)
         started.append(cp)
-        wait_healthy(cp.url, proc, log_path)
+        wait_healthy(cp.url, proc, log_path, also=(oport, lport))
         return cp
 
     yield start

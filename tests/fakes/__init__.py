@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+import psutil
 
 HERE = Path(__file__).resolve().parent
 FAKE_SERVER: Path = HERE / "fake_llama_server.py"
@@ -62,17 +64,52 @@ def write_dummy_gguf(path: Path, architecture: str = "fake") -> Path:
     return path
 
 
+class PortTaken(AssertionError):
+    """The server could not bind its port: another process took it between the test
+    choosing it (free) and the server binding it. The caller may retry on new ports."""
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether ``pid`` or one of its descendants holds the listening socket on ``port``."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            return True
+    return False
+
+
 def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path,
-                 within: float = 20.0) -> None:
-    """Poll ``base``/health until it answers 200; fail with the log if the process
-    exits or ``within`` seconds pass."""
+                 within: float = 20.0, also: Sequence[int] = ()) -> None:
+    """Poll ``base``/health until ``proc`` answers 200; fail with the log if the process
+    exits or ``within`` seconds pass.
+
+    Ports are chosen free and bound later, so on a busy machine another process can
+    take one in between: a 200 counts only once ``proc`` itself holds the listening
+    socket (else a stranger's /health passes and the test talks to nobody), and a lost
+    bind raises ``PortTaken``. ``also``: the server's other ports, which it must hold
+    too before it counts as up.
+    """
+    port = int(base.rsplit(":", 1)[1].split("/", 1)[0])
     deadline = time.monotonic() + within
     while True:
         try:
-            if httpx.get(base + "/health", timeout=1).is_success:
+            if httpx.get(base + "/health", timeout=1).is_success and all(
+                    listens(proc.pid, p) for p in (port, *also)):
                 return
         except httpx.HTTPError:
             pass
+        if proc.poll() is not None:
+            text = log.read_text(errors="replace")
+            if "address already in use" in text:
+                raise PortTaken(text[-2000:])
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-4000:]
         time.sleep(0.05)
 
