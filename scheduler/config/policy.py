@@ -67,6 +67,8 @@ def parse_path(dotted: str) -> Path:
                          "'temperature' or 'chat_template_kwargs.enable_thinking')")
     if parts[0] in RESERVED:
         raise ValueError(f"{dotted!r}: {RESERVED[parts[0]]}, a policy may not touch it")
+    if parts[0] in LIMIT_NAMES and len(parts) > 1:
+        raise ValueError(f"{dotted!r}: {parts[0]} is the token limit, a number")
     return parts
 
 
@@ -146,6 +148,13 @@ class RequestPolicy(_Strict):
     def _flat_clamp(cls, value: object) -> object:
         return dict(_flat_bounds(value)) if isinstance(value, Mapping) else value
 
+    @field_validator("defaults", "overrides", "strip", "clamp")
+    @classmethod
+    def _paths(cls, value: Mapping[str, object] | tuple[str, ...]) -> object:
+        for dotted in value:
+            parse_path(dotted)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> RequestPolicy:
         check_paths(self, {})
@@ -163,8 +172,13 @@ def check_paths(policy: RequestPolicy, params: Mapping[str, object]) -> None:
     kinds = {"strip": policy.strip, "defaults": policy.defaults, "overrides": sets,
              "clamp": policy.clamp}
     paths = {kind: [_canonical(parse_path(p)) for p in keys] for kind, keys in kinds.items()}
+    for kind, found in paths.items():
+        if len(set(found)) < len(found):
+            raise ValueError(f"{kind} names the token limit twice (max_tokens, "
+                             "max_completion_tokens, max_output_tokens and n_predict are one)")
     for a_kind, b_kind in (("strip", "overrides"), ("strip", "defaults"),
-                           ("defaults", "overrides"), ("strip", "clamp")):
+                           ("defaults", "overrides"), ("strip", "clamp"),
+                           ("overrides", "clamp")):
         for a in paths[a_kind]:
             for b in paths[b_kind]:
                 if _overlap(a, b):
@@ -194,6 +208,13 @@ class Variant(_Strict):
     @classmethod
     def _flat(cls, value: object) -> object:
         return _flat_values(value)
+
+    @field_validator("params")
+    @classmethod
+    def _paths(cls, value: Mapping[str, object]) -> object:
+        for dotted in value:
+            parse_path(dotted)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Variant:
