@@ -195,3 +195,44 @@ async def test_admin_models_shows_policy_variants_and_unlisted(ports: Any) -> No
         {"name": "small:fast", "aliases": ["small-fast"], "unlisted": True,
          "params": {"chat_template_kwargs.enable_thinking": False}}]
     assert models["hidden"]["request"] == {} and models["hidden"]["variants"] == []
+
+
+async def test_names_scopes_and_shapes_in_the_owner_and_a_worker(tmp_path: Path) -> None:
+    from scheduler.ipc import leases as ipc
+    from scheduler.ipc import wire as ipc_wire
+    from scheduler.errors import UnknownModel
+    from scheduler.keys import tenants
+    from scheduler.scheduling.scheduler import Scheduler
+
+    cfg = make_config(tmp_path, MODELS, keys=[
+        {"name": "thinker", "key": "sk-thinker-0001", "models": ["small:think"]},
+        {"name": "smallish", "key": "sk-smallish-001", "models": ["small"]}])
+    async with aiohttp.ClientSession() as session:
+        owner = Scheduler(cfg, session)
+        # A worker gets the owner's config over its socket, pickled; it resolves names
+        # and shapes calls itself.
+        copy = ipc_wire.config_of(ipc_wire.config_frame(cfg))
+        worker = ipc.WorkerScheduler(copy, session, line=None)  # type: ignore[arg-type]
+        for sched in (owner, worker):
+            assert sched.names() == ["small", "small:think", "chatty", "chatty:think"]
+            assert all(sched.knows(n) for n in ("hidden", "small:fast", "small-fast"))
+            assert sched.resolve("small-fast").name == "small"
+            assert set(sched.shapes) == {"small", "small:think", "small:fast", "small-fast",
+                                         "chatty", "chatty:think"}
+            assert sched.shapes["small-fast"].label == "small:fast"
+            token = tenants.CURRENT.set(sched.tenants.lookup(b"sk-thinker-0001"))
+            try:
+                assert sched.names() == ["small:think"]
+                assert sched.resolve("small:think").name == "small"
+                with pytest.raises(UnknownModel):
+                    sched.resolve("small")
+            finally:
+                tenants.CURRENT.reset(token)
+            token = tenants.CURRENT.set(sched.tenants.lookup(b"sk-smallish-001"))
+            try:
+                # A scope naming the model covers its variants, listed ones shown.
+                assert sched.names() == ["small", "small:think"]
+                assert sched.resolve("small-fast").name == "small"
+            finally:
+                tenants.CURRENT.reset(token)
+        await owner.close()
