@@ -13,6 +13,11 @@ import aiohttp
 import pytest
 
 from proxy.keys import SCHEDULER
+from scheduler.errors import UnknownModel
+from scheduler.ipc import leases as ipc
+from scheduler.ipc import wire as ipc_wire
+from scheduler.keys import tenants
+from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config
 
 CLAMP = {"clamp": {"max_tokens": {"max": 5}}}
@@ -198,12 +203,6 @@ async def test_admin_models_shows_policy_variants_and_unlisted(ports: Any) -> No
 
 
 async def test_names_scopes_and_shapes_in_the_owner_and_a_worker(tmp_path: Path) -> None:
-    from scheduler.ipc import leases as ipc
-    from scheduler.ipc import wire as ipc_wire
-    from scheduler.errors import UnknownModel
-    from scheduler.keys import tenants
-    from scheduler.scheduling.scheduler import Scheduler
-
     cfg = make_config(tmp_path, MODELS, keys=[
         {"name": "thinker", "key": "sk-thinker-0001", "models": ["small:think"]},
         {"name": "smallish", "key": "sk-smallish-001", "models": ["small"]}])
