@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import lmstudio as lms
 import pytest
 
 from proxy.keys import SCHEDULER
@@ -100,6 +101,20 @@ async def test_a_clamp_and_a_variant_hold_for_every_family_and_port(ports: Any) 
     by_path = {c["path"]: c["body"] for c in sent}
     assert _limits(by_path["/v1/responses"]) == {"max_output_tokens": 5}
     assert _limits(by_path["/v1/messages"]) == {"max_tokens": 5}
+
+
+@pytest.mark.timeout(60)
+async def test_the_lmstudio_sdk_socket_gets_the_same_rules(ports: Any) -> None:
+    async with lms.AsyncClient(f"127.0.0.1:{ports.lmstudio.server.port}") as client:
+        model = await client.llm.model("small:think")
+        result = await model.respond("x y", config={"maxTokens": 200})
+        assert result.stats.predicted_tokens_count == 5
+        await model.complete("once upon", config={"maxTokens": 200})
+    sent = await received(ports, "small")
+    assert [c["path"] for c in sent] == ["/v1/chat/completions", "/v1/completions"]
+    for call in sent:
+        assert _limits(call["body"]) == {"max_tokens": 5}
+        assert call["body"]["chat_template_kwargs"] == {"enable_thinking": True}
 
 
 async def test_the_same_rules_reach_a_translated_call(ports: Any) -> None:
