@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol, TypeVar
 
+from proxy.calls.context import Fit
 from proxy.edge import jsonc
 from scheduler.config.policy import GENERATING, Shape, apply
 from scheduler.errors import BadRequest
@@ -64,3 +65,11 @@ def shaped(call: C, shape: Shape) -> C:
         return call
     return dataclasses.replace(call, body=jsonc.dumps(  # type: ignore[type-var]
         apply(rules, body, call.path)))
+
+
+def refit(fit: Fit | None, call: _Sent) -> Fit | None:
+    """The context check of a shaped call: of the body it sends (prompt + the limit
+    the upstream receives), not of the one the client asked with."""
+    if fit is None or (call.body is fit.body and call.payload is fit.payload):
+        return fit
+    return dataclasses.replace(fit, body=call.body, payload=call.payload)

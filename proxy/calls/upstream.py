@@ -171,13 +171,15 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
             cfg = scheduler.resolve(up.model)
             try:
                 sent = spec.via(up) if spec.via is not None else None
-                if spec.fit is not None and sent is None:
-                    await context.check(session, up, spec.fit, spec.hints)
                 out = policy.shaped(sent or spec, shape) if shape else sent or spec
+                # The context check counts the body as shaped (a clamped max_tokens).
+                fit = policy.refit(spec.fit, out) if shape and sent is None else spec.fit
+                if fit is not None and sent is None:
+                    await context.check(session, up, fit, spec.hints)
                 resp = await _send(session, up, out, cfg)
-                if resp.status == 400 and spec.fit is not None and sent is None:
+                if resp.status == 400 and fit is not None and sent is None:
                     try:
-                        await context.refused(resp, up, spec.fit, spec.hints, up.model)
+                        await context.refused(resp, up, fit, spec.hints, up.model)
                     except BaseException:
                         resp.release()
                         raise

@@ -250,3 +250,19 @@ async def test_names_scopes_and_shapes_in_the_owner_and_a_worker(tmp_path: Path)
             finally:
                 tenants.CURRENT.reset(token)
         await owner.close()
+
+
+async def test_the_context_check_counts_the_clamped_limit(corral_ports: Any,
+                                                          tmp_path: Path) -> None:
+    """prompt + max_tokens over the context is refused in OpenAI's families: what is
+    counted is the limit the upstream will receive, not the one the client asked."""
+    cfg = make_config(tmp_path, [
+        {"name": "tiny", "ctx_size": 512, "request": CLAMP},
+        {"name": "plain", "ctx_size": 512}])
+    ports = await corral_ports(cfg)
+    ask = {"messages": [{"role": "user", "content": "a b c"}], "max_tokens": 100_000}
+    r = await ports.openai.post("/v1/chat/completions", json={"model": "plain", **ask})
+    assert r.status == 400, await r.text()  # the check works: no clamp, too long
+    r = await ports.openai.post("/v1/chat/completions", json={"model": "tiny", **ask})
+    assert r.status == 200, await r.text()
+    assert (await r.json())["usage"]["completion_tokens"] == 5
