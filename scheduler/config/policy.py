@@ -113,8 +113,9 @@ def _canonical(path: Path) -> Path:
 
 
 class Bounds(_Strict):
-    min: float | None = None
-    max: float | None = None
+    # int first: a token limit's bound stays an integer in views and bodies.
+    min: int | float | None = None
+    max: int | float | None = None
 
     @model_validator(mode="after")
     def _sane(self) -> Bounds:

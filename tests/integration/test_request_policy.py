@@ -208,7 +208,7 @@ async def test_admin_models_shows_policy_variants_and_unlisted(ports: Any) -> No
     models = {m["name"]: m for m in (await (await ports.openai.get("/admin/models")).json())[
         "models"]}
     small = models["small"]
-    assert small["request"] == {"clamp": {"max_tokens": {"max": 5.0}}}
+    assert small["request"] == {"clamp": {"max_tokens": {"max": 5}}}
     assert small["unlisted"] is False and models["hidden"]["unlisted"] is True
     assert small["variants"] == [
         {"name": "small:think", "params": {"chat_template_kwargs.enable_thinking": True}},

@@ -279,7 +279,7 @@ MODEL = '[[models]]\nname = "m"\npath = "/m.gguf"\n'
     ('[models.request]\nclamp = { max_tokens = { max = 1 }, n_predict = { max = 2 } }\n',
      "clamp names the token limit twice"),
     ('[models.request]\nclamp = { max_tokens = { min = 9, max = 2 } }\n',
-     "clamp min (9.0) exceeds max (2.0)"),
+     "clamp min (9) exceeds max (2)"),
     ('[models.request]\nclamp = { max_tokens = {} }\n',
      "request.clamp.max_tokens: Value error, a clamp needs 'min', 'max' or both"),
     ('[models.request]\nclamp = { max_tokens = { most = 3 } }\n',
