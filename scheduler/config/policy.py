@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 
 from scheduler.config.base import _NAME_RE, _Strict
 
@@ -398,7 +398,16 @@ def _remove(out: dict[str, Any], p: Path) -> None:
             parent.pop(p[-1], None)
 
 
-# --- names -------------------------------------------------------------------------
+# --- names and reloads ---------------------------------------------------------------
+
+# A model's keys that change what its calls carry and which names exist, never what
+# runs: a reload that changes only these restarts nothing.
+POLICY_KEYS = ("request", "variants", "unlisted")
+
+
+def policy_only(old: BaseModel, new: BaseModel) -> bool:
+    """Whether two model configs differ in ``POLICY_KEYS`` alone."""
+    return old.model_copy(update={k: getattr(new, k) for k in POLICY_KEYS}) == new
 
 
 def variant_names(variants: Iterable[Variant]) -> Iterator[str]:

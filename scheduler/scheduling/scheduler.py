@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from scheduler.aio import cancel_and_wait
-from scheduler.config.policy import variant_names
+from scheduler.config.policy import policy_only, variant_names
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines import hooks
 from scheduler.engines.remote import Remote
@@ -165,6 +165,13 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                 hooks.runtime_changed(old, cfg, mc)
             ):
                 report["unchanged"].append(mc.name)
+            elif (policy_only(m.cfg, mc) and not (binary_changed and mc.local)
+                  and not hooks.runtime_changed(old, cfg, mc)):
+                # Request policy, variants, listing: what calls carry and which names
+                # exist, not what runs. The instances keep running; the new rules hold
+                # from the next call (_index).
+                report["changed"].append(mc.name)
+                m.cfg = mc
             else:
                 report["changed"].append(mc.name)
                 # Restarted for [llama_server] alone: its conversations are worth saving.

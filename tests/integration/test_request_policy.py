@@ -18,6 +18,7 @@ from scheduler.errors import UnknownModel
 from scheduler.ipc import leases as ipc
 from scheduler.ipc import wire as ipc_wire
 from scheduler.keys import tenants
+from scheduler.process.instance import State
 from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config
 
@@ -266,3 +267,29 @@ async def test_the_context_check_counts_the_clamped_limit(corral_ports: Any,
     r = await ports.openai.post("/v1/chat/completions", json={"model": "tiny", **ask})
     assert r.status == 200, await r.text()
     assert (await r.json())["usage"]["completion_tokens"] == 5
+
+
+async def test_a_reload_of_policy_alone_restarts_nothing(corral_ports: Any,
+                                                         tmp_path: Path) -> None:
+    ports = await corral_ports(make_config(tmp_path, [{"name": "m", "request": CLAMP}]))
+    scheduler = ports.openai.app[SCHEDULER]
+    ask = {"messages": [{"role": "user", "content": "a b"}], "max_tokens": 100}
+    assert (await ports.openai.post("/v1/chat/completions", json={"model": "m", **ask})
+            ).status == 200
+    [before] = scheduler.loaded("m")
+    new = make_config(tmp_path, [{"name": "m", "unlisted": True,
+                                  "request": {"clamp": {"max_tokens": {"max": 3}}},
+                                  "variants": [{"name": "m:v", "params": {"seed": 7}}]}])
+    report = await scheduler.apply_config(new)
+    assert report["changed"] == ["m"]
+    r = await ports.openai.post("/v1/chat/completions", json={"model": "m:v", **ask})
+    assert r.status == 200, await r.text()
+    assert (await r.json())["usage"]["completion_tokens"] == 3
+    assert scheduler.loaded("m") == [before]  # the same instance, never restarted
+    assert scheduler.names() == ["m:v"]
+    bodies = [c["body"] for c in await received(ports, "m")]
+    assert [(b["max_tokens"], b.get("seed")) for b in bodies] == [(5, None), (3, 7)]
+    # Any other key still restarts the model.
+    other = make_config(tmp_path, [{"name": "m", "parallel": 2}])
+    assert (await scheduler.apply_config(other))["changed"] == ["m"]
+    assert before.state is not State.READY  # draining, then stopped
