@@ -197,6 +197,9 @@ async def test_unlisted_names_are_callable_and_in_no_listing(ports: Any) -> None
                 {"role": "user", "content": "x"}]})):
         r = await client.post(path, json=body)
         assert r.status == 200, (path, await r.text())
+    # Loaded now, and still not in Ollama's list of running models.
+    running = [m["name"] for m in (await (await ports.ollama.get("/api/ps")).json())["models"]]
+    assert running == ["small:latest"]
     # An unknown name's error lists no unlisted one.
     r = await ports.openai.post("/v1/chat/completions", json={
         "model": "nope", "messages": [{"role": "user", "content": "x"}]})
