@@ -47,7 +47,9 @@ async def received(ports: Any, model: str) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as s:
         for inst in ports.openai.app[SCHEDULER].loaded(model):
             async with s.get(inst.base_url + "/fake/requests") as r:
-                out += [x for x in await r.json() if x["method"] == "POST"]
+                # Calls only: not the slot cache's own saves and restores.
+                out += [x for x in await r.json() if x["method"] == "POST"
+                        and not x["path"].startswith("/slots")]
     return out
 
 
