@@ -40,7 +40,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.calls import context, egress, usage
+from proxy.calls import context, egress, policy, usage
 from proxy.edge import jsonc
 from proxy.edge.errors import Family, stream_error_event
 from proxy.edge.reqlog import note_model
@@ -164,16 +164,22 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
     while True:
         attempt += 1
         async with _leased(scheduler, spec, hints, client) as up:
-            note_model(up.model)
+            # Request policy and variants (proxy/calls/policy.py): none, no work.
+            shape = (policy.shape_for(scheduler.shapes, spec.model, up.model)
+                     if scheduler.shapes else None)
+            note_model(shape.label if shape else up.model)
             cfg = scheduler.resolve(up.model)
             try:
                 sent = spec.via(up) if spec.via is not None else None
-                if spec.fit is not None and sent is None:
-                    await context.check(session, up, spec.fit, spec.hints)
-                resp = await _send(session, up, sent or spec, cfg)
-                if resp.status == 400 and spec.fit is not None and sent is None:
+                out = policy.shaped(sent or spec, shape) if shape else sent or spec
+                # The context check counts the body as shaped (a clamped max_tokens).
+                fit = policy.refit(spec.fit, out) if shape and sent is None else spec.fit
+                if fit is not None and sent is None:
+                    await context.check(session, up, fit, spec.hints)
+                resp = await _send(session, up, out, cfg)
+                if resp.status == 400 and fit is not None and sent is None:
                     try:
-                        await context.refused(resp, up, spec.fit, spec.hints, up.model)
+                        await context.refused(resp, up, fit, spec.hints, up.model)
                     except BaseException:
                         resp.release()
                         raise

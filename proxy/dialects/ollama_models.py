@@ -131,6 +131,8 @@ async def ps(request: web.Request) -> web.Response:
         if inst.state not in (State.READY, State.DRAINING):
             continue
         cfg = scheduler.resolve(inst.model)
+        if cfg.unlisted:
+            continue  # callable, listed nowhere (docs/scheduling.md)
         f = await cache.get(cfg)
         ttl = scheduler.config.ttl(cfg) if inst.ttl_override is None else inst.ttl_override
         idle_s = inst.describe()["idle_seconds"]

@@ -59,6 +59,8 @@ from proxy.metrics.scrape import (
     key_families,
     resident_memory,
 )
+from scheduler.config.policy import variant_names
+from scheduler.config.root import CorralConfig
 from scheduler.process.instance import State
 from scheduler.scheduling.scheduler import Scheduler
 
@@ -88,6 +90,12 @@ def _recent_dict(r: Recent) -> dict[str, object]:
             "endpoint": r[4], "status": r[5], "duration_seconds": round(r[6], 4),
             "request_id": r[7]}
 
+
+
+def labels(cfg: CorralConfig) -> tuple[list[str], list[str]]:
+    """``Metrics.set_models``'s arguments: the models' names, the variants' names."""
+    return ([m.name for m in cfg.models],
+            [n for m in cfg.models for n in variant_names(m.variants)])
 
 class Metrics:
     """Every metric of one Corral process, in its own registry, and the Events sink.
@@ -152,6 +160,7 @@ class Metrics:
         self._scheduler: Scheduler | None = None
         self._session: aiohttp.ClientSession | None = None
         self._models: frozenset[str] = frozenset()
+        self._labels: frozenset[str] = frozenset()
         # (model, dialect, endpoint, status) -> stats; bounded like the labels are.
         self.calls: dict[tuple[str, str, str, int], CallStats] = {}
         r.register(_SchedulerCollector(self))
@@ -161,11 +170,14 @@ class Metrics:
     def bind(self, scheduler: Scheduler, session: aiohttp.ClientSession) -> None:
         self._scheduler = scheduler
         self._session = session
-        self.set_models(m.name for m in scheduler.config.models)
+        self.set_models(*labels(scheduler.config))
 
-    def set_models(self, names: Iterable[str]) -> None:
-        """The configured model names: the only values the ``model`` label takes."""
+    def set_models(self, names: Iterable[str], variants: Iterable[str] = ()) -> None:
+        """The configured model names, and the variants' (scheduler/config/policy.py):
+        the only values a call's ``model`` label takes. Launches and evictions are the
+        models' alone: a variant launches nothing."""
         self._models = frozenset(names)
+        self._labels = self._models | frozenset(variants)
         for name in self._models:
             # Present at 0 from the start, so rate() and increase() see the first call.
             self.launches.labels(name, "ok")
@@ -187,7 +199,7 @@ class Metrics:
         model = info.model
         if not model and resp is not None:
             model = resp.headers.get(MODEL_HEADER, "")
-        if model not in self._models:
+        if model not in self._labels:
             model = ""
         resource = request.match_info.route.resource
         endpoint = resource.canonical if resource is not None else "other"

@@ -111,7 +111,7 @@ async def _pull_lines(app: web.Application, name: str, make_plan: Callable[[], p
             if isinstance(item, pull.Plan):
                 if base is None:
                     model = pull.model_for(item)
-                    if name != model.name and name not in scheduler.names():
+                    if name != model.name and not scheduler.knows(name):
                         model = model.model_copy(update={"aliases": (name,)})
                     await register(scheduler, model)
                 continue
@@ -133,7 +133,7 @@ async def ensure(app: web.Application, name: str) -> None:
     """``auto_pull``: an unknown ``hf.co/...`` model named in a call is pulled first.
     Calls that name it meanwhile wait for that pull instead of starting another."""
     scheduler = app[SCHEDULER]
-    if not scheduler.config.scheduler.auto_pull or name in scheduler.names():
+    if not scheduler.config.scheduler.auto_pull or scheduler.knows(name):
         return
     how = _ref_plan(name)
     if how is not None and isinstance(scheduler, WorkerScheduler):
@@ -142,7 +142,7 @@ async def ensure(app: web.Application, name: str) -> None:
     if how is None or PULL_LOCKS not in app:
         return
     async with app[PULL_LOCKS].setdefault(name, asyncio.Lock()):
-        if name in scheduler.names():
+        if scheduler.knows(name):
             return
         async with contextlib.aclosing(_pull_lines(app, name, *how)) as it:
             async for _ in it:

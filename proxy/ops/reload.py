@@ -34,7 +34,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.edge import tuning
-from proxy.metrics.registry import Metrics
+from proxy.metrics.registry import Metrics, labels
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CorralConfig, load_config
 from scheduler.config.writable import Refusal, moved_models_dir, refused_changes
@@ -192,7 +192,7 @@ class Reloader:
         outcome = Outcome(True, source, time.time(), changes, restart)
         self.last, self.last_error = outcome, None
         if self._metrics is not None:
-            self._metrics.set_models(m.name for m in new.models)
+            self._metrics.set_models(*labels(new))
             self._metrics.config_loaded(True)
         summary = ", ".join(f"{k}: {', '.join(v)}" for k, v in changes.items()
                             if v and k != "unchanged") or "no model changed"

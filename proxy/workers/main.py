@@ -30,7 +30,7 @@ from proxy.edge.body import BodyBudget
 from proxy.edge.listener import GuardedRunner, Limits
 from proxy.keys import BODY_BUDGET, CONFIG, FAMILIES, SCHEDULER, SESSION
 from proxy.metrics import web as metrics_http
-from proxy.metrics.registry import METRICS, Metrics
+from proxy.metrics.registry import METRICS, Metrics, labels
 from proxy.ops import admin
 from proxy.workers.owner import (
     ACCEPT_ERROR,
@@ -89,9 +89,9 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     for h in logging.getLogger().handlers:
         h.addFilter(scrubber)
     stats = Metrics()
-    stats.set_models(m.name for m in cfg.models)
+    stats.set_models(*labels(cfg))
     reader = asyncio.create_task(
-        sched.run(lambda c: stats.set_models(m.name for m in c.models)), name="corral-ipc")
+        sched.run(lambda c: stats.set_models(*labels(c))), name="corral-ipc")
     forwarders = [Forwarder(str(sockets / "main.sock"))]
     core = _worker_core(cfg, sched, session, stats, forwarders[0])
     sites: list[tuple[web.Application, str]] = [(core, "main")]

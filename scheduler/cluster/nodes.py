@@ -194,9 +194,18 @@ class NodeWatch:
         urls: dict[str, list[str]] = {}
         aliases: dict[str, dict[str, None]] = {}
         caps: dict[str, set[str]] = {}
+        variants: dict[str, dict[str, dict[str, Any]]] = {}
+        hidden: set[str] = set()
         for node in self._nodes.values():
             for name, m in node.models.items():
                 urls.setdefault(name, []).append(node.url)
+                # As aliases: a variant is offered only where every node knows it.
+                theirs = _variants(m.get("variants"))
+                mine = variants.get(name)
+                variants[name] = theirs if mine is None else {
+                    v: d for v, d in mine.items() if v in theirs}
+                if m.get("unlisted") is True:
+                    hidden.add(name)
                 # Calls go out under the name the client used: an alias is offered only
                 # if every node that serves the model knows it.
                 given = dict.fromkeys(m.get("aliases", []))
@@ -210,6 +219,8 @@ class NodeWatch:
                 out.append(ModelConfig.model_validate({
                     "name": name,
                     "aliases": [a for a in aliases[name] if a not in names],
+                    "unlisted": name in hidden,
+                    "variants": [v for v in variants[name].values() if v["name"] not in names],
                     "remotes": sorted(urls[name]),
                     "remote_slots": _NODE_SLOTS,
                     # A newer node may know capabilities this front does not.
@@ -293,3 +304,15 @@ def _parse(report: Any) -> dict[str, dict[str, Any]]:
 async def cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         await cancel_and_wait(task)
+
+
+def _variants(reported: Any) -> dict[str, dict[str, Any]]:
+    """A node's variants of one model as the front offers them: names only (the node
+    applies their params), by name; an odd entry is left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in reported if isinstance(reported, list) else ():
+        if isinstance(v, dict) and isinstance(v.get("name"), str):
+            aliases = [a for a in v.get("aliases") or () if isinstance(a, str)]
+            out[v["name"]] = {"name": v["name"], "aliases": aliases,
+                              "unlisted": v.get("unlisted") is True}
+    return out

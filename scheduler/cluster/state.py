@@ -52,6 +52,11 @@ def node_state(scheduler: Scheduler, name: str, draining: bool, now: float) -> d
         models.append({
             "name": mname,
             "aliases": list(mc.aliases),
+            # Names only: a variant's params are applied here, where calls arrive under
+            # the name the client used (scheduler/config/policy.py).
+            "unlisted": mc.unlisted,
+            "variants": [{"name": v.name, "aliases": list(v.aliases), "unlisted": v.unlisted}
+                         for v in mc.variants],
             "capabilities": sorted(capabilities(mc)),
             "state": status["state"],
             "slots": mc.parallel,

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from scheduler.config.base import _NAME_RE, _Strict, parse_size
+from scheduler.config.policy import RequestPolicy, Variant
 from scheduler.engines.settings import RemoteConfig, UpstreamApi
 
 Capability = Literal[
@@ -264,6 +265,16 @@ class ModelConfig(_Strict):
         None, description="the name its runtime knows it by (${MODEL}, and the 'model' "
         "sent upstream); default: the model's name"
     )
+    # Request policy and variants (scheduler/config/policy.py, docs/scheduling.md).
+    request: RequestPolicy = Field(
+        RequestPolicy(), description="rules for the body its upstream receives: defaults, "
+        "overrides, strip, clamp (dotted paths)"
+    )
+    variants: tuple[Variant, ...] = Field(
+        (), description="other names served by the same instances, each with its own "
+        "params: [{name, params, aliases, request, unlisted}]"
+    )
+    unlisted: bool = Field(False, description="callable, but hidden from every listing")
 
     @field_validator("ctx_size", mode="before")
     @classmethod

@@ -131,8 +131,21 @@ class CorralConfig(BaseSettings):
                         f"model {seen[name]!r}"
                     )
                 seen[name] = m.name
+        variants: dict[str, str] = {}
+        for m in self.models:
+            for v in m.variants:
+                for name in (v.name, *v.aliases):
+                    owner = seen.get(name) or variants.get(name)
+                    if owner is not None:
+                        raise ValueError(
+                            f"model {m.name!r}: variant name {name!r} is already used by "
+                            f"model {owner!r}")
+                    variants[name] = m.name
         for m in self.models:
             for fb in m.fallbacks:
+                if fb in variants:
+                    raise ValueError(f"model {m.name!r}: fallbacks: {fb!r} is a variant of "
+                                     f"{variants[fb]!r}; name the model")
                 if fb not in seen and provider_may_offer(self.providers, fb):
                     continue  # known once its provider lists it; skipped until then
                 if fb not in seen:

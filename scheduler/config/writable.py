@@ -57,12 +57,21 @@ _MODEL_WRITABLE = (
     "embedding", "load_timeout", "footprint", "remote_slots", "fallbacks",
     "connect_timeout", "first_byte_timeout", "stall_timeout", "rerank", "capabilities",
     "api", "loading_feedback", "evictable", "priority", "slot_cache",
+    # Request policy, variants, listings: what a call's body carries and which names
+    # are shown. Corral's own fields (model, stream, id_slot) are out of a policy's reach.
+    "unlisted", "variants",
+)
+# Tables of dotted body paths: each is writable whole, whatever paths it holds.
+_MODEL_WRITABLE_TABLES = (
+    ("request", "defaults"), ("request", "overrides"), ("request", "strip"),
+    ("request", "clamp"),
 )
 
 WRITABLE: frozenset[Key] = frozenset({
     *(("server", k) for k in _SERVER_WRITABLE),
     *(("scheduler", k) for k in _SCHEDULER_WRITABLE),
     *(("models", "*", k) for k in _MODEL_WRITABLE),
+    *(("models", "*", *k) for k in _MODEL_WRITABLE_TABLES),
     ("models", "*", "replicas", "min"),
     ("models", "*", "replicas", "max"),
 })
@@ -113,9 +122,10 @@ REFUSED: dict[Key, str] = {
 def reason(key: Key) -> str | None:
     """None when ``key`` (a normalised key: "*" for the model) may change over HTTP,
     else why not."""
-    if key in WRITABLE:
-        return None
     for n in range(len(key), 0, -1):
+        # A writable table's keys are writable (request.defaults.temperature).
+        if key[:n] in WRITABLE:
+            return None
         why = REFUSED.get(key[:n])
         if why is not None:
             return why

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from scheduler.config import policy as policy_rules
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines.providers import Providers
 from scheduler.engines.remote import Remote
@@ -73,6 +74,10 @@ class Core:
         self._reap_interval = reap_interval
         self._models: dict[str, ModelState] = {}
         self._names: dict[str, ModelState] = {}
+        self._listed: list[str] = []
+        # The names a key's scope is matched against, per name a call may use.
+        self._scope: dict[str, tuple[str, ...]] = {}
+        self.shapes: dict[str, policy_rules.Shape] = {}
         self._files = ModelFiles()
         self._binary: Path | None = None
         self._ids = itertools.count(1)
@@ -109,15 +114,44 @@ class Core:
         self._index()
 
     def _index(self) -> None:
+        """Every name a call may use: models, aliases and variants (a variant is a
+        name for its model's ModelState), the names listings show, and the request
+        policy of each name that has one (scheduler/config/policy.py)."""
         self._names = {}
+        self._listed = []
+        self._scope = {}
+        shapes: dict[str, policy_rules.Shape] = {}
         for m in self._models.values():
-            for name in (m.cfg.name, *m.cfg.aliases):
+            cfg = m.cfg
+            own = (cfg.name, *cfg.aliases)
+            rules = policy_rules.compile_rules(cfg.request)
+            for name in own:
                 self._names[name] = m
+                self._scope[name] = own
+                if rules:
+                    shapes[name] = policy_rules.Shape(cfg.name, cfg.name, rules)
+            if not cfg.unlisted:
+                self._listed += own
+            for v in cfg.variants:
+                # A key whose scope names the model may call its variants; one that
+                # names a variant, that variant only.
+                names = (v.name, *v.aliases)
+                shape = policy_rules.Shape(cfg.name, v.name,
+                                           policy_rules.compile_rules(cfg.request, v))
+                for name in names:
+                    self._names[name] = m
+                    self._scope[name] = (*names, *own)
+                    shapes[name] = shape
+                if not v.unlisted:
+                    self._listed += names
+        # Read by the call path on every call: empty when no model has a policy or a
+        # variant, which then costs one truth test (proxy/calls/policy.py).
+        self.shapes = shapes
 
     def _visible(self, name: str) -> ModelState:
         m = self._names.get(name)
         key = tenants.current()
-        if m is None or (key is not None and not key.may_use((m.cfg.name, *m.cfg.aliases))):
+        if m is None or (key is not None and not key.may_use(self._scope[name])):
             raise UnknownModel(name, self.names())
         return m
 
@@ -150,13 +184,16 @@ class Core:
         return [r for m in self._models.values() for r in m.remotes]
 
     def names(self) -> list[str]:
-        """Every model name and alias, in config order; those of the calling key's
-        scope only."""
+        """Every listed model name, alias and variant, in config order (``unlisted``
+        ones are left out); those of the calling key's scope only."""
         key = tenants.current()
         if key is None or key.unscoped:
-            return list(self._names)
-        return [n for n, m in self._names.items()
-                if key.may_use((m.cfg.name, *m.cfg.aliases))]
+            return list(self._listed)
+        return [n for n in self._listed if key.may_use(self._scope[n])]
+
+    def knows(self, name: str) -> bool:
+        """Whether a call may name ``name`` (listed or not, any key)."""
+        return name in self._names
 
     # -- context (scheduler/scheduling/contexts.py) --------------------------------
 

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from scheduler.aio import cancel_and_wait
+from scheduler.config.policy import policy_only, variant_names
 from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.engines import hooks
 from scheduler.engines.remote import Remote
@@ -120,7 +121,8 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
     def _effective(self, cfg: CorralConfig) -> CorralConfig:
         if not self._dynamic:
             return cfg
-        taken = {n for mc in cfg.models for n in (mc.name, *mc.aliases)}
+        taken = {n for mc in cfg.models
+                 for n in (mc.name, *mc.aliases, *variant_names(mc.variants))}
         extra: list[ModelConfig] = []
         # Local files (pulled, scanned) before providers' models: a name both offer is
         # served here rather than sent away (engines/providers.py).
@@ -163,6 +165,13 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                 hooks.runtime_changed(old, cfg, mc)
             ):
                 report["unchanged"].append(mc.name)
+            elif (policy_only(m.cfg, mc) and not (binary_changed and mc.local)
+                  and not hooks.runtime_changed(old, cfg, mc)):
+                # Request policy, variants, listing: what calls carry and which names
+                # exist, not what runs. The instances keep running; the new rules hold
+                # from the next call (_index).
+                report["changed"].append(mc.name)
+                m.cfg = mc
             else:
                 report["changed"].append(mc.name)
                 # Restarted for [llama_server] alone: its conversations are worth saving.
@@ -298,9 +307,8 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
     def loading(self) -> frozenset[str]:
         """The names and aliases of the models with an instance starting now (the
         loading feedback of a waiting call says "loading")."""
-        return frozenset(name for m in self._models.values()
-                         if any(i.state is State.STARTING for i in m.instances)
-                         for name in (m.cfg.name, *m.cfg.aliases))
+        return frozenset(name for name, m in self._names.items()
+                         if any(i.state is State.STARTING for i in m.instances))
 
     def model_status(self) -> list[dict[str, object]]:
         out = []
@@ -334,6 +342,11 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                     "fallbacks": list(m.cfg.fallbacks),
                     "last_error": m.last_error.detail if m.last_error else None,
                     "failures": m.failures,
+                    # Request policy and variants (scheduler/config/policy.py).
+                    "unlisted": m.cfg.unlisted,
+                    "request": m.cfg.request.model_dump(mode="json", exclude_defaults=True),
+                    "variants": [v.model_dump(mode="json", exclude_defaults=True)
+                                 for v in m.cfg.variants],
                 }
             )
         return out
@@ -347,7 +360,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         """Forget a model's launch failures so the next call tries again."""
         m = self._names.get(name)
         if m is None:
-            raise UnknownModel(name, list(self._names))
+            raise UnknownModel(name, self.names())
         m.failures = 0
         m.retry_at = 0.0
         m.last_error = None
@@ -356,7 +369,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         """Drain and stop every instance of a model; returns how many."""
         m = self._names.get(name)
         if m is None:
-            raise UnknownModel(name, list(self._names))
+            raise UnknownModel(name, self.names())
         insts = [i for i in m.instances if i.state in ALIVE]
         for inst in insts:
             self._retire(inst, "unload")

@@ -129,6 +129,28 @@ async def test_front_lists_the_union_of_node_models_on_every_port(cluster: Any) 
     assert resp.status == 200, await resp.text()
 
 
+async def test_a_front_offers_the_nodes_variants_which_the_nodes_shape(
+        cluster: Any) -> None:
+    """Variants and unlisted names (scheduler/config/policy.py) across a cluster: the
+    front lists and routes them by name, the node applies their params."""
+    model = {"name": "alpha", "request": {"clamp": {"max_tokens": {"max": 3}}}, "variants": [
+        {"name": "alpha:think", "params": {"chat_template_kwargs.enable_thinking": True}},
+        {"name": "alpha:quiet", "unlisted": True}]}
+    c = await cluster([[model], [{"name": "hidden", "unlisted": True}]])
+    await wait_for(lambda: c.front.app[SCHEDULER].knows("alpha:think"), within=10)
+    ids = {m["id"] for m in (await (await c.front.get("/v1/models")).json())["data"]}
+    assert "alpha:think" in ids and not ids & {"alpha:quiet", "hidden"}
+    for name in ("alpha:think", "alpha:quiet", "hidden"):
+        resp = await c.front.post("/v1/chat/completions", json=chat(name, max_tokens=50))
+        assert resp.status == 200, await resp.text()
+    inst = c.node_instances(0)[0]
+    async with aiohttp.ClientSession() as s, s.get(inst.base_url + "/fake/requests") as r:
+        bodies = [x["body"] for x in await r.json() if x["method"] == "POST"]
+    assert [b["max_tokens"] for b in bodies] == [3, 3]
+    assert bodies[0]["chat_template_kwargs"] == {"enable_thinking": True}
+    assert "chat_template_kwargs" not in bodies[1]
+
+
 async def test_calls_spread_by_load(cluster: Any) -> None:
     model = {"name": "m", "parallel": 2, "env": SLOW, "replicas": {"min": 1, "max": 1}}
     c = await cluster([[model], [model], [model]])
