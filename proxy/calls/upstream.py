@@ -41,10 +41,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from proxy.calls import context, egress, usage
+from proxy.calls.tracking import CANCELLED, Cancelled, Entry
 from proxy.edge import jsonc
 from proxy.edge.errors import Family, stream_error_event
 from proxy.edge.reqlog import note_model
-from proxy.keys import SCHEDULER, SESSION
+from proxy.keys import CALLS, SCHEDULER, SESSION
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import ModelConfig
 from scheduler.engines.remote import COOLDOWN_STATUSES
@@ -147,6 +148,47 @@ async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
 
 
 async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
+    calls = app.get(CALLS)
+    entry = calls.enter(client, spec.model, spec.path, spec.body, app[SCHEDULER]) if (
+        calls is not None) else None
+    if entry is None:
+        return await _admitted(app, client, spec, consume)
+    # In flight: cancellable by id (proxy/calls/tracking.py), captured when captures are on.
+    if entry.record is not None:
+        spec, consume = entry.record.wrap(spec, consume)
+    error: BaseException | None = None
+    try:
+        return await _admitted(app, client, spec, functools.partial(_watched, entry, consume))
+    except asyncio.CancelledError as e:
+        error = e
+        if not entry.cancelled:
+            raise
+        entry.task.uncancel()
+        err = Cancelled(CANCELLED)
+        if client.response is not None and not client.answered:
+            # Loading feedback had begun the stream: the error is its last event.
+            await client.response.write(stream_error_event(err, client.family))
+            client.answered = True
+            raise _Ended(err, client.response) from None
+        raise err from None
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        calls.leave(entry, error)  # type: ignore[union-attr]
+
+
+async def _watched(entry: Entry, consume: Consume[T], up: Upstream,
+                   resp: aiohttp.ClientResponse, client: Client) -> T:
+    entry.resp = resp  # what a cancel closes once the answer flows
+    try:
+        return await consume(up, resp, client)
+    finally:
+        entry.resp = None
+
+
+async def _admitted(app: web.Application, client: Client, spec: Call,
+                    consume: Consume[T]) -> T:
     scheduler = app[SCHEDULER]
     session = app[SESSION]
     key = tenants.current()

@@ -80,6 +80,7 @@ REFUSED: dict[Key, str] = {
     ("server", "allowed_hosts"): GUARD,
     ("server", "cors_origins"): GUARD,
     ("server", "admin_config_write"): GUARD,
+    ("server", "capture"): DISK,
     ("scheduler", "slot_cache_dir"): DISK,
     ("scheduler", "slot_cache_size"): DISK,
     ("scheduler", "scan"): DISK,
