@@ -66,7 +66,8 @@ def cut(data: bytes | bytearray | None, limit: int) -> tuple[bytes, int]:
 
 
 def redact_headers(headers: Iterable[tuple[str, str]], extra: frozenset[str]) -> list[list[str]]:
-    return [[k, REDACTED if k.lower() in SECRET_HEADERS or k.lower() in extra else v]
+    # str(): aiohttp's header names are istr, which no JSON encoder takes.
+    return [[str(k), REDACTED if k.lower() in SECRET_HEADERS or k.lower() in extra else v]
             for k, v in headers]
 
 
