@@ -22,6 +22,7 @@ frees the slot at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Protocol
 
 import aiohttp
@@ -60,11 +61,12 @@ class _Client(Protocol):
 
 
 class Entry:
-    __slots__ = ("cancelled", "client", "id", "model", "record", "resp", "task")
+    __slots__ = ("cancelled", "client", "id", "model", "record", "resp", "start", "task")
 
-    def __init__(self, request_id: str, task: asyncio.Task[Any], client: _Client,
+    def __init__(self, request_id: str, start: float, task: asyncio.Task[Any], client: _Client,
                  model: str, record: Record | None) -> None:
         self.id = request_id
+        self.start = start
         self.task = task
         self.client = client
         self.model = model
@@ -91,7 +93,7 @@ class InFlight:
             if not store.excluded(key.name if key is not None else None):
                 record = _open(store, info, client, model, path, body, scheduler,
                                key.name if key is not None else None)
-        entry = Entry(info.id, task, client, model, record)
+        entry = Entry(info.id, info.start, task, client, model, record)
         self.calls[info.id] = entry
         return entry
 
@@ -117,8 +119,9 @@ class InFlight:
         return True
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"request_id": e.id, "model": e.model, "answering": e.client.answered}
-                for e in self.calls.values()]
+        now = time.perf_counter()
+        return [{"request_id": e.id, "model": e.model, "answering": e.client.answered,
+                 "seconds": round(now - e.start, 3)} for e in self.calls.values()]
 
 
 def _open(store: Captures, info: reqlog.RequestInfo, client: _Client, model: str, path: str,

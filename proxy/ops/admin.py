@@ -40,8 +40,8 @@ DASHBOARD_FILES = {
     "style.css": ("style.css", "text/css"),
     # The dashboard's ES modules (proxy/ops is their API) and the vendored uPlot.
     **{n: (n, "text/javascript") for n in (
-        "charts.js", "playground.js", "config.js", "models.js", "keys.js", "util.js",
-        "uplot.min.js")},
+        "charts.js", "playground.js", "config.js", "models.js", "keys.js", "requests.js",
+        "util.js", "uplot.min.js")},
     "uplot.min.css": ("uplot.min.css", "text/css"),
     "favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
