@@ -26,9 +26,9 @@ from proxy.edge.reqlog import note_model
 from proxy.keys import SCHEDULER, SESSION
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import ModelConfig
-from scheduler.engines.egress import PLAIN, Egress
+from scheduler.engines.egress import Egress
 from scheduler.errors import CorralError, UnknownModel, UpstreamFailed
-from scheduler.process.instance import State
+from scheduler.process.instance import Instance, State
 from scheduler.scheduling.scheduler import Scheduler
 
 # Not forwarded either way: hop-by-hop headers, the caller's credentials, and what
@@ -38,6 +38,10 @@ _DROPPED = frozenset({"host", "connection", "keep-alive", "proxy-authenticate",
                       "authorization", "x-api-key", "cookie", "content-length",
                       "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                       "sec-websocket-accept"})
+
+
+# How often a passthrough call that waits for a starting instance looks again.
+_LOAD_POLL = 0.05
 
 
 class NotLoaded(CorralError):
@@ -62,12 +66,35 @@ def _split(scheduler: Scheduler, rest: str) -> tuple[ModelConfig, str] | None:
     raise error or UnknownModel(rest, scheduler.names())
 
 
+def _ready(scheduler: Scheduler, name: str) -> Instance | None:
+    ready = [i for i in scheduler.instances() if i.model == name and i.state is State.READY]
+    return min(ready, key=lambda i: i.in_flight) if ready else None
+
+
+async def _loading(scheduler: Scheduler, name: str, within: float) -> Instance | None:
+    """The model's instance that is starting, once it is ready. Not a lease: a call
+    that arrived first takes the only slot the moment it is ready, and a lease would
+    then wait behind it (the /slots probe of a long generation did)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if (inst := _ready(scheduler, name)) is not None:
+            return inst
+        if not any(i.model == name and i.state is State.STARTING
+                   for i in scheduler.instances()):
+            return None
+        await asyncio.sleep(_LOAD_POLL)
+    return None
+
+
 async def _target(scheduler: Scheduler, cfg: ModelConfig, root: bool) -> tuple[str, Egress]:
-    ready = [i for i in scheduler.instances() if i.model == cfg.name and i.state is State.READY]
-    if ready:
-        inst = min(ready, key=lambda i: i.in_flight)
+    inst = _ready(scheduler, cfg.name)
+    if inst is None and (root or cfg.passthrough_launch == "any"):
+        inst = await _loading(scheduler, cfg.name,
+                              cfg.load_timeout or scheduler.config.scheduler.load_timeout)
+    if inst is not None:
         inst.touch()
-        return inst.base_url, PLAIN
+        return inst.base_url, inst.egress
     if cfg.passthrough_launch == "root" and not root:
         raise NotLoaded(f"model '{cfg.name}' is not loaded, and only /upstream/{cfg.name}/ "
                         "may start it (passthrough_launch = \"root\")")

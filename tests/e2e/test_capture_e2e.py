@@ -75,6 +75,11 @@ def test_cancel_frees_the_slot_stream_or_not(
         wait_until(lambda rid=rid: in_flight(c, rid), timeout=60, step=0.1)
         # Generating (a probe of /slots while the call runs, once it holds the slot).
         wait_until(lambda: processing(c), timeout=60, step=0.25)
+        if stream:
+            # A capture is readable while its call runs: words have come.
+            wait_until(lambda rid=rid: bool(httpx.get(f"{c.url}/admin/requests/{rid}", timeout=10)
+                                            .json()["answer"]["assembled"]["text"]),
+                       timeout=60, step=0.25)
         resp = httpx.post(f"{c.url}/admin/requests/{rid}/cancel", timeout=10)
         assert resp.status_code == 200 and resp.json()["cancelled"] is True
         t.join(30)
