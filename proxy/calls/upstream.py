@@ -41,7 +41,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from proxy.calls import context, egress, usage
-from proxy.calls.tracking import CANCELLED, Cancelled, Entry
+from proxy.calls.tracking import CANCELLED, Cancelled, Entry, InFlight
 from proxy.edge import jsonc
 from proxy.edge.errors import Family, stream_error_event
 from proxy.edge.reqlog import note_model
@@ -149,20 +149,27 @@ async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
 
 async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
     calls = app.get(CALLS)
-    entry = calls.enter(client, spec.model, spec.path, spec.body, app[SCHEDULER]) if (
-        calls is not None) else None
-    if entry is None:
+    entry = None if calls is None else calls.enter(client, spec.model, spec.path, spec.body,
+                                                    app[SCHEDULER])
+    if calls is None or entry is None:
         return await _admitted(app, client, spec, consume)
-    # In flight: cancellable by id (proxy/calls/tracking.py), captured when captures are on.
+    return await _tracked(app, calls, entry, client, spec, consume)
+
+
+async def _tracked(app: web.Application, calls: InFlight, entry: Entry, client: Client,
+                   spec: Call, consume: Consume[T]) -> T:
+    """A call in flight: cancellable by its request id, captured when captures are on
+    (proxy/calls/tracking.py)."""
     if entry.record is not None:
         spec, consume = entry.record.wrap(spec, consume)
     error: BaseException | None = None
     try:
         return await _admitted(app, client, spec, functools.partial(_watched, entry, consume))
-    except asyncio.CancelledError as e:
+    except BaseException as e:
         error = e
-        if not entry.cancelled:
+        if not (isinstance(e, asyncio.CancelledError) and entry.cancelled):
             raise
+        # An operator's cancel, not the client's hang-up nor a shutdown.
         entry.task.uncancel()
         err = Cancelled(CANCELLED)
         if client.response is not None and not client.answered:
@@ -171,11 +178,8 @@ async def _call(app: web.Application, client: Client, spec: Call, consume: Consu
             client.answered = True
             raise _Ended(err, client.response) from None
         raise err from None
-    except BaseException as e:
-        error = e
-        raise
     finally:
-        calls.leave(entry, error)  # type: ignore[union-attr]
+        calls.leave(entry, error)
 
 
 async def _watched(entry: Entry, consume: Consume[T], up: Upstream,
