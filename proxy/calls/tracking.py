@@ -58,10 +58,12 @@ class _Client(Protocol):
     def request(self) -> Any: ...
     @property
     def family(self) -> str: ...
+    @property
+    def upstream(self) -> aiohttp.ClientResponse | None: ...
 
 
 class Entry:
-    __slots__ = ("cancelled", "client", "id", "model", "record", "resp", "start", "task")
+    __slots__ = ("cancelled", "client", "id", "model", "record", "start", "task")
 
     def __init__(self, request_id: str, start: float, task: asyncio.Task[Any], client: _Client,
                  model: str, record: Record | None) -> None:
@@ -71,7 +73,6 @@ class Entry:
         self.client = client
         self.model = model
         self.record = record
-        self.resp: aiohttp.ClientResponse | None = None
         self.cancelled = False
 
 
@@ -110,7 +111,7 @@ class InFlight:
         if entry is None or entry.cancelled:
             return False
         entry.cancelled = True
-        resp = entry.resp
+        resp = entry.client.upstream
         if entry.client.answered and resp is not None:
             resp.content.set_exception(aiohttp.ClientPayloadError(CANCELLED))
             resp.close()

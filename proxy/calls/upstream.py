@@ -87,6 +87,9 @@ class Client:
     response: web.StreamResponse | None = None
     # Bytes of the answer have gone out: a failure can no longer be resent.
     answered: bool = False
+    # The upstream answer being read: what an operator's cancel closes once the answer
+    # flows (proxy/calls/tracking.py).
+    upstream: aiohttp.ClientResponse | None = None
 
 
 Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
@@ -164,7 +167,7 @@ async def _tracked(app: web.Application, calls: InFlight, entry: Entry, client: 
         spec, consume = entry.record.wrap(spec, consume)
     error: BaseException | None = None
     try:
-        return await _admitted(app, client, spec, functools.partial(_watched, entry, consume))
+        return await _admitted(app, client, spec, consume)
     except BaseException as e:
         error = e
         if not (isinstance(e, asyncio.CancelledError) and entry.cancelled):
@@ -180,15 +183,6 @@ async def _tracked(app: web.Application, calls: InFlight, entry: Entry, client: 
         raise err from None
     finally:
         calls.leave(entry, error)
-
-
-async def _watched(entry: Entry, consume: Consume[T], up: Upstream,
-                   resp: aiohttp.ClientResponse, client: Client) -> T:
-    entry.resp = resp  # what a cancel closes once the answer flows
-    try:
-        return await consume(up, resp, client)
-    finally:
-        entry.resp = None
 
 
 async def _admitted(app: web.Application, client: Client, spec: Call,
@@ -216,7 +210,7 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
                 sent = spec.via(up) if spec.via is not None else None
                 if spec.fit is not None and sent is None:
                     await context.check(session, up, spec.fit, spec.hints)
-                resp = await _send(session, up, sent or spec, cfg)
+                resp = client.upstream = await _send(session, up, sent or spec, cfg)
                 if resp.status == 400 and spec.fit is not None and sent is None:
                     try:
                         await context.refused(resp, up, spec.fit, spec.hints, up.model)
