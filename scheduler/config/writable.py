@@ -56,7 +56,7 @@ _MODEL_WRITABLE = (
     "name", "aliases", "ctx_size", "parallel", "n_gpu_layers", "threads", "ttl",
     "embedding", "load_timeout", "footprint", "remote_slots", "fallbacks",
     "connect_timeout", "first_byte_timeout", "stall_timeout", "rerank", "capabilities",
-    "api", "loading_feedback", "evictable", "priority", "slot_cache",
+    "api", "loading_feedback", "evictable", "priority", "slot_cache", "passthrough_launch",
 )
 
 WRITABLE: frozenset[Key] = frozenset({
