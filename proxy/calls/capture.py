@@ -7,10 +7,10 @@ call's consumer (the answer is copied as the consumer reads it, by a tap like th
 per-key token tap) and its ``via`` (the body a translated family really sent).
 
 Memory is bounded by bytes, not by count: each body and answer is cut at
-``body_limit`` with a marker, and the ring drops its oldest records once the
-records' sizes add up past ``memory``. A record's size is counted when it is opened
-(the received body) and again when it ends (everything), so a flood of big calls
-keeps the ring under its cap whatever their number. With ``dir`` set, each finished
+``body_limit`` (and at an eighth of ``memory``) with a marker, and the ring drops its
+oldest records once the records' sizes add up past ``memory``. A record's size is
+counted when it is opened and again as its answer grows, so a flood of big calls,
+finished or still streaming, keeps the ring under its cap whatever their number. With ``dir`` set, each finished
 record is also written as one JSON file by a single writer task, and the oldest files
 are deleted once the folder passes ``dir_max``.
 
@@ -100,7 +100,7 @@ class Record:
         self.time = time.time()
         self.start = start  # perf_counter() at the call's arrival (RequestInfo.start)
         self.meta = meta
-        self.received, self.received_cut = cut(received, store.config.body_limit)
+        self.received, self.received_cut = cut(received, store.body_limit)
         self.sent = b""
         self.sent_cut = 0
         self.sent_path = ""
@@ -152,7 +152,7 @@ class Record:
                                                                              out), up.slot))
         else:
             body = egress.in_slot(egress.renamed_body(spec.body, out), up.slot)
-        self.sent, self.sent_cut = cut(body, self.store.config.body_limit)
+        self.sent, self.sent_cut = cut(body, self.store.body_limit)
         self.sent_path = out.path(spec.path)
         self.upstream = {"model": up.model, "instance": up.instance_id,
                          "waited_seconds": round(up.waited, 4)}
@@ -160,18 +160,21 @@ class Record:
         self.content_type = resp.content_type
         self.answer.clear()
         self.answer_cut = 0
+        self.store.resize(self)
 
     def read(self, data: bytes) -> None:
         now = time.perf_counter()
         if not self.first:
             self.first = now
         self.last = now
-        room = self.store.config.body_limit - len(self.answer)
+        room = self.store.body_limit - len(self.answer)
         if room >= len(data):
             self.answer += data
         else:
             self.answer += data[:max(room, 0)]
             self.answer_cut += len(data) - max(room, 0)
+        if room > 0:
+            self.store.resize(self)
 
     def finish(self, error: BaseException | None) -> None:
         self.end = time.perf_counter()
@@ -248,6 +251,9 @@ class Captures:
 
     def __init__(self, config: CaptureConfig) -> None:
         self.config = config
+        # A record holds three bodies at most: each is cut at an eighth of the ring too,
+        # so that one record never outgrows the ring by itself.
+        self.body_limit = min(config.body_limit, config.memory // 8)
         self.records: collections.OrderedDict[str, Record] = collections.OrderedDict()
         self.bytes = 0
         self.dropped = 0
@@ -272,14 +278,23 @@ class Captures:
         self._trim()
         return rec
 
-    def finished(self, rec: Record) -> None:
+    def resize(self, rec: Record) -> None:
+        """Count what a running call's record holds now (its answer grows as it streams),
+        so that many calls in flight cannot hold more than the cap between them."""
         if self.records.get(rec.id) is not rec:
-            return  # pushed out of the ring while it ran
+            return  # pushed out of the ring while it ran: no longer counted
         size = rec.cost()
         self.bytes += size - rec.size
         rec.size = size
-        self.records.move_to_end(rec.id)
         self._trim()
+
+    def finished(self, rec: Record) -> None:
+        if self.records.get(rec.id) is not rec:
+            return
+        self.resize(rec)
+        if rec.id not in self.records:
+            return
+        self.records.move_to_end(rec.id)
         if self._queue is not None:
             try:
                 self._queue.put_nowait(rec)
