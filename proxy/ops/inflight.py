@@ -8,6 +8,7 @@ admin route and other APIs (Xinference's abort) call it.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,8 @@ from proxy.metrics.registry import METRICS
 from proxy.ops import capture_view
 from scheduler.config import secrets
 from scheduler.errors import BadRequest, CorralError
+
+log = logging.getLogger(__name__)
 
 # The longest replayed answer shown in the page.
 _REPLAY_SHOWN = 1 << 20
@@ -42,7 +45,10 @@ def cancel(app: web.Application, request_id: str) -> bool:
     ending a stream already begun), the upstream connection is closed so the slot is
     freed at once, and the lease is released (proxy/calls/tracking.py)."""
     calls = app.get(CALLS)
-    return calls is not None and calls.cancel(request_id)
+    if calls is None or not calls.cancel(request_id):
+        return False
+    log.info("request %s cancelled by an operator", request_id)
+    return True
 
 
 def _captures(request: web.Request) -> Captures | None:

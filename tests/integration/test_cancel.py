@@ -146,3 +146,24 @@ async def test_cancel_of_an_unknown_id_is_a_404(corral: Any, tmp_path: Path) -> 
     resp = await client.post("/admin/requests/nobody/cancel")
     assert resp.status == 404
     assert not cancel(client.app, "nobody")
+
+
+async def test_cancel_a_stream_still_waiting_behind_its_loading_feedback(
+    corral_ports: Any, tmp_path: Path
+) -> None:
+    ports = await corral_ports(make_config(tmp_path, [{"name": "m", "env": SLOW}]))
+    main = ports.openai
+    running = asyncio.create_task(main.post("/v1/chat/completions", json=chat(max_tokens=200),
+                                            headers={"X-Request-Id": "busy"}))
+    await wait_for(lambda: in_use(main) == 1)
+    resp = await main.post("/v1/chat/completions", json=chat(stream=True),
+                           headers={"X-Request-Id": "waiting"})
+    assert resp.status == 200  # the feedback's headers: ": waiting for a free slot ..."
+    first = await asyncio.wait_for(resp.content.readline(), 10)
+    assert first.startswith(b": waiting")
+    assert cancel(main.app, "waiting")
+    rest = (await asyncio.wait_for(resp.read(), 10)).decode()
+    event = [ln for ln in rest.splitlines() if ln.startswith("data: ")][-1]
+    assert json.loads(event[6:])["error"]["code"] == "cancelled"
+    assert cancel(main.app, "busy")
+    assert (await asyncio.wait_for(running, 10)).status == 499
