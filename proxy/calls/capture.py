@@ -10,9 +10,9 @@ Memory is bounded by bytes, not by count: each body and answer is cut at
 ``body_limit`` (and at an eighth of ``memory``) with a marker, and the ring drops its
 oldest records once the records' sizes add up past ``memory``. A record's size is
 counted when it is opened and again as its answer grows, so a flood of big calls,
-finished or still streaming, keeps the ring under its cap whatever their number. With ``dir`` set, each finished
-record is also written as one JSON file by a single writer task, and the oldest files
-are deleted once the folder passes ``dir_max``.
+finished or still streaming, keeps the ring under its cap whatever their number.
+With ``dir`` set, each finished record is also written as one JSON file by a single
+writer task, and the oldest files are deleted once the folder passes ``dir_max``.
 
 Secrets never enter a record: request headers that carry keys (Authorization,
 X-Api-Key, cookies, the configured extras) are replaced by ``[redacted]``, and what
