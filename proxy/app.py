@@ -27,17 +27,28 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from proxy.calls.capture import Captures
+from proxy.calls.tracking import InFlight
 from proxy.dialects import lmstudio, lmstudio_sdk, ollama, openai
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge import guard, reqlog, tuning
 from proxy.edge.body import BodyBudget
 from proxy.edge.errors import Dialect, error_middleware
 from proxy.edge.listener import GuardedRunner, Limits
-from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, FAMILIES, PULL_LOCKS, SCHEDULER, SESSION
+from proxy.keys import (
+    BODY_BUDGET,
+    CALLS,
+    CONFIG,
+    DISCOVERY,
+    FAMILIES,
+    PULL_LOCKS,
+    SCHEDULER,
+    SESSION,
+)
 from proxy.metrics import web as metrics_http
 from proxy.metrics.registry import METRICS, Metrics
 from proxy.metrics.web import request_middleware
-from proxy.ops import admin, cluster, pulls
+from proxy.ops import admin, capture_view, cluster, passthrough, pulls
 from proxy.ops.mount import add_dashboard_routes
 from proxy.ops.reload import RELOADER, reload_ctx
 from proxy.workers import owner as workers
@@ -139,6 +150,16 @@ def _core_ctx(
     return ctx
 
 
+async def _captures_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The captures' disk writer, when [server.capture] dir is set."""
+    store = app[CALLS].captures
+    if store is not None:
+        await store.start(capture_view.render)
+    yield
+    if store is not None:
+        await store.close()
+
+
 def build_openai_app(
     cfg: CorralConfig, opts: CoreOptions | None = None, *, config_path: Path | None = None
 ) -> web.Application:
@@ -151,6 +172,8 @@ def build_openai_app(
     app[METRICS] = stats
     app[BODY_BUDGET] = BodyBudget(cfg.server.max_body_bytes_in_flight)
     app[FAMILIES] = FamilyState()
+    capture = cfg.server.capture
+    app[CALLS] = InFlight(Captures(capture) if capture.enabled else None)
     metrics_http.install(app)
     app.on_response_prepare.append(guard.on_response_prepare)
     # In start order; torn down in reverse, so the scheduler stops last.
@@ -158,10 +181,12 @@ def build_openai_app(
     app.cleanup_ctx.append(metrics_http.metrics_ctx(stats))
     app.cleanup_ctx.append(reload_ctx(config_path, stats))
     app.cleanup_ctx.append(pulls.discovery_ctx)
+    app.cleanup_ctx.append(_captures_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_http.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
+    passthrough.add_routes(app)
     cluster.setup(app, cfg)
     add_dashboard_routes(app, cfg)
     return app
@@ -186,7 +211,10 @@ def build_port_app(
     app[SESSION] = core[SESSION]
     app[BODY_BUDGET] = core[BODY_BUDGET]
     app[FAMILIES] = core[FAMILIES]
-    # Absent in tests that build the core app by hand.
+    # Absent in tests that build the core app by hand, and in a worker process (its
+    # calls are not tracked: cancel and captures are the owner's, docs/admin-api.md).
+    if CALLS in core:
+        app[CALLS] = core[CALLS]
     if DISCOVERY in core:
         app[DISCOVERY] = core[DISCOVERY]
     if PULL_LOCKS in core:

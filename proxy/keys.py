@@ -7,6 +7,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
+from proxy.calls.tracking import InFlight
 from proxy.dialects.chat_store import ChatStore
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge.body import BodyBudget
@@ -28,3 +29,6 @@ FAMILIES = web.AppKey("families", FamilyState)
 # Models found on disk (the scanner) and pulls in progress, shared by every port.
 DISCOVERY = web.AppKey("discovery", Discovery)
 PULL_LOCKS = web.AppKey("pull_locks", dict[str, asyncio.Lock])
+
+# Calls in flight by request id (cancel) and their captures, shared by every port app.
+CALLS = web.AppKey("calls", InFlight)

@@ -41,10 +41,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from proxy.calls import context, egress, policy, usage
+from proxy.calls.tracking import CANCELLED, Cancelled, Entry, InFlight
 from proxy.edge import jsonc
 from proxy.edge.errors import Family, stream_error_event
 from proxy.edge.reqlog import note_model
-from proxy.keys import SCHEDULER, SESSION
+from proxy.keys import CALLS, SCHEDULER, SESSION
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import ModelConfig
 from scheduler.engines.remote import COOLDOWN_STATUSES
@@ -86,6 +87,12 @@ class Client:
     response: web.StreamResponse | None = None
     # Bytes of the answer have gone out: a failure can no longer be resent.
     answered: bool = False
+    # The upstream answer being read: what an operator's cancel closes once the answer
+    # flows (proxy/calls/tracking.py).
+    upstream: aiohttp.ClientResponse | None = None
+    # What the last attempt sent (after translation and request policy): a capture
+    # records this body, not the one the client wrote.
+    sent: Any = None
 
 
 Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
@@ -147,6 +154,42 @@ async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
 
 
 async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
+    calls = app.get(CALLS)
+    entry = None if calls is None else calls.enter(client, spec.model, spec.path, spec.body,
+                                                    app[SCHEDULER])
+    if calls is None or entry is None:
+        return await _admitted(app, client, spec, consume)
+    return await _tracked(app, calls, entry, client, spec, consume)
+
+
+async def _tracked(app: web.Application, calls: InFlight, entry: Entry, client: Client,
+                   spec: Call, consume: Consume[T]) -> T:
+    """A call in flight: cancellable by its request id, captured when captures are on
+    (proxy/calls/tracking.py)."""
+    if entry.record is not None:
+        spec, consume = entry.record.wrap(spec, consume)
+    error: BaseException | None = None
+    try:
+        return await _admitted(app, client, spec, consume)
+    except BaseException as e:
+        error = e
+        if not (isinstance(e, asyncio.CancelledError) and entry.cancelled):
+            raise
+        # An operator's cancel, not the client's hang-up nor a shutdown.
+        entry.task.uncancel()
+        err = Cancelled(CANCELLED)
+        if client.response is not None and not client.answered:
+            # Loading feedback had begun the stream: the error is its last event.
+            await client.response.write(stream_error_event(err, client.family))
+            client.answered = True
+            raise _Ended(err, client.response) from None
+        raise err from None
+    finally:
+        calls.leave(entry, error)
+
+
+async def _admitted(app: web.Application, client: Client, spec: Call,
+                    consume: Consume[T]) -> T:
     scheduler = app[SCHEDULER]
     session = app[SESSION]
     key = tenants.current()
@@ -176,7 +219,8 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
                 fit = policy.refit(spec.fit, out) if shape and sent is None else spec.fit
                 if fit is not None and sent is None:
                     await context.check(session, up, fit, spec.hints)
-                resp = await _send(session, up, out, cfg)
+                client.sent = out
+                resp = client.upstream = await _send(session, up, out, cfg)
                 if resp.status == 400 and fit is not None and sent is None:
                     try:
                         await context.refused(resp, up, fit, spec.hints, up.model)

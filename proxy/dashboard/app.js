@@ -3,7 +3,7 @@
 // GET /admin/instances/{id}/logs?follow=1 (server-sent events read through fetch, so
 // that the API key can ride in a header: EventSource cannot send one).
 // The other views live in their own modules (charts, playground, models, config,
-// keys); each exports show() and hide(), called when its tab is picked.
+// keys, requests); each exports show() and hide(), called when its tab is picked.
 // Every value from the server goes into the page as text, never as HTML.
 
 import { $, api, bytes, clock, el, seconds, setKey, ui } from "./util.js";
@@ -12,6 +12,7 @@ import * as playground from "./playground.js";
 import * as models from "./models.js";
 import * as config from "./config.js";
 import * as keys from "./keys.js";
+import * as requests from "./requests.js";
 
 const POLL_MS = 1000;
 const LOG_LINES_KEPT = 2000;
@@ -22,7 +23,7 @@ const state = {
   logAbort: null,
 };
 
-const VIEWS = { overview: null, charts, playground, models, config, keys };
+const VIEWS = { overview: null, charts, playground, models, config, keys, requests };
 
 function stateCell(state) {
   return el("td", { class: "state state-" + state }, state);

@@ -75,6 +75,16 @@ async def read(request: web.Request, limit: int) -> bytearray:
     return buf
 
 
+# A translated call's body as it came, for its capture (proxy/calls/capture.py): what
+# goes upstream is another body. A pass-through call sends its body as it came.
+RECEIVED = web.RequestKey("corral_received_body", bytearray)
+
+
 async def read_json(request: web.Request, limit: int = 64 << 20) -> dict[str, Any]:
     """A JSON object body, parsed whole: what the translating dialects read."""
-    return jsonc.loads_object(await read(request, limit))
+    raw = request[RECEIVED] = await read(request, limit)
+    return jsonc.loads_object(raw)
+
+
+def received_body(request: web.Request) -> bytearray | None:
+    return request.get(RECEIVED)

@@ -25,7 +25,7 @@ from proxy.edge.reqlog import note_model
 from proxy.keys import CONFIG, DISCOVERY, SCHEDULER
 from proxy.metrics.registry import METRICS
 from proxy.metrics.scrape import resident_memory
-from proxy.ops import config_edit
+from proxy.ops import config_edit, inflight
 from proxy.ops.reload import RELOADER
 from scheduler.config import secrets
 from scheduler.config.root import CorralConfig
@@ -40,8 +40,8 @@ DASHBOARD_FILES = {
     "style.css": ("style.css", "text/css"),
     # The dashboard's ES modules (proxy/ops is their API) and the vendored uPlot.
     **{n: (n, "text/javascript") for n in (
-        "charts.js", "playground.js", "config.js", "models.js", "keys.js", "util.js",
-        "uplot.min.js")},
+        "charts.js", "playground.js", "config.js", "models.js", "keys.js", "requests.js",
+        "util.js", "uplot.min.js")},
     "uplot.min.css": ("uplot.min.css", "text/css"),
     "favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
@@ -280,11 +280,6 @@ async def _follow(request: web.Request, inst: Instance, tail: int,
 # -- recent activity ---------------------------------------------------------------------
 
 
-async def recent_requests(request: web.Request) -> web.Response:
-    limit = _int_query(request, "limit", 50)
-    return web.json_response({"requests": request.app[METRICS].recent_requests(limit)})
-
-
 async def events(request: web.Request) -> web.Response:
     limit = _int_query(request, "limit", 50)
     ring = list(request.app[METRICS].events)
@@ -420,7 +415,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/instances", instances)
     r.add_get("/admin/instances/{instance}", instance)
     r.add_get("/admin/instances/{instance}/logs", logs)
-    r.add_get("/admin/requests", recent_requests)
+    # The request list, captures, cancel and replay (proxy/ops/inflight.py).
+    inflight.add_routes(app)
     r.add_get("/admin/events", events)
     r.add_get("/admin/config", get_config)
     r.add_get("/admin/providers", providers)

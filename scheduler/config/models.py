@@ -240,6 +240,10 @@ class ModelConfig(_Strict):
         True, description="false: pinned, one instance kept loaded from start, never "
         "evicted, preempted or expired"
     )
+    passthrough_launch: Literal["any", "root"] = Field(
+        "any", description="which /upstream/{model}/ paths may launch it: any, or only "
+        "the root (a browser tab's assets then never keep it loaded)"
+    )
     priority: int = Field(
         0, description="higher runs first when models wait for room; preemption takes the "
         "lowest first"

@@ -42,6 +42,7 @@ from scheduler.config.models import (
     jinja_problem,
 )
 from scheduler.config.sections import (
+    CaptureConfig,
     ClusterConfig,
     KeyConfig,
     ScanDir,
@@ -61,6 +62,7 @@ from scheduler.errors import ConfigError
 __all__ = [
     "RESERVED_FLAGS",
     "Capability",
+    "CaptureConfig",
     "ClusterConfig",
     "CorralConfig",
     "KeyConfig",

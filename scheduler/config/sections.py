@@ -14,6 +14,32 @@ from scheduler.config.base import _NAME_RE, _Strict, parse_size
 from scheduler.config.models import check_args, check_ctx
 
 
+class CaptureConfig(_Strict):
+    """``[server.capture]``: what each model-routed call sent and got, kept for the
+    operator (docs/admin-api.md, "Captures"). Off while ``memory`` is 0."""
+
+    memory: int = Field(0, description="bytes of captured calls kept in memory, oldest "
+                        "dropped first; 0 = off")
+    body_limit: int = Field(256 * 2**10, description="bytes kept of each body and answer; "
+                            "the rest is cut with a marker")
+    dir: Path | None = Field(None, description="also write each finished capture here")
+    dir_max: int = Field(1 * 2**30, description="bytes kept in dir, oldest deleted first")
+    exclude_keys: tuple[str, ...] = Field(
+        (), description="[[keys]] names whose calls are never captured")
+    redact_headers: tuple[str, ...] = Field(
+        (), description="request headers hidden besides Authorization, X-Api-Key, Cookie "
+        "and the remotes' own")
+
+    @field_validator("memory", "body_limit", "dir_max", mode="before")
+    @classmethod
+    def _sizes(cls, value: object) -> int:
+        return parse_size(value)
+
+    @property
+    def enabled(self) -> bool:
+        return self.memory > 0
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, description="OpenAI-compatible port (0 = any free)")
@@ -68,6 +94,9 @@ class ServerConfig(_Strict):
     workers: int | Literal["auto"] = Field(
         1, description='processes relaying calls ("auto": one per core); one owns the state'
     )
+    capture: CaptureConfig = Field(
+        default_factory=CaptureConfig, description="keep calls' bodies, answers and timings "
+        "for /admin/requests (off by default)")
 
     @field_validator("workers")
     @classmethod

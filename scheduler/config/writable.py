@@ -56,7 +56,7 @@ _MODEL_WRITABLE = (
     "name", "aliases", "ctx_size", "parallel", "n_gpu_layers", "threads", "ttl",
     "embedding", "load_timeout", "footprint", "remote_slots", "fallbacks",
     "connect_timeout", "first_byte_timeout", "stall_timeout", "rerank", "capabilities",
-    "api", "loading_feedback", "evictable", "priority", "slot_cache",
+    "api", "loading_feedback", "evictable", "priority", "slot_cache", "passthrough_launch",
     # Request policy, variants, listings: what a call's body carries and which names
     # are shown. Corral's own fields (model, stream, id_slot) are out of a policy's reach.
     "unlisted", "variants",
@@ -89,6 +89,7 @@ REFUSED: dict[Key, str] = {
     ("server", "allowed_hosts"): GUARD,
     ("server", "cors_origins"): GUARD,
     ("server", "admin_config_write"): GUARD,
+    ("server", "capture"): DISK,
     ("scheduler", "slot_cache_dir"): DISK,
     ("scheduler", "slot_cache_size"): DISK,
     ("scheduler", "scan"): DISK,

@@ -212,6 +212,10 @@ class RemoteConfig(_Endpoint):
     api: tuple[UpstreamApi, ...] | None = Field(
         None, description="API families it speaks natively; None: llama-server's"
     )
+    passthrough: bool = Field(
+        False, description="allow raw /upstream/{model}/ calls to this remote (its key goes "
+        "with them)"
+    )
 
 
 def env_key(cfg: _Endpoint) -> str | None:

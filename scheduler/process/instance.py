@@ -203,6 +203,10 @@ class Instance:
         self._idle.clear()
         return True
 
+    def touch(self) -> None:
+        """A use that takes no slot (a raw passthrough call) resets the idle TTL."""
+        self.last_used = self._clock()
+
     def release(self) -> None:
         self.in_flight -= 1
         self.stats.served += 1

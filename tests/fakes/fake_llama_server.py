@@ -876,6 +876,13 @@ async def handle_health(request: web.Request) -> web.StreamResponse:
     return json_response({"status": "ok"})
 
 
+async def handle_index(request: web.Request) -> web.StreamResponse:
+    """llama-server's web UI page, in miniature (raw passthrough tests fetch it)."""
+    return web.Response(text="<!doctype html><html><head><title>llama.cpp - chat</title>"
+                        "</head><body><div id=app></div></body></html>",
+                        content_type="text/html")
+
+
 async def handle_props(request: web.Request) -> web.StreamResponse:
     srv = request.app[SERVER]
     return json_response(
@@ -1129,6 +1136,7 @@ def build_app(srv: Server) -> web.Application:
     app.router.add_get("/health", handle_health)
     app.router.add_get("/v1/health", handle_health)
     app.router.add_get("/props", handle_props)
+    app.router.add_get("/", handle_index)
     app.router.add_get("/slots", handle_slots)
     app.router.add_post("/slots/{id}", handle_slot_action)
     app.router.add_get("/models", handle_models)

@@ -25,7 +25,8 @@ def _both(port: str, path: str) -> set[tuple[str, str, str, str]]:
 EXPECTED = {
     *_both("main", "/health"), *_both("main", "/"), *_both("main", "/dashboard"),
     *(x for name in ("", "index.html", "app.js", "style.css", "charts.js", "playground.js",
-                     "config.js", "models.js", "keys.js", "util.js", "uplot.min.js",
+                     "config.js", "models.js", "keys.js", "requests.js", "util.js",
+                     "uplot.min.js",
                      "uplot.min.css", "favicon.svg")
       for x in _both("main", f"/dashboard/{name}")),
     *_both("ollama", "/health"), *_both("ollama", "/"),
