@@ -17,8 +17,44 @@ from scheduler.config.base import _NAME_RE, _Strict, parse_size
 from scheduler.engines.settings import RemoteConfig, UpstreamApi
 
 Capability = Literal[
-    "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
+    "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill",
+    "speech", "image",
 ]
+
+# What a built-in media runtime (scheduler/engines/templates.py) serves, for a model
+# whose table names it and leaves `capabilities` out.
+RUNTIME_CAPABILITIES: Mapping[str, tuple[Capability, ...]] = MappingProxyType({
+    "sd-server": ("image",), "kokoro": ("speech",),
+})
+
+# Long jobs (docs/engines.md): the keys a model that serves images or speech gets when
+# its table leaves them out. An image is one call of tens of seconds to minutes on a
+# CPU with no byte until the end (sd-server answers whole), and with partial images
+# the gaps between events are as long. A TTS server without a file to size is a small
+# PyTorch or ONNX process (Kokoro-82M: ~330 MB of weights).
+MEDIA_DEFAULTS: Mapping[Capability, Mapping[str, object]] = MappingProxyType({
+    "image": MappingProxyType({"first_byte_timeout": 1800.0, "stall_timeout": 600.0}),
+    "speech": MappingProxyType({"footprint": 1 << 30}),
+})
+_SOURCES = ("path", "package", "hf_repo")
+
+
+def media_defaults(data: object) -> object:
+    """A [[models]] table with the long-job defaults of its capabilities filled in."""
+    if not isinstance(data, dict):
+        return data
+    caps = data.get("capabilities")
+    if caps is None:
+        caps = RUNTIME_CAPABILITIES.get(str(data.get("runtime")), ())
+    if not isinstance(caps, list | tuple):
+        return data  # the schema reports it
+    out = dict(data)
+    for cap in caps:
+        for key, value in MEDIA_DEFAULTS.get(cap, {}).items():
+            if key == "footprint" and any(out.get(k) is not None for k in _SOURCES):
+                continue  # sized from its file
+            out.setdefault(key, value)
+    return out
 
 
 # ctx_size = "auto" never shrinks a context below this (or the model's own, when smaller)
@@ -258,12 +294,17 @@ class ModelConfig(_Strict):
     # Engines (docs/engines.md).
     runtime: str | None = Field(
         None, description="what launches it: llama-server (default), a built-in template "
-        "(vllm, sglang, whisper-server, ollama) or a [runtimes.NAME] table"
+        "(vllm, sglang, whisper-server, ollama, sd-server, kokoro) or a [runtimes.NAME] table"
     )
     upstream_model: str | None = Field(
         None, description="the name its runtime knows it by (${MODEL}, and the 'model' "
         "sent upstream); default: the model's name"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _media(cls, data: object) -> object:
+        return media_defaults(data)
 
     @field_validator("ctx_size", mode="before")
     @classmethod
