@@ -174,7 +174,9 @@ def routes(engine: Engine) -> web.RouteTableDef:
         if body is None or not isinstance(body.get("prompt"), str) or not body["prompt"]:
             return web.json_response({"error": "prompt required"}, status=400)
         await engine.generate()
-        n = int(body.get("batch_size", 1))
+        n = body.get("batch_size", 1)
+        if not isinstance(n, int) or not 1 <= n <= 8:
+            return web.json_response({"error": "batch_size must be in range [1, 8]"}, status=400)
         images = [base64.b64encode(image_bytes(body["prompt"], i, engine.image_size)).decode()
                   for i in range(n)]
         return web.json_response({"images": images, "parameters": body, "info": ""})
@@ -214,7 +216,10 @@ async def _images(request: web.Request, engine: Engine, body: dict[str, Any],
     if not isinstance(n, int) or not 1 <= n <= 8:
         return _error(400, "'n' must be 1 to 8")
     if body.get("stream"):
-        return await _image_stream(request, engine, prompt, int(body.get("partial_images") or 0))
+        partials = body.get("partial_images") or 0
+        if not isinstance(partials, int) or not 0 <= partials <= 3:
+            return _error(400, "'partial_images' must be 0 to 3")
+        return await _image_stream(request, engine, prompt, partials)
     await engine.generate()
     data = []
     for i in range(n):
@@ -260,6 +265,15 @@ async def _image_stream(request: web.Request, engine: Engine, prompt: str,
     return out
 
 
+@web.middleware
+async def bad_input(request: web.Request, handler: Any) -> web.StreamResponse:
+    """What a form's text fields fail to parse as is the caller's error, not a 500."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except (ValueError, AssertionError) as e:
+        return _error(400, f"bad request: {e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", "--listen-ip", default="127.0.0.1")
@@ -267,7 +281,7 @@ def main() -> None:
     args, unknown = parser.parse_known_args()
     print(f"fake-media: ignoring {unknown}", flush=True)
     time.sleep(float(os.environ.get("FAKE_LOAD_DELAY", "0")))
-    app = web.Application(client_max_size=1 << 30)
+    app = web.Application(client_max_size=1 << 30, middlewares=[bad_input])
     app.add_routes(routes(Engine()))
     web.run_app(app, host=args.host, port=args.port, print=None, handle_signals=True)
 

@@ -74,6 +74,17 @@ def test_every_mounted_route_is_documented(ports: list[int]) -> None:
     main = httpx.get(f"http://127.0.0.1:{ports[0]}/openapi.json", timeout=10).json()
     assert {"/tokenize", "/props", "/v1/audio/transcriptions", "/admin/instances"} <= set(
         main["paths"])
+    # Speech and images (issue 30), on the main port and where LM Studio clients call.
+    media = {"/v1/audio/speech", "/v1/audio/voices", "/v1/audio/translations",
+             "/v1/images/generations", "/v1/images/edits", "/v1/images/variations"}
+    assert media | {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/sd-models"} <= set(
+        main["paths"])
+    lmstudio = httpx.get(f"http://127.0.0.1:{ports[2]}/openapi.json", timeout=10).json()
+    assert media <= set(lmstudio["paths"])
+    speech = main["paths"]["/v1/audio/speech"]["post"]
+    assert "audio/*" in speech["responses"]["200"]["content"]
+    edit = main["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert set(edit["multipart/form-data"]["schema"]["properties"]) == {"model", "image", "mask"}
     body = main["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]
     schema = main["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
     assert schema["properties"]["model"]["enum"] == ["m", "emb", "rr", "aud"]
