@@ -168,7 +168,8 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 hints=hints_for(scheduler, model, head),
                 method=route.method,
                 query=request.query_string,
-                feedback=feedback(request, cfg, route.family, head.streaming),
+                feedback=feedback(request, cfg, route.family, head.streaming,
+                                  route.capability),
                 fit=context.of(route.upstream or request.path, body, family=route.family),
             )
             bridge = families_bridge.of(route.family, request.path, spec.path, body,
@@ -224,11 +225,18 @@ def check(scheduler: Scheduler, model: str, capability: Capability | None) -> Mo
 
 
 def feedback(
-    request: web.Request, cfg: ModelConfig, family: Family, streaming: bool
+    request: web.Request, cfg: ModelConfig, family: Family, streaming: bool,
+    capability: Capability | None = "chat",
 ) -> Literal["comments", "visible"] | None:
-    """What a stream shows while it waits for its model (None: nothing)."""
+    """What a stream shows while it waits for its model (None: nothing). A stream of
+    partial images gets comments at most: "visible" is a chat chunk."""
     if not streaming or family == "native":
         return None
     asked = request.headers.get("X-Corral-Loading", "").lower()
     mode = asked if asked in ("visible", "comments", "off") else cfg.loading_feedback
-    return None if mode == "off" else "visible" if mode == "visible" else "comments"
+    if mode == "off":
+        return None
+    return "visible" if mode == "visible" and capability not in _MEDIA else "comments"
+
+
+_MEDIA: frozenset[Capability | None] = frozenset({"speech", "image"})

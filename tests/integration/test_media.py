@@ -258,3 +258,20 @@ async def test_an_edit_form_of_several_files_streams_through(
     files = (await r.json())["corral_test"]["files"]
     assert sorted(files.values()) == sorted(
         [len(d), hashlib.sha256(d).hexdigest()] for _, d, _ in parts)
+
+
+async def test_a_streamed_image_shows_loading_as_comments_only(
+        corral: Any, tmp_path: Path) -> None:
+    cfg = media_cfg(tmp_path)
+    sd = cfg.models[1].model_copy(update={"env": {"FAKE_LOAD_DELAY": "1.5",
+                                                  "FAKE_IMAGE_SECONDS": "0.1"}})
+    client = await corral(cfg.model_copy(update={"models": (cfg.models[0], sd)}))
+    r = await client.post("/v1/images/generations", headers={"X-Corral-Loading": "visible"},
+                          json={"model": "sd", "prompt": "slow", "stream": True})
+    assert r.status == 200 and r.content_type == "text/event-stream"
+    text = (await r.read()).decode()
+    # sd-server loads before it listens: the wait shows as SSE comments, never as a
+    # chat chunk an image client would choke on; then the events.
+    assert text.startswith(": loading sd"), text[:200]
+    assert "chat.completion.chunk" not in text
+    assert "event: image_generation.completed" in text
