@@ -36,16 +36,15 @@ from aiohttp import web
 VOICES = ["af_bella", "am_adam"]
 
 
+def speech_chunk(text: str, index: int, size: int) -> bytes:
+    """Chunk ``index`` of the audio the fake answers for ``text``."""
+    seed = hashlib.sha256(f"{text}\0{index}".encode()).digest()
+    return (seed * (size // 32 + 1))[:size]
+
+
 def speech_bytes(text: str, chunks: int, size: int) -> bytes:
     """The whole audio the fake answers for ``text``."""
-    seed = hashlib.sha256(text.encode()).digest()
-    return b"".join(hashlib.sha256(seed + i.to_bytes(4, "big")).digest() * (size // 32 + 1)
-                    for i in range(chunks))[: chunks * size] if chunks else b""
-
-
-def _chunks(text: str, chunks: int, size: int) -> list[bytes]:
-    whole = speech_bytes(text, chunks, size)
-    return [whole[i * size:(i + 1) * size] for i in range(chunks)]
+    return b"".join(speech_chunk(text, i, size) for i in range(chunks))
 
 
 def image_bytes(prompt: str, index: int, size: int) -> bytes:
@@ -116,7 +115,7 @@ def routes(engine: Engine) -> web.RouteTableDef:
             return _error(400, "'input' is required")
         if body.get("voice", VOICES[0]) not in VOICES:
             return _error(400, f"unknown voice {body.get('voice')!r}")
-        parts = _chunks(body["input"], engine.chunks, engine.chunk)
+        text = body["input"]
         sse = body.get("stream_format") == "sse"
         out = web.StreamResponse()
         out.content_type = "text/event-stream" if sse else {
@@ -124,8 +123,10 @@ def routes(engine: Engine) -> web.RouteTableDef:
             "flac": "audio/flac", "aac": "audio/aac"}.get(
                 str(body.get("response_format")), "audio/mpeg")
         await out.prepare(request)
-        for part in parts:
-            await asyncio.sleep(engine.pace)
+        for i in range(engine.chunks):
+            part = speech_chunk(text, i, engine.chunk)
+            if engine.pace:
+                await asyncio.sleep(engine.pace)
             if sse:
                 event = {"type": "speech.audio.delta", "audio": base64.b64encode(part).decode()}
                 await out.write(b"data: " + json.dumps(event).encode() + b"\n\n")
