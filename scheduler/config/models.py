@@ -26,6 +26,12 @@ Capability = Literal[
 RUNTIME_CAPABILITIES: Mapping[str, tuple[Capability, ...]] = MappingProxyType({
     "sd-server": ("image",), "kokoro": ("speech",),
 })
+# ... and the API families it speaks, the model's `api` when its table leaves it out:
+# a call of another family (llama-server's /tokenize) is a 400 before any launch, not
+# the engine's 404 relayed as a 502.
+RUNTIME_APIS: Mapping[str, tuple[UpstreamApi, ...]] = MappingProxyType({
+    "sd-server": ("images", "sdapi"), "kokoro": ("speech",),
+})
 
 # Long jobs (docs/engines.md): the keys a model that serves images or speech gets when
 # its table leaves them out. An image is one call of tens of seconds to minutes on a
@@ -43,12 +49,15 @@ def media_defaults(data: object) -> object:
     """A [[models]] table with the long-job defaults of its capabilities filled in."""
     if not isinstance(data, dict):
         return data
+    runtime = str(data.get("runtime"))
+    out = dict(data)
+    if runtime in RUNTIME_APIS:
+        out.setdefault("api", RUNTIME_APIS[runtime])
     caps = data.get("capabilities")
     if caps is None:
-        caps = RUNTIME_CAPABILITIES.get(str(data.get("runtime")), ())
+        caps = RUNTIME_CAPABILITIES.get(runtime, ())
     if not isinstance(caps, list | tuple):
-        return data  # the schema reports it
-    out = dict(data)
+        return out  # the schema reports it
     for cap in caps:
         for key, value in MEDIA_DEFAULTS.get(cap, {}).items():
             if key == "footprint" and any(out.get(k) is not None for k in _SOURCES):

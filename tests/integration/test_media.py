@@ -228,6 +228,13 @@ async def test_a_model_without_the_capability_gets_the_400_naming_those_with_it(
     r = await client.post("/v1/images/edits", data=form)
     assert r.status == 400 and "sd" in (await r.json())["error"]["message"]
     assert sched(client).instances() == []  # nothing launched for them
+    # llama-server's own API is not the media engines': a 400 before any launch.
+    r = await client.post("/tokenize", json={"model": "tts", "content": "x"})
+    assert r.status == 400 and "does not speak native" in (await r.json())["error"]["message"]
+    assert sched(client).instances() == []
+    # sd-server's errors are {"error": "..."}: in OpenAI's envelope, its status kept.
+    r = await client.post("/sdapi/v1/txt2img", json={"prompt": ""})
+    assert r.status == 400 and (await r.json())["error"]["message"] == "prompt required"
 
 
 async def test_a_large_image_answer_is_relayed_whole(corral: Any, tmp_path: Path) -> None:
