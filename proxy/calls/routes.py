@@ -211,6 +211,9 @@ def _default_model(request: web.Request, route: Route, body: bytes | bytearray |
         return implied
     where = "the '?model=' query parameter" if route.model_in == "query" else "'model'"
     hint = " (or set [server] default_model)" if route.native else ""
+    if route.capability in sdapi.OPTIONAL_MODEL and route.capability is not None:
+        able = sdapi.able(scheduler, route.capability)
+        hint = f" (models that serve {route.capability}: {', '.join(able) or 'none'})"
     raise BadRequest(f"{where} is required and must name a model{hint}")
 
 
@@ -236,7 +239,5 @@ def feedback(
     mode = asked if asked in ("visible", "comments", "off") else cfg.loading_feedback
     if mode == "off":
         return None
-    return "visible" if mode == "visible" and capability not in _MEDIA else "comments"
-
-
-_MEDIA: frozenset[Capability | None] = frozenset({"speech", "image"})
+    return "visible" if mode == "visible" and capability not in sdapi.OPTIONAL_MODEL else (
+        "comments")

@@ -210,6 +210,13 @@ async def test_voices_sdapi_and_models_left_out(corral: Any, tmp_path: Path, sdk
     api = sdk(client)
     made = await api.images.generate(prompt="no model named")
     assert made.data is not None and made.data[0].b64_json
+    # With two image models, one must be named: the 400 says which there are.
+    cfg = media_cfg(tmp_path / "two")
+    second = cfg.models[1].model_copy(update={"name": "sd2"})
+    two = await corral(cfg.model_copy(update={"models": (*cfg.models, second)}))
+    r = await two.post("/v1/images/generations", json={"prompt": "which?"})
+    message = (await r.json())["error"]["message"]
+    assert r.status == 400 and "image: sd, sd2" in message, message
 
 
 async def test_a_model_without_the_capability_gets_the_400_naming_those_with_it(
