@@ -30,8 +30,8 @@ from proxy.edge import body as bodies
 from proxy.edge.errors import ROUTE_DIALECT, Family, family_dialect
 from proxy.keys import SCHEDULER
 from scheduler.config.root import Capability, ModelConfig
-from scheduler.errors import BadRequest
-from scheduler.scheduling.scheduler import Scheduler
+from scheduler.errors import BadRequest, CorralError
+from scheduler.scheduling.scheduler import Scheduler, Upstream
 
 Check = Callable[[Scheduler, str, Capability | None], ModelConfig]
 # The model a form that names none is for (None: it must name one).
@@ -136,7 +136,16 @@ def handler(family: Family, capability: Capability | None, limit: int, check: Ch
                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
                 replayable=file is None,
             )
-            return await upstream.answer(request, family, spec, relay)
+
+            async def consume(up: Upstream, resp: aiohttp.ClientResponse,
+                              client: upstream.Client) -> web.StreamResponse:
+                if parts.error is not None:
+                    # The client's form broke while it streamed on: its error (a 400,
+                    # a 413), not the upstream's answer to the cut-short form.
+                    raise parts.error
+                return await relay(up, resp, client)
+
+            return await upstream.answer(request, family, spec, consume)
         finally:
             _close(before)
 
@@ -195,9 +204,26 @@ class _Body:
         self._file = file
         self._reader = reader
         self._count = count
+        # What was wrong with the client's form, found while streaming it on.
+        self.error: CorralError | None = None
 
     def payload(self, rename: str | None = None) -> Any:
-        return aiohttp.AsyncIterablePayload(self._chunks(rename))
+        return aiohttp.AsyncIterablePayload(self._guarded(rename))
+
+    async def _guarded(self, rename: str | None) -> AsyncIterator[bytes]:
+        """The form; one that breaks midway (too large, too many files, malformed) is
+        ended cleanly and its error kept for the consumer. Raised here, it would reach
+        the call path as a failed send: a 502, and the upstream reported as failing."""
+        try:
+            async for chunk in self._chunks(rename):
+                yield chunk
+        except CorralError as e:
+            self.error = e
+        except (ValueError, UnicodeError, AssertionError, HttpProcessingError) as e:
+            self.error = BadRequest(f"malformed multipart body: {e}")
+        else:
+            return
+        yield f"\r\n--{self._boundary}--\r\n".encode()
 
     async def _chunks(self, rename: str | None) -> AsyncIterator[bytes]:
         b = self._boundary

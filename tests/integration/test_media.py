@@ -361,3 +361,42 @@ async def test_a_streamed_image_shows_loading_as_comments_only(
     assert text.startswith(": loading sd"), text[:200]
     assert "chat.completion.chunk" not in text
     assert "event: image_generation.completed" in text
+
+
+@pytest.mark.parametrize("files_first", [True, False])
+async def test_a_form_of_too_many_files_is_refused(
+        corral: Any, tmp_path: Path, files_first: bool) -> None:
+    client = await corral(media_cfg(tmp_path, image_seconds=0.05))
+    form = aiohttp.FormData()
+    if not files_first:
+        form.add_field("model", "sd")
+    for i in range(33):
+        form.add_field("image", b"x" * 100, filename=f"{i}.png", content_type="image/png")
+    if files_first:
+        form.add_field("model", "sd")
+    r = await client.post("/v1/images/edits", data=form)
+    assert r.status == 400, await r.text()
+    assert "at most 32 files" in (await r.json())["error"]["message"]
+
+
+async def test_an_upload_over_its_limit_midway_is_a_413_not_an_upstream_failure(
+        corral: Any, tmp_path: Path) -> None:
+    """A chunked form (no Content-Length) passes the edit route's 512 MiB midway, after
+    the call was leased and its file began to stream on: the client's 413, and the
+    engine is not taken for failing (it stays up and serves the next call)."""
+    client = await corral(media_cfg(tmp_path, image_seconds=0.05))
+
+    async def big() -> Any:
+        chunk = b"\0" * (4 << 20)
+        for _ in range(130):  # 520 MiB
+            yield chunk
+
+    form = aiohttp.FormData()
+    form.add_field("model", "sd")
+    form.add_field("image", big(), filename="huge.png", content_type="image/png")
+    r = await client.post("/v1/images/edits", data=form)
+    assert r.status == 413, await r.text()
+    [sd] = sched(client).instances()
+    r = await client.post("/v1/images/generations", json={"model": "sd", "prompt": "next"})
+    assert r.status == 200
+    assert sched(client).instances() == [sd]
