@@ -15,6 +15,8 @@ Its answers are deterministic, so a test can check every byte that came through:
 * images: each generation takes ``FAKE_IMAGE_SECONDS`` (default 1.0) and one image
   is ``FAKE_IMAGE_BYTES`` bytes (default 1024); see ``image_bytes()``; uploaded files
   are described back (name, size, sha256) under ``corral_test`` in the answer;
+* ``FAKE_SPEECH_HOLD=1``: after the first chunk of a speech answer, wait for
+  ``POST /fake/release`` before the rest (a test shows the first bytes arrived first);
 * ``FAKE_LOAD_DELAY`` seconds before it listens (sd-server loads first);
 * ``GET /fake/stats``: generations served and the most ever run at once.
 """
@@ -61,6 +63,8 @@ class Engine:
         self.chunks = int(os.environ.get("FAKE_SPEECH_CHUNKS", "8"))
         self.chunk = int(os.environ.get("FAKE_SPEECH_CHUNK", "4096"))
         self.pace = float(os.environ.get("FAKE_SPEECH_PACE", "0.02"))
+        self.hold = os.environ.get("FAKE_SPEECH_HOLD") == "1"
+        self.released = asyncio.Event()
         self.running = 0
         self.most = 0
         self.served = 0
@@ -104,6 +108,11 @@ def routes(engine: Engine) -> web.RouteTableDef:
     async def stats(_: web.Request) -> web.Response:
         return web.json_response({"served": engine.served, "most_at_once": engine.most})
 
+    @r.post("/fake/release")
+    async def release(_: web.Request) -> web.Response:
+        engine.released.set()
+        return web.json_response({"released": True})
+
     @r.get("/v1/audio/voices")
     async def voices(_: web.Request) -> web.Response:
         return web.json_response({"voices": VOICES})
@@ -127,6 +136,8 @@ def routes(engine: Engine) -> web.RouteTableDef:
             part = speech_chunk(text, i, engine.chunk)
             if engine.pace:
                 await asyncio.sleep(engine.pace)
+            if i == 1 and engine.hold:
+                await engine.released.wait()
             if sse:
                 event = {"type": "speech.audio.delta", "audio": base64.b64encode(part).decode()}
                 await out.write(b"data: " + json.dumps(event).encode() + b"\n\n")

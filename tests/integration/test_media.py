@@ -400,3 +400,25 @@ async def test_an_upload_over_its_limit_midway_is_a_413_not_an_upstream_failure(
     r = await client.post("/v1/images/generations", json={"model": "sd", "prompt": "next"})
     assert r.status == 200
     assert sched(client).instances() == [sd]
+
+
+async def test_speech_bytes_reach_the_client_while_the_engine_still_synthesises(
+        corral: Any, tmp_path: Path) -> None:
+    """The engine sends its first chunk, then waits to be released: the client has
+    that chunk through Corral before the engine writes the rest."""
+    cfg = media_cfg(tmp_path)
+    tts = cfg.models[2].model_copy(update={"env": {"FAKE_SPEECH_HOLD": "1"}})
+    client = await corral(cfg.model_copy(update={"models": (tts,)}))
+    r = await client.post("/v1/audio/speech", json={"model": "tts", "input": "held"})
+    assert r.status == 200
+    first = b""
+    async with asyncio.timeout(10):
+        while len(first) < CHUNK:
+            first += await r.content.readany()
+    assert first == speech_chunk("held", 0, CHUNK)
+    [inst] = sched(client).instances()
+    assert inst.spec is not None
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{inst.spec.port}/fake/release") as released:
+        assert released.status == 200
+    assert first + await r.read() == speech_bytes("held", CHUNKS, CHUNK)
