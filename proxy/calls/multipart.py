@@ -1,12 +1,13 @@
-"""Multipart endpoints (audio transcriptions): find ``model`` in the form, stream the
-file on.
+"""Multipart endpoints (audio transcriptions and translations, image edits and
+variations): find ``model`` in the form, stream the files on.
 
 The parts are read in order. Small fields are kept; when ``model`` has been seen
-before the file (the order the OpenAI SDKs send), the call is leased and the file is
-streamed to the upstream as it arrives, followed by any later fields: memory stays at
-a chunk or two whatever the file's size. A file that comes before ``model`` is first
-spooled to a temporary file (written from a worker thread), then sent from disk; such
-a call can also be resent, a streamed one cannot.
+before the first file (the order the OpenAI SDKs send), the call is leased and the
+file is streamed to the upstream as it arrives, followed by any later parts, files
+(an image edit's mask, more images) streamed the same way: memory stays at a chunk or
+two whatever the files' sizes. Files that come before ``model`` are first spooled to
+temporary files (written from a worker thread), then sent from disk; such a call can
+also be resent, a streamed one cannot.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from proxy.edge import body as bodies
 from proxy.edge.errors import ROUTE_DIALECT, Family, family_dialect
 from proxy.keys import SCHEDULER
 from scheduler.config.root import Capability, ModelConfig
-from scheduler.errors import BadRequest
-from scheduler.scheduling.scheduler import Scheduler
+from scheduler.errors import BadRequest, CorralError
+from scheduler.scheduling.scheduler import Scheduler, Upstream
 
 Check = Callable[[Scheduler, str, Capability | None], ModelConfig]
+# The model a form that names none is for (None: it must name one).
+Implied = Callable[[Scheduler, Capability | None, None], str | None]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _FIELD_LIMIT = 64 << 10
@@ -44,8 +47,9 @@ class _Part:
     name: str
     headers: list[tuple[str, str]]
     value: bytes = b""
-    # The file: its bytes come from the client as they arrive, or from the spool.
+    # A file: its bytes come from the client as they arrive, or from its spool.
     source: Literal["value", "stream", "spool"] = "value"
+    spool: IO[bytes] | None = None
 
 
 def _head(boundary: str, part: _Part) -> bytes:
@@ -93,7 +97,8 @@ async def _spool(part: aiohttp.BodyPartReader, count: _Counter) -> IO[bytes]:
     return spool
 
 
-def handler(family: Family, capability: Capability | None, limit: int, check: Check) -> Handler:
+def handler(family: Family, capability: Capability | None, limit: int, check: Check,
+            implied: Implied | None = None) -> Handler:
     dialect = family_dialect(family)
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -109,62 +114,83 @@ def handler(family: Family, capability: Capability | None, limit: int, check: Ch
             raise BadRequest(f"malformed multipart body: {e}") from None
         before: list[_Part] = []
         try:
-            model, file, spool = await _read_head(reader, before, count)
+            model, file = await _read_head(reader, before, count)
         except (ValueError, UnicodeError, AssertionError, HttpProcessingError) as e:
+            _close(before)
             # aiohttp's parser raises these for a body that breaks the format.
             raise BadRequest(f"malformed multipart body: {e}") from None
+        except BaseException:
+            _close(before)
+            raise
         try:
+            scheduler = request.app[SCHEDULER]
+            if not model and implied is not None:
+                model = implied(scheduler, capability, None)
             if not model:
                 raise BadRequest("the form field 'model' is required")
-            scheduler = request.app[SCHEDULER]
             refuse_undeclared(family, request.path, check(scheduler, model, capability))
             boundary = "corral-" + secrets.token_hex(12)
-            parts = _Body(boundary, before, file, spool, reader, count)
+            parts = _Body(boundary, before, file, reader, count)
             spec = upstream.Call(
                 model=model, path=request.path, data=parts.payload,
                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
                 replayable=file is None,
             )
-            return await upstream.answer(request, family, spec, relay)
+
+            async def consume(up: Upstream, resp: aiohttp.ClientResponse,
+                              client: upstream.Client) -> web.StreamResponse:
+                if parts.error is not None:
+                    # The client's form broke while it streamed on: its error (a 400,
+                    # a 413), not the upstream's answer to the cut-short form.
+                    raise parts.error
+                return await relay(up, resp, client)
+
+            return await upstream.answer(request, family, spec, consume)
         finally:
-            if spool is not None:
-                spool.close()
+            _close(before)
 
     return handle
 
 
+# Files a form may carry (an image edit sends up to 16 images and a mask).
+_MAX_FILES = 32
+
+
+def _close(parts: list[_Part]) -> None:
+    for p in parts:
+        if p.spool is not None:
+            p.spool.close()
+
+
 async def _read_head(
     reader: aiohttp.MultipartReader, before: list[_Part], count: _Counter
-) -> tuple[str | None, aiohttp.BodyPartReader | None, IO[bytes] | None]:
-    """Read parts until ``model`` and the file are both known (or the form ends):
-    the model, the file to stream on (model came first) or the spool (it did not)."""
+) -> tuple[str | None, aiohttp.BodyPartReader | None]:
+    """Read parts into ``before`` until ``model`` and a file are both known (or the form
+    ends): the model, and the file to stream on (model came before it). Files read
+    before ``model`` are spooled; the caller closes their spools."""
     model: str | None = None
-    spool: IO[bytes] | None = None
-    try:
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, aiohttp.BodyPartReader):
-                raise BadRequest("nested multipart bodies are not supported")
-            p = _Part(part.name or "", _headers_of(part))
-            if part.filename is None:
-                p.value = await _read_field(part, count)
-                if p.name == "model":
-                    model = p.value.decode("utf-8", "replace").strip()
-                before.append(p)
-                continue
-            if spool is not None:
-                raise BadRequest("only one file may be uploaded per call")
-            if model:
-                p.source = "stream"
-                before.append(p)
-                return model, part, None
-            spool = await _spool(part, count)
-            p.source = "spool"
+    files = 0
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, aiohttp.BodyPartReader):
+            raise BadRequest("nested multipart bodies are not supported")
+        p = _Part(part.name or "", _headers_of(part))
+        if part.filename is None:
+            p.value = await _read_field(part, count)
+            if p.name == "model":
+                model = p.value.decode("utf-8", "replace").strip()
             before.append(p)
-    except BaseException:
-        if spool is not None:
-            spool.close()
-        raise
-    return model, None, spool
+            continue
+        files += 1
+        if files > _MAX_FILES:
+            raise BadRequest(f"at most {_MAX_FILES} files may be uploaded per call")
+        if model:
+            p.source = "stream"
+            before.append(p)
+            return model, part
+        p.source = "spool"
+        before.append(p)
+        p.spool = await _spool(part, count)
+    return model, None
 
 
 class _Body:
@@ -172,17 +198,32 @@ class _Body:
     from the client, or from the spool), then whatever the client sends after it."""
 
     def __init__(self, boundary: str, before: list[_Part], file: aiohttp.BodyPartReader | None,
-                 spool: IO[bytes] | None, reader: aiohttp.MultipartReader,
-                 count: _Counter) -> None:
+                 reader: aiohttp.MultipartReader, count: _Counter) -> None:
         self._boundary = boundary
         self._before = before
         self._file = file
-        self._spool = spool
         self._reader = reader
         self._count = count
+        # What was wrong with the client's form, found while streaming it on.
+        self.error: CorralError | None = None
 
     def payload(self, rename: str | None = None) -> Any:
-        return aiohttp.AsyncIterablePayload(self._chunks(rename))
+        return aiohttp.AsyncIterablePayload(self._guarded(rename))
+
+    async def _guarded(self, rename: str | None) -> AsyncIterator[bytes]:
+        """The form; one that breaks midway (too large, too many files, malformed) is
+        ended cleanly and its error kept for the consumer. Raised here, it would reach
+        the call path as a failed send: a 502, and the upstream reported as failing."""
+        try:
+            async for chunk in self._chunks(rename):
+                yield chunk
+        except CorralError as e:
+            self.error = e
+        except (ValueError, UnicodeError, AssertionError, HttpProcessingError) as e:
+            self.error = BadRequest(f"malformed multipart body: {e}")
+        else:
+            return
+        yield f"\r\n--{self._boundary}--\r\n".encode()
 
     async def _chunks(self, rename: str | None) -> AsyncIterator[bytes]:
         b = self._boundary
@@ -192,21 +233,36 @@ class _Body:
                 # An upstream that names the model differently (a remote's `model`).
                 yield rename.encode()
             elif part.source == "stream" and self._file is not None:
-                while chunk := await self._file.read_chunk(_CHUNK):
-                    self._count.add(len(chunk))
+                async for chunk in self._streamed(self._file):
                     yield chunk
-            elif part.source == "spool" and self._spool is not None:
-                await asyncio.to_thread(self._spool.seek, 0)
-                while chunk := await asyncio.to_thread(self._spool.read, _CHUNK):
+            elif part.spool is not None:
+                await asyncio.to_thread(part.spool.seek, 0)
+                while chunk := await asyncio.to_thread(part.spool.read, _CHUNK):
                     yield chunk
             else:
                 yield part.value
             yield b"\r\n"
         if self._file is not None:
-            # Fields after the streamed file: read now, after it.
+            # Parts after the streamed file: fields read now, files streamed on.
+            files = sum(p.source != "value" for p in self._before)
             while (later := await self._reader.next()) is not None:
-                if isinstance(later, aiohttp.BodyPartReader):
-                    p = _Part(later.name or "", _headers_of(later))
+                if not isinstance(later, aiohttp.BodyPartReader):
+                    raise BadRequest("nested multipart bodies are not supported")
+                p = _Part(later.name or "", _headers_of(later))
+                if later.filename is None:
                     p.value = await _read_field(later, self._count)
                     yield _head(b, p) + p.value + b"\r\n"
+                    continue
+                files += 1
+                if files > _MAX_FILES:
+                    raise BadRequest(f"at most {_MAX_FILES} files may be uploaded per call")
+                yield _head(b, p)
+                async for chunk in self._streamed(later):
+                    yield chunk
+                yield b"\r\n"
         yield f"--{b}--\r\n".encode()
+
+    async def _streamed(self, part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
+        while chunk := await part.read_chunk(_CHUNK):
+            self._count.add(len(chunk))
+            yield chunk

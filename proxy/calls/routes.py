@@ -22,11 +22,13 @@ from aiohttp import web
 
 from proxy.calls import context, multipart, upstream, vision
 from proxy.calls.streaming import relay
+from proxy.dialects import sdapi
 from proxy.dialects.families import bridge as families_bridge
 from proxy.edge import body as bodies
 from proxy.edge import jsonc
 from proxy.edge.errors import ROUTE_DIALECT, Family, family_dialect
 from proxy.keys import BODY_BUDGET, FAMILIES, SCHEDULER
+from proxy.metrics.registry import METRICS
 from proxy.ops import pulls
 from scheduler.config.root import Capability, ModelConfig
 from scheduler.errors import BadRequest, CannotServe
@@ -72,6 +74,17 @@ ROUTES: tuple[Route, ...] = (
     Route(("/v1/messages/count_tokens",), "chat", "anthropic"),
     Route(("/v1/rerank", "/v1/reranking"), "rerank"),
     Route(("/v1/audio/transcriptions",), "audio", model_in="form", max_body=1024 * MiB),
+    Route(("/v1/audio/translations",), "audio", model_in="form", max_body=1024 * MiB),
+    # Speech and images (docs/engines.md, "Long jobs"): the answers, audio bytes or
+    # images, are relayed chunk by chunk like any other; uploads stream through.
+    Route(("/v1/audio/speech",), "speech", max_body=1 * MiB),
+    Route(("/v1/audio/voices",), "speech", model_in="query", method="GET"),
+    Route(("/v1/images/generations",), "image", max_body=1 * MiB),
+    Route(("/v1/images/edits", "/v1/images/variations"), "image", model_in="form",
+          max_body=512 * MiB),
+    # stable-diffusion WebUI's API (its model list is proxy.dialects.sdapi's).
+    Route(("/sdapi/v1/txt2img",), "image", max_body=64 * MiB, ports=MAIN),
+    Route(("/sdapi/v1/img2img",), "image", max_body=512 * MiB, ports=MAIN),
     # LM Studio's embeddings under its REST prefix.
     Route(("/api/v0/embeddings",), "embedding", upstream="/v1/embeddings",
           max_body=256 * MiB, ports=frozenset({"lmstudio"})),
@@ -115,11 +128,19 @@ def mount(app: web.Application, port: Port, hints_for: HintsFor = default_hints,
             handle = handler(route, hints_for, name_for)
             for path in route.paths:
                 app.router.add_route(route.method, path, handle)
+    if port == "main":
+        # Not model-routed: the WebUI's list of checkpoints is Corral's image models.
+        app.router.add_get("/sdapi/v1/sd-models", sdapi.sd_models)
+        # Calls are counted by capability at scrape time (every port shares these).
+        if METRICS in app:
+            app[METRICS].capability_of.update(
+                {p: r.capability for r in ROUTES if r.capability for p in r.paths})
 
 
 def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) -> Handler:
     if route.model_in == "form":
-        return multipart.handler(route.family, route.capability, route.max_body, check)
+        return multipart.handler(route.family, route.capability, route.max_body, check,
+                                 implied=sdapi.implied_model)
     dialect = family_dialect(route.family)
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -134,7 +155,7 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 head = jsonc.head(body)
                 if route.capability not in PROMPTED or request.path in _UNRUN:
                     head = jsonc.Head(model=head.model, stream=head.stream, ttl=head.ttl)
-            model = name_for(scheduler, head.model or _default_model(request, route))
+            model = name_for(scheduler, head.model or _default_model(request, route, body))
             await pulls.ensure(request.app, model)
             cfg = check(scheduler, model, route.capability)
             if route.capability == "chat" and vision.body_has_images(body):
@@ -147,7 +168,8 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 hints=hints_for(scheduler, model, head),
                 method=route.method,
                 query=request.query_string,
-                feedback=feedback(request, cfg, route.family, head.streaming),
+                feedback=feedback(request, cfg, route.family, head.streaming,
+                                  route.capability),
                 fit=context.of(route.upstream or request.path, body, family=route.family),
             )
             bridge = families_bridge.of(route.family, request.path, spec.path, body,
@@ -179,12 +201,19 @@ def _headers(request: web.Request, family: Family) -> Mapping[str, str]:
             **{n: request.headers[n] for n in names if n in request.headers}}
 
 
-def _default_model(request: web.Request, route: Route) -> str:
-    default = request.app[SCHEDULER].config.server.default_model
+def _default_model(request: web.Request, route: Route, body: bytes | bytearray | None) -> str:
+    scheduler = request.app[SCHEDULER]
+    default = scheduler.config.server.default_model
     if route.native and default:
         return default
+    implied = sdapi.implied_model(scheduler, route.capability, body)
+    if implied is not None:
+        return implied
     where = "the '?model=' query parameter" if route.model_in == "query" else "'model'"
     hint = " (or set [server] default_model)" if route.native else ""
+    if route.capability in sdapi.OPTIONAL_MODEL and route.capability is not None:
+        able = sdapi.able(scheduler, route.capability)
+        hint = f" (models that serve {route.capability}: {', '.join(able) or 'none'})"
     raise BadRequest(f"{where} is required and must name a model{hint}")
 
 
@@ -199,11 +228,16 @@ def check(scheduler: Scheduler, model: str, capability: Capability | None) -> Mo
 
 
 def feedback(
-    request: web.Request, cfg: ModelConfig, family: Family, streaming: bool
+    request: web.Request, cfg: ModelConfig, family: Family, streaming: bool,
+    capability: Capability | None = "chat",
 ) -> Literal["comments", "visible"] | None:
-    """What a stream shows while it waits for its model (None: nothing)."""
+    """What a stream shows while it waits for its model (None: nothing). A stream of
+    partial images gets comments at most: "visible" is a chat chunk."""
     if not streaming or family == "native":
         return None
     asked = request.headers.get("X-Corral-Loading", "").lower()
     mode = asked if asked in ("visible", "comments", "off") else cfg.loading_feedback
-    return None if mode == "off" else "visible" if mode == "visible" else "comments"
+    if mode == "off":
+        return None
+    return "visible" if mode == "visible" and capability not in sdapi.OPTIONAL_MODEL else (
+        "comments")

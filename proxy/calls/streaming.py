@@ -98,11 +98,12 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
 def error_answer(up: Upstream, resp: aiohttp.ClientResponse, raw: bytes,
                  family: Family) -> web.Response:
     """An upstream's error answer for a relaying route: a JSON one as it came; anything
-    else (llama-server's text/plain 500, an HTML page from a proxy) wrapped in the
-    caller's envelope with the upstream's status, as is every error for an Anthropic
-    client (llama-server answers in OpenAI's envelope, of which it would read nothing).
+    else (llama-server's text/plain 500, an HTML page from a proxy,
+    sd-server's ``{"error": "..."}``) wrapped in the caller's envelope with the
+    upstream's status, as is every error for an Anthropic client (llama-server answers
+    in OpenAI's envelope, of which it would read nothing).
     """
-    if family != "anthropic" and _is_json(resp, raw):
+    if family != "anthropic" and _relayable(resp, raw):
         return web.Response(status=resp.status, body=raw, headers={
             "Content-Type": resp.headers.get("Content-Type", "application/json"),
             MODEL_HEADER: up.model})
@@ -111,14 +112,17 @@ def error_answer(up: Upstream, resp: aiohttp.ClientResponse, raw: bytes,
     return answer
 
 
-def _is_json(resp: aiohttp.ClientResponse, raw: bytes) -> bool:
+def _relayable(resp: aiohttp.ClientResponse, raw: bytes) -> bool:
     if resp.content_type != "application/json" and not resp.content_type.endswith("+json"):
         return False
     try:
-        msgspec.json.decode(raw)
+        body = msgspec.json.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         return False
-    return True
+    # An "error" that is a bare string (sd-server's {"error": "prompt required"}) is
+    # wrapped like a text error: an OpenAI client reads error.message. Any other JSON
+    # (OpenAI's envelope, vLLM's {"object": "error", ...}) goes as it came.
+    return not (isinstance(body, dict) and isinstance(body.get("error"), str))
 
 
 async def _relay_into(

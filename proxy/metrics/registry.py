@@ -163,6 +163,8 @@ class Metrics:
         self._labels: frozenset[str] = frozenset()
         # (model, dialect, endpoint, status) -> stats; bounded like the labels are.
         self.calls: dict[tuple[str, str, str, int], CallStats] = {}
+        # Route template -> the capability its row needs (filled by routes.mount).
+        self.capability_of: dict[str, str] = {}
         r.register(_SchedulerCollector(self))
 
     # -- wiring ------------------------------------------------------------------
@@ -299,7 +301,7 @@ class _SchedulerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         m = self._metrics
-        yield from call_families(m.calls)
+        yield from call_families(m.calls, m.capability_of)
         if m._scheduler is None:
             return
         status = m._scheduler.model_status()

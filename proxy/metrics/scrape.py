@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import aiohttp
 import psutil
@@ -69,7 +69,9 @@ def _cumulative(counts: list[int], bounds: Sequence[float]) -> list[tuple[str, f
     return out
 
 
-def call_families(calls: dict[tuple[str, str, str, int], CallStats]) -> Iterator[Metric]:
+def call_families(calls: dict[tuple[str, str, str, int], CallStats],
+                  capability_of: Mapping[str, str] | None = None) -> Iterator[Metric]:
+    """``capability_of``: each model-routed endpoint's capability (the route table's)."""
     requests = CounterMetricFamily(
         "corral_requests", "Calls answered, by configured model (\"\" when none was "
         "resolved), dialect, route template and HTTP status (499: the client went away).",
@@ -106,6 +108,26 @@ def call_families(calls: dict[tuple[str, str, str, int], CallStats]) -> Iterator
         if st.translated:
             translated.add_metric(list(labels), float(st.translated))
     yield from (requests, duration, ttft, translated)
+    yield capability_family(calls, capability_of or {})
+
+
+def capability_family(calls: dict[tuple[str, str, str, int], CallStats],
+                      capability_of: Mapping[str, str]) -> Metric:
+    """Calls by the capability their route needs (chat, speech, image ...): summed at
+    scrape time from the per-call table, nothing more on the hot path."""
+    family = CounterMetricFamily(
+        "corral_capability_requests", "Model-routed calls answered, by configured model "
+        "and the capability their route needs (chat, embedding, audio, speech, image ...) "
+        "and HTTP status.", labels=["model", "capability", "status"])
+    totals: dict[tuple[str, str, str], int] = {}
+    for (model, _dialect, endpoint, status), st in calls.items():
+        cap = capability_of.get(endpoint)
+        if cap is not None:
+            key = (model, cap, str(status))
+            totals[key] = totals.get(key, 0) + st.count
+    for labels, count in sorted(totals.items()):
+        family.add_metric(list(labels), float(count))
+    return family
 
 
 def key_families(registry: Tenants) -> Iterator[Metric]:

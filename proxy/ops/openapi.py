@@ -91,6 +91,44 @@ class RerankRequest(BaseModel):
     top_n: int | None = Field(None, ge=1)
 
 
+class SpeechRequest(BaseModel):
+    """``POST /v1/audio/speech``: audio bytes back, or SSE with ``stream_format``."""
+
+    model_config = _OPEN
+    model: str | None = None
+    input: str = Field(max_length=4096)
+    voice: str | None = None
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float | None = Field(None, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations`` (``stream``: partial-image events)."""
+
+    model_config = _OPEN
+    model: str | None = None
+    prompt: str
+    n: int | None = Field(None, ge=1, le=10)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    stream: bool = False
+    partial_images: int | None = Field(None, ge=0, le=3)
+
+
+class Txt2ImgRequest(BaseModel):
+    """stable-diffusion WebUI's txt2img and img2img; the model may be named in
+    ``override_settings.sd_model_checkpoint``."""
+
+    model_config = _OPEN
+    model: str | None = None
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int | None = Field(None, ge=1, le=150)
+    batch_size: int | None = Field(None, ge=1, le=8)
+    override_settings: dict[str, Any] | None = None
+
+
 class NativeRequest(BaseModel):
     """llama-server's own API: ``model`` picks the instance, the rest is its own."""
 
@@ -106,9 +144,12 @@ def _request_model(route: Route) -> type[BaseModel]:
         return ResponsesRequest
     if route.family == "native":
         return NativeRequest
+    if path.startswith("/sdapi/"):
+        return Txt2ImgRequest
     by_capability: dict[str, type[BaseModel]] = {
         "chat": ChatCompletionRequest, "completion": CompletionRequest,
         "embedding": EmbeddingRequest, "rerank": RerankRequest,
+        "speech": SpeechRequest, "image": ImageGenerationRequest,
     }
     return by_capability.get(route.capability or "", NativeRequest)
 
@@ -164,6 +205,8 @@ def document(app: web.Application, port: Port) -> dict[str, Any]:
                 op["responses"] = _responses(
                     _ANTHROPIC_ERROR if row.family == "anthropic" else _OPENAI_ERROR)
                 op["tags"] = [row.family]
+                if row.capability == "speech" and method == "POST":
+                    op["responses"]["200"]["content"]["audio/*"] = {"schema": {}}
                 _add_body(op, row, names, schemas)
             else:
                 op["responses"] = _responses(dialect_error)
@@ -187,10 +230,14 @@ def _add_body(op: dict[str, Any], row: Route, names: list[str],
                              "schema": model_enum}]
         return
     if row.model_in == "form":
+        # An image edit's files are `image` (one or more) and `mask`; audio's is `file`.
+        file = "image" if row.capability == "image" else "file"
+        binary = {"type": "string", "format": "binary"}
+        fields = {"model": model_enum, file: binary}
+        if row.capability == "image":
+            fields["mask"] = binary
         op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["model", "file"],
-            "properties": {"model": model_enum,
-                           "file": {"type": "string", "format": "binary"}}}}}}
+            "type": "object", "required": ["model", file], "properties": fields}}}}
         return
     model = _request_model(row)
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -18,8 +18,53 @@ from scheduler.config.policy import RequestPolicy, Variant
 from scheduler.engines.settings import RemoteConfig, UpstreamApi
 
 Capability = Literal[
-    "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill"
+    "chat", "completion", "embedding", "rerank", "vision", "audio", "tools", "infill",
+    "speech", "image",
 ]
+
+# What a built-in media runtime (scheduler/engines/templates.py) serves, for a model
+# whose table names it and leaves `capabilities` out.
+RUNTIME_CAPABILITIES: Mapping[str, tuple[Capability, ...]] = MappingProxyType({
+    "sd-server": ("image",), "kokoro": ("speech",),
+})
+# ... and the API families it speaks, the model's `api` when its table leaves it out:
+# a call of another family (llama-server's /tokenize) is a 400 before any launch, not
+# the engine's 404 relayed as a 502.
+RUNTIME_APIS: Mapping[str, tuple[UpstreamApi, ...]] = MappingProxyType({
+    "sd-server": ("images", "sdapi"), "kokoro": ("speech",),
+})
+
+# Long jobs (docs/engines.md): the keys a model that serves images or speech gets when
+# its table leaves them out. An image is one call of tens of seconds to minutes on a
+# CPU with no byte until the end (sd-server answers whole), and with partial images
+# the gaps between events are as long. A TTS server without a file to size is a small
+# PyTorch or ONNX process (Kokoro-82M: ~330 MB of weights).
+MEDIA_DEFAULTS: Mapping[Capability, Mapping[str, object]] = MappingProxyType({
+    "image": MappingProxyType({"first_byte_timeout": 1800.0, "stall_timeout": 600.0}),
+    "speech": MappingProxyType({"footprint": 1 << 30}),
+})
+_SOURCES = ("path", "package", "hf_repo")
+
+
+def media_defaults(data: object) -> object:
+    """A [[models]] table with the long-job defaults of its capabilities filled in."""
+    if not isinstance(data, dict):
+        return data
+    runtime = str(data.get("runtime"))
+    out = dict(data)
+    if runtime in RUNTIME_APIS:
+        out.setdefault("api", RUNTIME_APIS[runtime])
+    caps = data.get("capabilities")
+    if caps is None:
+        caps = RUNTIME_CAPABILITIES.get(runtime, ())
+    if not isinstance(caps, list | tuple):
+        return out  # the schema reports it
+    for cap in caps:
+        for key, value in MEDIA_DEFAULTS.get(cap, {}).items():
+            if key == "footprint" and any(out.get(k) is not None for k in _SOURCES):
+                continue  # sized from its file
+            out.setdefault(key, value)
+    return out
 
 
 # ctx_size = "auto" never shrinks a context below this (or the model's own, when smaller)
@@ -263,7 +308,7 @@ class ModelConfig(_Strict):
     # Engines (docs/engines.md).
     runtime: str | None = Field(
         None, description="what launches it: llama-server (default), a built-in template "
-        "(vllm, sglang, whisper-server, ollama) or a [runtimes.NAME] table"
+        "(vllm, sglang, whisper-server, ollama, sd-server, kokoro) or a [runtimes.NAME] table"
     )
     upstream_model: str | None = Field(
         None, description="the name its runtime knows it by (${MODEL}, and the 'model' "
@@ -279,6 +324,11 @@ class ModelConfig(_Strict):
         "params: [{name, params, aliases, request, unlisted}]"
     )
     unlisted: bool = Field(False, description="callable, but hidden from every listing")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _media(cls, data: object) -> object:
+        return media_defaults(data)
 
     @field_validator("ctx_size", mode="before")
     @classmethod

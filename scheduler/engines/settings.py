@@ -34,7 +34,7 @@ from scheduler.config.secrets import SECRET_HEADER
 # scheduler.config.root.
 UpstreamApi = Literal[
     "chat", "completions", "embeddings", "responses", "messages", "rerank",
-    "transcriptions", "native",
+    "transcriptions", "translations", "speech", "images", "sdapi", "native",
 ]
 
 _URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")

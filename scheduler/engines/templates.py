@@ -47,6 +47,26 @@ BUILTINS: dict[str, RuntimeConfig] = {
         health=HealthCheck(path="tcp"),
         api=("transcriptions",),
     ),
+    # stable-diffusion.cpp's server: OpenAI's image routes and stable-diffusion WebUI's
+    # /sdapi/v1/*. It loads the model before it listens and answers GET / once up.
+    # One generation at a time (it holds a lock around the model), so one slot.
+    "sd-server": RuntimeConfig(
+        command=("sd-server", "-m", "${MODEL_PATH}", "--listen-ip", "${HOST}",
+                 "--listen-port", "${PORT}", "${ARGS}"),
+        health=HealthCheck(path="/"),
+        api=("images", "sdapi"),
+    ),
+    # Kokoro-FastAPI (remsky/Kokoro-FastAPI), the OpenAI-compatible TTS server most
+    # local setups run: /v1/audio/speech (streamed, stream_format sse) and
+    # /v1/audio/voices. A uvicorn app; `args = ["--app-dir", "/path/to/Kokoro-FastAPI"]`
+    # says where its source is. It knows its model as "kokoro" (upstream_model).
+    "kokoro": RuntimeConfig(
+        command=("uvicorn", "api.src.main:app", "--host", "${HOST}", "--port", "${PORT}",
+                 "${ARGS}"),
+        health=HealthCheck(path="/health"),
+        ready_timeout=300.0,
+        api=("speech",),
+    ),
     # One `ollama serve` per instance, on its own port; models are addressed by their
     # Ollama name (upstream_model = "llama3.2:1b") and must have been pulled.
     "ollama": RuntimeConfig(

@@ -1,7 +1,8 @@
 """What a model can serve: chat, completion, embedding, rerank, vision, audio, tools,
-infill.
+infill, speech, image.
 
-Derived from the model's launch flags (``embedding``, ``rerank``, ``--mmproj``) and,
+Derived from the model's built-in media runtime (sd-server: image, kokoro: speech), its
+launch flags (``embedding``, ``rerank``, ``--mmproj``) and,
 where the proxy has read it, its GGUF header (fill-in-the-middle tokens); the config's
 ``capabilities`` list overrides both. The proxy refuses a call a model cannot serve
 with a 400 that names the models that can, instead of launching it for nothing or
@@ -10,6 +11,7 @@ relaying a confusing upstream error.
 
 from __future__ import annotations
 
+from scheduler.config.models import RUNTIME_CAPABILITIES
 from scheduler.config.root import Capability, ModelConfig
 
 _MMPROJ = ("--mmproj", "-mm", "--mmproj-url", "-mmu")
@@ -35,6 +37,9 @@ def capabilities(cfg: ModelConfig, *, fim: bool | None = None) -> frozenset[Capa
     """``fim``: whether the GGUF has fill-in-the-middle tokens (None: not read yet)."""
     if cfg.capabilities is not None:
         return frozenset(cfg.capabilities)
+    media = RUNTIME_CAPABILITIES.get(cfg.runtime or "")
+    if media is not None:
+        return frozenset(media)
     if is_rerank(cfg):
         return frozenset({"rerank"})
     if is_embedding(cfg):

@@ -41,6 +41,8 @@ from scheduler.engines.egress import PLAIN, Egress
 from scheduler.errors import LoadFailed
 
 log = logging.getLogger(__name__)
+# A health answer's "status" that means ready (anything else in a JSON object: loading).
+_READY = (None, "ok", "healthy", "ready")
 
 
 class State(StrEnum):
@@ -367,12 +369,13 @@ class Instance:
                 async with session.get(url, timeout=timeout) as resp:
                     if resp.status == spec.health_status:
                         # Older llama-server builds answer 200 {"status":"loading
-                        # model"}; other servers answer anything, or nothing.
+                        # model"}; other servers answer anything, or nothing
+                        # (Kokoro-FastAPI: {"status": "healthy"}).
                         try:
                             body = await resp.json(content_type=None)
                         except ValueError:
                             return
-                        if not isinstance(body, dict) or body.get("status") in (None, "ok"):
+                        if not isinstance(body, dict) or body.get("status") in _READY:
                             return
             except (aiohttp.ClientError, TimeoutError):
                 pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,11 @@ from aiohttp import web
 
 from proxy.app import CoreOptions, build_openai_app, port_app
 from scheduler.config.root import load_config
-from tests.fakes import write_dummy_gguf
+from tests.fakes import HERE, write_dummy_gguf
 
 pytestmark = pytest.mark.timeout(300)
 
+FAKE_MEDIA = HERE / "fake_media.py"
 SEED = 20261207
 MUTATIONS = 2  # random bodies per route, after the seeds
 BIG = int("9" * 400)
@@ -63,6 +65,17 @@ RAW_SEEDS: list[bytes] = [
     b'{"model": "m", "keep_alive": ' + b"9" * 5000 + b"}",
     b"",
 ]
+# Speech and image bodies that name no model (the one that can serve them is implied).
+MEDIA_SEEDS: list[Any] = [
+    {"prompt": "x", "n": BIG, "size": "9" * 400 + "x1"},
+    {"prompt": "\u0000", "n": "x", "stream": True, "partial_images": BIG},
+    {"prompt": "x", "stream": True, "partial_images": 2, "response_format": "url"},
+    {"input": "x", "voice": BIG, "stream_format": "sse", "speed": -BIG},
+    {"input": "x" * 5000, "response_format": "wav"},
+    {"prompt": "x", "batch_size": BIG, "override_settings": {"sd_model_checkpoint": ["x"]}},
+    {"prompt": "x", "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}},
+    {"prompt": "x", "init_images": ["%%%not base64"], "steps": -1},
+]
 # The config dry run (POST /admin/config/validate) and PUT /admin/config take TOML.
 TOML_SEEDS: list[bytes] = [
     b"a = " + b"[" * 10_000 + b"]" * 10_000,
@@ -83,10 +96,16 @@ def _config(tmp: Path, fake: Path) -> Path:
     path = tmp / "corral.toml"
     models = "".join(
         f'[[models]]\nname = "{n}"\npath = "{write_dummy_gguf(tmp / f"{n}.gguf")}"\n{extra}'
-        for n, extra in (("m", ""), ("emb", "embedding = true\n")))
+        for n, extra in (("m", ""), ("emb", "embedding = true\n"),
+                         # The speech and image engines, as the built-ins run the fake.
+                         ("sd", 'runtime = "sd-server"\nenv = {FAKE_IMAGE_SECONDS = "0.01"}\n'),
+                         ("tts", 'runtime = "kokoro"\nenv = {FAKE_SPEECH_PACE = "0"}\n')))
+    media = json.dumps([sys.executable, str(FAKE_MEDIA), "--host", "${HOST}", "--port",
+                        "${PORT}"])
     path.write_text(f'[llama_server]\nbinary = "{fake}"\n'
                     f'[scheduler]\nslot_cache_dir = "{tmp / "slots"}"\nhealth_interval = 0.05\n'
-                    f"{models}")
+                    f"[runtimes.sd-server]\ncommand = {media}\n"
+                    f"[runtimes.kokoro]\ncommand = {media}\n{models}")
     return path
 
 
@@ -135,6 +154,10 @@ def _bodies(rng: random.Random, route: str) -> Iterator[tuple[bytes, str]]:
         yield json.dumps(seed).encode(), "application/json"
     for raw in RAW_SEEDS:
         yield raw, "application/json"
+    if route.startswith(("/v1/audio", "/v1/images", "/sdapi")):
+        # Speech and image calls may leave the model out: these reach the engines.
+        for seed in MEDIA_SEEDS:
+            yield json.dumps(seed).encode(), "application/json"
     if route.startswith("/admin/config"):
         for toml in TOML_SEEDS:
             yield toml, "application/toml"

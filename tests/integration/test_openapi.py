@@ -11,6 +11,7 @@ included, is fuzzed from the routers in ``test_fuzz_routes.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes import fake_binary, wait_healthy, write_dummy_gguf
+from tests.fakes import HERE, fake_binary, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 EXCLUDED = r"^/admin|^/api/(push|create|blobs)"
@@ -43,8 +44,14 @@ def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     models = "".join(
         f'[[models]]\nname = "{name}"\npath = "{write_dummy_gguf(root / f"{name}.gguf")}"\n{extra}'
         for name, extra in (("m", ""), ("emb", "embedding = true\n"), ("rr", "rerank = true\n"),
-                            ("aud", 'capabilities = ["audio"]\n'))
+                            ("aud", 'capabilities = ["audio"]\n'),
+                            # Speech and image engines: the fake, as the built-ins.
+                            ("sd", 'runtime = "sd-server"\nenv = {FAKE_IMAGE_SECONDS = "0.01"}\n'),
+                            ("tts", 'runtime = "kokoro"\nenv = {FAKE_SPEECH_PACE = "0"}\n'))
     )
+    media = json.dumps([sys.executable, str(HERE / "fake_media.py"), "--host", "${HOST}",
+                        "--port", "${PORT}"])
+    models += f"[runtimes.sd-server]\ncommand = {media}\n[runtimes.kokoro]\ncommand = {media}\n"
     cfg = root / "corral.toml"
     cfg.write_text(
         f"[server]\nport = {ports[0]}\nollama_port = {ports[1]}\nlmstudio_port = {ports[2]}\n"
@@ -74,9 +81,20 @@ def test_every_mounted_route_is_documented(ports: list[int]) -> None:
     main = httpx.get(f"http://127.0.0.1:{ports[0]}/openapi.json", timeout=10).json()
     assert {"/tokenize", "/props", "/v1/audio/transcriptions", "/admin/instances"} <= set(
         main["paths"])
+    # Speech and images (issue 30), on the main port and where LM Studio clients call.
+    media = {"/v1/audio/speech", "/v1/audio/voices", "/v1/audio/translations",
+             "/v1/images/generations", "/v1/images/edits", "/v1/images/variations"}
+    assert media | {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/sd-models"} <= set(
+        main["paths"])
+    lmstudio = httpx.get(f"http://127.0.0.1:{ports[2]}/openapi.json", timeout=10).json()
+    assert media <= set(lmstudio["paths"])
+    speech = main["paths"]["/v1/audio/speech"]["post"]
+    assert "audio/*" in speech["responses"]["200"]["content"]
+    edit = main["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert set(edit["multipart/form-data"]["schema"]["properties"]) == {"model", "image", "mask"}
     body = main["paths"]["/v1/messages"]["post"]["requestBody"]["content"]["application/json"]
     schema = main["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
-    assert schema["properties"]["model"]["enum"] == ["m", "emb", "rr", "aud"]
+    assert schema["properties"]["model"]["enum"] == ["m", "emb", "rr", "aud", "sd", "tts"]
     assert "max_tokens" in schema["required"]
 
 

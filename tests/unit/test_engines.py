@@ -411,3 +411,44 @@ async def test_provider_whose_key_variable_vanished_keeps_its_list(
     assert offered == [["a", "b"]]
     assert "VANISHING_KEY is not set" in caplog.text
     assert "header-secret-9" not in caplog.text and "vanishing-secret" not in caplog.text
+
+
+# -- speech and images (issue 30) -------------------------------------------------------
+
+
+def test_builtin_specs_for_sd_server_and_kokoro(tmp_path: Path) -> None:
+    c = cfg(models=[{"name": "sd", "runtime": "sd-server",
+                     "path": str(tmp_path / "sd15.gguf"), "args": ["--steps", "8"]},
+                    {"name": "tts", "runtime": "kokoro", "upstream_model": "kokoro",
+                     "args": ["--app-dir", "/opt/Kokoro-FastAPI"]}])
+    sd = build_runtime_spec(c, c.models[0], resolve_runtime("sd-server", c.runtimes),
+                            tmp_path / "sd15.gguf", port=5002)
+    assert list(sd.argv) == ["sd-server", "-m", str(tmp_path / "sd15.gguf"), "--listen-ip",
+                             "127.0.0.1", "--listen-port", "5002", "--steps", "8"]
+    assert sd.health_path == "/" and sd.apis == frozenset({"images", "sdapi"})
+    tts = build_runtime_spec(c, c.models[1], resolve_runtime("kokoro", c.runtimes), None,
+                             port=5003)
+    assert list(tts.argv) == ["uvicorn", "api.src.main:app", "--host", "127.0.0.1",
+                              "--port", "5003", "--app-dir", "/opt/Kokoro-FastAPI"]
+    assert tts.health_path == "/health" and tts.upstream_model == "kokoro"
+    assert tts.apis == frozenset({"speech"})
+
+
+def test_media_runtimes_serve_their_capability_with_long_job_defaults(tmp_path: Path) -> None:
+    from scheduler.models.capabilities import capabilities
+
+    c = cfg(models=[{"name": "sd", "runtime": "sd-server", "path": str(tmp_path / "a.gguf")},
+                    {"name": "tts", "runtime": "kokoro"},
+                    {"name": "sd2", "runtime": "sd-server", "path": str(tmp_path / "b.gguf"),
+                     "first_byte_timeout": 60},
+                    {"name": "img", "remotes": ["http://gpu:7860"], "capabilities": ["image"]},
+                    {"name": "chat", "path": str(tmp_path / "c.gguf")}])
+    sd, tts, sd2, img, chat = c.models
+    assert capabilities(sd) == {"image"} and capabilities(tts) == {"speech"}
+    # An image is a long call without a byte: its defaults say so; a set key wins.
+    assert (sd.first_byte_timeout, sd.stall_timeout) == (1800.0, 600.0)
+    assert sd2.first_byte_timeout == 60.0 and img.first_byte_timeout == 1800.0
+    # A TTS server has no file to size: a footprint of its own; chat keeps the defaults.
+    assert tts.footprint == 1 << 30 and sd.footprint is None
+    assert (chat.first_byte_timeout, chat.stall_timeout) == (600.0, 120.0)
+    assert "image" not in capabilities(chat)

@@ -46,6 +46,15 @@ def test_no_path_is_mounted_twice_on_a_port(port: str) -> None:
     ("POST", "/v1/rerank", {"main", "ollama", "lmstudio"}),
     ("POST", "/v1/reranking", {"main", "ollama", "lmstudio"}),
     ("POST", "/v1/audio/transcriptions", {"main", "ollama", "lmstudio"}),
+    # Speech and images (issue 30): wherever OpenAI-speaking clients send them.
+    ("POST", "/v1/audio/translations", {"main", "ollama", "lmstudio"}),
+    ("POST", "/v1/audio/speech", {"main", "ollama", "lmstudio"}),
+    ("GET", "/v1/audio/voices", {"main", "ollama", "lmstudio"}),
+    ("POST", "/v1/images/generations", {"main", "ollama", "lmstudio"}),
+    ("POST", "/v1/images/edits", {"main", "ollama", "lmstudio"}),
+    ("POST", "/v1/images/variations", {"main", "ollama", "lmstudio"}),
+    ("POST", "/sdapi/v1/txt2img", {"main"}),
+    ("POST", "/sdapi/v1/img2img", {"main"}),
     ("POST", "/rerank", {"main"}),
     ("POST", "/completion", {"main"}),
     ("POST", "/infill", {"main"}),
@@ -68,6 +77,12 @@ def _row(path: str) -> Route:
     ("/v1/messages", "body", "anthropic", "chat"),
     ("/v1/responses", "body", "responses", "chat"),
     ("/v1/audio/transcriptions", "form", "openai", "audio"),
+    ("/v1/audio/translations", "form", "openai", "audio"),
+    ("/v1/audio/speech", "body", "openai", "speech"),
+    ("/v1/audio/voices", "query", "openai", "speech"),
+    ("/v1/images/generations", "body", "openai", "image"),
+    ("/v1/images/edits", "form", "openai", "image"),
+    ("/sdapi/v1/img2img", "body", "openai", "image"),
     ("/props", "query", "native", None),
     ("/v1/rerank", "body", "openai", "rerank"),
     ("/infill", "body", "native", "infill"),
@@ -80,6 +95,14 @@ def test_rows_say_where_the_model_is(path: str, model_in: str, family: str,
 
 def test_an_audio_file_may_be_larger_than_a_chat_body() -> None:
     assert _row("/v1/audio/transcriptions").max_body > 8 * _row("/v1/chat/completions").max_body
+
+
+def test_uploads_of_images_may_be_large_and_a_prompt_is_small() -> None:
+    chat = _row("/v1/chat/completions").max_body
+    assert _row("/v1/images/edits").max_body > 4 * chat
+    assert _row("/sdapi/v1/img2img").max_body > 4 * chat  # base64 images in JSON
+    assert _row("/v1/audio/speech").max_body < chat
+    assert _row("/v1/images/generations").max_body < chat
 
 
 # --- the body head -------------------------------------------------------------------

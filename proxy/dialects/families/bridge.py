@@ -256,6 +256,11 @@ _PATH_API = {
     # llama-server's own, whatever its prefix.
     "/v1/chat/completions/input_tokens": "native",
     "/v1/audio/transcriptions": "transcriptions",
+    "/v1/audio/translations": "translations",
+    "/v1/audio/speech": "speech", "/v1/audio/voices": "speech",
+    "/v1/images/generations": "images", "/v1/images/edits": "images",
+    "/v1/images/variations": "images",
+    "/sdapi/v1/txt2img": "sdapi", "/sdapi/v1/img2img": "sdapi",
 }
 
 
