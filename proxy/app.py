@@ -33,7 +33,19 @@ from proxy.edge import guard, reqlog, tuning
 from proxy.edge.body import BodyBudget
 from proxy.edge.errors import Dialect, error_middleware
 from proxy.edge.listener import GuardedRunner, Limits
-from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, FAMILIES, PULL_LOCKS, SCHEDULER, SESSION
+from proxy.keys import (
+    BODY_BUDGET,
+    CONFIG,
+    DISCOVERY,
+    FAMILIES,
+    MCP_APPROVALS,
+    MCP_SERVERS,
+    PULL_LOCKS,
+    SCHEDULER,
+    SESSION,
+)
+from proxy.tools.calls import Approvals
+from proxy.tools.servers import Servers
 from proxy.metrics import web as metrics_http
 from proxy.metrics.registry import METRICS, Metrics
 from proxy.metrics.web import request_middleware
@@ -129,10 +141,15 @@ def _core_ctx(
         )
         app[SESSION] = session
         app[SCHEDULER] = scheduler
+        # The configured MCP servers follow the live config (a reload stops changed ones).
+        servers = app[MCP_SERVERS] = Servers(lambda: scheduler.config, session)
+        app[MCP_APPROVALS] = Approvals()
         await scheduler.start()
+        servers.start_reaper()
         try:
             yield
         finally:
+            await servers.close()
             await scheduler.close()
             await session.close()
 
@@ -186,6 +203,9 @@ def build_port_app(
     app[SESSION] = core[SESSION]
     app[BODY_BUDGET] = core[BODY_BUDGET]
     app[FAMILIES] = core[FAMILIES]
+    if MCP_SERVERS in core:
+        app[MCP_SERVERS] = core[MCP_SERVERS]
+        app[MCP_APPROVALS] = core[MCP_APPROVALS]
     # Absent in tests that build the core app by hand.
     if DISCOVERY in core:
         app[DISCOVERY] = core[DISCOVERY]

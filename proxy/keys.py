@@ -10,6 +10,8 @@ from aiohttp import web
 from proxy.dialects.chat_store import ChatStore
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge.body import BodyBudget
+from proxy.tools.calls import Approvals
+from proxy.tools.servers import Servers
 from scheduler.config.root import CorralConfig
 from scheduler.discovery.watch import Discovery
 from scheduler.scheduling.scheduler import Scheduler
@@ -28,3 +30,8 @@ FAMILIES = web.AppKey("families", FamilyState)
 # Models found on disk (the scanner) and pulls in progress, shared by every port.
 DISCOVERY = web.AppKey("discovery", Discovery)
 PULL_LOCKS = web.AppKey("pull_locks", dict[str, asyncio.Lock])
+
+# The configured MCP servers (started on first use) and the tool loops that wait for a
+# client's approval, shared by every port app (proxy/tools/).
+MCP_SERVERS = web.AppKey("mcp_servers", Servers)
+MCP_APPROVALS = web.AppKey("mcp_approvals", Approvals)
