@@ -44,14 +44,14 @@ from proxy.keys import (
     SCHEDULER,
     SESSION,
 )
-from proxy.tools.calls import Approvals
-from proxy.tools.servers import Servers
 from proxy.metrics import web as metrics_http
 from proxy.metrics.registry import METRICS, Metrics
 from proxy.metrics.web import request_middleware
 from proxy.ops import admin, cluster, pulls
 from proxy.ops.mount import add_dashboard_routes
 from proxy.ops.reload import RELOADER, reload_ctx
+from proxy.tools.calls import Approvals
+from proxy.tools.servers import Servers
 from proxy.workers import owner as workers
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CorralConfig

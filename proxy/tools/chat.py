@@ -97,7 +97,8 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
     stream = body.get("stream") is True
     sink = _Sink(request, model, stream)
     try:
-        outcome = await loop.run(app, app[MCP_SERVERS], app[SCHEDULER].config.mcp, model, chat, used,
+        outcome = await loop.run(app, app[MCP_SERVERS], app[SCHEDULER].config.mcp, model,
+                                 chat, used,
                                  sink)
     except CorralError as e:
         if sink.out.response is None:

@@ -72,7 +72,7 @@ class Result:
 
 
 class Transport(Protocol):
-    async def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]: ...
+    async def request(self, message: dict[str, Any], within: float) -> dict[str, Any]: ...
 
     async def notify(self, message: dict[str, Any]) -> None: ...
 
@@ -184,12 +184,12 @@ class Stdio:
             except (ConnectionError, OSError) as e:
                 raise McpError(f"cannot write to the server: {e}") from None
 
-    async def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def request(self, message: dict[str, Any], within: float) -> dict[str, Any]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[message["id"]] = future
         try:
             await self._send(message)
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 return await future
         finally:
             self._pending.pop(message["id"], None)
@@ -233,8 +233,8 @@ class Http:
     def alive(self) -> bool:
         return not self._closed
 
-    async def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
+    async def request(self, message: dict[str, Any], within: float) -> dict[str, Any]:
+        async with asyncio.timeout(within):
             async with self._post(message) as resp:
                 await self._check(resp)
                 if resp.headers.get("Mcp-Session-Id") and message.get("method") == "initialize":
@@ -298,19 +298,19 @@ class Session:
     transport: Transport
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
-    async def _call(self, method: str, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _call(self, method: str, params: dict[str, Any], within: float) -> dict[str, Any]:
         message = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
         try:
-            return _result(await self.transport.request(message, timeout))
+            return _result(await self.transport.request(message, within))
         except TimeoutError:
-            raise McpError(f"{method} timed out after {timeout:g} s") from None
+            raise McpError(f"{method} timed out after {within:g} s") from None
         except aiohttp.ClientError as e:
             raise McpError(f"{method}: {e}") from None
 
-    async def initialize(self, timeout: float) -> dict[str, Any]:
+    async def initialize(self, within: float) -> dict[str, Any]:
         result = await self._call("initialize", {
             "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
-            "clientInfo": CLIENT_INFO}, timeout)
+            "clientInfo": CLIENT_INFO}, within)
         try:
             await self.transport.notify(
                 {"jsonrpc": "2.0", "method": "notifications/initialized"})
@@ -320,12 +320,12 @@ class Session:
             self.transport._headers["MCP-Protocol-Version"] = result["protocolVersion"]
         return result
 
-    async def tools(self, timeout: float) -> list[Tool]:
+    async def tools(self, within: float) -> list[Tool]:
         out: list[Tool] = []
         cursor: str | None = None
         for _ in range(100):  # pages; a server that never stops paging is cut off
             result = await self._call("tools/list", {"cursor": cursor} if cursor else {},
-                                      timeout)
+                                      within)
             for t in result.get("tools") or []:
                 if isinstance(t, dict) and isinstance(t.get("name"), str):
                     schema = t.get("inputSchema")
@@ -338,9 +338,9 @@ class Session:
                 break
         return out
 
-    async def call(self, name: str, arguments: dict[str, Any], timeout: float) -> Result:
+    async def call(self, name: str, arguments: dict[str, Any], within: float) -> Result:
         result = await self._call("tools/call", {"name": name, "arguments": arguments},
-                                  timeout)
+                                  within)
         return Result(content_text(result.get("content")), result.get("isError") is True)
 
 

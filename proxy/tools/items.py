@@ -13,8 +13,8 @@ from proxy.dialects.families import Event
 from proxy.dialects.families.chat import choice, new_id
 from proxy.edge import jsonc
 from proxy.metrics.registry import MODEL_HEADER
-from proxy.tools.client import Tool
 from proxy.tools.calls import McpCall
+from proxy.tools.client import Tool
 from proxy.tools.servers import Servers
 from scheduler.errors import BadRequest
 

@@ -14,7 +14,6 @@ approval ends the loop; ``Pending`` keeps what a later call's approval resumes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable

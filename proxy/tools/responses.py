@@ -182,7 +182,8 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
     sink = _Sink(request, ask, model)
     await sink.begin()
     try:
-        outcome = await loop.run(app, app[MCP_SERVERS], app[SCHEDULER].config.mcp, model, chat, used,
+        outcome = await loop.run(app, app[MCP_SERVERS], app[SCHEDULER].config.mcp, model,
+                                 chat, used,
                                  sink, resume)
     except CorralError as e:
         if sink.out.response is None:
@@ -201,7 +202,7 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
         if outcome.approvals:
             # Only the approval requests: the model's text came with its tool calls.
             out["output"] = [o for o in out["output"] if o.get("type") != "message"
-                             or o["content"] and o["content"][0].get("text")]
+                             or (o["content"] and o["content"][0].get("text"))]
         return web.Response(body=jsonc.dumps(out), content_type="application/json",
                             headers={MODEL_HEADER: model})
     chunk = as_chunk(final)
