@@ -121,7 +121,7 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
                                                    in offered.items())]
     if not body["tools"]:
         del body["tools"]
-    messages = list(body.pop("messages"))
+    messages = list(body.pop("messages", None) or [])
     out = Outcome(answer={})
     answer: dict[str, Any] = {}
     mine: list[dict[str, Any]] = []
@@ -152,7 +152,7 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
             for c in batch:
                 c.pending = True
             out.approvals = batch
-            out.pending = Pending(model, body, messages, batch)
+            out.pending = Pending(model, chat, messages, batch)
             return out.end(answer, mine, "stop")
         for call in batch:
             await _run_call(app, call, offered, deadline, sink)
