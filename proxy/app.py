@@ -50,6 +50,7 @@ from proxy.metrics.web import request_middleware
 from proxy.ops import admin, cluster, pulls
 from proxy.ops.mount import add_dashboard_routes
 from proxy.ops.reload import RELOADER, reload_ctx
+from proxy.tools import server as mcp_server
 from proxy.tools.calls import Approvals
 from proxy.tools.servers import Servers
 from proxy.workers import owner as workers
@@ -179,6 +180,7 @@ def build_openai_app(
     app.router.add_get("/metrics", metrics_http.handle_metrics)
     openai.add_routes(app, "main")
     admin.add_routes(app)
+    mcp_server.add_routes(app)
     cluster.setup(app, cfg)
     add_dashboard_routes(app, cfg)
     return app
