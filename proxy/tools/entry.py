@@ -12,10 +12,11 @@ from aiohttp import web
 
 from proxy.edge import jsonc
 from proxy.keys import MCP_SERVERS
-from proxy.tools import chat, loop, responses
+from proxy.tools import anthropic, chat, loop, responses
 
 # The paths whose calls may name MCP servers, and their family.
-PATHS = {"/v1/chat/completions": "openai", "/v1/responses": "responses"}
+PATHS = {"/v1/chat/completions": "openai", "/v1/responses": "responses",
+         "/v1/messages": "anthropic"}
 
 
 async def maybe(request: web.Request, model: str,
@@ -28,11 +29,14 @@ async def maybe(request: web.Request, model: str,
     if servers is None:
         return None  # an app built without the core's (tests)
     parsed: dict[str, Any] = jsonc.loads_object(body)
-    used = responses.uses(parsed, servers) if family == "responses" else chat.uses(
-        parsed, servers)
+    used = (responses.uses(parsed, servers) if family == "responses" else
+            anthropic.uses(parsed, servers) if family == "anthropic" else
+            chat.uses(parsed, servers))
     if not used:
         return None
     loop.check_uses(request.app, servers, model, [u.server for u in used])
     if family == "responses":
         return await responses.answer(request, model, parsed, used)
+    if family == "anthropic":
+        return await anthropic.answer(request, model, parsed, used)
     return await chat.answer(request, model, parsed, used)

@@ -6,12 +6,14 @@ out-of-scope server names refused in the family's dialect, approval, metrics."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
+from anthropic.types.beta import BetaMCPToolResultBlock, BetaMCPToolUseBlock
 from openai.types.responses.response_output_item import McpCall, McpListTools
 
 from tests.conftest import make_config
@@ -229,4 +231,72 @@ async def test_a_key_scoped_to_other_servers_is_refused(
     assert r.status == 200
 
 
-__all__: list[Callable[..., Any]] = []
+
+# --- Anthropic Messages ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def claude(ports: Any) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    client = anthropic.AsyncAnthropic(base_url=str(ports.openai.make_url("")), api_key="x",
+                                      max_retries=0)
+    yield client
+    await client.close()
+
+
+BETA = ["mcp-client-2025-04-04"]
+
+
+async def test_anthropic_connector_shape_and_the_client_parses_mcp_blocks(
+        claude: anthropic.AsyncAnthropic, http_url: str) -> None:
+    msg = await claude.beta.messages.create(
+        model=MODEL, max_tokens=64, betas=BETA,
+        mcp_servers=[{"type": "url", "url": http_url, "name": "remote"}],
+        messages=[{"role": "user", "content": 'call: echo {"text": "from claude"}'}])
+    use, result, text = msg.content
+    assert isinstance(use, BetaMCPToolUseBlock) and isinstance(result, BetaMCPToolResultBlock)
+    assert (use.name, use.server_name, use.input) == ("echo", "remote",
+                                                       {"text": "from claude"})
+    assert result.tool_use_id == use.id and not result.is_error
+    assert text.type == "text" and text.text == "tool said: from claude"
+    assert msg.stop_reason == "end_turn"
+
+
+async def test_anthropic_stream_shows_blocks_as_they_happen(
+        claude: anthropic.AsyncAnthropic) -> None:
+    stream = await claude.beta.messages.create(
+        model=MODEL, max_tokens=64, betas=BETA, stream=True,
+        mcp_servers=[{"type": "url", "name": "local"}],  # type: ignore[typeddict-item]
+        messages=[{"role": "user", "content": 'call: fail {"reason": "nope"}'}])
+    starts, text = [], ""
+    async for event in stream:
+        if event.type == "content_block_start":
+            starts.append((event.index, event.content_block.type))
+        elif event.type == "content_block_delta" and event.delta.type == "text_delta":
+            text += event.delta.text
+    assert starts == [(0, "mcp_tool_use"), (1, "mcp_tool_result"), (2, "text")]
+    assert "nope" in text
+
+
+async def test_anthropic_unknown_server_is_refused_in_its_envelope(ports: Any) -> None:
+    r = await ports.openai.post("/v1/messages", json={
+        "model": MODEL, "max_tokens": 8, "mcp_servers": [{"type": "url", "name": "nope"}],
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status == 400
+    body = await r.json()
+    assert body["type"] == "error" and "no MCP server named 'nope'" in body["error"]["message"]
+
+
+async def test_anthropic_follow_up_drops_the_mcp_blocks_it_sends_back(
+        claude: anthropic.AsyncAnthropic) -> None:
+    first = await claude.beta.messages.create(
+        model=MODEL, max_tokens=64, betas=BETA,
+        tools=[{"type": "mcp_toolset", "mcp_server_name": "local"}],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": 'call: add {"a": 1, "b": 2}'}])
+    assert first.content[-1].type == "text"
+    second = await claude.beta.messages.create(
+        model=MODEL, max_tokens=64, betas=BETA,
+        mcp_servers=[{"type": "url", "name": "local"}],  # type: ignore[typeddict-item]
+        messages=[{"role": "user", "content": 'call: add {"a": 1, "b": 2}'},
+                  {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                  {"role": "user", "content": 'call: add {"a": 5, "b": 5}'}])
+    assert second.content[-1].type == "text" and second.content[-1].text == "tool said: 10"
