@@ -143,7 +143,8 @@ def _core_ctx(
         app[SESSION] = session
         app[SCHEDULER] = scheduler
         # The configured MCP servers follow the live config (a reload stops changed ones).
-        servers = app[MCP_SERVERS] = Servers(lambda: scheduler.config, session)
+        servers = app[MCP_SERVERS] = Servers(lambda: scheduler.config, session,
+                                             events.tool_called)
         app[MCP_APPROVALS] = Approvals()
         await scheduler.start()
         servers.start_reaper()

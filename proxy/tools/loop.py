@@ -27,7 +27,6 @@ from proxy.calls import upstream
 from proxy.dialects.families.chat import choice, new_id
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import jsonc
-from proxy.metrics.registry import METRICS
 from proxy.tools.calls import McpCall, Pending
 from proxy.tools.client import McpError, Tool
 from proxy.tools.servers import Running, Servers
@@ -130,7 +129,7 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
         messages = list(pending.messages)
         for call in pending.calls:
             if approved.get(call.id, False) and f"{call.server}{SEP}{call.name}" in offered:
-                await _run_call(app, call, offered, deadline, sink)
+                await _run_call(servers, call, offered, deadline, sink)
             else:
                 call.error = DENIED
             out.calls.append(call)
@@ -155,7 +154,7 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
             out.pending = Pending(model, chat, messages, batch)
             return out.end(answer, mine, "stop")
         for call in batch:
-            await _run_call(app, call, offered, deadline, sink)
+            await _run_call(servers, call, offered, deadline, sink)
             out.calls.append(call)
             messages.append(_tool_message(call, bounds))
         stop = ("max_seconds" if time.monotonic() >= deadline else
@@ -183,7 +182,7 @@ def _as_call(c: dict[str, Any], offered: dict[str, tuple[Use, Running, Tool]]) -
     return McpCall(str(c.get("id") or new_id("call_")), use.server, tool.name, text or "{}")
 
 
-async def _run_call(app: web.Application, call: McpCall,
+async def _run_call(servers: Servers, call: McpCall,
                     offered: dict[str, tuple[Use, Running, Tool]], deadline: float,
                     sink: Sink) -> None:
     _, running, _ = offered[f"{call.server}{SEP}{call.name}"]
@@ -207,7 +206,8 @@ async def _run_call(app: web.Application, call: McpCall,
         running.busy -= 1
         running.used = time.monotonic()
         call.seconds = time.monotonic() - began
-    app[METRICS].tool_called(call.server, call.name, outcome, call.seconds)
+    if servers.on_call is not None:
+        servers.on_call(call.server, call.name, outcome, call.seconds)
     await sink.called(call)
 
 

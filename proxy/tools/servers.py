@@ -47,10 +47,12 @@ class Running:
 
 
 class Servers:
-    def __init__(self, config: Callable[[], CorralConfig],
-                 session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: Callable[[], CorralConfig], session: aiohttp.ClientSession,
+                 on_call: Callable[[str, str, str, float], None] | None = None) -> None:
         self._config = config
         self._http = session
+        # (server, tool, outcome, seconds) per tool call: the metrics.
+        self.on_call = on_call
         self._running: dict[str, Running] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None

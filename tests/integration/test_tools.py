@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import ollama
 import openai
 import pytest
 from anthropic.types.beta import BetaMCPToolResultBlock, BetaMCPToolUseBlock
@@ -300,3 +301,35 @@ async def test_anthropic_follow_up_drops_the_mcp_blocks_it_sends_back(
                   {"role": "assistant", "content": [b.model_dump() for b in first.content]},
                   {"role": "user", "content": 'call: add {"a": 5, "b": 5}'}])
     assert second.content[-1].type == "text" and second.content[-1].text == "tool said: 10"
+
+
+# --- Ollama /api/chat (Corral's extension) -------------------------------------------------
+
+
+async def test_ollama_chat_streams_mcp_lines_the_ollama_client_reads(ports: Any) -> None:
+    r = await ports.ollama.post("/api/chat", json={
+        "model": MODEL, "mcp_servers": ["local"],
+        "messages": [{"role": "user", "content": 'call: echo {"text": "llama"}'}]})
+    assert r.status == 200
+    lines = [json.loads(x) for x in (await r.text()).splitlines() if x.strip()]
+    parsed = [ollama.ChatResponse.model_validate(x) for x in lines]
+    mcp = [(x["mcp"]["type"], x["mcp"].get("status")) for x in lines if "mcp" in x]
+    assert mcp == [("mcp_list_tools", None), ("mcp_call", "in_progress"),
+                   ("mcp_call", "completed")]
+    text = "".join(p.message.content or "" for p in parsed)
+    assert text == "tool said: llama"
+    assert parsed[-1].done and parsed[-1].done_reason == "stop"
+
+
+async def test_ollama_chat_whole_answer_and_an_unknown_server(ports: Any) -> None:
+    r = await ports.ollama.post("/api/chat", json={
+        "model": MODEL, "mcp_servers": ["remote"], "stream": False,
+        "messages": [{"role": "user", "content": 'call: add {"a": 3, "b": 4}'}]})
+    whole = await r.json()
+    assert whole["message"]["content"] == "tool said: 7"
+    assert [c["name"] for c in whole["mcp_calls"]] == ["add"]
+    r = await ports.ollama.post("/api/chat", json={
+        "model": MODEL, "mcp_servers": ["nope"], "stream": False,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status == 400
+    assert "no MCP server named 'nope'" in (await r.json())["error"]
