@@ -333,3 +333,34 @@ async def test_ollama_chat_whole_answer_and_an_unknown_server(ports: Any) -> Non
         "messages": [{"role": "user", "content": "hi"}]})
     assert r.status == 400
     assert "no MCP server named 'nope'" in (await r.json())["error"]
+
+
+# --- LM Studio REST v1 chat (integrations) --------------------------------------------------
+
+
+async def test_lmstudio_integrations_stream_tool_call_events(ports: Any) -> None:
+    r = await ports.lmstudio.post("/api/v1/chat", json={
+        "model": MODEL, "stream": True, "integrations": ["mcp/local"],
+        "input": 'call: echo {"text": "studio"}'})
+    assert r.status == 200
+    events = [line.removeprefix("event: ") for line in (await r.text()).splitlines()
+              if line.startswith("event: ")]
+    assert events == ["chat.start", "tool_call.start", "tool_call.arguments",
+                      "tool_call.result", "message.start", "message.delta", "message.end",
+                      "chat.end"]
+
+
+async def test_lmstudio_integrations_whole_answer_and_refusals(ports: Any) -> None:
+    r = await ports.lmstudio.post("/api/v1/chat", json={
+        "model": MODEL, "input": 'call: add {"a": 20, "b": 22}',
+        "integrations": [{"type": "ephemeral_mcp", "server_label": "remote"}]})
+    result = await r.json()
+    call, message = result["output"]
+    assert call["type"] == "tool_call" and call["tool"] == "add" and call["output"] == "42"
+    assert call["provider_info"] == {"type": "ephemeral_mcp", "server_label": "remote"}
+    assert message == {"type": "message", "content": "tool said: 42"}
+    r = await ports.lmstudio.post("/api/v1/chat", json={
+        "model": MODEL, "input": "hi", "integrations": [{
+            "type": "ephemeral_mcp", "server_label": "hf", "server_url": "https://hf.co/mcp"}]})
+    assert r.status == 400
+    assert "only the MCP servers of its config" in json.dumps(await r.json())
