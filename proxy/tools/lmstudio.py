@@ -118,6 +118,9 @@ async def answer(request: web.Request, payload: dict[str, Any],
     model, body = request_body(
         {k: v for k, v in payload.items() if k != "integrations"}, app[CHAT_STORE])
     app[SCHEDULER].resolve(model)  # an unknown model is a 404 before any event
+    if payload.get("tool_choice") in ("auto", "none", "required"):
+        # An extension beside integrations: LM Studio's v1 chat has no tool_choice.
+        body["tool_choice"] = payload["tool_choice"]
     loop.check_uses(app, servers, model, [u.server for u in used])
     stream = payload.get("stream") is True
     sink = _Sink(request, stream, info)

@@ -126,6 +126,7 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
     mine: list[dict[str, Any]] = []
     if resume is not None:
         pending, approved = resume
+        body.pop("tool_choice", None)
         messages = list(pending.messages)
         for call in pending.calls:
             if approved.get(call.id, False) and f"{call.server}{SEP}{call.name}" in offered:
@@ -157,6 +158,10 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
             await _run_call(servers, call, offered, deadline, sink)
             out.calls.append(call)
             messages.append(_tool_message(call, bounds))
+        if body.get("tool_choice") not in (None, "auto", "none"):
+            # A forced call ("required", a named tool) binds the first turn: forced on
+            # every turn, the model could never answer the results.
+            body["tool_choice"] = "auto"
         stop = ("max_seconds" if time.monotonic() >= deadline else
                 "max_tokens" if bounds.max_tokens is not None
                 and out.usage["completion_tokens"] >= bounds.max_tokens else None)

@@ -78,6 +78,9 @@ async def maybe(request: web.Request, body: dict[str, Any], model: str, display:
     loop.check_uses(request.app, servers, model, [u.server for u in used])
     started = time.monotonic_ns()
     payload = ollama_request.chat_body({k: v for k, v in body.items() if k != FIELD}, model)
+    if body.get("tool_choice") in ("auto", "none", "required"):
+        # An extension beside mcp_servers: Ollama has no tool_choice of its own.
+        payload["tool_choice"] = body["tool_choice"]
     sink = _Sink(request, display, stream)
     try:
         outcome = await loop.run(request.app, servers, request.app[SCHEDULER].config.mcp,
