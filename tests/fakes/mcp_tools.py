@@ -68,8 +68,14 @@ async def _http() -> None:
     app = server.streamable_http_app()
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
+    serving = asyncio.ensure_future(srv.serve(sockets=[sock]))
+    while not srv.started:  # the port is told once it accepts
+        if serving.done():
+            serving.result()
+            return
+        await asyncio.sleep(0.01)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
-    await srv.serve(sockets=[sock])
+    await serving
 
 
 if __name__ == "__main__":
