@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.dialects.families import responses_chat
 from proxy.edge import jsonc
 from proxy.edge.errors import stream_error_event
-from proxy.keys import MCP_APPROVALS, MCP_SERVERS, SCHEDULER
+from proxy.keys import FAMILIES, MCP_APPROVALS, MCP_SERVERS, SCHEDULER
 from proxy.metrics.registry import MODEL_HEADER
 from proxy.tools import loop
 from proxy.tools.calls import McpCall
@@ -178,7 +178,10 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
     if resume is not None and not body.get("input"):
         chat = dict(resume[0].chat)
     else:
-        chat = responses_chat.request(body)
+        previous = None
+        if body.get("previous_response_id"):
+            previous = app[FAMILIES].responses.get(str(body["previous_response_id"]))
+        chat = responses_chat.request(body, previous)
     sink = _Sink(request, ask, model)
     await sink.begin()
     try:
@@ -196,8 +199,13 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
                                [approval_item(c)["id"] for c in outcome.approvals])
         await sink.approvals(outcome.approvals)
     final = outcome.answer
+    kept = responses_chat.history(body, chat, responses_chat.assistant(final))
     if not sink.stream:
         out = responses_chat.response(final, ask)
+        if kept is not None:
+            # A later call's previous_response_id finds the conversation, as the
+            # family bridge keeps it (the tool turns left out).
+            app[FAMILIES].responses.put(kept, str(out["id"]))
         out["output"] = [*sink.items, *out["output"]]
         if outcome.approvals:
             # Only the approval requests: the model's text came with its tool calls.
@@ -207,6 +215,8 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
                             headers={MODEL_HEADER: model})
     chunk = as_chunk(final)
     machine = sink.machine
+    if kept is not None:
+        app[FAMILIES].responses.put(kept, machine.id)
     await sink.out.write(machine.feed(chunk) + machine.finish())
     assert sink.out.response is not None
     await sink.out.response.write_eof()

@@ -20,7 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from openai.types.responses.response_output_item import McpCall
 
-from tests.e2e.conftest import CorralProc, model_toml
+from tests.e2e.conftest import CorralProc, model_toml, reaped, wait_until
 from tests.fakes import mcp_proc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -52,6 +52,11 @@ def test_responses_one_loop_with_the_real_model(served: CorralProc) -> None:
     # The tool ran: it answered the sum of whatever integers the model chose.
     args = json.loads(calls[0].arguments)
     assert calls[0].error is None and calls[0].output == str(args["a"] + args["b"])
+    # The MCP server is Corral's child, as llama-server is: both die with Corral.
+    kids = served.children()
+    assert len(kids) == 2
+    served.proc.kill()
+    wait_until(lambda: all(reaped(pid) for pid in kids))
 
 
 def test_anthropic_ollama_and_lmstudio_each_see_their_own_events(

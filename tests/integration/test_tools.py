@@ -364,3 +364,28 @@ async def test_lmstudio_integrations_whole_answer_and_refusals(ports: Any) -> No
             "type": "ephemeral_mcp", "server_label": "hf", "server_url": "https://hf.co/mcp"}]})
     assert r.status == 400
     assert "only the MCP servers of its config" in json.dumps(await r.json())
+
+
+# --- bounds and conversations ------------------------------------------------------------
+
+
+async def test_a_follow_up_finds_the_previous_response(oai: openai.AsyncOpenAI) -> None:
+    first = await oai.responses.create(model=MODEL, input='call: echo {"text": "one"}',
+                                       tools=[mcp_tool("local")])
+    second = await oai.responses.create(model=MODEL, previous_response_id=first.id,
+                                        input='call: echo {"text": "two"}',
+                                        tools=[mcp_tool("local")])
+    assert second.output_text == "tool said: two"
+
+
+async def test_the_time_bound_ends_the_loop_inside_a_hanging_call(
+        corral_ports: Any, tmp_path: Path, http_url: str) -> None:
+    p = await corral_ports(tools_config(tmp_path, http_url, mcp={"max_seconds": 1.0}))
+    r = await p.openai.post("/v1/chat/completions", json={
+        "model": MODEL, "mcp_servers": ["remote"],
+        "messages": [{"role": "user", "content": "call: hang {}"}]})
+    assert r.status == 200
+    body = await r.json()
+    assert body["mcp_stopped"] == "max_seconds"
+    assert body["mcp_calls"][0]["status"] == "failed"
+    assert "timed out" in body["mcp_calls"][0]["error"]["message"]
