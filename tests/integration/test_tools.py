@@ -389,3 +389,16 @@ async def test_the_time_bound_ends_the_loop_inside_a_hanging_call(
     assert body["mcp_stopped"] == "max_seconds"
     assert body["mcp_calls"][0]["status"] == "failed"
     assert "timed out" in body["mcp_calls"][0]["error"]["message"]
+
+
+async def test_a_streamed_approval_request_ends_the_stream(oai: openai.AsyncOpenAI) -> None:
+    stream = await oai.responses.create(model=MODEL, input='call: echo {"text": "s"}',
+                                        tools=[mcp_tool("asks")], stream=True)
+    final, kinds = None, []
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.completed":
+            final = event.response
+    assert "response.mcp_call.in_progress" not in kinds  # nothing ran
+    assert final is not None
+    assert [o.type for o in final.output] == ["mcp_list_tools", "mcp_approval_request"]
