@@ -233,6 +233,10 @@ class Http:
     def alive(self) -> bool:
         return not self._closed
 
+    def speak(self, version: str) -> None:
+        """Every message after ``initialize`` names the revision agreed on."""
+        self._headers["MCP-Protocol-Version"] = version
+
     async def request(self, message: dict[str, Any], within: float) -> dict[str, Any]:
         async with asyncio.timeout(within):
             async with self._post(message) as resp:
@@ -317,7 +321,7 @@ class Session:
         except (TimeoutError, aiohttp.ClientError) as e:
             raise McpError(f"notifications/initialized: {e}") from None
         if isinstance(self.transport, Http) and isinstance(result.get("protocolVersion"), str):
-            self.transport._headers["MCP-Protocol-Version"] = result["protocolVersion"]
+            self.transport.speak(result["protocolVersion"])
         return result
 
     async def tools(self, within: float) -> list[Tool]:

@@ -257,11 +257,12 @@ def _without(answer: dict[str, Any], mine: set[int], reason: str | None = None
 
 async def _step(app: web.Application, model: str, body: dict[str, Any]) -> dict[str, Any]:
     spec = upstream.Call(model=model, path=CHAT_PATH, payload=body)
-    return await upstream.call_app(app, spec, _read)
+    return await upstream.call_app(app, spec, read_answer)
 
 
-async def _read(up: Upstream, resp: aiohttp.ClientResponse,
-                client: upstream.Client) -> dict[str, Any]:
+async def read_answer(up: Upstream, resp: aiohttp.ClientResponse,
+                      client: upstream.Client) -> dict[str, Any]:
+    """The consumer of a whole chat answer: its JSON, or the upstream's error."""
     raw = await resp.read()
     if resp.status >= 400:
         raise upstream_error_body(resp.status, raw)

@@ -29,7 +29,7 @@ from proxy.keys import SCHEDULER
 from proxy.metrics.registry import METRICS
 from proxy.ops import admin
 from proxy.ops.pin import set_pinned
-from proxy.tools.loop import _read
+from proxy.tools.loop import read_answer
 from scheduler.config import secrets
 from scheduler.errors import CorralError
 
@@ -98,7 +98,7 @@ async def run_prompt(request: web.Request, args: dict[str, Any]) -> Any:
             "max_tokens": max_tokens if isinstance(max_tokens, int) else 256, "stream": False}
     request.app[SCHEDULER].resolve(model)
     answer = await upstream.call_app(request.app, upstream.Call(
-        model=model, path="/v1/chat/completions", payload=body), _read)
+        model=model, path="/v1/chat/completions", payload=body), read_answer)
     msg = choice(answer).get("message") or {}
     return {"model": model, "text": msg.get("content") or "", "usage": answer.get("usage")}
 
