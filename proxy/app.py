@@ -41,6 +41,8 @@ from proxy.keys import (
     CONFIG,
     DISCOVERY,
     FAMILIES,
+    MCP_APPROVALS,
+    MCP_SERVERS,
     PULL_LOCKS,
     SCHEDULER,
     SESSION,
@@ -51,6 +53,9 @@ from proxy.metrics.web import request_middleware
 from proxy.ops import admin, capture_view, cluster, passthrough, pulls
 from proxy.ops.mount import add_dashboard_routes
 from proxy.ops.reload import RELOADER, reload_ctx
+from proxy.tools import server as mcp_server
+from proxy.tools.calls import Approvals
+from proxy.tools.servers import Servers
 from proxy.workers import owner as workers
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CorralConfig
@@ -140,10 +145,16 @@ def _core_ctx(
         )
         app[SESSION] = session
         app[SCHEDULER] = scheduler
+        # The configured MCP servers follow the live config (a reload stops changed ones).
+        servers = app[MCP_SERVERS] = Servers(lambda: scheduler.config, session,
+                                             events.tool_called)
+        app[MCP_APPROVALS] = Approvals()
         await scheduler.start()
+        servers.start_reaper()
         try:
             yield
         finally:
+            await servers.close()
             await scheduler.close()
             await session.close()
 
@@ -187,6 +198,7 @@ def build_openai_app(
     openai.add_routes(app, "main")
     admin.add_routes(app)
     passthrough.add_routes(app)
+    mcp_server.add_routes(app)
     cluster.setup(app, cfg)
     add_dashboard_routes(app, cfg)
     return app
@@ -215,6 +227,9 @@ def build_port_app(
     # calls are not tracked: cancel and captures are the owner's, docs/admin-api.md).
     if CALLS in core:
         app[CALLS] = core[CALLS]
+    if MCP_SERVERS in core:
+        app[MCP_SERVERS] = core[MCP_SERVERS]
+        app[MCP_APPROVALS] = core[MCP_APPROVALS]
     if DISCOVERY in core:
         app[DISCOVERY] = core[DISCOVERY]
     if PULL_LOCKS in core:

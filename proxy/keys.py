@@ -11,6 +11,8 @@ from proxy.calls.tracking import InFlight
 from proxy.dialects.chat_store import ChatStore
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge.body import BodyBudget
+from proxy.tools.calls import Approvals
+from proxy.tools.servers import Servers
 from scheduler.config.root import CorralConfig
 from scheduler.discovery.watch import Discovery
 from scheduler.scheduling.scheduler import Scheduler
@@ -32,3 +34,7 @@ PULL_LOCKS = web.AppKey("pull_locks", dict[str, asyncio.Lock])
 
 # Calls in flight by request id (cancel) and their captures, shared by every port app.
 CALLS = web.AppKey("calls", InFlight)
+# The configured MCP servers (started on first use) and the tool loops that wait for a
+# client's approval, shared by every port app (proxy/tools/).
+MCP_SERVERS = web.AppKey("mcp_servers", Servers)
+MCP_APPROVALS = web.AppKey("mcp_approvals", Approvals)

@@ -30,6 +30,7 @@ from proxy.edge.errors import ROUTE_DIALECT, Family, family_dialect
 from proxy.keys import BODY_BUDGET, FAMILIES, SCHEDULER
 from proxy.metrics.registry import METRICS
 from proxy.ops import pulls
+from proxy.tools import entry as tools_entry
 from scheduler.config.root import Capability, ModelConfig
 from scheduler.errors import BadRequest, CannotServe
 from scheduler.models.capabilities import capabilities
@@ -160,6 +161,11 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
             cfg = check(scheduler, model, route.capability)
             if route.capability == "chat" and vision.body_has_images(body):
                 vision.require_vision(scheduler, model, cfg)
+            if route.capability == "chat" and body is not None and b"mcp" in body:
+                # Names configured MCP servers: the tool loop answers (proxy/tools/).
+                looped = await tools_entry.maybe(request, model, body)
+                if looped is not None:
+                    return looped
             spec = upstream.Call(
                 model=model,
                 path=route.upstream or request.path,

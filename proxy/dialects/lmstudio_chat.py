@@ -26,7 +26,8 @@ from proxy.dialects.lmstudio_sdk.upstream import event_batches
 from proxy.edge import body as bodies
 from proxy.edge import jsonc, reqlog
 from proxy.edge.errors import public_message
-from proxy.keys import CHAT_STORE, SCHEDULER
+from proxy.keys import CHAT_STORE, MCP_SERVERS, SCHEDULER
+from proxy.tools import lmstudio as tools_lmstudio
 from scheduler.errors import BadRequest, CorralError
 from scheduler.scheduling.scheduler import LeaseHints
 
@@ -61,7 +62,8 @@ def request_body(payload: dict[str, Any], store: ChatStore) -> tuple[str, dict[s
     """(model, llama-server chat body) of a /api/v1/chat request."""
     model = jsonc.model_of(payload)
     if payload.get("integrations"):
-        raise BadRequest("'integrations' (MCP servers, plugins) are not supported by Corral")
+        # Answered by the tool loop (proxy/tools/lmstudio.py), which takes them out.
+        raise BadRequest("'integrations' need [[mcp_servers]] in Corral's config")
     history: list[dict[str, Any]] = []
     previous = payload.get("previous_response_id")
     if previous is not None:
@@ -198,6 +200,9 @@ def _sse(name: str, data: dict[str, Any]) -> bytes:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     payload = await bodies.read_json(request)
+    if payload.get("integrations") and MCP_SERVERS in request.app:
+        # Configured MCP servers, named: the tool loop answers (proxy/tools/).
+        return await tools_lmstudio.answer(request, payload, request_body)
     model, body = request_body(payload, request.app[CHAT_STORE])
     request.app[SCHEDULER].resolve(model)  # an unknown model is a 404 before any event
     store = payload.get("store", True) is not False

@@ -44,6 +44,7 @@ from proxy.edge import jsonc
 from proxy.edge.reqlog import note_model
 from proxy.keys import SCHEDULER
 from proxy.ops import pulls
+from proxy.tools import ollama as tools_ollama
 from scheduler.errors import BadRequest
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Upstream
 
@@ -206,8 +207,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     scheduler, target, keep = await _prelude(request, body)
     if not body.get("messages"):
         return await _probe(request, target, keep, "chat")
-    payload = ollama_request.chat_body(body, target.name)
     think = body.get("think") is not False
+    if "mcp_servers" in body:
+        # Names configured MCP servers: the tool loop answers (proxy/tools/).
+        looped = await tools_ollama.maybe(request, body, target.name, target.display,
+                                          stream_flag(body), think)
+        if looped is not None:
+            return looped
+    payload = ollama_request.chat_body(body, target.name)
     hints = keep.hints
     if scheduler.balanced(target.name):  # replica choice and the slot cache
         hints = dataclasses.replace(hints, chain=jsonc.chain_of(payload))

@@ -217,9 +217,10 @@ def presented_key(request: web.Request) -> bytes | None:
 # Paths only an admin key may use (``[[keys]] admin = true``; ``[server] api_keys``
 # are admin keys): operations, the config, the metrics that name every key, and
 # Ollama's model management (downloads and deletions change the box for everyone),
-# and the raw passthrough to a model's own server.
+# the raw passthrough to a model's own server, and Corral's own MCP server (it
+# loads, unloads and pins models).
 ADMIN_PREFIXES = ("/admin/", "/metrics", "/api/pull", "/api/push", "/api/create",
-                  "/api/copy", "/api/delete", "/api/blobs/", "/upstream/")
+                  "/api/copy", "/api/delete", "/api/blobs/", "/upstream/", "/mcp")
 
 
 class OpenRoute(NamedTuple):

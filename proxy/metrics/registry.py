@@ -145,6 +145,14 @@ class Metrics:
         self.reloads = Counter(
             "corral_config_reloads", "Config reload attempts, by result (ok, error).",
             ["result"], registry=r)
+        # Labels bounded by the config: server names, and the tools each lists.
+        self.tool_calls = Counter(
+            "corral_mcp_tool_calls", "MCP tool calls the tool loop made, by server, tool "
+            "and outcome (ok, error: the tool said so, failed: no answer).",
+            ["server", "tool", "outcome"], registry=r)
+        self.tool_duration = Histogram(
+            "corral_mcp_tool_call_duration_seconds", "Time an MCP tool call took.",
+            ["server"], buckets=_DURATION_BUCKETS, registry=r)
         build = Gauge("corral_build_info", "Corral's version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self.reload_success.set(1)
@@ -246,6 +254,10 @@ class Metrics:
     def crashed(self, model: str) -> None:
         self.crashes.labels(model).inc()
         self._event("crashed", model, None)
+
+    def tool_called(self, server: str, tool: str, outcome: str, seconds: float) -> None:
+        self.tool_calls.labels(server, tool, outcome).inc()
+        self.tool_duration.labels(server).observe(seconds)
 
     def waited(self, model: str, seconds: float, outcome: str) -> None:
         self.queue_wait.labels(model, outcome).observe(seconds)

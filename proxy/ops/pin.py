@@ -57,25 +57,32 @@ def set_model_key(text: str, model: str, key: str, value: str) -> str:
     )
 
 
-async def _set(request: web.Request, pinned: bool) -> web.Response:
-    if not request.app[CONFIG].server.admin_config_write:
+async def set_pinned(app: web.Application, model: str,
+                     pinned: bool) -> tuple[dict[str, object], bool]:
+    """Pin or unpin ``model`` in the config file: (the answer, whether the reload took
+    it). Shared by the admin route and Corral's own MCP server (proxy/tools/server.py)."""
+    if not app[CONFIG].server.admin_config_write:
         raise Forbidden(
             "pinning is a config setting (evictable = false) and writing the config over "
             "HTTP is off; set [server] admin_config_write = true and restart Corral, or "
             "edit the file"
         )
-    reloader = request.app[RELOADER]
+    reloader = app[RELOADER]
     if reloader.path is None:
         raise NoConfigFile("Corral was started without a config file to write")
-    name = request.app[SCHEDULER].resolve(request.match_info["model"]).name
+    name = app[SCHEDULER].resolve(model).name
     original = await read_original(reloader.path)
     text = set_model_key(original, name, PIN_KEY, "false" if pinned else "true")
     try:
         outcome = await reloader.write(text)
     except ConfigError as e:
         raise BadRequest(f"cannot {'pin' if pinned else 'unpin'} {name}:\n{e.message}") from None
-    return web.json_response({"model": name, "pinned": pinned, "reload": outcome.as_dict()},
-                             status=200 if outcome.ok else 422)
+    return {"model": name, "pinned": pinned, "reload": outcome.as_dict()}, outcome.ok
+
+
+async def _set(request: web.Request, pinned: bool) -> web.Response:
+    answer, ok = await set_pinned(request.app, request.match_info["model"], pinned)
+    return web.json_response(answer, status=200 if ok else 422)
 
 
 async def pin(request: web.Request) -> web.Response:

@@ -49,6 +49,7 @@ from scheduler.config.sections import (
     SchedulerConfig,
     ServerConfig,
 )
+from scheduler.config.tools import McpConfig, McpServerConfig, check_unique
 from scheduler.engines.settings import (
     ProviderConfig,
     RuntimeConfig,
@@ -108,6 +109,8 @@ class CorralConfig(BaseSettings):
     cluster: ClusterConfig = ClusterConfig()
     runtimes: dict[str, RuntimeConfig] = Field(default_factory=dict)
     providers: tuple[ProviderConfig, ...] = ()
+    mcp_servers: tuple[McpServerConfig, ...] = ()
+    mcp: McpConfig = McpConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -178,6 +181,7 @@ class CorralConfig(BaseSettings):
         names = [p.name for p in self.providers]
         if len(set(names)) != len(names):
             raise ValueError(f"providers: names must be unique (got {names})")
+        check_unique(self.mcp_servers)
         self._check_keys()
         self._check_pinned()
         return self
@@ -188,8 +192,10 @@ class CorralConfig(BaseSettings):
         ``**********``), the values of their ``api_key_env``, credential headers.
         What the log scrubber, /admin and `corral check` keep out (scheduler/config/secrets.py)."""
         remotes = [rc for m in self.models for rc in m.remote_configs()]
+        mcp_keys = {os.environ.get(s.api_key_env, "") for s in self.mcp_servers
+                    if s.api_key_env} - {""}
         return {*self.server.api_keys, *(k.key for k in self.keys if k.key),
-                *secrets_of(remotes, self.providers)}
+                *secrets_of(remotes, self.providers), *mcp_keys}
 
     def _check_keys(self) -> None:
         names: set[str] = set()

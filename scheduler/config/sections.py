@@ -202,6 +202,8 @@ class KeyConfig(_Strict):
         None, ge=1, description="prompt + completion tokens per sliding minute"
     )
     priority: int = Field(0, description="higher is served first from a model's queue")
+    mcp_servers: tuple[str, ...] = Field(
+        ("*",), description="[[mcp_servers]] names or globs this key's calls may use")
 
     @field_validator("name")
     @classmethod

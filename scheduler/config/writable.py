@@ -101,6 +101,9 @@ REFUSED: dict[Key, str] = {
     ("cluster",): NET,
     ("runtimes",): RUNS,
     ("providers",): NET,
+    ("mcp_servers",): RUNS,
+    # The loop's bounds limit what a call may spend on the tools above.
+    ("mcp",): RUNS,
     ("models", "*", "path"): DISK,
     ("models", "*", "package"): RUNS,
     ("models", "*", "hf_repo"): NET,

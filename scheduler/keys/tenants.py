@@ -43,6 +43,8 @@ class Key:
     max_concurrent: int | None = None
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # The [[mcp_servers]] a call with this key may name (docs/tools.md).
+    mcp_servers: tuple[str, ...] = ("*",)
 
     @property
     def unscoped(self) -> bool:
@@ -134,7 +136,7 @@ def keys_of(cfg: CorralConfig, api_keys: tuple[str, ...] | None = None) -> list[
 
 def _key(k: KeyConfig) -> Key:
     return Key(k.name, k.models, k.admin, k.priority, k.max_concurrent,
-               k.requests_per_minute, k.tokens_per_minute)
+               k.requests_per_minute, k.tokens_per_minute, k.mcp_servers)
 
 
 class Tenants:

@@ -33,6 +33,13 @@ FAKE_STOP_AFTER=n          a chat or completion ends after n tokens as if it met
 FAKE_REFUSE=f1,f2          the routes of these API families (messages, responses) answer
                            404, as on a server that speaks only chat completions
 
+Scripted tool calls, read from the request (a tool loop's model, tests/integration/
+test_tools.py): a chat request with ``tools`` whose last user message has lines
+``call: NAME {json arguments}`` calls them one per turn, in order (the tool whose name
+is NAME or ends in ``__NAME``), counting the tool results after that message; then it
+answers ``tool said: <the last tool result>``. A line ``call-always: NAME {json}``
+calls NAME on every turn (a model that never stops).
+
 While loading, every route but /health answers that same 503, as llama-server's do.
 
 Slots keep their last chat prompt (one token per word, plus 4 per message as a template
@@ -756,12 +763,65 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
             last_user = text
     if (refused := exceeded(request, prompt_tokens)) is not None:
         return refused
-    tool_reply = tool_call_reply(body, srv.model_id)
+    tool_reply = tool_call_reply(body, srv.model_id) or scripted_tool_reply(
+        body, srv.model_id, messages)
     if tool_reply is not None:
         return tool_reply
     gen = Generation.build(body, srv.model_id, last_user, prompt_tokens)
     gen.prompt_words = prompt_words
     return await generate(request, gen, "chat")
+
+
+def _script(messages: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], bool, int, int]:
+    """(calls, always, index of the last user message, tool results after it)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    text = content_text(messages[last].get("content")) if last >= 0 else ""
+    calls, always = [], False
+    for line in text.splitlines():
+        kind, _, rest = line.strip().partition(":")
+        if kind in ("call", "call-always") and rest.strip():
+            name, _, args = rest.strip().partition(" ")
+            calls.append((name, args.strip() or "{}"))
+            always = always or kind == "call-always"
+    done = sum(1 for m in messages[last + 1:] if m.get("role") == "tool")
+    return calls, always, last, done
+
+
+def scripted_tool_reply(body: dict[str, Any], model: str,
+                        messages: list[dict[str, Any]]) -> web.StreamResponse | None:
+    """The calls a prompt scripts (see the module docstring), then the answer."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    calls, always, _, done = _script(messages)
+    if not calls:
+        return None
+    names = [str((t.get("function") or {}).get("name", "")) for t in tools]
+    if always or done < len(calls):
+        want, args = calls[0] if always else calls[done]
+        name = next((n for n in names if n == want or n.endswith("__" + want)), want)
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": f"call_{done}", "type": "function",
+             "function": {"name": name, "arguments": args}}]}
+        finish = "tool_calls"
+    else:
+        message = {"role": "assistant",
+                   "content": "tool said: " + content_text(messages[-1].get("content"))}
+        finish = "stop"
+    created, ident = int(time.time()), f"chatcmpl-script{done}"
+    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    if not body.get("stream"):
+        return json_response({"id": ident, "object": "chat.completion", "created": created,
+                              "model": model, "usage": usage, "choices": [{
+                                  "index": 0, "finish_reason": finish, "message": message}]})
+    delta = {k: v for k, v in message.items() if v is not None}
+    chunks = [{"choices": [{"index": 0, "finish_reason": None, "delta": delta}]},
+              {"choices": [{"index": 0, "finish_reason": finish, "delta": {}}]},
+              {"choices": [], "usage": usage}]
+    text = "".join("data: " + _compact_dumps({"id": ident, "object": "chat.completion.chunk",
+                                              "created": created, "model": model, **c}) + "\n\n"
+                   for c in chunks) + "data: [DONE]\n\n"
+    return web.Response(text=text, content_type="text/event-stream")
 
 
 def tool_call_reply(body: dict[str, Any], model: str) -> web.StreamResponse | None:
