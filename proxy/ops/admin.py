@@ -95,7 +95,7 @@ def _with_memory(desc: dict[str, object], rss: dict[str, int]) -> dict[str, obje
     return {**desc, "resident_memory_bytes": rss.get(str(desc["id"]))}
 
 
-async def _models_view(request: web.Request) -> list[dict[str, object]]:
+async def models_view(request: web.Request) -> list[dict[str, object]]:
     scheduler = request.app[SCHEDULER]
     rss = await _memory(scheduler.instances())
     out = []
@@ -108,7 +108,7 @@ async def _models_view(request: web.Request) -> list[dict[str, object]]:
                      "ttl": scheduler.config.ttl(cfg)}
         out.append({**ms, **extra, "instances": [_with_memory(i, rss) for i in insts]})
     # A launch error carries the child's log tail, which may quote its env.
-    scrubbed: list[dict[str, object]] = secrets.scrub_data(out, _known_secrets(request))
+    scrubbed: list[dict[str, object]] = secrets.scrub_data(out, known_secrets(request))
     return scrubbed
 
 
@@ -119,13 +119,13 @@ async def models(request: web.Request) -> web.Response:
     found = request.app.get(DISCOVERY)
     # Files the directory scan skipped (not GGUF, a link leaving the tree, ...).
     problems = list(found.problems) if found is not None else []
-    return web.json_response({"models": await _models_view(request),
+    return web.json_response({"models": await models_view(request),
                               "scan_problems": problems})
 
 
 async def model(request: web.Request) -> web.Response:
     name = _model_name(request)
-    for m in await _models_view(request):
+    for m in await models_view(request):
         if m["name"] == name:
             return web.json_response(m)
     raise NotFound(f"model {name!r} is gone")  # removed by a reload meanwhile
@@ -185,7 +185,7 @@ async def instance(request: web.Request) -> web.Response:
     return web.json_response(_with_memory(inst.describe(), rss))
 
 
-def _known_secrets(request: web.Request) -> tuple[str, ...]:
+def known_secrets(request: web.Request) -> tuple[str, ...]:
     """Every secret of the running config: what a child's log or a launch error
     must not show even when the child printed it (its env holds a model's token)."""
     cfg = request.app[SCHEDULER].config
@@ -195,7 +195,7 @@ def _known_secrets(request: web.Request) -> tuple[str, ...]:
 async def logs(request: web.Request) -> web.StreamResponse:
     inst = _instance(request)
     tail = _int_query(request, "tail", 100)
-    known = _known_secrets(request)
+    known = known_secrets(request)
     if not _flag(request, "follow"):
         lines = list(inst.log)[-tail:] if tail > 0 else []
         return web.json_response({"instance": inst.id,
@@ -303,7 +303,7 @@ async def overview(request: web.Request) -> web.Response:
         "version": __version__,
         "time": round(time.time(), 3),
         "memory": memory,
-        "models": await _models_view(request),
+        "models": await models_view(request),
         "requests": metrics.recent_requests(30),
         "events": list(reversed(list(metrics.events)[-20:])),
         "config": app[RELOADER].status(),

@@ -28,7 +28,7 @@ import aiohttp
 
 from proxy.edge import jsonc
 from scheduler.aio import cancel_and_wait
-from scheduler.process.instance import _PREEXEC
+from scheduler.process.instance import CHILD_PREEXEC
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Stdio:
             self._proc = await asyncio.create_subprocess_exec(
                 *self._argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=self._env, start_new_session=True,
-                preexec_fn=_PREEXEC, limit=MAX_LINE)
+                preexec_fn=CHILD_PREEXEC, limit=MAX_LINE)
         except OSError as e:
             raise McpError(f"cannot start {self._argv[0]!r}: {e.strerror or e}") from None
         self._tasks = [asyncio.ensure_future(self._read()),

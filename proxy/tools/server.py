@@ -49,7 +49,7 @@ _MODEL = {"model": {"type": "string", "description": "a configured model name or
 
 
 async def list_models(request: web.Request, args: dict[str, Any]) -> Any:
-    return await admin._models_view(request)
+    return await admin.models_view(request)
 
 
 async def load_model(request: web.Request, args: dict[str, Any]) -> Any:
@@ -77,7 +77,7 @@ async def instance_log(request: web.Request, args: dict[str, Any]) -> Any:
         if inst.id == iid:
             lines = list(inst.log)[-tail:] if tail > 0 else []
             return {"instance": iid, "lines": secrets.scrub_data(
-                lines, admin._known_secrets(request))}
+                lines, admin.known_secrets(request))}
     raise admin.NotFound(f"no instance {iid!r}")
 
 

@@ -47,7 +47,7 @@ from scheduler.ipc.wire import (
     upstream_of,
 )
 from scheduler.keys import tenants
-from scheduler.process.instance import _PREEXEC
+from scheduler.process.instance import CHILD_PREEXEC
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Servable, Upstream
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class Owner:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *self._argv(index, theirs.fileno()), pass_fds=(theirs.fileno(),),
-                    preexec_fn=_PREEXEC, stdin=asyncio.subprocess.DEVNULL)
+                    preexec_fn=CHILD_PREEXEC, stdin=asyncio.subprocess.DEVNULL)
             except OSError as e:
                 mine.close()
                 theirs.close()

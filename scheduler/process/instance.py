@@ -102,7 +102,7 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
-_PREEXEC = _pdeathsig_preexec()
+CHILD_PREEXEC = _pdeathsig_preexec()
 
 
 @dataclass(slots=True)
@@ -268,7 +268,7 @@ class Instance:
                 stderr=asyncio.subprocess.STDOUT,
                 env=dict(spec.env),
                 start_new_session=True,
-                preexec_fn=_PREEXEC,
+                preexec_fn=CHILD_PREEXEC,
             )
         except OSError as e:
             self.failure = f"cannot execute {spec.argv[0]}: {e.strerror or e}"
