@@ -121,6 +121,7 @@ class Launching(Core):
         else:
             m.last_error = None
             m.failures = 0
+            m.load_times.add(inst.stats.load_seconds)
             self.events.launched(m.cfg.name, inst.stats.load_seconds, True)
             log.info("instance %s ready in %.2f s", inst.id, inst.stats.load_seconds)
         finally:

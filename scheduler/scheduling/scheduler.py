@@ -38,7 +38,7 @@ from scheduler.errors import (
 from scheduler.keys import tenants
 from scheduler.models.sources import model_size
 from scheduler.process.instance import ALIVE, Instance, State
-from scheduler.scheduling import contexts
+from scheduler.scheduling import contexts, loadcost
 from scheduler.scheduling.core import Core, default_finder
 from scheduler.scheduling.dispatch import Dispatch
 from scheduler.scheduling.launching import Launching
@@ -302,6 +302,19 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                          if any(i.state is State.STARTING for i in m.instances)
                          for name in (m.cfg.name, *m.cfg.aliases))
 
+    def load_estimate(self, name: str) -> tuple[float | None, float | None]:
+        """(the median seconds a load of this model takes, None when never measured;
+        the seconds its oldest launch under way has run, None when none is). The wait
+        shown to clients and operators (scheduler/scheduling/loadcost.py)."""
+        m = self._names.get(name)
+        if m is None:
+            return None, None
+        starting = [i.stats.launched_at for i in m.instances if i.state is State.STARTING]
+        # launched_at is 0.0 until the launch task has run: it has only just begun.
+        elapsed = (max(0.0, self._clock() - min(t or self._clock() for t in starting))
+                   if starting else None)
+        return m.load_times.median, elapsed
+
     def model_status(self) -> list[dict[str, object]]:
         out = []
         for m in self._models.values():
@@ -316,6 +329,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                 state = "failed"
             else:
                 state = "not-loaded"
+            expected, elapsed = self.load_estimate(m.cfg.name)
             out.append(
                 {
                     "name": m.cfg.name,
@@ -334,6 +348,13 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                     "fallbacks": list(m.cfg.fallbacks),
                     "last_error": m.last_error.detail if m.last_error else None,
                     "failures": m.failures,
+                    # The median of its last loads, and the launch under way if any.
+                    "load_seconds_median": None if expected is None else round(expected, 3),
+                    "loading": None if elapsed is None else {
+                        "elapsed_seconds": round(elapsed, 3),
+                        "remaining_seconds": round(loadcost.remaining(expected, elapsed), 3),
+                        "progress": loadcost.progress(expected, elapsed),
+                    },
                 }
             )
         return out

@@ -23,6 +23,7 @@ from scheduler.errors import (
 from scheduler.keys import tenants
 from scheduler.process.instance import ALIVE, Instance
 from scheduler.scheduling.contexts import Contexts
+from scheduler.scheduling.loadcost import LoadTimes
 from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.queueing import FairQueue
 
@@ -115,8 +116,9 @@ class Waiter:
 
 
 class ModelState:
-    __slots__ = ("cfg", "ctx", "failures", "footprint", "instances", "last_error", "prefixes",
-                 "queue", "remotes", "retry_at", "retry_handle", "size", "sized", "vram")
+    __slots__ = ("cfg", "ctx", "failures", "footprint", "instances", "last_error",
+                 "load_times", "prefixes", "queue", "remotes", "retry_at", "retry_handle",
+                 "size", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -139,6 +141,9 @@ class ModelState:
         self.failures = 0
         self.retry_at = 0.0
         self.retry_handle: asyncio.TimerHandle | None = None
+        # Seconds its last few launches took to be ready: eviction's cost of having it
+        # back, and the wait told to callers (scheduler/scheduling/loadcost.py).
+        self.load_times = LoadTimes()
 
     @property
     def unavailable(self) -> bool:
