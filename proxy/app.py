@@ -37,7 +37,7 @@ from proxy.keys import BODY_BUDGET, CONFIG, DISCOVERY, FAMILIES, PULL_LOCKS, SCH
 from proxy.metrics import web as metrics_http
 from proxy.metrics.registry import METRICS, Metrics
 from proxy.metrics.web import request_middleware
-from proxy.ops import admin, cluster, pulls
+from proxy.ops import admin, cluster, lifecycle, pulls
 from proxy.ops.mount import add_dashboard_routes
 from proxy.ops.reload import RELOADER, reload_ctx
 from proxy.workers import owner as workers
@@ -158,6 +158,7 @@ def build_openai_app(
     app.cleanup_ctx.append(metrics_http.metrics_ctx(stats))
     app.cleanup_ctx.append(reload_ctx(config_path, stats))
     app.cleanup_ctx.append(pulls.discovery_ctx)
+    app.cleanup_ctx.append(lifecycle.lifecycle_ctx(config_path))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_http.handle_metrics)
     openai.add_routes(app, "main")

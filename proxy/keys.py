@@ -10,6 +10,8 @@ from aiohttp import web
 from proxy.dialects.chat_store import ChatStore
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge.body import BodyBudget
+from proxy.ops.operations import Operations
+from proxy.ops.runtime_models import RuntimeModels
 from scheduler.config.root import CorralConfig
 from scheduler.discovery.watch import Discovery
 from scheduler.scheduling.scheduler import Scheduler
@@ -28,3 +30,8 @@ FAMILIES = web.AppKey("families", FamilyState)
 # Models found on disk (the scanner) and pulls in progress, shared by every port.
 DISCOVERY = web.AppKey("discovery", Discovery)
 PULL_LOCKS = web.AppKey("pull_locks", dict[str, asyncio.Lock])
+
+# Loads the admin API answered at once, followed by id (proxy/ops/operations.py), and the
+# models admins created at runtime (proxy/ops/runtime_models.py).
+OPERATIONS = web.AppKey("operations", Operations)
+RUNTIME_MODELS = web.AppKey("runtime_models", RuntimeModels)

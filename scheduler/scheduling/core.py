@@ -96,6 +96,8 @@ class Core:
         # Instances whose caller went away mid-call, until when Corral leaves them
         # alone (Leasing.quiet).
         self._quiet: dict[str, float] = {}
+        # Launches an operator cancelled (instance ids): their end is no failure.
+        self._cancelled: set[str] = set()
         # [[providers]]: their listings become dynamic models (engines/providers.py).
         self.providers = Providers(self, session)
         # API keys: scopes, limits, usage (scheduler/keys/tenants.py).
@@ -190,6 +192,8 @@ class Core:
         def _retire(self, inst: Instance, reason: str, *, drain: bool = True) -> None: ...
 
         def _fail_waiters(self, m: ModelState, error: CorralError) -> None: ...
+
+        def _retry_after(self, m: ModelState) -> float: ...
 
         def _unhealthy(self, inst: Instance, reason: str) -> None: ...
 

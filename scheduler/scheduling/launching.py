@@ -102,6 +102,11 @@ class Launching(Core):
         try:
             await inst.start(self._session, lambda: self._prepare(m, inst))
         except CorralError as e:
+            if inst.id in self._cancelled:
+                # Its waiters have their LoadCancelled already (Scaling.cancel_launch).
+                self._cancelled.discard(inst.id)
+                log.info("launch of %s cancelled", inst.id)
+                return
             err = e if isinstance(e, LoadFailed) else LoadFailed(m.cfg.name, e.message)
             if m.unavailable:
                 err = LoadFailed(
@@ -165,7 +170,8 @@ class Launching(Core):
                 m.instances.remove(inst)
                 if inst.state is State.FAILED and inst.stats.ready_at:
                     self.events.crashed(inst.model)
-                if inst.state is State.FAILED and not inst.stats.ready_at:
+                if (inst.state is State.FAILED and not inst.stats.ready_at
+                        and inst.id not in self._cancelled):
                     # Counted here, not where start() raises: this callback runs
                     # first, and its kick must already see the backoff.
                     m.failures += 1

@@ -43,6 +43,7 @@ from scheduler.scheduling.core import Core, default_finder
 from scheduler.scheduling.dispatch import Dispatch
 from scheduler.scheduling.launching import Launching
 from scheduler.scheduling.leasing import Leasing
+from scheduler.scheduling.scaling import Scaling
 from scheduler.scheduling.state import (
     MAX_LAUNCH_FAILURES,
     BinaryFinder,
@@ -60,7 +61,7 @@ __all__ = ["MAX_LAUNCH_FAILURES", "BinaryFinder", "Events", "LeaseHints", "NoEve
            "Scheduler", "Servable", "Upstream", "default_finder", "launch_backoff"]
 
 
-class Scheduler(Leasing, Dispatch, Launching, Core):
+class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
     """Leases, dispatch, launches and the config they run from (module docstring)."""
 
     # -- configuration -----------------------------------------------------------
@@ -86,7 +87,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         m = self._names.get(name)
         # The slot cache files conversations by the same chain.
         return m is not None and (
-            (m.cfg.replicas.max + len(m.cfg.remotes)) > 1 or self.slots.enabled(m.cfg))
+            (m.max_replicas + len(m.cfg.remotes)) > 1 or self.slots.enabled(m.cfg))
 
     async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
         """Switch to a new config file's contents; dynamic models stay (see below)."""
@@ -344,7 +345,8 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                     "ctx_size": m.cfg.ctx_size,
                     "context": m.ctx.default if m.ctx else None,
                     "max_context": m.ctx.maximum if m.ctx else None,
-                    "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max},
+                    "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max,
+                                 "wanted": m.scale},
                     "fallbacks": list(m.cfg.fallbacks),
                     "last_error": m.last_error.detail if m.last_error else None,
                     "failures": m.failures,
@@ -379,6 +381,8 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         if m is None:
             raise UnknownModel(name, list(self._names))
         insts = [i for i in m.instances if i.state in ALIVE]
+        # Replicas asked for at runtime go with it, or they would be launched again.
+        m.scale = None
         for inst in insts:
             self._retire(inst, "unload")
         return len(insts)

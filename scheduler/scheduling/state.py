@@ -118,7 +118,7 @@ class Waiter:
 class ModelState:
     __slots__ = ("cfg", "ctx", "failures", "footprint", "instances", "last_error",
                  "load_times", "prefixes", "queue", "remotes", "retry_at", "retry_handle",
-                 "size", "sized", "vram")
+                 "scale", "size", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -144,6 +144,10 @@ class ModelState:
         # Seconds its last few launches took to be ready: eviction's cost of having it
         # back, and the wait told to callers (scheduler/scheduling/loadcost.py).
         self.load_times = LoadTimes()
+        # Replicas an operator asked for while it runs (a replica added or removed,
+        # Xinference's ``replica``): kept loaded past their TTL and allowed past
+        # replicas.max until the model is unloaded; None: the config's alone.
+        self.scale: int | None = None
 
     @property
     def unavailable(self) -> bool:
@@ -158,7 +162,11 @@ class ModelState:
     @property
     def min_replicas(self) -> int:
         # A pinned model keeps one instance loaded from the start.
-        return max(self.cfg.replicas.min, 0 if self.cfg.evictable else 1)
+        return max(self.cfg.replicas.min, 0 if self.cfg.evictable else 1, self.scale or 0)
+
+    @property
+    def max_replicas(self) -> int:
+        return max(self.cfg.replicas.max, self.scale or 0)
 
 
 BinaryFinder = Callable[[Path | None], Path | None]

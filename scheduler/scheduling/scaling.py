@@ -1,0 +1,96 @@
+"""An operator's hands on a running model: cancel a launch in progress, add or remove
+one replica (admin API, Xinference's ``/replicas``; docs/admin-api.md).
+
+A replica added or removed sets the model's ``scale`` (state.py), which the dispatcher
+keeps as a minimum (launching into room as it frees) and allows past ``replicas.max``;
+an unload forgets it. A replica is removed by draining it: the calls it runs finish,
+new ones go to the others.
+"""
+
+from __future__ import annotations
+
+from scheduler.errors import BadRequest, LoadCancelled, LoadFailed, Overloaded, UnknownModel
+from scheduler.process.instance import Instance, State
+from scheduler.scheduling import policy
+from scheduler.scheduling.core import Core, log
+from scheduler.scheduling.state import ModelState
+
+_UP = (State.READY, State.STARTING)
+
+
+class Scaling(Core):
+    def _local(self, name: str) -> ModelState:
+        m = self._names.get(name)
+        if m is None:
+            raise UnknownModel(name, list(self._names))
+        return m
+
+    def cancel_launch(self, name: str) -> list[str]:
+        """Stop every launch of ``name`` in progress: its child is killed (no drain:
+        it serves nothing yet) and its room given back; the calls waiting for the
+        model end with LoadCancelled unless a ready replica can take them. Returns the
+        ids of the launches stopped."""
+        m = self._local(name)
+        starting = [i for i in m.instances if i.state is State.STARTING]
+        if m.scale is not None:
+            # A replica being added is one no longer wanted.
+            m.scale = max(0, sum(1 for i in m.instances if i.state is State.READY))
+        if not any(i.state is State.READY for i in m.instances):
+            # Before the stops: their state changes kick the dispatcher, which would
+            # launch again for these waiters.
+            self._fail_waiters(m, LoadCancelled(m.cfg.name))
+        for inst in starting:
+            self._cancelled.add(inst.id)
+            log.info("cancelling the launch of %s", inst.id)
+            self._retire(inst, "cancelled", drain=False)
+        return [i.id for i in starting]
+
+    def add_replica(self, name: str) -> str | None:
+        """One more instance of ``name``: launched now if it fits (the id), else once
+        idle instances of other models have made room (None). Raises LoadFailed when
+        it can never fit, Overloaded when every instance is busy."""
+        m = self._local(name)
+        if not m.cfg.local:
+            raise BadRequest(f"model '{m.cfg.name}' is served by remotes: it has no "
+                             "local replicas to add")
+        before = m.scale
+        m.scale = sum(1 for i in m.instances if i.state in _UP) + 1
+        decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint, m.vram)
+        if isinstance(decision, policy.Wait):
+            m.scale = before
+            if decision.never:
+                raise LoadFailed(m.cfg.name, decision.reason)
+            raise Overloaded(f"no room for another replica of '{m.cfg.name}': "
+                             f"{decision.reason}", retry_after=self._retry_after(m))
+        if decision.evict:
+            for iid in decision.evict:
+                victim = self._instance(iid)
+                if victim is not None:
+                    log.info("evicting %s (idle) for a replica of %s", iid, m.cfg.name)
+                    self._retire(victim, "evicted")
+            return None  # the dispatcher launches it once they have stopped
+        return self._launch(m).id
+
+    def remove_replica(self, name: str, instance_id: str | None = None) -> tuple[str, int]:
+        """Drain and stop one instance of ``name`` (``instance_id``, else a starting
+        one, else the least busy); returns its id and how many stay."""
+        m = self._local(name)
+        up = [i for i in m.instances if i.state in _UP]
+        victim: Instance | None
+        if instance_id is not None:
+            victim = next((i for i in up if i.id == instance_id), None)
+            if victim is None:
+                raise BadRequest(f"model '{m.cfg.name}' has no running replica "
+                                 f"'{instance_id}'")
+        elif up:
+            victim = min(up, key=lambda i: (i.state is State.READY, i.in_flight,
+                                            i.last_used))
+        else:
+            raise BadRequest(f"model '{m.cfg.name}' has no running replica")
+        m.scale = len(up) - 1
+        if victim.state is State.STARTING:
+            self._cancelled.add(victim.id)
+            self._retire(victim, "scaled", drain=False)
+        else:
+            self._retire(victim, "scaled")
+        return victim.id, len(up) - 1
