@@ -258,7 +258,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events for one model: ``state`` whenever its state changes (the
     first at once), ``scheduler`` for each launch, stop or crash, ``end`` when the
     model is gone or Corral shuts down."""
-    name = model_name(request)
+    return await stream_events(request, model_name(request))
+
+
+async def stream_events(request: web.Request, name: str) -> web.StreamResponse:
     app = request.app
     resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     resp.content_type = "text/event-stream"

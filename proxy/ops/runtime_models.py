@@ -52,6 +52,7 @@ class RuntimeModels:
     async def create(self, name: str, base: ModelConfig, params: dict[str, object]
                      ) -> runtime.RuntimeModel:
         """Make ``name`` from ``base`` with ``params``, offer it and write the file."""
+        runtime.check_params(params)  # a protected key is named before anything else
         async with self._lock:
             if name not in self._models and name in self._scheduler.names():
                 raise BadRequest(f"model '{name}' exists already; pick another name")

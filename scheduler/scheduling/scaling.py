@@ -45,6 +45,14 @@ class Scaling(Core):
             self._retire(inst, "cancelled", drain=False)
         return [i.id for i in starting]
 
+    def scale_to(self, name: str, replicas: int) -> None:
+        """Keep ``replicas`` instances of ``name`` (Xinference's ``replica``): launched
+        into free room, kept past their TTL, until the model is unloaded."""
+        m = self._local(name)
+        if m.cfg.local:
+            m.scale = max(0, replicas)
+            self._kick()
+
     def add_replica(self, name: str) -> str | None:
         """One more instance of ``name``: launched now if it fits (the id), else once
         idle instances of other models have made room (None). Raises LoadFailed when
