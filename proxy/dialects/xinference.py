@@ -17,8 +17,8 @@ describing, progress and the device count need a key whose scope covers the mode
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import json
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -28,6 +28,7 @@ import psutil
 from aiohttp import web
 
 from proxy import __version__
+from proxy.edge import jsonc
 from proxy.edge.errors import public_message
 from proxy.edge.guard import Forbidden
 from proxy.keys import OPERATIONS, RUNTIME_MODELS, SCHEDULER
@@ -66,6 +67,12 @@ _UNMAPPABLE = {
 _ALIASES = {"n_ctx": "ctx_size", "context_length": "ctx_size", "n_parallel": "parallel"}
 
 
+class LaunchFailed(CorralError):
+    status = 503
+    code = "model_load_failed"
+    type = "unavailable_error"
+
+
 def xinference(handler: Handler) -> Handler:
     """Errors of ``handler`` as Xinference words them: ``{"detail": message}``."""
     @functools.wraps(handler)
@@ -79,6 +86,8 @@ def xinference(handler: Handler) -> Handler:
                 headers["Retry-After"] = str(max(1, round(retry)))
             return web.json_response({"detail": public_message(e)}, status=e.status,
                                      headers=headers)
+    # /openapi.json documents this envelope for the route (proxy/ops/openapi.py).
+    wrapped.error_envelope = "xinference"  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -90,15 +99,7 @@ def _admin() -> None:
 
 async def _json(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise BadRequest("the body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object")
-    return data
+    return jsonc.loads_object(raw) if raw else {}
 
 
 def is_client(request: web.Request) -> bool:
@@ -199,11 +200,12 @@ async def launch(request: web.Request) -> web.Response:
         op = lifecycle.start_load(app, uid)
     if request.query.get("wait_ready", "true").lower() not in ("false", "0", "no"):
         if op.task is not None:
-            await op.task
+            # asyncio.wait: a client that hangs up leaves the load running.
+            await asyncio.wait({op.task})
         if op.state == "failed":
-            raise BadRequest(op.error or "the launch failed")
+            raise LaunchFailed(op.error or f"the launch of '{uid}' failed")
         if op.state == "cancelled":
-            raise BadRequest(f"the launch of '{uid}' was cancelled")
+            raise LaunchFailed(f"the launch of '{uid}' was cancelled")
     return web.json_response({"model_uid": uid, "operation": op.id})
 
 
@@ -269,7 +271,7 @@ async def add_replicas(request: web.Request) -> web.Response:
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise BadRequest("'replica' must be a whole number of at least 1")
     scheduler = request.app[SCHEDULER]
-    added = [scheduler.add_replica(name) for _ in range(count)]
+    added = [scheduler.add_replica(name) for _ in range(count)]  # None: pending room
     replicas = [{"model_uid": name, "replica_id": _replica_number(iid), "instance": iid}
                 for iid in added]
     total = len(scheduler.loaded(name))

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.edge import jsonc
 from proxy.edge.reqlog import note_model
 from proxy.keys import OPERATIONS, RUNTIME_MODELS, SCHEDULER
 from proxy.metrics.registry import METRICS
@@ -187,8 +188,10 @@ async def add_replica(request: web.Request) -> web.Response:
     name = model_name(request)
     scheduler = request.app[SCHEDULER]
     iid = scheduler.add_replica(name)
-    return web.json_response({"model": name, "instance": iid,
-                              "replicas": len(scheduler.loaded(name))})
+    # None: accepted, launched once room frees (202).
+    return web.json_response({"model": name, "instance": iid, "pending": iid is None,
+                              "replicas": len(scheduler.loaded(name))},
+                             status=200 if iid else 202)
 
 
 async def remove_replica(request: web.Request) -> web.Response:
@@ -204,13 +207,7 @@ async def runtime_list(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = json.loads(await request.read() or b"{}")
-    except ValueError:
-        raise BadRequest("the body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object")
-    return data
+    return jsonc.loads_object(await request.read())
 
 
 async def runtime_create(request: web.Request) -> web.Response:

@@ -81,8 +81,10 @@ def roots(cfg: CorralConfig) -> list[Path]:
 
 
 def _inside(path: Path, where: Iterable[Path]) -> bool:
-    real = os.path.realpath(path)
-    return any(Path(real).is_relative_to(os.path.realpath(r)) for r in where)
+    # As the scanner names files: absolute, ".." folded, links kept (a scanned root of
+    # links to models on other disks serves them; docs/models.md).
+    spot = Path(os.path.abspath(path))
+    return any(spot.is_relative_to(os.path.abspath(r)) for r in where)
 
 
 def _files_of(base: ModelConfig, cfg: CorralConfig) -> dict[str, str]:

@@ -9,7 +9,7 @@ new ones go to the others.
 
 from __future__ import annotations
 
-from scheduler.errors import BadRequest, LoadCancelled, LoadFailed, Overloaded, UnknownModel
+from scheduler.errors import BadRequest, LoadCancelled, UnknownModel
 from scheduler.process.instance import Instance, State
 from scheduler.scheduling import policy
 from scheduler.scheduling.core import Core, log
@@ -55,8 +55,9 @@ class Scaling(Core):
 
     def add_replica(self, name: str) -> str | None:
         """One more instance of ``name``: launched now if it fits (the id), else once
-        idle instances of other models have made room (None). Raises LoadFailed when
-        it can never fit, Overloaded when every instance is busy."""
+        room frees (None): idle instances of other models are evicted for it, and with
+        every instance busy the dispatcher launches it when one leaves (its TTL, an
+        unload). BadRequest when it can never fit."""
         m = self._local(name)
         if not m.cfg.local:
             raise BadRequest(f"model '{m.cfg.name}' is served by remotes: it has no "
@@ -65,11 +66,12 @@ class Scaling(Core):
         m.scale = sum(1 for i in m.instances if i.state in _UP) + 1
         decision = policy.plan_launch(self._snapshot(), m.cfg.name, m.footprint, m.vram)
         if isinstance(decision, policy.Wait):
-            m.scale = before
-            if decision.never:
-                raise LoadFailed(m.cfg.name, decision.reason)
-            raise Overloaded(f"no room for another replica of '{m.cfg.name}': "
-                             f"{decision.reason}", retry_after=self._retry_after(m))
+            if decision.never or decision.reason.startswith("model '"):
+                m.scale = before
+                raise BadRequest(f"no replica of '{m.cfg.name}' can be added: "
+                                 f"{decision.reason}")
+            log.info("a replica of %s waits for room: %s", m.cfg.name, decision.reason)
+            return None
         if decision.evict:
             for iid in decision.evict:
                 victim = self._instance(iid)

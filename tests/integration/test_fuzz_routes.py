@@ -37,7 +37,10 @@ BIG = int("9" * 400)
 
 # Not supported on purpose: Ollama's model uploads, and deleting a configured model
 # (501).
-NOT_SUPPORTED = {"/api/push", "/api/create", "/api/blobs/{digest}", "/api/delete"}
+NOT_SUPPORTED = {"/api/push", "/api/create", "/api/blobs/{digest}", "/api/delete",
+                 # Xinference's abort by request id: wired to proxy/ops/inflight.py
+                 # (issue 27, another branch) at merge; 501 naming it until then.
+                 "/v1/models/{uid}/requests/{request_id}/abort"}
 # The config dry run: issue 25 item 2 (another branch) makes its bad bodies 400s.
 DRY_RUN = ("POST", "/admin/config/validate")
 
