@@ -91,7 +91,9 @@ async def cancel_model(app: web.Application, name: str) -> dict[str, Any]:
     running = [op for op in ops.of_model(name) if not op.done]
     for op in running:
         await ops.cancel(op)
-    stopped = app[SCHEDULER].cancel_launch(name)
+    # A runtime model cancelled while its file downloads does not exist yet.
+    scheduler = app[SCHEDULER]
+    stopped = scheduler.cancel_launch(name) if name in scheduler.names() else []
     return {"model": name, "cancelled_launches": stopped,
             "operations": [view(app, op) for op in running]}
 

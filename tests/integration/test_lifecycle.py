@@ -204,3 +204,31 @@ async def test_the_event_stream_follows_a_model_through_a_load(corral, tmp_path:
     kinds = [e for e, _ in seen]
     assert "scheduler" in kinds  # the launch event
     assert seen[-1][1]["instances"][0]["state"] == "ready"
+
+
+async def test_a_replica_with_no_room_waits_for_it(corral, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, [{"name": "m", "env": {"FAKE_TOKEN_DELAY": "0.05"}},
+                                 {"name": "busy", "env": {"FAKE_TOKEN_DELAY": "0.05"}}],
+                      scheduler={"max_instances": 2})
+    client = await corral(cfg)
+    sched = client.app[SCHEDULER]
+    assert (await client.post("/admin/models/m/load?wait=1")).status == 200
+    assert (await client.post("/admin/models/busy/load?wait=1")).status == 200
+    running = asyncio.ensure_future(client.post("/v1/chat/completions",
+                                                json=chat("busy", max_tokens=40)))
+    for _ in range(250):
+        if any(i.in_flight for i in sched.loaded("busy")):
+            break
+        await asyncio.sleep(0.02)
+    resp = await client.post("/admin/models/m/replicas")
+    assert resp.status == 202
+    assert (await resp.json())["pending"] is True
+    assert len(sched.loaded("m")) == 1  # nothing busy was evicted for it
+    assert (await running).status == 200
+    # Room frees when the other model goes: the wanted replica launches then.
+    await sched.unload("busy")
+    for _ in range(500):
+        if len(sched.loaded("m")) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert len(sched.loaded("m")) == 2

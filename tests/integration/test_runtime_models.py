@@ -3,6 +3,7 @@ parameters that are not protected keys; kept beside the config across a restart.
 
 from __future__ import annotations
 
+import asyncio
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,15 @@ import tomli_w
 from proxy.app import CoreOptions, build_openai_app
 from proxy.keys import SCHEDULER
 from scheduler.config.root import load_config
-from tests.conftest import wait_for
+from tests.conftest import make_config, wait_for
 from tests.fakes import write_dummy_gguf
+from tests.fakes.hf_hub import FakeHub
+from tests.integration import test_pull
+
+# The fake Hub's fixtures (tests/integration/test_pull.py).
+REPO = test_pull.REPO
+ggufs = test_pull.ggufs
+hub = test_pull.hub
 
 
 @pytest.fixture
@@ -116,3 +124,43 @@ async def test_a_saved_entry_outside_the_roots_is_skipped_at_start(
     client = await served()
     names = client.app[SCHEDULER].names()
     assert "fine" in names and "outside" not in names and "flagged" not in names
+
+
+async def follow(client: Any, op_id: str, until: set[str], within: float = 20.0) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        op = await (await client.get(f"/admin/operations/{op_id}")).json()
+        if op["state"] in until:
+            return op
+        assert loop.time() < deadline, op
+        await asyncio.sleep(0.02)
+
+
+async def test_a_runtime_model_from_hf_downloads_with_bytes_and_a_cancel_stops_it(
+    hub: FakeHub, corral: Any, tmp_path: Path
+) -> None:
+    client = await corral(make_config(tmp_path, []))
+    name = f"hf.co/{REPO}:q8_0"
+    hub.chunk_delay = 0.05  # 3 MiB in 64 KiB chunks: seconds of download
+    resp = await client.post("/admin/runtime-models",
+                             json={"name": "tiny-q8", "from": name, "ctx_size": 1024})
+    assert resp.status == 202
+    op = (await resp.json())["operation"]
+    assert op["kind"] == "create"
+    seen = await follow(client, op["id"], {"downloading"})
+    assert 0 <= seen["bytes"]["completed"] < seen["bytes"]["total"]
+    cancelled = await (await client.post(f"/admin/operations/{op['id']}/cancel")).json()
+    assert cancelled["state"] == "cancelled"
+    assert "tiny-q8" not in client.app[SCHEDULER].names()
+    # Again, quickly: downloaded (resumed), created, loaded.
+    hub.chunk_delay = 0.0
+    resp = await client.post("/admin/runtime-models",
+                             json={"name": "tiny-q8", "from": name, "ctx_size": 1024,
+                                   "load": True})
+    op = (await resp.json())["operation"]
+    done = await follow(client, op["id"], {"ready", "failed", "cancelled"})
+    assert done["state"] == "ready", done
+    cfg = client.app[SCHEDULER].resolve("tiny-q8")
+    assert (cfg.origin, cfg.hf_repo, cfg.ctx_size) == ("runtime", REPO, 1024)
+    assert [i.ctx for i in client.app[SCHEDULER].loaded("tiny-q8")] == [1024]
