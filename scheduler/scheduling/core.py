@@ -103,6 +103,7 @@ class Core:
         # API keys: scopes, limits, usage (scheduler/keys/tenants.py).
         self.tenants = tenants.Tenants(cfg, clock)
         self.slots = SlotCache(cfg, session)
+        self.slots.on_restore = self._restored
         self._apply_models(cfg)
 
     def _apply_models(self, cfg: CorralConfig) -> None:
@@ -115,6 +116,11 @@ class Core:
         for m in self._models.values():
             for name in (m.cfg.name, *m.cfg.aliases):
                 self._names[name] = m
+
+    def _restored(self, model: str, seconds: float) -> None:
+        m = self._models.get(model)
+        if m is not None:
+            m.restore_times.add(seconds)
 
     def _visible(self, name: str) -> ModelState:
         m = self._names.get(name)

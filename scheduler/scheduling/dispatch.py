@@ -222,7 +222,7 @@ class Dispatch(Core):
                         ttl=ttl if i.ttl_override is None else i.ttl_override,
                         evictable=m.cfg.evictable,
                         priority=m.cfg.priority,
-                        load_cost=m.load_times.median or 0.0,
+                        load_cost=m.reload_cost,
                     )
                 )
         return policy.Snapshot(

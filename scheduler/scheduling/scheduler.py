@@ -352,6 +352,8 @@ class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
                     "failures": m.failures,
                     # The median of its last loads, and the launch under way if any.
                     "load_seconds_median": None if expected is None else round(expected, 3),
+                    "restore_seconds_median": (None if m.restore_times.median is None
+                                               else round(m.restore_times.median, 3)),
                     "loading": None if elapsed is None else {
                         "elapsed_seconds": round(elapsed, 3),
                         "remaining_seconds": round(loadcost.remaining(expected, elapsed), 3),

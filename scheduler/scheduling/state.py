@@ -117,8 +117,8 @@ class Waiter:
 
 class ModelState:
     __slots__ = ("cfg", "ctx", "failures", "footprint", "instances", "last_error",
-                 "load_times", "prefixes", "queue", "remotes", "retry_at", "retry_handle",
-                 "scale", "size", "sized", "vram")
+                 "load_times", "prefixes", "queue", "remotes", "restore_times", "retry_at",
+                 "retry_handle", "scale", "size", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -144,6 +144,9 @@ class ModelState:
         # Seconds its last few launches took to be ready: eviction's cost of having it
         # back, and the wait told to callers (scheduler/scheduling/loadcost.py).
         self.load_times = LoadTimes()
+        # Seconds its slot restores took: a conversation back after a reload costs them
+        # on top of the load (scheduler/process/slotcache.py).
+        self.restore_times = LoadTimes()
         # Replicas an operator asked for while it runs (a replica added or removed,
         # Xinference's ``replica``): kept loaded past their TTL and allowed past
         # replicas.max until the model is unloaded; None: the config's alone.
@@ -163,6 +166,12 @@ class ModelState:
     def min_replicas(self) -> int:
         # A pinned model keeps one instance loaded from the start.
         return max(self.cfg.replicas.min, 0 if self.cfg.evictable else 1, self.scale or 0)
+
+    @property
+    def reload_cost(self) -> float:
+        """Seconds to have it back as it was: its median load, plus its median slot
+        restore (0 for what was never measured)."""
+        return (self.load_times.median or 0.0) + (self.restore_times.median or 0.0)
 
     @property
     def max_replicas(self) -> int:
