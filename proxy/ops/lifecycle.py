@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from scheduler.config import secrets
 from scheduler.config.root import ModelConfig
 from scheduler.errors import BadRequest, CorralError, UnknownModel
 from scheduler.models.pull import parse_ref
+from scheduler.models.runtime import check_params
+from scheduler.scheduling.scheduler import Scheduler
 
 _EVENT_INTERVAL = 0.25
 _HEARTBEAT = 15.0
@@ -42,7 +45,10 @@ class NotFound(CorralError):
     type = "invalid_request_error"
 
 
-def lifecycle_ctx(config_path: Path | None) -> Any:
+def lifecycle_ctx(config_path: Path | None
+                  ) -> Callable[[web.Application], AbstractAsyncContextManager[None]]:
+    """Operations and runtime models (restored from the file beside ``config_path``)
+    for the main port's app; operations are cancelled when it stops."""
     @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         app[OPERATIONS] = Operations()
@@ -103,14 +109,12 @@ async def create_runtime(app: web.Application, name: str, source: str,
     """A runtime model ``name`` from ``source`` (a served model, or an ``hf.co/...``
     name pulled first, in an operation). Returns the status and the answer."""
     scheduler, models = app[SCHEDULER], app[RUNTIME_MODELS]
-    base = _served(scheduler.resolve, source)
+    base = _served(scheduler, source)
     if base is None:
         how = pulls.downloadable(scheduler, source) if parse_ref(source) else None
         if how is None:
             raise UnknownModel(source, scheduler.names())
         # Checked before the download: a bad key is refused at once.
-        from scheduler.models.runtime import check_params
-
         check_params(params)
 
         async def work(op: Operation) -> None:
@@ -136,12 +140,11 @@ async def create_runtime(app: web.Application, name: str, source: str,
     return 201, out
 
 
-def _served(resolve: Any, name: str) -> ModelConfig | None:
+def _served(scheduler: Scheduler, name: str) -> ModelConfig | None:
     try:
-        cfg: ModelConfig = resolve(name)
+        return scheduler.resolve(name)
     except UnknownModel:
         return None
-    return cfg
 
 
 # -- admin handlers -------------------------------------------------------------------
