@@ -5,6 +5,7 @@ terminate."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,37 @@ def test_the_xinference_client_runs_a_model_s_whole_lifecycle(
     assert answer["choices"][0]["message"]["content"]
     assert answer["usage"]["completion_tokens"] >= 1
 
-    added = xc.add_model_replica(uid)
-    assert added["replica"] == 2 and added["model_uid"] == uid
-    wait_until(lambda: [i["state"] for m in httpx.get(c.url + "/admin/models").json()["models"]
-                        if m["name"] == uid for i in m["instances"]] == ["ready", "ready"],
-               timeout=60)
-    assert xc.terminate_model_replica(uid, added["replica_id"]) == 1
+    # A replica added and removed under load: no call fails.
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=c.url, timeout=120) as h:
+            while not stop.is_set() and len(statuses) < 200:
+                r = h.post("/v1/chat/completions", json={
+                    "model": uid, "max_tokens": 3,
+                    "messages": [{"role": "user", "content": "Hi"}]})
+                statuses.append(r.status_code)
+
+    callers = [threading.Thread(target=load) for _ in range(2)]
+    for t in callers:
+        t.start()
+    try:
+        added = xc.add_model_replica(uid)
+        assert added["replica"] == 2 and added["model_uid"] == uid
+        wait_until(lambda: [i["state"] for m in httpx.get(c.url + "/admin/models").json()[
+            "models"] if m["name"] == uid for i in m["instances"]] == ["ready", "ready"],
+            timeout=60)
+        before = len(statuses)
+        wait_until(lambda: len(statuses) >= before + 4, timeout=60)
+        assert xc.terminate_model_replica(uid, added["replica_id"]) == 1
+        before = len(statuses)
+        wait_until(lambda: len(statuses) >= before + 4, timeout=60)
+    finally:
+        stop.set()
+        for t in callers:
+            t.join(120)
+    assert statuses and set(statuses) == {200}
     again = xc.get_model(uid).chat(messages=[{"role": "user", "content": "Hi"}],
                                    generate_config={"max_tokens": 4})
     assert again["choices"][0]["message"]["content"] is not None
