@@ -187,10 +187,14 @@ async def launch(request: web.Request) -> web.Response:
         # A model of its own: a runtime model over the named one's file.
         check_params(params)
         uid = uid or _uid_for(name, params)
-        if uid in runtime:
-            await runtime.delete(uid)  # a relaunch with other parameters replaces it
-        status, out = await lifecycle.create_runtime(app, uid, name, params, load=False)
-        op = app[OPERATIONS].get(out["operation"]["id"]) if status == 202 else None
+        same = runtime.get(uid)
+        if same is not None and (same.source, dict(same.params)) == (name, params):
+            op = None  # launched again as it was: its instances stay
+        else:
+            if same is not None:
+                await runtime.delete(uid)  # a relaunch with other parameters replaces it
+            status, out = await lifecycle.create_runtime(app, uid, name, params, load=False)
+            op = app[OPERATIONS].get(out["operation"]["id"]) if status == 202 else None
     else:
         uid = scheduler.resolve(uid or name).name
         op = None

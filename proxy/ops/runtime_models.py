@@ -49,6 +49,10 @@ class RuntimeModels:
     def __contains__(self, name: str) -> bool:
         return name in self._models
 
+    def get(self, name: str) -> runtime.RuntimeModel | None:
+        found = self._models.get(name)
+        return found[0] if found is not None else None
+
     async def create(self, name: str, base: ModelConfig, params: dict[str, object]
                      ) -> runtime.RuntimeModel:
         """Make ``name`` from ``base`` with ``params``, offer it and write the file."""

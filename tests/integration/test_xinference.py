@@ -175,3 +175,19 @@ async def test_cancel_of_a_launch_through_xinference(
     assert (await client.delete("/v1/models/hangs")).status == 200
     gone = await client.get("/v1/models/hangs/progress")
     assert gone.status == 404 and "not found" in (await gone.json())["detail"]
+
+
+async def test_a_relaunch_as_it_was_keeps_the_instance_and_other_parameters_replace_it(
+    served: Any
+) -> None:
+    client = await served()
+    sched = client.app[SCHEDULER]
+    body = {"model_name": "tiny-model", "model_uid": "t", "n_ctx": 2048}
+    assert (await client.post("/v1/models", json=body)).status == 200
+    first = [i.id for i in sched.loaded("t")]
+    assert len(first) == 1
+    assert (await client.post("/v1/models", json=body)).status == 200
+    assert [i.id for i in sched.loaded("t")] == first
+    assert (await client.post("/v1/models", json={**body, "n_ctx": 1024})).status == 200
+    assert sched.resolve("t").ctx_size == 1024
+    await wait_for(lambda: [i.ctx for i in sched.loaded("t")] == [1024])
