@@ -35,7 +35,7 @@ from proxy.keys import OPERATIONS, RUNTIME_MODELS, SCHEDULER
 from proxy.metrics.registry import METRICS
 from proxy.ops import lifecycle
 from scheduler.config.root import ModelConfig
-from scheduler.errors import BadRequest, CorralError, NotSupported
+from scheduler.errors import BadRequest, CorralError, NotSupported, UnknownModel
 from scheduler.keys import tenants
 from scheduler.models.capabilities import capabilities
 from scheduler.models.runtime import check_params
@@ -193,13 +193,15 @@ async def launch(request: web.Request) -> web.Response:
         else:
             if same is not None:
                 await runtime.delete(uid)  # a relaunch with other parameters replaces it
-            status, out = await lifecycle.create_runtime(app, uid, name, params, load=False)
-            op = app[OPERATIONS].get(out["operation"]["id"]) if status == 202 else None
+            # Xinference's launched model stays loaded, with its replicas, until
+            # terminated (an hf.co/... name is pulled first, in the operation).
+            _, out = await lifecycle.create_runtime(app, uid, name, params, load=True,
+                                                    scale=replica)
+            op = app[OPERATIONS].get(out["operation"]["id"])
     else:
         uid = scheduler.resolve(uid or name).name
         op = None
     if op is None:
-        # Xinference's launched model stays loaded, with its replicas, until terminated.
         scheduler.scale_to(uid, replica)
         op = lifecycle.start_load(app, uid)
     if request.query.get("wait_ready", "true").lower() not in ("false", "0", "no"):
@@ -223,10 +225,24 @@ async def terminate(request: web.Request) -> web.Response:
     await app[SCHEDULER].unload(name)
     if name in app[RUNTIME_MODELS]:
         await app[RUNTIME_MODELS].delete(name)
+    app[OPERATIONS].forget(name)
     return web.json_response({})
 
 
 # -- progress, cancel, replicas, events, runtime --------------------------------------------
+
+
+def _uid(request: web.Request) -> str:
+    """The model a uid names, or a uid whose model is still being downloaded (it exists
+    only as an operation yet: for an admin key)."""
+    try:
+        return lifecycle.model_name(request, "uid")
+    except UnknownModel:
+        uid = request.match_info["uid"]
+        if not request.app[OPERATIONS].of_model(uid):
+            raise
+        _admin()
+        return uid
 
 
 @xinference
@@ -234,7 +250,7 @@ async def progress(request: web.Request) -> web.Response:
     """Xinference's launch progress in [0, 1]: a download counts for the first half of a
     runtime model's launch; Corral's state and operation ride along."""
     app = request.app
-    name = lifecycle.model_name(request, "uid")
+    name = _uid(request)
     ops = app[OPERATIONS].of_model(name)
     op = lifecycle.view(app, ops[-1]) if ops else None
     state = op["state"] if op else (
@@ -256,7 +272,7 @@ async def progress(request: web.Request) -> web.Response:
 @xinference
 async def cancel(request: web.Request) -> web.Response:
     _admin()
-    name = lifecycle.model_name(request, "uid")
+    name = _uid(request)
     return web.json_response(await lifecycle.cancel_model(request.app, name))
 
 

@@ -105,9 +105,11 @@ async def cancel_model(app: web.Application, name: str) -> dict[str, Any]:
 
 
 async def create_runtime(app: web.Application, name: str, source: str,
-                         params: dict[str, Any], load: bool) -> tuple[int, dict[str, Any]]:
+                         params: dict[str, Any], load: bool, scale: int | None = None
+                         ) -> tuple[int, dict[str, Any]]:
     """A runtime model ``name`` from ``source`` (a served model, or an ``hf.co/...``
-    name pulled first, in an operation). Returns the status and the answer."""
+    name pulled first, in an operation), loaded if ``load`` with ``scale`` replicas
+    kept (Xinference's ``replica``). Returns the status and the answer."""
     scheduler, models = app[SCHEDULER], app[RUNTIME_MODELS]
     base = _served(scheduler, source)
     if base is None:
@@ -127,6 +129,8 @@ async def create_runtime(app: web.Application, name: str, source: str,
                             op.completed = int(str(line.get("completed") or 0))
             op.state = "queued"
             await models.create(name, scheduler.resolve(source), params)
+            if scale is not None:
+                scheduler.scale_to(name, scale)
             if load:
                 await load_work(scheduler, name)(op)
 
@@ -135,6 +139,8 @@ async def create_runtime(app: web.Application, name: str, source: str,
     entry = await models.create(name, base, params)
     out: dict[str, Any] = {"model": name, "runtime": entry.as_table(),
                            "persisted": models.file is not None}
+    if scale is not None:
+        scheduler.scale_to(name, scale)
     if load:
         out["operation"] = view(app, start_load(app, name))
     return 201, out

@@ -114,6 +114,12 @@ class Operations:
     def of_model(self, model: str) -> list[Operation]:
         return [o for o in self._ops.values() if o.model == model]
 
+    def forget(self, model: str) -> None:
+        """Drop the finished operations of ``model`` (a terminated uid is gone)."""
+        for op in self.of_model(model):
+            if op.done:
+                del self._ops[op.id]
+
     async def cancel(self, op: Operation) -> None:
         """Stop a running operation (its task; the launch it started is the caller's
         to cancel, scheduler.cancel_launch)."""

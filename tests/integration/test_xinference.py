@@ -18,6 +18,13 @@ from proxy.keys import SCHEDULER
 from scheduler.config.root import load_config
 from tests.conftest import wait_for
 from tests.fakes import write_dummy_gguf
+from tests.fakes.hf_hub import FakeHub
+from tests.integration import test_pull
+
+# The fake Hub's fixtures (tests/integration/test_pull.py).
+REPO = test_pull.REPO
+ggufs = test_pull.ggufs
+hub = test_pull.hub
 
 ADMIN, USER = "sk-admin-0123456789", "sk-user-0123456789"
 
@@ -191,3 +198,25 @@ async def test_a_relaunch_as_it_was_keeps_the_instance_and_other_parameters_repl
     assert (await client.post("/v1/models", json={**body, "n_ctx": 1024})).status == 200
     assert sched.resolve("t").ctx_size == 1024
     await wait_for(lambda: [i.ctx for i in sched.loaded("t")] == [1024])
+
+
+async def test_a_launch_of_an_hf_name_downloads_then_loads(hub: FakeHub, served: Any) -> None:
+    client = await served()
+    hub.chunk_delay = 0.01
+    resp = await client.post("/v1/models?wait_ready=false", json={
+        "model_name": f"hf.co/{REPO}:q8_0", "model_uid": "tiny-hf", "n_ctx": 1024})
+    assert resp.status == 200 and (await resp.json())["model_uid"] == "tiny-hf"
+    states: list[str] = []
+    for _ in range(1000):
+        # Followed by its uid from the first byte of the download on.
+        p = await (await client.get("/v1/models/tiny-hf/progress")).json()
+        states.append(p["state"])
+        if p["state"] == "downloading":
+            assert 0.0 <= p["progress"] <= 0.5
+        if p["state"] in ("ready", "failed", "cancelled"):
+            break
+        await asyncio.sleep(0.02)
+    assert "downloading" in states and states[-1] == "ready", states[-5:]
+    cfg = client.app[SCHEDULER].resolve("tiny-hf")
+    assert (cfg.origin, cfg.hf_repo, cfg.ctx_size) == ("runtime", REPO, 1024)
+    assert [i.ctx for i in client.app[SCHEDULER].loaded("tiny-hf")] == [1024]
