@@ -103,9 +103,10 @@ class Launching(Core):
             await inst.start(self._session, lambda: self._prepare(m, inst))
         except CorralError as e:
             if inst.id in self._cancelled:
-                # Its waiters have their LoadCancelled already (Scaling.cancel_launch).
+                # Stopped on purpose (_retire); a cancel has answered its waiters with
+                # LoadCancelled already (Scaling.cancel_launch).
                 self._cancelled.discard(inst.id)
-                log.info("launch of %s cancelled", inst.id)
+                log.info("launch of %s stopped before it was ready", inst.id)
                 return
             err = e if isinstance(e, LoadFailed) else LoadFailed(m.cfg.name, e.message)
             if m.unavailable:
@@ -146,6 +147,11 @@ class Launching(Core):
             return
         if reason != "unhealthy":
             self.events.stopped(inst.model, reason)
+            if inst.state is State.STARTING:
+                # Stopped on purpose (unload, config change, cancel): its end is no
+                # launch failure, and the calls waiting for it wait for the next one
+                # rather than fail with "stopped while loading".
+                self._cancelled.add(inst.id)
         inst.drain()
         sc = self._cfg.scheduler
         grace = sc.drain_timeout if drain else 0.0

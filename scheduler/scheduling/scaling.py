@@ -40,7 +40,6 @@ class Scaling(Core):
             # launch again for these waiters.
             self._fail_waiters(m, LoadCancelled(m.cfg.name))
         for inst in starting:
-            self._cancelled.add(inst.id)
             log.info("cancelling the launch of %s", inst.id)
             self._retire(inst, "cancelled", drain=False)
         return [i.id for i in starting]
@@ -98,9 +97,6 @@ class Scaling(Core):
         else:
             raise BadRequest(f"model '{m.cfg.name}' has no running replica")
         m.scale = len(up) - 1
-        if victim.state is State.STARTING:
-            self._cancelled.add(victim.id)
-            self._retire(victim, "scaled", drain=False)
-        else:
-            self._retire(victim, "scaled")
+        # A starting one serves nothing yet: stopped at once (no failure, _retire).
+        self._retire(victim, "scaled", drain=victim.state is not State.STARTING)
         return victim.id, len(up) - 1

@@ -232,3 +232,25 @@ async def test_a_replica_with_no_room_waits_for_it(corral, tmp_path: Path) -> No
             break
         await asyncio.sleep(0.02)
     assert len(sched.loaded("m")) == 2
+
+
+async def test_a_launch_stopped_on_purpose_is_no_failure_and_its_waiters_wait_on(
+    corral, tmp_path: Path
+) -> None:
+    # An unload (or a restart, a config change) while a launch runs: the calls that
+    # waited for it are served by the next launch instead of failing "while loading".
+    cfg = make_config(tmp_path, [{"name": "m", "env": {"FAKE_LOAD_DELAY": "0.5"}}])
+    client = await corral(cfg)
+    sched = client.app[SCHEDULER]
+    call = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat("m")))
+    for _ in range(250):
+        if sched.instances() and sched.instances()[0].pid is not None:
+            break
+        await asyncio.sleep(0.02)
+    first = sched.instances()[0].id
+    assert await sched.unload("m") == 1
+    resp = await call
+    assert resp.status == 200
+    assert [i.id for i in sched.loaded("m")] != [first]
+    status = (await (await client.get("/admin/models/m")).json())
+    assert status["failures"] == 0 and status["last_error"] is None
