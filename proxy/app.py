@@ -29,7 +29,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy.calls.capture import Captures
 from proxy.calls.tracking import InFlight
-from proxy.dialects import lmstudio, lmstudio_sdk, ollama, openai
+from proxy.dialects import lmstudio, lmstudio_sdk, ollama, openai, xinference
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge import guard, reqlog, tuning
 from proxy.edge.body import BodyBudget
@@ -50,7 +50,7 @@ from proxy.keys import (
 from proxy.metrics import web as metrics_http
 from proxy.metrics.registry import METRICS, Metrics
 from proxy.metrics.web import request_middleware
-from proxy.ops import admin, capture_view, cluster, passthrough, pulls
+from proxy.ops import admin, capture_view, cluster, lifecycle, passthrough, pulls
 from proxy.ops.mount import add_dashboard_routes
 from proxy.ops.reload import RELOADER, reload_ctx
 from proxy.tools import server as mcp_server
@@ -86,7 +86,9 @@ _SDK = (_route("GET", "/lmstudio-greeting"),
 # Authorization: their key is checked in the websocket's auth packet
 # (proxy/dialects/lmstudio_sdk/socket.py), and they find the server by its greeting.
 OPEN_ROUTES: dict[Port, frozenset[guard.OpenRoute]] = {
+    # /v1/cluster/auth: xinference-client asks it, keyless, whether to send its key.
     "main": frozenset({*_PROBES, _route("GET", "/"), _route("GET", "/dashboard"),
+                       _route("GET", "/v1/cluster/auth"),
                        *(_route("GET", p) for p in admin.DASHBOARD_PATHS)}),
     "ollama": frozenset({*_PROBES, _route("GET", "/")}),
     "lmstudio": frozenset({*_PROBES, *_SDK}),
@@ -193,8 +195,11 @@ def build_openai_app(
     app.cleanup_ctx.append(reload_ctx(config_path, stats))
     app.cleanup_ctx.append(pulls.discovery_ctx)
     app.cleanup_ctx.append(_captures_ctx)
+    app.cleanup_ctx.append(lifecycle.lifecycle_ctx(config_path))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_http.handle_metrics)
+    # Xinference's lifecycle routes first: OpenAI's GET /v1/models/{model:.+} would take them.
+    xinference.add_routes(app)
     openai.add_routes(app, "main")
     admin.add_routes(app)
     passthrough.add_routes(app)

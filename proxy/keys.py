@@ -11,6 +11,8 @@ from proxy.calls.tracking import InFlight
 from proxy.dialects.chat_store import ChatStore
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge.body import BodyBudget
+from proxy.ops.operations import Operations
+from proxy.ops.runtime_models import RuntimeModels
 from proxy.tools.calls import Approvals
 from proxy.tools.servers import Servers
 from scheduler.config.root import CorralConfig
@@ -38,3 +40,7 @@ CALLS = web.AppKey("calls", InFlight)
 # client's approval, shared by every port app (proxy/tools/).
 MCP_SERVERS = web.AppKey("mcp_servers", Servers)
 MCP_APPROVALS = web.AppKey("mcp_approvals", Approvals)
+# Loads the admin API answered at once, followed by id (proxy/ops/operations.py), and the
+# models admins created at runtime (proxy/ops/runtime_models.py).
+OPERATIONS = web.AppKey("operations", Operations)
+RUNTIME_MODELS = web.AppKey("runtime_models", RuntimeModels)

@@ -17,7 +17,8 @@
     │   └── RemotesDown            every remote of a model is out of rotation 503 + Retry-After
     ├── RateLimited                an API key over one of its limits         429 + Retry-After
     ├── LoadFailed                 the instance did not become ready         503
-    │                              (early exit, deadline, bad model file); carries log tail
+    │   │                          (early exit, deadline, bad model file); carries log tail
+    │   └── LoadCancelled          an operator cancelled the launch a call waited for
     ├── UpstreamFailed             the instance failed while serving a call  502
     │   │                          (connection refused, died mid-stream)
     │   └── UpstreamStalled        ... by going silent past a time limit
@@ -160,6 +161,16 @@ class LoadFailed(CorralError):
         self.model = model
         self.reason = reason
         self.log_tail = tuple(log_tail)
+
+
+class LoadCancelled(LoadFailed):
+    """An operator cancelled a launch (or its download) in progress: the calls that
+    waited for it end with this instead of waiting out their queue timeout."""
+
+    code = "model_load_cancelled"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model, "the launch was cancelled by an operator")
 
 
 class UpstreamFailed(CorralError):

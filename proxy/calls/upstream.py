@@ -438,8 +438,13 @@ class _Feedback:
         model = self._spec.model
         loading = model in self._scheduler.loading()
         waited = time.monotonic() - self._started
-        doing = "loading" if loading else "waiting for a free slot on"
-        return f"{doing} {model} {waited:.1f} s"
+        if not loading:
+            return f"waiting for a free slot on {model} {waited:.1f} s"
+        expected, elapsed = self._scheduler.load_estimate(model)
+        if expected is None or elapsed is None:
+            return f"loading {model} {waited:.1f} s"
+        # The model's median load time: an honest "about how long" (issue 27).
+        return f"loading {model} {waited:.1f} s (loads take about {expected:.0f} s)"
 
     async def _run(self) -> None:
         client = self._client

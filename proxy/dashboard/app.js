@@ -83,9 +83,23 @@ function renderModels(models) {
       actionButton(m.name, "load", "Load"),
       actionButton(m.name, "unload", "Unload"),
       actionButton(m.name, "restart", "Restart"),
+      // A launch (or its download) in progress can be stopped: its child is killed,
+      // its memory given back, and the calls that waited for it get an error.
+      m.state === "loading" ? actionButton(m.name, "cancel", "Cancel") : null,
+      m.state === "loaded" ? actionButton(m.name, "replicas/add", "+1") : null,
+      m.state === "loaded" && m.instances.length > 1 ? actionButton(m.name, "replicas/remove", "−1") : null,
       (m.state === "failed" || m.state === "unavailable") ? actionButton(m.name, "reset", "Reset") : null);
     const state = stateCell(m.state);
     if (m.last_error) state.title = m.last_error;
+    // The load under way against the model's median load time (issue 27).
+    if (m.loading) {
+      const bar = el("progress", { max: 1, value: m.loading.progress });
+      state.append(" ", bar, el("div", { class: "muted" },
+        `${seconds(m.loading.elapsed_seconds)}, about ${seconds(m.loading.remaining_seconds)} left`));
+    } else if (m.load_seconds_median != null) {
+      state.title = (state.title ? state.title + "\n" : "") +
+        `loads in about ${seconds(m.load_seconds_median)} (median of its last loads)`;
+    }
     return el("tr", { "data-model": m.name },
       name, state,
       el("td", { class: "num" }, m.queued),

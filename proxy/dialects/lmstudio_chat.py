@@ -29,6 +29,7 @@ from proxy.edge.errors import public_message
 from proxy.keys import CHAT_STORE, MCP_SERVERS, SCHEDULER
 from proxy.tools import lmstudio as tools_lmstudio
 from scheduler.errors import BadRequest, CorralError
+from scheduler.scheduling import loadcost
 from scheduler.scheduling.scheduler import LeaseHints
 
 Event = tuple[str, dict[str, Any]]
@@ -108,9 +109,11 @@ async def _load(app: web.Application, model: str) -> AsyncGenerator[Event, None]
             done, _ = await asyncio.wait({task}, timeout=PROGRESS_S)
             if done:
                 break
-            elapsed = time.perf_counter() - start
+            # Against the model's median load time, counted from the launch.
+            expected, since = scheduler.load_estimate(model)
+            elapsed = time.perf_counter() - start if since is None else since
             yield "model_load.progress", {"model_instance_id": model,
-                                          "progress": round(min(0.99, 1 - 0.5 ** (elapsed / 5)), 4)}
+                                          "progress": loadcost.progress(expected, elapsed)}
         task.result()
     finally:
         task.cancel()

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.calls import routes
+from proxy.dialects import xinference
 from proxy.keys import SCHEDULER
 from proxy.ops import openapi
 from scheduler.config.root import ModelConfig
@@ -26,14 +27,20 @@ def _model_object(name: str, cfg: ModelConfig, created: int) -> dict[str, Any]:
 async def list_models(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
     created = int(time.time())
-    data = [_model_object(n, scheduler.resolve(n), created) for n in scheduler.names()]
+    # xinference-client reads its own fields (model_type, model_ability...) off the list.
+    extra = xinference.describe if xinference.is_client(request) else None
+    data = [_model_object(n, cfg, created) | (extra(request.app, n, cfg) if extra else {})
+            for n in scheduler.names() for cfg in (scheduler.resolve(n),)]
     return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     cfg = request.app[SCHEDULER].resolve(name)
-    return web.json_response(_model_object(name, cfg, int(time.time())))
+    out = _model_object(name, cfg, int(time.time()))
+    if xinference.is_client(request):
+        out |= xinference.describe(request.app, name, cfg)
+    return web.json_response(out)
 
 
 def add_routes(

@@ -25,7 +25,7 @@ from proxy.edge.reqlog import note_model
 from proxy.keys import CONFIG, DISCOVERY, SCHEDULER
 from proxy.metrics.registry import METRICS
 from proxy.metrics.scrape import resident_memory
-from proxy.ops import config_edit, inflight
+from proxy.ops import config_edit, inflight, lifecycle
 from proxy.ops.reload import RELOADER
 from scheduler.config import secrets
 from scheduler.config.root import CorralConfig
@@ -129,14 +129,6 @@ async def model(request: web.Request) -> web.Response:
         if m["name"] == name:
             return web.json_response(m)
     raise NotFound(f"model {name!r} is gone")  # removed by a reload meanwhile
-
-
-async def load(request: web.Request) -> web.Response:
-    """Blocks until an instance is ready (or the launch fails)."""
-    name = _model_name(request)
-    up = await request.app[SCHEDULER].load(name)
-    return web.json_response({"model": up.model, "instance": up.instance_id,
-                              "waited_seconds": round(up.waited, 3)})
 
 
 async def unload(request: web.Request) -> web.Response:
@@ -405,8 +397,9 @@ def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/admin/overview", overview)
     r.add_get("/admin/models", models)
+    # Load, cancel, replicas, events, operations, runtime models (non-blocking).
+    lifecycle.add_routes(app)
     r.add_get("/admin/models/{model:.+}", model)
-    r.add_post("/admin/models/{model:.+}/load", load)
     r.add_post("/admin/models/{model:.+}/unload", unload)
     r.add_post("/admin/models/{model:.+}/restart", restart)
     r.add_post("/admin/models/{model:.+}/reset", reset)

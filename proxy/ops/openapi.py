@@ -160,6 +160,10 @@ _ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties
     "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"]}}}
 _OLLAMA_ERROR = {"type": "object", "required": ["error"],
                  "properties": {"error": {"type": "string"}}}
+# A path that routes nowhere (a model id no route matches) is the port's 404.
+_XINFERENCE_ERROR = {"anyOf": [{"type": "object", "required": ["detail"],
+                                "properties": {"detail": {"type": "string"}}},
+                               _OPENAI_ERROR]}
 
 
 def _responses(error: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +213,9 @@ def document(app: web.Application, port: Port) -> dict[str, Any]:
                     op["responses"]["200"]["content"]["audio/*"] = {"schema": {}}
                 _add_body(op, row, names, schemas)
             else:
-                op["responses"] = _responses(dialect_error)
+                # Xinference's routes answer errors in its envelope (dialects/xinference.py).
+                xinference = getattr(route.handler, "error_envelope", "") == "xinference"
+                op["responses"] = _responses(_XINFERENCE_ERROR if xinference else dialect_error)
                 if method in ("POST", "PUT", "PATCH"):
                     op["requestBody"] = {"content": {"application/json": {
                         "schema": {"type": "object"}}}}

@@ -376,6 +376,8 @@ async def steps(make_plan: Callable[[], Plan]) -> AsyncGenerator[Status | Plan, 
                 progress.cancelled = True
                 # The thread notices within one chunk; wait so the file is closed.
                 await asyncio.wait({task})
+                if not task.cancelled():
+                    task.exception()  # its "cancelled" PullFailed: expected, retrieved
         yield {**line, "completed": rf.size}
         done.append((rf, path))
     yield {"status": "verifying sha256 digest"}

@@ -46,7 +46,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,9 @@ class SlotCache:
         self.saved = 0
         self.restored = 0
         self.failed = 0
+        # Told (model, seconds) of each restore: part of what having a model back costs
+        # (scheduler/scheduling/loadcost.py). Called on the event loop; must not raise.
+        self.on_restore: Callable[[str, float], None] | None = None
 
     def configure(self, cfg: CorralConfig) -> None:
         self._cfg = cfg
@@ -360,8 +363,11 @@ class SlotCache:
         if not await asyncio.to_thread(_touch, where / name):
             index.drop(name)
             return
+        started = time.monotonic()
         if await self._action(inst, slot, "restore", name):
             self.restored += 1
+            if self.on_restore is not None:
+                self.on_restore(inst.model, time.monotonic() - started)
             log.info("instance %s: restored %s (%d bytes of the prompt) into slot %d",
                      inst.id, name, size, slot)
 

@@ -101,11 +101,14 @@ class Core:
         # Instances whose caller went away mid-call, until when Corral leaves them
         # alone (Leasing.quiet).
         self._quiet: dict[str, float] = {}
+        # Launches an operator cancelled (instance ids): their end is no failure.
+        self._cancelled: set[str] = set()
         # [[providers]]: their listings become dynamic models (engines/providers.py).
         self.providers = Providers(self, session)
         # API keys: scopes, limits, usage (scheduler/keys/tenants.py).
         self.tenants = tenants.Tenants(cfg, clock)
         self.slots = SlotCache(cfg, session)
+        self.slots.on_restore = self._restored
         self._apply_models(cfg)
 
     def _apply_models(self, cfg: CorralConfig) -> None:
@@ -147,6 +150,11 @@ class Core:
         # Read by the call path on every call: empty when no model has a policy or a
         # variant, which then costs one truth test (proxy/calls/policy.py).
         self.shapes = shapes
+
+    def _restored(self, model: str, seconds: float) -> None:
+        m = self._models.get(model)
+        if m is not None:
+            m.restore_times.add(seconds)
 
     def _visible(self, name: str) -> ModelState:
         m = self._names.get(name)
@@ -227,6 +235,8 @@ class Core:
         def _retire(self, inst: Instance, reason: str, *, drain: bool = True) -> None: ...
 
         def _fail_waiters(self, m: ModelState, error: CorralError) -> None: ...
+
+        def _retry_after(self, m: ModelState) -> float: ...
 
         def _unhealthy(self, inst: Instance, reason: str) -> None: ...
 

@@ -97,12 +97,12 @@ class Dispatch(Core):
     def _keep_warm(self, m: ModelState) -> None:
         """Launch toward the minimum replicas (all at once), or add one when every
         ready replica is above max_load. Only into free room: nothing is evicted."""
-        for _ in range(m.cfg.replicas.max):
+        for _ in range(m.max_replicas):
             if not self._warm_one(m):
                 return
 
     def _warm_one(self, m: ModelState) -> bool:
-        if m.failures or m.alive() >= m.cfg.replicas.max:
+        if m.failures or m.alive() >= m.max_replicas:
             return False
         ready = [i for i in m.instances if i.state is State.READY]
         starting = sum(1 for i in m.instances if i.state is State.STARTING)
@@ -170,7 +170,7 @@ class Dispatch(Core):
         one launched once it has stopped), or the call waits for one to be idle. Never
         a reload under running calls. True: nothing to launch now."""
         alive = [i for i in m.instances if i.state in ALIVE]
-        if len(alive) < m.cfg.replicas.max or contexts.fitting(alive, need):
+        if len(alive) < m.max_replicas or contexts.fitting(alive, need):
             return False
         if any(i.state in (State.DRAINING, State.STOPPING) for i in alive):
             return True  # one is already making way
@@ -222,6 +222,7 @@ class Dispatch(Core):
                         ttl=ttl if i.ttl_override is None else i.ttl_override,
                         evictable=m.cfg.evictable,
                         priority=m.cfg.priority,
+                        load_cost=m.reload_cost,
                     )
                 )
         return policy.Snapshot(
@@ -230,6 +231,6 @@ class Dispatch(Core):
             max_instances=self._cfg.scheduler.max_instances,
             memory_budget=self.memory_budget,
             vram_budget=self.vram_budget,
-            replicas={n: (m.min_replicas, m.cfg.replicas.max) for n, m in self._models.items()},
+            replicas={n: (m.min_replicas, m.max_replicas) for n, m in self._models.items()},
         )
 

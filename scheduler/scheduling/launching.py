@@ -102,6 +102,12 @@ class Launching(Core):
         try:
             await inst.start(self._session, lambda: self._prepare(m, inst))
         except CorralError as e:
+            if inst.id in self._cancelled:
+                # Stopped on purpose (_retire); a cancel has answered its waiters with
+                # LoadCancelled already (Scaling.cancel_launch).
+                self._cancelled.discard(inst.id)
+                log.info("launch of %s stopped before it was ready", inst.id)
+                return
             err = e if isinstance(e, LoadFailed) else LoadFailed(m.cfg.name, e.message)
             if m.unavailable:
                 err = LoadFailed(
@@ -121,6 +127,7 @@ class Launching(Core):
         else:
             m.last_error = None
             m.failures = 0
+            m.load_times.add(inst.stats.load_seconds)
             self.events.launched(m.cfg.name, inst.stats.load_seconds, True)
             log.info("instance %s ready in %.2f s", inst.id, inst.stats.load_seconds)
         finally:
@@ -140,6 +147,11 @@ class Launching(Core):
             return
         if reason != "unhealthy":
             self.events.stopped(inst.model, reason)
+            if inst.state is State.STARTING:
+                # Stopped on purpose (unload, config change, cancel): its end is no
+                # launch failure, and the calls waiting for it wait for the next one
+                # rather than fail with "stopped while loading".
+                self._cancelled.add(inst.id)
         inst.drain()
         sc = self._cfg.scheduler
         grace = sc.drain_timeout if drain else 0.0
@@ -164,7 +176,8 @@ class Launching(Core):
                 m.instances.remove(inst)
                 if inst.state is State.FAILED and inst.stats.ready_at:
                     self.events.crashed(inst.model)
-                if inst.state is State.FAILED and not inst.stats.ready_at:
+                if (inst.state is State.FAILED and not inst.stats.ready_at
+                        and inst.id not in self._cancelled):
                     # Counted here, not where start() raises: this callback runs
                     # first, and its kick must already see the backoff.
                     m.failures += 1

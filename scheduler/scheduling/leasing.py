@@ -17,7 +17,7 @@ from scheduler.errors import (
 )
 from scheduler.keys import tenants
 from scheduler.process.instance import Instance, State
-from scheduler.scheduling import contexts
+from scheduler.scheduling import contexts, loadcost
 from scheduler.scheduling.core import Core, log
 from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.state import (
@@ -274,9 +274,17 @@ class Leasing(Core):
         self._retire(inst, "unhealthy", drain=False)
 
     def _retry_after(self, m: ModelState) -> float:
-        # A rough hint: the time a load takes, or a second when something is loaded.
-        loading = any(i.state is State.STARTING for i in m.instances)
-        return 5.0 if loading or not m.instances else 1.0
+        """Seconds a refused or timed-out caller is told to wait: what the load under
+        way (or the one a call would start) still takes by the model's median load time
+        (loadcost.remaining), or a second when an instance is up and only busy."""
+        starting = [i for i in m.instances if i.state is State.STARTING]
+        if starting:
+            elapsed = self._clock() - min(i.stats.launched_at or self._clock()
+                                          for i in starting)
+            return loadcost.remaining(m.load_times.median, elapsed)
+        if not m.instances and m.cfg.local:
+            return loadcost.remaining(m.load_times.median, 0.0)
+        return 1.0
 
     def _remember(self, m: ModelState, chain: Chain, upstream_id: str) -> None:
         index = m.prefixes.get(upstream_id)

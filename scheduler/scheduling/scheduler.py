@@ -39,11 +39,12 @@ from scheduler.errors import (
 from scheduler.keys import tenants
 from scheduler.models.sources import model_size
 from scheduler.process.instance import ALIVE, Instance, State
-from scheduler.scheduling import contexts
+from scheduler.scheduling import contexts, loadcost
 from scheduler.scheduling.core import Core, default_finder
 from scheduler.scheduling.dispatch import Dispatch
 from scheduler.scheduling.launching import Launching
 from scheduler.scheduling.leasing import Leasing
+from scheduler.scheduling.scaling import Scaling
 from scheduler.scheduling.state import (
     MAX_LAUNCH_FAILURES,
     BinaryFinder,
@@ -61,7 +62,7 @@ __all__ = ["MAX_LAUNCH_FAILURES", "BinaryFinder", "Events", "LeaseHints", "NoEve
            "Scheduler", "Servable", "Upstream", "default_finder", "launch_backoff"]
 
 
-class Scheduler(Leasing, Dispatch, Launching, Core):
+class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
     """Leases, dispatch, launches and the config they run from (module docstring)."""
 
     # -- configuration -----------------------------------------------------------
@@ -87,7 +88,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         m = self._names.get(name)
         # The slot cache files conversations by the same chain.
         return m is not None and (
-            (m.cfg.replicas.max + len(m.cfg.remotes)) > 1 or self.slots.enabled(m.cfg))
+            (m.max_replicas + len(m.cfg.remotes)) > 1 or self.slots.enabled(m.cfg))
 
     async def apply_config(self, cfg: CorralConfig) -> dict[str, list[str]]:
         """Switch to a new config file's contents; dynamic models stay (see below)."""
@@ -310,6 +311,19 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         return frozenset(name for name, m in self._names.items()
                          if any(i.state is State.STARTING for i in m.instances))
 
+    def load_estimate(self, name: str) -> tuple[float | None, float | None]:
+        """(the median seconds a load of this model takes, None when never measured;
+        the seconds its oldest launch under way has run, None when none is). The wait
+        shown to clients and operators (scheduler/scheduling/loadcost.py)."""
+        m = self._names.get(name)
+        if m is None:
+            return None, None
+        starting = [i.stats.launched_at for i in m.instances if i.state is State.STARTING]
+        # launched_at is 0.0 until the launch task has run: it has only just begun.
+        elapsed = (max(0.0, self._clock() - min(t or self._clock() for t in starting))
+                   if starting else None)
+        return m.load_times.median, elapsed
+
     def model_status(self) -> list[dict[str, object]]:
         out = []
         for m in self._models.values():
@@ -324,6 +338,7 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                 state = "failed"
             else:
                 state = "not-loaded"
+            expected, elapsed = self.load_estimate(m.cfg.name)
             out.append(
                 {
                     "name": m.cfg.name,
@@ -338,7 +353,8 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                     "ctx_size": m.cfg.ctx_size,
                     "context": m.ctx.default if m.ctx else None,
                     "max_context": m.ctx.maximum if m.ctx else None,
-                    "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max},
+                    "replicas": {"min": m.cfg.replicas.min, "max": m.cfg.replicas.max,
+                                 "wanted": m.scale},
                     "fallbacks": list(m.cfg.fallbacks),
                     "last_error": m.last_error.detail if m.last_error else None,
                     "failures": m.failures,
@@ -347,6 +363,15 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
                     "request": m.cfg.request.model_dump(mode="json", exclude_defaults=True),
                     "variants": [v.model_dump(mode="json", exclude_defaults=True)
                                  for v in m.cfg.variants],
+                    # The median of its last loads, and the launch under way if any.
+                    "load_seconds_median": None if expected is None else round(expected, 3),
+                    "restore_seconds_median": (None if m.restore_times.median is None
+                                               else round(m.restore_times.median, 3)),
+                    "loading": None if elapsed is None else {
+                        "elapsed_seconds": round(elapsed, 3),
+                        "remaining_seconds": round(loadcost.remaining(expected, elapsed), 3),
+                        "progress": loadcost.progress(expected, elapsed),
+                    },
                 }
             )
         return out
@@ -371,6 +396,8 @@ class Scheduler(Leasing, Dispatch, Launching, Core):
         if m is None:
             raise UnknownModel(name, self.names())
         insts = [i for i in m.instances if i.state in ALIVE]
+        # Replicas asked for at runtime go with it, or they would be launched again.
+        m.scale = None
         for inst in insts:
             self._retire(inst, "unload")
         return len(insts)

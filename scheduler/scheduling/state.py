@@ -23,6 +23,7 @@ from scheduler.errors import (
 from scheduler.keys import tenants
 from scheduler.process.instance import ALIVE, Instance
 from scheduler.scheduling.contexts import Contexts
+from scheduler.scheduling.loadcost import LoadTimes
 from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.queueing import FairQueue
 
@@ -115,8 +116,9 @@ class Waiter:
 
 
 class ModelState:
-    __slots__ = ("cfg", "ctx", "failures", "footprint", "instances", "last_error", "prefixes",
-                 "queue", "remotes", "retry_at", "retry_handle", "size", "sized", "vram")
+    __slots__ = ("cfg", "ctx", "failures", "footprint", "instances", "last_error",
+                 "load_times", "prefixes", "queue", "remotes", "restore_times", "retry_at",
+                 "retry_handle", "scale", "size", "sized", "vram")
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
@@ -139,6 +141,16 @@ class ModelState:
         self.failures = 0
         self.retry_at = 0.0
         self.retry_handle: asyncio.TimerHandle | None = None
+        # Seconds its last few launches took to be ready: eviction's cost of having it
+        # back, and the wait told to callers (scheduler/scheduling/loadcost.py).
+        self.load_times = LoadTimes()
+        # Seconds its slot restores took: a conversation back after a reload costs them
+        # on top of the load (scheduler/process/slotcache.py).
+        self.restore_times = LoadTimes()
+        # Replicas an operator asked for while it runs (a replica added or removed,
+        # Xinference's ``replica``): kept loaded past their TTL and allowed past
+        # replicas.max until the model is unloaded; None: the config's alone.
+        self.scale: int | None = None
 
     @property
     def unavailable(self) -> bool:
@@ -153,7 +165,17 @@ class ModelState:
     @property
     def min_replicas(self) -> int:
         # A pinned model keeps one instance loaded from the start.
-        return max(self.cfg.replicas.min, 0 if self.cfg.evictable else 1)
+        return max(self.cfg.replicas.min, 0 if self.cfg.evictable else 1, self.scale or 0)
+
+    @property
+    def reload_cost(self) -> float:
+        """Seconds to have it back as it was: its median load, plus its median slot
+        restore (0 for what was never measured)."""
+        return (self.load_times.median or 0.0) + (self.restore_times.median or 0.0)
+
+    @property
+    def max_replicas(self) -> int:
+        return max(self.cfg.replicas.max, self.scale or 0)
 
 
 BinaryFinder = Callable[[Path | None], Path | None]

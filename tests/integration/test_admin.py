@@ -52,7 +52,7 @@ async def test_models_and_instances_show_state_load_memory_and_queue(
     assert body["models"][0]["aliases"] == ["x"]
     assert body["models"][0]["parallel"] == 2
 
-    loaded = await post_json(client, "/admin/models/x/load")  # an alias resolves
+    loaded = await post_json(client, "/admin/models/x/load?wait=1")  # an alias resolves
     assert loaded["model"] == "a"
     one = await get_json(client, "/admin/models/a")
     assert one["state"] == "loaded"
@@ -79,7 +79,7 @@ async def test_load_unload_restart_reset_and_drain(corral: Any, tmp_path: Path) 
         [{"name": "a"}, {"name": "b"}, {"name": "bad", "env": {"FAKE_CRASH_AT_START": "1"}}],
     )
     client = await corral(cfg)
-    first = await post_json(client, "/admin/models/a/load")
+    first = await post_json(client, "/admin/models/a/load?wait=1")
     restarted = await post_json(client, "/admin/models/a/restart")
     assert restarted["stopping"] == 1
     assert restarted["instance"] != first["instance"]
@@ -89,13 +89,13 @@ async def test_load_unload_restart_reset_and_drain(corral: Any, tmp_path: Path) 
     assert unloaded == {"model": "a", "stopping": 1}
     await wait_for(lambda: states(client)["a"] == "not-loaded")
 
-    await post_json(client, "/admin/models/bad/load", status=503)
+    await post_json(client, "/admin/models/bad/load?wait=1", status=503)
     assert states(client)["bad"] == "failed"
     assert await post_json(client, "/admin/models/bad/reset") == {"model": "bad", "reset": True}
     assert states(client)["bad"] == "not-loaded"
 
-    await post_json(client, "/admin/models/a/load")
-    await post_json(client, "/admin/models/b/load")
+    await post_json(client, "/admin/models/a/load?wait=1")
+    await post_json(client, "/admin/models/b/load?wait=1")
     drained = await post_json(client, "/admin/drain")
     assert drained["stopping"] == {"a": 1, "b": 1, "bad": 0}
     await wait_for(lambda: not client.app[SCHEDULER].instances())
@@ -115,7 +115,7 @@ async def test_unload_drains_running_calls(corral: Any, tmp_path: Path) -> None:
 
 async def test_logs_tail_and_follow(corral: Any, tmp_path: Path) -> None:
     client = await corral(make_config(tmp_path, [{"name": "a"}]))
-    iid = quote((await post_json(client, "/admin/models/a/load"))["instance"])
+    iid = quote((await post_json(client, "/admin/models/a/load?wait=1"))["instance"])
     tail = await get_json(client, f"/admin/instances/{iid}/logs?tail=3")
     assert tail["instance"] == "a#1" and 0 < len(tail["lines"]) <= 3
     await get_json(client, f"/admin/instances/{iid}/logs?tail=x", status=400)
@@ -142,7 +142,7 @@ async def test_logs_tail_and_follow(corral: Any, tmp_path: Path) -> None:
 
 async def test_followed_log_ends_when_corral_shuts_down(corral: Any, tmp_path: Path) -> None:
     client = await corral(make_config(tmp_path, [{"name": "a"}]))
-    iid = quote((await post_json(client, "/admin/models/a/load"))["instance"])
+    iid = quote((await post_json(client, "/admin/models/a/load?wait=1"))["instance"])
     resp = await client.get(f"/admin/instances/{iid}/logs?follow=1")
     await resp.content.readline()
     loop = asyncio.get_running_loop()

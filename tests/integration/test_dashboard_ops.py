@@ -100,7 +100,7 @@ def _tokens(client: TestClient) -> float:
 async def test_timeseries_shows_queue_depth_and_wait(corral: Any, tmp_path: Path) -> None:
     slow = {"name": "a", "env": {"FAKE_TOKEN_DELAY": "0.1"}}
     client = await corral(make_config(tmp_path, [slow]))
-    await client.post("/admin/models/a/load")
+    await client.post("/admin/models/a/load?wait=1")
     body = chat("a", max_tokens=12)
     calls = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
              for _ in range(3)]

@@ -66,16 +66,22 @@ async def test_under_load_a_freed_slot_goes_where_the_calls_history_is(
             home[messages[0]["content"][:6]] = i.id
     assert home["rivers"] != home["mounta"]
 
-    # Both replicas busy; y's follow-up queues first, then x's.
+    # Both replicas busy; y's follow-up queues first, then x's. The blockers hold their
+    # replicas (2,000 tokens: a minute at this pace) until both follow-ups are queued,
+    # then hang up: blockers that ended by themselves freed a slot before x's follow-up
+    # was queued once on a loaded machine, and y's took it, as it should.
     blockers = [asyncio.create_task(ask(client, [{"role": "user", "content": f"block {n}"}],
-                                        100)) for n in range(2)]
+                                        2000)) for n in range(2)]
     await wait_for(lambda: busy() == 2)
     queue = s._names["m"].queue
     late = [asyncio.create_task(ask(client, follow(y)))]
     await wait_for(lambda: len(queue) == 1)
     late.append(asyncio.create_task(ask(client, follow(x))))
     await wait_for(lambda: len(queue) == 2)
-    await asyncio.gather(*blockers, *late)
+    for b in blockers:
+        b.cancel()
+    await asyncio.gather(*blockers, return_exceptions=True)
+    await asyncio.gather(*late)
 
     # Whichever replica freed first, each follow-up ran where its first turn did.
     for i in s.instances():

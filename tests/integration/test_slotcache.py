@@ -80,6 +80,11 @@ async def test_saved_at_idle_stop_restored_before_the_follow_up(
     calls = [(r["method"], r["path"]) for r in await fake_requests(client)]
     assert calls[:2] == [("POST", "/slots/0?action=restore"), ("POST", "/v1/chat/completions")]
     assert sched(client).slots.restored == 1
+    # The restore counts in what having the model back costs (eviction's load cost).
+    status = sched(client).model_status()[0]
+    assert status["restore_seconds_median"] is not None
+    cost = sched(client)._snapshot().instances[0].load_cost
+    assert abs(cost - status["load_seconds_median"] - status["restore_seconds_median"]) < 2e-3
 
     metrics = await (await client.get("/metrics")).text()
     assert 'corral_slot_cache_total{action="saved"} 1.0' in metrics

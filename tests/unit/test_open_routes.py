@@ -24,6 +24,7 @@ def _both(port: str, path: str) -> set[tuple[str, str, str, str]]:
 
 EXPECTED = {
     *_both("main", "/health"), *_both("main", "/"), *_both("main", "/dashboard"),
+    *_both("main", "/v1/cluster/auth"),
     *(x for name in ("", "index.html", "app.js", "style.css", "charts.js", "playground.js",
                      "config.js", "models.js", "keys.js", "requests.js", "util.js",
                      "uplot.min.js",

@@ -22,6 +22,7 @@ from proxy.keys import SCHEDULER
 from scheduler.config.root import ModelConfig
 from scheduler.errors import UnknownModel
 from scheduler.process.instance import State
+from scheduler.scheduling import loadcost
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler
 
 REF_PREFIX = "corral:"
@@ -252,12 +253,6 @@ def _ttl(value: object) -> float | None:
     return None
 
 
-def _progress(elapsed: float) -> float:
-    # Corral cannot see llama-server's load progress: an estimate that rises and
-    # never reaches 1 (0.5 after 5 s, 0.75 after 10 s...).
-    return round(min(0.99, 1.0 - float(0.5 ** (elapsed / 5.0))), 4)
-
-
 async def _load(ctx: Ctx, chan: Channel, name: str, ttl: float | None, packet: str,
                 want_ctx: int = 0) -> bool:
     """Lease ``name`` until an instance (with ``want_ctx`` tokens of context, as far as
@@ -267,7 +262,16 @@ async def _load(ctx: Ctx, chan: Channel, name: str, ttl: float | None, packet: s
                                                              want_ctx=want_ctx)):
             pass
 
-    async with chan.heartbeat(lambda t: {"type": packet, "progress": _progress(t)}):
+    scheduler = ctx.app[SCHEDULER]
+
+    def progress(waited: float) -> dict[str, object]:
+        # llama-server reports no load progress: time against the model's median load
+        # time (scheduler/scheduling/loadcost.py), counted from the launch if one runs.
+        expected, elapsed = scheduler.load_estimate(name)
+        return {"type": packet,
+                "progress": loadcost.progress(expected, waited if elapsed is None else elapsed)}
+
+    async with chan.heartbeat(progress):
         _, cancelled = await chan.unless_cancelled(lease())
     return not cancelled
 
