@@ -134,6 +134,13 @@ def test_model_prefixes_are_distinct_and_safe() -> None:
         # The usage wins over timings when both are there.
         (b'"timings":{"prompt_n":1,"predicted_n":1},"usage":{"prompt_tokens":4,'
          b'"completion_tokens":4}', 8),
+        # A name's last occurrence with a number wins (a stream's running counts); one
+        # without a number is passed over.
+        (b'"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n"usage":{'
+         b'"prompt_tokens" : 3, "completion_tokens": 5}}', 8),
+        (b'"prompt_tokens":2,"completion_tokens":2 "prompt_tokens":null', 4),
+        # Only the end of a long answer is read.
+        (b'"prompt_tokens":99' + b" " * 5000 + b'"output_tokens":1', 1),
     ],
 )
 def test_tokens_in_an_answers_tail(tail: bytes, tokens: int) -> None:
