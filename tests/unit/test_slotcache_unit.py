@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from scheduler.process.slotcache import (
     load_index,
     model_prefix,
 )
+from scheduler.scheduling.prefixes import common
 
 SYS = ((11, 4000),)  # a shared system prompt: one link of 4,000 bytes
 A = (*SYS, (21, 5000), (22, 6000))  # a conversation on top of it
@@ -49,6 +51,40 @@ def test_held_assigns_the_free_slot_with_the_longest_prefix() -> None:
     # prefix (0 and 1 hold the system prompt), the least recently used of them.
     assert held.assign((*SYS, (42, 4200))) == (0, 4000, a2)
     held.release(7)  # out of range: ignored
+
+
+def _assign_by_scanning(held: Held, chain: tuple[tuple[int, int], ...]) -> int | None:
+    """The ranking Held.assign keeps, written as the plain scan of every slot it was."""
+    best = None
+    for k, have in enumerate(held.chains):
+        if held.busy[k]:
+            continue
+        n = common(have, chain)
+        tier = 2 if have and n == have[-1][1] else 1 if not have else 0
+        rank = (tier, n, -held.used[k], -k)
+        best = rank if best is None or rank > best else best
+    return None if best is None else -best[3]
+
+
+def test_held_looks_at_slots_in_use_and_one_fresh_slot_only() -> None:
+    """Held.assign skips the slots never assigned but the first; it picks what a scan
+    of every slot picks, over a random run of calls and releases."""
+    rng = random.Random(7)
+    convs = [tuple((1000 * c + i, 10 * (i + 1)) for i in range(rng.randint(1, 4)))
+             for c in range(6)]
+    held = Held(8)
+    running: list[int] = []
+    for _ in range(400):
+        if running and (rng.random() < 0.5 or len(running) == 8):
+            held.release(running.pop(rng.randrange(len(running))))
+            continue
+        conv = rng.choice(convs)
+        chain = conv[:rng.randint(1, len(conv))]
+        expected = _assign_by_scanning(held, chain)
+        got = held.assign(chain)
+        assert (got[0] if got is not None else None) == expected
+        if got is not None:
+            running.append(got[0])
 
 
 def test_saved_index_finds_the_longest_saved_prefix() -> None:
