@@ -70,7 +70,9 @@ def test_held_looks_at_slots_in_use_and_one_fresh_slot_only() -> None:
     """Held.assign skips the slots never assigned but the first; it picks what a scan
     of every slot picks, over a random run of calls and releases."""
     rng = random.Random(7)
-    convs = [tuple((1000 * c + i, 10 * (i + 1)) for i in range(rng.randint(1, 4)))
+    # Every conversation shares its first link (a system prompt) with the others.
+    convs = [((1, 10), *((1000 * (c + 1) + i, 10 * (i + 1))
+                         for i in range(1, rng.randint(2, 5))))
              for c in range(6)]
     held = Held(8)
     running: list[int] = []
