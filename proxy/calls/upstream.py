@@ -98,10 +98,14 @@ class FormData(Protocol):
     def __call__(self, rename: str | None = None) -> Any: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """One call to send upstream. Exactly one body: ``body`` (bytes as they came),
-    ``payload`` (a translated body to encode), or ``data`` (built per attempt)."""
+    ``payload`` (a translated body to encode), or ``data`` (built per attempt).
+
+    Treated as immutable (changed with ``dataclasses.replace``) but not frozen: a
+    frozen dataclass sets each of these fields through ``object.__setattr__``, a cost
+    every call paid."""
 
     model: str
     path: str
@@ -333,7 +337,8 @@ async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
     feedback = _Feedback(scheduler, spec, client)
     try:
         async with scheduler.lease(spec.model, hints) as up:
-            await feedback.stop()
+            if feedback.stop_now():
+                await feedback.stop()
             yield up
     except CorralError as e:
         if isinstance(e, ContextTooLong):
@@ -346,7 +351,8 @@ async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
         client.answered = True
         raise _Ended(e, client.response) from None
     finally:
-        await feedback.stop()
+        if feedback.stop_now():
+            await feedback.stop()
 
 
 class _Ended(Exception):
@@ -375,6 +381,14 @@ class _Feedback:
     def _start(self) -> None:
         self._timer = None
         self._task = asyncio.ensure_future(self._run())
+
+    def stop_now(self) -> bool:
+        """Cancels the timer; whether lines are being sent (then ``stop()`` them): a
+        call leased at once, nearly every call, needs no coroutine for this."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return self._task is not None
 
     async def stop(self) -> None:
         if self._timer is not None:

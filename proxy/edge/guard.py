@@ -190,11 +190,15 @@ def _may_mutate(request: web.Request) -> bool:
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and dashboard headers on every prepared response (streams included)."""
-    origin = request.get(_CORS_ORIGIN)
-    if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers.add("Vary", "Origin")
-    if request.path == "/dashboard" or request.path.startswith("/dashboard/"):
+    # Only a call with an Origin can have been marked: request.get() of a missing key
+    # raises and catches a KeyError, on every response of every call.
+    if "Origin" in request.headers:
+        origin = request.get(_CORS_ORIGIN)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
+    path = request.path
+    if path.startswith("/dashboard") and (path == "/dashboard" or path[10] == "/"):
         response.headers.update(_DASHBOARD_HEADERS)
 
 
