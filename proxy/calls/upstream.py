@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
@@ -324,16 +325,43 @@ def _payload(body: bytes | bytearray | None) -> Any:
 # --- leases and loading feedback -------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
-                  client: Client) -> AsyncIterator[Upstream]:
+def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
+            client: Client) -> contextlib.AbstractAsyncContextManager[Upstream]:
     if spec.feedback is None or context.quiet(scheduler, spec.model, spec.fit):
+        return _Explained(scheduler.lease(spec.model, hints), spec.fit)
+    return _with_feedback(scheduler, spec, hints, client)
+
+
+class _Explained:
+    """The scheduler's lease, a ContextTooLong given the call's own counts: a class, not
+    one more generator-based context manager around it on every call."""
+
+    __slots__ = ("_fit", "_lease")
+
+    def __init__(self, lease: contextlib.AbstractAsyncContextManager[Upstream],
+                 fit: context.Fit | None) -> None:
+        self._lease = lease
+        self._fit = fit
+
+    async def __aenter__(self) -> Upstream:
         try:
-            async with scheduler.lease(spec.model, hints) as up:
-                yield up
+            return await self._lease.__aenter__()
         except ContextTooLong as e:
-            raise context.explained(e, spec.fit) from None
-        return
+            raise context.explained(e, self._fit) from None
+
+    async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        if isinstance(err, ContextTooLong):
+            context.explained(err, self._fit)  # in place: it goes on as it is
+        try:
+            return await self._lease.__aexit__(kind, err, tb)
+        except ContextTooLong as e:
+            raise context.explained(e, self._fit) from None
+
+
+@contextlib.asynccontextmanager
+async def _with_feedback(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
+                         client: Client) -> AsyncIterator[Upstream]:
     feedback = _Feedback(scheduler, spec, client)
     try:
         async with scheduler.lease(spec.model, hints) as up:
