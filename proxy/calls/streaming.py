@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 _WHOLE_BODY_LIMIT = 1 << 20
 
 _UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
-_B = TypeVar("_B")  # a batch of whatever a stream reader yields
 
 
 def stream_response(status: int = 200,
@@ -258,8 +257,14 @@ def _sse_line(raw: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+def _failed(e: BaseException, instance_id: str) -> UpstreamFailed:
+    """A broken upstream read as UpstreamFailed (UpstreamStalled for silence)."""
+    kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
+    return kind(f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}")
+
+
 async def sse_event_batches(
-    resp: aiohttp.ClientResponse,
+    resp: aiohttp.ClientResponse, instance_id: str | None = None,
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Parse llama-server's SSE stream into JSON objects, a batch per network read.
 
@@ -267,10 +272,21 @@ async def sse_event_batches(
     error shapes (``data: {"error": ...}`` and the older bare ``error: {...}`` line)
     into ``{"error": {...}}`` objects for the caller to render; nothing follows one.
     A batch holds the events that arrived together, so a translating writer can
-    answer them with one write: no event waits for a later one.
+    answer them with one write: no event waits for a later one. With ``instance_id``, a
+    broken upstream connection is raised as UpstreamFailed (UpstreamStalled for
+    silence): here, not by a generator around this one (a frame less a batch).
     """
     rest = b""
-    async for chunk in resp.content.iter_any():
+    read = resp.content.readany
+    while True:
+        try:
+            chunk = await read()
+        except _UPSTREAM_BROKE as e:
+            if instance_id is None:
+                raise
+            raise _failed(e, instance_id) from None
+        if not chunk:
+            break
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         batch: list[dict[str, Any]] = []
@@ -315,13 +331,22 @@ def _sse_data(raw: bytes) -> bytes | None:
 
 
 async def sse_data_batches(
-    resp: aiohttp.ClientResponse,
+    resp: aiohttp.ClientResponse, instance_id: str | None = None,
 ) -> AsyncGenerator[list[bytes], None]:
     """``sse_event_batches`` without the parsing: each event's JSON text, a batch per
     network read, for a consumer with a faster decoder of its own (the Ollama lines).
     Stops at ``[DONE]``; the consumer finds errors in what it decodes."""
     rest = b""
-    async for chunk in resp.content.iter_any():
+    read = resp.content.readany
+    while True:
+        try:
+            chunk = await read()
+        except _UPSTREAM_BROKE as e:
+            if instance_id is None:
+                raise
+            raise _failed(e, instance_id) from None
+        if not chunk:
+            break
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         batch: list[bytes] = []
@@ -345,26 +370,11 @@ async def sse_data_batches(
         yield [data]
 
 
-async def _upstream_failures(
-    batches: AsyncGenerator[_B, None], instance_id: str
-) -> AsyncGenerator[_B, None]:
-    """``batches``, with a broken upstream connection raised as UpstreamFailed (or
-    UpstreamStalled for silence)."""
-    try:
-        async for batch in batches:
-            yield batch
-    except _UPSTREAM_BROKE as e:
-        kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
-        raise kind(
-            f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
-        ) from None
-
-
 def upstream_data_batches(
     resp: aiohttp.ClientResponse, instance_id: str
 ) -> AsyncGenerator[list[bytes], None]:
     """``sse_data_batches``, with a broken upstream connection raised as UpstreamFailed."""
-    return _upstream_failures(sse_data_batches(resp), instance_id)
+    return sse_data_batches(resp, instance_id)
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -378,7 +388,7 @@ def upstream_batches(
     resp: aiohttp.ClientResponse, instance_id: str
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """``sse_event_batches``, with a broken upstream connection raised as UpstreamFailed."""
-    return _upstream_failures(sse_event_batches(resp), instance_id)
+    return sse_event_batches(resp, instance_id)
 
 
 NDJSON = "application/x-ndjson"

@@ -234,7 +234,7 @@ def measure(
                 if pid and r.requests:
                     r.cpu_us_per_req = (cpu_seconds(pid) - before) / r.requests * 1e6
                 print(
-                    f"  {name:8} {case.name:6} c={case.connections:<3} {r.rps:9.0f} req/s"
+                    f"  {name:15} {case.name:6} c={case.connections:<3} {r.rps:9.0f} req/s"
                     f"  p50 {fmt_us(r.p50_us):>8}  p99 {fmt_us(r.p99_us):>8}  errors {r.errors}"
                     + (f"  CPU {fmt_us(r.cpu_us_per_req)}/req" if r.cpu_us_per_req else ""),
                     flush=True,
@@ -381,7 +381,7 @@ def print_table(cases: Sequence[Case], rows: dict[str, list[Result]]) -> None:
     """One line per case and target; "added p50" is the target's p50 minus direct's;
     "÷ bare" is Corral's req/s and CPU per call over the bare relay's."""
     head = (
-        f"{'case':7}{'conns':>6}  {'target':8}{'req/s':>9}{'p50':>10}{'p99':>10}"
+        f"{'case':7}{'conns':>6}  {'target':15}{'req/s':>9}{'p50':>10}{'p99':>10}"
         f"{'added p50':>11}{'CPU/req':>10}{'errors':>7}{'req/s ÷ bare':>14}{'CPU ÷ bare':>12}"
     )
     print("\n" + head)
@@ -401,7 +401,7 @@ def print_table(cases: Sequence[Case], rows: dict[str, list[Result]]) -> None:
                 if r.cpu_us_per_req and b.cpu_us_per_req:
                     ratios += f"{r.cpu_us_per_req / b.cpu_us_per_req:>11.2f}×"
             print(
-                f"{label}  {target:8}{r.rps:>9.0f}{fmt_us(r.p50_us):>10}{fmt_us(r.p99_us):>10}"
+                f"{label}  {target:15}{r.rps:>9.0f}{fmt_us(r.p50_us):>10}{fmt_us(r.p99_us):>10}"
                 f"{added:>11}{cpu:>10}{r.errors:>7}{ratios}"
             )
 
@@ -469,6 +469,14 @@ def running(
         print("\n".join(f"    {line}" for line in complaints[-10:]))
 
 
+def _tree(given: str) -> tuple[str, str]:
+    """``NAME=PATH`` (or a PATH, named after its last part) of ``--compare``."""
+    name, sep, path = given.partition("=")
+    if not sep:
+        path, name = given, Path(given).name
+    return f"corral@{name}"[:14], str(Path(path).resolve())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -490,6 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # the default
     ap.add_argument("--corral", help="the corral executable (default: beside this Python)")
+    ap.add_argument(
+        "--compare", action="append", default=[], metavar="NAME=TREE",
+        help="also measure the Corral of another source tree (a checkout, or `git archive "
+        "REV proxy scheduler | tar -x -C TREE`), in turns with this one",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument(
         "--serve-baseline", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS
@@ -531,13 +544,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     url = f"http://127.0.0.1:{port}"
                     pid = stack.enter_context(running("baseline", me, url, tmp, env))
                     targets.append(("baseline", url, pid))
-                port = free_port()
-                config = tmp / "corral.toml"
-                config.write_text(corral_config(tmp, port))
-                serve = [corral, "serve", "--config", str(config)]
-                url = f"http://127.0.0.1:{port}"
-                pid = stack.enter_context(running("corral", serve, url, tmp, env))
-                targets.append(("corral", url, pid))
+                # "corral" is this environment's; each --compare TREE is another tree's
+                # Corral (its proxy/ and scheduler/ first on PYTHONPATH), side by side.
+                for name, tree in [("corral", None), *(_tree(t) for t in args.compare)]:
+                    port = free_port()
+                    home = tmp / name
+                    home.mkdir()
+                    config = home / "corral.toml"
+                    config.write_text(corral_config(home, port))
+                    serve = [corral, "serve", "--config", str(config)]
+                    url = f"http://127.0.0.1:{port}"
+                    mine = {**env, "TMPDIR": str(home)}
+                    if tree is not None:
+                        mine["PYTHONPATH"] = f"{tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
+                    pid = stack.enter_context(running(name, serve, url, home, mine))
+                    targets.append((name, url, pid))
                 for _, url, _ in targets:
                     run_wrk(url, CASES[1], args.warmup, args.threads)
                 rows = measure(targets, CASES, args)
