@@ -33,7 +33,7 @@ from proxy.dialects import lmstudio, lmstudio_sdk, ollama, openai, xinference
 from proxy.dialects.families.learned import FamilyState
 from proxy.edge import guard, reqlog, tuning
 from proxy.edge.body import BodyBudget
-from proxy.edge.errors import Dialect, error_middleware
+from proxy.edge.errors import Dialect
 from proxy.edge.listener import GuardedRunner, Limits
 from proxy.keys import (
     BODY_BUDGET,
@@ -104,12 +104,11 @@ def middlewares(
 ) -> list[Middleware]:
     """A port's middlewares; ``port`` (default: the dialect's own port) picks the routes
     open without a key (``OPEN_ROUTES``)."""
-    # Guards before the error middleware: their refusals are plain answers.
-    mws = [*guard.guard_middlewares(cfg.server, dialect), error_middleware(dialect)]
+    # Host, Origin, errors and keys in one (proxy/edge/guard.py).
+    mws = [guard.edge_middleware(cfg.server, dialect, OPEN_ROUTES[port or _PORT_OF[dialect]])]
     if stats is not None:
         # Outermost: sees the final status, auth failures and rendered errors included.
         mws.insert(0, request_middleware(stats, dialect))
-    mws.append(guard.auth_middleware(dialect, OPEN_ROUTES[port or _PORT_OF[dialect]]))
     return mws
 
 

@@ -143,6 +143,10 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
         return multipart.handler(route.family, route.capability, route.max_body, check,
                                  implied=sdapi.implied_model)
     dialect = family_dialect(route.family)
+    # What a row decides once, not per call.
+    prompted = route.capability in PROMPTED
+    chat = route.capability == "chat"
+    able = _Able(route.capability)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         request[ROUTE_DIALECT] = dialect
@@ -154,21 +158,22 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
             else:
                 body = await bodies.read(request, route.max_body)
                 head = jsonc.head(body)
-                if route.capability not in PROMPTED or request.path in _UNRUN:
+                if not prompted or request.path in _UNRUN:
                     head = jsonc.Head(model=head.model, stream=head.stream, ttl=head.ttl)
             model = name_for(scheduler, head.model or _default_model(request, route, body))
             await pulls.ensure(request.app, model)
-            cfg = check(scheduler, model, route.capability)
-            if route.capability == "chat" and vision.body_has_images(body):
+            cfg = able.check(scheduler, model)
+            if chat and vision.body_has_images(body):
                 vision.require_vision(scheduler, model, cfg)
-            if route.capability == "chat" and body is not None and b"mcp" in body:
+            if chat and body is not None and b"mcp" in body:
                 # Names configured MCP servers: the tool loop answers (proxy/tools/).
                 looped = await tools_entry.maybe(request, model, body)
                 if looped is not None:
                     return looped
+            path = route.upstream or request.path
             spec = upstream.Call(
                 model=model,
-                path=route.upstream or request.path,
+                path=path,
                 body=body,
                 headers=_headers(request, route.family),
                 hints=hints_for(scheduler, model, head),
@@ -176,7 +181,7 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 query=request.query_string,
                 feedback=feedback(request, cfg, route.family, head.streaming,
                                   route.capability),
-                fit=context.of(route.upstream or request.path, body, family=route.family),
+                fit=context.of(path, body, family=route.family),
             )
             bridge = families_bridge.of(route.family, request.path, spec.path, body,
                                         request.app[FAMILIES], cfg)
@@ -221,6 +226,29 @@ def _default_model(request: web.Request, route: Route, body: bytes | bytearray |
         able = sdapi.able(scheduler, route.capability)
         hint = f" (models that serve {route.capability}: {', '.join(able) or 'none'})"
     raise BadRequest(f"{where} is required and must name a model{hint}")
+
+
+class _Able:
+    """``check()`` for one row, with each model config's capabilities remembered
+    (deriving them cost a few µs a call); a reload's new configs are new objects."""
+
+    __slots__ = ("_capability", "_known")
+
+    def __init__(self, capability: Capability | None) -> None:
+        self._capability = capability
+        self._known: dict[int, tuple[ModelConfig, bool]] = {}
+
+    def check(self, scheduler: Scheduler, model: str) -> ModelConfig:
+        cfg = scheduler.resolve(model)
+        known = self._known.get(id(cfg))
+        if known is None or known[0] is not cfg:
+            if len(self._known) >= 256:
+                self._known.clear()
+            capable = self._capability is None or self._capability in capabilities(cfg)
+            known = self._known[id(cfg)] = (cfg, capable)
+        if known[1]:
+            return cfg
+        return check(scheduler, model, self._capability)
 
 
 def check(scheduler: Scheduler, model: str, capability: Capability | None) -> ModelConfig:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -39,7 +39,19 @@ log = logging.getLogger(__name__)
 _WHOLE_BODY_LIMIT = 1 << 20
 
 _UPSTREAM_BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
-_B = TypeVar("_B")  # a batch of whatever a stream reader yields
+
+
+def stream_response(status: int = 200,
+                    headers: dict[str, str] | None = None) -> web.StreamResponse:
+    """A streamed answer whose status line and headers go out with its first bytes.
+
+    aiohttp's StreamResponse writes its head alone at ``prepare()``: one more send (a
+    syscall, and on loopback the receiver's TCP work on the sender's CPU) and one more
+    segment per streamed answer. Every caller here writes as soon as it has prepared
+    (and ``write_eof()`` sends a head still held), so nothing waits for it."""
+    out = web.StreamResponse(status=status, headers=headers)
+    out._send_headers_immediately = False
+    return out
 
 
 def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
@@ -75,7 +87,7 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
             },
         )
     first = await resp.content.readany()
-    out = web.StreamResponse(status=resp.status, headers={MODEL_HEADER: up.model})
+    out = stream_response(resp.status, {MODEL_HEADER: up.model})
     out.content_type = resp.content_type
     if resp.charset:
         out.charset = resp.charset
@@ -249,8 +261,14 @@ def _sse_line(raw: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+def _failed(e: BaseException, instance_id: str) -> UpstreamFailed:
+    """A broken upstream read as UpstreamFailed (UpstreamStalled for silence)."""
+    kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
+    return kind(f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}")
+
+
 async def sse_event_batches(
-    resp: aiohttp.ClientResponse,
+    resp: aiohttp.ClientResponse, instance_id: str | None = None,
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """Parse llama-server's SSE stream into JSON objects, a batch per network read.
 
@@ -258,15 +276,33 @@ async def sse_event_batches(
     error shapes (``data: {"error": ...}`` and the older bare ``error: {...}`` line)
     into ``{"error": {...}}`` objects for the caller to render; nothing follows one.
     A batch holds the events that arrived together, so a translating writer can
-    answer them with one write: no event waits for a later one.
+    answer them with one write: no event waits for a later one. With ``instance_id``, a
+    broken upstream connection is raised as UpstreamFailed (UpstreamStalled for
+    silence): here, not by a generator around this one (a frame less a batch).
     """
     rest = b""
-    async for chunk in resp.content.iter_any():
+    read = resp.content.readany
+    while True:
+        try:
+            chunk = await read()
+        except _UPSTREAM_BROKE as e:
+            if instance_id is None:
+                raise
+            raise _failed(e, instance_id) from None
+        if not chunk:
+            break
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         batch: list[dict[str, Any]] = []
         for line in lines:
-            event = _sse_line(line)
+            if line.startswith(b"data: {") and line.endswith(b"}"):
+                # The common line, inline: one event's JSON object.
+                try:
+                    event = _decode(line[6:])
+                except (msgspec.DecodeError, RecursionError):
+                    event = _sse_line(line)  # logged there
+            else:
+                event = _sse_line(line)
             if event is _DONE:
                 if batch:
                     yield batch
@@ -299,13 +335,22 @@ def _sse_data(raw: bytes) -> bytes | None:
 
 
 async def sse_data_batches(
-    resp: aiohttp.ClientResponse,
+    resp: aiohttp.ClientResponse, instance_id: str | None = None,
 ) -> AsyncGenerator[list[bytes], None]:
     """``sse_event_batches`` without the parsing: each event's JSON text, a batch per
     network read, for a consumer with a faster decoder of its own (the Ollama lines).
     Stops at ``[DONE]``; the consumer finds errors in what it decodes."""
     rest = b""
-    async for chunk in resp.content.iter_any():
+    read = resp.content.readany
+    while True:
+        try:
+            chunk = await read()
+        except _UPSTREAM_BROKE as e:
+            if instance_id is None:
+                raise
+            raise _failed(e, instance_id) from None
+        if not chunk:
+            break
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         batch: list[bytes] = []
@@ -329,26 +374,11 @@ async def sse_data_batches(
         yield [data]
 
 
-async def _upstream_failures(
-    batches: AsyncGenerator[_B, None], instance_id: str
-) -> AsyncGenerator[_B, None]:
-    """``batches``, with a broken upstream connection raised as UpstreamFailed (or
-    UpstreamStalled for silence)."""
-    try:
-        async for batch in batches:
-            yield batch
-    except _UPSTREAM_BROKE as e:
-        kind = UpstreamStalled if isinstance(e, TimeoutError) else UpstreamFailed
-        raise kind(
-            f"upstream instance {instance_id} failed mid-stream: {e or type(e).__name__}"
-        ) from None
-
-
 def upstream_data_batches(
     resp: aiohttp.ClientResponse, instance_id: str
 ) -> AsyncGenerator[list[bytes], None]:
     """``sse_data_batches``, with a broken upstream connection raised as UpstreamFailed."""
-    return _upstream_failures(sse_data_batches(resp), instance_id)
+    return sse_data_batches(resp, instance_id)
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
@@ -362,7 +392,7 @@ def upstream_batches(
     resp: aiohttp.ClientResponse, instance_id: str
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """``sse_event_batches``, with a broken upstream connection raised as UpstreamFailed."""
-    return _upstream_failures(sse_event_batches(resp), instance_id)
+    return sse_event_batches(resp, instance_id)
 
 
 NDJSON = "application/x-ndjson"
@@ -392,7 +422,7 @@ async def write_stream(
     async def start() -> web.StreamResponse:
         if client is not None:
             client.answered = True
-        resp = web.StreamResponse()
+        resp = stream_response()
         if ndjson:
             resp.content_type = NDJSON
         else:

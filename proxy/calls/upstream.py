@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
@@ -105,10 +106,14 @@ class FormData(Protocol):
     def __call__(self, rename: str | None = None) -> Any: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """One call to send upstream. Exactly one body: ``body`` (bytes as they came),
-    ``payload`` (a translated body to encode), or ``data`` (built per attempt)."""
+    ``payload`` (a translated body to encode), or ``data`` (built per attempt).
+
+    Treated as immutable (changed with ``dataclasses.replace``) but not frozen: a
+    frozen dataclass sets each of these fields through ``object.__setattr__``, a cost
+    every call paid."""
 
     model: str
     path: str
@@ -370,20 +375,48 @@ def _payload(body: bytes | bytearray | None) -> Any:
 # --- leases and loading feedback -------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
-                  client: Client) -> AsyncIterator[Upstream]:
+def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
+            client: Client) -> contextlib.AbstractAsyncContextManager[Upstream]:
     if spec.feedback is None or context.quiet(scheduler, spec.model, spec.fit):
+        return _Explained(scheduler.lease(spec.model, hints), spec.fit)
+    return _with_feedback(scheduler, spec, hints, client)
+
+
+class _Explained:
+    """The scheduler's lease, a ContextTooLong given the call's own counts: a class, not
+    one more generator-based context manager around it on every call."""
+
+    __slots__ = ("_fit", "_lease")
+
+    def __init__(self, lease: contextlib.AbstractAsyncContextManager[Upstream],
+                 fit: context.Fit | None) -> None:
+        self._lease = lease
+        self._fit = fit
+
+    async def __aenter__(self) -> Upstream:
         try:
-            async with scheduler.lease(spec.model, hints) as up:
-                yield up
+            return await self._lease.__aenter__()
         except ContextTooLong as e:
-            raise context.explained(e, spec.fit) from None
-        return
+            raise context.explained(e, self._fit) from None
+
+    async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        if isinstance(err, ContextTooLong):
+            context.explained(err, self._fit)  # in place: it goes on as it is
+        try:
+            return await self._lease.__aexit__(kind, err, tb)
+        except ContextTooLong as e:
+            raise context.explained(e, self._fit) from None
+
+
+@contextlib.asynccontextmanager
+async def _with_feedback(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
+                         client: Client) -> AsyncIterator[Upstream]:
     feedback = _Feedback(scheduler, spec, client)
     try:
         async with scheduler.lease(spec.model, hints) as up:
-            await feedback.stop()
+            if feedback.stop_now():
+                await feedback.stop()
             yield up
     except CorralError as e:
         if isinstance(e, ContextTooLong):
@@ -396,7 +429,8 @@ async def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
         client.answered = True
         raise _Ended(e, client.response) from None
     finally:
-        await feedback.stop()
+        if feedback.stop_now():
+            await feedback.stop()
 
 
 class _Ended(Exception):
@@ -425,6 +459,14 @@ class _Feedback:
     def _start(self) -> None:
         self._timer = None
         self._task = asyncio.ensure_future(self._run())
+
+    def stop_now(self) -> bool:
+        """Cancels the timer; whether lines are being sent (then ``stop()`` them): a
+        call leased at once, nearly every call, needs no coroutine for this."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return self._task is not None
 
     async def stop(self) -> None:
         if self._timer is not None:

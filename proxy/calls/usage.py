@@ -5,7 +5,7 @@ counted key, so every dialect is covered the same way whatever reads the answer 
 relay, the SSE parsers, a whole-body read): the tap keeps the last two chunks read,
 and the count is taken from them once the consumer is done.
 
-Only that tail is searched, with one regular expression and no JSON parse:
+Only that tail is searched, from its end and with no JSON parse:
 llama-server writes ``usage`` and ``timings`` last (its JSON keys are sorted, and in
 a stream they ride on the last event), so the cost is flat whatever the answer's
 size. OpenAI's ``prompt_tokens``/``completion_tokens`` win, then llama-server's
@@ -24,22 +24,39 @@ from aiohttp.streams import AsyncStreamIterator
 # Bytes of an answer's end that are searched.
 TAIL = 4096
 
-_FIELD = re.compile(
-    rb'"(prompt_tokens|completion_tokens|prompt_n|cache_n|predicted_n|input_tokens|'
-    rb'output_tokens)"\s*:\s*(\d+)'
+# In the order they win: OpenAI's, llama-server's timings, Anthropic's and Responses'.
+_GROUPS = tuple(
+    tuple((b'"' + name + b'"', len(name) + 2) for name in group)
+    for group in ((b"prompt_tokens", b"completion_tokens"),
+                  (b"prompt_n", b"cache_n", b"predicted_n"),
+                  (b"input_tokens", b"output_tokens"))
 )
+_VALUE = re.compile(rb"\s*:\s*(\d+)")
 
 
 def tokens_in(tail: bytes | bytearray | memoryview) -> int:
-    """Prompt + completion tokens named in the end of an answer; 0 if none."""
-    found: dict[bytes, int] = {}
-    for m in _FIELD.finditer(bytes(tail[-TAIL:])):
-        found[m.group(1)] = int(m.group(2))  # the last one of a name wins
-    for names in ((b"prompt_tokens", b"completion_tokens"),
-                  (b"prompt_n", b"cache_n", b"predicted_n"),
-                  (b"input_tokens", b"output_tokens")):
-        if any(n in found for n in names):
-            return sum(found.get(n, 0) for n in names)
+    """Prompt + completion tokens named in the end of an answer; 0 if none.
+
+    Each name's last occurrence with a number wins, searched from the end (``rfind``),
+    and the first group that names any wins: one regular expression over the whole
+    tail cost 4-30 µs a call, more than the rest of a key's bookkeeping.
+    """
+    data = bytes(tail[-TAIL:])
+    match = _VALUE.match
+    for group in _GROUPS:
+        total = 0
+        seen = False
+        for quoted, skip in group:
+            end = len(data)
+            while (at := data.rfind(quoted, 0, end)) >= 0:
+                m = match(data, at + skip)
+                if m is not None:
+                    total += int(m.group(1))
+                    seen = True
+                    break
+                end = at
+        if seen:
+            return total
     return 0
 
 

@@ -28,6 +28,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:g} MiB"
 
 
+_NOTHING: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+
 class BodyBudget:
     """Bytes of request bodies held in memory at once, across every port."""
 
@@ -36,11 +39,13 @@ class BodyBudget:
         self.used = 0
         self._freed = asyncio.Condition()
 
+    def hold(self, size: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """Bytes reserved for a body of ``size`` while the block runs (nothing below
+        ``COUNTED``: a shared no-op, not a generator per call)."""
+        return _NOTHING if size < COUNTED else self._hold(size)
+
     @contextlib.asynccontextmanager
-    async def hold(self, size: int) -> AsyncIterator[None]:
-        if size < COUNTED:
-            yield
-            return
+    async def _hold(self, size: int) -> AsyncIterator[None]:
         if size > self.limit:
             raise TooLarge(
                 f"a {_mib(size)} body exceeds max_body_bytes_in_flight ({_mib(self.limit)})"
@@ -61,12 +66,20 @@ def too_large(limit: int) -> TooLarge:
     return TooLarge(f"request body exceeds this endpoint's limit of {_mib(limit)}")
 
 
-async def read(request: web.Request, limit: int) -> bytearray:
+async def read(request: web.Request, limit: int) -> bytes | bytearray:
     """The whole body, refused with 413 past ``limit`` bytes (before reading any of it
     when the client declared its length)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise too_large(limit)
+    content = request.content
+    if content.is_eof():
+        # The whole body came with the head (a chat call does): take it as it is, no
+        # loop and no copy.
+        data = content.read_nowait()
+        if len(data) > limit:
+            raise too_large(limit)
+        return data
     buf = bytearray()
     async for chunk in request.content.iter_any():
         buf += chunk
@@ -77,7 +90,7 @@ async def read(request: web.Request, limit: int) -> bytearray:
 
 # A translated call's body as it came, for its capture (proxy/calls/capture.py): what
 # goes upstream is another body. A pass-through call sends its body as it came.
-RECEIVED = web.RequestKey("corral_received_body", bytearray)
+RECEIVED: web.RequestKey[bytes | bytearray] = web.RequestKey("corral_received_body")
 
 
 async def read_json(request: web.Request, limit: int = 64 << 20) -> dict[str, Any]:
@@ -86,5 +99,5 @@ async def read_json(request: web.Request, limit: int = 64 << 20) -> dict[str, An
     return jsonc.loads_object(raw)
 
 
-def received_body(request: web.Request) -> bytearray | None:
+def received_body(request: web.Request) -> bytes | bytearray | None:
     return request.get(RECEIVED)

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from proxy.edge import reqlog
 from scheduler.errors import (
@@ -169,33 +168,26 @@ _HTTP_CODES = {
 }
 
 
-def error_middleware(dialect: Dialect) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except CorralError as e:
-            if e.status >= 500:
-                log.warning("%s %s: %s", request.method, request.path, e.message.splitlines()[0])
-            return render(e, request.get(ROUTE_DIALECT, dialect), dialect)
-        except web.HTTPException as e:
-            if e.status < 400 or dialect == "ollama":
-                raise
-            # aiohttp's own 404/405 arrive as text; an OpenAI client expects JSON.
-            err = CorralError(e.reason if e.status != 404 else f"no route for {request.path}")
-            err.status = e.status
-            err.code = _HTTP_CODES.get(e.status, "invalid_request")
-            err.type = "invalid_request_error"
-            return render(err, request.get(ROUTE_DIALECT, dialect))
-        except ConnectionResetError:
-            raise  # the client went away: nothing to answer
-        except Exception:
-            # A bug, not bad input: the traceback stays in the log, the caller gets
-            # the request id to quote.
-            info = reqlog.current()
-            rid = info.id if info is not None else "-"
-            log.exception("%s %s: unexpected error", request.method, request.path)
-            return render(CorralError(f"internal error (request id {rid})"),
-                          request.get(ROUTE_DIALECT, dialect))
-
-    return middleware
+def caught(request: web.Request, e: Exception, dialect: Dialect) -> web.StreamResponse:
+    """The answer to ``e``, raised by a handler (call it in the ``except`` block: it
+    logs a bug's traceback). An HTTPException it does not render is raised again."""
+    if isinstance(e, CorralError):
+        if e.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, e.message.splitlines()[0])
+        return render(e, request.get(ROUTE_DIALECT, dialect), dialect)
+    if isinstance(e, web.HTTPException):
+        if e.status < 400 or dialect == "ollama":
+            raise e
+        # aiohttp's own 404/405 arrive as text; an OpenAI client expects JSON.
+        err = CorralError(e.reason if e.status != 404 else f"no route for {request.path}")
+        err.status = e.status
+        err.code = _HTTP_CODES.get(e.status, "invalid_request")
+        err.type = "invalid_request_error"
+        return render(err, request.get(ROUTE_DIALECT, dialect))
+    # A bug, not bad input: the traceback stays in the log, the caller gets the
+    # request id to quote.
+    info = reqlog.current()
+    rid = info.id if info is not None else "-"
+    log.exception("%s %s: unexpected error", request.method, request.path)
+    return render(CorralError(f"internal error (request id {rid})"),
+                  request.get(ROUTE_DIALECT, dialect))

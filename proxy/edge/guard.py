@@ -23,7 +23,7 @@ from typing import NamedTuple
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from proxy.edge.errors import Dialect, render
+from proxy.edge.errors import Dialect, caught, render
 from proxy.keys import SCHEDULER
 from scheduler.config.root import ServerConfig
 from scheduler.errors import CorralError, Unauthorized
@@ -104,39 +104,42 @@ def _refuse(message: str, dialect: Dialect) -> web.Response:
     return render(Forbidden(message), dialect)
 
 
-def host_middleware(server: ServerConfig, dialect: Dialect) -> Middleware:
+Check = Callable[[web.Request], web.StreamResponse | None]
+
+
+def host_check(server: ServerConfig, dialect: Dialect) -> Check:
+    """The refusal of a call whose Host may not be served; None for one that may."""
     allowed = host_matcher(server)
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(request: web.Request) -> web.StreamResponse | None:
         host = request.headers.get("Host", "")
-        if not allowed(host):
-            if dialect == "ollama":
-                return web.Response(status=403, text="403 forbidden: host not allowed")
-            return _refuse(
-                f"Host {host_name(host)!r} is not allowed; add it to [server] allowed_hosts",
-                dialect,
-            )
-        return await handler(request)
+        if allowed(host):
+            return None
+        if dialect == "ollama":
+            return web.Response(status=403, text="403 forbidden: host not allowed")
+        return _refuse(
+            f"Host {host_name(host)!r} is not allowed; add it to [server] allowed_hosts",
+            dialect,
+        )
 
-    return middleware
+    return check
 
 
 def _json_type(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-def origin_middleware(server: ServerConfig, dialect: Dialect) -> Middleware:
+def origin_check(server: ServerConfig, dialect: Dialect) -> Check:
     """Main and LM Studio ports: CORS for ``cors_origins``, foreign origins refused,
-    mutating calls need a JSON/multipart body or an API key header."""
+    mutating calls need a JSON/multipart body or an API key header. The answer to a
+    preflight or a refusal; None for a call that goes on."""
     origins = frozenset(o.rstrip("/").lower() for o in server.cors_origins)
     any_origin = "*" in origins
 
     def listed(origin: str) -> bool:
         return any_origin or origin.rstrip("/").lower() in origins
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(request: web.Request) -> web.StreamResponse | None:
         origin = request.headers.get("Origin")
         cors = False
         if origin is not None:
@@ -164,9 +167,9 @@ def origin_middleware(server: ServerConfig, dialect: Dialect) -> Middleware:
             )
         if cors:
             request[_CORS_ORIGIN] = str(origin)
-        return await handler(request)
+        return None
 
-    return middleware
+    return check
 
 
 _CORS_ORIGIN = web.RequestKey("corral_cors_origin", str)
@@ -187,11 +190,15 @@ def _may_mutate(request: web.Request) -> bool:
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and dashboard headers on every prepared response (streams included)."""
-    origin = request.get(_CORS_ORIGIN)
-    if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers.add("Vary", "Origin")
-    if request.path == "/dashboard" or request.path.startswith("/dashboard/"):
+    # Only a call with an Origin can have been marked: request.get() of a missing key
+    # raises and catches a KeyError, on every response of every call.
+    if "Origin" in request.headers:
+        origin = request.get(_CORS_ORIGIN)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
+    path = request.path
+    if path.startswith("/dashboard") and (path == "/dashboard" or path[10] == "/"):
         response.headers.update(_DASHBOARD_HEADERS)
 
 
@@ -260,26 +267,27 @@ def _open(request: web.Request, routes: Collection[OpenRoute], paths: frozenset[
     return is_open(routes, request.method, resource.canonical, _upgrade(request))
 
 
-def auth_middleware(dialect: Dialect, open_routes: Collection[OpenRoute]) -> Middleware:
-    """API keys (``[[keys]]`` and ``[server] api_keys``; scheduler/keys/tenants.py).
+def key_check(
+    dialect: Dialect, open_routes: Collection[OpenRoute]
+) -> Callable[[web.Request], web.StreamResponse | tenants.Key | None]:
+    """API keys (``[[keys]]`` and ``[server] api_keys``; scheduler/keys/tenants.py): the
+    refusal of a call without a valid key, the key of one with it, None when no key is
+    needed (none configured, or an open route).
 
-    Installed on every port whether keys are configured or not, so that a reload
-    that adds the first key protects every port at once; without keys it costs one
-    attribute read. A known key is set as ``tenants.CURRENT`` for the rest of the
-    request: the scheduler reads it for scopes and fair queueing, proxy.calls.upstream
-    for limits. ``open_routes``: this port's routes that need no key (proxy/app.py
+    Checked on every port whether keys are configured or not, so that a reload that
+    adds the first key protects every port at once; without keys it costs one
+    attribute read. ``open_routes``: this port's routes that need no key (proxy/app.py
     ``OPEN_ROUTES``; every other method, path and protocol needs one, OPTIONS
     included: a CORS preflight from a listed origin is answered before this, by
-    ``origin_middleware``, and carries no data).
+    ``origin_check``, and carries no data).
     """
 
     paths = frozenset(r.path for r in open_routes)
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(request: web.Request) -> web.StreamResponse | tenants.Key | None:
         registry = request.app[SCHEDULER].tenants
         if not registry.enabled or _open(request, open_routes, paths):
-            return await handler(request)
+            return None
         given = presented_key(request)
         # No key at all is never a match, whatever digest is configured.
         key = registry.lookup(given) if given else None
@@ -291,19 +299,45 @@ def auth_middleware(dialect: Dialect, open_routes: Collection[OpenRoute]) -> Mid
         if not key.admin and (request.path.startswith(ADMIN_PREFIXES)
                               or request.path == "/admin"):
             return render(Forbidden(f"key '{key.name}' is not an admin key"), dialect)
-        token = tenants.CURRENT.set(key)
+        return key
+
+    return check
+
+
+def edge_middleware(
+    server: ServerConfig, dialect: Dialect, open_routes: Collection[OpenRoute]
+) -> Middleware:
+    """What every request of a port meets before its handler, as one middleware (one
+    coroutine a call instead of four): the Host check, then the Origin rules (ports
+    other than Ollama's, which has its own), then, within the error rendering
+    (``errors.caught``), the API key. A known key is ``tenants.CURRENT`` for the rest
+    of the request: the scheduler reads it for scopes and fair queueing,
+    proxy.calls.upstream for limits. The Host and Origin refusals are plain answers."""
+    host = host_check(server, dialect)
+    origin = origin_check(server, dialect) if dialect != "ollama" else None
+    keyed = key_check(dialect, open_routes)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = host(request)
+        if refused is None and origin is not None:
+            refused = origin(request)
+        if refused is not None:
+            return refused
         try:
-            return await handler(request)
-        finally:
-            tenants.CURRENT.reset(token)
+            key = keyed(request)
+            if key is None:
+                return await handler(request)
+            if not isinstance(key, tenants.Key):
+                return key  # refused
+            token = tenants.CURRENT.set(key)
+            try:
+                return await handler(request)
+            finally:
+                tenants.CURRENT.reset(token)
+        except ConnectionResetError:
+            raise  # the client went away: nothing to answer
+        except Exception as e:
+            return caught(request, e, dialect)
 
     return middleware
-
-
-def guard_middlewares(server: ServerConfig, dialect: Dialect) -> list[Middleware]:
-    """Host check first; the Origin rules on ports other than Ollama's (it has its own)."""
-    mws = [host_middleware(server, dialect)]
-    if dialect != "ollama":
-        mws.append(origin_middleware(server, dialect))
-    return mws
-

@@ -85,9 +85,13 @@ class Head(msgspec.Struct):
         if not self.messages and not self.input:
             return prefixes.prompt_chain(self.prompt) if self.prompt else ()
         b = prefixes.ChainBuilder()
-        b.add(self.tools)
-        b.add(_unstamped(self.system))
-        b.add(self.instructions)
+        # Absent parts add nothing to the hash: skipped, as most calls have none.
+        if self.tools:
+            b.add(self.tools)
+        if self.system:
+            b.add(_unstamped(self.system))
+        if self.instructions:
+            b.add(self.instructions)
         b.cut()
         items = self.messages or _items(self.input)
         for m in items:

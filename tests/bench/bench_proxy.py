@@ -6,10 +6,14 @@ Run by hand (``make bench``), never by the test suite. Needs ``nginx`` and ``wrk
 1. Starts the nginx llama-server stand-in (tests/fakes/nginx_upstream.sh) on a free
    loopback port and measures it with wrk: non-streaming chat and a streamed completion,
    at 1 and 32 connections.
-2. Starts ``corral serve`` with one model whose "llama-server" is that same stand-in,
-   waits for Corral's /health, sends one request (which launches the upstream), warms up,
-   and runs the same matrix through Corral.
-3. Prints one table: req/s, p50, p99 per row, and Corral's added median latency.
+2. Starts the bare relay (``--serve-baseline``: the least an aiohttp proxy on uvloop does,
+   in front of an nginx of its own) and ``corral serve`` with one model whose
+   "llama-server" is that same stand-in and an API key configured (the default features
+   on: guards, listener limits, metrics, request ids, keys), sends each one request
+   (which launches Corral's upstream), warms up, and runs the same matrix through both,
+   the two taking turns run by run so that a slow minute of the host hits both alike.
+3. Prints one table: req/s, p50, p99 and CPU per call per row, Corral's added median
+   latency, and Corral ÷ bare for req/s and for CPU per call.
 
 Targets (2 cores, loopback): Corral adds at most 250 µs at the median at 1 connection,
 and passes at least 5,000 req/s at 32 connections, non-streaming.
@@ -49,6 +53,12 @@ INSTALL_HINT = "apt-get install -y nginx wrk"
 
 TARGET_ADDED_P50_US = 250.0
 TARGET_RPS_32 = 5000.0
+# Issue 26: Corral passes at least the bare relay's req/s and spends at most its CPU
+# per call, in every case, with a key configured.
+TARGET_RPS_RATIO = 1.0
+TARGET_CPU_RATIO = 1.0
+# The key chat.lua and stream.lua present (nginx and the bare relay ignore it).
+BENCH_KEY = "sk-corral-bench"
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,8 @@ def run_wrk(url: str, case: Case, duration: int, threads: int) -> Result:
 
 
 def http_ok(url: str, body: bytes | None = None, timeout: float = 2.0) -> bool:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             resp.read()
@@ -203,30 +214,35 @@ def kill_strays(marker: str) -> list[str]:
 
 
 def measure(
-    url: str, cases: Sequence[Case], opts: argparse.Namespace, pid: int | None
-) -> list[Result]:
-    """Run each case ``opts.repeat`` times and keep the fastest run.
+    targets: Sequence[tuple[str, str, int | None]], cases: Sequence[Case],
+    opts: argparse.Namespace,
+) -> dict[str, list[Result]]:
+    """Run each case ``opts.repeat`` times per target and keep each target's fastest run.
 
     Best-of-N, because on a small shared machine every disturbance only ever makes a run
-    slower. With ``pid``, also charge that process's own CPU time per request.
+    slower. The targets (name, url, pid) take turns within each repeat, so a slow minute
+    of the host lands on all of them rather than on one row. With a pid, that process's
+    own CPU time is charged per request.
     """
-    results = []
+    best: dict[str, list[Result]] = {name: [] for name, _, _ in targets}
     for case in cases:
-        runs = []
+        runs: dict[str, list[Result]] = {name: [] for name, _, _ in targets}
         for _ in range(opts.repeat):
-            before = cpu_seconds(pid) if pid else 0.0
-            r = run_wrk(url, case, opts.duration, opts.threads)
-            if pid and r.requests:
-                r.cpu_us_per_req = (cpu_seconds(pid) - before) / r.requests * 1e6
-            print(
-                f"  {case.name:6} c={case.connections:<3} {r.rps:9.0f} req/s"
-                f"  p50 {fmt_us(r.p50_us):>8}  p99 {fmt_us(r.p99_us):>8}  errors {r.errors}"
-                + (f"  CPU {fmt_us(r.cpu_us_per_req)}/req" if r.cpu_us_per_req else ""),
-                flush=True,
-            )
-            runs.append(r)
-        results.append(max(runs, key=lambda r: r.rps))
-    return results
+            for name, url, pid in targets:
+                before = cpu_seconds(pid) if pid else 0.0
+                r = run_wrk(url, case, opts.duration, opts.threads)
+                if pid and r.requests:
+                    r.cpu_us_per_req = (cpu_seconds(pid) - before) / r.requests * 1e6
+                print(
+                    f"  {name:15} {case.name:6} c={case.connections:<3} {r.rps:9.0f} req/s"
+                    f"  p50 {fmt_us(r.p50_us):>8}  p99 {fmt_us(r.p99_us):>8}  errors {r.errors}"
+                    + (f"  CPU {fmt_us(r.cpu_us_per_req)}/req" if r.cpu_us_per_req else ""),
+                    flush=True,
+                )
+                runs[name].append(r)
+        for name in runs:
+            best[name].append(max(runs[name], key=lambda r: r.rps))
+    return best
 
 
 def cpu_seconds(pid: int) -> float:
@@ -253,6 +269,11 @@ host = "127.0.0.1"
 port = {port}
 ollama_enabled = false
 lmstudio_enabled = false
+
+# A key, as a shared box has one: every call is checked, admitted and its tokens read.
+[[keys]]
+name = "bench"
+key = "{BENCH_KEY}"
 
 [scheduler]
 max_instances = 1
@@ -282,13 +303,14 @@ def corral_binary(given: str | None) -> str:
 
 
 def baseline_proxy(port: int, upstream: str) -> None:
-    """Serve the least an aiohttp proxy can do (``--baseline``): a yardstick for Corral.
+    """Serve the least an aiohttp proxy can do (``--serve-baseline``): a yardstick for Corral.
 
-    It reads the body, posts it upstream on a pooled connection and relays the answer:
-    whole when it is small and sized, chunk by chunk when it is a stream. What Corral
-    spends above it is the price of its features; what it spends is the machine's.
+    On uvloop, as Corral runs, it reads the body and its ``model`` (as any router must),
+    posts it upstream on a pooled connection and relays the answer: whole when it is
+    small and sized, chunk by chunk when it is a stream. What Corral spends above it is
+    the price of its features; what it spends is the machine's.
     """
-    import asyncio
+    import json as stdjson
 
     import aiohttp
     from aiohttp import web
@@ -297,6 +319,8 @@ def baseline_proxy(port: int, upstream: str) -> None:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if not isinstance(stdjson.loads(body).get("model"), str):
+            return web.json_response({"error": "model?"}, status=400)
         session = request.app[session_key]
         async with session.post(
             upstream + request.path, data=body, headers={"Content-Type": "application/json"}
@@ -325,7 +349,14 @@ def baseline_proxy(port: int, upstream: str) -> None:
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/health", health)
     app.router.add_post("/{path:.*}", handle)
-    asyncio.run(serve_until_signalled(app, port))
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        asyncio.run(serve_until_signalled(app, port))
+    else:
+        uvloop.run(serve_until_signalled(app, port))
 
 
 async def serve_until_signalled(app: web.Application, port: int) -> None:
@@ -347,32 +378,52 @@ async def serve_until_signalled(app: web.Application, port: int) -> None:
 
 
 def print_table(cases: Sequence[Case], rows: dict[str, list[Result]]) -> None:
-    """One line per case and target; "added p50" is the target's p50 minus direct's."""
+    """One line per case and target; "added p50" is the target's p50 minus direct's;
+    "÷ bare" is Corral's req/s and CPU per call over the bare relay's."""
     head = (
-        f"{'case':7}{'conns':>6}  {'target':8}{'req/s':>9}{'p50':>10}{'p99':>10}"
-        f"{'added p50':>11}{'CPU/req':>10}{'errors':>7}"
+        f"{'case':7}{'conns':>6}  {'target':15}{'req/s':>9}{'p50':>10}{'p99':>10}"
+        f"{'added p50':>11}{'CPU/req':>10}{'errors':>7}{'req/s ÷ bare':>14}{'CPU ÷ bare':>12}"
     )
     print("\n" + head)
     print("-" * len(head))
     direct = rows["direct"]
+    bare = rows.get("baseline")
     for n, case in enumerate(cases):
         for target, results in rows.items():
             r = results[n]
             added = "" if target == "direct" else f"{r.p50_us - direct[n].p50_us:.0f} µs"
             cpu = fmt_us(r.cpu_us_per_req) if r.cpu_us_per_req is not None else ""
             label = f"{case.name:7}{case.connections:>6}" if target == "direct" else " " * 13
+            ratios = ""
+            if bare is not None and target not in ("direct", "baseline"):
+                b = bare[n]
+                ratios = f"{r.rps / b.rps:>13.2f}×"
+                if r.cpu_us_per_req and b.cpu_us_per_req:
+                    ratios += f"{r.cpu_us_per_req / b.cpu_us_per_req:>11.2f}×"
             print(
-                f"{label}  {target:8}{r.rps:>9.0f}{fmt_us(r.p50_us):>10}{fmt_us(r.p99_us):>10}"
-                f"{added:>11}{cpu:>10}{r.errors:>7}"
+                f"{label}  {target:15}{r.rps:>9.0f}{fmt_us(r.p50_us):>10}{fmt_us(r.p99_us):>10}"
+                f"{added:>11}{cpu:>10}{r.errors:>7}{ratios}"
             )
 
 
-def verdict(cases: Sequence[Case], direct: Sequence[Result], corral: Sequence[Result]) -> bool:
+def verdict(cases: Sequence[Case], direct: Sequence[Result], corral: Sequence[Result],
+            bare: Sequence[Result] | None = None) -> bool:
     ok = True
-    for case, d, c in zip(cases, direct, corral, strict=True):
+    for n, (case, d, c) in enumerate(zip(cases, direct, corral, strict=True)):
         if c.errors:
             print(f"{case.name} c={case.connections}: {c.errors} errors through Corral")
             ok = False
+        if bare is not None:
+            b = bare[n]
+            rps = c.rps / b.rps
+            cpu = (c.cpu_us_per_req or 0.0) / (b.cpu_us_per_req or 1.0)
+            good = rps >= TARGET_RPS_RATIO and cpu <= TARGET_CPU_RATIO
+            print(
+                f"{case.name} c={case.connections}: Corral ÷ bare {rps:.2f}× req/s "
+                f"(target ≥ {TARGET_RPS_RATIO:g}), {cpu:.2f}× CPU per call "
+                f"(target ≤ {TARGET_CPU_RATIO:g}) {'PASS' if good else 'FAIL'}"
+            )
+            ok &= good
         if case.name != "chat":
             continue
         if case.connections == 1:
@@ -393,16 +444,12 @@ def verdict(cases: Sequence[Case], direct: Sequence[Result], corral: Sequence[Re
     return ok
 
 
-def run_target(
-    name: str,
-    argv: Sequence[str],
-    url: str,
-    tmp: Path,
-    env: dict[str, str],
-    opts: argparse.Namespace,
-) -> list[Result]:
-    """Start a target, wait for its /health, send one call, warm up, measure, stop it."""
-    print(name)
+@contextmanager
+def running(
+    name: str, argv: Sequence[str], url: str, tmp: Path, env: dict[str, str]
+) -> Iterator[int]:
+    """Start a target, wait for its /health, send one call of each kind, yield its pid;
+    on the way out stop it and show what it complained of in its log."""
     log = tmp / f"{name}.log"
     with started(argv, log, env) as proc:
         wait_healthy(url, proc, 30, log)
@@ -410,8 +457,7 @@ def run_target(
         for case, body in ((CASES[0], FIRST_CALL), (CASES[2], FIRST_STREAM)):
             if not http_ok(url + case.path, body, timeout=60):
                 raise RuntimeError(f"{name} did not answer a first {case.name} call:\n{tail(log)}")
-        run_wrk(url, CASES[1], opts.warmup, opts.threads)
-        results = measure(url, CASES, opts, proc.pid if name != "direct" else None)
+        yield proc.pid
     # The log goes with the temp dir: show what went wrong while it is still here.
     complaints = [
         line
@@ -421,7 +467,14 @@ def run_target(
     if complaints:
         print(f"  {name} logged {len(complaints)} complaints; the last ones:")
         print("\n".join(f"    {line}" for line in complaints[-10:]))
-    return results
+
+
+def _tree(given: str) -> tuple[str, str]:
+    """``NAME=PATH`` (or a PATH, named after its last part) of ``--compare``."""
+    name, sep, path = given.partition("=")
+    if not sep:
+        path, name = given, Path(given).name
+    return f"corral@{name}"[:14], str(Path(path).resolve())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -438,11 +491,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest is kept")
     ap.add_argument(
-        "--baseline",
+        "--no-baseline",
         action="store_true",
-        help="also measure a minimal aiohttp proxy, to tell Corral's cost from the machine's",
+        help="skip the bare relay (a minimal aiohttp proxy on uvloop, measured by default: "
+        "it tells Corral's cost from the machine's)",
     )
+    ap.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # the default
     ap.add_argument("--corral", help="the corral executable (default: beside this Python)")
+    ap.add_argument(
+        "--compare", action="append", default=[], metavar="NAME=TREE",
+        help="also measure the Corral of another source tree (a checkout, or `git archive "
+        "REV proxy scheduler | tar -x -C TREE`), in turns with this one",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument(
         "--serve-baseline", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS
@@ -471,24 +531,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmpdir)
         env = {**os.environ, "TMPDIR": str(tmp)}
         try:
-            port = free_port()
-            direct_url = f"http://127.0.0.1:{port}"
-            upstream = [str(NGINX_UPSTREAM), "--host", "127.0.0.1", "--port", str(port)]
-            rows["direct"] = run_target("direct", upstream, direct_url, tmp, env, args)
-            if args.baseline:
-                # The baseline proxies to an nginx of its own, started here and stopped after.
-                with started(upstream, tmp / "nginx-baseline.log", env) as nginx:
-                    wait_healthy(direct_url, nginx, 10, tmp / "nginx-baseline.log")
+            with contextlib.ExitStack() as stack:
+                port = free_port()
+                direct_url = f"http://127.0.0.1:{port}"
+                upstream = [str(NGINX_UPSTREAM), "--host", "127.0.0.1", "--port", str(port)]
+                stack.enter_context(running("direct", upstream, direct_url, tmp, env))
+                targets: list[tuple[str, str, int | None]] = [("direct", direct_url, None)]
+                if not args.no_baseline:
+                    # The bare relay proxies to the nginx above; Corral starts its own.
                     port = free_port()
                     me = [sys.executable, __file__, "--serve-baseline", str(port), direct_url]
                     url = f"http://127.0.0.1:{port}"
-                    rows["baseline"] = run_target("baseline", me, url, tmp, env, args)
-
-            port = free_port()
-            config = tmp / "corral.toml"
-            config.write_text(corral_config(tmp, port))
-            serve = [corral, "serve", "--config", str(config)]
-            rows["corral"] = run_target("corral", serve, f"http://127.0.0.1:{port}", tmp, env, args)
+                    pid = stack.enter_context(running("baseline", me, url, tmp, env))
+                    targets.append(("baseline", url, pid))
+                # "corral" is this environment's; each --compare TREE is another tree's
+                # Corral (its proxy/ and scheduler/ first on PYTHONPATH), side by side.
+                for name, tree in [("corral", None), *(_tree(t) for t in args.compare)]:
+                    port = free_port()
+                    home = tmp / name
+                    home.mkdir()
+                    config = home / "corral.toml"
+                    config.write_text(corral_config(home, port))
+                    serve = [corral, "serve", "--config", str(config)]
+                    url = f"http://127.0.0.1:{port}"
+                    mine = {**env, "TMPDIR": str(home)}
+                    if tree is not None:
+                        mine["PYTHONPATH"] = f"{tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
+                    pid = stack.enter_context(running(name, serve, url, home, mine))
+                    targets.append((name, url, pid))
+                for _, url, _ in targets:
+                    run_wrk(url, CASES[1], args.warmup, args.threads)
+                rows = measure(targets, CASES, args)
         except RuntimeError as e:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 1
@@ -499,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print_table(CASES, rows)
     print()
-    ok = verdict(CASES, rows["direct"], rows["corral"])
+    ok = verdict(CASES, rows["direct"], rows["corral"], rows.get("baseline"))
     if args.json:
         out = {"cases": [asdict(c) | {"script": c.script.name} for c in CASES]}
         out |= {target: [asdict(r) for r in results] for target, results in rows.items()}

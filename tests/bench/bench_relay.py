@@ -25,8 +25,10 @@ Sections (each prints its own table):
   ``TcpExt ListenOverflows`` counted meanwhile (system-wide: other load shows too), for
   the upstream direct, the bare relay, Corral's OpenAI and Ollama ports, Corral with
   backlog 128, and Corral with 2 workers.
-- **relay**: chunks/s and Corral's CPU µs per chunk, flood and paced, for the bare
-  relay and Corral's OpenAI, Ollama and Anthropic paths.
+- **relay**: chunks/s and Corral's CPU µs per chunk, flood (32 streams) and paced (64
+  and 256 streams), for the bare relay and Corral's OpenAI pass-through, Ollama's
+  /api/chat, and Anthropic Messages and Responses translated over a chat-only upstream
+  (``api = ["chat"]``), each with its ratio to the pass-through.
 - **workers**: paced-stream relay capacity and non-streaming req/s, workers 1 vs 2, with
   the cores Corral used and the cores wrk and the stand-in used meanwhile.
 - **lease**: the cost of a lease taken in-process vs from a worker over the socket.
@@ -253,6 +255,11 @@ def bare(tmp: Path, up: str) -> Iterator[Target]:
         yield Target("bare", url, None, [proc.pid])
 
 
+# Models whose upstream is declared to speak chat only: Anthropic Messages and Responses
+# calls to them are translated (proxy/dialects/families/).
+CHAT_ONLY = "-chat"
+
+
 @contextlib.contextmanager
 def corral(tmp: Path, models: dict[str, str], name: str, **server: object) -> Iterator[Target]:
     port, oport = bp.free_port(), bp.free_port()
@@ -262,6 +269,7 @@ def corral(tmp: Path, models: dict[str, str], name: str, **server: object) -> It
         f'[server]\nport = {port}\nollama_port = {oport}\nlmstudio_enabled = false\n{keys}'
         "[scheduler]\nqueue_size = 100000\n"
         + "".join(f'[[models]]\nname = "{m}"\nremotes = ["{u}"]\nremote_slots = 100000\n'
+                  + ('api = ["chat"]\n' if m.endswith(CHAT_ONLY) else "")
                   for m, u in models.items()))
     log = tmp / f"corral-{port}.log"
     argv = [PY, "-m", "proxy.cli", "serve", "--config", str(cfg)]
@@ -277,6 +285,13 @@ def corral(tmp: Path, models: dict[str, str], name: str, **server: object) -> It
             bp.http_ok(url + "/v1/chat/completions",
                        json.dumps({"model": m, "messages": MSGS}).encode(), timeout=10)
         yield Target(name, url, f"http://127.0.0.1:{oport}", [proc.pid])
+    # wrk closes its connections mid-answer at the end of each run: a client's hang-up,
+    # which must not read as an upstream's failure (issue 26).
+    complaints = [line for line in bp.tail(log, 100_000).splitlines()
+                  if "WARNING" in line or "ERROR" in line or "Traceback" in line]
+    if complaints:
+        print(f"  {name} logged {len(complaints)} warnings or errors; the last ones:",
+              *complaints[-5:], sep="\n    ", flush=True)
 
 
 # -- load --------------------------------------------------------------------------------
@@ -326,6 +341,9 @@ def body(kind: str, model: str, tokens: int) -> tuple[str, dict[str, object]]:
     if kind == "anthropic":
         return "/v1/messages", {"model": model, "messages": MSGS, "max_tokens": tokens,
                                 "stream": True}
+    if kind == "responses":
+        return "/v1/responses", {"model": model, "input": "Say hello.",
+                                 "max_output_tokens": tokens, "stream": True}
     if kind == "chat":
         return "/v1/chat/completions", {"model": model, "messages": MSGS}
     return "/v1/chat/completions", {"model": model, "messages": MSGS, "stream": True,
@@ -340,15 +358,26 @@ def stream_load(tmp: Path, t: Target, kind: str, model: str, tokens: int, conns:
     return load(t, base, path, lua(tmp, b), conns, secs, repeat=repeat)
 
 
+def per_chunk(r: Load, tokens: int) -> tuple[float, float]:
+    """(chunks/s, CPU µs per chunk) of a streaming row."""
+    chunks = r.requests * tokens
+    return r.rps * tokens, (r.cpu_s / chunks * 1e6 if chunks else 0.0)
+
+
 def stream_row(tmp: Path, t: Target, kind: str, model: str, tokens: int, conns: int,
-               secs: int, r: Load | None = None) -> str:
+               secs: int, r: Load | None = None, versus: Load | None = None) -> str:
+    """One row; ``versus``: the OpenAI pass-through's row of the same load, for the
+    ratios (issue 26: translated ≤ 1.2× its CPU per chunk, ≥ 0.9× its flood rate)."""
     if r is None:
         r = stream_load(tmp, t, kind, model, tokens, conns, secs)
-    chunks = r.requests * tokens
-    cps = r.rps * tokens
-    cpu = r.cpu_s / chunks * 1e6 if chunks else 0.0
-    return (f"{t.name:10} {kind:9} {model:6} c={conns:<4} {cps:10.0f} chunks/s "
-            f"{cpu:7.1f} µs CPU/chunk  p99 {bp.fmt_us(r.p99_us):>8}  errors {r.errors}")
+    cps, cpu = per_chunk(r, tokens)
+    ratio = ""
+    if versus is not None:
+        vcps, vcpu = per_chunk(versus, tokens)
+        ratio = (f"  ÷ openai: {cps / max(vcps, 1e-9):4.2f}× chunks/s, "
+                 f"{cpu / max(vcpu, 1e-9):4.2f}× CPU")
+    return (f"{t.name:10} {kind:9} {model:10} c={conns:<4} {cps:10.0f} chunks/s "
+            f"{cpu:7.1f} µs CPU/chunk  p99 {bp.fmt_us(r.p99_us):>8}  errors {r.errors}{ratio}")
 
 
 # -- burst -------------------------------------------------------------------------------
@@ -506,6 +535,39 @@ def workers_section(tmp: Path, models: dict[str, str], secs: int) -> None:
                       f"errors {r.errors}", flush=True)
 
 
+def relay_section(tmp: Path, models: dict[str, str], secs: int) -> None:
+    """Chunks/s and CPU per chunk of every streaming family against the OpenAI
+    pass-through, side by side: flood (200 chunks back to back, 32 streams) and paced
+    (50 chunks 10 ms apart, 64 and 256 streams). Anthropic Messages and Responses go to
+    a model declared ``api = ["chat"]``: translated to chat and back, as for an upstream
+    that lacks them; Ollama's /api/chat is always a translation. The kinds take turns
+    within each repeat, so a slow minute of the host hits them alike."""
+    kinds = (("openai", "{}"), ("ollama", "{}"), ("anthropic", "{}" + CHAT_ONLY),
+             ("responses", "{}" + CHAT_ONLY))
+    print("\n== streaming relay: flood (200 chunks back to back, 32 streams), paced (50 "
+          "chunks 10 ms apart, 64 and 256 streams); translated families over a chat-only "
+          "upstream ==", flush=True)
+    with bare(tmp, models["flood"]) as t:
+        print(stream_row(tmp, t, "openai", "flood", 200, 32, secs), flush=True)
+    with bare(tmp, models["paced"]) as t:
+        for conns in (64, 256):
+            print(stream_row(tmp, t, "openai", "paced", 50, conns, secs), flush=True)
+    with corral(tmp, models, "corral") as t:
+        for model, tokens, conns in (("flood", 200, 32), ("paced", 50, 64),
+                                     ("paced", 50, 256)):
+            runs: dict[str, list[Load]] = {k: [] for k, _ in kinds}
+            for _ in range(REPEAT):
+                for kind, name in kinds:
+                    runs[kind].append(stream_load(tmp, t, kind, name.format(model), tokens,
+                                                  conns, secs, repeat=1))
+            best = {k: max(rs, key=lambda r: r.requests / max(r.cpu_s, 1e-9))
+                    for k, rs in runs.items()}
+            for kind, name in kinds:
+                print(stream_row(tmp, t, kind, name.format(model), tokens, conns, secs,
+                                 best[kind], None if kind == "openai" else best["openai"]),
+                      flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -531,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="corral-bench-relay-") as d, \
             upstream(Path(d), 0) as flood, upstream(Path(d), 10) as paced:
         tmp = Path(d)
-        models = {"flood": flood, "paced": paced}
+        models = {"flood": flood, "paced": paced, "flood" + CHAT_ONLY: flood,
+                  "paced" + CHAT_ONLY: paced}
         if "p99" in only:
             print("\n== p99, non-streaming chat, 32 connections ==", flush=True)
             rows = []
@@ -568,26 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with corral(tmp, models, "corral", workers=2) as t:
                 print(burst_row("corral workers=2", t.url, path, b, n), flush=True)
         if "relay" in only:
-            print("\n== streaming relay: flood (200 chunks back to back, 32 streams), paced "
-                  "(50 chunks 10 ms apart, 32 streams) ==", flush=True)
-            with bare(tmp, flood) as t:
-                print(stream_row(tmp, t, "openai", "flood", 200, 32, secs), flush=True)
-            with bare(tmp, paced) as t:
-                print(stream_row(tmp, t, "openai", "paced", 50, 32, secs), flush=True)
-            with corral(tmp, models, "corral") as t:
-                for kind in ("openai", "ollama", "anthropic"):
-                    print(stream_row(tmp, t, kind, "flood", 200, 32, secs), flush=True)
-                # Paced relay is light (~0.1 core), so a slow minute of the host shows
-                # in whichever row it hits: the dialects take turns, each repeat.
-                kinds = ("openai", "ollama", "anthropic")
-                runs: dict[str, list[Load]] = {k: [] for k in kinds}
-                for _ in range(REPEAT):
-                    for kind in kinds:
-                        runs[kind].append(stream_load(tmp, t, kind, "paced", 50, 32, secs,
-                                                      repeat=1))
-                for kind in kinds:
-                    best = max(runs[kind], key=lambda r: r.requests / max(r.cpu_s, 1e-9))
-                    print(stream_row(tmp, t, kind, "paced", 50, 32, secs, best), flush=True)
+            relay_section(tmp, models, secs)
         if "workers" in only:
             workers_section(tmp, models, max(secs, 10))
         if "lease" in only:

@@ -2,4 +2,5 @@
 -- Used by bench_proxy.py against /v1/chat/completions, directly and through Corral.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-corral-bench"  -- bench_proxy.BENCH_KEY
 wrk.body = '{"model":"bench","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}'

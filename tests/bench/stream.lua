@@ -4,4 +4,5 @@
 -- stream chunk by chunk; wrk times each request to the end of the stream.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-corral-bench"  -- bench_proxy.BENCH_KEY
 wrk.body = '{"model":"bench","prompt":"Say hello.","max_tokens":10,"stream":true}'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from scheduler.process.slotcache import (
     load_index,
     model_prefix,
 )
+from scheduler.scheduling.prefixes import common
 
 SYS = ((11, 4000),)  # a shared system prompt: one link of 4,000 bytes
 A = (*SYS, (21, 5000), (22, 6000))  # a conversation on top of it
@@ -49,6 +51,42 @@ def test_held_assigns_the_free_slot_with_the_longest_prefix() -> None:
     # prefix (0 and 1 hold the system prompt), the least recently used of them.
     assert held.assign((*SYS, (42, 4200))) == (0, 4000, a2)
     held.release(7)  # out of range: ignored
+
+
+def _assign_by_scanning(held: Held, chain: tuple[tuple[int, int], ...]) -> int | None:
+    """The ranking Held.assign keeps, written as the plain scan of every slot it was."""
+    best = None
+    for k, have in enumerate(held.chains):
+        if held.busy[k]:
+            continue
+        n = common(have, chain)
+        tier = 2 if have and n == have[-1][1] else 1 if not have else 0
+        rank = (tier, n, -held.used[k], -k)
+        best = rank if best is None or rank > best else best
+    return None if best is None else -best[3]
+
+
+def test_held_looks_at_slots_in_use_and_one_fresh_slot_only() -> None:
+    """Held.assign skips the slots never assigned but the first; it picks what a scan
+    of every slot picks, over a random run of calls and releases."""
+    rng = random.Random(7)
+    # Every conversation shares its first link (a system prompt) with the others.
+    convs = [((1, 10), *((1000 * (c + 1) + i, 10 * (i + 1))
+                         for i in range(1, rng.randint(2, 5))))
+             for c in range(6)]
+    held = Held(8)
+    running: list[int] = []
+    for _ in range(400):
+        if running and (rng.random() < 0.5 or len(running) == 8):
+            held.release(running.pop(rng.randrange(len(running))))
+            continue
+        conv = rng.choice(convs)
+        chain = conv[:rng.randint(1, len(conv))]
+        expected = _assign_by_scanning(held, chain)
+        got = held.assign(chain)
+        assert (got[0] if got is not None else None) == expected
+        if got is not None:
+            running.append(got[0])
 
 
 def test_saved_index_finds_the_longest_saved_prefix() -> None:
@@ -134,6 +172,13 @@ def test_model_prefixes_are_distinct_and_safe() -> None:
         # The usage wins over timings when both are there.
         (b'"timings":{"prompt_n":1,"predicted_n":1},"usage":{"prompt_tokens":4,'
          b'"completion_tokens":4}', 8),
+        # A name's last occurrence with a number wins (a stream's running counts); one
+        # without a number is passed over.
+        (b'"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n"usage":{'
+         b'"prompt_tokens" : 3, "completion_tokens": 5}}', 8),
+        (b'"prompt_tokens":2,"completion_tokens":2 "prompt_tokens":null', 4),
+        # Only the end of a long answer is read.
+        (b'"prompt_tokens":99' + b" " * 5000 + b'"output_tokens":1', 1),
     ],
 )
 def test_tokens_in_an_answers_tail(tail: bytes, tokens: int) -> None:

@@ -704,6 +704,9 @@ class _Content:
         for chunk in self.reads:
             yield chunk
 
+    async def readany(self) -> bytes:
+        return self.reads.pop(0) if self.reads else b""
+
 
 class _Resp:
     def __init__(self, raw: bytes, size: int) -> None:

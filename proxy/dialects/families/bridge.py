@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Collection
@@ -32,7 +33,13 @@ import aiohttp
 from aiohttp import web
 
 from proxy.calls import upstream
-from proxy.calls.streaming import error_answer, is_event_stream, relay, upstream_batches
+from proxy.calls.streaming import (
+    error_answer,
+    is_event_stream,
+    relay,
+    stream_response,
+    upstream_batches,
+)
 from proxy.calls.upstream import Client
 from proxy.dialects.families import Event, anthropic_chat, responses_chat
 from proxy.dialects.families.chat import choice
@@ -239,7 +246,7 @@ class Bridge:
         return out
 
     async def _prepare(self, up: Upstream, client: Client) -> web.StreamResponse:
-        out = web.StreamResponse(headers={
+        out = stream_response(headers={
             "Cache-Control": "no-cache", "X-Accel-Buffering": "no", MODEL_HEADER: up.model,
             TRANSLATED_HEADER: "chat"})
         out.content_type = "text/event-stream"
@@ -310,10 +317,15 @@ def _first_byte() -> None:
 def encode(events: list[Event]) -> bytes:
     """Translated events as SSE frames, ``event:`` line first where the family names
     its events (both do)."""
-    return b"".join(
-        (b"event: " + name.encode() + b"\n" if name else b"") + b"data: " + jsonc.dumps(data)
-        + b"\n\n"
-        for name, data in events)
+    parts: list[bytes] = []
+    for name, data in events:
+        parts += (_event_head(name), jsonc.dumps(data), b"\n\n")
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=64)  # a family names a few dozen events at most
+def _event_head(name: str) -> bytes:
+    return (b"event: " + name.encode() + b"\n" if name else b"") + b"data: "
 
 
 async def _once(batch: list[dict[str, Any]]) -> Any:

@@ -101,6 +101,8 @@ class ToolDeltas:
         """(index, is_new, arguments fragment) per delta; a new call's id and name are
         in ``calls[index]``."""
         out: list[tuple[int, bool, str]] = []
+        if not deltas:
+            return out  # nearly every chunk: text, no tool call
         for pos, d in enumerate(deltas if isinstance(deltas, list) else []):
             if not isinstance(d, dict):
                 continue
