@@ -4,9 +4,10 @@ with launch parameters that are not protected keys (docs/admin-api.md).
 The rule is the admin-write rule (scheduler/config/writable.py): a runtime model is a
 variant of a model Corral serves from its scan roots or its cache, differing only in
 keys an HTTP write may change, and only in those listed in ``PARAMS`` (context, slots,
-replicas, TTL, priority, aliases). It can never name a binary, arguments, environment,
-a runtime or a path: its file is its base model's, and that file must lie inside a scan
-root or Corral's model cache, checked when it is created and again when it is restored.
+replicas, TTL, priority, aliases, request policy, unlisted). It can never name a
+binary, arguments, environment, a runtime or a path: its file is its base model's, and
+that file must lie inside a scan root or Corral's model cache, checked when it is
+created and again when it is restored.
 
 They are kept in a TOML file beside the config (``<config stem>.runtime.toml``), one
 ``[[models]]`` table each with the file it serves and its parameters, and offered again
@@ -36,7 +37,7 @@ log = logging.getLogger("scheduler.models.runtime")
 ORIGIN = "runtime"
 # What a runtime model may set: each is a writable key (writable.WRITABLE) that changes
 # what a launch is given, never what runs or what is read.
-PARAMS = ("aliases", "ctx_size", "parallel", "replicas", "ttl", "priority")
+PARAMS = ("aliases", "ctx_size", "parallel", "replicas", "ttl", "priority", "request", "unlisted")
 # The fields that say which file a model serves: copied from its base, never given.
 _FILE_KEYS = ("path", "hf_repo", "hf_file", "hf_revision", "mmproj")
 

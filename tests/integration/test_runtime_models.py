@@ -164,3 +164,21 @@ async def test_a_runtime_model_from_hf_downloads_with_bytes_and_a_cancel_stops_i
     cfg = client.app[SCHEDULER].resolve("tiny-q8")
     assert (cfg.origin, cfg.hf_repo, cfg.ctx_size) == ("runtime", REPO, 1024)
     assert [i.ctx for i in client.app[SCHEDULER].loaded("tiny-q8")] == [1024]
+
+
+async def test_a_runtime_models_request_policy_shapes_its_calls(served: Any) -> None:
+    client = await served()
+    resp = await client.post("/admin/runtime-models", json={
+        "name": "tiny-capped", "from": "tiny-model", "unlisted": True,
+        "request": {"clamp": {"max_tokens": {"max": 3}}}})
+    assert resp.status == 201, await resp.text()
+    chat = {"model": "tiny-capped", "max_tokens": 200,
+            "messages": [{"role": "user", "content": "hi"}]}
+    answer = await (await client.post("/v1/chat/completions", json=chat)).json()
+    assert answer["usage"]["completion_tokens"] <= 3
+    (inst,) = client.app[SCHEDULER].loaded("tiny-capped")
+    async with client.session.get(inst.base_url + "/fake/requests") as r:
+        sent = [q["body"] for q in await r.json() if q["path"] == "/v1/chat/completions"]
+    assert sent[-1]["max_tokens"] == 3
+    listed = await (await client.get("/v1/models")).json()
+    assert "tiny-capped" not in {m["id"] for m in listed["data"]}
