@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -43,6 +44,11 @@ from scheduler.errors import LoadFailed
 log = logging.getLogger(__name__)
 # A health answer's "status" that means ready (anything else in a JSON object: loading).
 _READY = (None, "ok", "healthy", "ready")
+# A child that lost its port to another process between Corral choosing it and the child
+# binding it says so in one of these ways (llama-server, uvicorn, Go, C servers).
+_PORT_LOST = re.compile(r"(?i)address already in use|couldn't bind|could not bind|"
+                        r"failed to bind|bind: address")
+PORT_TRIES = 3
 
 
 class State(StrEnum):
@@ -253,6 +259,33 @@ class Instance:
             self._exited.set()
             self._set(State.FAILED)
             raise
+        reason = ""
+        for attempt in range(PORT_TRIES):
+            outcome = await self._run(session, spec)
+            if outcome is None:
+                return
+            reason = outcome
+            if not (attempt + 1 < PORT_TRIES and self.state is State.STARTING
+                    and self._exited.is_set() and _PORT_LOST.search("\n".join(self.log))):
+                break
+            # The port chosen free was taken before the child bound it (another
+            # process on a busy machine): choose again, never fail the callers for it.
+            log.warning("instance %s: port %d was taken before %s bound it; relaunching",
+                        self.id, spec.port, spec.engine)
+            self.log.clear()
+            self._exited = asyncio.Event()
+            try:
+                spec = await prepare()
+            except LoadFailed as e:
+                reason = e.reason
+                break
+        self.failure = reason
+        await self._kill()
+        self._set(State.FAILED)
+        raise LoadFailed(self.model, reason, list(self.log)[-20:])
+
+    async def _run(self, session: aiohttp.ClientSession, spec: LaunchSpec) -> str | None:
+        """Spawn the child for ``spec`` and wait until it is ready (None) or why not."""
         self.spec = spec
         self.base_url = f"http://{spec.host}:{spec.port}"
         if self.state is not State.STARTING:
@@ -298,7 +331,7 @@ class Instance:
                 self.stats.load_seconds = self.stats.ready_at - self.stats.launched_at
                 self.last_used = self.stats.ready_at
                 self._set(State.READY)
-                return
+                return None
             reason = "stopped while loading"
         elif self._exited.is_set():
             # Let the output drain catch the child's last words before quoting them.
@@ -306,10 +339,7 @@ class Instance:
             reason = f"{spec.engine} exited with status {self.exit_code} while loading"
         else:
             reason = f"not ready after {spec.load_timeout:g} s"
-        self.failure = reason
-        await self._kill()
-        self._set(State.FAILED)
-        raise LoadFailed(self.model, reason, list(self.log)[-20:])
+        return reason
 
     async def stop(
         self, drain_timeout: float, stop_timeout: float,
