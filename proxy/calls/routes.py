@@ -159,7 +159,8 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 body = await bodies.read(request, route.max_body)
                 head = jsonc.head(body)
                 if not prompted or request.path in _UNRUN:
-                    head = jsonc.Head(model=head.model, stream=head.stream, ttl=head.ttl)
+                    head = jsonc.Head(model=head.model, stream=head.stream, ttl=head.ttl,
+                                      request_id=head.request_id)
             model = name_for(scheduler, head.model or _default_model(request, route, body))
             await pulls.ensure(request.app, model)
             cfg = able.check(scheduler, model)
@@ -182,6 +183,7 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 feedback=feedback(request, cfg, route.family, head.streaming,
                                   route.capability),
                 fit=context.of(path, body, family=route.family),
+                call_id=head.call_id,
             )
             bridge = families_bridge.of(route.family, request.path, spec.path, body,
                                         request.app[FAMILIES], cfg)

@@ -63,7 +63,7 @@ class _Client(Protocol):
 
 
 class Entry:
-    __slots__ = ("cancelled", "client", "id", "model", "record", "start", "task")
+    __slots__ = ("alias", "cancelled", "client", "id", "model", "record", "start", "task")
 
     def __init__(self, request_id: str, start: float, task: asyncio.Task[Any], client: _Client,
                  model: str, record: Record | None) -> None:
@@ -74,6 +74,7 @@ class Entry:
         self.model = model
         self.record = record
         self.cancelled = False
+        self.alias: str | None = None
 
 
 class InFlight:
@@ -82,7 +83,7 @@ class InFlight:
         self.captures = captures
 
     def enter(self, client: _Client, model: str, path: str, body: bytes | bytearray | None,
-              scheduler: Scheduler) -> Entry | None:
+              scheduler: Scheduler, alias: str | None = None) -> Entry | None:
         info = reqlog.current()
         task = asyncio.current_task()
         if info is None or task is None:
@@ -96,11 +97,16 @@ class InFlight:
                                key.name if key is not None else None)
         entry = Entry(info.id, info.start, task, client, model, record)
         self.calls[info.id] = entry
+        if alias is not None and alias != info.id and alias not in self.calls:
+            entry.alias = alias
+            self.calls[alias] = entry
         return entry
 
     def leave(self, entry: Entry, error: BaseException | None) -> None:
         if self.calls.get(entry.id) is entry:
             del self.calls[entry.id]
+        if entry.alias is not None and self.calls.get(entry.alias) is entry:
+            del self.calls[entry.alias]
         if entry.record is not None:
             entry.record.cancelled = entry.cancelled
             entry.record.finish(error)
@@ -122,7 +128,8 @@ class InFlight:
     def describe(self) -> list[dict[str, Any]]:
         now = time.perf_counter()
         return [{"request_id": e.id, "model": e.model, "answering": e.client.answered,
-                 "seconds": round(now - e.start, 3)} for e in self.calls.values()]
+                 "seconds": round(now - e.start, 3)}
+                for rid, e in self.calls.items() if rid == e.id]
 
 
 def _open(store: Captures, info: reqlog.RequestInfo, client: _Client, model: str, path: str,

@@ -134,6 +134,9 @@ class Call:
     # Whether the prompt fits the leased instance's context (proxy/calls/context.py);
     # None: a call that generates nothing.
     fit: context.Fit | None = None
+    # Another id the call answers to in the in-flight table, besides its request id:
+    # the ``request_id`` an Xinference client put in the body.
+    call_id: str | None = None
 
 
 class SendAgain(Exception):
@@ -161,7 +164,7 @@ async def call_app(app: web.Application, spec: Call, consume: Consume[T]) -> T:
 async def _call(app: web.Application, client: Client, spec: Call, consume: Consume[T]) -> T:
     calls = app.get(CALLS)
     entry = None if calls is None else calls.enter(client, spec.model, spec.path, spec.body,
-                                                    app[SCHEDULER])
+                                                    app[SCHEDULER], spec.call_id)
     if calls is None or entry is None:
         return await _admitted(app, client, spec, consume)
     return await _tracked(app, calls, entry, client, spec, consume)

@@ -65,6 +65,9 @@ class Head(msgspec.Struct):
     stream: Any = None
     # LM Studio's idle TTL, read on its port.
     ttl: Any = None
+    # Xinference's clients name a call by a body field (generate_config's
+    # ``request_id``) where others send X-Request-Id: its abort route finds it so.
+    request_id: Any = None
     # The prompt's parts, kept as raw bytes: they are only hashed (chain()).
     messages: list[msgspec.Raw] | None = None
     tools: msgspec.Raw = msgspec.Raw()
@@ -76,6 +79,11 @@ class Head(msgspec.Struct):
     @property
     def streaming(self) -> bool:
         return self.stream is True
+
+    @property
+    def call_id(self) -> str | None:
+        rid = self.request_id
+        return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
 
     def chain(self) -> Chain:
         """The call's prompt as a chain of prefixes (scheduler/scheduling/prefixes.py):

@@ -249,3 +249,33 @@ async def test_abort_ends_a_call_in_flight_by_its_request_id(served: Any) -> Non
     streamed = await asyncio.wait_for(reader, 10)
     assert "cancelled" in streamed and "[DONE]" not in streamed
     await wait_for(lambda: sum(i.in_flight for i in sched.instances()) == 0)
+
+
+async def test_abort_finds_a_call_by_the_request_id_in_its_generate_config(
+    served: Any
+) -> None:
+    client = await served(llama_server={"env": {"FAKE_TOKEN_DELAY": "0.05"}})
+    sched = client.app[SCHEDULER]
+
+    def chat() -> Any:
+        # As Xinference's own clients name a call: a field of the body, not a header.
+        model = RESTfulClient(url(client)).get_model("tiny-model")
+        return model.chat(messages=[{"role": "user", "content": "go on"}],
+                          generate_config={"request_id": "xi-body-1", "max_tokens": 2000})
+
+    def abort() -> Any:
+        return RESTfulClient(url(client)).abort_request("tiny-model", "xi-body-1")
+
+    caller = asyncio.create_task(asyncio.to_thread(chat))
+    for _ in range(500):
+        if sum(i.in_flight for i in sched.instances()) == 1:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the call never reached its instance")
+    assert await asyncio.wait_for(asyncio.to_thread(abort), 20) == {"aborted": True}
+    with pytest.raises(RuntimeError, match="499"):
+        await asyncio.wait_for(caller, 20)
+    await wait_for(lambda: sum(i.in_flight for i in sched.instances()) == 0)
+    listed = await (await client.get("/admin/requests")).json()
+    assert listed["in_flight"] == []
