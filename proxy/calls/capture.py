@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
-from aiohttp.streams import AsyncStreamIterator
 
 from proxy.calls import egress
+from proxy.calls.tap import ContentTap
 from proxy.edge import jsonc
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CaptureConfig
@@ -207,48 +207,17 @@ class Record:
                 "cancelled": self.cancelled, "size_bytes": self.size}
 
 
-class _Tap:
-    """Stands in for ``resp.content`` while the consumer reads it; every read passes
-    through and is copied into the record (up to its limit)."""
+class _Tap(ContentTap):
+    """Every read passes through and is copied into the record (up to its limit)."""
 
     def __init__(self, resp: aiohttp.ClientResponse, record: Record) -> None:
-        self._resp = resp
-        self._inner = resp.content
+        super().__init__(resp)
         self._record = record
-        resp.content = cast(aiohttp.StreamReader, self)
 
     def _keep(self, data: bytes) -> bytes:
         if data:
             self._record.read(data)
         return data
-
-    async def readany(self) -> bytes:
-        return self._keep(await self._inner.readany())
-
-    async def read(self, n: int = -1) -> bytes:
-        return self._keep(await self._inner.read(n))
-
-    async def readline(self) -> bytes:
-        return self._keep(await self._inner.readline())
-
-    async def readchunk(self) -> tuple[bytes, bool]:
-        data, end = await self._inner.readchunk()
-        return self._keep(data), end
-
-    def iter_any(self) -> AsyncStreamIterator[bytes]:
-        return AsyncStreamIterator(self.readany)
-
-    def iter_chunked(self, n: int) -> AsyncStreamIterator[bytes]:
-        return AsyncStreamIterator(lambda: self.read(n))
-
-    def __aiter__(self) -> AsyncStreamIterator[bytes]:
-        return AsyncStreamIterator(self.readline)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def untap(self) -> None:
-        self._resp.content = self._inner
 
 
 class Captures:

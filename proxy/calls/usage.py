@@ -16,10 +16,10 @@ size. OpenAI's ``prompt_tokens``/``completion_tokens`` win, then llama-server's
 from __future__ import annotations
 
 import re
-from typing import Any, cast
 
 import aiohttp
-from aiohttp.streams import AsyncStreamIterator
+
+from proxy.calls.tap import ContentTap
 
 # Bytes of an answer's end that are searched.
 TAIL = 4096
@@ -60,49 +60,18 @@ def tokens_in(tail: bytes | bytearray | memoryview) -> int:
     return 0
 
 
-class Tap:
-    """Stands in for ``resp.content`` while a consumer reads it: every read passes
-    through, the last two chunks are kept. ``untap()`` puts the stream back before
-    the response is released (aiohttp's own cleanup then sees its own object)."""
+class Tap(ContentTap):
+    """Reads pass through; the last two chunks are kept for ``tokens()``."""
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self._inner = resp.content
+        super().__init__(resp)
         self._prev = self._last = b""
-        resp.content = cast(aiohttp.StreamReader, self)
 
     def _keep(self, data: bytes) -> bytes:
         if data:
             self._prev, self._last = self._last, data
         return data
 
-    async def readany(self) -> bytes:
-        return self._keep(await self._inner.readany())
-
-    async def read(self, n: int = -1) -> bytes:
-        return self._keep(await self._inner.read(n))
-
-    async def readline(self) -> bytes:
-        return self._keep(await self._inner.readline())
-
-    async def readchunk(self) -> tuple[bytes, bool]:
-        data, end = await self._inner.readchunk()
-        return self._keep(data), end
-
-    def iter_any(self) -> AsyncStreamIterator[bytes]:
-        return AsyncStreamIterator(self.readany)
-
-    def iter_chunked(self, n: int) -> AsyncStreamIterator[bytes]:
-        return AsyncStreamIterator(lambda: self.read(n))
-
-    def __aiter__(self) -> AsyncStreamIterator[bytes]:
-        return AsyncStreamIterator(self.readline)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
     def tokens(self) -> int:
         return tokens_in(self._prev[-TAIL:] + self._last)
 
-    def untap(self) -> None:
-        self._resp.content = self._inner
