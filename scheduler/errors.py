@@ -101,6 +101,15 @@ class ConfigError(CorralError):
     code = "invalid_config"
 
 
+class NotFound(CorralError):
+    """Something a call names (an operation, a captured call, a loaded model) is not
+    there; an unknown model is ``UnknownModel``."""
+
+    status = 404
+    code = "not_found"
+    type = "invalid_request_error"
+
+
 class BinaryNotFound(CorralError):
     code = "llama_server_not_found"
 

@@ -35,15 +35,9 @@ from proxy.edge import jsonc
 from proxy.edge.reqlog import note_model
 from proxy.keys import SCHEDULER
 from scheduler.config.root import Capability, ModelConfig
-from scheduler.errors import BadRequest, CorralError, UnknownModel
+from scheduler.errors import BadRequest, NotFound, UnknownModel
 from scheduler.process.instance import State
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Upstream
-
-
-class NotFound(CorralError):
-    status = 404
-    code = "not_found"
-    type = "invalid_request_error"
 
 
 def ttl_of(ttl: object) -> float | None:

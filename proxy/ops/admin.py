@@ -29,7 +29,7 @@ from proxy.ops import config_edit, inflight, lifecycle
 from proxy.ops.reload import RELOADER
 from scheduler.config import secrets
 from scheduler.config.root import CorralConfig
-from scheduler.errors import BadRequest, ConfigError, CorralError
+from scheduler.errors import BadRequest, ConfigError, NotFound
 from scheduler.process.instance import Instance, State
 
 DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "dashboard"
@@ -52,12 +52,6 @@ DASHBOARD_PATHS = tuple(f"/dashboard/{n}" for n in DASHBOARD_FILES)
 _FOLLOW_INTERVAL = 0.25
 _HEARTBEAT = 15.0
 _CLOSING = web.AppKey("admin_closing", asyncio.Event)
-
-
-class NotFound(CorralError):
-    status = 404
-    code = "not_found"
-    type = "invalid_request_error"
 
 
 def _int_query(request: web.Request, name: str, default: int) -> int:

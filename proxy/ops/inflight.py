@@ -22,7 +22,7 @@ from proxy.keys import CALLS, SCHEDULER, SESSION
 from proxy.metrics.registry import METRICS
 from proxy.ops import capture_view
 from scheduler.config import secrets
-from scheduler.errors import BadRequest, CorralError
+from scheduler.errors import BadRequest, CorralError, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,6 @@ log = logging.getLogger(__name__)
 _REPLAY_SHOWN = 1 << 20
 # Paths of other ports that the main port serves under its own prefix (proxy/ops/mount.py).
 _MOUNTED_ELSEWHERE = {"/api/chat": "/admin/ollama/api/chat"}
-
-
-class NotFound(CorralError):
-    status = 404
-    code = "not_found"
-    type = "invalid_request_error"
 
 
 def cancel(app: web.Application, request_id: str) -> bool:

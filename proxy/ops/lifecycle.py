@@ -29,7 +29,7 @@ from proxy.ops.operations import Operation, Operations, load_work
 from proxy.ops.runtime_models import RuntimeModels
 from scheduler.config import secrets
 from scheduler.config.root import ModelConfig
-from scheduler.errors import BadRequest, CorralError, UnknownModel
+from scheduler.errors import BadRequest, NotFound, UnknownModel
 from scheduler.models.pull import parse_ref
 from scheduler.models.runtime import check_params
 from scheduler.scheduling.scheduler import Scheduler
@@ -37,12 +37,6 @@ from scheduler.scheduling.scheduler import Scheduler
 _EVENT_INTERVAL = 0.25
 _HEARTBEAT = 15.0
 _CLOSING = web.AppKey("lifecycle_closing", asyncio.Event)
-
-
-class NotFound(CorralError):
-    status = 404
-    code = "not_found"
-    type = "invalid_request_error"
 
 
 def lifecycle_ctx(config_path: Path | None

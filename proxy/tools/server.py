@@ -31,7 +31,7 @@ from proxy.ops import admin
 from proxy.ops.pin import set_pinned
 from proxy.tools.loop import read_answer
 from scheduler.config import secrets
-from scheduler.errors import CorralError
+from scheduler.errors import CorralError, NotFound
 
 PATH = "/mcp"
 # Handshake revisions this server answers in; another asked is answered with the newest.
@@ -78,7 +78,7 @@ async def instance_log(request: web.Request, args: dict[str, Any]) -> Any:
             lines = list(inst.log)[-tail:] if tail > 0 else []
             return {"instance": iid, "lines": secrets.scrub_data(
                 lines, admin.known_secrets(request))}
-    raise admin.NotFound(f"no instance {iid!r}")
+    raise NotFound(f"no instance {iid!r}")
 
 
 async def metrics_summary(request: web.Request, args: dict[str, Any]) -> Any:
