@@ -24,7 +24,8 @@ import aiohttp
 from aiohttp import web
 
 from proxy.calls import upstream
-from proxy.dialects.families.chat import choice, new_id
+from proxy.calls.streaming import upstream_batches
+from proxy.dialects.families.chat import ToolDeltas, choice, finish_reason, new_id
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import jsonc
 from proxy.tools.calls import McpCall, Pending
@@ -59,6 +60,13 @@ class Sink(Protocol):
     async def calling(self, call: McpCall) -> None: ...
 
     async def called(self, call: McpCall) -> None: ...
+
+    # A streaming client's sink: each turn streams upstream and its text reaches
+    # ``text`` as it comes, so the adapter leaves it out of the final answer.
+    stream: bool
+
+    async def text(self, delta: dict[str, Any]) -> None:
+        """A chat delta of the model's text (``content`` and/or ``reasoning_content``)."""
 
 
 @dataclass(slots=True)
@@ -115,7 +123,9 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
         for tool in tools:
             offered[f"{use.server}{SEP}{tool.name}"] = (use, running, tool)
     body = {k: v for k, v in chat.items() if k not in ("stream", "stream_options")}
-    body["stream"] = False
+    body["stream"] = sink.stream
+    if sink.stream:
+        body["stream_options"] = {"include_usage": True}
     body["tools"] = [*(body.get("tools") or []), *(_function(n, t) for n, (_, _, t)
                                                    in offered.items())]
     if not body["tools"]:
@@ -136,7 +146,7 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
             out.calls.append(call)
             messages.append(_tool_message(call, bounds))
     for _ in range(bounds.max_steps):
-        answer = await _step(app, model, {**body, "messages": messages})
+        answer = await _step(app, model, {**body, "messages": messages}, sink)
         _add_usage(out, answer)
         msg = choice(answer).get("message") or {}
         calls = [c for c in msg.get("tool_calls") or [] if isinstance(c, dict)]
@@ -255,9 +265,58 @@ def _without(answer: dict[str, Any], mine: set[int], reason: str | None = None
     return out
 
 
-async def _step(app: web.Application, model: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _step(app: web.Application, model: str, body: dict[str, Any],
+                sink: Sink) -> dict[str, Any]:
     spec = upstream.Call(model=model, path=CHAT_PATH, payload=body)
-    return await upstream.call_app(app, spec, read_answer)
+    if not body.get("stream"):
+        return await upstream.call_app(app, spec, read_answer)
+
+    async def read(up: Upstream, resp: aiohttp.ClientResponse,
+                   client: upstream.Client) -> dict[str, Any]:
+        return await read_stream(up, resp, sink)
+
+    return await upstream.call_app(app, spec, read)
+
+
+async def read_stream(up: Upstream, resp: aiohttp.ClientResponse,
+                      sink: Sink) -> dict[str, Any]:
+    """The consumer of a streamed chat turn: its text goes to ``sink.text`` as it
+    arrives; the turn comes back assembled as a whole answer (its tool calls from
+    their deltas), so the loop decides on it as on a whole one."""
+    if resp.status >= 400:
+        raise upstream_error_body(resp.status, await resp.read())
+    head: dict[str, Any] = {}
+    text = {"content": "", "reasoning_content": ""}
+    tools = ToolDeltas()
+    reason: str | None = None
+    usage: Any = None
+    async for batch in upstream_batches(resp, up.instance_id):
+        for chunk in batch:
+            if "error" in chunk:
+                error = chunk["error"]
+                said_ = error.get("message") if isinstance(error, dict) else error
+                raise UpstreamFailed(f"model '{up.model}': {said_ or 'the stream failed'}")
+            head = head or {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+            usage = chunk.get("usage") or usage
+            c = choice(chunk)
+            delta = c.get("delta") or {}
+            said = {k: delta[k] for k in text if isinstance(delta.get(k), str) and delta[k]}
+            if said:
+                for k, v in said.items():
+                    text[k] += v
+                await sink.text(said)
+            tools.feed(delta.get("tool_calls"))
+            reason = finish_reason(c) or reason
+    message: dict[str, Any] = {"role": "assistant", "content": text["content"] or None}
+    if text["reasoning_content"]:
+        message["reasoning_content"] = text["reasoning_content"]
+    if tools.calls:
+        message["tool_calls"] = [
+            {"id": t.id, "type": "function",
+             "function": {"name": t.name, "arguments": t.arguments or "{}"}}
+            for _, t in sorted(tools.calls.items())]
+    return {**head, "object": "chat.completion", "usage": usage,
+            "choices": [{"index": 0, "message": message, "finish_reason": reason}]}
 
 
 async def read_answer(up: Upstream, resp: aiohttp.ClientResponse,

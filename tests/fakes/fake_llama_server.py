@@ -76,6 +76,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -766,6 +767,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     tool_reply = tool_call_reply(body, srv.model_id) or scripted_tool_reply(
         body, srv.model_id, messages)
     if tool_reply is not None:
+        if srv.faults.token_delay > 0 and tool_reply.content_type == "text/event-stream":
+            return await _paced(request, tool_reply, srv.faults.token_delay)
         return tool_reply
     gen = Generation.build(body, srv.model_id, last_user, prompt_tokens)
     gen.prompt_words = prompt_words
@@ -785,6 +788,20 @@ def _script(messages: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], bool
             always = always or kind == "call-always"
     done = sum(1 for m in messages[last + 1:] if m.get("role") == "tool")
     return calls, always, last, done
+
+
+async def _paced(request: web.Request, whole: web.StreamResponse,
+                 delay: float) -> web.StreamResponse:
+    """A scripted stream's events written one at a time, ``delay`` apart."""
+    assert isinstance(whole, web.Response) and whole.text is not None
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    for event in whole.text.split("\n\n"):
+        if event:
+            await out.write((event + "\n\n").encode())
+            await asyncio.sleep(delay)
+    await out.write_eof()
+    return out
 
 
 def scripted_tool_reply(body: dict[str, Any], model: str,
@@ -815,7 +832,11 @@ def scripted_tool_reply(body: dict[str, Any], model: str,
                               "model": model, "usage": usage, "choices": [{
                                   "index": 0, "finish_reason": finish, "message": message}]})
     delta = {k: v for k, v in message.items() if v is not None}
-    chunks = [{"choices": [{"index": 0, "finish_reason": None, "delta": delta}]},
+    # An answer streams a word a chunk (paced by FAKE_TOKEN_DELAY in handle_chat).
+    pieces = ([{**delta, "content": w} for w in re.findall(r"\S+\s*", delta["content"])]
+              if delta.get("content") else [delta])
+    chunks = [*({"choices": [{"index": 0, "finish_reason": None, "delta": d}]}
+                for d in pieces),
               {"choices": [{"index": 0, "finish_reason": finish, "delta": {}}]},
               {"choices": [], "usage": usage}]
     text = "".join("data: " + _compact_dumps({"id": ident, "object": "chat.completion.chunk",
