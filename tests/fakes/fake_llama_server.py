@@ -768,7 +768,11 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         body, srv.model_id, messages)
     if tool_reply is not None:
         if srv.faults.token_delay > 0 and tool_reply.content_type == "text/event-stream":
-            return await _paced(request, tool_reply, srv.faults.token_delay)
+            srv.stats.in_flight += 1  # a test sees the turn still being generated
+            try:
+                return await _paced(request, tool_reply, srv.faults.token_delay)
+            finally:
+                srv.stats.in_flight -= 1
         return tool_reply
     gen = Generation.build(body, srv.model_id, last_user, prompt_tokens)
     gen.prompt_words = prompt_words
@@ -798,8 +802,9 @@ async def _paced(request: web.Request, whole: web.StreamResponse,
     await out.prepare(request)
     for event in whole.text.split("\n\n"):
         if event:
-            await out.write((event + "\n\n").encode())
+            # Before each event: the stream ends as soon as its last one is written.
             await asyncio.sleep(delay)
+            await out.write((event + "\n\n").encode())
     await out.write_eof()
     return out
 
