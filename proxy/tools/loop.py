@@ -27,7 +27,8 @@ from proxy.calls import upstream
 from proxy.calls.streaming import upstream_batches
 from proxy.dialects.families.chat import ToolDeltas, choice, finish_reason, new_id
 from proxy.dialects.translate import upstream_error_body
-from proxy.edge import jsonc
+from proxy.edge import jsonc, reqlog
+from proxy.keys import CALLS
 from proxy.tools.calls import McpCall, Pending
 from proxy.tools.client import McpError, Tool
 from proxy.tools.servers import Running, Servers
@@ -39,6 +40,8 @@ from scheduler.scheduling.scheduler import Upstream
 CHAT_PATH = "/v1/chat/completions"
 SEP = "__"
 DENIED = "The user did not approve this tool call."
+# What a capture keeps of a tool call's arguments and error, in characters.
+CAPTURE_CUT = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,26 @@ def check_uses(app: web.Application, servers: Servers, model: str, names: list[s
 async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: str,
               chat: dict[str, Any], uses: list[Use], sink: Sink,
               resume: tuple[Pending, dict[str, bool]] | None = None) -> Outcome:
-    """Run the loop; see the module docstring."""
+    """Run the loop; see the module docstring. With captures on, the record of the
+    client's call lists its tool calls (``Record.tools``)."""
+    calls = app.get(CALLS)
+    store = calls.captures if calls is not None else None
+    info = reqlog.current()
+    if store is None or info is None:
+        return await _run(app, servers, bounds, model, chat, uses, sink, resume, None)
+    log: list[dict[str, Any]] = []
+    store.tool_logs[info.id] = log
+    try:
+        return await _run(app, servers, bounds, model, chat, uses, sink, resume, log)
+    finally:
+        if store.tool_logs.get(info.id) is log:
+            del store.tool_logs[info.id]
+
+
+async def _run(app: web.Application, servers: Servers, bounds: McpConfig, model: str,
+               chat: dict[str, Any], uses: list[Use], sink: Sink,
+               resume: tuple[Pending, dict[str, bool]] | None,
+               log: list[dict[str, Any]] | None) -> Outcome:
     started = time.monotonic()
     deadline = started + bounds.max_seconds
     offered: dict[str, tuple[Use, Running, Tool]] = {}
@@ -144,6 +166,7 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
             else:
                 call.error = DENIED
             out.calls.append(call)
+            _logged(log, call)
             messages.append(_tool_message(call, bounds))
     for _ in range(bounds.max_steps):
         answer = await _step(app, model, {**body, "messages": messages}, sink)
@@ -161,12 +184,14 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
         if needing:
             for c in batch:
                 c.pending = True
+                _logged(log, c)
             out.approvals = batch
             out.pending = Pending(model, chat, messages, batch)
             return out.end(answer, mine, "stop")
         for call in batch:
             await _run_call(servers, call, offered, deadline, sink)
             out.calls.append(call)
+            _logged(log, call)
             messages.append(_tool_message(call, bounds))
         if body.get("tool_choice") not in (None, "auto", "none"):
             # A forced call ("required", a named tool) binds the first turn: forced on
@@ -224,6 +249,26 @@ async def _run_call(servers: Servers, call: McpCall,
     if servers.on_call is not None:
         servers.on_call(call.server, call.name, outcome, call.seconds)
     await sink.called(call)
+
+
+def _logged(log: list[dict[str, Any]] | None, call: McpCall) -> None:
+    """A call as the capture of the client's call lists it (arguments and errors cut)."""
+    if log is None:
+        return
+    outcome = ("pending" if call.pending else "denied" if call.error == DENIED else
+               "ok" if call.error is None else "error" if call.tool_failed else "failed")
+    entry: dict[str, Any] = {"id": call.id, "server": call.server, "tool": call.name,
+                             "arguments": _cut(call.arguments), "outcome": outcome,
+                             "seconds": round(call.seconds, 4)}
+    if call.error is not None:
+        entry["error"] = _cut(call.error)
+    log.append(entry)
+
+
+def _cut(text: str) -> str:
+    if len(text) <= CAPTURE_CUT:
+        return text
+    return f"{text[:CAPTURE_CUT]}[cut: {len(text) - CAPTURE_CUT} more characters]"
 
 
 def _tool_message(call: McpCall, bounds: McpConfig) -> dict[str, Any]:
