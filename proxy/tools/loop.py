@@ -7,7 +7,8 @@ leased, queued, timed and counted like any call), runs every tool call the model
 for those tools, feeds the results back as ``tool`` messages and goes round again until
 the model answers without one, or a bound of ``[mcp]`` is reached (steps, seconds,
 completion tokens). Each event reaches the adapter's ``Sink`` as it happens, so a
-stream shows it at once. A tool that fails, times out or whose server cannot start
+stream shows it at once; for a streaming client each turn streams upstream and its
+text reaches ``Sink.text`` token by token, its tool calls gathered from their deltas. A tool that fails, times out or whose server cannot start
 becomes a failed result the model reads, never a 5xx. A call that needs the client's
 approval ends the loop; ``Pending`` keeps what a later call's approval resumes.
 """
