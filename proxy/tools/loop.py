@@ -8,9 +8,10 @@ for those tools, feeds the results back as ``tool`` messages and goes round agai
 the model answers without one, or a bound of ``[mcp]`` is reached (steps, seconds,
 completion tokens). Each event reaches the adapter's ``Sink`` as it happens, so a
 stream shows it at once; for a streaming client each turn streams upstream and its
-text reaches ``Sink.text`` token by token, its tool calls gathered from their deltas. A tool that fails, times out or whose server cannot start
-becomes a failed result the model reads, never a 5xx. A call that needs the client's
-approval ends the loop; ``Pending`` keeps what a later call's approval resumes.
+text reaches ``Sink.text`` token by token, its tool calls gathered from their deltas.
+A tool that fails, times out or whose server cannot start becomes a failed result the
+model reads, never a 5xx. A call that needs the client's approval ends the loop;
+``Pending`` keeps what a later call's approval resumes.
 """
 
 from __future__ import annotations
@@ -319,12 +320,12 @@ async def _step(app: web.Application, model: str, body: dict[str, Any],
 
     async def read(up: Upstream, resp: aiohttp.ClientResponse,
                    client: upstream.Client) -> dict[str, Any]:
-        return await read_stream(up, resp, sink)
+        return await read_stream(up, resp, client, sink)
 
     return await upstream.call_app(app, spec, read)
 
 
-async def read_stream(up: Upstream, resp: aiohttp.ClientResponse,
+async def read_stream(up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client,
                       sink: Sink) -> dict[str, Any]:
     """The consumer of a streamed chat turn: its text goes to ``sink.text`` as it
     arrives; the turn comes back assembled as a whole answer (its tool calls from
@@ -348,6 +349,9 @@ async def read_stream(up: Upstream, resp: aiohttp.ClientResponse,
             delta = c.get("delta") or {}
             said = {k: delta[k] for k in text if isinstance(delta.get(k), str) and delta[k]}
             if said:
+                # Committed: a turn that breaks now is not sent again (the client would
+                # see its text twice); it ends the client's stream with an error.
+                client.answered = True
                 for k, v in said.items():
                     text[k] += v
                 await sink.text(said)
