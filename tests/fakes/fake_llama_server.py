@@ -767,10 +767,13 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     tool_reply = tool_call_reply(body, srv.model_id) or scripted_tool_reply(
         body, srv.model_id, messages)
     if tool_reply is not None:
-        if srv.faults.token_delay > 0 and tool_reply.content_type == "text/event-stream":
+        faults = srv.faults
+        if ((faults.token_delay > 0 or faults.crash_after_chunks is not None)
+                and tool_reply.content_type == "text/event-stream"):
             srv.stats.in_flight += 1  # a test sees the turn still being generated
             try:
-                return await _paced(request, tool_reply, srv.faults.token_delay)
+                return await _paced(request, tool_reply, faults.token_delay,
+                                    faults.crash_after_chunks)
             finally:
                 srv.stats.in_flight -= 1
         return tool_reply
@@ -794,17 +797,22 @@ def _script(messages: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], bool
     return calls, always, last, done
 
 
-async def _paced(request: web.Request, whole: web.StreamResponse,
-                 delay: float) -> web.StreamResponse:
-    """A scripted stream's events written one at a time, ``delay`` apart."""
+async def _paced(request: web.Request, whole: web.StreamResponse, delay: float,
+                 crash_after: int | None) -> web.StreamResponse:
+    """A scripted stream's events written one at a time, ``delay`` apart (and the
+    process gone after ``crash_after`` text chunks)."""
     assert isinstance(whole, web.Response) and whole.text is not None
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await out.prepare(request)
+    sent = 0
     for event in whole.text.split("\n\n"):
         if event:
             # Before each event: the stream ends as soon as its last one is written.
             await asyncio.sleep(delay)
             await out.write((event + "\n\n").encode())
+            sent += '"content":' in event
+            if crash_after is not None and sent >= crash_after:
+                crash_mid_stream(crash_after)
     await out.write_eof()
     return out
 

@@ -1,7 +1,8 @@
 """A tool loop's model turns reach a streaming client token by token, in every family:
 the fake llama-server paces its scripted answer (FAKE_TOKEN_DELAY, a word a chunk), and
 the client sees more than one text delta, the first while the upstream is still
-generating that turn (the fake's ``in_flight`` count, read when it arrives)."""
+generating that turn (the fake's ``in_flight`` count, read when it arrives). A turn
+that breaks after its text began ends the stream with an error, never sent again."""
 
 from __future__ import annotations
 
@@ -105,3 +106,18 @@ async def test_the_final_answer_streams_token_by_token(ports: Any, family: str) 
     assert len(deltas) > 1
     # The first token reached the client while the model still generated the rest.
     assert busy_at_first == 1
+
+
+async def test_a_turn_that_breaks_after_its_text_began_is_not_sent_again(
+        corral_ports: Any, tmp_path: Path) -> None:
+    servers = [{"name": "local", "command": list(mcp_proc.STDIO), "env": mcp_proc.env()}]
+    env = {"FAKE_TOKEN_DELAY": "0.01", "FAKE_CRASH_AFTER_CHUNKS": "2"}
+    ports = await corral_ports(make_config(tmp_path, [{"name": MODEL, "env": env}],
+                                           mcp_servers=servers, mcp={"max_steps": 3}))
+    _, path, body, text_of = CASES["chat"]
+    r = await ports.openai.post(path, json={"model": MODEL, "stream": True, **body})
+    assert r.status == 200
+    lines = (await r.text()).splitlines()
+    # Two words, then the fake died: the client saw them once, then the error.
+    assert "".join(p for p in map(text_of, lines) if p is not None) == "tool said: "
+    assert any(line.startswith("data: {\"error\"") for line in lines), lines
