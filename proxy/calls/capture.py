@@ -113,6 +113,9 @@ class Record:
         self.granted = self.first = self.last = self.end = 0.0
         self.error = ""
         self.cancelled = False
+        # The MCP tool calls of a tool loop run for this call (proxy/tools/loop.py):
+        # the loop's own list, shared by the record each of its model turns opens.
+        self.tools: list[dict[str, Any]] | None = store.tool_logs.get(request_id)
         self.size = self.cost()
 
     def cost(self) -> int:
@@ -237,6 +240,8 @@ class Captures:
         self._writer: asyncio.Task[None] | None = None
         self._files: collections.deque[tuple[Path, int]] = collections.deque()
         self._disk = 0
+        # Tool loops running, by request id: see Record.tools.
+        self.tool_logs: dict[str, list[dict[str, Any]]] = {}
 
     def excluded(self, key_name: str | None) -> bool:
         return key_name is not None and key_name in self._excluded

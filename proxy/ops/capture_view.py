@@ -100,6 +100,7 @@ def render(rec: Record) -> dict[str, Any]:
                    "assembled": assemble(rec.content_type, answer)},
         "timings": rec.timings(),
         "tokens": tokens(answer[-8192:]),
+        "tools": list(rec.tools or ()),
     }
 
 

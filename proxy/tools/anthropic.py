@@ -97,11 +97,17 @@ class _Sink:
         if self.stream:
             await self.out.write(self.machine.start({"model": self.machine.ask.model}))
 
+    async def text(self, delta: dict[str, Any]) -> None:
+        await self.out.write(self.machine.feed({"choices": [{"index": 0, "delta": delta}]}))
+
     async def _block(self, block: dict[str, Any]) -> None:
-        index = len(self.blocks)
         self.blocks.append(block)
         if self.stream:
-            events: list[Event] = [
+            # Numbered in the machine's sequence, after a streamed text block it closes.
+            events: list[Event] = self.machine._close()
+            self.machine._block += 1
+            index = self.machine._block
+            events += [
                 ("content_block_start", {"type": "content_block_start", "index": index,
                                          "content_block": block}),
                 ("content_block_stop", {"type": "content_block_stop", "index": index})]
@@ -146,9 +152,8 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
         return web.Response(body=jsonc.dumps(out), content_type="application/json",
                             headers={MODEL_HEADER: model})
     machine = sink.machine
-    # The machine numbers its blocks after those already sent.
-    machine._block = len(sink.blocks) - 1
-    await sink.out.write(machine.feed(as_chunk(final)) + machine.finish())
+    # The text came as it was generated.
+    await sink.out.write(machine.feed(as_chunk(final, text=False)) + machine.finish())
     assert sink.out.response is not None
     await sink.out.response.write_eof()
     return sink.out.response

@@ -79,6 +79,12 @@ class _Sink:
         if self.stream:
             await self.out.write([(None, self._chunk(item))])
 
+    async def text(self, delta: dict[str, Any]) -> None:
+        chunk = {**self._chunk({}), "choices": [
+            {"index": 0, "delta": {"role": "assistant", **delta}, "finish_reason": None}]}
+        del chunk["mcp"]
+        await self.out.write([(None, chunk)])
+
     async def calling(self, call: McpCall) -> None:
         if self.stream:
             await self.out.write([(None, self._chunk(call_item(call, done=False)))])
@@ -113,7 +119,7 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
             out["mcp_stopped"] = outcome.stopped
         return web.Response(body=jsonc.dumps(out), content_type="application/json",
                             headers={MODEL_HEADER: model})
-    chunk = {**as_chunk(final), "id": sink.id}
+    chunk = {**as_chunk(final, text=False), "id": sink.id}  # the text came as it was made
     if outcome.stopped:
         chunk["mcp_stopped"] = outcome.stopped
     await sink.out.write([(None, chunk)])

@@ -64,12 +64,14 @@ def no_url(servers: Servers, name: str, url: Any, field: str) -> None:
                          f"name; leave the URL out and name a configured server")
 
 
-def as_chunk(answer: dict[str, Any]) -> dict[str, Any]:
-    """A whole chat answer as the one chunk of a stream (usage included)."""
+def as_chunk(answer: dict[str, Any], text: bool = True) -> dict[str, Any]:
+    """A whole chat answer as the one chunk of a stream (usage included); without its
+    text when that was streamed already (``text=False``)."""
     c = choice(answer)
     msg = c.get("message") or {}
     delta: dict[str, Any] = {"role": "assistant"}
-    delta.update({k: msg[k] for k in ("content", "reasoning_content") if msg.get(k)})
+    if text:
+        delta.update({k: msg[k] for k in ("content", "reasoning_content") if msg.get(k)})
     calls = msg.get("tool_calls")
     if isinstance(calls, list) and calls:
         delta["tool_calls"] = [{**tc, "index": i} for i, tc in enumerate(calls)

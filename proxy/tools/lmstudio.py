@@ -74,6 +74,8 @@ class _Sink:
         self.info = info
         self.response: web.StreamResponse | None = None
         self.items: list[dict[str, Any]] = []
+        # A message.start was sent and its message.end not yet.
+        self.speaking = False
 
     async def send(self, name: str, data: dict[str, Any]) -> None:
         if not self.stream:
@@ -92,7 +94,20 @@ class _Sink:
             await self.send("error", {"error": {"type": "mcp_connection_error",
                                                 "message": f"{server}: {error}"}})
 
+    async def text(self, delta: dict[str, Any]) -> None:
+        if delta.get("content"):
+            if not self.speaking:
+                self.speaking = True
+                await self.send("message.start", {})
+            await self.send("message.delta", {"content": delta["content"]})
+
+    async def hush(self) -> None:
+        if self.speaking:
+            self.speaking = False
+            await self.send("message.end", {})
+
     async def calling(self, call: McpCall) -> None:
+        await self.hush()
         provider = self.info.get(call.server, {})
         await self.send("tool_call.start", {"tool": call.name, "provider_info": provider})
         await self.send("tool_call.arguments", {"tool": call.name, "arguments": call.args(),
@@ -137,10 +152,7 @@ async def answer(request: web.Request, payload: dict[str, Any],
         return sink.response
     message = (outcome.answer.get("choices") or [{}])[0].get("message") or {}
     text = message.get("content") or ""
-    if text:
-        await sink.send("message.start", {})
-        await sink.send("message.delta", {"content": text})
-        await sink.send("message.end", {})
+    await sink.hush()  # the text came as it was generated (Sink.text)
     usage = outcome.usage
     result: dict[str, Any] = {
         "model_instance_id": model,

@@ -7,9 +7,11 @@ leased, queued, timed and counted like any call), runs every tool call the model
 for those tools, feeds the results back as ``tool`` messages and goes round again until
 the model answers without one, or a bound of ``[mcp]`` is reached (steps, seconds,
 completion tokens). Each event reaches the adapter's ``Sink`` as it happens, so a
-stream shows it at once. A tool that fails, times out or whose server cannot start
-becomes a failed result the model reads, never a 5xx. A call that needs the client's
-approval ends the loop; ``Pending`` keeps what a later call's approval resumes.
+stream shows it at once; for a streaming client each turn streams upstream and its
+text reaches ``Sink.text`` token by token, its tool calls gathered from their deltas.
+A tool that fails, times out or whose server cannot start becomes a failed result the
+model reads, never a 5xx. A call that needs the client's approval ends the loop;
+``Pending`` keeps what a later call's approval resumes.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import aiohttp
 from aiohttp import web
 
 from proxy.calls import upstream
-from proxy.dialects.families.chat import choice, new_id
+from proxy.calls.streaming import upstream_batches
+from proxy.dialects.families.chat import ToolDeltas, choice, finish_reason, new_id
 from proxy.dialects.translate import upstream_error_body
-from proxy.edge import jsonc
+from proxy.edge import jsonc, reqlog
+from proxy.keys import CALLS
 from proxy.tools.calls import McpCall, Pending
 from proxy.tools.client import McpError, Tool
 from proxy.tools.servers import Running, Servers
@@ -38,6 +42,8 @@ from scheduler.scheduling.scheduler import Upstream
 CHAT_PATH = "/v1/chat/completions"
 SEP = "__"
 DENIED = "The user did not approve this tool call."
+# What a capture keeps of a tool call's arguments and error, in characters.
+CAPTURE_CUT = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,13 @@ class Sink(Protocol):
     async def calling(self, call: McpCall) -> None: ...
 
     async def called(self, call: McpCall) -> None: ...
+
+    # A streaming client's sink: each turn streams upstream and its text reaches
+    # ``text`` as it comes, so the adapter leaves it out of the final answer.
+    stream: bool
+
+    async def text(self, delta: dict[str, Any]) -> None:
+        """A chat delta of the model's text (``content`` and/or ``reasoning_content``)."""
 
 
 @dataclass(slots=True)
@@ -100,7 +113,26 @@ def check_uses(app: web.Application, servers: Servers, model: str, names: list[s
 async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: str,
               chat: dict[str, Any], uses: list[Use], sink: Sink,
               resume: tuple[Pending, dict[str, bool]] | None = None) -> Outcome:
-    """Run the loop; see the module docstring."""
+    """Run the loop; see the module docstring. With captures on, the record of the
+    client's call lists its tool calls (``Record.tools``)."""
+    calls = app.get(CALLS)
+    store = calls.captures if calls is not None else None
+    info = reqlog.current()
+    if store is None or info is None:
+        return await _run(app, servers, bounds, model, chat, uses, sink, resume, None)
+    log: list[dict[str, Any]] = []
+    store.tool_logs[info.id] = log
+    try:
+        return await _run(app, servers, bounds, model, chat, uses, sink, resume, log)
+    finally:
+        if store.tool_logs.get(info.id) is log:
+            del store.tool_logs[info.id]
+
+
+async def _run(app: web.Application, servers: Servers, bounds: McpConfig, model: str,
+               chat: dict[str, Any], uses: list[Use], sink: Sink,
+               resume: tuple[Pending, dict[str, bool]] | None,
+               log: list[dict[str, Any]] | None) -> Outcome:
     started = time.monotonic()
     deadline = started + bounds.max_seconds
     offered: dict[str, tuple[Use, Running, Tool]] = {}
@@ -115,7 +147,9 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
         for tool in tools:
             offered[f"{use.server}{SEP}{tool.name}"] = (use, running, tool)
     body = {k: v for k, v in chat.items() if k not in ("stream", "stream_options")}
-    body["stream"] = False
+    body["stream"] = sink.stream
+    if sink.stream:
+        body["stream_options"] = {"include_usage": True}
     body["tools"] = [*(body.get("tools") or []), *(_function(n, t) for n, (_, _, t)
                                                    in offered.items())]
     if not body["tools"]:
@@ -134,9 +168,10 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
             else:
                 call.error = DENIED
             out.calls.append(call)
+            _logged(log, call)
             messages.append(_tool_message(call, bounds))
     for _ in range(bounds.max_steps):
-        answer = await _step(app, model, {**body, "messages": messages})
+        answer = await _step(app, model, {**body, "messages": messages}, sink)
         _add_usage(out, answer)
         msg = choice(answer).get("message") or {}
         calls = [c for c in msg.get("tool_calls") or [] if isinstance(c, dict)]
@@ -151,12 +186,14 @@ async def run(app: web.Application, servers: Servers, bounds: McpConfig, model: 
         if needing:
             for c in batch:
                 c.pending = True
+                _logged(log, c)
             out.approvals = batch
             out.pending = Pending(model, chat, messages, batch)
             return out.end(answer, mine, "stop")
         for call in batch:
             await _run_call(servers, call, offered, deadline, sink)
             out.calls.append(call)
+            _logged(log, call)
             messages.append(_tool_message(call, bounds))
         if body.get("tool_choice") not in (None, "auto", "none"):
             # A forced call ("required", a named tool) binds the first turn: forced on
@@ -216,6 +253,26 @@ async def _run_call(servers: Servers, call: McpCall,
     await sink.called(call)
 
 
+def _logged(log: list[dict[str, Any]] | None, call: McpCall) -> None:
+    """A call as the capture of the client's call lists it (arguments and errors cut)."""
+    if log is None:
+        return
+    outcome = ("pending" if call.pending else "denied" if call.error == DENIED else
+               "ok" if call.error is None else "error" if call.tool_failed else "failed")
+    entry: dict[str, Any] = {"id": call.id, "server": call.server, "tool": call.name,
+                             "arguments": _cut(call.arguments), "outcome": outcome,
+                             "seconds": round(call.seconds, 4)}
+    if call.error is not None:
+        entry["error"] = _cut(call.error)
+    log.append(entry)
+
+
+def _cut(text: str) -> str:
+    if len(text) <= CAPTURE_CUT:
+        return text
+    return f"{text[:CAPTURE_CUT]}[cut: {len(text) - CAPTURE_CUT} more characters]"
+
+
 def _tool_message(call: McpCall, bounds: McpConfig) -> dict[str, Any]:
     text = call.output if call.error is None else f"Error: {call.error}"
     text = text or ""
@@ -255,9 +312,61 @@ def _without(answer: dict[str, Any], mine: set[int], reason: str | None = None
     return out
 
 
-async def _step(app: web.Application, model: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _step(app: web.Application, model: str, body: dict[str, Any],
+                sink: Sink) -> dict[str, Any]:
     spec = upstream.Call(model=model, path=CHAT_PATH, payload=body)
-    return await upstream.call_app(app, spec, read_answer)
+    if not body.get("stream"):
+        return await upstream.call_app(app, spec, read_answer)
+
+    async def read(up: Upstream, resp: aiohttp.ClientResponse,
+                   client: upstream.Client) -> dict[str, Any]:
+        return await read_stream(up, resp, client, sink)
+
+    return await upstream.call_app(app, spec, read)
+
+
+async def read_stream(up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client,
+                      sink: Sink) -> dict[str, Any]:
+    """The consumer of a streamed chat turn: its text goes to ``sink.text`` as it
+    arrives; the turn comes back assembled as a whole answer (its tool calls from
+    their deltas), so the loop decides on it as on a whole one."""
+    if resp.status >= 400:
+        raise upstream_error_body(resp.status, await resp.read())
+    head: dict[str, Any] = {}
+    text = {"content": "", "reasoning_content": ""}
+    tools = ToolDeltas()
+    reason: str | None = None
+    usage: Any = None
+    async for batch in upstream_batches(resp, up.instance_id):
+        for chunk in batch:
+            if "error" in chunk:
+                error = chunk["error"]
+                said_ = error.get("message") if isinstance(error, dict) else error
+                raise UpstreamFailed(f"model '{up.model}': {said_ or 'the stream failed'}")
+            head = head or {k: chunk[k] for k in ("id", "created", "model") if k in chunk}
+            usage = chunk.get("usage") or usage
+            c = choice(chunk)
+            delta = c.get("delta") or {}
+            said = {k: delta[k] for k in text if isinstance(delta.get(k), str) and delta[k]}
+            if said:
+                # Committed: a turn that breaks now is not sent again (the client would
+                # see its text twice); it ends the client's stream with an error.
+                client.answered = True
+                for k, v in said.items():
+                    text[k] += v
+                await sink.text(said)
+            tools.feed(delta.get("tool_calls"))
+            reason = finish_reason(c) or reason
+    message: dict[str, Any] = {"role": "assistant", "content": text["content"] or None}
+    if text["reasoning_content"]:
+        message["reasoning_content"] = text["reasoning_content"]
+    if tools.calls:
+        message["tool_calls"] = [
+            {"id": t.id, "type": "function",
+             "function": {"name": t.name, "arguments": t.arguments or "{}"}}
+            for _, t in sorted(tools.calls.items())]
+    return {**head, "object": "chat.completion", "usage": usage,
+            "choices": [{"index": 0, "message": message, "finish_reason": reason}]}
 
 
 async def read_answer(up: Upstream, resp: aiohttp.ClientResponse,

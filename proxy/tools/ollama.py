@@ -30,8 +30,10 @@ FIELD = chat.FIELD
 
 
 class _Sink:
-    def __init__(self, request: web.Request, display: str, stream: bool) -> None:
+    def __init__(self, request: web.Request, display: str, stream: bool,
+                 think: bool) -> None:
         self.request = request
+        self.think = think
         self.display = display
         self.stream = stream
         self.response: web.StreamResponse | None = None
@@ -57,6 +59,14 @@ class _Sink:
         self.listed_items.append(item)
         await self._item(item)
 
+    async def text(self, delta: dict[str, Any]) -> None:
+        message = {"role": "assistant", "content": delta.get("content", "")}
+        if self.think and delta.get("reasoning_content"):
+            message["thinking"] = delta["reasoning_content"]
+        if message["content"] or "thinking" in message:
+            await self.write({"model": self.display, "created_at": rfc3339(),
+                              "message": message, "done": False})
+
     async def calling(self, call: McpCall) -> None:
         await self._item(call_item(call, done=False))
 
@@ -81,7 +91,7 @@ async def maybe(request: web.Request, body: dict[str, Any], model: str, display:
     if body.get("tool_choice") in ("auto", "none", "required"):
         # An extension beside mcp_servers: Ollama has no tool_choice of its own.
         payload["tool_choice"] = body["tool_choice"]
-    sink = _Sink(request, display, stream)
+    sink = _Sink(request, display, stream, think)
     try:
         outcome = await loop.run(request.app, servers, request.app[SCHEDULER].config.mcp,
                                  model, payload, used, sink)
@@ -100,11 +110,7 @@ async def maybe(request: web.Request, body: dict[str, Any], model: str, display:
         if outcome.stopped:
             whole["mcp_stopped"] = outcome.stopped
         return web.json_response(whole)
-    content = "".join(state.content)
-    if content:
-        await sink.write({"model": display, "created_at": rfc3339(),
-                          "message": {"role": "assistant", "content": content},
-                          "done": False})
+    # The answer's text came as it was generated (Sink.text).
     for line in state.tail(total, 0):
         await sink.write(line)
     assert sink.response is not None

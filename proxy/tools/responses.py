@@ -91,6 +91,8 @@ class _Sink:
         self.machine = responses_chat.Stream(ask)
         self.out = Out(request, model)
         self.items: list[dict[str, Any]] = []
+        # Where each item sits in the machine's output too (streamed text between).
+        self._at: list[int] = []
         self._open: dict[str, int] = {}
 
     async def begin(self) -> None:
@@ -100,19 +102,28 @@ class _Sink:
     def _event(self, kind: str, **data: Any) -> Any:
         return self.machine._event(kind, **data)
 
-    def _add(self, item: dict[str, Any]) -> int:
+    async def text(self, delta: dict[str, Any]) -> None:
+        await self.out.write(self.machine.feed({"choices": [{"index": 0, "delta": delta}]}))
+
+    def _add(self, item: dict[str, Any], closed: list[Any]) -> tuple[int, int]:
+        """(index in ``items``, output index): a streamed text item still open is
+        closed first (its events into ``closed``), as it comes before this one."""
+        self.machine._close(closed)
         self.items.append(item)
         # The machine numbers its own items after these, and lists them all at the end.
+        self._at.append(len(self.machine._done))
         self.machine._done.append(item)
-        return len(self.items) - 1
+        return len(self.items) - 1, self._at[-1]
 
     async def listed(self, server: str, tools: list[Tool], error: str | None) -> None:
         item = list_tools_item(server, tools, error)
-        index = self._add(item)
+        closed: list[Any] = []
+        _, index = self._add(item, closed)
         if not self.stream:
             return
         common = {"item_id": item["id"], "output_index": index}
         await self.out.write([
+            *closed,
             self._event("response.output_item.added", output_index=index,
                         item={**item, "tools": []}),
             self._event("response.mcp_list_tools.in_progress", **common),
@@ -122,12 +133,14 @@ class _Sink:
 
     async def calling(self, call: McpCall) -> None:
         item = call_item(call, done=False)
-        index = self._add(item)
-        self._open[call.id] = index
+        closed: list[Any] = []
+        mine, index = self._add(item, closed)
+        self._open[call.id] = mine
         if not self.stream:
             return
         common = {"item_id": item["id"], "output_index": index}
         await self.out.write([
+            *closed,
             self._event("response.output_item.added", output_index=index, item=item),
             self._event("response.mcp_call.in_progress", **common),
             self._event("response.mcp_call_arguments.delta", **common, delta=call.arguments),
@@ -136,11 +149,12 @@ class _Sink:
 
     async def called(self, call: McpCall) -> None:
         item = call_item(call, done=True)
-        index = self._open.pop(call.id, None)
-        if index is None:  # resumed after approval: not announced yet
+        mine = self._open.pop(call.id, None)
+        if mine is None:  # resumed after approval: not announced yet
             await self.calling(call)
-            index = self._open.pop(call.id)
-        self.items[index] = item
+            mine = self._open.pop(call.id)
+        index = self._at[mine]
+        self.items[mine] = item
         self.machine._done[index] = item
         if not self.stream:
             return
@@ -153,9 +167,11 @@ class _Sink:
     async def approvals(self, calls: list[McpCall]) -> None:
         for call in calls:
             item = approval_item(call)
-            index = self._add(item)
+            closed: list[Any] = []
+            _, index = self._add(item, closed)
             if self.stream:
                 await self.out.write([
+                    *closed,
                     self._event("response.output_item.added", output_index=index, item=item),
                     self._event("response.output_item.done", output_index=index, item=item)])
 
@@ -213,7 +229,7 @@ async def answer(request: web.Request, model: str, body: dict[str, Any],
                              or (o["content"] and o["content"][0].get("text"))]
         return web.Response(body=jsonc.dumps(out), content_type="application/json",
                             headers={MODEL_HEADER: model})
-    chunk = as_chunk(final)
+    chunk = as_chunk(final, text=False)  # its text came as it was generated
     machine = sink.machine
     if kept is not None:
         app[FAMILIES].responses.put(kept, machine.id)

@@ -9,7 +9,9 @@ Run by hand, never by the test suite::
 
 The fake answers at once, so the figures are Corral's loop plus the MCP server's own
 time (the SDK's, in Python); the first call of each case starts its server and is not
-counted.
+counted. Then a model paced at PACE seconds a token (FAKE_TOKEN_DELAY) answers a
+streamed loop: when its first and last text deltas reach the client, against the end
+of the stream (a loop that ran its last turn whole would show all three together).
 """
 
 from __future__ import annotations
@@ -33,6 +35,30 @@ from tests.bench.bench_families import free_port, timed
 from tests.fakes import fake_binary, mcp_proc, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
+PACE = 0.05
+WORDS = "one two three four five six seven eight nine ten"
+
+
+async def paced(s: aiohttp.ClientSession, url: str, n: int) -> None:
+    body = {"model": "slow", "stream": True, "mcp_servers": ["local"], "messages": [
+        {"role": "user", "content": "call: echo " + json.dumps({"text": WORDS})}]}
+    firsts, lasts, ends, counts = [], [], [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        seen: list[float] = []
+        async with s.post(url, json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {") and b'"content":"' in line:
+                    seen.append(time.perf_counter() - t)
+        ends.append(time.perf_counter() - t)
+        firsts.append(seen[0])
+        lasts.append(seen[-1])
+        counts.append(len(seen))
+    print(f"  paced {PACE * 1e3:.0f} ms/token, {len(WORDS.split()) + 2} words: "
+          f"{statistics.median(counts):.0f} text deltas; first at "
+          f"{statistics.median(firsts) * 1e3:.0f} ms, last at "
+          f"{statistics.median(lasts) * 1e3:.0f} ms, stream over at "
+          f"{statistics.median(ends) * 1e3:.0f} ms (p50 of {n})")
 
 
 async def run(n: int) -> None:
@@ -46,7 +72,9 @@ async def run(n: int) -> None:
             f'[[mcp_servers]]\nname = "local"\ncommand = {json.dumps(list(mcp_proc.STDIO))}\n'
             f'env = {{ PYTHONPATH = "{mcp_proc.ROOT}" }}\n'
             f'[[mcp_servers]]\nname = "remote"\nurl = "{url}"\n'
-            f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(root / "m.gguf")}"\n')
+            f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(root / "m.gguf")}"\n'
+            f'[[models]]\nname = "slow"\npath = "{write_dummy_gguf(root / "s.gguf")}"\n'
+            f'env = {{ FAKE_TOKEN_DELAY = "{PACE}" }}\n')
         proc = subprocess.Popen(  # noqa: ASYNC220 - once, before anything is measured
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -65,13 +93,17 @@ async def run(n: int) -> None:
                 cases: list[tuple[str, dict[str, Any]]] = [
                     ("no tools", {"model": "m", "messages": ask, "max_tokens": 4}),
                     ("stdio, 1 call", {"model": "m", "messages": ask, "mcp_servers": ["local"]}),
+                    ("stdio, streamed", {"model": "m", "messages": ask, "stream": True,
+                                         "mcp_servers": ["local"]}),
                     ("http, 1 call", {"model": "m", "messages": ask,
                                       "mcp_servers": ["remote"]})]
                 for name, body in cases:
                     await timed(s, base + "/v1/chat/completions", body, 5)  # start, warm up
                     lat = sorted(await timed(s, base + "/v1/chat/completions", body, n))
-                    print(f"  {name:14s} p50 {statistics.median(lat) * 1e3:6.2f} ms  "
+                    print(f"  {name:15s} p50 {statistics.median(lat) * 1e3:6.2f} ms  "
                           f"p90 {lat[int(len(lat) * 0.9)] * 1e3:6.2f} ms")
+                await paced(s, base + "/v1/chat/completions", 1)  # load, warm up
+                await paced(s, base + "/v1/chat/completions", 5)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -99,3 +100,45 @@ async def test_the_mcp_client_loads_a_model_through_corral_s_own_mcp(
         assert not loaded.is_error, loaded.content
         models = json.loads((await s.call_tool("list_models", {})).content[0].text)
         assert models[0]["name"] == "gemma" and models[0]["instances"]
+
+
+
+def _stream(served: CorralProc, choice: str, **narrow: Any
+            ) -> tuple[list[str], list[str], Any]:
+    """The event types, the text deltas and the final response of a streamed loop."""
+    with openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0,
+                       timeout=300) as client:
+        stream = client.responses.create(
+            model="gemma", input=ASK, tool_choice=choice,  # type: ignore[arg-type]
+            temperature=0, max_output_tokens=64, stream=True,
+            tools=[{"type": "mcp", "server_label": "notes", "require_approval": "never",
+                    **narrow}])
+        kinds: list[str] = []
+        deltas: list[str] = []
+        final = None
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+            elif event.type in ("response.completed", "response.incomplete"):
+                final = event.response
+    assert final is not None
+    return kinds, deltas, final
+
+
+def test_a_streaming_client_sees_tool_calls_and_text_token_by_token(
+        served: CorralProc) -> None:
+    # Each turn streams upstream: the tool call is gathered from llama-server's deltas.
+    # (Gemma 270M goes on calling the tool until max_steps, so no answer text here.)
+    kinds, _, final = _stream(served, "required")
+    calls = [o for o in final.output if isinstance(o, McpCall)]
+    assert calls and calls[0].name == "add" and calls[0].error is None
+    args = json.loads(calls[0].arguments)
+    assert calls[0].output == str(args["a"] + args["b"])
+    assert "response.mcp_call.completed" in kinds
+    # A turn that answers in text reaches the client a token or so at a time (the
+    # server's tools narrowed to none, which Gemma 270M would call whatever it is told).
+    kinds, deltas, final = _stream(served, "auto", allowed_tools=[])
+    assert final.output[0].type == "mcp_list_tools"
+    assert len(deltas) > 1
+    assert "".join(deltas) == final.output_text

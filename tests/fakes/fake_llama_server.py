@@ -76,6 +76,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -766,6 +767,15 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     tool_reply = tool_call_reply(body, srv.model_id) or scripted_tool_reply(
         body, srv.model_id, messages)
     if tool_reply is not None:
+        faults = srv.faults
+        if ((faults.token_delay > 0 or faults.crash_after_chunks is not None)
+                and tool_reply.content_type == "text/event-stream"):
+            srv.stats.in_flight += 1  # a test sees the turn still being generated
+            try:
+                return await _paced(request, tool_reply, faults.token_delay,
+                                    faults.crash_after_chunks)
+            finally:
+                srv.stats.in_flight -= 1
         return tool_reply
     gen = Generation.build(body, srv.model_id, last_user, prompt_tokens)
     gen.prompt_words = prompt_words
@@ -785,6 +795,26 @@ def _script(messages: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], bool
             always = always or kind == "call-always"
     done = sum(1 for m in messages[last + 1:] if m.get("role") == "tool")
     return calls, always, last, done
+
+
+async def _paced(request: web.Request, whole: web.StreamResponse, delay: float,
+                 crash_after: int | None) -> web.StreamResponse:
+    """A scripted stream's events written one at a time, ``delay`` apart (and the
+    process gone after ``crash_after`` text chunks)."""
+    assert isinstance(whole, web.Response) and whole.text is not None
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    sent = 0
+    for event in whole.text.split("\n\n"):
+        if event:
+            # Before each event: the stream ends as soon as its last one is written.
+            await asyncio.sleep(delay)
+            await out.write((event + "\n\n").encode())
+            sent += '"content":' in event
+            if crash_after is not None and sent >= crash_after:
+                crash_mid_stream(crash_after)
+    await out.write_eof()
+    return out
 
 
 def scripted_tool_reply(body: dict[str, Any], model: str,
@@ -815,7 +845,11 @@ def scripted_tool_reply(body: dict[str, Any], model: str,
                               "model": model, "usage": usage, "choices": [{
                                   "index": 0, "finish_reason": finish, "message": message}]})
     delta = {k: v for k, v in message.items() if v is not None}
-    chunks = [{"choices": [{"index": 0, "finish_reason": None, "delta": delta}]},
+    # An answer streams a word a chunk (paced by FAKE_TOKEN_DELAY in handle_chat).
+    pieces = ([{**delta, "content": w} for w in re.findall(r"\S+\s*", delta["content"])]
+              if delta.get("content") else [delta])
+    chunks = [*({"choices": [{"index": 0, "finish_reason": None, "delta": d}]}
+                for d in pieces),
               {"choices": [{"index": 0, "finish_reason": finish, "delta": {}}]},
               {"choices": [], "usage": usage}]
     text = "".join("data: " + _compact_dumps({"id": ident, "object": "chat.completion.chunk",
