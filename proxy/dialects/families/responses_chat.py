@@ -38,6 +38,7 @@ from proxy.dialects.families.chat import (
     stream_options,
     text,
 )
+from proxy.dialects.families.chunks import encode
 from scheduler.errors import BadRequest
 
 _SAME = ("temperature", "top_p", "parallel_tool_calls", "user", "seed")
@@ -352,6 +353,8 @@ class _Open:
     text: str = ""
     call_id: str = ""
     name: str = ""
+    # The bytes of a text delta's event between its sequence number and its text.
+    head: bytes = b""
 
 
 @dataclass(slots=True)
@@ -412,6 +415,25 @@ class Stream:
         if reason is not None:
             self._finish = reason
         return out
+
+    def text_frame(self, text: str) -> bytes | None:
+        """The SSE frame of a plain content delta (``chunks.plain_text``) that continues
+        the open message, as ``encode(feed(chunk))`` writes it; None: the message must
+        open first, so ``feed`` has to see the chunk."""
+        item = self._open
+        if item is None or item.kind != "message":
+            return None
+        if not text:
+            return b""
+        item.text += text
+        seq = self._seq
+        self._seq = seq + 1
+        if not item.head:
+            item.head = (b',"item_id":' + encode(item.item_id) + b',"output_index":'
+                         + str(item.index).encode() + b',"content_index":0,"delta":')
+        return (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                b'"sequence_number":' + str(seq).encode() + item.head + encode(text)
+                + b',"logprobs":[]}\n\n')
 
     def finish(self) -> list[Event]:
         out: list[Event] = []
