@@ -50,6 +50,7 @@ def test_plain_text_reads_only_a_lone_content_delta() -> None:
                   chunk({"content": "x", "reasoning_content": "r"}),
                   chunk({"content": "x"}, usage={"prompt_tokens": 1}),
                   chunk({"content": "x"}, error={"message": "no"}),
+                  chunk({"content": "x"}, error=None),
                   b'{"choices":[]}', b'{"choices":[{"delta":{"content":7}}]}',
                   b'[1]', b'{"choices":', b'{}'):
         assert plain_text(other) is None, other

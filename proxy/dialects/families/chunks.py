@@ -12,50 +12,41 @@ from __future__ import annotations
 import msgspec
 
 
+# A field typed None takes only null: any other value fails the decode, in C, and the
+# chunk goes to the general path.
 class _Delta(msgspec.Struct):
     content: str | None = None
-    reasoning_content: msgspec.Raw = msgspec.Raw()
-    reasoning: msgspec.Raw = msgspec.Raw()
-    tool_calls: msgspec.Raw = msgspec.Raw()
+    reasoning_content: None = None
+    reasoning: None = None
+    tool_calls: None = None
 
 
 class _Choice(msgspec.Struct):
     delta: _Delta | None = None
-    finish_reason: msgspec.Raw = msgspec.Raw()
+    finish_reason: None = None
 
 
 class _Chunk(msgspec.Struct):
     choices: list[_Choice] | None = None
-    usage: msgspec.Raw = msgspec.Raw()
-    error: msgspec.Raw = msgspec.Raw()
+    usage: None = None
+    # Takes nothing, null included: the general path ends the stream at any "error".
+    error: msgspec.UnsetType = msgspec.UNSET
 
 
 _decode = msgspec.json.Decoder(_Chunk).decode
-_NULL = b"null"
-
-
-def _absent(raw: msgspec.Raw) -> bool:
-    # Raw never equals bytes: a present field is copied out to be compared.
-    return not raw or bytes(raw) == _NULL
 
 
 def plain_text(data: bytes) -> str | None:
     """The text of a chunk that carries only a content delta; None: any other chunk
     (or one that is not a chat chunk at all), for the general path to judge."""
     try:
-        chunk = _decode(data)
+        choices = _decode(data).choices
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
-    choices = chunk.choices
-    if not choices or not _absent(chunk.error) or not _absent(chunk.usage):
+    if not choices:
         return None
-    c = choices[0]
-    delta = c.delta
-    if (delta is None or delta.content is None or not _absent(c.finish_reason)
-            or not _absent(delta.reasoning_content) or not _absent(delta.reasoning)
-            or not _absent(delta.tool_calls)):
-        return None
-    return delta.content
+    delta = choices[0].delta
+    return None if delta is None else delta.content
 
 
 # A str as JSON, written as jsonc.dumps writes it (the events must read the same
