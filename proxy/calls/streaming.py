@@ -359,6 +359,8 @@ async def sse_data_batches(
             if line.startswith(b"data: ") and line.endswith(b"}"):
                 batch.append(line[6:])
                 continue
+            if not line:
+                continue  # the blank line after every event
             data = _sse_data(line)
             if data is None:
                 continue

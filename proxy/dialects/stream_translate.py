@@ -116,18 +116,21 @@ log = logging.getLogger(__name__)
 # errors, usage-only and /infill events) takes the general path, ``feed``.
 
 
+# A field typed None takes only null: tool calls or logprobs fail the decode, in C, and
+# the chunk takes the general path (``Raw | None`` is no union msgspec decodes: it
+# takes null only, the same way, and its ``!= b"null"`` checks never ran).
 class _Delta(msgspec.Struct):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
-    tool_calls: msgspec.Raw | None = None
+    tool_calls: None = None
 
 
 class _Choice(msgspec.Struct):
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
-    logprobs: msgspec.Raw | None = None
+    logprobs: None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -236,11 +239,8 @@ class OllamaStream:
             return None
         choice = choices[0]
         delta = choice.delta
-        if choice.logprobs is not None and choice.logprobs != b"null":
-            return None
         if delta is not None:
-            if delta.reasoning_content or delta.reasoning or (
-                    delta.tool_calls is not None and delta.tool_calls != b"null"):
+            if delta.reasoning_content or delta.reasoning:
                 return None
             text = delta.content or ""
         else:

@@ -33,6 +33,7 @@ from proxy.dialects.families.chat import (
     stream_options,
     text,
 )
+from proxy.dialects.families.chunks import encode
 from scheduler.errors import BadRequest
 
 # chat finish_reason -> Anthropic stop_reason.
@@ -302,6 +303,9 @@ class Stream:
     _finish: str | None = None
     _choice: dict[str, Any] = field(default_factory=dict)
     _usage: Usage | None = None
+    # The bytes before the text of a text delta in block ``_head_block``.
+    _head: bytes = b""
+    _head_block: int = -1
 
     def start(self, first: dict[str, Any]) -> list[Event]:
         message: dict[str, Any] = {
@@ -341,6 +345,21 @@ class Stream:
         if reason is not None:
             self._finish, self._choice = reason, c
         return out
+
+    def text_frame(self, text: str) -> bytes | None:
+        """The SSE frame of a plain content delta (``chunks.plain_text``) that continues
+        the open text block, as ``encode(feed(chunk))`` writes it; None: the block must
+        open first, so ``feed`` has to see the chunk."""
+        if self._kind != "text":
+            return None
+        if not text:
+            return b""
+        if self._head_block != self._block:
+            self._head_block = self._block
+            self._head = (b'event: content_block_delta\ndata: {"type":"content_block_delta",'
+                          b'"index":' + str(self._block).encode()
+                          + b',"delta":{"type":"text_delta","text":')
+        return self._head + encode(text) + b"}}\n\n"
 
     def finish(self) -> list[Event]:
         out = self._close()

@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from proxy.calls import upstream
@@ -38,11 +39,12 @@ from proxy.calls.streaming import (
     is_event_stream,
     relay,
     stream_response,
-    upstream_batches,
+    upstream_data_batches,
 )
 from proxy.calls.upstream import Client
 from proxy.dialects.families import Event, anthropic_chat, responses_chat
 from proxy.dialects.families.chat import choice
+from proxy.dialects.families.chunks import plain_text
 from proxy.dialects.families.learned import MISSING_ROUTE, FamilyState, route_missing
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import jsonc, reqlog
@@ -191,22 +193,37 @@ class Bridge:
         started = False
         if not is_event_stream(resp):
             # A server that answered whole although asked to stream.
-            batches: Any = _once([_as_chunk(jsonc.loads(await resp.read()))])
+            batches: Any = _once([jsonc.dumps(_as_chunk(jsonc.loads(await resp.read())))])
         else:
-            batches = upstream_batches(resp, up.instance_id)
+            batches = upstream_data_batches(resp, up.instance_id)
+        text_frame = machine.text_frame
         async with contextlib.aclosing(batches):
             try:
                 async for batch in batches:
-                    events: list[Event] = []
+                    # Frames in order: bytes of the plain text deltas, events of the rest.
+                    frames: list[bytes] = []
                     failed: CorralError | None = None
-                    for chunk in batch:
+                    for data in batch:
+                        if started:
+                            text = plain_text(data)
+                            if text is not None:
+                                frame = text_frame(text)
+                                if frame is not None:
+                                    frames.append(frame)
+                                    continue
+                        chunk = _chunk(data)
+                        if chunk is None:
+                            continue
                         if "error" in chunk:
                             failed = upstream_error_body(502, jsonc.dumps(chunk))
                             break
                         if not started:
-                            events += machine.start(chunk)
+                            events = machine.start(chunk) + machine.feed(chunk)
                             started = True
-                        events += machine.feed(chunk)
+                        else:
+                            events = machine.feed(chunk)
+                        if events:
+                            frames.append(encode(events))
                     if out is None:
                         if failed is not None:
                             # Nothing sent yet: an ordinary error answer.
@@ -215,7 +232,7 @@ class Bridge:
                     if not client.answered:
                         _first_byte()
                     client.answered = True
-                    data = encode(events)
+                    data = b"".join(frames)
                     if failed is not None:
                         await out.write(data + stream_error_event(failed, self.family))
                         await out.write_eof()
@@ -328,8 +345,22 @@ def _event_head(name: str) -> bytes:
     return (b"event: " + name.encode() + b"\n" if name else b"") + b"data: "
 
 
-async def _once(batch: list[dict[str, Any]]) -> Any:
+async def _once(batch: list[bytes]) -> Any:
     yield batch
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+def _chunk(data: bytes) -> dict[str, Any] | None:
+    """One upstream event parsed whole; None, logged, for one that is no JSON object
+    (as the SSE reader skips it for the pass-through's usage tap)."""
+    try:
+        event = _decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        log.warning("unparseable SSE data from upstream: %.200r", data)
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def _as_chunk(answer: Any) -> dict[str, Any]:

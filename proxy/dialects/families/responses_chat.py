@@ -38,6 +38,7 @@ from proxy.dialects.families.chat import (
     stream_options,
     text,
 )
+from proxy.dialects.families.chunks import encode
 from scheduler.errors import BadRequest
 
 _SAME = ("temperature", "top_p", "parallel_tool_calls", "user", "seed")
@@ -349,9 +350,13 @@ class _Open:
     kind: str  # "message", "reasoning" or "function_call"
     index: int
     item_id: str
-    text: str = ""
+    # The text so far, in pieces: joined once when the item closes (adding to a str
+    # attribute copies it every time, quadratic in a long answer).
+    parts: list[str] = field(default_factory=list)
     call_id: str = ""
     name: str = ""
+    # The bytes of a text delta's event between its sequence number and its text.
+    head: bytes = b""
 
 
 @dataclass(slots=True)
@@ -388,13 +393,13 @@ class Stream:
         reasoning = delta.get("reasoning_content")
         if isinstance(reasoning, str) and reasoning:
             item = self._item("reasoning", out)
-            item.text += reasoning
+            item.parts.append(reasoning)
             out.append(self._event("response.reasoning_text.delta", item_id=item.item_id,
                                    output_index=item.index, content_index=0, delta=reasoning))
         content = delta.get("content")
         if isinstance(content, str) and content:
             item = self._item("message", out)
-            item.text += content
+            item.parts.append(content)
             out.append(self._event("response.output_text.delta", item_id=item.item_id,
                                    output_index=item.index, content_index=0, delta=content,
                                    logprobs=[]))
@@ -412,6 +417,25 @@ class Stream:
         if reason is not None:
             self._finish = reason
         return out
+
+    def text_frame(self, text: str) -> bytes | None:
+        """The SSE frame of a plain content delta (``chunks.plain_text``) that continues
+        the open message, as ``encode(feed(chunk))`` writes it; None: the message must
+        open first, so ``feed`` has to see the chunk."""
+        item = self._open
+        if item is None or item.kind != "message":
+            return None
+        if not text:
+            return b""
+        item.parts.append(text)
+        seq = self._seq
+        self._seq = seq + 1
+        if not item.head:
+            item.head = (b',"item_id":' + encode(item.item_id) + b',"output_index":'
+                         + str(item.index).encode() + b',"content_index":0,"delta":')
+        return (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                b'"sequence_number":' + str(seq).encode() + item.head + encode(text)
+                + b',"logprobs":[]}\n\n')
 
     def finish(self) -> list[Event]:
         out: list[Event] = []
@@ -470,10 +494,11 @@ class Stream:
         if item is None:
             return
         common = {"item_id": item.item_id, "output_index": item.index}
+        text_ = "".join(item.parts)
         if item.kind == "message":
-            done = _message(item.item_id, item.text, "completed")
+            done = _message(item.item_id, text_, "completed")
             out.append(self._event("response.output_text.done", **common, content_index=0,
-                                   text=item.text, logprobs=[]))
+                                   text=text_, logprobs=[]))
             out.append(self._event("response.content_part.done", **common, content_index=0,
                                    part=done["content"][0]))
         elif item.kind == "function_call":
@@ -482,9 +507,9 @@ class Stream:
             out.append(self._event("response.function_call_arguments.done", **common,
                                    arguments=args))
         else:
-            done = _reasoning(item.item_id, item.text)
+            done = _reasoning(item.item_id, text_)
             out.append(self._event("response.reasoning_text.done", **common, content_index=0,
-                                   text=item.text))
+                                   text=text_))
         self._done.append(done)
         out.append(self._event("response.output_item.done", output_index=item.index,
                                item=done))
