@@ -67,6 +67,10 @@ class Core:
         # What the config file says; _cfg adds the dynamic models (set_dynamic_models).
         self._configured = cfg
         self._dynamic: dict[str, tuple[ModelConfig, ...]] = {}
+        # One switch of the effective config at a time: a switch awaits (sizing files
+        # off the loop) and another source's (a scan, a runtime model, a reload) would
+        # change the models under it; each computes its config when its turn comes.
+        self._switching = asyncio.Lock()
         self.events: Events = events or NoEvents()
         self._session = session
         self._find_binary = find_binary

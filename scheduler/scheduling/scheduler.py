@@ -94,7 +94,8 @@ class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
         """Switch to a new config file's contents; dynamic models stay (see below)."""
         before = set(self._models)
         self._configured = cfg
-        report = await self._switch(self._effective(cfg))
+        async with self._switching:
+            report = await self._switch(self._effective(self._configured))
         await self.providers.update(cfg.providers)
         return hooks.with_provider_changes(report, before, list(self._models))
 
@@ -114,7 +115,8 @@ class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
             self._dynamic[source] = models
         else:
             self._dynamic.pop(source, None)
-        return await self._switch(self._effective(self._configured))
+        async with self._switching:
+            return await self._switch(self._effective(self._configured))
 
     def dynamic_models(self, source: str) -> tuple[ModelConfig, ...]:
         return self._dynamic.get(source, ())
@@ -214,7 +216,7 @@ class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
             )
         else:
             self.vram_budget = sc.vram_budget
-        for m in self._models.values():
+        for m in list(self._models.values()):
             if m.cfg.local and not m.sized and (m.cfg.footprint or m.cfg.path is not None):
                 await self._size(m, plan=False)
         self._plan_contexts()

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
 import aiohttp
+import pytest
 
 from scheduler.config.root import CorralConfig, ModelConfig
+from scheduler.scheduling import scheduler as scheduler_module
 from scheduler.scheduling.scheduler import Scheduler
+from tests.fakes import write_dummy_gguf
 
 
 def _remote(name: str, *aliases: str) -> ModelConfig:
@@ -40,4 +48,32 @@ async def test_local_sources_win_over_providers() -> None:
         names = s.names()
         assert names.count("x") == 1 and "x-alias" in names and "only-cloud" in names
         assert s.resolve("x").aliases == ("x-alias",)  # the scanned one
+        await s.close()
+
+
+async def test_sources_that_switch_at_once_take_turns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch sizes new files off the loop; another source's switch meanwhile (a scan
+    and a runtime model at start-up) changed the models under it once, on a fresh
+    clone's CI ("dictionary changed size during iteration")."""
+    def local(name: str) -> ModelConfig:
+        return ModelConfig(name=name, path=write_dummy_gguf(tmp_path / f"{name}.gguf"))
+
+    real = scheduler_module.model_size
+
+    def slow_size(*args: Any) -> Any:
+        time.sleep(0.05)  # a file on a slow disk: the switch waits here, off the loop
+        return real(*args)
+
+    monkeypatch.setattr(scheduler_module, "model_size", slow_size)
+    async with aiohttp.ClientSession() as session:
+        s = Scheduler(CorralConfig(), session)
+        switches = []
+        for i in range(6):
+            switches.append(asyncio.create_task(
+                s.set_dynamic_models(f"src{i}", [local(f"m{i}")])))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*switches)
+        assert sorted(s.names()) == [f"m{i}" for i in range(6)]
         await s.close()
