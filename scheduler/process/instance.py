@@ -362,7 +362,11 @@ class Instance:
                 async with asyncio.timeout(drain_timeout):
                     await self._idle.wait()
         if before_stop is not None and self._state is State.DRAINING and not self.in_flight:
-            await before_stop()
+            try:
+                await before_stop()
+            except Exception:
+                # Saving its slots is a courtesy; stopping the child is not.
+                log.exception("instance %s: before stopping", self.id)
         if self._state is not State.FAILED:
             self._set(State.STOPPING)
         await self._terminate(stop_timeout)

@@ -211,7 +211,13 @@ def load_index(where: Path) -> SavedIndex:
     """Blocking: the index of a directory's saved slots, from their ``.chain`` files
     (a slot file without one, or a malformed one, is left out)."""
     index = SavedIndex()
-    for f in sorted(where.glob("*.chain"), key=_mtime):
+    try:
+        files = sorted(where.glob("*.chain"), key=_mtime)
+    except FileNotFoundError:
+        # Not made yet, or removed meanwhile (a model's old slots are dropped when its
+        # config changes): nothing saved.
+        return index
+    for f in files:
         try:
             links = json.loads(f.read_text())
             chain = tuple((int(h), int(n)) for h, n in links)

@@ -183,3 +183,11 @@ def test_model_prefixes_are_distinct_and_safe() -> None:
 )
 def test_tokens_in_an_answers_tail(tail: bytes, tokens: int) -> None:
     assert tokens_in(tail) == tokens
+
+
+def test_the_index_of_a_directory_removed_meanwhile_is_empty(tmp_path: Path) -> None:
+    # A replica removed at runtime saves its slots before it stops; its model's
+    # directory was gone (dropped meanwhile), the save raised, and the child was never
+    # stopped (a fresh clone's Xinference e2e run).
+    index = load_index(tmp_path / "gone")
+    assert isinstance(index, SavedIndex) and index._links == {}
