@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -82,11 +81,8 @@ class _Spec(Protocol):
     def data(self) -> object: ...
     @property
     def path(self) -> str: ...
-    @property
-    def via(self) -> Callable[[Upstream], Any] | None: ...
 
 
-S = TypeVar("S", bound=_Spec)
 Consume = Callable[[Upstream, aiohttp.ClientResponse, Any], Awaitable[T]]
 
 
@@ -123,31 +119,18 @@ class Record:
 
     # -- filled by the call path -----------------------------------------------------
 
-    def wrap(self, spec: S, consume: Consume[T]) -> tuple[S, Consume[T]]:
-        """The call with its ``via`` and consumer observed by this record."""
-        chosen: list[Any] = []
-        via = spec.via
-        if via is not None:
-            def observed(up: Upstream) -> Any:
-                sent = via(up)
-                chosen[:] = [sent]
-                return sent
-            spec = cast(S, dataclasses.replace(cast(Any, spec), via=observed))
+    def wrap(self, consume: Consume[T]) -> Consume[T]:
+        """The call's consumer, observed by this record: what each attempt sent (the
+        call path's ``Client.sent``: translated, request policy applied) and read."""
 
         async def consumer(up: Upstream, resp: aiohttp.ClientResponse, client: Any) -> T:
-            # The body as sent, request policy applied; the via's or the spec's when
-            # the caller has no Client (the tests' consumers).
-            sent = getattr(client, "sent", None)
-            if sent is None:
-                sent = chosen[0] if chosen and chosen[0] is not None else spec
-            self._sent(sent, up, resp)
-            chosen.clear()
+            self._sent(client.sent, up, resp)
             tap = _Tap(resp, self)
             try:
                 return await consume(up, resp, client)
             finally:
                 tap.untap()
-        return spec, consumer
+        return consumer
 
     def _sent(self, spec: _Spec, up: Upstream, resp: aiohttp.ClientResponse) -> None:
         self.granted = time.perf_counter() if not self.granted else self.granted

@@ -175,7 +175,7 @@ async def _tracked(app: web.Application, calls: InFlight, entry: Entry, client: 
     """A call in flight: cancellable by its request id, captured when captures are on
     (proxy/calls/tracking.py)."""
     if entry.record is not None:
-        spec, consume = entry.record.wrap(spec, consume)
+        consume = entry.record.wrap(consume)
     error: BaseException | None = None
     try:
         return await _admitted(app, client, spec, consume)
