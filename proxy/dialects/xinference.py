@@ -341,13 +341,6 @@ async def runtime_info(request: web.Request) -> web.Response:
     raise BadRequest(f"model '{name}' is gone")
 
 
-# The one seam to the call-cancelling helper: proxy/ops/inflight.py's
-# ``async def cancel(app, request_id) -> bool`` is wired here when it exists.
-async def abort_call(app: web.Application, request_id: str) -> bool:
-    """Corral's cancel by request id (the X-Request-Id a call came with, or was given)."""
-    return inflight.cancel(app, request_id)
-
-
 @xinference
 async def abort(request: web.Request) -> web.Response:
     _admin()
@@ -357,7 +350,8 @@ async def abort(request: web.Request) -> web.Response:
     block = body.get("block_duration", 30)
     if not isinstance(block, int | float) or isinstance(block, bool) or block < 0:
         raise BadRequest("'block_duration' must be a number of seconds")
-    found = await abort_call(request.app, request_id)
+    # Corral's cancel (proxy/ops/inflight.py), by X-Request-Id or the body's request_id.
+    found = inflight.cancel(request.app, request_id)
     # Xinference's abort of a call that has finished or is unknown is a no-op.
     return web.json_response({"aborted": found})
 
