@@ -57,8 +57,10 @@ TARGET_RPS_32 = 5000.0
 # per call, in every case, with a key configured.
 TARGET_RPS_RATIO = 1.0
 TARGET_CPU_RATIO = 1.0
+TARGET_LITELLM_RATIO = 50.0
 # The key chat.lua and stream.lua present (nginx and the bare relay ignore it).
-BENCH_KEY = "sk-corral-bench"
+# Long enough for LiteLLM, which refuses a weak master key and is given this one.
+BENCH_KEY = "sk-corral-bench-7f3a9c1e5b2d8f4a6c0e9b1d3f5a7c9e"
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,10 @@ def http_ok(url: str, body: bytes | None = None, timeout: float = 2.0) -> bool:
         return False
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], within: float, log: Path) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], within: float, log: Path,
+                 health: str = "/health") -> None:
     deadline = time.monotonic() + within
-    while not http_ok(url + "/health", timeout=1.0):
+    while not http_ok(url + health, timeout=1.0):
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{tail(log)}")
         if time.monotonic() > deadline:
@@ -290,6 +293,23 @@ ttl = -1
 """
 
 
+def litellm_config(upstream: str) -> str:
+    """LiteLLM's proxy config: the one model, an OpenAI-compatible upstream (the nginx
+    stand-in), BENCH_KEY as its master key (wrk presents it, as to Corral)."""
+    return f"""\
+model_list:
+  - model_name: bench
+    litellm_params:
+      model: openai/bench
+      api_base: {upstream}/v1
+      api_key: none
+litellm_settings:
+  telemetry: false
+general_settings:
+  master_key: {BENCH_KEY}
+"""
+
+
 def corral_binary(given: str | None) -> str:
     if given:
         return given
@@ -332,9 +352,13 @@ def baseline_proxy(port: int, upstream: str) -> None:
             out = web.StreamResponse(status=up.status)
             out.content_type = up.content_type
             await out.prepare(request)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
+            try:
+                async for chunk in up.content.iter_any():
+                    await out.write(chunk)
+                await out.write_eof()
+            except ConnectionResetError:
+                # wrk hangs up at the end of a run: not worth a traceback per connection.
+                up.close()
             return out
 
     async def health(request: web.Request) -> web.Response:
@@ -444,15 +468,30 @@ def verdict(cases: Sequence[Case], direct: Sequence[Result], corral: Sequence[Re
     return ok
 
 
+def versus_litellm(cases: Sequence[Case], corral: Sequence[Result],
+                   litellm: Sequence[Result]) -> bool:
+    """Issue 26 item 4: Corral passes at least TARGET_LITELLM_RATIO× LiteLLM's req/s."""
+    ok = True
+    for case, c, lite in zip(cases, corral, litellm, strict=True):
+        ratio = c.rps / lite.rps if lite.rps else float("inf")
+        good = ratio >= TARGET_LITELLM_RATIO
+        print(f"{case.name} c={case.connections}: Corral ÷ LiteLLM {ratio:.0f}× req/s "
+              f"(target ≥ {TARGET_LITELLM_RATIO:g}; LiteLLM errors {lite.errors}) "
+              f"{'PASS' if good else 'FAIL'}")
+        ok &= good
+    return ok
+
+
 @contextmanager
 def running(
-    name: str, argv: Sequence[str], url: str, tmp: Path, env: dict[str, str]
+    name: str, argv: Sequence[str], url: str, tmp: Path, env: dict[str, str],
+    health: str = "/health", within: float = 30,
 ) -> Iterator[int]:
-    """Start a target, wait for its /health, send one call of each kind, yield its pid;
-    on the way out stop it and show what it complained of in its log."""
+    """Start a target, wait for its health path, send one call of each kind, yield its
+    pid; on the way out stop it and show what it complained of in its log."""
     log = tmp / f"{name}.log"
     with started(argv, log, env) as proc:
-        wait_healthy(url, proc, 30, log)
+        wait_healthy(url, proc, within, log, health)
         # Through Corral the first call launches the upstream: give it time.
         for case, body in ((CASES[0], FIRST_CALL), (CASES[2], FIRST_STREAM)):
             if not http_ok(url + case.path, body, timeout=60):
@@ -502,6 +541,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compare", action="append", default=[], metavar="NAME=TREE",
         help="also measure the Corral of another source tree (a checkout, or `git archive "
         "REV proxy scheduler | tar -x -C TREE`), in turns with this one",
+    )
+    ap.add_argument(
+        "--litellm", metavar="PATH",
+        help="also measure LiteLLM's proxy (its `litellm` executable, 1 worker, the same "
+        "upstream) and check Corral ≥ 50× its req/s: `python -m venv V && V/bin/pip "
+        "install 'litellm[proxy]'`",
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument(
@@ -559,6 +604,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         mine["PYTHONPATH"] = f"{tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
                     pid = stack.enter_context(running(name, serve, url, home, mine))
                     targets.append((name, url, pid))
+                if args.litellm:
+                    port = free_port()
+                    home = tmp / "litellm"
+                    home.mkdir()
+                    (home / "litellm.yaml").write_text(litellm_config(direct_url))
+                    serve = [args.litellm, "--config", str(home / "litellm.yaml"), "--host",
+                             "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+                    url = f"http://127.0.0.1:{port}"
+                    # Its bundled price list, not one fetched from the internet.
+                    mine = {**env, "TMPDIR": str(home), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+                    pid = stack.enter_context(running(
+                        "litellm", serve, url, home, mine, "/health/liveliness", within=120))
+                    targets.append(("litellm", url, pid))
                 for _, url, _ in targets:
                     run_wrk(url, CASES[1], args.warmup, args.threads)
                 rows = measure(targets, CASES, args)
@@ -573,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(CASES, rows)
     print()
     ok = verdict(CASES, rows["direct"], rows["corral"], rows.get("baseline"))
+    if "litellm" in rows:
+        ok &= versus_litellm(CASES, rows["corral"], rows["litellm"])
     if args.json:
         out = {"cases": [asdict(c) | {"script": c.script.name} for c in CASES]}
         out |= {target: [asdict(r) for r in results] for target, results in rows.items()}

@@ -4,5 +4,5 @@
 -- stream chunk by chunk; wrk times each request to the end of the stream.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-corral-bench"  -- bench_proxy.BENCH_KEY
+wrk.headers["Authorization"] = "Bearer sk-corral-bench-7f3a9c1e5b2d8f4a6c0e9b1d3f5a7c9e"  -- bench_proxy.BENCH_KEY
 wrk.body = '{"model":"bench","prompt":"Say hello.","max_tokens":10,"stream":true}'
