@@ -237,3 +237,21 @@ class Tenants:
                           "rejected_total": u.rejected_total},
             })
         return out
+
+
+class Admitted:
+    """A call of a key counted in while it runs (``async with``): ``Tenants.admit`` on
+    the way in (RateLimited over a limit), ``release`` on every way out. A class, as it
+    runs on every call with a key."""
+
+    __slots__ = ("_key", "_tenants")
+
+    def __init__(self, tenants: Tenants, key: Key) -> None:
+        self._tenants = tenants
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        self._tenants.admit(self._key)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._tenants.release(self._key)

@@ -6,8 +6,8 @@ its upstream (a failure, a 503, a suspected hang).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 
 from scheduler.errors import (
     CorralError,
@@ -35,25 +35,26 @@ QUIET_AFTER_ABANDON = 1.5
 
 
 class Leasing(Core):
-    @contextlib.asynccontextmanager
-    async def lease(self, name: str, hints: LeaseHints | None = None) -> AsyncIterator[Upstream]:
-        """A slot on an upstream that serves ``name`` (or one of its fallbacks).
+    def lease(self, name: str, hints: LeaseHints | None = None
+              ) -> AbstractAsyncContextManager[Upstream]:
+        """A slot on an upstream that serves ``name`` (or one of its fallbacks), for
+        ``async with``.
 
         Released on every exit path. Raises UnknownModel, Overloaded, LoadFailed or
         ShuttingDown; with fallbacks configured, the last model's error.
         """
+        return Lease(self, name, hints)
+
+    async def _leased(self, name: str, hints: LeaseHints | None
+                      ) -> tuple[Upstream, Servable, int | None]:
+        """Lease's way in: the upstream, what to release and the slot taken."""
         m = self._visible(name)
         if self._closing:
             raise ShuttingDown("Corral is shutting down")
+        hints = hints or LeaseHints()
         # The calling key (limits were checked per call by the proxy) picks the
         # waiter's place in the fair queue.
-        async with self._lease(m, hints or LeaseHints(), tenants.current()) as up:
-            yield up
-
-    @contextlib.asynccontextmanager
-    async def _lease(
-        self, m: ModelState, hints: LeaseHints, key: tenants.Key | None
-    ) -> AsyncIterator[Upstream]:
+        key = tenants.current()
         start = self._clock()
         # Fallbacks outside the key's scope are skipped: a scoped key never reaches
         # another model, not even this way.
@@ -75,12 +76,18 @@ class Leasing(Core):
         try:
             if hints.chain and isinstance(inst, Instance) and self.slots.enabled(serving.cfg):
                 slot = await self._slot(inst, hints.chain)
-            yield self._granted(serving, inst, hints, start, slot)
+            return self._granted(serving, inst, hints, start, slot), inst, slot
         except BaseException:
-            # The call ended early (the client hung up, the upstream failed) and the
-            # proxy closed its upstream connection.
-            self.hush(inst.id)
+            self._unleased(inst, slot, failed=True)
             raise
+
+    def _unleased(self, inst: Servable, slot: int | None, failed: bool) -> None:
+        """Lease's way out, on every path."""
+        try:
+            if failed:
+                # The call ended early (the client hung up, the upstream failed) and the
+                # proxy closed its upstream connection.
+                self.hush(inst.id)
         finally:
             if slot is not None and isinstance(inst, Instance):
                 self.slots.release(inst, slot)
@@ -295,3 +302,27 @@ class Leasing(Core):
                 del m.prefixes[gone]
             index = m.prefixes[upstream_id] = PrefixIndex()
         index.add(chain)
+
+
+class Lease:
+    """``Leasing.lease()``'s context manager: a class, as it runs on every call (an
+    ``asynccontextmanager`` costs an async generator and its hooks each time)."""
+
+    __slots__ = ("_held", "_hints", "_leasing", "_name")
+
+    def __init__(self, leasing: Leasing, name: str, hints: LeaseHints | None) -> None:
+        self._leasing = leasing
+        self._name = name
+        self._hints = hints
+        self._held: tuple[Servable, int | None] | None = None
+
+    async def __aenter__(self) -> Upstream:
+        up, inst, slot = await self._leasing._leased(self._name, self._hints)
+        self._held = (inst, slot)
+        return up
+
+    async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._leasing._unleased(*held, failed=kind is not None)

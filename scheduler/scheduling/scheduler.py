@@ -23,8 +23,8 @@ How it works, in one place (see docs/scheduling.md for the knobs):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from scheduler.aio import cancel_and_wait
@@ -409,14 +409,10 @@ class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
     # scheduler so that a worker process asks the owner, who counts every process's
     # calls (scheduler/ipc/leases.py): a key's limits hold across workers.
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, key: tenants.Key) -> AsyncIterator[None]:
-        """A call of ``key`` counted in while it runs; RateLimited over a limit."""
-        self.tenants.admit(key)
-        try:
-            yield
-        finally:
-            self.tenants.release(key)
+    def admitted(self, key: tenants.Key) -> AbstractAsyncContextManager[None]:
+        """A call of ``key`` counted in while it runs (``async with``); RateLimited over
+        a limit."""
+        return tenants.Admitted(self.tenants, key)
 
     def charge(self, key: tenants.Key, tokens: int) -> None:
         """Tokens a finished call of ``key`` used."""
