@@ -49,10 +49,14 @@ def lifecycle_ctx(config_path: Path | None
         app[RUNTIME_MODELS] = RuntimeModels(app[SCHEDULER], config_path)
         app[_CLOSING] = asyncio.Event()
         await app[RUNTIME_MODELS].restore()
+        watch = asyncio.create_task(app[RUNTIME_MODELS].watch(), name="corral-runtime-models")
         try:
             yield
         finally:
             app[_CLOSING].set()
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
             await app[OPERATIONS].close()
     return ctx
 
@@ -207,8 +211,11 @@ async def remove_replica(request: web.Request) -> web.Response:
 
 async def runtime_list(request: web.Request) -> web.Response:
     models = request.app[RUNTIME_MODELS]
-    return web.json_response({"file": str(models.file) if models.file else None,
-                              "models": [e.as_table() for e in models.entries()]})
+    return web.json_response({
+        "file": str(models.file) if models.file else None,
+        "models": [e.as_table() for e in models.entries()],
+        # Kept in the file, not served: what the rule refuses now, and why.
+        "withheld": [{**e.as_table(), "reason": why} for e, why in models.withheld.values()]})
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

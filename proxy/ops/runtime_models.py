@@ -1,6 +1,11 @@
 """The runtime models an admin created (scheduler/models/runtime.py has the rule): the
 set offered to the scheduler as the dynamic source "runtime", and its file beside the
 config. One owner: the main port's app (``RUNTIME_MODELS``).
+
+An entry the rule no longer allows (its file left the scan roots, a reload removed its
+root) is withheld: not served, kept in the file, and checked again at each config
+reload, so that putting the root back serves it again. The rule is applied at start, on
+every reload (``watch``) and on every create.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from scheduler.config.root import ModelConfig
+from scheduler.config.root import CorralConfig, ModelConfig
 from scheduler.errors import BadRequest, CorralError, UnknownModel
 from scheduler.models import runtime
 from scheduler.scheduling.scheduler import Scheduler
@@ -17,6 +22,7 @@ from scheduler.scheduling.scheduler import Scheduler
 log = logging.getLogger("proxy.ops.runtime_models")
 
 SOURCE = "runtime"
+_STEP = 0.25  # how soon a reload is noticed (as the scan's discovery does)
 
 
 class RuntimeModels:
@@ -25,26 +31,68 @@ class RuntimeModels:
         # None: Corral runs without a config file, and runtime models last until it stops.
         self.file = runtime.file_beside(config_path) if config_path is not None else None
         self._models: dict[str, tuple[runtime.RuntimeModel, ModelConfig]] = {}
+        # Entries the rule refuses now (the reason): not served, kept in the file.
+        self.withheld: dict[str, tuple[runtime.RuntimeModel, str]] = {}
+        self._order: list[str] = []  # every entry, served or withheld, as the file has them
         self._lock = asyncio.Lock()
 
     async def restore(self) -> None:
-        """Offer the models the file keeps (those still valid)."""
+        """Offer the models the file keeps (those the rule allows)."""
         if self.file is None:
             return
-        cfg = self._scheduler.configured
-        for entry in await asyncio.to_thread(runtime.read, self.file):
-            try:
-                model = await asyncio.to_thread(runtime.restore, entry, cfg)
-            except CorralError as e:
-                log.warning("runtime models: %s skipped: %s", entry.name, e.message)
+        entries = await asyncio.to_thread(runtime.read, self.file)
+        async with self._lock:
+            self._order = [e.name for e in entries]
+            await self._apply(entries, self._scheduler.configured)
+            if self._models:
+                log.info("runtime models: %s", ", ".join(self._models))
+
+    async def recheck(self) -> None:
+        """Apply the rule again to every entry, served or withheld (after a reload)."""
+        async with self._lock:
+            await self._apply(self._all(), self._scheduler.configured)
+
+    async def watch(self) -> None:
+        """Recheck after each config reload, for as long as the app runs."""
+        seen = self._scheduler.configured
+        while True:
+            await asyncio.sleep(_STEP)
+            now = self._scheduler.configured
+            if now is seen:
                 continue
-            self._models[entry.name] = (entry, model)
-        if self._models:
-            log.info("runtime models: %s", ", ".join(self._models))
+            seen = now
+            try:
+                await self.recheck()
+            except Exception:  # the watch must outlive a bug in one recheck
+                log.exception("runtime models: recheck after a reload failed")
+
+    async def _apply(self, entries: list[runtime.RuntimeModel], cfg: CorralConfig) -> None:
+        served: dict[str, tuple[runtime.RuntimeModel, ModelConfig]] = {}
+        withheld: dict[str, tuple[runtime.RuntimeModel, str]] = {}
+        for entry in entries:
+            try:
+                served[entry.name] = (entry, await asyncio.to_thread(runtime.restore, entry, cfg))
+            except CorralError as e:
+                withheld[entry.name] = (entry, e.message)
+        for name in sorted(withheld.keys() - self.withheld.keys()):
+            log.warning("runtime models: %s withheld (kept in %s, served again when "
+                        "allowed): %s", name, self.file, withheld[name][1])
+        for name in sorted(served.keys() & self.withheld.keys()):
+            log.info("runtime models: %s served again", name)
+        changed = ({n: m for n, (_, m) in served.items()}
+                   != {n: m for n, (_, m) in self._models.items()})
+        self._models, self.withheld = served, withheld
+        if changed:
             await self._offer()
 
     def entries(self) -> list[runtime.RuntimeModel]:
+        """The entries served now."""
         return [e for e, _ in self._models.values()]
+
+    def _all(self) -> list[runtime.RuntimeModel]:
+        found = {**{n: e for n, (e, _) in self.withheld.items()},
+                 **{n: e for n, (e, _) in self._models.items()}}
+        return [found[n] for n in self._order if n in found]
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
@@ -58,20 +106,30 @@ class RuntimeModels:
         """Make ``name`` from ``base`` with ``params``, offer it and write the file."""
         runtime.check_params(params)  # a protected key is named before anything else
         async with self._lock:
+            if name in self.withheld:
+                raise BadRequest(f"runtime model '{name}' exists, withheld "
+                                 f"({self.withheld[name][1]}); delete it first")
             if name not in self._models and name in self._scheduler.names():
                 raise BadRequest(f"model '{name}' exists already; pick another name")
             cfg = self._scheduler.configured
             entry, model = await asyncio.to_thread(runtime.create, name, base, params, cfg)
             self._models[name] = (entry, model)
+            if name not in self._order:
+                self._order.append(name)
             await self._offer()
             await self._save()
             return entry
 
     async def delete(self, name: str) -> None:
         async with self._lock:
+            if self.withheld.pop(name, None) is not None:
+                self._order.remove(name)
+                await self._save()
+                return
             if name not in self._models:
                 raise UnknownModel(name, list(self._models))
             del self._models[name]
+            self._order.remove(name)
             await self._offer()
             await self._save()
 
@@ -80,4 +138,4 @@ class RuntimeModels:
 
     async def _save(self) -> None:
         if self.file is not None:
-            await asyncio.to_thread(runtime.write, self.file, self.entries())
+            await asyncio.to_thread(runtime.write, self.file, self._all())

@@ -11,7 +11,7 @@ created and again when it is restored.
 
 They are kept in a TOML file beside the config (``<config stem>.runtime.toml``), one
 ``[[models]]`` table each with the file it serves and its parameters, and offered again
-at the next start (a file that has left the roots is skipped with a warning).
+at the next start (an entry the rule refuses then is withheld: proxy/ops/runtime_models.py).
 Blocking: the file functions (callers use threads).
 """
 

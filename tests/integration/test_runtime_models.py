@@ -124,6 +124,54 @@ async def test_a_saved_entry_outside_the_roots_is_skipped_at_start(
     client = await served()
     names = client.app[SCHEDULER].names()
     assert "fine" in names and "outside" not in names and "flagged" not in names
+    listed = await (await client.get("/admin/runtime-models")).json()
+    withheld = {m["name"]: m["reason"] for m in listed["withheld"]}
+    assert "outside the scan roots" in withheld["outside"]
+    assert "'args'" in withheld["flagged"]
+    # Withheld, not lost: a later write keeps them in the file, and a delete removes one.
+    assert (await client.delete("/admin/runtime-models/fine")).status == 200
+    kept = tomllib.loads((tmp_path / "corral.runtime.toml").read_text())["models"]
+    assert [m["name"] for m in kept] == ["outside", "flagged"]
+    assert (await client.delete("/admin/runtime-models/flagged")).status == 200
+    kept = tomllib.loads((tmp_path / "corral.runtime.toml").read_text())["models"]
+    assert [m["name"] for m in kept] == ["outside"]
+
+
+async def test_a_reload_that_drops_the_scan_root_withholds_its_runtime_models_until_back(
+    served: Any, tmp_path: Path
+) -> None:
+    client = await served()
+    resp = await client.post("/admin/runtime-models", json={
+        "name": "tiny-2k", "from": "tiny-model", "ctx_size": 2048})
+    assert resp.status == 201, await resp.text()
+    sched = client.app[SCHEDULER]
+    config = tmp_path / "corral.toml"
+    with_root = config.read_text()
+    without = tomllib.loads(with_root)
+    del without["scheduler"]["scan"]
+    config.write_text(tomli_w.dumps(without))
+    assert (await client.post("/admin/config/reload")).status == 200
+    # The scan's models go with their root, and the runtime model made from one too.
+    await wait_for(lambda: "tiny-2k" not in sched.names(), within=10)
+    chat = {"model": "tiny-2k", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 404
+    listed = await (await client.get("/admin/runtime-models")).json()
+    assert listed["models"] == []
+    assert [m["name"] for m in listed["withheld"]] == ["tiny-2k"]
+    assert "outside the scan roots" in listed["withheld"][0]["reason"]
+    saved = tomllib.loads((tmp_path / "corral.runtime.toml").read_text())["models"]
+    assert [m["name"] for m in saved] == ["tiny-2k"]
+    # A name that is withheld is not taken again by a create.
+    again = await client.post("/admin/runtime-models", json={"name": "tiny-2k", "from": "a"})
+    assert again.status == 400 and "withheld" in (await again.text())
+
+    config.write_text(with_root)
+    assert (await client.post("/admin/config/reload")).status == 200
+    await wait_for(lambda: "tiny-2k" in sched.names(), within=10)
+    assert sched.resolve("tiny-2k").ctx_size == 2048
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+    listed = await (await client.get("/admin/runtime-models")).json()
+    assert [m["name"] for m in listed["models"]] == ["tiny-2k"] and listed["withheld"] == []
 
 
 async def follow(client: Any, op_id: str, until: set[str], within: float = 20.0) -> dict:
