@@ -19,7 +19,7 @@ def make_config(tmp_path: Path, models: list[dict[str, Any]], **sections: Any) -
     out = []
     for m in models:
         m = dict(m)
-        if "path" not in m and "package" not in m and "remotes" not in m:
+        if not {"path", "package", "remotes", "hf_repo"} & m.keys():
             m["path"] = str(write_dummy_gguf(tmp_path / f"{m['name'].replace(':', '_')}.gguf"))
         out.append(m)
     data: dict[str, Any] = {"models": out}

@@ -25,13 +25,14 @@ from proxy.edge.reqlog import note_model
 from proxy.keys import OPERATIONS, RUNTIME_MODELS, SCHEDULER
 from proxy.metrics.registry import METRICS
 from proxy.ops import pulls
-from proxy.ops.operations import Operation, Operations, load_work
+from proxy.ops.operations import Operation, Operations, Work, load_work
 from proxy.ops.runtime_models import RuntimeModels
 from scheduler.config import secrets
 from scheduler.config.root import ModelConfig
 from scheduler.errors import BadRequest, NotFound, UnknownModel
 from scheduler.models.pull import parse_ref
 from scheduler.models.runtime import check_params
+from scheduler.models.sources import materialised_file
 from scheduler.scheduling.scheduler import Scheduler
 
 _EVENT_INTERVAL = 0.25
@@ -85,7 +86,34 @@ def start_load(app: web.Application, name: str) -> Operation:
     for op in ops.of_model(name):
         if not op.done:
             return op
-    return ops.start(name, "load", load_work(app[SCHEDULER], name))
+    return ops.start(name, "load", _with_files(app, name, load_work(app[SCHEDULER], name)))
+
+
+def _with_files(app: web.Application, name: str, then: Work) -> Work:
+    """``then``, after the download of a configured ``hf_repo`` model's file that is not
+    here yet: in the operation (``downloading`` with bytes, cancelled with it), not
+    inside the launch, where a thread would go on downloading after a cancel."""
+    scheduler = app[SCHEDULER]
+
+    async def work(op: Operation) -> None:
+        how = pulls.downloadable(scheduler, name)
+        if how is not None and how[1] is not None and await asyncio.to_thread(
+                materialised_file, how[1]) is None:
+            await _download(app, op, name, how)
+        await then(op)
+    return work
+
+
+async def _download(app: web.Application, op: Operation, name: str, how: pulls.How) -> None:
+    """A pull in an operation: ``downloading`` with its bytes, then ``queued``."""
+    async with contextlib.aclosing(pulls.run_pull(app, name, *how)) as lines:
+        async for batch in lines:
+            for line in batch:
+                if isinstance(line.get("total"), int):
+                    op.state = "downloading"
+                    op.total = int(line["total"])
+                    op.completed = int(str(line.get("completed") or 0))
+    op.state = "queued"
 
 
 async def cancel_model(app: web.Application, name: str) -> dict[str, Any]:
@@ -118,14 +146,7 @@ async def create_runtime(app: web.Application, name: str, source: str,
         check_params(params)
 
         async def work(op: Operation) -> None:
-            async with contextlib.aclosing(pulls.run_pull(app, source, *how)) as lines:
-                async for batch in lines:
-                    for line in batch:
-                        if isinstance(line.get("total"), int):
-                            op.state = "downloading"
-                            op.total = int(line["total"])
-                            op.completed = int(str(line.get("completed") or 0))
-            op.state = "queued"
+            await _download(app, op, source, how)
             await models.create(name, scheduler.resolve(source), params)
             if scale is not None:
                 scheduler.scale_to(name, scale)

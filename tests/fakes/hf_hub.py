@@ -31,6 +31,7 @@ class FakeHub:
         self.cut_after: int | None = None
         self.honour_range = True
         self.chunk_delay = 0.0
+        self.bytes_sent = 0  # file bytes written to clients
         self.app = web.Application()
         self.app.router.add_route("*", "/{owner}/{repo}/resolve/{rev}/{name:.+}", self.resolve)
         self.app.router.add_get("/api/models/{owner}/{repo}/tree/{rev}", self.tree)
@@ -87,8 +88,10 @@ class FakeHub:
         if self.chunk_delay:
             for i in range(0, len(body), 1 << 16):
                 await resp.write(body[i:i + (1 << 16)])
+                self.bytes_sent += len(body[i:i + (1 << 16)])
                 await asyncio.sleep(self.chunk_delay)
         else:
             await resp.write(body)
+            self.bytes_sent += len(body)
         await resp.write_eof()
         return resp

@@ -230,3 +230,34 @@ async def test_a_runtime_models_request_policy_shapes_its_calls(served: Any) -> 
     assert sent[-1]["max_tokens"] == 3
     listed = await (await client.get("/v1/models")).json()
     assert "tiny-capped" not in {m["id"] for m in listed["data"]}
+
+
+async def test_a_configured_hf_models_load_downloads_in_its_operation_and_a_cancel_stops_it(
+    hub: FakeHub, corral: Any, tmp_path: Path
+) -> None:
+    # Before: the file came down inside the launch, in a thread no cancel could stop,
+    # and the operation said "loading" with no bytes.
+    client = await corral(make_config(tmp_path, [
+        {"name": "tiny", "hf_repo": REPO, "hf_file": "Tiny-Q8_0.gguf", "ctx_size": 1024}]))
+    hub.chunk_delay = 0.05  # 3 MiB in 64 KiB chunks: seconds of download
+    resp = await client.post("/admin/models/tiny/load")
+    assert resp.status == 202
+    op = (await resp.json())["operation"]
+    seen = await follow(client, op["id"], {"downloading"})
+    assert 0 <= seen["bytes"]["completed"] < seen["bytes"]["total"]
+    cancelled = await (await client.post(f"/admin/operations/{op['id']}/cancel")).json()
+    assert cancelled["state"] == "cancelled"
+    served = await (await client.get(f"/admin/operations/{op['id']}")).json()
+    assert served["state"] == "cancelled"
+    # Stopped: no byte more comes down once the cancel has answered.
+    sent = hub.bytes_sent
+    await asyncio.sleep(0.3)
+    assert hub.bytes_sent - sent <= 64 << 10  # at most the chunk in flight
+    assert client.app[SCHEDULER].loaded("tiny") == []
+    # Again, quickly: resumed, then launched from the file the pull stored.
+    hub.chunk_delay = 0.0
+    op = (await (await client.post("/admin/models/tiny/load")).json())["operation"]
+    done = await follow(client, op["id"], {"ready", "failed", "cancelled"})
+    assert done["state"] == "ready", done
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 200
