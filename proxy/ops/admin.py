@@ -133,12 +133,18 @@ async def unload(request: web.Request) -> web.Response:
 
 
 async def restart(request: web.Request) -> web.Response:
+    """Unload (the instances drain), then a load to follow, as ``load`` answers (202
+    and its operation); ``?wait=1``: when the new instance is ready."""
     name = _model_name(request)
     scheduler = request.app[SCHEDULER]
     n = await scheduler.unload(name)
-    up = await scheduler.load(name)
-    return web.json_response({"model": name, "stopping": n, "instance": up.instance_id,
-                              "waited_seconds": round(up.waited, 3)})
+    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+        up = await scheduler.load(name)
+        return web.json_response({"model": name, "stopping": n, "instance": up.instance_id,
+                                  "waited_seconds": round(up.waited, 3)})
+    op = lifecycle.start_load(request.app, name)
+    return web.json_response({"model": name, "stopping": n,
+                              "operation": lifecycle.view(request.app, op)}, status=202)
 
 
 async def reset(request: web.Request) -> web.Response:

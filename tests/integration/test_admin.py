@@ -80,10 +80,24 @@ async def test_load_unload_restart_reset_and_drain(corral: Any, tmp_path: Path) 
     )
     client = await corral(cfg)
     first = await post_json(client, "/admin/models/a/load?wait=1")
-    restarted = await post_json(client, "/admin/models/a/restart")
+    restarted = await post_json(client, "/admin/models/a/restart?wait=1")
     assert restarted["stopping"] == 1
     assert restarted["instance"] != first["instance"]
     assert states(client)["a"] == "loaded"
+    # Without wait, at once: the drain begun and a load to follow.
+    again = await post_json(client, "/admin/models/a/restart", status=202)
+    assert again["stopping"] == 1 and again["operation"]["kind"] == "load"
+    op_id = again["operation"]["id"]
+
+    async def ready() -> bool:
+        op = await (await client.get(f"/admin/operations/{op_id}")).json()
+        return bool(op["state"] == "ready" and op["instance"] not in
+                    (first["instance"], restarted["instance"]))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not await ready():
+        assert loop.time() < deadline
+        await asyncio.sleep(0.02)
 
     unloaded = await post_json(client, "/admin/models/a/unload")
     assert unloaded == {"model": "a", "stopping": 1}
