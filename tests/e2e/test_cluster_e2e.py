@@ -50,22 +50,26 @@ def test_two_real_nodes_behind_a_front(corral, gemma: Path) -> None:
                                         stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
-    # Two calls at once, one slot per node: one each.
+    # Two calls at once, one slot per node: one each (long enough, ignore_eos, that
+    # the first cannot end before the second has reached the front).
     before = [served(n) for n in nodes]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(
             lambda k: oc.chat.completions.create(
                 model="gemma", messages=[{"role": "user", "content": f"Count to {k + 3}."}],
-                max_tokens=24),
+                max_tokens=96, extra_body={"ignore_eos": True}),
             range(2)))
     assert all(a.choices[0].message.content for a in answers)
     assert [served(n) - b for n, b in zip(nodes, before, strict=True)] == [1, 1]
 
     # A node drained with SIGTERM finishes its call; the next calls go to the other.
+    # Calls that cannot end early (ignore_eos): a short answer to "Story 0." ended
+    # before both nodes were seen busy at once (two fresh-clone runs on a loaded machine).
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         running = [pool.submit(oc.chat.completions.create, model="gemma",
                                messages=[{"role": "user", "content": f"Story {k}."}],
-                               max_tokens=48) for k in range(2)]
+                               max_tokens=160, extra_body={"ignore_eos": True})
+                   for k in range(2)]
         wait_until(lambda: all(node_state(n)["in_flight"] for n in nodes), timeout=30)
         nodes[0].proc.send_signal(signal.SIGTERM)
         for f in running:
