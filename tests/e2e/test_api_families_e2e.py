@@ -88,10 +88,28 @@ def test_anthropic_tool_use_round_trip(served: CorralProc) -> None:
 def test_openai_responses_on_every_port(served: CorralProc) -> None:
     for base in urls(served):
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        # Kept (the SDK's default): through Corral's store, which answers as OpenAI does
+        # when max_output_tokens cuts the answer short.
         resp = client.responses.create(model="default", input="Hello", max_output_tokens=8)
-        assert resp.status == "completed" and resp.output_text
+        assert resp.output_text and (resp.status == "completed" or (
+            resp.status == "incomplete"
+            and resp.incomplete_details.reason == "max_output_tokens")), resp
+        # previous_response_id: the follow-up's prompt holds the first exchange.
+        again = client.responses.create(model="default", input="And again?",
+                                        max_output_tokens=8, previous_response_id=resp.id)
+        assert again.output_text and resp.usage and again.usage
+        assert again.usage.input_tokens > resp.usage.input_tokens + resp.usage.output_tokens
         kinds = [e.type for e in client.responses.create(
             model="default", input="Hello", max_output_tokens=8, stream=True)]
+        assert kinds[0] == "response.created"
+        assert kinds[-1] in ("response.completed", "response.incomplete")
+        assert "response.output_text.delta" in kinds
+        # Not kept (store false): llama-server's own Responses, passed through.
+        resp = client.responses.create(model="default", input="Hello", max_output_tokens=8,
+                                       store=False)
+        assert resp.status == "completed" and resp.output_text
+        kinds = [e.type for e in client.responses.create(
+            model="default", input="Hello", max_output_tokens=8, stream=True, store=False)]
         assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
         assert "response.output_text.delta" in kinds
         r = httpx.post(base + "/v1/responses/input_tokens",

@@ -331,9 +331,36 @@ async def test_a_family_the_upstream_speaks_stays_the_pass_through(ports: Any) -
     # As it came, but for the slot the slot cache chose for it.
     assert [c["path"] for c in calls] == ["/v1/messages"]
     assert calls[-1]["body"] == {"id_slot": 0, **body}
-    r = await ports.openai.post("/v1/responses", json={"model": "native", "input": "a"})
+    r = await ports.openai.post("/v1/responses", json={"model": "native", "input": "a",
+                                                       "store": False})
     assert r.status == 200 and "X-Corral-Translated" not in r.headers
     assert (await seen(ports, "native"))[-1]["path"] == "/v1/responses"
+
+
+async def test_responses_to_keep_go_through_corrals_store_on_an_undeclared_upstream(
+    ports: Any, oai: Any
+) -> None:
+    """llama-server keeps no Responses: with ``api`` undeclared, a call to be kept (no
+    ``store: false``, as the OpenAI SDK sends by default) is translated and kept by
+    Corral, so that a later ``previous_response_id`` works, streamed or not."""
+    client = oai(ports.openai)
+    first = await client.responses.create(model="native", input="a b")
+    assert first.output_text.startswith("a b")  # the fake echoes the prompt
+    calls = await seen(ports, "native")
+    assert calls[-1]["path"] == "/v1/chat/completions"
+    # The follow-up carries the first exchange before its own input.
+    stream = await client.responses.create(model="native", input="c d",
+                                           previous_response_id=first.id, stream=True)
+    kinds = [event.type async for event in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    sent = (await seen(ports, "native"))[-1]
+    assert sent["path"] == "/v1/chat/completions"
+    assert [(m["role"], m["content"]) for m in sent["body"]["messages"]] == [
+        ("user", "a b"), ("assistant", first.output_text), ("user", "c d")]
+    # An id Corral never made: the 400 says so (not the upstream's).
+    r = await ports.openai.post("/v1/responses", json={
+        "model": "native", "input": "e", "previous_response_id": "resp_nope"})
+    assert r.status == 400 and "resp_nope" in (await r.json())["error"]["message"]
 
 
 async def test_an_undeclared_upstream_is_probed_once(
@@ -348,7 +375,7 @@ async def test_an_undeclared_upstream_is_probed_once(
                                            messages=[{"role": "user", "content": "a b"}])
         assert msg.content[0].text == "a b"  # type: ignore[union-attr]
     resp = await oai(ports.ollama).responses.create(model="undeclared", input="c",
-                                                    max_output_tokens=1)
+                                                    max_output_tokens=1, store=False)
     assert resp.output_text == "c"
     # The refused calls never reach a handler of the fake, which lists only the others.
     paths = [c["path"] for c in await seen(ports, "undeclared")]
@@ -464,7 +491,8 @@ async def test_a_missing_model_is_not_a_missing_route_and_whole_answers_stream(
         r = await ports.openai.post("/v1/messages", json=body)
         # Relayed in Anthropic's envelope (a 404 upstream reads as 502, as everywhere).
         assert r.status == 502 and "does not exist" in (await r.json())["error"]["message"]
-    r = await ports.openai.post("/v1/responses", json={"model": "undeclared", "input": "a"})
+    r = await ports.openai.post("/v1/responses", json={"model": "undeclared", "input": "a",
+                                                       "store": False})
     assert r.status == 404 and (await r.json())["message"] == "The model `m` does not exist."
     assert hits == ["/v1/messages", "/v1/messages", "/v1/responses"]
     r = await ports.openai.post("/v1/messages", json={**body, "model": "whole", "stream": True})

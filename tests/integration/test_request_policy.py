@@ -69,8 +69,9 @@ async def _every_family(ports: Any, model: str) -> list[str]:
                                                 "max_completion_tokens": 200,
                                                 "stream": True}),
         (ports.openai, "/v1/messages", {"model": model, "messages": ask, "max_tokens": 200}),
+        # Not kept (store false): the pass-through, in Responses' own shape.
         (ports.openai, "/v1/responses", {"model": model, "input": "a b c",
-                                         "max_output_tokens": 200}),
+                                         "max_output_tokens": 200, "store": False}),
         (ports.ollama, "/api/chat", {"model": model, "messages": ask, "stream": False,
                                      "options": {"num_predict": 200}}),
         (ports.ollama, "/api/generate", {"model": model, "prompt": "a b c", "stream": False,

@@ -53,7 +53,7 @@ async def test_a_client_that_hangs_up_on_response_completed_is_not_counted_as_go
     # The fake waits FAKE_TOKEN_DELAY after each event, the last one too.
     ports = await corral_ports(make_config(
         tmp_path, [{"name": "m", "env": {"FAKE_TOKEN_DELAY": "0.3"}}]))
-    body = json.dumps({"model": "m", "input": "Say hello.", "stream": True,
+    body = json.dumps({"model": "m", "input": "Say hello.", "stream": True, "store": False,
                        "max_output_tokens": 2}).encode()
     await hang_up_after(ports.openai, body, b"event: response.completed")
     # Mid-stream: the client went away, 499.

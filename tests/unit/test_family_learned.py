@@ -50,3 +50,28 @@ def test_learned_per_upstream_and_family_bounded() -> None:
 ])
 def test_route_api(family: str, path: str, api: str | None) -> None:
     assert route_api(family, path) == api  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("body", "api", "now"), [
+    # Kept (no store: false) on an undeclared api: Corral's store, translated at once.
+    (b'{"model": "m", "input": "a"}', None, True),
+    (b'{"model": "m", "input": "a", "store": true}', None, True),
+    # Not kept: llama-server's own Responses, decided per upstream at send time.
+    (b'{"model": "m", "input": "a", "store": false}', None, False),
+    # A declared api that speaks Responses: the pass-through, kept or not.
+    (b'{"model": "m", "input": "a"}', ("chat", "responses"), False),
+    # A declared api without it: translated at once, as always.
+    (b'{"model": "m", "input": "a", "store": false}', ("chat",), True),
+])
+def test_which_responses_calls_are_translated_before_the_lease(
+    body: bytes, api: tuple[str, ...] | None, now: bool
+) -> None:
+    from proxy.dialects.families import bridge
+    from proxy.dialects.families.learned import FamilyState
+    from scheduler.config.root import ModelConfig
+
+    cfg = ModelConfig(name="m", path="/x.gguf", api=list(api) if api else None)
+    b = bridge.of("responses", "/v1/responses", "/v1/responses", body, FamilyState(), cfg)
+    assert b is not None and b.translated_now is now
+    if now:
+        assert b.translated()["messages"][-1] == {"role": "user", "content": "a"}

@@ -89,6 +89,7 @@ class Bridge:
         self._ask: Any = None
         # Translated before any lease: the model's api lacks the family.
         self.translated_now = False
+        self._keep_asked: bool | None = None
 
     def wrap(self, spec: upstream.Call) -> tuple[upstream.Call, upstream.Consume[
             web.StreamResponse]]:
@@ -96,8 +97,17 @@ class Bridge:
 
     def _translating(self, up: Upstream) -> bool:
         if up.apis is None:
-            return self._learned.lacks(_key(up), self.api)
+            # llama-server keeps no Responses: a call that is to be kept (store is not
+            # false) goes through Corral's store, which translates to chat.
+            return self._kept() or self._learned.lacks(_key(up), self.api)
         return self.api not in up.apis
+
+    def _kept(self) -> bool:
+        """A Responses call the server is to keep, for a later previous_response_id."""
+        if self._keep_asked is None:
+            self._keep_asked = (self.family == "responses" and not self.count
+                                and jsonc.loads_object(self._body).get("store") is not False)
+        return self._keep_asked
 
     def via(self, up: Upstream) -> upstream.Call | None:
         """The call to send to ``up``: None for the pass-through."""
@@ -319,6 +329,13 @@ def of(family: Family, path: str, upstream_path: str, body: bytes | bytearray | 
     bridge = Bridge(family, path, body, state)
     if declared is not None and bridge.api not in declared:
         bridge._need_chat(cfg.name, declared)
+        bridge.translated()
+        bridge.translated_now = True
+    elif declared is None and bridge._kept():
+        # A Responses call to keep goes through Corral's store on any upstream of an
+        # undeclared api (Bridge._translating): translated now, an unknown
+        # previous_response_id refused before a lease, and the call's chain of prefixes
+        # the chat's, which holds the stored conversation.
         bridge.translated()
         bridge.translated_now = True
     return bridge
