@@ -186,7 +186,7 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 call_id=head.call_id,
             )
             bridge = families_bridge.of(route.family, request.path, spec.path, body,
-                                        request.app[FAMILIES], cfg)
+                                        request.app[FAMILIES], cfg, head.store)
             if bridge is not None:
                 if bridge.translated_now and spec.hints is not None and spec.hints.chain:
                     # Always translated (the model's api lacks the family): its chain is

@@ -253,6 +253,11 @@ def _sse_line(raw: bytes) -> dict[str, Any] | None:
         return {"error": obj}
     else:
         return None
+    return sse_json(data)
+
+
+def sse_json(data: bytes) -> dict[str, Any] | None:
+    """One event's data parsed; None, logged, for one that is no JSON object."""
     try:
         event = _decode(data)
     except (msgspec.DecodeError, RecursionError):

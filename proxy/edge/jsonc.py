@@ -68,6 +68,8 @@ class Head(msgspec.Struct):
     # Xinference's clients name a call by a body field (generate_config's
     # ``request_id``) where others send X-Request-Id: its abort route finds it so.
     request_id: Any = None
+    # Responses' ``store`` (false: the server keeps nothing of the call).
+    store: Any = None
     # The prompt's parts, kept as raw bytes: they are only hashed (chain()).
     messages: list[msgspec.Raw] | None = None
     tools: msgspec.Raw = msgspec.Raw()

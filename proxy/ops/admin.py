@@ -138,7 +138,7 @@ async def restart(request: web.Request) -> web.Response:
     name = _model_name(request)
     scheduler = request.app[SCHEDULER]
     n = await scheduler.unload(name)
-    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+    if lifecycle.waits(request):
         up = await scheduler.load(name)
         return web.json_response({"model": name, "stopping": n, "instance": up.instance_id,
                                   "waited_seconds": round(up.waited, 3)})

@@ -175,10 +175,15 @@ def _served(scheduler: Scheduler, name: str) -> ModelConfig | None:
 # -- admin handlers -------------------------------------------------------------------
 
 
+def waits(request: web.Request) -> bool:
+    """``?wait=1``: answer when the instance is ready, not with an operation."""
+    return request.query.get("wait", "").lower() in ("1", "true", "yes")
+
+
 async def load(request: web.Request) -> web.Response:
     """At once, an operation to follow (202); ``?wait=1``: when an instance is ready."""
     name = model_name(request)
-    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+    if waits(request):
         up = await request.app[SCHEDULER].load(name)
         return web.json_response({"model": up.model, "instance": up.instance_id,
                                   "waited_seconds": round(up.waited, 3)})
@@ -236,7 +241,7 @@ async def runtime_list(request: web.Request) -> web.Response:
         "file": str(models.file) if models.file else None,
         "models": [e.as_table() for e in models.entries()],
         # Kept in the file, not served: what the rule refuses now, and why.
-        "withheld": [{**e.as_table(), "reason": why} for e, why in models.withheld.values()]})
+        "withheld": [{**e.as_table(), "reason": why} for e, why in models.withheld()]})
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

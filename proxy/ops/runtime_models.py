@@ -30,10 +30,11 @@ class RuntimeModels:
         self._scheduler = scheduler
         # None: Corral runs without a config file, and runtime models last until it stops.
         self.file = runtime.file_beside(config_path) if config_path is not None else None
-        self._models: dict[str, tuple[runtime.RuntimeModel, ModelConfig]] = {}
-        # Entries the rule refuses now (the reason): not served, kept in the file.
-        self.withheld: dict[str, tuple[runtime.RuntimeModel, str]] = {}
-        self._order: list[str] = []  # every entry, served or withheld, as the file has them
+        # Every entry, served or withheld, in the file's order.
+        self._entries: dict[str, runtime.RuntimeModel] = {}
+        # The served ones' models; the withheld ones' reasons (the rule refuses them now).
+        self._models: dict[str, ModelConfig] = {}
+        self._withheld: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
     async def restore(self) -> None:
@@ -42,15 +43,15 @@ class RuntimeModels:
             return
         entries = await asyncio.to_thread(runtime.read, self.file)
         async with self._lock:
-            self._order = [e.name for e in entries]
-            await self._apply(entries, self._scheduler.configured)
+            self._entries = {e.name: e for e in entries}
+            await self._apply(self._scheduler.configured)
             if self._models:
                 log.info("runtime models: %s", ", ".join(self._models))
 
     async def recheck(self) -> None:
         """Apply the rule again to every entry, served or withheld (after a reload)."""
         async with self._lock:
-            await self._apply(self._all(), self._scheduler.configured)
+            await self._apply(self._scheduler.configured)
 
     async def watch(self) -> None:
         """Recheck after each config reload, for as long as the app runs."""
@@ -66,76 +67,69 @@ class RuntimeModels:
             except Exception:  # the watch must outlive a bug in one recheck
                 log.exception("runtime models: recheck after a reload failed")
 
-    async def _apply(self, entries: list[runtime.RuntimeModel], cfg: CorralConfig) -> None:
-        served: dict[str, tuple[runtime.RuntimeModel, ModelConfig]] = {}
-        withheld: dict[str, tuple[runtime.RuntimeModel, str]] = {}
-        for entry in entries:
+    async def _apply(self, cfg: CorralConfig) -> None:
+        served: dict[str, ModelConfig] = {}
+        withheld: dict[str, str] = {}
+        for name, entry in self._entries.items():
             try:
-                served[entry.name] = (entry, await asyncio.to_thread(runtime.restore, entry, cfg))
+                served[name] = await asyncio.to_thread(runtime.restore, entry, cfg)
             except CorralError as e:
-                withheld[entry.name] = (entry, e.message)
-        for name in sorted(withheld.keys() - self.withheld.keys()):
+                withheld[name] = e.message
+        for name in sorted(withheld.keys() - self._withheld.keys()):
             log.warning("runtime models: %s withheld (kept in %s, served again when "
-                        "allowed): %s", name, self.file, withheld[name][1])
-        for name in sorted(served.keys() & self.withheld.keys()):
+                        "allowed): %s", name, self.file, withheld[name])
+        for name in sorted(served.keys() & self._withheld.keys()):
             log.info("runtime models: %s served again", name)
-        changed = ({n: m for n, (_, m) in served.items()}
-                   != {n: m for n, (_, m) in self._models.items()})
-        self._models, self.withheld = served, withheld
+        changed = served != self._models
+        self._models, self._withheld = served, withheld
         if changed:
             await self._offer()
 
     def entries(self) -> list[runtime.RuntimeModel]:
         """The entries served now."""
-        return [e for e, _ in self._models.values()]
+        return [self._entries[n] for n in self._models]
 
-    def _all(self) -> list[runtime.RuntimeModel]:
-        found = {**{n: e for n, (e, _) in self.withheld.items()},
-                 **{n: e for n, (e, _) in self._models.items()}}
-        return [found[n] for n in self._order if n in found]
+    def withheld(self) -> list[tuple[runtime.RuntimeModel, str]]:
+        """The entries the rule refuses now, with the reason."""
+        return [(self._entries[n], why) for n, why in self._withheld.items()]
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
 
     def get(self, name: str) -> runtime.RuntimeModel | None:
-        found = self._models.get(name)
-        return found[0] if found is not None else None
+        return self._entries[name] if name in self._models else None
 
     async def create(self, name: str, base: ModelConfig, params: dict[str, object]
                      ) -> runtime.RuntimeModel:
         """Make ``name`` from ``base`` with ``params``, offer it and write the file."""
         runtime.check_params(params)  # a protected key is named before anything else
         async with self._lock:
-            if name in self.withheld:
+            if name in self._withheld:
                 raise BadRequest(f"runtime model '{name}' exists, withheld "
-                                 f"({self.withheld[name][1]}); delete it first")
+                                 f"({self._withheld[name]}); delete it first")
             if name not in self._models and name in self._scheduler.names():
                 raise BadRequest(f"model '{name}' exists already; pick another name")
             cfg = self._scheduler.configured
             entry, model = await asyncio.to_thread(runtime.create, name, base, params, cfg)
-            self._models[name] = (entry, model)
-            if name not in self._order:
-                self._order.append(name)
+            self._entries[name] = entry
+            self._models[name] = model
             await self._offer()
             await self._save()
             return entry
 
     async def delete(self, name: str) -> None:
         async with self._lock:
-            if self.withheld.pop(name, None) is not None:
-                self._order.remove(name)
-                await self._save()
-                return
-            if name not in self._models:
+            if name not in self._entries:
                 raise UnknownModel(name, list(self._models))
-            del self._models[name]
-            self._order.remove(name)
-            await self._offer()
+            del self._entries[name]
+            self._withheld.pop(name, None)
+            if self._models.pop(name, None) is not None:
+                await self._offer()
             await self._save()
 
     async def _offer(self) -> None:
-        await self._scheduler.set_dynamic_models(SOURCE, [m for _, m in self._models.values()])
+        await self._scheduler.set_dynamic_models(SOURCE, list(self._models.values()))
 
     async def _save(self) -> None:
         if self.file is not None:
-            await asyncio.to_thread(runtime.write, self.file, self._all())
+            await asyncio.to_thread(runtime.write, self.file, list(self._entries.values()))

@@ -71,7 +71,10 @@ def test_which_responses_calls_are_translated_before_the_lease(
     from scheduler.config.root import ModelConfig
 
     cfg = ModelConfig(name="m", path="/x.gguf", api=list(api) if api else None)
-    b = bridge.of("responses", "/v1/responses", "/v1/responses", body, FamilyState(), cfg)
+    from proxy.edge import jsonc
+
+    b = bridge.of("responses", "/v1/responses", "/v1/responses", body, FamilyState(), cfg,
+                  jsonc.head(body).store)
     assert b is not None and b.translated_now is now
     if now:
         assert b.translated()["messages"][-1] == {"role": "user", "content": "a"}

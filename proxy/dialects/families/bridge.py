@@ -30,7 +30,6 @@ from types import ModuleType
 from typing import Any
 
 import aiohttp
-import msgspec
 from aiohttp import web
 
 from proxy.calls import upstream
@@ -38,6 +37,7 @@ from proxy.calls.streaming import (
     error_answer,
     is_event_stream,
     relay,
+    sse_json,
     stream_response,
     upstream_data_batches,
 )
@@ -77,7 +77,7 @@ class Bridge:
     consumer that answers the client."""
 
     def __init__(self, family: Family, path: str, body: bytes | bytearray,
-                 state: FamilyState) -> None:
+                 state: FamilyState, store: object = None) -> None:
         self.family = family
         self._state = state
         self._learned = state.learned
@@ -89,7 +89,9 @@ class Bridge:
         self._ask: Any = None
         # Translated before any lease: the model's api lacks the family.
         self.translated_now = False
-        self._keep_asked: bool | None = None
+        # A Responses call the server is to keep, for a later previous_response_id
+        # (``store`` as the body's head has it: absent means keep).
+        self.kept = family == "responses" and not self.count and store is not False
 
     def wrap(self, spec: upstream.Call) -> tuple[upstream.Call, upstream.Consume[
             web.StreamResponse]]:
@@ -99,15 +101,8 @@ class Bridge:
         if up.apis is None:
             # llama-server keeps no Responses: a call that is to be kept (store is not
             # false) goes through Corral's store, which translates to chat.
-            return self._kept() or self._learned.lacks(_key(up), self.api)
+            return self.kept or self._learned.lacks(_key(up), self.api)
         return self.api not in up.apis
-
-    def _kept(self) -> bool:
-        """A Responses call the server is to keep, for a later previous_response_id."""
-        if self._keep_asked is None:
-            self._keep_asked = (self.family == "responses" and not self.count
-                                and jsonc.loads_object(self._body).get("store") is not False)
-        return self._keep_asked
 
     def via(self, up: Upstream) -> upstream.Call | None:
         """The call to send to ``up``: None for the pass-through."""
@@ -221,7 +216,7 @@ class Bridge:
                                 if frame is not None:
                                     frames.append(frame)
                                     continue
-                        chunk = _chunk(data)
+                        chunk = sse_json(data)
                         if chunk is None:
                             continue
                         if "error" in chunk:
@@ -316,8 +311,9 @@ def refuse_undeclared(family: Family, upstream_path: str, cfg: ModelConfig) -> N
 
 
 def of(family: Family, path: str, upstream_path: str, body: bytes | bytearray | None,
-       state: FamilyState, cfg: ModelConfig) -> Bridge | None:
+       state: FamilyState, cfg: ModelConfig, store: object = None) -> Bridge | None:
     """The bridge of a route's call; None for a family that is never translated.
+    ``store`` is the body's own (read with its head), None when absent.
 
     When the model's ``api`` lacks the family, the body is translated now, so a call
     that cannot be is refused before a lease launches anything; a call of another
@@ -326,12 +322,12 @@ def of(family: Family, path: str, upstream_path: str, body: bytes | bytearray | 
     if family not in _FAMILIES or body is None:
         refuse_undeclared(family, upstream_path, cfg)
         return None
-    bridge = Bridge(family, path, body, state)
+    bridge = Bridge(family, path, body, state, store)
     if declared is not None and bridge.api not in declared:
         bridge._need_chat(cfg.name, declared)
         bridge.translated()
         bridge.translated_now = True
-    elif declared is None and bridge._kept():
+    elif declared is None and bridge.kept:
         # A Responses call to keep goes through Corral's store on any upstream of an
         # undeclared api (Bridge._translating): translated now, an unknown
         # previous_response_id refused before a lease, and the call's chain of prefixes
@@ -366,18 +362,6 @@ async def _once(batch: list[bytes]) -> Any:
     yield batch
 
 
-_decode = msgspec.json.Decoder().decode
-
-
-def _chunk(data: bytes) -> dict[str, Any] | None:
-    """One upstream event parsed whole; None, logged, for one that is no JSON object
-    (as the SSE reader skips it for the pass-through's usage tap)."""
-    try:
-        event = _decode(data)
-    except (msgspec.DecodeError, RecursionError):
-        log.warning("unparseable SSE data from upstream: %.200r", data)
-        return None
-    return event if isinstance(event, dict) else None
 
 
 def _as_chunk(answer: Any) -> dict[str, Any]:
