@@ -172,31 +172,34 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 if looped is not None:
                     return looped
             path = route.upstream or request.path
+            hints = hints_for(scheduler, model, head)
+            feedback_kind = feedback(request, cfg, route.family, head.streaming,
+                                     route.capability)
+            fit = context.of(path, body, family=route.family)
+            bridge = families_bridge.of(route.family, request.path, path, body,
+                                        request.app[FAMILIES], cfg, head.store)
+            if (bridge is not None and bridge.translated_now and hints is not None
+                    and hints.chain):
+                # Always translated (the model's api lacks the family): its chain is
+                # the chat's, which holds a Responses conversation's history too
+                # (previous_response_id), so follow-ups share their past's prefixes.
+                hints = dataclasses.replace(hints, chain=jsonc.chain_of(bridge.translated()))
             spec = upstream.Call(
                 model=model,
                 path=path,
                 body=body,
                 headers=_headers(request, route.family),
-                hints=hints_for(scheduler, model, head),
+                hints=hints,
                 method=route.method,
                 query=request.query_string,
-                feedback=feedback(request, cfg, route.family, head.streaming,
-                                  route.capability),
-                fit=context.of(path, body, family=route.family),
+                feedback=feedback_kind,
+                fit=fit,
                 call_id=head.call_id,
-            )
-            bridge = families_bridge.of(route.family, request.path, spec.path, body,
-                                        request.app[FAMILIES], cfg, head.store)
-            if bridge is not None:
-                if bridge.translated_now and spec.hints is not None and spec.hints.chain:
-                    # Always translated (the model's api lacks the family): its chain is
-                    # the chat's, which holds a Responses conversation's history too
-                    # (previous_response_id), so follow-ups share their past's prefixes.
-                    spec = dataclasses.replace(spec, hints=dataclasses.replace(
-                        spec.hints, chain=jsonc.chain_of(bridge.translated())))
                 # Translated to chat for an upstream that lacks the family.
-                spec, consume = bridge.wrap(spec)
-                return await upstream.answer(request, route.family, spec, consume)
+                via=bridge.via if bridge is not None else None,
+            )
+            if bridge is not None:
+                return await upstream.answer(request, route.family, spec, bridge.consume)
             return await upstream.answer(request, route.family, spec, relay)
 
     return handle

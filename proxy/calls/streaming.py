@@ -100,6 +100,11 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     client.answered = True
     assert client.request is not None, "relay answers an HTTP request"
     await out.prepare(client.request)
+    if resp.content.at_eof():
+        # The whole answer came in one read: it goes out with the end, in one send.
+        reqlog.mark_ended()
+        await out.write_eof(first)
+        return out
     if sse and _ends(first):
         reqlog.mark_ended()
     await out.write(first)
@@ -143,8 +148,7 @@ async def _relay_into(
     if resp.status != 200:
         err = upstream_error_body(resp.status, await resp.read())
         client.answered = True
-        await out.write(stream_error_event(err, client.family))
-        await out.write_eof()
+        await out.write_eof(stream_error_event(err, client.family))
         return out
     first = await resp.content.readany()
     client.answered = True
@@ -152,6 +156,10 @@ async def _relay_into(
     if info is not None:
         # Time to first token is the answer's, not the loading feedback's.
         info.first_byte = time.perf_counter()
+    if resp.content.at_eof():
+        reqlog.mark_ended()
+        await out.write_eof(first)
+        return out
     if _ends(first):
         reqlog.mark_ended()
     await out.write(first)
@@ -163,8 +171,14 @@ async def _pump(
     out: web.StreamResponse, up: Upstream, resp: aiohttp.ClientResponse, client: Client,
     sse: bool,
 ) -> None:
+    content = resp.content
     try:
-        async for chunk in resp.content.iter_any():
+        while chunk := await content.readany():
+            if content.at_eof():
+                # The upstream's last read: its bytes go out with the end, in one send.
+                reqlog.mark_ended()
+                await out.write_eof(chunk)
+                return
             if sse and _ends(chunk):
                 reqlog.mark_ended()
             await out.write(chunk)
@@ -460,7 +474,5 @@ async def write_stream(
         out = await start()
     # The last item (Ollama's done line) is written and nothing waited since.
     reqlog.mark_ended()
-    if not ndjson and not failed:
-        await out.write(sse_event("[DONE]"))
-    await out.write_eof()
+    await out.write_eof(sse_event("[DONE]") if not ndjson and not failed else b"")
     return out

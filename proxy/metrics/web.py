@@ -92,16 +92,28 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 
 def _time_first_write(response: web.StreamResponse, info: RequestInfo) -> None:
-    # A wrapper on this one response, removed by its first call: the later chunks of
-    # a stream go straight to aiohttp and cost nothing extra.
-    write = response.write
+    # Wrappers on this one response, removed by the first call of either: the later
+    # chunks of a stream go straight to aiohttp and cost nothing extra. A stream whose
+    # whole answer came in one read goes out with its end (write_eof with data).
+    write, write_eof = response.write, response.write_eof
+
+    def unwrap() -> None:
+        del response.write
+        del response.write_eof
 
     async def first_write(data: bytes | bytearray | memoryview) -> None:
         info.first_byte = time.perf_counter()
-        del response.write
+        unwrap()
         await write(data)
 
+    async def first_eof(data: bytes = b"") -> None:
+        if data:
+            info.first_byte = time.perf_counter()
+        unwrap()
+        await write_eof(data)
+
     response.write = first_write  # type: ignore[method-assign]
+    response.write_eof = first_eof  # type: ignore[method-assign]
 
 
 def install(app: web.Application) -> None:

@@ -140,6 +140,44 @@ async def test_streams_record_time_to_first_byte(corral_ports: Any, tmp_path: Pa
     assert value(s, "corral_request_duration_seconds_sum", **labels) > ttft + 0.3
 
 
+_ONE_READ = b"".join(
+    b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": t}}]}).encode()
+    + b"\n\n" for t in ("Hel", "lo")) + b"data: [DONE]\n\n"
+
+
+async def test_a_stream_that_came_in_one_read_goes_out_whole_and_is_timed(
+    corral_ports: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """An upstream stream read whole at once (a short answer; a fast remote) goes to the
+    client with its end in one send: still every byte, a 200, and a first byte timed."""
+    from aiohttp import web
+
+    async def whole(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=_ONE_READ, content_type="text/event-stream")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", whole)
+    app.router.add_get("/v1/models", models)
+    remote = await aiohttp_server(app)
+    cfg = make_config(tmp_path, [{"name": "r", "remotes": [str(remote.make_url(""))]}])
+    ports = await corral_ports(cfg)
+    for _ in range(3):
+        resp = await ports.openai.post("/v1/chat/completions", json=chat("r", True))
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert await resp.read() == _ONE_READ
+    s = await scrape(ports.openai)
+    labels = {"model": "r", "dialect": "openai", "endpoint": "/v1/chat/completions",
+              "status": "200"}
+    assert value(s, "corral_requests_total", **labels) == 3
+    labels.pop("status")
+    assert value(s, "corral_time_to_first_token_seconds_count", **labels) == 3
+
+
 async def test_request_ids_are_returned_and_client_ids_kept(
     corral_ports: Any, tmp_path: Path
 ) -> None:

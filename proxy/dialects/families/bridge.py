@@ -21,7 +21,6 @@ chat upstream, for the price of one generated token.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -92,10 +91,6 @@ class Bridge:
         # A Responses call the server is to keep, for a later previous_response_id
         # (``store`` as the body's head has it: absent means keep).
         self.kept = family == "responses" and not self.count and store is not False
-
-    def wrap(self, spec: upstream.Call) -> tuple[upstream.Call, upstream.Consume[
-            web.StreamResponse]]:
-        return dataclasses.replace(spec, via=self.via), self.consume
 
     def _translating(self, up: Upstream) -> bool:
         if up.apis is None:
@@ -177,8 +172,7 @@ class Bridge:
         client.answered = True
         if client.response is not None:
             # Loading feedback has sent the status line: the error is the last event.
-            await client.response.write(stream_error_event(err, self.family))
-            await client.response.write_eof()
+            await client.response.write_eof(stream_error_event(err, self.family))
             return client.response
         headers = {MODEL_HEADER: up.model, TRANSLATED_HEADER: "chat"}
         if self.family == "anthropic":
@@ -239,8 +233,7 @@ class Bridge:
                     client.answered = True
                     data = b"".join(frames)
                     if failed is not None:
-                        await out.write(data + stream_error_event(failed, self.family))
-                        await out.write_eof()
+                        await out.write_eof(data + stream_error_event(failed, self.family))
                         return out
                     if data:
                         await out.write(data)
@@ -252,8 +245,7 @@ class Bridge:
                     # As the relay does: a stalled upstream gets its health checked now.
                     await client.request.app[SCHEDULER].suspect(up.instance_id,
                                                                 "stalled mid-stream")
-                await out.write(stream_error_event(e, self.family))
-                await out.write_eof()
+                await out.write_eof(stream_error_event(e, self.family))
                 return out
         if out is None:
             out = await self._prepare(up, client)
@@ -263,8 +255,7 @@ class Bridge:
         if self.family == "responses":
             self._keep(machine.id, machine.assistant())
         reqlog.mark_ended()
-        await out.write(encode(events))
-        await out.write_eof()
+        await out.write_eof(encode(events))
         return out
 
     async def _prepare(self, up: Upstream, client: Client) -> web.StreamResponse:
