@@ -548,6 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "upstream) and check Corral ≥ 50× its req/s: `python -m venv V && V/bin/pip "
         "install 'litellm[proxy]'`",
     )
+    ap.add_argument(
+        "--floor", action="store_true",
+        help="also measure the floor relay (tests/bench/floor_relay.py: asyncio protocols "
+        "and httptools, no aiohttp): what no Python relay here can beat",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument(
         "--serve-baseline", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS
@@ -589,6 +594,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     url = f"http://127.0.0.1:{port}"
                     pid = stack.enter_context(running("baseline", me, url, tmp, env))
                     targets.append(("baseline", url, pid))
+                if args.floor:
+                    port = free_port()
+                    me = [sys.executable, str(BENCH_DIR / "floor_relay.py"), str(port),
+                          direct_url]
+                    url = f"http://127.0.0.1:{port}"
+                    pid = stack.enter_context(running("floor", me, url, tmp, env))
+                    targets.append(("floor", url, pid))
                 # "corral" is this environment's; each --compare TREE is another tree's
                 # Corral (its proxy/ and scheduler/ first on PYTHONPATH), side by side.
                 for name, tree in [("corral", None), *(_tree(t) for t in args.compare)]:
@@ -633,6 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = verdict(CASES, rows["direct"], rows["corral"], rows.get("baseline"))
     if "litellm" in rows:
         ok &= versus_litellm(CASES, rows["corral"], rows["litellm"])
+        for name in ("baseline", "floor"):
+            if name in rows:  # for scale: what a relay without Corral's features passes
+                print(f"{name} ÷ LiteLLM, req/s: " + ", ".join(
+                    f"{c.name} c={c.connections} {r.rps / max(lite.rps, 1e-9):.0f}×"
+                    for c, r, lite in zip(CASES, rows[name], rows["litellm"], strict=True)))
     if args.json:
         out = {"cases": [asdict(c) | {"script": c.script.name} for c in CASES]}
         out |= {target: [asdict(r) for r in results] for target, results in rows.items()}
