@@ -351,8 +351,8 @@ def baseline_proxy(port: int, upstream: str) -> None:
                 )
             out = web.StreamResponse(status=up.status)
             out.content_type = up.content_type
-            await out.prepare(request)
             try:
+                await out.prepare(request)
                 async for chunk in up.content.iter_any():
                     await out.write(chunk)
                 await out.write_eof()
