@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
@@ -419,16 +419,24 @@ def upstream_batches(
 NDJSON = "application/x-ndjson"
 
 
+class Last(NamedTuple):
+    """A translated stream's closing batch, yielded last: ``write_stream`` sends it with
+    the stream's end, in one send."""
+
+    batch: list[dict[str, Any]] | bytes
+
+
 async def write_stream(
     request: web.Request,
-    batches: AsyncGenerator[list[dict[str, Any]] | bytes, None],
+    batches: AsyncGenerator[list[dict[str, Any]] | bytes | Last, None],
     *,
     ndjson: bool,
     client: Client | None = None,
 ) -> web.StreamResponse:
     """Send translated items as NDJSON lines (Ollama) or SSE events (LM Studio).
 
-    Each batch goes out in one write; a batch may come already encoded (bytes). The
+    Each batch goes out in one write; a batch may come already encoded (bytes), and
+    one marked ``Last`` goes out with the stream's end. The
     response is prepared at the first item, so a CorralError raised before it still
     reaches the error middleware and gets its real status. One raised later becomes the
     last item, ``{"error": ...}`` (Ollama) or an OpenAI-shaped error event (LM Studio),
@@ -454,25 +462,31 @@ async def write_stream(
         return resp
 
     failed = False
+    tail = b""  # the Last batch, held for the end
     async with contextlib.aclosing(batches):
         try:
-            async for batch in batches:
+            async for item in batches:
+                last = isinstance(item, Last)
+                batch = item.batch if isinstance(item, Last) else item
                 if not batch:
                     continue
                 if out is None:
                     out = await start()
-                await out.write(batch if isinstance(batch, bytes)
-                                else b"".join(map(encode, batch)))
+                data = batch if isinstance(batch, bytes) else b"".join(map(encode, batch))
+                if last:
+                    tail = data
+                else:
+                    await out.write(data)
         except CorralError as e:
             if out is None:
                 raise
             log.warning("%s %s failed mid-stream: %s", request.method, request.path, e.message)
             shown = public_message(e)
-            await out.write(encode({"error": shown} if ndjson else stream_error(shown)))
+            tail += encode({"error": shown} if ndjson else stream_error(shown))
             failed = True
     if out is None:
         out = await start()
-    # The last item (Ollama's done line) is written and nothing waited since.
+    # The last item (Ollama's done line) is all there is left and nothing waits now.
     reqlog.mark_ended()
-    await out.write_eof(sse_event("[DONE]") if not ndjson and not failed else b"")
+    await out.write_eof(tail + sse_event("[DONE]") if not ndjson and not failed else tail)
     return out

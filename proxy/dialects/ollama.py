@@ -26,7 +26,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy.calls import context, upstream, vision
 from proxy.calls.modelinfo import MODEL_INFO, ModelInfoCache, embedding
-from proxy.calls.streaming import upstream_batches, upstream_data_batches, write_stream
+from proxy.calls.streaming import Last, upstream_batches, upstream_data_batches, write_stream
 from proxy.dialects import ollama_models, ollama_request, openai, stream_translate, translate
 from proxy.dialects.ollama_models import (
     KeepAlive,
@@ -145,11 +145,11 @@ async def _lines(
     state: OllamaStream,
     started: int,
     load_ns: int,
-) -> AsyncGenerator[list[dict[str, Any]] | bytes, None]:
+) -> AsyncGenerator[list[dict[str, Any]] | bytes | Last, None]:
     async with contextlib.aclosing(batches):
         async for batch in batches:
             yield state.feed_data_batch(batch)
-    yield state.tail(elapsed_ns(started), load_ns)
+    yield Last(state.tail(elapsed_ns(started), load_ns))
 
 
 async def _generate(
