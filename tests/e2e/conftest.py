@@ -4,7 +4,6 @@ real `corral serve` process reached over loopback."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,28 +16,9 @@ import pytest
 from scheduler.config.root import ModelConfig
 from scheduler.installing.install import find_llama_server
 from scheduler.models.sources import resolve_model_file
-from tests.fakes import PortTaken, stop, wait_healthy
+from tests.fakes import PortTaken, free_ports, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: held open together while chosen, so the kernel
-    cannot hand the same one out twice (it did: two ports of one Corral collided)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="session")

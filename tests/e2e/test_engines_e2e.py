@@ -20,8 +20,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, CorralProc, free_port, reaped, wait_until
-from tests.fakes import HERE
+from tests.e2e.conftest import REPO, CorralProc, reaped, wait_until
+from tests.fakes import HERE, free_port
 
 pytestmark = pytest.mark.e2e
 

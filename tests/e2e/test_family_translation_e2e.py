@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, free_port, model_toml, wait_until
-from tests.fakes import stop
+from tests.e2e.conftest import CorralProc, model_toml, wait_until
+from tests.fakes import free_port, stop
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, CorralProc, free_port, model_toml
-from tests.fakes import stop
+from tests.e2e.conftest import REPO, CorralProc, model_toml
+from tests.fakes import free_port, stop
 
 pytestmark = pytest.mark.e2e
 

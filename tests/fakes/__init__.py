@@ -8,8 +8,10 @@ for its command line, its routes and the ``FAKE_*`` fault-injection variables.
 
 from __future__ import annotations
 
+import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +64,45 @@ def write_dummy_gguf(path: Path, architecture: str = "fake") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(header)
     return path
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports for servers a test starts in another process come from below the kernel's
+# ephemeral range: a port found by binding port 0 is in that range, from which every
+# outgoing connection on the machine takes its local port, so between the test's probe
+# and the server's bind any connection could take it (seen: a worker's LM Studio port,
+# "Address already in use", while two suites ran at once). Below the range the kernel
+# hands out no port by itself; a random pick keeps two suites at once apart.
+_PORTS = range(15000, max(15000 + 1000, _ephemeral_low()))
+_given: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, never handed out before by this process, for a
+    server started later (``wait_healthy`` still tells a lost bind apart: PortTaken)."""
+    for _ in range(2000):
+        port = random.choice(_PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # in use, or in TIME_WAIT
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORTS}")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports (``free_port`` never repeats one)."""
+    return [free_port(host) for _ in range(n)]
 
 
 class PortTaken(AssertionError):

@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.bench.bench_proxy import BENCH_DIR, free_port
+from tests.bench.bench_proxy import BENCH_DIR
+from tests.fakes import free_port
 
 CHAT = json.dumps({"id": "c1", "object": "chat.completion", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "Hello."}}]}).encode()

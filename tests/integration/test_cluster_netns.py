@@ -27,7 +27,7 @@ import dns.message
 import dns.rrset
 import pytest
 
-from tests.fakes import fake_binary, stop, write_dummy_gguf
+from tests.fakes import fake_binary, free_port, stop, write_dummy_gguf
 from tests.integration.netns import Netns, require_netns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,12 +48,6 @@ class Proc:
 
     def stop(self) -> None:
         stop(self.proc)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spawn(argv: list[str], cfg: Path, log_path: Path) -> subprocess.Popen[bytes]:

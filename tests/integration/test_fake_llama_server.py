@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,17 +23,11 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.fakes import FAKE_SERVER, fake_binary, write_dummy_gguf
+from tests.fakes import FAKE_SERVER, fake_binary, free_port, write_dummy_gguf
 
 # Every wait is bounded: a broken fake must fail a test, never hang the suite.
 START_WITHIN = 10.0
 EXIT_WITHIN = 5.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -21,16 +21,10 @@ from pathlib import Path
 import httpx
 
 from scheduler.process import limits
-from tests.fakes import wait_healthy, write_dummy_gguf
+from tests.fakes import free_port, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = 256
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _low_limit() -> None:
@@ -38,7 +32,7 @@ def _low_limit() -> None:
 
 
 def test_a_low_limit_is_warned_and_excess_clients_get_503(tmp_path: Path) -> None:
-    port, ollama = _free_port(), _free_port()
+    port, ollama = free_port(), free_port()
     cfg = tmp_path / "corral.toml"
     cfg.write_text(f"[server]\nport = {port}\nollama_port = {ollama}\nlmstudio_enabled = false\n"
                    f'[[models]]\nname = "m"\npath = "{write_dummy_gguf(tmp_path / "m.gguf")}"\n')
@@ -109,7 +103,7 @@ def test_the_handler_passes_other_errors_on() -> None:
 
 def test_idle_keep_alive_connections_are_closed(tmp_path: Path) -> None:
     """[server] keepalive_timeout: an idle client connection is closed by Corral."""
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "corral.toml"
     cfg.write_text(f"[server]\nport = {port}\nollama_enabled = false\nlmstudio_enabled = false\n"
                    "keepalive_timeout = 1.0\n"

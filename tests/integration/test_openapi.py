@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,23 +23,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes import HERE, fake_binary, wait_healthy, write_dummy_gguf
+from tests.fakes import HERE, fake_binary, free_port, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 EXCLUDED = r"^/admin|^/api/(push|create|blobs)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     root = tmp_path_factory.mktemp("openapi")
     fake = fake_binary(root / "bin")
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     models = "".join(
         f'[[models]]\nname = "{name}"\npath = "{write_dummy_gguf(root / f"{name}.gguf")}"\n{extra}'
         for name, extra in (("m", ""), ("emb", "embedding = true\n"), ("rr", "rerank = true\n"),

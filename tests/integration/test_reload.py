@@ -25,8 +25,7 @@ from proxy.ops.reload import RELOADER
 from scheduler.config.root import load_config
 from scheduler.process.instance import State
 from tests.conftest import wait_for
-from tests.e2e.conftest import free_port
-from tests.fakes import stop, wait_healthy, write_dummy_gguf
+from tests.fakes import free_port, stop, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 

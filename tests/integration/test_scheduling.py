@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from proxy.keys import SCHEDULER
 from scheduler.process.instance import ALIVE, State
 from scheduler.scheduling.scheduler import Scheduler
 from tests.conftest import make_config, wait_for
-from tests.fakes import FAKE_SERVER
+from tests.fakes import FAKE_SERVER, free_port
 
 
 def chat(model: str, content: str = "hello there", **kw: Any) -> dict[str, Any]:
@@ -210,19 +209,13 @@ async def test_launch_backoff_grows(corral, tmp_path: Path) -> None:
     assert launch_backoff(50) == 30.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def remote_fake(tmp_path: Path) -> Any:
     """A fake llama-server that Corral does not own, as a remote endpoint."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start() -> tuple[str, subprocess.Popen[bytes]]:
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [sys.executable, str(FAKE_SERVER), "-m", "x.gguf", "--host", "127.0.0.1",
              "--port", str(port), "--parallel", "4", "--alias", "remote-model"],

@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 
 from scheduler.config import secrets
-from tests.e2e.conftest import free_port
-from tests.fakes import fake_binary, wait_healthy, write_dummy_gguf
+from tests.fakes import fake_binary, free_port, wait_healthy, write_dummy_gguf
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-corral-LEAKCHECK-key-1"

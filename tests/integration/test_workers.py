@@ -23,8 +23,7 @@ import httpx
 import pytest
 
 from scheduler.process import limits
-from tests.e2e.conftest import free_port
-from tests.fakes import stop, write_dummy_gguf
+from tests.fakes import free_port, stop, write_dummy_gguf
 from tests.integration import test_pull
 
 # The fake Hugging Face Hub's fixtures, for auto_pull through a worker.
