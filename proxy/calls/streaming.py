@@ -100,15 +100,7 @@ async def relay(up: Upstream, resp: aiohttp.ClientResponse, client: Client) -> w
     client.answered = True
     assert client.request is not None, "relay answers an HTTP request"
     await out.prepare(client.request)
-    if resp.content.at_eof():
-        # The whole answer came in one read: it goes out with the end, in one send.
-        reqlog.mark_ended()
-        await out.write_eof(first)
-        return out
-    if sse and _ends(first):
-        reqlog.mark_ended()
-    await out.write(first)
-    await _pump(out, up, resp, client, sse)
+    await _pump(out, up, resp, client, sse, first)
     return out
 
 
@@ -156,32 +148,28 @@ async def _relay_into(
     if info is not None:
         # Time to first token is the answer's, not the loading feedback's.
         info.first_byte = time.perf_counter()
-    if resp.content.at_eof():
-        reqlog.mark_ended()
-        await out.write_eof(first)
-        return out
-    if _ends(first):
-        reqlog.mark_ended()
-    await out.write(first)
-    await _pump(out, up, resp, client, True)
+    await _pump(out, up, resp, client, True, first)
     return out
 
 
 async def _pump(
     out: web.StreamResponse, up: Upstream, resp: aiohttp.ClientResponse, client: Client,
-    sse: bool,
+    sse: bool, chunk: bytes,
 ) -> None:
+    """Relay ``chunk`` (the first read) and the rest of the answer as it comes."""
     content = resp.content
     try:
-        while chunk := await content.readany():
+        while chunk:
             if content.at_eof():
-                # The upstream's last read: its bytes go out with the end, in one send.
+                # The upstream's last read (or the whole answer, read at once): its
+                # bytes go out with the end, in one send.
                 reqlog.mark_ended()
                 await out.write_eof(chunk)
                 return
             if sse and _ends(chunk):
                 reqlog.mark_ended()
             await out.write(chunk)
+            chunk = await content.readany()
     except ConnectionResetError:
         raise  # a write to a client that went away (aiohttp's is also a ClientError)
     except _UPSTREAM_BROKE as e:

@@ -26,6 +26,7 @@ from proxy.keys import OPERATIONS, RUNTIME_MODELS, SCHEDULER
 from proxy.metrics.registry import METRICS
 from proxy.ops import pulls
 from proxy.ops.operations import Operation, Operations, Work, load_work
+from proxy.ops.reload import RELOADER
 from proxy.ops.runtime_models import RuntimeModels
 from scheduler.config import secrets
 from scheduler.config.root import ModelConfig
@@ -50,14 +51,12 @@ def lifecycle_ctx(config_path: Path | None
         app[RUNTIME_MODELS] = RuntimeModels(app[SCHEDULER], config_path)
         app[_CLOSING] = asyncio.Event()
         await app[RUNTIME_MODELS].restore()
-        watch = asyncio.create_task(app[RUNTIME_MODELS].watch(), name="corral-runtime-models")
+        if RELOADER in app:
+            app[RELOADER].after_reload.append(app[RUNTIME_MODELS].recheck)
         try:
             yield
         finally:
             app[_CLOSING].set()
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
             await app[OPERATIONS].close()
     return ctx
 

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +114,8 @@ class Reloader:
         self._signature: Signature = ()
         self.last: Outcome | None = None
         self.last_error: str | None = None
+        # Run after each reload that applied (runtime models check their rule again).
+        self.after_reload: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def current(self) -> CorralConfig:
@@ -202,6 +204,11 @@ class Reloader:
         if restart:
             log.warning("config keys that take effect only after a restart changed: %s",
                         ", ".join(restart))
+        for hook in self.after_reload:
+            try:
+                await hook()
+            except Exception:  # the reload applied: one follower's bug must not undo that
+                log.exception("after the config reload (%s): %s failed", source, hook)
         return outcome
 
     # -- blocking helpers (run in a thread) ----------------------------------------------

@@ -4,8 +4,8 @@ config. One owner: the main port's app (``RUNTIME_MODELS``).
 
 An entry the rule no longer allows (its file left the scan roots, a reload removed its
 root) is withheld: not served, kept in the file, and checked again at each config
-reload, so that putting the root back serves it again. The rule is applied at start, on
-every reload (``watch``) and on every create.
+reload, so that putting the root back serves it again. The rule is applied at start,
+after every config reload (``recheck``, run by the reloader) and on every create.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from scheduler.scheduling.scheduler import Scheduler
 log = logging.getLogger("proxy.ops.runtime_models")
 
 SOURCE = "runtime"
-_STEP = 0.25  # how soon a reload is noticed (as the scan's discovery does)
 
 
 class RuntimeModels:
@@ -49,23 +48,10 @@ class RuntimeModels:
                 log.info("runtime models: %s", ", ".join(self._models))
 
     async def recheck(self) -> None:
-        """Apply the rule again to every entry, served or withheld (after a reload)."""
+        """Apply the rule again to every entry, served or withheld (after a reload:
+        ``Reloader.after_reload``)."""
         async with self._lock:
             await self._apply(self._scheduler.configured)
-
-    async def watch(self) -> None:
-        """Recheck after each config reload, for as long as the app runs."""
-        seen = self._scheduler.configured
-        while True:
-            await asyncio.sleep(_STEP)
-            now = self._scheduler.configured
-            if now is seen:
-                continue
-            seen = now
-            try:
-                await self.recheck()
-            except Exception:  # the watch must outlive a bug in one recheck
-                log.exception("runtime models: recheck after a reload failed")
 
     async def _apply(self, cfg: CorralConfig) -> None:
         served: dict[str, ModelConfig] = {}
