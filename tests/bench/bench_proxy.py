@@ -587,20 +587,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 upstream = [str(NGINX_UPSTREAM), "--host", "127.0.0.1", "--port", str(port)]
                 stack.enter_context(running("direct", upstream, direct_url, tmp, env))
                 targets: list[tuple[str, str, int | None]] = [("direct", direct_url, None)]
-                if not args.no_baseline:
-                    # The bare relay proxies to the nginx above; Corral starts its own.
+                # The yardsticks relay to the nginx above; Corral starts its own.
+                yardsticks = {
+                    "baseline": None if args.no_baseline else [__file__, "--serve-baseline"],
+                    "floor": [str(BENCH_DIR / "floor_relay.py")] if args.floor else None,
+                }
+                for name, script in yardsticks.items():
+                    if script is None:
+                        continue
                     port = free_port()
-                    me = [sys.executable, __file__, "--serve-baseline", str(port), direct_url]
+                    me = [sys.executable, *script, str(port), direct_url]
                     url = f"http://127.0.0.1:{port}"
-                    pid = stack.enter_context(running("baseline", me, url, tmp, env))
-                    targets.append(("baseline", url, pid))
-                if args.floor:
-                    port = free_port()
-                    me = [sys.executable, str(BENCH_DIR / "floor_relay.py"), str(port),
-                          direct_url]
-                    url = f"http://127.0.0.1:{port}"
-                    pid = stack.enter_context(running("floor", me, url, tmp, env))
-                    targets.append(("floor", url, pid))
+                    pid = stack.enter_context(running(name, me, url, tmp, env))
+                    targets.append((name, url, pid))
                 # "corral" is this environment's; each --compare TREE is another tree's
                 # Corral (its proxy/ and scheduler/ first on PYTHONPATH), side by side.
                 for name, tree in [("corral", None), *(_tree(t) for t in args.compare)]:
