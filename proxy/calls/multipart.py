@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.calls import upstream
+from proxy.calls.call import Call, Client
 from proxy.calls.streaming import relay
 from proxy.dialects.families.bridge import refuse_undeclared
 from proxy.edge import body as bodies
@@ -131,14 +132,14 @@ def handler(family: Family, capability: Capability | None, limit: int, check: Ch
             refuse_undeclared(family, request.path, check(scheduler, model, capability))
             boundary = "corral-" + secrets.token_hex(12)
             parts = _Body(boundary, before, file, reader, count)
-            spec = upstream.Call(
+            spec = Call(
                 model=model, path=request.path, data=parts.payload,
                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
                 replayable=file is None,
             )
 
             async def consume(up: Upstream, resp: aiohttp.ClientResponse,
-                              client: upstream.Client) -> web.StreamResponse:
+                              client: Client) -> web.StreamResponse:
                 if parts.error is not None:
                     # The client's form broke while it streamed on: its error (a 400,
                     # a 413), not the upstream's answer to the cut-short form.

@@ -21,6 +21,7 @@ from typing import Literal
 from aiohttp import web
 
 from proxy.calls import context, multipart, upstream, vision
+from proxy.calls.call import JSON_HEADERS, Call
 from proxy.calls.streaming import relay
 from proxy.dialects import sdapi
 from proxy.dialects.families import bridge as families_bridge
@@ -184,7 +185,7 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 # the chat's, which holds a Responses conversation's history too
                 # (previous_response_id), so follow-ups share their past's prefixes.
                 hints = dataclasses.replace(hints, chain=jsonc.chain_of(bridge.translated()))
-            spec = upstream.Call(
+            spec = Call(
                 model=model,
                 path=path,
                 body=body,
@@ -212,8 +213,8 @@ _FAMILY_HEADERS = {"anthropic": ("anthropic-version", "anthropic-beta")}
 def _headers(request: web.Request, family: Family) -> Mapping[str, str]:
     names = _FAMILY_HEADERS.get(family)
     if not names or not any(n in request.headers for n in names):
-        return upstream.JSON_HEADERS
-    return {**upstream.JSON_HEADERS,
+        return JSON_HEADERS
+    return {**JSON_HEADERS,
             **{n: request.headers[n] for n in names if n in request.headers}}
 
 

@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from proxy.calls.upstream import Client
+from proxy.calls.call import Client
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import reqlog
 from proxy.edge.errors import (

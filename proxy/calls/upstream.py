@@ -2,8 +2,9 @@
 
 ``call()`` owns what every path must get right in the same way: the lease (queue,
 launch, fallbacks, affinity), the time limits, what happens when an upstream fails,
-and the loading feedback of a stream that waits. The dialect supplies a *consumer*,
-which turns the upstream response into the client's answer (a relay, a translation).
+and the loading feedback of a stream that waits (proxy/calls/feedback.py). The dialect
+supplies a *consumer*, which turns the upstream response into the client's answer (a
+relay, a translation).
 
 The rule for failures is one for every family: while the client has received no
 byte of the answer, a call whose upstream failed (refused, reset, died, timed out) is
@@ -26,118 +27,39 @@ to the scheduler, which checks its health at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
-import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from proxy.calls import context, egress, policy, usage
+from proxy.calls import context, egress, feedback, policy, usage
+from proxy.calls.call import Call, Client, ClientLeft, Consume, T
 from proxy.calls.tracking import CANCELLED, Cancelled, Entry, InFlight
 from proxy.edge import jsonc
 from proxy.edge.errors import Family, stream_error_event
 from proxy.edge.reqlog import note_model
 from proxy.keys import CALLS, SCHEDULER, SESSION
-from scheduler.aio import cancel_and_wait
 from scheduler.config.root import ModelConfig
 from scheduler.engines.remote import COOLDOWN_STATUSES
-from scheduler.errors import ContextTooLong, CorralError, UpstreamFailed, UpstreamStalled
+from scheduler.errors import CorralError, UpstreamFailed, UpstreamStalled
 from scheduler.keys import tenants
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Upstream
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # A call is sent at most this many times (the first try included).
 ATTEMPTS = 3
 # ... plus this many times when a consumer asks (SendAgain).
 SEND_AGAIN = 8
-# The first loading-feedback line goes out after this long without a lease.
-FEEDBACK_AFTER = 1.0
-FEEDBACK_EVERY = 1.0
 
 # What a failed upstream looks like from here: no answer, a broken one, or silence.
 BROKE = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
-
-JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
-
-
-class ClientLeft(ConnectionResetError):
-    """The client went away while its answer was written (counted 499)."""
-
-
-@dataclass(slots=True)
-class Client:
-    """The client side of one call, across its attempts."""
-
-    # None for a caller that answers over something else (the LM Studio SDK's
-    # websocket): it has no HTTP response to prepare.
-    request: web.Request | None
-    family: Family
-    # Headers sent: by loading feedback, or by the answer itself.
-    response: web.StreamResponse | None = None
-    # Bytes of the answer have gone out: a failure can no longer be resent.
-    answered: bool = False
-    # The upstream answer being read: what an operator's cancel closes once the answer
-    # flows (proxy/calls/tracking.py).
-    upstream: aiohttp.ClientResponse | None = None
-    # What the last attempt sent (after translation and request policy): a capture
-    # records this body, not the one the client wrote.
-    sent: Any = None
-
-
-Consume = Callable[[Upstream, aiohttp.ClientResponse, Client], Awaitable[T]]
-
-
-class FormData(Protocol):
-    """A body built per attempt (a multipart form), with its ``model`` field set to
-    ``rename`` for an upstream that names the model differently."""
-
-    def __call__(self, rename: str | None = None) -> Any: ...
-
-
-@dataclass(slots=True)
-class Call:
-    """One call to send upstream. Exactly one body: ``body`` (bytes as they came),
-    ``payload`` (a translated body to encode), or ``data`` (built per attempt).
-
-    Treated as immutable (changed with ``dataclasses.replace``) but not frozen: a
-    frozen dataclass sets each of these fields through ``object.__setattr__``, a cost
-    every call paid."""
-
-    model: str
-    path: str
-    body: bytes | bytearray | None = None
-    payload: Any = None
-    data: FormData | None = None
-    headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
-    hints: LeaseHints | None = None
-    method: Literal["GET", "POST"] = "POST"
-    query: str = ""
-    # False for a body that is streamed through and cannot be sent twice.
-    replayable: bool = True
-    # Loading feedback for a stream that waits: None, "comments" or "visible".
-    feedback: Literal["comments", "visible"] | None = None
-    # The call to send instead to the upstream leased for an attempt (None: this one):
-    # a family the upstream lacks goes as a translated chat call (proxy.dialects.families).
-    via: Callable[[Upstream], Call | None] | None = None
-    # Whether the prompt fits the leased instance's context (proxy/calls/context.py);
-    # None: a call that generates nothing.
-    fit: context.Fit | None = None
-    # Another id the call answers to in the in-flight table, besides its request id:
-    # the ``request_id`` an Xinference client put in the body.
-    call_id: str | None = None
-
 
 class SendAgain(Exception):
     """Raised by a consumer that has learned, before answering, that the call must be
@@ -190,7 +112,7 @@ async def _tracked(app: web.Application, calls: InFlight, entry: Entry, client: 
             # Loading feedback had begun the stream: the error is its last event.
             await client.response.write(stream_error_event(err, client.family))
             client.answered = True
-            raise _Ended(err, client.response) from None
+            raise feedback.Ended(err, client.response) from None
         raise err from None
     finally:
         calls.leave(entry, error)
@@ -214,7 +136,7 @@ async def _attempts(scheduler: Scheduler, session: aiohttp.ClientSession, client
     hints = spec.hints
     while True:
         attempt += 1
-        async with _leased(scheduler, spec, hints, client) as up:
+        async with feedback.leased(scheduler, spec, hints, client) as up:
             # Request policy and variants (proxy/calls/policy.py): none, no work.
             shape = (policy.shape_for(scheduler.shapes, spec.model, up.model)
                      if scheduler.shapes else None)
@@ -375,158 +297,12 @@ def _payload(body: bytes | bytearray | None) -> Any:
         return _Slices(body)
 
 
-# --- leases and loading feedback -------------------------------------------------------
-
-
-def _leased(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
-            client: Client) -> contextlib.AbstractAsyncContextManager[Upstream]:
-    if spec.feedback is None or context.quiet(scheduler, spec.model, spec.fit):
-        return _Explained(scheduler.lease(spec.model, hints), spec.fit)
-    return _with_feedback(scheduler, spec, hints, client)
-
-
-class _Explained:
-    """The scheduler's lease, a ContextTooLong given the call's own counts: a class, not
-    one more generator-based context manager around it on every call."""
-
-    __slots__ = ("_fit", "_lease")
-
-    def __init__(self, lease: contextlib.AbstractAsyncContextManager[Upstream],
-                 fit: context.Fit | None) -> None:
-        self._lease = lease
-        self._fit = fit
-
-    async def __aenter__(self) -> Upstream:
-        try:
-            return await self._lease.__aenter__()
-        except ContextTooLong as e:
-            raise context.explained(e, self._fit) from None
-
-    async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                        tb: TracebackType | None) -> bool | None:
-        if isinstance(err, ContextTooLong):
-            context.explained(err, self._fit)  # in place: it goes on as it is
-        try:
-            return await self._lease.__aexit__(kind, err, tb)
-        except ContextTooLong as e:
-            raise context.explained(e, self._fit) from None
-
-
-@contextlib.asynccontextmanager
-async def _with_feedback(scheduler: Scheduler, spec: Call, hints: LeaseHints | None,
-                         client: Client) -> AsyncIterator[Upstream]:
-    feedback = _Feedback(scheduler, spec, client)
-    try:
-        async with scheduler.lease(spec.model, hints) as up:
-            if feedback.stop_now():
-                await feedback.stop()
-            yield up
-    except CorralError as e:
-        if isinstance(e, ContextTooLong):
-            e = context.explained(e, spec.fit)
-        await feedback.stop()
-        if client.response is None or client.answered:
-            raise
-        # The status line is gone: the failure is the stream's last event.
-        await client.response.write(stream_error_event(e, client.family))
-        client.answered = True
-        raise _Ended(e, client.response) from None
-    finally:
-        if feedback.stop_now():
-            await feedback.stop()
-
-
-class _Ended(Exception):
-    """A failure already written to the client as a stream event."""
-
-    def __init__(self, err: CorralError, response: web.StreamResponse) -> None:
-        super().__init__(err.message)
-        self.err = err
-        self.response = response
-
-
-class _Feedback:
-    """SSE lines for a stream that waits for its lease: started by a timer only when
-    the wait lasts, so a call that gets a slot at once costs one timer handle."""
-
-    def __init__(self, scheduler: Scheduler, spec: Call, client: Client) -> None:
-        self._scheduler = scheduler
-        self._spec = spec
-        self._client = client
-        self._started = time.monotonic()
-        self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            FEEDBACK_AFTER, self._start
-        )
-
-    def _start(self) -> None:
-        self._timer = None
-        self._task = asyncio.ensure_future(self._run())
-
-    def stop_now(self) -> bool:
-        """Cancels the timer; whether lines are being sent (then ``stop()`` them): a
-        call leased at once, nearly every call, needs no coroutine for this."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        return self._task is not None
-
-    async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait(task)
-
-    def _what(self) -> str:
-        model = self._spec.model
-        loading = model in self._scheduler.loading()
-        waited = time.monotonic() - self._started
-        if not loading:
-            return f"waiting for a free slot on {model} {waited:.1f} s"
-        expected, elapsed = self._scheduler.load_estimate(model)
-        if expected is None or elapsed is None:
-            return f"loading {model} {waited:.1f} s"
-        # The model's median load time: an honest "about how long" (issue 27).
-        return f"loading {model} {waited:.1f} s (loads take about {expected:.0f} s)"
-
-    async def _run(self) -> None:
-        client = self._client
-        assert client.request is not None, "feedback needs an HTTP response"
-        if client.response is None:
-            out = web.StreamResponse(headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-            out.content_type = "text/event-stream"
-            await out.prepare(client.request)
-            client.response = out
-        out = client.response
-        visible = self._spec.feedback == "visible" and client.family == "openai"
-        while True:
-            what = self._what()
-            if visible:
-                await out.write(_reasoning_chunk(self._spec.model, what))
-            else:
-                await out.write(f": {what}\n\n".encode())
-            await asyncio.sleep(FEEDBACK_EVERY)
-
-
-def _reasoning_chunk(model: str, text: str) -> bytes:
-    chunk = {
-        "id": "corral-loading", "object": "chat.completion.chunk", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": {"reasoning_content": text + "\n"},
-                     "finish_reason": None}],
-    }
-    return b"data: " + jsonc.dumps(chunk) + b"\n\n"
-
-
 async def answer(request: web.Request, family: Family, spec: Call,
                  consume: Consume[web.StreamResponse]) -> web.StreamResponse:
     """``call()`` for a handler: a failure already written into a stream ends it."""
     try:
         return await call(request, family, spec, consume)
-    except _Ended as e:
+    except feedback.Ended as e:
         log.warning("%s %s failed while waiting: %s", request.method, request.path,
                     e.err.message.splitlines()[0])
         await e.response.write_eof()

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.calls import context, routes, upstream
 from proxy.calls import vision as images
+from proxy.calls.call import Call, Client
 from proxy.calls.modelinfo import (
     MODEL_INFO,
     ModelFacts,
@@ -134,7 +135,7 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
     stream = payload.get("stream") is True
 
     async def consume(
-        up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client
+        up: Upstream, resp: aiohttp.ClientResponse, client: Client
     ) -> web.StreamResponse:
         if resp.status != 200:
             raise upstream_error_body(resp.status, await resp.read())
@@ -149,7 +150,7 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
         client.answered = True
         return web.json_response(body)
 
-    spec = upstream.Call(model=model, path=path, body=raw,
+    spec = Call(model=model, path=path, body=raw,
                          hints=hints_for(scheduler, model, jsonc.head(raw)),
                          fit=context.of(path, raw, family="lmstudio"))
     return await upstream.answer(request, "openai", spec, consume)

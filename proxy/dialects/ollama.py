@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.calls import context, upstream, vision
+from proxy.calls.call import Call, Client
 from proxy.calls.modelinfo import MODEL_INFO, ModelInfoCache, embedding
 from proxy.calls.streaming import Last, upstream_batches, upstream_data_batches, write_stream
 from proxy.dialects import ollama_models, ollama_request, openai, stream_translate, translate
@@ -166,7 +167,7 @@ async def _generate(
     nothing yet (all of a ``stream: false`` one) is resent if its upstream fails."""
 
     async def consume(
-        up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client
+        up: Upstream, resp: aiohttp.ClientResponse, client: Client
     ) -> web.StreamResponse:
         if resp.status != 200:
             raise upstream_error_body(resp.status, await resp.read())
@@ -183,7 +184,7 @@ async def _generate(
         client.answered = True
         return web.json_response(state.whole(elapsed_ns(started), load_ns))
 
-    spec = upstream.Call(model=target.name, path=path, payload=payload, hints=hints,
+    spec = Call(model=target.name, path=path, payload=payload, hints=hints,
                          fit=context.of(path, payload=payload, family="ollama"))
     return await upstream.answer(request, "openai", spec, consume)
 
@@ -254,7 +255,7 @@ async def _embed(
     payload = {"model": target.name, "input": inputs}
 
     async def consume(
-        up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client
+        up: Upstream, resp: aiohttp.ClientResponse, client: Client
     ) -> tuple[list[list[float]], int, int]:
         raw = await resp.read()
         if resp.status != 200:
@@ -262,7 +263,7 @@ async def _embed(
         vectors, tokens = translate.embeddings_of(jsonc.loads(raw))
         return vectors, tokens, round(up.waited * 1e9)
 
-    spec = upstream.Call(model=target.name, path="/v1/embeddings", payload=payload, hints=hints)
+    spec = Call(model=target.name, path="/v1/embeddings", payload=payload, hints=hints)
     return await upstream.call(request, "openai", spec, consume)
 
 

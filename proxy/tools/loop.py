@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.calls import upstream
+from proxy.calls.call import Call, Client
 from proxy.calls.streaming import upstream_batches
 from proxy.dialects.families.chat import ToolDeltas, choice, finish_reason, new_id
 from proxy.dialects.translate import upstream_error_body
@@ -314,18 +315,18 @@ def _without(answer: dict[str, Any], mine: set[int], reason: str | None = None
 
 async def _step(app: web.Application, model: str, body: dict[str, Any],
                 sink: Sink) -> dict[str, Any]:
-    spec = upstream.Call(model=model, path=CHAT_PATH, payload=body)
+    spec = Call(model=model, path=CHAT_PATH, payload=body)
     if not body.get("stream"):
         return await upstream.call_app(app, spec, read_answer)
 
     async def read(up: Upstream, resp: aiohttp.ClientResponse,
-                   client: upstream.Client) -> dict[str, Any]:
+                   client: Client) -> dict[str, Any]:
         return await read_stream(up, resp, client, sink)
 
     return await upstream.call_app(app, spec, read)
 
 
-async def read_stream(up: Upstream, resp: aiohttp.ClientResponse, client: upstream.Client,
+async def read_stream(up: Upstream, resp: aiohttp.ClientResponse, client: Client,
                       sink: Sink) -> dict[str, Any]:
     """The consumer of a streamed chat turn: its text goes to ``sink.text`` as it
     arrives; the turn comes back assembled as a whole answer (its tool calls from
@@ -370,7 +371,7 @@ async def read_stream(up: Upstream, resp: aiohttp.ClientResponse, client: upstre
 
 
 async def read_answer(up: Upstream, resp: aiohttp.ClientResponse,
-                      client: upstream.Client) -> dict[str, Any]:
+                      client: Client) -> dict[str, Any]:
     """The consumer of a whole chat answer: its JSON, or the upstream's error."""
     raw = await resp.read()
     if resp.status >= 400:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.calls import upstream
+from proxy.calls.call import Call
 from proxy.dialects.families.chat import choice
 from proxy.edge import body as bodies
 from proxy.edge import jsonc
@@ -97,7 +98,7 @@ async def run_prompt(request: web.Request, args: dict[str, Any]) -> Any:
     body = {"model": model, "messages": [{"role": "user", "content": _str(args, "prompt")}],
             "max_tokens": max_tokens if isinstance(max_tokens, int) else 256, "stream": False}
     request.app[SCHEDULER].resolve(model)
-    answer = await upstream.call_app(request.app, upstream.Call(
+    answer = await upstream.call_app(request.app, Call(
         model=model, path="/v1/chat/completions", payload=body), read_answer)
     msg = choice(answer).get("message") or {}
     return {"model": model, "text": msg.get("content") or "", "usage": answer.get("usage")}

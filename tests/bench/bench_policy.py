@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import timeit
 
+from proxy.calls.call import Call
 from proxy.calls.policy import shape_for, shaped
-from proxy.calls.upstream import Call
 from proxy.edge import jsonc
 from scheduler.config.policy import RequestPolicy, Shape, Variant, compile_rules
 

@@ -14,8 +14,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from proxy.calls.call import Client
 from proxy.calls.tracking import InFlight
-from proxy.calls.upstream import Client
 from proxy.edge import reqlog
 
 N = 50_000

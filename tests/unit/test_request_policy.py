@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.calls.call import Call
 from proxy.calls.policy import shape_for, shaped
-from proxy.calls.upstream import Call
 from proxy.edge import jsonc
 from scheduler.config.policy import (
     LIMIT_NAMES,

@@ -32,6 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.calls import upstream
+from proxy.calls.call import Call, Client
 from proxy.calls.streaming import (
     error_answer,
     is_event_stream,
@@ -40,7 +41,6 @@ from proxy.calls.streaming import (
     stream_response,
     upstream_data_batches,
 )
-from proxy.calls.upstream import Client
 from proxy.dialects.families import Event, anthropic_chat, responses_chat
 from proxy.dialects.families.chat import choice
 from proxy.dialects.families.chunks import plain_text
@@ -99,12 +99,12 @@ class Bridge:
             return self.kept or self._learned.lacks(_key(up), self.api)
         return self.api not in up.apis
 
-    def via(self, up: Upstream) -> upstream.Call | None:
+    def via(self, up: Upstream) -> Call | None:
         """The call to send to ``up``: None for the pass-through."""
         if not self._translating(up):
             return None
         self._need_chat(up.model, up.apis)
-        return upstream.Call(model=up.model, path=CHAT_PATH, payload=self.translated())
+        return Call(model=up.model, path=CHAT_PATH, payload=self.translated())
 
     def _need_chat(self, model: str, apis: Collection[str] | None) -> None:
         if apis is not None and "chat" not in apis:

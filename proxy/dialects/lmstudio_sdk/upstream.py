@@ -16,8 +16,9 @@ import aiohttp
 from aiohttp import web
 
 from proxy.calls import context
+from proxy.calls.call import Call, Client
 from proxy.calls.streaming import upstream_batches
-from proxy.calls.upstream import Call, Client, call_app
+from proxy.calls.upstream import call_app
 from proxy.dialects.translate import upstream_error_body
 from proxy.edge import jsonc
 from proxy.keys import SCHEDULER
