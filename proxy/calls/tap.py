@@ -34,6 +34,11 @@ class ContentTap:
         data, end = await self._inner.readchunk()
         return self._keep(data), end
 
+    def at_eof(self) -> bool:
+        # Asked after every read of a relayed stream (proxy/calls/streaming.py): not
+        # through __getattr__.
+        return self._inner.at_eof()
+
     def iter_any(self) -> AsyncStreamIterator[bytes]:
         return AsyncStreamIterator(self.readany)
 
