@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import socket
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,3 +88,36 @@ class Ports:
     openai: Any
     ollama: Any
     lmstudio: Any
+
+
+
+# Every socket this process makes, to tell which ones a test left open (a WeakSet: the
+# record keeps none alive).
+_SOCKETS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_socket_init = socket.socket.__init__
+
+
+def _recorded_init(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+    _socket_init(self, *args, **kwargs)
+    _SOCKETS.add(self)
+
+
+socket.socket.__init__ = _recorded_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _no_socket_left_open() -> Iterator[None]:
+    """A socket a test opened must be closed when it ends (its fixtures torn down).
+
+    A client left open (an SDK client in a reference cycle, an httpx client never
+    closed) holds its kept-alive socket until some later garbage collection, which may
+    finalize the socket before the client and warn (``ResourceWarning: unclosed
+    socket``), failing whichever test, or the whole session at its end, happens to run
+    then. Checked here, a leak fails the test that made it, every time."""
+    before = set(_SOCKETS)
+    yield
+    left = [s for s in _SOCKETS if s not in before and s.fileno() != -1]
+    described = ", ".join(map(repr, left))
+    for s in left:
+        s.close()  # reported once, here, not again by the collector
+    assert not left, "sockets left open: " + described

@@ -3,6 +3,7 @@ real `corral serve` process reached over loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 
@@ -19,6 +21,7 @@ from scheduler.models.sources import resolve_model_file
 from tests.fakes import PortTaken, free_ports, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
+C = TypeVar("C", bound=contextlib.AbstractContextManager[object])
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +128,25 @@ def corral(tmp_path: Path, llama_server_bin: Path) -> Iterator[Callable[..., Cor
         stop(cp.proc, 30)
 
 
+class Tidy(Protocol):
+    def __call__(self, client: C) -> C: ...
+
+
+@pytest.fixture
+def tidy() -> Iterator[Tidy]:
+    """``tidy(client)`` gives the client back and closes it when the test ends: an SDK
+    client (OpenAI, Anthropic: context managers) keeps its connections open until it is
+    closed, and one left to the garbage collector may warn of an unclosed socket in
+    some later test (``tests/conftest.py`` fails the test that left it)."""
+    with contextlib.ExitStack() as stack:
+
+        def keep(client: C) -> C:
+            stack.enter_context(client)  # its __exit__ closes it
+            return client
+
+        yield keep
+
+
 def reaped(pid: int) -> bool:
     """Whether a process is gone (or only a zombie waiting for its parent)."""
     try:
@@ -133,9 +155,13 @@ def reaped(pid: int) -> bool:
         return True
 
 
-def wait_until(pred: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> None:
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0, step: float = 0.05,
+               state: Callable[[], object] | None = None) -> None:
+    """Poll ``pred`` until true, at most ``timeout`` seconds; ``state``: what to show
+    of the situation when it never came true."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            seen = f": {state()}" if state is not None else ""
+            raise AssertionError(f"condition not met within {timeout} s{seen}")
         time.sleep(step)

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, model_toml, wait_until
+from tests.e2e.conftest import CorralProc, Tidy, model_toml, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +42,9 @@ def urls(cp: CorralProc) -> list[str]:
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
 
 
-def test_anthropic_sdk_on_every_port(served: CorralProc) -> None:
+def test_anthropic_sdk_on_every_port(served: CorralProc, tidy: Tidy) -> None:
     for base in urls(served):
-        client = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0)
+        client = tidy(anthropic.Anthropic(base_url=base, api_key="x", max_retries=0))
         msg = client.messages.create(model="default", max_tokens=8, messages=HELLO)
         assert msg.type == "message" and msg.content and msg.content[0].type == "text"
         assert msg.stop_reason in ("max_tokens", "end_turn") and msg.usage.output_tokens > 0
@@ -62,11 +62,11 @@ def test_anthropic_sdk_on_every_port(served: CorralProc) -> None:
         client.close()
 
 
-def test_anthropic_tool_use_round_trip(served: CorralProc) -> None:
+def test_anthropic_tool_use_round_trip(served: CorralProc, tidy: Tidy) -> None:
     """Gemma 270M will not call a tool on its own; the assistant's tool_use turn is
     scripted, and the model answers after the tool_result: every block type travels
     through llama-server's Anthropic conversion."""
-    client = anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0)
+    client = tidy(anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0))
     tools = [{"name": "get_weather", "description": "Weather in a city",
               "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                                "required": ["city"]}}]
@@ -85,9 +85,9 @@ def test_anthropic_tool_use_round_trip(served: CorralProc) -> None:
     client.close()
 
 
-def test_openai_responses_on_every_port(served: CorralProc) -> None:
+def test_openai_responses_on_every_port(served: CorralProc, tidy: Tidy) -> None:
     for base in urls(served):
-        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        client = tidy(openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0))
         # Kept (the SDK's default): through Corral's store, which answers as OpenAI does
         # when max_output_tokens cuts the answer short.
         resp = client.responses.create(model="default", input="Hello", max_output_tokens=8)
@@ -168,11 +168,11 @@ def _wav() -> bytes:
 
 
 def test_transcription_relays_llama_servers_error(corral: Callable[..., CorralProc],
-                                                  gemma: Path) -> None:
+                                                  gemma: Path, tidy: Tidy) -> None:
     """Gemma has no audio projector: llama-server's own error reaches an OpenAI client
     in OpenAI's envelope (the model is declared audio-capable to get past Corral)."""
     cp = corral(model_toml("gemma", gemma, capabilities=["chat", "audio"]))
-    client = openai.OpenAI(base_url=cp.url + "/v1", api_key="x", max_retries=0)
+    client = tidy(openai.OpenAI(base_url=cp.url + "/v1", api_key="x", max_retries=0))
     with pytest.raises(openai.APIStatusError) as e:
         client.audio.transcriptions.create(model="gemma", file=("a.wav", _wav(), "audio/wav"))
     assert 400 <= e.value.status_code < 600

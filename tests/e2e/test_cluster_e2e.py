@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, model_toml, wait_until
+from tests.e2e.conftest import CorralProc, Tidy, model_toml, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,7 @@ def served(c: CorralProc) -> int:
     return sum(i["served"] for m in node_state(c)["models"] for i in m["instances"])
 
 
-def test_two_real_nodes_behind_a_front(corral, gemma: Path) -> None:
+def test_two_real_nodes_behind_a_front(corral, gemma: Path, tidy: Tidy) -> None:
     node_toml = (model_toml("gemma", gemma, aliases=["g"], replicas={"min": 1, "max": 1})
                  + f'\n[cluster]\nrole = "node"\ntoken = "{TOKEN}"\ndrain_settle = 1\n')
     nodes = [corral(node_toml) for _ in range(2)]
@@ -39,8 +39,8 @@ def test_two_real_nodes_behind_a_front(corral, gemma: Path) -> None:
     urls = ", ".join(f'"{n.url}"' for n in nodes)
     front = corral(f'[cluster]\nrole = "front"\ntoken = "{TOKEN}"\nnodes = [{urls}]\n'
                    "poll_interval = 0.5\n")
-    oc = openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0,
-                       timeout=120)
+    oc = tidy(openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0,
+                            timeout=120))
     assert {m.id for m in oc.models.list().data} == {"gemma", "g"}
 
     resp = oc.chat.completions.create(model="g", messages=HELLO, max_tokens=8)

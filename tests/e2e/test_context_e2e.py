@@ -15,7 +15,7 @@ import pytest
 
 from scheduler.config.root import ModelConfig
 from scheduler.models.sources import model_size
-from tests.e2e.conftest import CorralProc, model_toml
+from tests.e2e.conftest import CorralProc, Tidy, model_toml
 
 pytestmark = pytest.mark.e2e
 
@@ -45,11 +45,11 @@ def models(cp: CorralProc) -> dict[str, dict[str, object]]:
     return {m["name"]: m for m in listing}
 
 
-def test_auto_context_and_a_larger_replica(served: CorralProc) -> None:
+def test_auto_context_and_a_larger_replica(served: CorralProc, tidy: Tidy) -> None:
     auto = models(served)["auto"]
     assert (auto["ctx_size"], auto["context"], auto["max_context"]) == ("auto", 4096, 8192)
-    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0,
-                           timeout=300)
+    client = tidy(openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0,
+                                timeout=300))
     small = client.chat.completions.create(
         model="auto", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     assert small.choices[0].message is not None
@@ -72,9 +72,9 @@ def test_auto_context_and_a_larger_replica(served: CorralProc) -> None:
     assert props["default_generation_settings"]["n_ctx"] == 8192
 
 
-def test_too_long_in_each_family_through_the_real_clients(served: CorralProc) -> None:
+def test_too_long_in_each_family_through_the_real_clients(served: CorralProc, tidy: Tidy) -> None:
     text = "hello " * 800
-    claude = anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0, timeout=300)
+    claude = tidy(anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0, timeout=300))
     counted = claude.messages.count_tokens(
         model="short", messages=[{"role": "user", "content": text}]).input_tokens
     assert counted > 512
@@ -88,7 +88,7 @@ def test_too_long_in_each_family_through_the_real_clients(served: CorralProc) ->
     # llama-server's own count of the prompt, the model's own context.
     assert body["error"]["message"] == f"prompt is too long: {counted} tokens > 512 maximum"
 
-    oai = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    oai = tidy(openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=300))
     with pytest.raises(openai.BadRequestError) as too_long:
         oai.chat.completions.create(model="short", messages=[{"role": "user", "content": text}])
     assert too_long.value.code == "context_length_exceeded"

@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,8 +23,15 @@ pytestmark = pytest.mark.e2e
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
-def client(c: CorralProc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+@pytest.fixture
+def client(tidy: Callable[[openai.OpenAI], openai.OpenAI]) -> Callable[[CorralProc], openai.OpenAI]:
+    """An OpenAI client of a Corral, closed when the test ends."""
+
+    def make(c: CorralProc) -> openai.OpenAI:
+        return tidy(openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0,
+                                  timeout=120))
+
+    return make
 
 
 def admin(c: CorralProc, path: str) -> dict:
@@ -36,7 +44,7 @@ def states(c: CorralProc) -> dict[str, str]:
     return {m["name"]: m["state"] for m in admin(c, "/admin/models")["models"]}
 
 
-def test_list_chat_and_stream(corral, gemma: Path) -> None:
+def test_list_chat_and_stream(client, corral, gemma: Path) -> None:
     c = corral(model_toml("gemma", gemma, aliases=["g"]))
     oc = client(c)
     assert [m.id for m in oc.models.list().data] == ["gemma", "g"]
@@ -62,14 +70,14 @@ def test_list_chat_and_stream(corral, gemma: Path) -> None:
     assert comp.choices[0].text
 
 
-def test_unknown_model_is_not_found(corral, gemma: Path) -> None:
+def test_unknown_model_is_not_found(client, corral, gemma: Path) -> None:
     c = corral(model_toml("gemma", gemma))
     with pytest.raises(openai.NotFoundError) as exc:
         client(c).chat.completions.create(model="nope", messages=HELLO)
     assert "gemma" in str(exc.value)
 
 
-def test_two_models_swap_under_max_instances_one(corral, gemma: Path) -> None:
+def test_two_models_swap_under_max_instances_one(client, corral, gemma: Path) -> None:
     c = corral(model_toml("a", gemma) + model_toml("b", gemma), scheduler="max_instances = 1")
     oc = client(c)
     for model in ("a", "b", "a"):
@@ -80,7 +88,7 @@ def test_two_models_swap_under_max_instances_one(corral, gemma: Path) -> None:
     assert states(c)[other] == "not-loaded"
 
 
-def test_ttl_unloads_the_instance(corral, gemma: Path) -> None:
+def test_ttl_unloads_the_instance(client, corral, gemma: Path) -> None:
     c = corral(model_toml("gemma", gemma, ttl=1))
     client(c).chat.completions.create(model="gemma", messages=HELLO, max_tokens=2)
     assert len(c.children()) == 1
@@ -88,7 +96,7 @@ def test_ttl_unloads_the_instance(corral, gemma: Path) -> None:
     wait_until(lambda: c.children() == [], timeout=10)
 
 
-def test_more_concurrent_calls_than_slots(corral, gemma: Path) -> None:
+def test_more_concurrent_calls_than_slots(client, corral, gemma: Path) -> None:
     c = corral(model_toml("gemma", gemma, parallel=2))
     oc = client(c)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -103,7 +111,7 @@ def test_more_concurrent_calls_than_slots(corral, gemma: Path) -> None:
     assert admin(c, "/admin/instances")["instances"][0]["in_flight"] == 0
 
 
-def test_disconnect_mid_stream_frees_the_slot(corral, gemma: Path) -> None:
+def test_disconnect_mid_stream_frees_the_slot(client, corral, gemma: Path) -> None:
     c = corral(model_toml("gemma", gemma, parallel=1))
     body = {"model": "gemma", "messages": HELLO, "max_tokens": 400, "stream": True,
             "ignore_eos": True}
@@ -125,7 +133,7 @@ def test_disconnect_mid_stream_frees_the_slot(corral, gemma: Path) -> None:
     assert time.monotonic() - t0 < 4
 
 
-def test_sigkill_of_corral_leaves_no_llama_server(corral, gemma: Path) -> None:
+def test_sigkill_of_corral_leaves_no_llama_server(client, corral, gemma: Path) -> None:
     c = corral(model_toml("a", gemma) + model_toml("b", gemma))
     oc = client(c)
     for model in ("a", "b"):
@@ -138,7 +146,7 @@ def test_sigkill_of_corral_leaves_no_llama_server(corral, gemma: Path) -> None:
     wait_until(lambda: all(reaped(p) for p in children), timeout=10)
 
 
-def test_sigterm_drains_and_exits_zero(corral, gemma: Path) -> None:
+def test_sigterm_drains_and_exits_zero(client, corral, gemma: Path) -> None:
     c = corral(model_toml("gemma", gemma))
     client(c).chat.completions.create(model="gemma", messages=HELLO, max_tokens=2)
     children = c.children()
@@ -179,7 +187,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_model_downloaded_from_hugging_face_on_first_use(
-    corral, gemma: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    client, corral, gemma: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     handler = type("H", (_HubHandler,), {"file": gemma})
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, CorralProc, reaped, wait_until
+from tests.e2e.conftest import REPO, CorralProc, Tidy, reaped, wait_until
 from tests.fakes import HERE, free_port
 
 pytestmark = pytest.mark.e2e
@@ -84,7 +84,7 @@ def fake_cloud(tmp_path: Path) -> Iterator[object]:
 
 
 def test_every_engine_behind_one_corral(
-    corral, keyed_llama: str, fake_cloud, monkeypatch: pytest.MonkeyPatch
+    corral, keyed_llama: str, fake_cloud, monkeypatch: pytest.MonkeyPatch, tidy: Tidy
 ) -> None:
     cloud = fake_cloud(CLOUD_KEY, "gpt-cloud-large", "/v1beta/openai")
     provider = fake_cloud(PROVIDER_KEY, "alpha,beta,gamma", "/v1")
@@ -131,7 +131,7 @@ refresh = 1
     tags = httpx.get(f"http://127.0.0.1:{c.ollama_port}/api/tags", timeout=10).json()
     assert names <= {m["name"].removesuffix(":latest") for m in tags["models"]}
 
-    client = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0)
+    client = tidy(openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0))
     wait_until(lambda: _ready(c, "secured"), timeout=30)
     for model in sorted(names):
         out = client.chat.completions.create(
@@ -188,7 +188,7 @@ def _ready(c: CorralProc, model: str) -> bool:
 
 
 def test_real_llama_server_as_a_command_runtime_dies_with_corral(
-    corral, llama_server_bin: Path, gemma: Path
+    corral, llama_server_bin: Path, gemma: Path, tidy: Tidy
 ) -> None:
     """The real llama-server launched through a generic command template (substituted
     argv, another binary through ``binary``), then Corral SIGKILLed: the runtime's child
@@ -219,7 +219,7 @@ ctx_size = 1024
 threads = 1
 """
     c: CorralProc = corral(config)
-    oc = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0)
+    oc = tidy(openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0))
     for model in ("templated", "rebuilt"):
         out = oc.chat.completions.create(
             model=model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])

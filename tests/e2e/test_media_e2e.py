@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, model_toml
+from tests.e2e.conftest import CorralProc, Tidy, model_toml
 from tests.fakes import HERE
 from tests.fakes.fake_media import image_bytes, speech_bytes
 
@@ -37,7 +37,7 @@ def _launches(c: CorralProc, model: str) -> int:
 
 
 def test_speech_and_images_while_the_chat_model_swaps(
-        corral, gemma: Path, tmp_path: Path) -> None:
+        corral, gemma: Path, tmp_path: Path, tidy: Tidy) -> None:
     media = json.dumps([sys.executable, str(HERE / "fake_media.py"), "--host", "${HOST}",
                         "--port", "${PORT}", "${ARGS}"])
     config = (model_toml("gemma", gemma) + f"""
@@ -59,7 +59,7 @@ command = {media}
 command = {media}
 """)
     c: CorralProc = corral(config, scheduler="max_instances = 1")
-    api = openai.OpenAI(base_url=c.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    api = tidy(openai.OpenAI(base_url=c.url + "/v1", api_key="none", max_retries=0, timeout=120))
     _chat(api)
     out = tmp_path / "hello.mp3"
     with api.audio.speech.with_streaming_response.create(
@@ -81,8 +81,6 @@ command = {media}
     assert _launches(c, "gemma") == 4
     assert _launches(c, "sd") == 2 and _launches(c, "tts") == 1
     # LM Studio clients send the same calls to their port.
-    lm = openai.OpenAI(base_url=f"http://127.0.0.1:{c.lmstudio_port}/v1", api_key="none",
-                       max_retries=0, timeout=120)
+    lm = tidy(openai.OpenAI(base_url=f"http://127.0.0.1:{c.lmstudio_port}/v1", api_key="none",
+                            max_retries=0, timeout=120))
     assert lm.images.generate(model="sd", prompt="again").data
-    api.close()
-    lm.close()

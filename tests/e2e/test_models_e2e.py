@@ -5,14 +5,12 @@ LoRA adapter written with the gguf package."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,12 +18,11 @@ import gguf
 import httpx
 import numpy as np
 import pytest
-from aiohttp import web
 
 from scheduler.models.resources import read_gguf_info
 from tests.e2e.conftest import REPO, CorralProc, wait_until
 from tests.e2e.gguf_split import split_in_two
-from tests.fakes.hf_hub import FakeHub
+from tests.fakes.hf_hub import FakeHub, hub_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -144,19 +141,8 @@ def hub(gemma: Path) -> Iterator[str]:
     fake = FakeHub({"google/gemma-3-270m-GGUF/gemma-3-270m-Q4_K_M.gguf": data,
                     "google/gemma-3-270m-GGUF/README.md": b"# a repo",
                     "google/gemma-auto-GGUF/gemma-auto-Q4_K_M.gguf": data})
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(fake.app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
-    loop.close()
+    with hub_in_thread(fake) as url:
+        yield url
 
 
 def test_pull_from_the_hub_then_chat(

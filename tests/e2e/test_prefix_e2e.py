@@ -21,7 +21,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.e2e.conftest import CorralProc, model_toml, wait_until
+from tests.e2e.conftest import CorralProc, Tidy, model_toml, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -135,13 +135,13 @@ def test_two_replicas_send_each_call_where_its_prefix_is(
 
 
 def test_an_agents_growing_tool_transcript_reuses_each_step(
-    corral: Callable[..., CorralProc], gemma: Path
+    corral: Callable[..., CorralProc], gemma: Path, tidy: Tidy
 ) -> None:
     cp = corral(model_toml("a", gemma, chat_template="gemma3", ctx_size=4096,
                            replicas={"min": 2, "max": 2}))
     wait_until(lambda: ready(cp) == 2, timeout=60)
-    client = anthropic.Anthropic(base_url=cp.url, api_key="none", max_retries=0,
-                                 timeout=180)
+    client = tidy(anthropic.Anthropic(base_url=cp.url, api_key="none", max_retries=0,
+                                      timeout=180))
     tools: list[Any] = [{"name": "read_file", "description": "Read a file.",
                          "input_schema": {"type": "object",
                                           "properties": {"path": {"type": "string"}}}}]

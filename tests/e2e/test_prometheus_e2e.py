@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import REPO, CorralProc, model_toml
+from tests.e2e.conftest import REPO, CorralProc, Tidy, model_toml
 from tests.fakes import free_port, stop
 
 pytestmark = pytest.mark.e2e
@@ -118,11 +118,11 @@ def eventually(url: str, promql: str, want: float, timeout: float = 60) -> None:
 
 
 def test_prometheus_scrapes_the_expected_counts(
-    corral: Callable[..., CorralProc], gemma: Path, prometheus: Callable[[int], str]
+    corral: Callable[..., CorralProc], gemma: Path, prometheus: Callable[[int], str], tidy: Tidy
 ) -> None:
     c = corral(model_toml("gemma", gemma, aliases=["g"]), server=f'api_keys = ["{KEY}"]')
     prom = prometheus(c.port)
-    oc = openai.OpenAI(base_url=c.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    oc = tidy(openai.OpenAI(base_url=c.url + "/v1", api_key=KEY, max_retries=0, timeout=120))
 
     completion = 0
     for _ in range(3):
@@ -197,9 +197,11 @@ def test_prometheus_scrapes_the_expected_counts(
     assert "exported_instance" not in labels
 
 
-def test_promtool_finds_no_problem(corral: Callable[..., CorralProc], gemma: Path) -> None:
+def test_promtool_finds_no_problem(
+    corral: Callable[..., CorralProc], gemma: Path, tidy: Tidy
+) -> None:
     c = corral(model_toml("gemma", gemma))
-    oc = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    oc = tidy(openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=120))
     oc.chat.completions.create(model="gemma", messages=HELLO, max_tokens=2)
     body = httpx.get(c.url + "/metrics", timeout=10)
     assert body.status_code == 200

@@ -15,7 +15,7 @@ import ollama
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc
+from tests.e2e.conftest import CorralProc, Tidy
 
 pytestmark = pytest.mark.e2e
 
@@ -48,8 +48,10 @@ params = {{ chat_template_kwargs.enable_thinking = false }}
     return corral(models)
 
 
-def test_a_clamp_holds_for_the_openai_anthropic_and_ollama_clients(served: CorralProc) -> None:
-    oai = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+def test_a_clamp_holds_for_the_openai_anthropic_and_ollama_clients(
+    served: CorralProc, tidy: Tidy
+) -> None:
+    oai = tidy(openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0))
     chat = oai.chat.completions.create(model="gemma", messages=ASK,
                                        max_tokens=200)
     assert chat.usage is not None and 0 < chat.usage.completion_tokens <= 5
@@ -57,7 +59,7 @@ def test_a_clamp_holds_for_the_openai_anthropic_and_ollama_clients(served: Corra
                                      max_output_tokens=200)
     assert responses.usage is not None and 0 < responses.usage.output_tokens <= 5
     oai.close()
-    claude = anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0)
+    claude = tidy(anthropic.Anthropic(base_url=served.url, api_key="x", max_retries=0))
     msg = claude.messages.create(model="gemma", max_tokens=200,
                                  messages=ASK)
     assert 0 < msg.usage.output_tokens <= 5
@@ -73,8 +75,8 @@ def test_a_clamp_holds_for_the_openai_anthropic_and_ollama_clients(served: Corra
         assert answer.eval_count is not None and 0 < answer.eval_count <= 5
 
 
-def test_variants_share_the_models_instance(served: CorralProc) -> None:
-    oai = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+def test_variants_share_the_models_instance(served: CorralProc, tidy: Tidy) -> None:
+    oai = tidy(openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0))
     plain = oai.chat.completions.create(model="gemma", messages=ASK,
                                         max_tokens=200)
     assert plain.choices[0].logprobs is None

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import CorralProc, model_toml, wait_until
+from tests.e2e.conftest import CorralProc, Tidy, model_toml, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +69,7 @@ ALICE, BOB, LIMITED = "sk-alice-0123", "sk-bob-4567", "sk-limited-89"
 
 
 def test_keys_through_the_openai_and_anthropic_clients(
-    corral: Callable[..., CorralProc], gemma: Path
+    corral: Callable[..., CorralProc], gemma: Path, tidy: Tidy
 ) -> None:
     keys = (
         f'[[keys]]\nname = "alice"\nkey = "{ALICE}"\nmodels = ["small"]\n'
@@ -80,8 +80,8 @@ def test_keys_through_the_openai_and_anthropic_clients(
               + model_toml("other", gemma, chat_template="gemma3") + keys)
     cp = corral(models, scheduler="max_instances = 2")
 
-    alice = openai.OpenAI(base_url=cp.url + "/v1", api_key=ALICE, max_retries=0)
-    bob = openai.OpenAI(base_url=cp.url + "/v1", api_key=BOB, max_retries=0)
+    alice = tidy(openai.OpenAI(base_url=cp.url + "/v1", api_key=ALICE, max_retries=0))
+    bob = tidy(openai.OpenAI(base_url=cp.url + "/v1", api_key=BOB, max_retries=0))
     assert {m.id for m in alice.models.list()} == {"small"}
     assert {m.id for m in bob.models.list()} == {"small", "other"}
     hello = [{"role": "user", "content": "Hello"}]
@@ -90,21 +90,21 @@ def test_keys_through_the_openai_and_anthropic_clients(
     out = alice.chat.completions.create(model="small", messages=hello, max_tokens=2)  # type: ignore[arg-type]
     assert out.choices[0].message.content is not None
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=cp.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        tidy(openai.OpenAI(base_url=cp.url + "/v1", api_key="wrong", max_retries=0)).models.list()
 
     # Anthropic's client sends its key as x-api-key.
-    a_alice = anthropic.Anthropic(base_url=cp.url, api_key=ALICE, max_retries=0)
+    a_alice = tidy(anthropic.Anthropic(base_url=cp.url, api_key=ALICE, max_retries=0))
     with pytest.raises(anthropic.NotFoundError):
         a_alice.messages.create(model="other", max_tokens=2, messages=hello)  # type: ignore[arg-type]
     msg = a_alice.messages.create(model="small", max_tokens=2, messages=hello)  # type: ignore[arg-type]
     assert msg.type == "message"
 
-    limited = openai.OpenAI(base_url=cp.url + "/v1", api_key=LIMITED, max_retries=0)
+    limited = tidy(openai.OpenAI(base_url=cp.url + "/v1", api_key=LIMITED, max_retries=0))
     limited.chat.completions.create(model="small", messages=hello, max_tokens=2)  # type: ignore[arg-type]
     with pytest.raises(openai.RateLimitError) as e:
         limited.chat.completions.create(model="small", messages=hello, max_tokens=2)  # type: ignore[arg-type]
     assert 1 <= int(e.value.response.headers["Retry-After"]) <= 60
-    a_limited = anthropic.Anthropic(base_url=cp.url, api_key=LIMITED, max_retries=0)
+    a_limited = tidy(anthropic.Anthropic(base_url=cp.url, api_key=LIMITED, max_retries=0))
     with pytest.raises(anthropic.RateLimitError):
         a_limited.messages.create(model="small", max_tokens=2, messages=hello)  # type: ignore[arg-type]
 

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from xinference_client import RESTfulClient
 
 from tests.e2e.conftest import wait_until
 
 
 def test_the_xinference_client_runs_a_model_s_whole_lifecycle(
-    corral: Any, gemma: Path, tmp_path: Path
+    corral: Any, gemma: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     root = tmp_path / "models"
     root.mkdir()
@@ -26,6 +28,7 @@ def test_the_xinference_client_runs_a_model_s_whole_lifecycle(
                scheduler="scan_interval = 0.5\nmax_instances = 3")
     wait_until(lambda: "gemma-xinf" in httpx.get(c.url + "/v1/models").text)
     xc = RESTfulClient(c.url)
+    request.addfinalizer(xc.close)  # its requests session, and the sockets it keeps
 
     listed = xc.list_models()
     assert listed["gemma-xinf"]["model_type"] == "LLM"
@@ -46,8 +49,9 @@ def test_the_xinference_client_runs_a_model_s_whole_lifecycle(
     mine = next(m for m in models if m["name"] == "gemma-1k")
     assert mine["origin"] == "runtime" and mine["instances"][0]["ctx_size"] == 1024
 
-    answer = xc.get_model(uid).chat(messages=[{"role": "user", "content": "Say hi."}],
-                                    generate_config={"max_tokens": 8})
+    with closing(xc.get_model(uid)) as model:
+        answer = model.chat(messages=[{"role": "user", "content": "Say hi."}],
+                            generate_config={"max_tokens": 8})
     assert answer["choices"][0]["message"]["content"]
     assert answer["usage"]["completion_tokens"] >= 1
 
@@ -82,8 +86,9 @@ def test_the_xinference_client_runs_a_model_s_whole_lifecycle(
         for t in callers:
             t.join(120)
     assert statuses and set(statuses) == {200}
-    again = xc.get_model(uid).chat(messages=[{"role": "user", "content": "Hi"}],
-                                   generate_config={"max_tokens": 4})
+    with closing(xc.get_model(uid)) as model:
+        again = model.chat(messages=[{"role": "user", "content": "Hi"}],
+                           generate_config={"max_tokens": 4})
     assert again["choices"][0]["message"]["content"] is not None
 
     assert xc.abort_request(uid, "no-such-request") == {"aborted": False}

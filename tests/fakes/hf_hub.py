@@ -13,9 +13,13 @@ Downloads (GET with a body) and range requests are counted and recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
+import threading
+from collections.abc import Iterator
 
+import huggingface_hub
 from aiohttp import web
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -95,3 +99,30 @@ class FakeHub:
             self.bytes_sent += len(body)
         await resp.write_eof()
         return resp
+
+
+def close_hub_client() -> None:
+    """huggingface_hub keeps one HTTP client for the whole process, its connections kept
+    alive: once a fake hub stops they lead nowhere. Every fake hub closes it when it
+    stops, so that no test leaves a socket open (``tests/conftest.py`` checks)."""
+    huggingface_hub.close_session()
+
+
+@contextlib.contextmanager
+def hub_in_thread(fake: FakeHub) -> Iterator[str]:
+    """Serve ``fake`` on a loopback port from a thread of its own, for code that calls
+    the hub synchronously; yields its base URL."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(fake.app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        close_hub_client()

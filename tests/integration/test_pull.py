@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from proxy.keys import SCHEDULER
 from scheduler.config.root import ModelConfig
 from scheduler.models import pull
 from tests.conftest import make_config, wait_for
-from tests.fakes.hf_hub import FakeHub
+from tests.fakes.hf_hub import FakeHub, close_hub_client
 from tests.unit.test_discovery import write_gguf
 
 REPO = "org/Tiny-GGUF"
@@ -39,14 +40,15 @@ def ggufs(tmp_path: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 async def hub(aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-              ggufs: dict[str, bytes]) -> FakeHub:
+              ggufs: dict[str, bytes]) -> AsyncIterator[FakeHub]:
     fake = FakeHub(ggufs)
     server = await aiohttp_server(fake.app)
     monkeypatch.setenv("HF_ENDPOINT", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    return fake
+    yield fake
+    close_hub_client()
 
 
 async def ndjson(resp: aiohttp.ClientResponse) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +11,19 @@ import pytest
 from scheduler.config.root import ModelConfig
 from scheduler.errors import LoadFailed
 from scheduler.models.sources import ModelFiles, materialised_file
-from tests.fakes.hf_hub import FakeHub
+from tests.fakes.hf_hub import FakeHub, close_hub_client
 
 
 @pytest.fixture
-async def hub(aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+async def hub(aiohttp_server: Any, tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeHub]:
     fake = FakeHub({"org/models/tiny.gguf": b"GGUF" + bytes(60)})
     server = await aiohttp_server(fake.app)
     monkeypatch.setenv("HF_ENDPOINT", str(server.make_url("")).rstrip("/"))
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    return fake
+    yield fake
+    close_hub_client()
 
 
 async def test_downloads_once_then_uses_the_cache(hub: FakeHub) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +58,28 @@ def url(client: Any) -> str:
 
 def lifecycle(base: str) -> dict[str, Any]:
     """The whole lifecycle through the client (blocking: run in a thread)."""
-    xc = RESTfulClient(base)
-    out: dict[str, Any] = {"listed": xc.list_models()}
-    uid = xc.launch_model(model_name="tiny-model", model_engine="llama.cpp",
-                          model_uid="tiny-2k", n_ctx=2048, wait_ready=False)
-    out["uid"] = uid
-    progress = []
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        progress.append(xc.get_launch_model_progress(uid))
-        if progress[-1]["progress"] == 1.0:
-            break
-        time.sleep(0.05)
-    out["progress"] = progress
-    model = xc.get_model(uid)
-    out["chat"] = model.chat(messages=[{"role": "user", "content": "hi"}])
-    out["added"] = xc.add_model_replica(uid)
-    out["remaining"] = xc.terminate_model_replica(uid, out["added"]["replica_id"])
-    out["abort"] = xc.abort_request(uid, "some-request-id")
-    out["workers"] = xc.get_workers_info()
-    xc.terminate_model(uid)
-    out["after"] = xc.list_models()
+    with closing(RESTfulClient(base)) as xc:
+        out: dict[str, Any] = {"listed": xc.list_models()}
+        uid = xc.launch_model(model_name="tiny-model", model_engine="llama.cpp",
+                              model_uid="tiny-2k", n_ctx=2048, wait_ready=False)
+        out["uid"] = uid
+        progress = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            progress.append(xc.get_launch_model_progress(uid))
+            if progress[-1]["progress"] == 1.0:
+                break
+            time.sleep(0.05)
+        out["progress"] = progress
+        model = xc.get_model(uid)
+        with closing(model):
+            out["chat"] = model.chat(messages=[{"role": "user", "content": "hi"}])
+        out["added"] = xc.add_model_replica(uid)
+        out["remaining"] = xc.terminate_model_replica(uid, out["added"]["replica_id"])
+        out["abort"] = xc.abort_request(uid, "some-request-id")
+        out["workers"] = xc.get_workers_info()
+        xc.terminate_model(uid)
+        out["after"] = xc.list_models()
     return out
 
 
@@ -134,18 +136,18 @@ async def test_keys_and_scopes_hold_and_errors_are_xinference_s(served: Any) -> 
 
     def calls() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        user = RESTfulClient(url(client), api_key=USER)
-        out["listed"] = user.list_models()
-        try:
-            user.launch_model(model_name="tiny-model")
-        except RuntimeError as e:
-            out["refused"] = str(e)
-        admin = RESTfulClient(url(client), api_key=ADMIN)
-        out["uid"] = admin.launch_model(model_name="tiny-model")
-        try:
-            admin.get_launch_model_progress("nope")
-        except RuntimeError as e:
-            out["unknown"] = str(e)
+        with closing(RESTfulClient(url(client), api_key=USER)) as user:
+            out["listed"] = user.list_models()
+            try:
+                user.launch_model(model_name="tiny-model")
+            except RuntimeError as e:
+                out["refused"] = str(e)
+        with closing(RESTfulClient(url(client), api_key=ADMIN)) as admin:
+            out["uid"] = admin.launch_model(model_name="tiny-model")
+            try:
+                admin.get_launch_model_progress("nope")
+            except RuntimeError as e:
+                out["unknown"] = str(e)
         return out
 
     out = await asyncio.to_thread(calls)
@@ -243,7 +245,8 @@ async def test_abort_ends_a_call_in_flight_by_its_request_id(served: Any) -> Non
     def abort() -> Any:
         # The client asks the server about auth as it is made: off this loop, which
         # serves that call.
-        return RESTfulClient(url(client)).abort_request("tiny-model", "xi-abort-1")
+        with closing(RESTfulClient(url(client))) as xc:
+            return xc.abort_request("tiny-model", "xi-abort-1")
 
     assert await asyncio.wait_for(asyncio.to_thread(abort), 20) == {"aborted": True}
     streamed = await asyncio.wait_for(reader, 10)
@@ -259,12 +262,20 @@ async def test_abort_finds_a_call_by_the_request_id_in_its_generate_config(
 
     def chat() -> Any:
         # As Xinference's own clients name a call: a field of the body, not a header.
-        model = RESTfulClient(url(client)).get_model("tiny-model")
-        return model.chat(messages=[{"role": "user", "content": "go on"}],
-                          generate_config={"request_id": "xi-body-1", "max_tokens": 2000})
+        with closing(RESTfulClient(url(client))) as xc, \
+                closing(xc.get_model("tiny-model")) as model:
+            try:
+                return model.chat(messages=[{"role": "user", "content": "go on"}],
+                                  generate_config={"request_id": "xi-body-1",
+                                                   "max_tokens": 2000})
+            except RuntimeError as e:
+                # Not raised on: the error's traceback holds the client's unread
+                # answer, and with it a socket, until some garbage collection.
+                return str(e)
 
     def abort() -> Any:
-        return RESTfulClient(url(client)).abort_request("tiny-model", "xi-body-1")
+        with closing(RESTfulClient(url(client))) as xc:
+            return xc.abort_request("tiny-model", "xi-body-1")
 
     caller = asyncio.create_task(asyncio.to_thread(chat))
     for _ in range(500):
@@ -274,8 +285,7 @@ async def test_abort_finds_a_call_by_the_request_id_in_its_generate_config(
     else:
         raise AssertionError("the call never reached its instance")
     assert await asyncio.wait_for(asyncio.to_thread(abort), 20) == {"aborted": True}
-    with pytest.raises(RuntimeError, match="499"):
-        await asyncio.wait_for(caller, 20)
+    assert "499" in await asyncio.wait_for(caller, 20)
     await wait_for(lambda: sum(i.in_flight for i in sched.instances()) == 0)
     listed = await (await client.get("/admin/requests")).json()
     assert listed["in_flight"] == []

@@ -4,18 +4,15 @@ answers (through the fake Hub, in a thread of its own)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from proxy.ops.pull_cli import cmd_pull, draw, render
 from scheduler.config.root import CorralConfig
-from tests.fakes.hf_hub import FakeHub
+from tests.fakes.hf_hub import FakeHub, hub_in_thread
 
 LINES = [
     {"status": "pulling manifest"},
@@ -51,17 +48,8 @@ def test_draw_without_a_terminal_prints_each_file_once_started_once_done() -> No
 @pytest.fixture
 def hub_url() -> Iterator[tuple[str, FakeHub]]:
     fake = FakeHub({"org/r/m-Q4_K_M.gguf": b"GGUF" + bytes(2000)})
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(fake.app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", fake
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
-    loop.close()
+    with hub_in_thread(fake) as url:
+        yield url, fake
 
 
 def test_pulls_into_the_cache_when_no_corral_answers(
