@@ -6,7 +6,7 @@
 // keys, requests); each exports show() and hide(), called when its tab is picked.
 // Every value from the server goes into the page as text, never as HTML.
 
-import { $, api, bytes, clock, el, seconds, setKey, ui } from "./util.js";
+import { $, api, bytes, clock, el, POLL_TIMEOUT_MS, pollError, seconds, setKey, ui } from "./util.js";
 import * as charts from "./charts.js";
 import * as playground from "./playground.js";
 import * as models from "./models.js";
@@ -186,7 +186,7 @@ function render(o) {
 
 async function poll() {
   try {
-    const resp = await api("/admin/overview");
+    const resp = await api("/admin/overview", { signal: AbortSignal.timeout(POLL_TIMEOUT_MS) });
     if (resp.ok) {
       render(await resp.json());
       $("#status").textContent = "live";
@@ -194,7 +194,7 @@ async function poll() {
       $("#status").textContent = "error " + resp.status;
     }
   } catch (e) {
-    $("#status").textContent = e.message;
+    $("#status").textContent = pollError(e);
   } finally {
     setTimeout(poll, POLL_MS);
   }

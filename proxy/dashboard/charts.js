@@ -5,14 +5,15 @@
 // The last answer and every chart stay reachable as window.corralCharts, which the
 // browser tests read instead of pixels.
 
-import { $, api, bytes, el, errorText, fillSelect } from "./util.js";
+import { $, api, bytes, el, errorText, fillSelect, POLL_TIMEOUT_MS, pollError } from "./util.js";
 
 const POLL_MS = 1000;
 const HEIGHT = 180;
 const PALETTE = ["#2563eb", "#16a34a", "#dc2626", "#d97706", "#7c3aed", "#0891b2",
   "#db2777", "#65a30d", "#9333ea", "#0d9488"];
 
-const state = { timer: null, active: false, charts: {}, last: null, lastKey: "" };
+const state = { timer: null, active: false, charts: {}, last: null, lastKey: "",
+  timeoutMs: POLL_TIMEOUT_MS };
 window.corralCharts = state;
 
 const perSecond = (v) => v == null ? "–" : (+v).toFixed(v < 10 ? 2 : 0) + "/s";
@@ -188,7 +189,8 @@ async function refresh() {
   const old = state.lastKey === key && state.last && state.last.t.length ? state.last : null;
   if (old) query.set("since", String(old.t[old.t.length - 1]));
   try {
-    const resp = await api("/admin/timeseries?" + query);
+    const resp = await api("/admin/timeseries?" + query,
+      { signal: AbortSignal.timeout(state.timeoutMs) });
     if (!resp.ok) {
       $("#chart-status").textContent = await errorText(resp);
       return;
@@ -205,7 +207,7 @@ async function refresh() {
     $("#chart-status").textContent = d.t.length
       ? `${d.t.length} s of samples (kept: ${Math.round(d.capacity / 60)} min)` : "no samples yet";
   } catch (e) {
-    $("#chart-status").textContent = e.message;
+    $("#chart-status").textContent = pollError(e);
   }
 }
 

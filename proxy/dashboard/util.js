@@ -34,6 +34,16 @@ export function authHeaders() {
   return ui.key ? { Authorization: "Bearer " + ui.key } : {};
 }
 
+// A poll gives up on an answer after this long and the next one asks again: one
+// request lost on the way (a dropped connection, a laptop asleep) must not stop a
+// view's updates for good.
+export const POLL_TIMEOUT_MS = 10000;
+
+// What a poll failed with, as a line for the page.
+export function pollError(e) {
+  return e.name === "TimeoutError" ? "Corral did not answer in time; asking again" : e.message;
+}
+
 export async function api(path, options = {}) {
   const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
   if (resp.status === 401) {

@@ -182,6 +182,20 @@ def _add(into: list[int], counts: Sequence[int]) -> None:
         into[i] += n
 
 
+def _summed(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x + y for x, y in zip(a, b, strict=True)) if a and b else a or b
+
+
+def _joined(a: ModelSecond, b: ModelSecond) -> ModelSecond:
+    """Two differences of one model as one: the counts added, the queue as last seen."""
+    return ModelSecond(
+        requests=a.requests + b.requests, errors=a.errors + b.errors,
+        dur=_summed(a.dur, b.dur), ttft=_summed(a.ttft, b.ttft),
+        prompt=a.prompt + b.prompt, completion=a.completion + b.completion,
+        wait_sum=a.wait_sum + b.wait_sum, wait_count=a.wait_count + b.wait_count,
+        queued=b.queued)
+
+
 def series(samples: Iterable[Sample], model: str | None = None,
            configured: Iterable[str] = ()) -> dict[str, object]:
     """Columns for the charts: one array per line, aligned on ``t`` (unix seconds).
@@ -277,14 +291,21 @@ class Ring:
             if ms is not None:
                 models[name] = ms
         self._last = dict(now)
+        if self.samples and self.samples[-1].t >= t:
+            # A second tick for a second already sampled (the clock stepped back): its
+            # differences add to that second's. Replacing it would lose the calls the
+            # earlier tick counted, for good: ``_last`` has moved past them.
+            earlier = self.samples.pop()
+            t = earlier.t
+            models = {**earlier.models, **{
+                name: _joined(earlier.models[name], ms) if name in earlier.models else ms
+                for name, ms in models.items()}}
         dur = [0] * (len(_DURATION_BUCKETS) + 1)
         ttft = [0] * (len(_TTFT_BUCKETS) + 1)
         for ms in models.values():
             _add(dur, ms.dur)
             _add(ttft, ms.ttft)
         sample = Sample(t, models, tuple(instances), memory, quantiles(dur, ttft))
-        if self.samples and self.samples[-1].t >= t:
-            self.samples.pop()  # a late tick in the same second replaces the earlier one
         self.samples.append(sample)
         return sample
 

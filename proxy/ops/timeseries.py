@@ -77,7 +77,8 @@ class Sampler:
         self._gpus = True  # off once a probe finds no NVML: it will not appear later
         self._skipped = 0
 
-    async def sample(self) -> Sample:
+    async def sample(self, t: int | None = None) -> Sample:
+        """Take the sample of unix second ``t`` (now's when not given)."""
         app = self._app
         metrics, scheduler = app[METRICS], app[SCHEDULER]
         instances = scheduler.instances()
@@ -99,14 +100,17 @@ class Sampler:
                                 rss.get(i.id, 0)) for i in instances]
         memory = Memory(ram_used, ram_total, scheduler.memory_budget or 0, vram_used,
                         vram_total, scheduler.vram_budget or 0)
-        return self.ring.add(int(self._clock()), now, queued, insts, memory)
+        return self.ring.add(int(self._clock()) if t is None else t, now, queued, insts,
+                             memory)
 
     async def run(self) -> None:
         while True:
-            # On the second's boundary, so two browsers see the same samples.
+            # On the second's boundary, so two browsers see the same samples; stamped
+            # with the boundary just reached, read as the sampler wakes (a timer may
+            # fire a little before it: the stamp is still the new second's).
             await asyncio.sleep(1.0 - self._clock() % 1.0)
             try:
-                await self.sample()
+                await self.sample(round(self._clock()))
             except OSError as e:
                 # Out of descriptors, /proc unreadable: the system's trouble, already
                 # reported elsewhere; skip the second, say so once a minute.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from scheduler.config.root import ModelConfig
 from tests.e2e.conftest import REPO, CorralProc, model_toml, wait_until
@@ -80,7 +80,18 @@ def test_charts_receive_points_after_known_traffic(
             return i < 0 ? 0 : ch.data[i].reduce((a, v) => a + (v || 0), 0);
         }"""))
 
-    wait_until(lambda: requests_charted() >= 3, timeout=15, step=0.25)
+    def situation() -> str:
+        page_state = page.evaluate("""() => {
+            const s = window.corralCharts, last = s.last;
+            return {active: s.active, key: s.lastKey, uplot: typeof uPlot,
+                    status: document.querySelector("#chart-status").textContent,
+                    t: last && last.t.slice(-8), requests: last && last.requests};
+        }""")
+        served = httpx.get(c.url + "/admin/timeseries?window=60", timeout=10).json()
+        return (f"page {page_state}; Corral's last samples: t {served['t'][-8:]}, "
+                f"requests {served['requests']}; Corral's log: {c.log()[-3000:]}")
+
+    wait_until(lambda: requests_charted() >= 3, timeout=15, step=0.25, state=situation)
     assert requests_charted() == 3
     # Later polls only append the new seconds: nothing counted twice, time in order.
     before = page.evaluate("() => window.corralCharts.last.t.length")
@@ -120,6 +131,30 @@ def test_charts_receive_points_after_known_traffic(
     wait_until(lambda: page.evaluate("() => window.corralCharts.last.models") == ["gemma"],
                timeout=10, step=0.25)
     shot(page, "charts", phone=True)
+
+
+def test_a_poll_left_unanswered_does_not_stop_the_charts(
+    corral: Callable[..., CorralProc], gemma: Path, browser: Browser
+) -> None:
+    c = corral(gemma_model(gemma))
+    page = open_dashboard(browser, c)
+    held: list[Route] = []
+
+    def hold_the_first(route: Route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)  # never answered, as a request lost on the way
+
+    page.route("**/admin/timeseries*", hold_the_first)
+    page.evaluate("() => { window.corralCharts.timeoutMs = 1500; }")
+    page.locator("#tab-charts").click()
+    wait_until(lambda: bool(page.evaluate(
+        "() => window.corralCharts.last && window.corralCharts.last.t.length")),
+        timeout=15, step=0.25)
+    assert len(held) == 1
+    expect(page.locator("#chart-status")).to_contain_text("s of samples")
+    page.close()
 
 
 def test_playground_streams_in_every_family_and_stop_frees_the_slot(
@@ -347,12 +382,18 @@ def test_config_view_says_why_apply_is_off(
     c = corral(gemma_model(gemma))  # admin_config_write left off, as by default
     page = open_dashboard(browser, c)
     page.locator("#tab-config").click()
-    expect(page.locator("#cfg-note")).to_contain_text("admin_config_write = true")
-    expect(page.locator("#cfg-apply")).to_be_disabled()
-    editor = page.locator("#cfg-text")
-    expect(editor).not_to_be_empty()
-    editor.fill(editor.input_value().replace("ctx_size = 1024", "ctx_size = 2048"))
-    expect(page.locator("#cfg-message")).to_contain_text("restarts gemma")  # still checked
+    try:
+        expect(page.locator("#cfg-note")).to_contain_text("admin_config_write = true")
+        expect(page.locator("#cfg-apply")).to_be_disabled()
+        editor = page.locator("#cfg-text")
+        expect(editor).not_to_be_empty()
+        editor.fill(editor.input_value().replace("ctx_size = 1024", "ctx_size = 2048"))
+        expect(page.locator("#cfg-message")).to_contain_text("restarts gemma")  # still checked
+    except AssertionError as e:
+        shown = {k: page.locator(k).inner_text() for k in ("#cfg-message", "#cfg-errors")}
+        raise AssertionError(f"{e}\nthe view shows {shown}, the editor holds "
+                             f"{page.locator('#cfg-text').input_value()!r}; "
+                             f"Corral's log: {c.log()[-3000:]}") from None
     shot(page, "config-read-only")
 
 

@@ -96,6 +96,26 @@ def test_ring_is_bounded_and_series_filters_by_model() -> None:
     assert only_b["memory"]["instances_rss"] == [0, 0, 0]  # type: ignore[index]
 
 
+def test_a_second_tick_in_a_sampled_second_adds_to_it_and_loses_nothing() -> None:
+    ring = Ring(seconds=10)
+    fast = ModelTotals(requests=3)
+    fast.dur[0] = 3
+    ring.add(100, {"a": fast}, {}, [], Memory())
+    # The clock stepped back: the next tick reads second 100 again, with 2 more calls
+    # of "a" and the first of "b" since the last tick.
+    more = ModelTotals(requests=5)
+    more.dur[0] = 5
+    ring.add(100, {"a": more, "b": ModelTotals(requests=1)}, {"a": 4}, [], Memory(ram_used=7))
+    (only,) = ring.samples
+    assert only.t == 100
+    assert (only.models["a"].requests, only.models["a"].dur[0]) == (5, 5)
+    assert only.models["a"].queued == 4 and only.models["b"].requests == 1
+    assert only.memory.ram_used == 7 and only.overall[2] is not None
+    ring.add(99, {"a": more, "b": ModelTotals(requests=2)}, {}, [], Memory())  # further back
+    assert [(s.t, s.models["b"].requests) for s in ring.samples] == [(100, 2)]
+    assert series(ring.samples)["requests"] == {"a": [5], "b": [2]}
+
+
 def test_series_percentiles_merge_the_models_buckets() -> None:
     ring = Ring(seconds=10)
     fast = ModelTotals(requests=10)
