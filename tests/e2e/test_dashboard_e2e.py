@@ -15,6 +15,12 @@ from tests.e2e.conftest import CorralProc, model_toml
 
 pytestmark = pytest.mark.e2e
 
+# What a view must come to show, it may take up to this long to (Playwright's default
+# is 5 s): these tests check that the page gets there, not how fast, and a view that
+# waits on a few calls to Corral and a debounce can pass 5 s on a machine running
+# the whole suite beside other jobs.
+expect.set_options(timeout=30_000)
+
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
