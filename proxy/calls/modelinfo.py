@@ -24,7 +24,7 @@ from proxy.dialects.translate import human_number
 from scheduler.config.root import ModelConfig
 from scheduler.errors import CorralError
 from scheduler.models.capabilities import capabilities as model_capabilities
-from scheduler.models.resources import GgufInfo, read_gguf_info
+from scheduler.models.gguf_file import GgufInfo, read_gguf_info
 from scheduler.models.sources import materialised_file
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def bits_per_weight(quantization: str) -> int | None:
 
 
 def _metadata(path: Path) -> dict[str, object]:
-    from scheduler.models.resources import read_gguf_metadata
+    from scheduler.models.gguf_file import read_gguf_metadata
 
     return read_gguf_metadata(path)
 

@@ -24,7 +24,7 @@ from scheduler.config.root import ModelConfig, ScanDir
 from scheduler.discovery import hf_cache, lmstudio, ollama_store, tree
 from scheduler.discovery.found import Found, Walk, group_dir, model_name, quant_of
 from scheduler.errors import CorralError
-from scheduler.models.resources import GgufInfo, read_gguf_info
+from scheduler.models.gguf_file import GgufInfo, read_gguf_info
 
 log = logging.getLogger(__name__)
 

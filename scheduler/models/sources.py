@@ -24,7 +24,7 @@ from scheduler.config.root import ModelConfig
 from scheduler.errors import LoadFailed
 
 if TYPE_CHECKING:
-    from scheduler.models.resources import ModelSize
+    from scheduler.models.gguf_file import ModelSize
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def _sized(model: ModelConfig, path: Path | None) -> tuple[int, int]:
 def model_size(model: ModelConfig, path: Path | None = None) -> ModelSize | None:
     """Blocking: what the model's memory need depends on, from its GGUF header; None
     when there is no file yet or it cannot be read as GGUF (logged)."""
-    from scheduler.models.resources import ModelSize, read_gguf_info
+    from scheduler.models.gguf_file import ModelSize, read_gguf_info
 
     path = path or model.path
     if path is None or not path.is_file():

@@ -31,7 +31,7 @@ from scheduler.config.models import ModelConfig
 from scheduler.models.sources import placement_at
 
 if TYPE_CHECKING:
-    from scheduler.models.resources import ModelSize
+    from scheduler.models.gguf_file import ModelSize
 
 # Contexts chosen to fit memory are multiples of this many tokens.
 STEP = 1024

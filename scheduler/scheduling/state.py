@@ -28,7 +28,7 @@ from scheduler.scheduling.prefixes import Chain, PrefixIndex
 from scheduler.scheduling.queueing import FairQueue
 
 if TYPE_CHECKING:
-    from scheduler.models.resources import ModelSize
+    from scheduler.models.gguf_file import ModelSize
 
 # What a lease hands out: a local child or a remote endpoint; both keep their own state.
 Servable = Instance | Remote

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gguf
 
-from scheduler.models.resources import _Cursor
+from scheduler.models.gguf_file import _Cursor
 
 U16, I32 = gguf.GGUFValueType.UINT16, gguf.GGUFValueType.INT32
 

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from scheduler.models.resources import read_gguf_info
+from scheduler.models.gguf_file import read_gguf_info
 from tests.e2e.conftest import REPO, CorralProc, wait_until
 from tests.e2e.gguf_split import split_in_two
 from tests.fakes.hf_hub import FakeHub, hub_in_thread

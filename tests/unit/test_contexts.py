@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from scheduler.config.models import ModelConfig
-from scheduler.models.resources import ModelSize
+from scheduler.models.gguf_file import ModelSize
 from scheduler.scheduling import contexts
 from scheduler.scheduling.contexts import Contexts, Sizer
 

