@@ -60,7 +60,7 @@ from proxy.workers import owner as workers
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CorralConfig
 from scheduler.config.secrets import ScrubFilter
-from scheduler.ipc import leases as ipc
+from scheduler.ipc.owner import resolve_workers
 from scheduler.process import limits
 from scheduler.scheduling.scheduler import BinaryFinder, Scheduler, default_finder
 
@@ -310,7 +310,7 @@ async def serve(
     loop.set_exception_handler(refused)
     fd_watch = asyncio.create_task(refused.watch(), name="corral-fd-watch")
     # workers > 1: worker processes listen on the ports (proxy/workers/owner.py).
-    count = ipc.resolve_workers(cfg.server.workers)
+    count = resolve_workers(cfg.server.workers)
     if count > 1 and cfg.cluster.role != "none":
         # A front's node token and a node's drain live in this process; workers do not
         # carry them yet.

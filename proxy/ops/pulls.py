@@ -21,7 +21,7 @@ from scheduler.aio import cancel_and_wait
 from scheduler.config.root import ModelConfig
 from scheduler.discovery.watch import Discovery
 from scheduler.errors import UnknownModel
-from scheduler.ipc.leases import WorkerScheduler
+from scheduler.ipc.worker import WorkerScheduler
 from scheduler.models import pull
 from scheduler.scheduling.scheduler import Scheduler
 

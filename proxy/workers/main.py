@@ -1,7 +1,7 @@
 """A worker process of ``[server] workers = N`` (``proxy.workers.owner`` has the design).
 
 Run as ``python -m proxy.workers.main --fd N --index I --sockets DIR --ports main=P,...``;
-the owner does that (``scheduler.ipc.leases.Owner``), never a user. The worker reads its
+the owner does that (``scheduler.ipc.owner.Owner``), never a user. The worker reads its
 config from the owner's first frame, builds the same apps as the owner with a
 ``WorkerScheduler`` in place of the scheduler, listens with SO_REUSEPORT on the ports
 the owner bound, and runs until SIGTERM or until the owner's socket closes.
@@ -43,14 +43,14 @@ from proxy.workers.owner import (
 from scheduler.aio import cancel_and_wait
 from scheduler.config.root import CorralConfig
 from scheduler.config.secrets import ScrubFilter
-from scheduler.ipc import leases as ipc
 from scheduler.ipc import wire as ipc_wire
+from scheduler.ipc.worker import WorkerScheduler, connect
 from scheduler.process import limits
 
 log = logging.getLogger(__name__)
 
 
-def _worker_core(cfg: CorralConfig, sched: ipc.WorkerScheduler,
+def _worker_core(cfg: CorralConfig, sched: WorkerScheduler,
                  session: aiohttp.ClientSession, stats: Metrics,
                  forward: Forwarder) -> web.Application:
     app = web.Application(middlewares=[forward.middleware, *middlewares(cfg, "openai", stats)],
@@ -72,7 +72,7 @@ def _worker_core(cfg: CorralConfig, sched: ipc.WorkerScheduler,
 
 
 async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int]) -> None:
-    line = await ipc.connect(fd)
+    line = await connect(fd)
     first = await line.next()
     if first is None or first.get("op") != "config":
         raise SystemExit(f"worker {index}: the owner sent no config")
@@ -83,7 +83,7 @@ async def run_worker(fd: int, index: int, sockets: Path, ports: Mapping[str, int
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
     session = aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-    sched = ipc.WorkerScheduler(cfg, session, line)
+    sched = WorkerScheduler(cfg, session, line)
     # As in the owner: no secret of the running config reaches a log line.
     scrubber = ScrubFilter(lambda: sched.config)
     for h in logging.getLogger().handlers:
@@ -157,7 +157,7 @@ def _counter(events: Events, port: str) -> Callable[[str], None]:
     return count
 
 
-async def _push_stats(sched: ipc.WorkerScheduler, stats: Metrics, events: Events) -> None:
+async def _push_stats(sched: WorkerScheduler, stats: Metrics, events: Events) -> None:
     while True:
         await asyncio.sleep(STATS_EVERY)
         data = take_stats(stats, events)

@@ -5,7 +5,7 @@ over them); the owner only holds each port bound, so that its event loop answers
 leases at once. A worker answers locally only the calls that are pure relay or
 translation work — the rows of the route table, Ollama's chat, generate and embed,
 LM Studio's /api/v0 chat and completions — with leases from the owner
-(``scheduler.ipc.leases``). Every other request (admin, /metrics, the dashboard, model lists,
+(``scheduler.ipc.owner``). Every other request (admin, /metrics, the dashboard, model lists,
 load and unload, the SDK websockets, stateful chats) is forwarded as it came to the
 owner over a private Unix socket, so it behaves exactly as with one process.
 
@@ -36,7 +36,7 @@ from proxy.keys import SCHEDULER
 from proxy.metrics.registry import METRICS, Metrics
 from proxy.metrics.scrape import CallStats
 from proxy.ops import pulls
-from scheduler.ipc import leases as ipc
+from scheduler.ipc.owner import Owner, worker_argv
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class OwnerSide:
         self._dir = tempfile.TemporaryDirectory(prefix="corral-workers-")
         os.chmod(self._dir.name, 0o700)  # the sockets skip TCP's Host/port checks
         self.dir = Path(self._dir.name)
-        self.owner: ipc.Owner | None = None
+        self.owner: Owner | None = None
         self.reported: dict[int, int] = {}  # worker index -> calls it reported
         self._reserved: list[socket.socket] = []
         self._runners: dict[str, web.AppRunner] = {}
@@ -269,11 +269,11 @@ class OwnerSide:
         ports_arg = ",".join(f"{k}={v}" for k, v in self._ports.items())
 
         def argv(index: int, fd: int) -> list[str]:
-            return [*ipc.worker_argv("proxy.workers.main")(index, fd),
+            return [*worker_argv("proxy.workers.main")(index, fd),
                     "--sockets", str(self.dir), "--ports", ports_arg]
 
         root = self.root
-        self.owner = ipc.Owner(root[SCHEDULER], self.count, argv, self._stats,
+        self.owner = Owner(root[SCHEDULER], self.count, argv, self._stats,
                                lambda name: pulls.ensure(root, name))
         await self.owner.start()
 

@@ -1,4 +1,5 @@
-"""The frames between the owner and its workers (``scheduler.ipc.leases``), and their encoding.
+"""The frames between the owner and its workers (``scheduler.ipc.owner``,
+``scheduler.ipc.worker``), and their encoding.
 
 Frames are single-line JSON objects (msgspec never writes a raw newline)::
 

@@ -407,7 +407,7 @@ class Scheduler(Leasing, Dispatch, Scaling, Launching, Core):
     # -- API keys' limits ---------------------------------------------------------
     # What the proxy calls once per call with a key (scheduler/keys/tenants.py). Here on the
     # scheduler so that a worker process asks the owner, who counts every process's
-    # calls (scheduler/ipc/leases.py): a key's limits hold across workers.
+    # calls (scheduler/ipc/owner.py): a key's limits hold across workers.
 
     def admitted(self, key: tenants.Key) -> AbstractAsyncContextManager[None]:
         """A call of ``key`` counted in while it runs (``async with``); RateLimited over

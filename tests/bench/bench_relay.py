@@ -437,8 +437,9 @@ async def lease_cost(up: str, n: int) -> str:
     import aiohttp
 
     from scheduler.config.root import CorralConfig, ModelConfig
-    from scheduler.ipc import leases as ipc
     from scheduler.ipc import wire as ipc_wire
+    from scheduler.ipc.owner import Owner, _Peer
+    from scheduler.ipc.worker import WorkerScheduler, connect
     from scheduler.scheduling.scheduler import Scheduler
 
     cfg = CorralConfig(models=(ModelConfig(name="m", remotes=(up,), remote_slots=1000),))
@@ -455,13 +456,13 @@ async def lease_cost(up: str, n: int) -> str:
             local = (time.perf_counter() - t0) / n
             local_cpu = (time.process_time() - c0) / n
             a, b = socket.socketpair()
-            owner = ipc.Owner(sched, 2, lambda i, fd: [])
+            owner = Owner(sched, 2, lambda i, fd: [])
             ra, wa = await asyncio.open_unix_connection(sock=a)
-            peer = ipc._Peer(1, ipc_wire.Line(ra, wa))
+            peer = _Peer(1, ipc_wire.Line(ra, wa))
             serving = asyncio.create_task(owner._serve(peer))
-            line = await ipc.connect(b.detach())
+            line = await connect(b.detach())
             await line.next()  # the config frame
-            worker = ipc.WorkerScheduler(cfg, session, line)
+            worker = WorkerScheduler(cfg, session, line)
             reader = asyncio.create_task(worker.run())
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):

@@ -1,7 +1,7 @@
-"""Leases across processes (scheduler/ipc/leases.py; its frames: scheduler/ipc/wire.py), both
-ends in one event loop: the owner's lease server and a WorkerScheduler over a real Unix
-socket pair, a real Scheduler whose model is a remote (an aiohttp app standing in for a
-health-checked server)."""
+"""Leases across processes (scheduler/ipc/owner.py and worker.py; their frames:
+scheduler/ipc/wire.py), both ends in one event loop: the owner's lease server and a
+WorkerScheduler over a real Unix socket pair, a real Scheduler whose model is a remote
+(an aiohttp app standing in for a health-checked server)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,17 @@ from scheduler.errors import (
     ShuttingDown,
     UnknownModel,
 )
-from scheduler.ipc import leases as ipc
 from scheduler.ipc import wire as ipc_wire
+from scheduler.ipc.owner import Owner, _Peer, resolve_workers
+from scheduler.ipc.worker import WorkerScheduler, connect
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler
 from tests.conftest import wait_for
 
 
 def test_resolve_workers() -> None:
-    assert ipc.resolve_workers(3) == 3
-    assert ipc.resolve_workers("auto", cores=8) == 8
-    assert ipc.resolve_workers("auto") >= 1
+    assert resolve_workers(3) == 3
+    assert resolve_workers("auto", cores=8) == 8
+    assert resolve_workers("auto") >= 1
 
 
 @pytest.mark.parametrize("error", [
@@ -55,7 +56,7 @@ def test_errors_cross_with_their_class_and_fields(error: CorralError) -> None:
 
 @contextlib.asynccontextmanager
 async def pair(slots: int = 2, keys: list[dict[str, Any]] | None = None, **remote: Any
-               ) -> AsyncIterator[tuple[Scheduler, ipc.WorkerScheduler, Any]]:
+               ) -> AsyncIterator[tuple[Scheduler, WorkerScheduler, Any]]:
     async def ok(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -70,15 +71,15 @@ async def pair(slots: int = 2, keys: list[dict[str, Any]] | None = None, **remot
     async with aiohttp.ClientSession() as session:
         sched = Scheduler(cfg, session)
         await sched.start()
-        owner = ipc.Owner(sched, 1, lambda i, fd: [])
+        owner = Owner(sched, 1, lambda i, fd: [])
         a, b = socket.socketpair()
         ra, wa = await asyncio.open_unix_connection(sock=a)
-        peer = ipc._Peer(1, ipc_wire.Line(ra, wa))
+        peer = _Peer(1, ipc_wire.Line(ra, wa))
         serving = asyncio.create_task(owner._serve(peer))
-        line = await ipc.connect(b.detach())
+        line = await connect(b.detach())
         first = await line.next()
         assert first is not None and first["op"] == "config"
-        worker = ipc.WorkerScheduler(ipc_wire.config_of(first), session, line)
+        worker = WorkerScheduler(ipc_wire.config_of(first), session, line)
         reading = asyncio.create_task(worker.run())
         try:
             yield sched, worker, (serving, owner, peer)

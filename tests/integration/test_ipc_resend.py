@@ -16,14 +16,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from scheduler.config.root import CorralConfig
-from scheduler.ipc import leases as ipc
 from scheduler.ipc import wire as ipc_wire
+from scheduler.ipc.owner import Owner, _Peer
+from scheduler.ipc.worker import WorkerScheduler, connect
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler
 from tests.conftest import wait_for
 
 
 @contextlib.asynccontextmanager
-async def two_remotes() -> AsyncIterator[tuple[Scheduler, ipc.WorkerScheduler]]:
+async def two_remotes() -> AsyncIterator[tuple[Scheduler, WorkerScheduler]]:
     async def ok(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -38,15 +39,15 @@ async def two_remotes() -> AsyncIterator[tuple[Scheduler, ipc.WorkerScheduler]]:
     async with aiohttp.ClientSession() as session:
         sched = Scheduler(cfg, session)
         await sched.start()
-        owner = ipc.Owner(sched, 1, lambda i, fd: [])
+        owner = Owner(sched, 1, lambda i, fd: [])
         a, b = socket.socketpair()
         ra, wa = await asyncio.open_unix_connection(sock=a)
-        peer = ipc._Peer(1, ipc_wire.Line(ra, wa))
+        peer = _Peer(1, ipc_wire.Line(ra, wa))
         serving = asyncio.create_task(owner._serve(peer))
-        line = await ipc.connect(b.detach())
+        line = await connect(b.detach())
         first = await line.next()
         assert first is not None and first["op"] == "config"
-        worker = ipc.WorkerScheduler(ipc_wire.config_of(first), session, line)
+        worker = WorkerScheduler(ipc_wire.config_of(first), session, line)
         reading = asyncio.create_task(worker.run())
         try:
             await wait_for(lambda: all(str(r.state) == "ready" for r in sched.remotes()))

@@ -15,8 +15,8 @@ import pytest
 
 from proxy.keys import SCHEDULER
 from scheduler.errors import UnknownModel
-from scheduler.ipc import leases as ipc
 from scheduler.ipc import wire as ipc_wire
+from scheduler.ipc.worker import WorkerScheduler
 from scheduler.keys import tenants
 from scheduler.process.instance import State
 from scheduler.scheduling.scheduler import Scheduler
@@ -233,7 +233,7 @@ async def test_names_scopes_and_shapes_in_the_owner_and_a_worker(tmp_path: Path)
         # A worker gets the owner's config over its socket, pickled; it resolves names
         # and shapes calls itself.
         copy = ipc_wire.config_of(ipc_wire.config_frame(cfg))
-        worker = ipc.WorkerScheduler(copy, session, line=None)  # type: ignore[arg-type]
+        worker = WorkerScheduler(copy, session, line=None)  # type: ignore[arg-type]
         for sched in (owner, worker):
             assert sched.names() == ["small", "small:think", "chatty", "chatty:think"]
             assert all(sched.knows(n) for n in ("hidden", "small:fast", "small-fast"))
