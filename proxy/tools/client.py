@@ -28,7 +28,7 @@ import aiohttp
 
 from proxy.edge import jsonc
 from scheduler.aio import cancel_and_wait
-from scheduler.process.instance import CHILD_PREEXEC
+from scheduler.process.children import CHILD_PREEXEC
 
 log = logging.getLogger(__name__)
 

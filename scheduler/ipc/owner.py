@@ -43,7 +43,7 @@ from scheduler.ipc.wire import (
     upstream_frame,
 )
 from scheduler.keys import tenants
-from scheduler.process.instance import CHILD_PREEXEC
+from scheduler.process.children import CHILD_PREEXEC
 from scheduler.scheduling.scheduler import LeaseHints, Scheduler, Servable
 
 log = logging.getLogger(__name__)

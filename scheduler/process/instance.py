@@ -12,23 +12,19 @@ The instance is the only writer of its state (contract 3). Callers do not read t
 state and then act; they call a method that checks and acts in one synchronous step
 (``try_acquire``), which is atomic on the event loop.
 
-Process discipline: the child runs in its own process group so that SIGTERM/SIGKILL
-reach anything it forks; on Linux it also gets PR_SET_PDEATHSIG=SIGKILL so that it
-dies with Corral even when Corral itself is SIGKILLed and no cleanup code runs.
-Output is drained into a bounded ring buffer, otherwise a chatty child blocks on a
-full pipe and looks hung.
+Process discipline (``scheduler/process/children.py``): the child runs in its own
+process group so that SIGTERM/SIGKILL reach anything it forks, and dies with Corral
+even when Corral itself is SIGKILLed. Output is drained into a bounded ring buffer,
+otherwise a chatty child blocks on a full pipe and looks hung.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import os
 import re
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -40,6 +36,7 @@ import aiohttp
 
 from scheduler.engines.egress import PLAIN, Egress
 from scheduler.errors import LoadFailed
+from scheduler.process.children import CHILD_PREEXEC, signal_group
 
 log = logging.getLogger(__name__)
 # A health answer's "status" that means ready (anything else in a JSON object: loading).
@@ -88,27 +85,6 @@ class LaunchSpec:
     apis: frozenset[str] | None = None
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that asks Linux to SIGKILL the child when Corral dies.
-
-    libc is resolved here, before fork: the child must do nothing but the syscall.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
-
-
-CHILD_PREEXEC = _pdeathsig_preexec()
 
 
 @dataclass(slots=True)
@@ -477,14 +453,8 @@ class Instance:
                 await task
 
     def _signal(self, sig: signal.Signals) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if sig is not signal.SIGKILL:
-                # A stopped child (SIGSTOP, a debugger) would leave SIGTERM pending
-                # through the whole grace period.
-                os.killpg(self._proc.pid, signal.SIGCONT)
-            os.killpg(self._proc.pid, sig)
+        if self._proc is not None:
+            signal_group(self._proc.pid, sig)
 
     def describe(self) -> dict[str, object]:
         return {
