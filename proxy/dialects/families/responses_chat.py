@@ -1,4 +1,5 @@
-"""OpenAI Responses <-> chat completions. Pure: dicts in, dicts out.
+"""OpenAI Responses <-> chat completions. Pure: dicts in, dicts out. Input items, tools
+and tool_choice as chat's: ``responses_input.py``.
 
 Requests: ``instructions`` becomes a system message; ``input`` (a string, or items:
 messages with ``input_text``/``input_image`` parts, ``function_call``,
@@ -39,6 +40,13 @@ from proxy.dialects.families.chat import (
     text,
 )
 from proxy.dialects.families.chunks import encode
+from proxy.dialects.families.responses_input import (
+    SEP,
+    add_item,
+    split_name,
+    tool_choice_of,
+    tools_of,
+)
 from scheduler.errors import BadRequest
 
 _SAME = ("temperature", "top_p", "parallel_tool_calls", "user", "seed")
@@ -90,7 +98,7 @@ def request(body: dict[str, Any],
         messages.append({"role": "user", "content": given})
     elif isinstance(given, list):
         for i, item in enumerate(given):
-            _item(item, f"input[{i}]", messages)
+            add_item(item, f"input[{i}]", messages)
     else:
         raise BadRequest("'input' is required and must be a string or a list of items")
     chat: dict[str, Any] = {"model": body.get("model"), "messages": messages}
@@ -103,9 +111,9 @@ def request(body: dict[str, Any],
     if tools:
         if not isinstance(tools, list):
             raise BadRequest("'tools' must be a list")
-        chat["tools"] = [fn for t in tools for fn in _tools(t)]
+        chat["tools"] = [fn for t in tools for fn in tools_of(t)]
     if body.get("tool_choice") is not None:
-        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        chat["tool_choice"] = tool_choice_of(body["tool_choice"])
         named = chat["tool_choice"]
         if isinstance(named, dict):
             force_tool(chat, named["function"]["name"])
@@ -135,109 +143,6 @@ def count_request(body: dict[str, Any],
     if "tools" in chat:
         chat["tool_choice"] = "none"
     return chat
-
-
-_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-
-
-def _item(item: Any, where: str, out: list[dict[str, Any]]) -> None:
-    if not isinstance(item, dict):
-        raise BadRequest(f"{where} must be an object")
-    kind = item.get("type", "message")
-    if kind == "message":
-        role = _ROLES.get(item.get("role", ""))
-        if role is None:
-            raise BadRequest(f"{where}: 'role' must be user, assistant, system or developer")
-        out.append({"role": role, "content": _content(item.get("content"), role, where)})
-    elif kind == "function_call":
-        name = str(item.get("name", ""))
-        if item.get("namespace"):
-            name = f"{item['namespace']}{SEP}{name}"
-        call = {"id": str(item.get("call_id") or item.get("id") or new_id("call_")),
-                "type": "function",
-                "function": {"name": name, "arguments": str(item.get("arguments") or "{}")}}
-        last = out[-1] if out else None
-        if last is not None and last["role"] == "assistant":
-            last.setdefault("tool_calls", []).append(call)
-        else:
-            out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-    elif kind == "function_call_output":
-        output = item.get("output")
-        out.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
-                    "content": output if isinstance(output, str) else text(output, where)})
-    elif kind == "reasoning":
-        return  # a chat upstream takes no reasoning back
-    else:
-        raise BadRequest(f"{where}: item type {kind!r} cannot be sent to a chat completions "
-                         "upstream")
-
-
-def _content(content: Any, role: str, where: str) -> Any:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise BadRequest(f"{where}: 'content' must be a string or a list of parts")
-    parts: list[dict[str, Any]] = []
-    for j, p in enumerate(content):
-        kind = p.get("type") if isinstance(p, dict) else None
-        if kind in ("input_text", "output_text", "text"):
-            parts.append({"type": "text", "text": str(p.get("text", ""))})
-        elif kind == "refusal":
-            parts.append({"type": "text", "text": str(p.get("refusal", ""))})
-        elif kind == "input_image" and isinstance(p.get("image_url"), str):
-            image: dict[str, Any] = {"url": p["image_url"]}
-            if p.get("detail") in ("low", "high", "auto"):
-                image["detail"] = p["detail"]
-            parts.append({"type": "image_url", "image_url": image})
-        else:
-            raise BadRequest(f"{where}.content[{j}]: part type {kind!r} cannot be sent to a "
-                             "chat completions upstream (images go as 'image_url')")
-    if role != "user" or all(p["type"] == "text" for p in parts):
-        # Only a user turn may carry images; the others are text in every server.
-        return "".join(p.get("text", "") for p in parts)
-    return parts
-
-
-# Between a namespace and a function's name in the chat tool's name: chat names allow
-# letters, digits, "_" and "-" only.
-SEP = "__"
-
-
-def _tools(t: Any, namespace: str = "") -> list[dict[str, Any]]:
-    """The chat function tools of one Responses tool. Built-in tools (web_search,
-    file_search, code_interpreter, custom, mcp, ...) run at OpenAI, not in a chat
-    upstream: they are left out and the model works without them."""
-    if not isinstance(t, dict):
-        raise BadRequest("each tool must be an object")
-    if t.get("type") == "namespace" and not namespace:
-        inner = t.get("tools")
-        return [fn for x in (inner if isinstance(inner, list) else [])
-                for fn in _tools(x, f"{t.get('name')}{SEP}")]
-    if t.get("type") != "function":
-        return []
-    fn = {k: t[k] for k in ("name", "description", "parameters", "strict")
-          if t.get(k) is not None}
-    fn["name"] = namespace + str(fn.get("name", ""))
-    return [{"type": "function", "function": fn}]
-
-
-def _tool_choice(c: Any) -> Any:
-    if isinstance(c, str):
-        return c
-    if isinstance(c, dict) and c.get("type") == "function":
-        name = str(c.get("name"))
-        if c.get("namespace"):
-            name = f"{c['namespace']}{SEP}{name}"
-        return {"type": "function", "function": {"name": name}}
-    if isinstance(c, dict):
-        return "auto"  # a built-in tool, left out (see _tools)
-    raise BadRequest("'tool_choice' must be auto, none, required or an object")
-
-
-def _split(name: str, namespaces: frozenset[str]) -> tuple[str, str | None]:
-    """A chat tool name as (name, namespace) of the request's tools."""
-    ns, sep, rest = name.partition(SEP)
-    return (rest, ns) if sep and ns in namespaces else (name, None)
 
 
 # --- answer -------------------------------------------------------------------------------
@@ -275,7 +180,7 @@ def _reasoning(ident: str, content: str) -> dict[str, Any]:
 
 def _call(call_id: str, name: str, args: str, status: str,
           namespaces: frozenset[str] = frozenset()) -> dict[str, Any]:
-    name, namespace = _split(name, namespaces)
+    name, namespace = split_name(name, namespaces)
     out = {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name,
            "arguments": args, "status": status}
     if namespace is not None:
