@@ -90,7 +90,6 @@ class Ports:
     lmstudio: Any
 
 
-
 # Every socket this process makes, to tell which ones a test left open (a WeakSet: the
 # record keeps none alive).
 _SOCKETS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
