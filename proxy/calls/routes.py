@@ -174,9 +174,6 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                     return looped
             path = route.upstream or request.path
             hints = hints_for(scheduler, model, head)
-            feedback_kind = feedback(request, cfg, route.family, head.streaming,
-                                     route.capability)
-            fit = context.of(path, body, family=route.family)
             bridge = families_bridge.of(route.family, request.path, path, body,
                                         request.app[FAMILIES], cfg, head.store)
             if (bridge is not None and bridge.translated_now and hints is not None
@@ -193,8 +190,9 @@ def handler(route: Route, hints_for: HintsFor, name_for: NameFor = same_name) ->
                 hints=hints,
                 method=route.method,
                 query=request.query_string,
-                feedback=feedback_kind,
-                fit=fit,
+                feedback=feedback(request, cfg, route.family, head.streaming,
+                                  route.capability),
+                fit=context.of(path, body, family=route.family),
                 call_id=head.call_id,
                 # Translated to chat for an upstream that lacks the family.
                 via=bridge.via if bridge is not None else None,

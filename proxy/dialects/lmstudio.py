@@ -151,8 +151,8 @@ async def v0_generate(request: web.Request, path: str, capability: Capability) -
         return web.json_response(body)
 
     spec = Call(model=model, path=path, body=raw,
-                         hints=hints_for(scheduler, model, jsonc.head(raw)),
-                         fit=context.of(path, raw, family="lmstudio"))
+                hints=hints_for(scheduler, model, jsonc.head(raw)),
+                fit=context.of(path, raw, family="lmstudio"))
     return await upstream.answer(request, "openai", spec, consume)
 
 

@@ -185,7 +185,7 @@ async def _generate(
         return web.json_response(state.whole(elapsed_ns(started), load_ns))
 
     spec = Call(model=target.name, path=path, payload=payload, hints=hints,
-                         fit=context.of(path, payload=payload, family="ollama"))
+                fit=context.of(path, payload=payload, family="ollama"))
     return await upstream.answer(request, "openai", spec, consume)
 
 

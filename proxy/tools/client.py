@@ -28,7 +28,7 @@ import aiohttp
 
 from proxy.edge import jsonc
 from scheduler.aio import cancel_and_wait
-from scheduler.process.children import CHILD_PREEXEC
+from scheduler.process.children import CHILD_PREEXEC, signal_group
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +200,12 @@ class Stdio:
     async def close(self) -> None:
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 async with asyncio.timeout(STOP_GRACE):
                     await proc.wait()
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
         if proc is not None:
             await proc.wait()
         for task in self._tasks:

@@ -31,6 +31,7 @@ from typing import Literal, TextIO
 
 from scheduler.errors import BinaryNotFound, CorralError
 from scheduler.installing.llama_source import PACKAGE, PINNED_VERSION, Progress, fetch_source
+from scheduler.process.children import signal_group
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +372,7 @@ def _run_streamed(
                 log_file.write(raw)
                 progress(line)
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             raise
     if proc.returncode != 0:
         raise CorralError(
